@@ -1,0 +1,34 @@
+"""The ``fastmae`` command: ``fastmae COMMAND [ARGS]``; each command lives in its own module and
+is imported only when it runs."""
+import importlib
+import sys
+
+COMMANDS = {
+    "bench": ("fastmae.bench", "time a training step of fastmae against the eager reference"),
+    "check": ("fastmae.check", "check every op against the reference on this device"),
+    "reconstruct": ("fastmae.reconstruct", "write the MAE reconstruction view of images as a PNG"),
+    "pretrain": ("fastmae.pretrain", "pretrain an MAE with the official recipe"),
+}
+
+
+def _usage():
+    lines = ["usage: fastmae COMMAND [ARGS]   (fastmae COMMAND --help for its options)", "", "commands:"]
+    lines += [f"  {name:<12} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"fastmae: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return module.main(rest) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

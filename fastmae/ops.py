@@ -1,0 +1,725 @@
+"""fastmae's public functional ops: input checks, backend dispatch and autograd glue.
+
+Each op checks its inputs (a clear error naming the argument, before any kernel runs), then
+runs the eager reference (``fastmae.reference``, backend "torch") or fastmae's Triton kernels
+(backend "triton"). The kernel paths are registered as ``torch.library`` custom ops with fake
+(meta) implementations and autograd formulas, so ``torch.compile`` traces them without graph
+breaks and ``torch.library.opcheck`` can check them. Kernel modules are imported lazily: the
+Triton interpreter must be switched on before their first import on a CPU machine.
+"""
+import torch
+from torch import Tensor
+
+from fastmae import reference
+from fastmae.backend import backend_for, use_backend  # noqa: F401  (re-exported for model.py)
+
+__all__ = [
+    "random_masking", "unshuffle", "masked_mse_loss", "attention",
+    "masking_indices", "patch_embed_visible", "packed_attention",
+    "layer_norm", "add_layer_norm", "bias_gelu", "patchify", "unpatchify", "keep_count",
+]
+
+
+# ============================================================================ input checks
+
+def _check_tensor(t, name, ndim=None, floating=True):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if floating and not t.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+
+
+def _check_index(t, name, shape):
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.int64:
+        raise TypeError(f"{name} must be an int64 tensor, got "
+                        f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def _check_same_device(ref_name, ref, **others):
+    for name, t in others.items():
+        if t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}: "
+                             "all inputs must be on one device")
+
+
+def keep_count(L, mask_ratio):
+    """Patches kept by ``mask_ratio`` (official ``int(L * (1 - mask_ratio))``), checked."""
+    if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float)):
+        raise TypeError(f"mask_ratio must be a number in [0, 1), got {mask_ratio!r}")
+    if not 0.0 <= mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+    len_keep = int(L * (1 - mask_ratio))
+    if len_keep < 1:
+        raise ValueError(f"mask_ratio={mask_ratio} keeps no patch of {L}: "
+                         f"int({L} * (1 - {mask_ratio})) = 0")
+    return len_keep
+
+
+def _check_noise(noise, N, L, device):
+    _check_tensor(noise, "noise", ndim=2)
+    if tuple(noise.shape) != (N, L):
+        raise ValueError(f"noise must have shape (N, L) = ({N}, {L}), got {tuple(noise.shape)}")
+    if noise.device != device:
+        raise ValueError(f"noise is on {noise.device} but the images/tokens are on {device}")
+
+
+def _compute_dtype(t):
+    """The dtype matmul-feeding outputs are written in: the autocast dtype when autocast is on."""
+    if torch.is_autocast_enabled(t.device.type):
+        return torch.get_autocast_dtype(t.device.type)
+    return t.dtype
+
+
+def _uses_triton(t):
+    return backend_for(t) == "triton"
+
+
+# ============================================================================ patchify
+
+def patchify(imgs, patch_size):
+    """(N, C, H, W) -> (N, L, p*p*C), official (p, q, c) order."""
+    _check_images(imgs, patch_size)
+    return reference.patchify(imgs, patch_size)
+
+
+def unpatchify(x, patch_size, grid_hw, in_chans):
+    _check_tensor(x, "x", ndim=3)
+    h, w = grid_hw
+    if x.shape[1] != h * w or x.shape[2] != patch_size * patch_size * in_chans:
+        raise ValueError(f"x must have shape (N, {h * w}, {patch_size * patch_size * in_chans}) "
+                         f"for a {h}x{w} grid of {patch_size}-pixel patches with {in_chans} "
+                         f"channels, got {tuple(x.shape)}")
+    return reference.unpatchify(x, patch_size, grid_hw, in_chans)
+
+
+def _check_images(imgs, patch_size, in_chans=None):
+    _check_tensor(imgs, "imgs", ndim=4)
+    N, C, H, W = imgs.shape
+    if in_chans is not None and C != in_chans:
+        raise ValueError(f"imgs must have {in_chans} channels (N, {in_chans}, H, W), got {C}")
+    if H % patch_size or W % patch_size:
+        raise ValueError(f"imgs height and width must be divisible by the patch size "
+                         f"{patch_size}, got {H}x{W}")
+    return N, C, H, W
+
+
+# ============================================================================ masking
+
+@torch.library.custom_op("fastmae::masking_indices", mutates_args=())
+def _masking_indices_op(noise: Tensor, len_keep: int) -> tuple[Tensor, Tensor, Tensor]:
+    from fastmae.kernels.masking import masking_indices as launch
+    return launch(noise.float(), len_keep)
+
+
+@_masking_indices_op.register_fake
+def _(noise, len_keep):
+    N, L = noise.shape
+    return (noise.new_empty(N, len_keep, dtype=torch.int64),
+            noise.new_empty(N, L, dtype=torch.float32),
+            noise.new_empty(N, L, dtype=torch.int64))
+
+
+def masking_indices(noise, len_keep):
+    """noise (N, L) -> ids_keep (N, keep) int64, mask (N, L) fp32 (0 = kept), ids_restore (N, L).
+
+    The ``len_keep`` smallest-noise patches are kept, as official ``random_masking``."""
+    _check_tensor(noise, "noise", ndim=2)
+    if not 1 <= len_keep <= noise.shape[1]:
+        raise ValueError(f"len_keep must be in [1, L={noise.shape[1]}], got {len_keep}")
+    if _uses_triton(noise):
+        return _masking_indices_op(noise, len_keep)
+    return reference.masking_indices(noise, len_keep)
+
+
+@torch.library.custom_op("fastmae::gather_tokens", mutates_args=())
+def _gather_tokens_op(x: Tensor, ids_keep: Tensor, ids_restore: Tensor) -> Tensor:
+    from fastmae.kernels.masking import gather_tokens as launch
+    return launch(x, ids_keep)
+
+
+@_gather_tokens_op.register_fake
+def _(x, ids_keep, ids_restore):
+    return x.new_empty(x.shape[0], ids_keep.shape[1], x.shape[2])
+
+
+@torch.library.custom_op("fastmae::scatter_tokens", mutates_args=())
+def _scatter_tokens_op(grad: Tensor, ids_restore: Tensor, len_keep: int) -> Tensor:
+    from fastmae.kernels.masking import scatter_tokens as launch
+    return launch(grad.contiguous(), ids_restore, len_keep)
+
+
+@_scatter_tokens_op.register_fake
+def _(grad, ids_restore, len_keep):
+    return grad.new_empty(grad.shape[0], ids_restore.shape[1], grad.shape[2])
+
+
+def _gather_tokens_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[2])
+    ctx.len_keep = inputs[1].shape[1]
+
+
+def _gather_tokens_backward(ctx, grad):
+    (ids_restore,) = ctx.saved_tensors
+    return _scatter_tokens_op(grad, ids_restore, ctx.len_keep), None, None
+
+
+_gather_tokens_op.register_autograd(_gather_tokens_backward, setup_context=_gather_tokens_setup)
+
+
+def random_masking(x, mask_ratio, noise=None):
+    """Official ``random_masking``: keep the ``int(L * (1 - mask_ratio))`` patches of smallest
+    noise. x (N, L, D) -> x_masked (N, keep, D), mask (N, L) fp32 (0 = kept, 1 = removed),
+    ids_restore (N, L) int64. ``noise`` (N, L) in [0, 1) replaces ``torch.rand``."""
+    _check_tensor(x, "x", ndim=3)
+    N, L, D = x.shape
+    len_keep = keep_count(L, mask_ratio)
+    if noise is None:
+        noise = torch.rand(N, L, device=x.device)
+    _check_noise(noise, N, L, x.device)
+    if not _uses_triton(x):
+        return reference.random_masking(x, mask_ratio, noise)
+    ids_keep, mask, ids_restore = _masking_indices_op(noise, len_keep)
+    return _gather_tokens_op(x, ids_keep, ids_restore), mask, ids_restore
+
+
+# ============================================================================ patch embedding
+
+@torch.library.custom_op("fastmae::patch_embed_visible", mutates_args=())
+def _patch_embed_visible_op(imgs: Tensor, weight: Tensor, bias: Tensor, pos_embed: Tensor,
+                            ids_keep: Tensor, out_dtype: torch.dtype,
+                            compute_dtype: torch.dtype) -> Tensor:
+    from fastmae.kernels.patch_embed import patch_embed_visible_fwd as launch
+    return launch(imgs, weight, bias, pos_embed, ids_keep, out_dtype, compute_dtype)
+
+
+@_patch_embed_visible_op.register_fake
+def _(imgs, weight, bias, pos_embed, ids_keep, out_dtype, compute_dtype):
+    return imgs.new_empty(imgs.shape[0], ids_keep.shape[1], weight.shape[0], dtype=out_dtype)
+
+
+@torch.library.custom_op("fastmae::patch_embed_visible_bwd", mutates_args=())
+def _patch_embed_visible_bwd_op(grad_out: Tensor, imgs: Tensor, weight: Tensor, ids_keep: Tensor,
+                                need_imgs_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    from fastmae.kernels.patch_embed import patch_embed_visible_bwd as launch
+    gw, gb, gi = launch(grad_out.contiguous(), imgs, weight, ids_keep, need_imgs_grad)
+    return gw, gb, (gi if gi is not None else imgs.new_empty(0))
+
+
+@_patch_embed_visible_bwd_op.register_fake
+def _(grad_out, imgs, weight, ids_keep, need_imgs_grad):
+    gi = imgs.new_empty(imgs.shape) if need_imgs_grad else imgs.new_empty(0)
+    return (weight.new_empty(weight.shape, dtype=torch.float32),
+            weight.new_empty(weight.shape[0], dtype=torch.float32), gi)
+
+
+def _patch_embed_setup(ctx, inputs, output):
+    imgs, weight, bias, pos_embed, ids_keep, _, _ = inputs
+    ctx.save_for_backward(imgs, weight, ids_keep)
+    ctx.need_imgs_grad = imgs.requires_grad
+    ctx.dtypes = (weight.dtype, bias.dtype)
+
+
+def _patch_embed_backward(ctx, grad_out):
+    imgs, weight, ids_keep = ctx.saved_tensors
+    gw, gb, gi = _patch_embed_visible_bwd_op(grad_out, imgs, weight, ids_keep, ctx.need_imgs_grad)
+    return (gi if ctx.need_imgs_grad else None, gw.to(ctx.dtypes[0]), gb.to(ctx.dtypes[1]),
+            None, None, None, None)
+
+
+_patch_embed_visible_op.register_autograd(_patch_embed_backward, setup_context=_patch_embed_setup)
+
+
+def patch_embed_visible(imgs, weight, bias, pos_embed, ids_keep):
+    """Embed only the kept patches: ``gather(patch_embed(imgs) + pos_embed[:, 1:], ids_keep)``.
+
+    imgs (N, C, H, W), weight (D, C, p, p), bias (D,), pos_embed (1, 1 + L, D),
+    ids_keep (N, keep) -> (N, keep, D). Under autocast the projection runs in the autocast
+    dtype and the result, like the official fp32 position add, is in pos_embed's dtype."""
+    _check_tensor(weight, "weight", ndim=4)
+    D, C, p, q = weight.shape
+    if p != q:
+        raise ValueError(f"weight must be (D, C, p, p), got {tuple(weight.shape)}")
+    N, _, H, W = _check_images(imgs, p, in_chans=C)
+    L = (H // p) * (W // p)
+    _check_tensor(bias, "bias", ndim=1)
+    if bias.shape[0] != D:
+        raise ValueError(f"bias must have shape ({D},), got {tuple(bias.shape)}")
+    _check_tensor(pos_embed, "pos_embed", ndim=3)
+    if tuple(pos_embed.shape) != (1, 1 + L, D):
+        raise ValueError(f"pos_embed must have shape (1, {1 + L}, {D}), got {tuple(pos_embed.shape)}")
+    if not isinstance(ids_keep, torch.Tensor) or ids_keep.dim() != 2 or ids_keep.shape[0] != N:
+        raise ValueError(f"ids_keep must be (N={N}, keep) int64")
+    _check_index(ids_keep, "ids_keep", ids_keep.shape)
+    _check_same_device("imgs", imgs, weight=weight, bias=bias, pos_embed=pos_embed, ids_keep=ids_keep)
+    if not _uses_triton(imgs) or pos_embed.requires_grad:
+        # a trainable position table has no kernel gradient: the reference gives it one
+        return reference.patch_embed_visible(imgs, weight, bias, pos_embed, ids_keep)
+    compute_dtype = _compute_dtype(imgs)
+    out_dtype = torch.promote_types(compute_dtype, pos_embed.dtype)
+    return _patch_embed_visible_op(imgs, weight, bias, pos_embed, ids_keep, out_dtype, compute_dtype)
+
+
+# ============================================================================ decoder unshuffle
+
+@torch.library.custom_op("fastmae::unshuffle", mutates_args=())
+def _unshuffle_op(x: Tensor, mask_token: Tensor, ids_restore: Tensor, pos_embed: Tensor) -> Tensor:
+    from fastmae.kernels.unshuffle import unshuffle_fwd as launch
+    return launch(x, mask_token, ids_restore, pos_embed)
+
+
+@_unshuffle_op.register_fake
+def _(x, mask_token, ids_restore, pos_embed):
+    dtype = torch.promote_types(torch.promote_types(x.dtype, mask_token.dtype), pos_embed.dtype)
+    return x.new_empty(x.shape[0], 1 + ids_restore.shape[1], x.shape[2], dtype=dtype)
+
+
+@torch.library.custom_op("fastmae::unshuffle_bwd", mutates_args=())
+def _unshuffle_bwd_op(grad_out: Tensor, ids_restore: Tensor, len_keep: int, x_dtype: torch.dtype,
+                      mask_token_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    from fastmae.kernels.unshuffle import unshuffle_bwd as launch
+    return launch(grad_out, ids_restore, len_keep, x_dtype, mask_token_dtype)
+
+
+@_unshuffle_bwd_op.register_fake
+def _(grad_out, ids_restore, len_keep, x_dtype, mask_token_dtype):
+    N, _, D = grad_out.shape
+    return (grad_out.new_empty(N, 1 + len_keep, D, dtype=x_dtype),
+            grad_out.new_empty(1, 1, D, dtype=mask_token_dtype))
+
+
+def _unshuffle_setup(ctx, inputs, output):
+    x, mask_token, ids_restore, _ = inputs
+    ctx.save_for_backward(ids_restore)
+    ctx.len_keep = x.shape[1] - 1
+    ctx.dtypes = (x.dtype, mask_token.dtype)
+
+
+def _unshuffle_backward(ctx, grad_out):
+    (ids_restore,) = ctx.saved_tensors
+    gx, gm = _unshuffle_bwd_op(grad_out, ids_restore, ctx.len_keep, *ctx.dtypes)
+    return gx, gm, None, None
+
+
+_unshuffle_op.register_autograd(_unshuffle_backward, setup_context=_unshuffle_setup)
+
+
+def unshuffle(x, mask_token, ids_restore, pos_embed):
+    """Official forward_decoder's token work in one pass: append mask tokens, unshuffle to the
+    original patch order, re-attach the cls token and add positions.
+
+    x (N, 1 + keep, D) cls first, mask_token (1, 1, D), ids_restore (N, L), pos_embed
+    (1, 1 + L, D) -> (N, 1 + L, D)."""
+    _check_tensor(x, "x", ndim=3)
+    N, T, D = x.shape
+    if not isinstance(ids_restore, torch.Tensor) or ids_restore.dim() != 2 or ids_restore.shape[0] != N:
+        raise ValueError(f"ids_restore must be (N={N}, L) int64, got "
+                         f"{tuple(ids_restore.shape) if isinstance(ids_restore, torch.Tensor) else ids_restore!r}")
+    L = ids_restore.shape[1]
+    _check_index(ids_restore, "ids_restore", (N, L))
+    if not 2 <= T <= L + 1:
+        raise ValueError(f"x must be (N, 1 + keep, D) with 1 <= keep <= L={L}, got {tuple(x.shape)}")
+    _check_tensor(mask_token, "mask_token", ndim=3)
+    if tuple(mask_token.shape) != (1, 1, D):
+        raise ValueError(f"mask_token must have shape (1, 1, {D}), got {tuple(mask_token.shape)}")
+    _check_tensor(pos_embed, "pos_embed", ndim=3)
+    if tuple(pos_embed.shape) != (1, 1 + L, D):
+        raise ValueError(f"pos_embed must have shape (1, {1 + L}, {D}), got {tuple(pos_embed.shape)}")
+    _check_same_device("x", x, mask_token=mask_token, ids_restore=ids_restore, pos_embed=pos_embed)
+    if not _uses_triton(x) or pos_embed.requires_grad:
+        return reference.unshuffle(x, mask_token, ids_restore, pos_embed)
+    return _unshuffle_op(x, mask_token, ids_restore, pos_embed)
+
+
+# ============================================================================ loss
+
+@torch.library.custom_op("fastmae::masked_mse", mutates_args=())
+def _masked_mse_op(imgs: Tensor, pred: Tensor, mask: Tensor, patch_size: int, norm_pix: bool,
+                   need_grad: bool) -> tuple[Tensor, Tensor]:
+    from fastmae.kernels.mse_loss import masked_mse_fwd as launch
+    loss, grad_pred = launch(imgs, pred, mask, patch_size, norm_pix, need_grad)
+    return loss, (grad_pred if grad_pred is not None else pred.new_empty(0))
+
+
+@_masked_mse_op.register_fake
+def _(imgs, pred, mask, patch_size, norm_pix, need_grad):
+    g = pred.new_empty(pred.shape) if need_grad else pred.new_empty(0)
+    return pred.new_empty((), dtype=torch.float32), g
+
+
+@torch.library.custom_op("fastmae::scale", mutates_args=())
+def _scale_op(x: Tensor, alpha: Tensor) -> Tensor:
+    from fastmae.kernels.scale import scale as launch
+    return launch(x, alpha)
+
+
+@_scale_op.register_fake
+def _(x, alpha):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _masked_mse_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(output[1])
+    ctx.pred_dtype = inputs[1].dtype
+
+
+def _masked_mse_backward(ctx, grad_loss, _unused):
+    (grad_pred,) = ctx.saved_tensors
+    return None, _scale_op(grad_pred, grad_loss), None, None, None, None
+
+
+_masked_mse_op.register_autograd(_masked_mse_backward, setup_context=_masked_mse_setup)
+
+
+def masked_mse_loss(imgs, pred, mask, patch_size, norm_pix=True):
+    """Official forward_loss: mean squared error per patch against the patchified image
+    (normalized per patch with its mean and unbiased variance when ``norm_pix``), averaged
+    over the removed patches (mask == 1). imgs (N, C, H, W), pred (N, L, p*p*C), mask (N, L)."""
+    if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
+        raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
+    N, C, H, W = _check_images(imgs, patch_size)
+    L, K = (H // patch_size) * (W // patch_size), patch_size * patch_size * C
+    _check_tensor(pred, "pred", ndim=3)
+    if tuple(pred.shape) != (N, L, K):
+        raise ValueError(f"pred must have shape (N, L, p*p*C) = ({N}, {L}, {K}), got {tuple(pred.shape)}")
+    _check_tensor(mask, "mask", ndim=2)
+    if tuple(mask.shape) != (N, L):
+        raise ValueError(f"mask must have shape (N, L) = ({N}, {L}), got {tuple(mask.shape)}")
+    _check_same_device("imgs", imgs, pred=pred, mask=mask)
+    if not _uses_triton(pred) or imgs.requires_grad or mask.requires_grad:
+        # gradients reaching the images or the mask come from the reference
+        return reference.masked_mse_loss(imgs, pred, mask, patch_size, norm_pix)
+    need_grad = pred.requires_grad and torch.is_grad_enabled()
+    loss, _ = _masked_mse_op(imgs, pred, mask, patch_size, bool(norm_pix), need_grad)
+    return loss
+
+
+# ============================================================================ attention
+
+_HEAD_DIMS = (32, 64, 80, 96, 128)
+
+
+@torch.library.custom_op("fastmae::attention", mutates_args=())
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    from fastmae.kernels.attention import attention_fwd as launch
+    return launch(q, k, v, scale)
+
+
+@_attention_op.register_fake
+def _(q, k, v, scale):
+    B, H, N, d = q.shape
+    return (q.new_empty(B, N, H, d).transpose(1, 2),
+            q.new_empty(B, H, N, dtype=torch.float32))
+
+
+@torch.library.custom_op("fastmae::attention_bwd", mutates_args=())
+def _attention_bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+                      scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    from fastmae.kernels.attention import attention_bwd as launch
+    return launch(do, q, k, v, o, lse, scale)
+
+
+@_attention_bwd_op.register_fake
+def _(do, q, k, v, o, lse, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, scale = inputs
+    o, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.scale = scale
+
+
+def _attention_backward(ctx, do, _unused):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd_op(do, q, k, v, o, lse, ctx.scale)
+    return dq, dk, dv, None
+
+
+_attention_op.register_autograd(_attention_backward, setup_context=_attention_setup)
+
+
+def _check_attention(q, k, v):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(t, name, ndim=4)
+    if q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"q, k, v must have one shape (B, H, N, d), got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        raise TypeError(f"q, k, v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    _check_same_device("q", q, k=k, v=v)
+
+
+def attention(q, k, v, scale=None):
+    """softmax(q k^T * scale) v for (B, H, N, d) tensors of any strides: SDPA's non-causal
+    semantics, ``scale`` defaulting to d ** -0.5."""
+    _check_attention(q, k, v)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if not _uses_triton(q):
+        return reference.attention(q, k, v, scale=scale)
+    if q.shape[-1] not in _HEAD_DIMS:
+        raise ValueError(f"the triton attention serves head dims {_HEAD_DIMS}, got d={q.shape[-1]}; "
+                         "use the 'torch' backend for others")
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"the triton attention takes fp32, fp16 or bf16 inputs, got {q.dtype}")
+    o, _ = _attention_op(q, k, v, float(scale))
+    return o
+
+
+@torch.library.custom_op("fastmae::packed_attention", mutates_args=())
+def _packed_attention_op(qkv: Tensor, num_heads: int, scale: float) -> tuple[Tensor, Tensor]:
+    from fastmae.kernels.attention import attention_fwd as launch
+    B, N, C3 = qkv.shape
+    d = C3 // (3 * num_heads)
+    q, k, v = qkv.view(B, N, 3, num_heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+    out = qkv.new_empty(B, N, num_heads * d)
+    _, lse = launch(q, k, v, scale, out=out.view(B, N, num_heads, d).transpose(1, 2))
+    return out, lse
+
+
+@_packed_attention_op.register_fake
+def _(qkv, num_heads, scale):
+    B, N, C3 = qkv.shape
+    return qkv.new_empty(B, N, C3 // 3), qkv.new_empty(B, num_heads, N, dtype=torch.float32)
+
+
+@torch.library.custom_op("fastmae::packed_attention_bwd", mutates_args=())
+def _packed_attention_bwd_op(do: Tensor, qkv: Tensor, o: Tensor, lse: Tensor, num_heads: int,
+                             scale: float) -> Tensor:
+    from fastmae.kernels.attention import attention_bwd as launch
+    B, N, C3 = qkv.shape
+    d = C3 // (3 * num_heads)
+    heads = lambda t: t.view(B, N, num_heads, d).transpose(1, 2)  # noqa: E731
+    q, k, v = qkv.view(B, N, 3, num_heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+    # the three gradients land in one packed buffer: the qkv projection's backward reads it as is
+    dqkv = qkv.new_empty(B, N, 3, num_heads, d)
+    dq, dk, dv = dqkv.permute(2, 0, 3, 1, 4).unbind(0)
+    launch(heads(do.contiguous()), q, k, v, heads(o), lse, scale, dq=dq, dk=dk, dv=dv)
+    return dqkv.view(B, N, C3)
+
+
+@_packed_attention_bwd_op.register_fake
+def _(do, qkv, o, lse, num_heads, scale):
+    return torch.empty_like(qkv)
+
+
+def _packed_attention_setup(ctx, inputs, output):
+    qkv, num_heads, scale = inputs
+    o, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(qkv, o, lse)
+    ctx.num_heads, ctx.scale = num_heads, scale
+
+
+def _packed_attention_backward(ctx, do, _unused):
+    qkv, o, lse = ctx.saved_tensors
+    return _packed_attention_bwd_op(do, qkv, o, lse, ctx.num_heads, ctx.scale), None, None
+
+
+_packed_attention_op.register_autograd(_packed_attention_backward, setup_context=_packed_attention_setup)
+
+
+def packed_attention(qkv, num_heads, scale=None):
+    """Multi-head attention on a packed projection output, as the official Attention module:
+    qkv (B, N, 3 * C) laid out (B, N, 3, H, d) -> (B, N, C), heads concatenated."""
+    _check_tensor(qkv, "qkv", ndim=3)
+    B, N, C3 = qkv.shape
+    if C3 % (3 * num_heads):
+        raise ValueError(f"qkv's last dim must be 3 * num_heads * head_dim, got {C3} for "
+                         f"num_heads={num_heads}")
+    d = C3 // (3 * num_heads)
+    if scale is None:
+        scale = d ** -0.5
+    use_kernel = _uses_triton(qkv) and d in _HEAD_DIMS and qkv.dtype in (
+        torch.float32, torch.float16, torch.bfloat16)
+    if not use_kernel:
+        q, k, v = qkv.reshape(B, N, 3, num_heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+        return reference.attention(q, k, v, scale=scale).transpose(1, 2).reshape(B, N, C3 // 3)
+    o, _ = _packed_attention_op(qkv.contiguous(), num_heads, float(scale))
+    return o
+
+
+# ============================================================================ LayerNorm, GELU
+
+@torch.library.custom_op("fastmae::layer_norm", mutates_args=())
+def _layer_norm_op(x: Tensor, weight: Tensor, bias: Tensor, eps: float,
+                   out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    from fastmae.kernels.layer_norm import layer_norm_fwd as launch
+    y, _, mean, rstd = launch(x, weight, bias, eps, out_dtype)
+    return y, mean, rstd
+
+
+@_layer_norm_op.register_fake
+def _(x, weight, bias, eps, out_dtype):
+    M = x.shape[0]
+    return (x.new_empty(x.shape, dtype=out_dtype), x.new_empty(M, dtype=torch.float32),
+            x.new_empty(M, dtype=torch.float32))
+
+
+@torch.library.custom_op("fastmae::add_layer_norm", mutates_args=())
+def _add_layer_norm_op(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor, eps: float,
+                       out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from fastmae.kernels.layer_norm import layer_norm_fwd as launch
+    y, s, mean, rstd = launch(x, weight, bias, eps, out_dtype, residual=residual,
+                              residual_dtype=residual.dtype)
+    return s, y, mean, rstd
+
+
+@_add_layer_norm_op.register_fake
+def _(x, residual, weight, bias, eps, out_dtype):
+    M = x.shape[0]
+    return (torch.empty_like(residual, memory_format=torch.contiguous_format),
+            x.new_empty(x.shape, dtype=out_dtype),
+            x.new_empty(M, dtype=torch.float32), x.new_empty(M, dtype=torch.float32))
+
+
+@torch.library.custom_op("fastmae::layer_norm_bwd", mutates_args=())
+def _layer_norm_bwd_op(dy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor,
+                       ds: Tensor | None, dx_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    from fastmae.kernels.layer_norm import layer_norm_bwd as launch
+    return launch(dy, x, weight, mean, rstd, ds=ds, dx_dtype=dx_dtype)
+
+
+@_layer_norm_bwd_op.register_fake
+def _(dy, x, weight, mean, rstd, ds, dx_dtype):
+    D = weight.shape[0]
+    return (x.new_empty(x.shape, dtype=dx_dtype), weight.new_empty(D, dtype=torch.float32),
+            weight.new_empty(D, dtype=torch.float32))
+
+
+def _layer_norm_setup(ctx, inputs, output):
+    x, weight, bias, _, _ = inputs
+    _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.dtypes = (x.dtype, weight.dtype, bias.dtype)
+
+
+def _layer_norm_backward(ctx, dy, _m, _r):
+    x, weight, mean, rstd = ctx.saved_tensors
+    dx, dw, db = _layer_norm_bwd_op(dy, x, weight, mean, rstd, None, ctx.dtypes[0])
+    return dx, dw.to(ctx.dtypes[1]), db.to(ctx.dtypes[2]), None, None
+
+
+_layer_norm_op.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup)
+
+
+def _add_layer_norm_setup(ctx, inputs, output):
+    x, residual, weight, bias, _, _ = inputs
+    s, _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    # s (needed downstream anyway) and the row statistics: x_hat is recomputed from them
+    ctx.save_for_backward(s, weight, mean, rstd)
+    ctx.dtypes = (x.dtype, residual.dtype, weight.dtype, bias.dtype)
+
+
+def _add_layer_norm_backward(ctx, ds, dy, _m, _r):
+    s, weight, mean, rstd = ctx.saved_tensors
+    x_dtype, r_dtype, w_dtype, b_dtype = ctx.dtypes
+    dsum, dw, db = _layer_norm_bwd_op(dy, s, weight, mean, rstd, ds, r_dtype)
+    return dsum.to(x_dtype), dsum, dw.to(w_dtype), db.to(b_dtype), None, None
+
+
+_add_layer_norm_op.register_autograd(_add_layer_norm_backward, setup_context=_add_layer_norm_setup)
+
+
+def _check_norm(x, weight, bias, eps):
+    _check_tensor(x, "x")
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension")
+    D = x.shape[-1]
+    for name, t in (("weight", weight), ("bias", bias)):
+        _check_tensor(t, name, ndim=1)
+        if t.shape[0] != D:
+            raise ValueError(f"{name} must have shape ({D},) to normalize x of shape "
+                             f"{tuple(x.shape)}, got {tuple(t.shape)}")
+    if not eps > 0:
+        raise ValueError(f"eps must be positive, got {eps}")
+    _check_same_device("x", x, weight=weight, bias=bias)
+
+
+def _rows(x):
+    """x as a (M, D) row-contiguous matrix (a view when x is contiguous)."""
+    return x.reshape(-1, x.shape[-1]) if x.stride(-1) == 1 else x.contiguous().view(-1, x.shape[-1])
+
+
+def layer_norm(x, weight, bias, eps):
+    """LayerNorm over the last dim (fp32 statistics); under autocast the output is written in the
+    autocast dtype, ready for the next matmul."""
+    _check_norm(x, weight, bias, eps)
+    if not _uses_triton(x):
+        return reference.layer_norm(x, weight, bias, eps)
+    y, _, _ = _layer_norm_op(_rows(x), weight, bias, float(eps), _compute_dtype(x))
+    return y.view(x.shape)
+
+
+def add_layer_norm(x, residual, weight, bias, eps):
+    """The pre-norm block's hand-off in one pass: s = residual + x; returns (s, layer_norm(s)).
+    s keeps residual's dtype (fp32 under autocast, as the official residual stream)."""
+    _check_norm(x, weight, bias, eps)
+    _check_tensor(residual, "residual")
+    if residual.shape != x.shape:
+        raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+    _check_same_device("x", x, residual=residual)
+    if not _uses_triton(x):
+        return reference.add_layer_norm(x, residual, weight, bias, eps)
+    r_dtype = torch.promote_types(x.dtype, residual.dtype)
+    s, y, _, _ = _add_layer_norm_op(_rows(x), _rows(residual.to(r_dtype)), weight, bias,
+                                    float(eps), _compute_dtype(x))
+    return s.view(x.shape), y.view(x.shape)
+
+
+@torch.library.custom_op("fastmae::bias_gelu", mutates_args=())
+def _bias_gelu_op(x: Tensor, bias: Tensor, out_dtype: torch.dtype) -> Tensor:
+    from fastmae.kernels.bias_gelu import bias_gelu_fwd as launch
+    return launch(x, bias, out_dtype)
+
+
+@_bias_gelu_op.register_fake
+def _(x, bias, out_dtype):
+    return x.new_empty(x.shape, dtype=out_dtype)
+
+
+@torch.library.custom_op("fastmae::bias_gelu_bwd", mutates_args=())
+def _bias_gelu_bwd_op(dy: Tensor, x: Tensor, bias: Tensor, dx_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    from fastmae.kernels.bias_gelu import bias_gelu_bwd as launch
+    return launch(dy, x, bias, dx_dtype)
+
+
+@_bias_gelu_bwd_op.register_fake
+def _(dy, x, bias, dx_dtype):
+    return x.new_empty(x.shape, dtype=dx_dtype), bias.new_empty(bias.shape, dtype=torch.float32)
+
+
+def _bias_gelu_setup(ctx, inputs, output):
+    x, bias, _ = inputs
+    ctx.save_for_backward(x, bias)
+
+
+def _bias_gelu_backward(ctx, dy):
+    x, bias = ctx.saved_tensors
+    dx, db = _bias_gelu_bwd_op(dy, x, bias, x.dtype)
+    return dx, db.to(bias.dtype), None
+
+
+_bias_gelu_op.register_autograd(_bias_gelu_backward, setup_context=_bias_gelu_setup)
+
+
+def bias_gelu(x, bias):
+    """Exact (erf) GELU of x + bias, the MLP's activation with fc1's bias folded in."""
+    _check_tensor(x, "x")
+    _check_tensor(bias, "bias", ndim=1)
+    if bias.shape[0] != x.shape[-1]:
+        raise ValueError(f"bias must have shape ({x.shape[-1]},), got {tuple(bias.shape)}")
+    _check_same_device("x", x, bias=bias)
+    if not _uses_triton(x):
+        return reference.bias_gelu(x, bias)
+    y = _bias_gelu_op(_rows(x), bias, _compute_dtype(x))
+    return y.view(x.shape)

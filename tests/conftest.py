@@ -1,0 +1,35 @@
+"""Turns Triton's interpreter on when no GPU is present, before any kernel module is imported.
+
+``triton.jit`` decides at decoration time whether a kernel is interpreted, so the variable must
+be set before ``fastmae.kernels.*`` is imported; fastmae imports its kernels lazily, and this
+file is loaded before any test module.
+"""
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Kernels run on this device in the tests: the GPU when there is one, else the CPU + interpreter.
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU; skipped without one")
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def device():
+    return DEVICE
