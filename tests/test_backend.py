@@ -1,0 +1,83 @@
+"""The backend switch and the interpreter harness."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastmae
+from fastmae.backend import backend_for, requested_backend
+from fastmae.testing import poison_
+
+
+def test_default_backend_follows_the_device(monkeypatch):
+    monkeypatch.delenv("FASTMAE_BACKEND", raising=False)
+    assert requested_backend() is None
+    assert backend_for(torch.zeros(1)) == "torch"
+    assert backend_for(torch.zeros(1, device="meta")) == "torch"
+
+
+def test_use_backend_nests_and_restores(monkeypatch):
+    monkeypatch.delenv("FASTMAE_BACKEND", raising=False)
+    x = torch.zeros(1)
+    with fastmae.use_backend("triton"):
+        assert backend_for(x) == "triton"
+        with fastmae.use_backend("torch"):
+            assert backend_for(x) == "torch"
+        assert backend_for(x) == "triton"
+    assert backend_for(x) == "torch"
+
+
+def test_environment_variable_sets_the_default(monkeypatch):
+    monkeypatch.setenv("FASTMAE_BACKEND", "triton")
+    assert backend_for(torch.zeros(1)) == "triton"
+    with fastmae.use_backend("torch"):
+        assert backend_for(torch.zeros(1)) == "torch"
+    monkeypatch.setenv("FASTMAE_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="FASTMAE_BACKEND"):
+        backend_for(torch.zeros(1))
+
+
+def test_unknown_backend_is_named():
+    with pytest.raises(ValueError, match="backend"):
+        with fastmae.use_backend("jax"):
+            pass
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with fastmae.use_backend("triton"):
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+            backend_for(torch.zeros(1))
+
+
+def test_import_touches_no_gpu():
+    """Importing fastmae (and constructing a model) must not initialize CUDA."""
+    code = ("import torch, fastmae; m = fastmae.mae_vit_tiny_patch4(); "
+            "import sys; sys.exit(1 if torch.cuda.is_initialized() else 0)")
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+@pytest.mark.parametrize("numel", [1, 7, 1024, 3001])
+def test_a_triton_kernel_runs_through_the_harness(numel, device):
+    """kernels/scale.py through the interpreter on a CPU machine (the compiler on a GPU)."""
+    from fastmae.kernels.scale import scale
+    import fastmae.kernels.scale as mod
+    if not torch.cuda.is_available():
+        # the harness really interprets: kernels are InterpretedFunction objects
+        assert type(mod._scale_kernel).__name__ == "InterpretedFunction"
+    x = torch.randn(numel, device=device)
+    alpha = torch.tensor([1.7], device=device)
+    y = scale(x, alpha)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    torch.testing.assert_close(y, x * 1.7, rtol=1e-6, atol=0)
+
+
+def test_poison_fills_with_unwritten_markers():
+    t = poison_(torch.empty(3))
+    assert torch.isnan(t).all()
+    i = poison_(torch.empty(3, dtype=torch.int64))
+    assert (i == torch.iinfo(torch.int64).max).all()
