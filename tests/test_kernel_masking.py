@@ -1,0 +1,148 @@
+"""fastmae.kernels.masking against the reference: masking indices, the token gather and its
+backward (scatter_tokens). Indices and copies are compared exactly (torch.equal)."""
+import pytest
+import torch
+
+from fastmae import reference as ref
+from fastmae.testing import distinct_noise, masking_case, poison_
+
+
+@pytest.fixture
+def kmask(monkeypatch):
+    """The kernel module with its allocator patched to hand out poisoned buffers, so an element
+    a kernel forgets to write fails the comparison."""
+    from fastmae.kernels import masking
+
+    def poisoned_empty(shape, dtype, device):
+        return poison_(torch.empty(shape, dtype=dtype, device=device))
+
+    monkeypatch.setattr(masking, "_empty", poisoned_empty)
+    return masking
+
+
+def _gen(seed, device):
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+def _assert_indices_equal(got, want):
+    for name, a, b in zip(("ids_keep", "mask", "ids_restore"), got, want):
+        assert a.dtype == b.dtype, f"{name}: dtype {a.dtype} != {b.dtype}"
+        assert a.is_contiguous(), name
+        assert torch.equal(a, b), f"{name} differs from the reference"
+
+
+# (N, L, keeps): batch 1, L = 1, primes, the ViT grid 196, 257 and 1024 once
+@pytest.mark.parametrize("N, L, keeps", [
+    (1, 1, (0, 1)),
+    (2, 7, (0, 1, 3, 6, 7)),
+    (3, 49, (12, 48)),
+    (2, 196, (49,)),
+    (1, 257, (64,)),
+    (1, 1024, (256,)),
+])
+def test_masking_indices_exact(kmask, device, N, L, keeps):
+    noise = distinct_noise(N, L, _gen(N * 1000 + L, device), device)
+    for keep in keeps:
+        got = kmask.masking_indices(noise, keep)
+        assert got[0].shape == (N, keep)
+        _assert_indices_equal(got, ref.masking_indices(noise, keep))
+        again = kmask.masking_indices(noise, keep)
+        assert all(torch.equal(a, b) for a, b in zip(got, again))
+
+
+def test_masking_indices_any_sign_and_strides(kmask, device):
+    """Negative and large noise values keep their order; noise may be a strided view."""
+    g = _gen(7, device)
+    noise = torch.randn(37, 5, generator=g, device=device) * 1e3  # (L, N) storage
+    noise = noise.t()  # (5, 37), strides (1, 5)
+    got = kmask.masking_indices(noise, 11)
+    _assert_indices_equal(got, ref.masking_indices(noise, 11))
+
+
+@pytest.mark.parametrize("N, L, D, ratio", [
+    (1, 1, 8, 0.0),
+    (2, 7, 40, 0.75),
+    (3, 49, 100, 0.75),
+    (2, 16, 1280, 0.5),
+])
+def test_gather_tokens_exact(kmask, device, N, L, D, ratio):
+    case = masking_case(N, L, D, ratio, device=device, seed=L + D)
+    x, noise = case["x"], case["noise"]
+    keep = ref.keep_count(L, ratio)
+    ids_keep, _, _ = kmask.masking_indices(noise, keep)
+    out = kmask.gather_tokens(x, ids_keep)
+    assert out.shape == (N, keep, D) and out.is_contiguous() and out.dtype == x.dtype
+    assert torch.equal(out, ref.gather_tokens(x, ids_keep))
+    assert torch.equal(out, kmask.gather_tokens(x, ids_keep))
+
+
+def test_gather_tokens_strided_inputs(kmask, device):
+    """x a transposed view and a column slice, ids_keep a slice of ids_shuffle (as official)."""
+    N, L, D, keep = 3, 13, 24, 5
+    g = _gen(3, device)
+    x_t = torch.randn(N, D, L, generator=g, device=device).transpose(1, 2)  # stride 1 along L
+    x_s = torch.randn(N, L, D + 9, generator=g, device=device)[:, :, 4:4 + D]
+    ids_shuffle = torch.argsort(distinct_noise(N, L, g, device), dim=1)
+    ids_keep = ids_shuffle[:, :keep]
+    assert not ids_keep.is_contiguous()
+    for x in (x_t, x_s):
+        assert torch.equal(kmask.gather_tokens(x, ids_keep), ref.gather_tokens(x, ids_keep))
+
+
+def _gather_grad_float64(N, L, D, ids_keep, grad):
+    x = torch.randn(N, L, D, dtype=torch.float64, device=grad.device, requires_grad=True)
+    ref.gather_tokens(x, ids_keep).backward(grad.double())
+    return x.grad
+
+
+@pytest.mark.parametrize("N, L, D, ratio", [
+    (1, 1, 8, 0.0),
+    (2, 7, 40, 0.75),
+    (3, 49, 100, 0.75),
+    (1, 10, 8, 1.0),  # nothing kept: all zeros
+])
+def test_scatter_tokens_is_gather_backward(kmask, device, N, L, D, ratio):
+    keep = ref.keep_count(L, ratio)
+    g = _gen(L * 7 + D, device)
+    ids_keep, _, ids_restore = kmask.masking_indices(distinct_noise(N, L, g, device), keep)
+    grad = torch.randn(N, keep, D, generator=g, device=device) + 0.5
+    out = kmask.scatter_tokens(grad, ids_restore, keep)
+    assert out.shape == (N, L, D) and out.is_contiguous() and out.dtype == grad.dtype
+    assert torch.equal(out.double(), _gather_grad_float64(N, L, D, ids_keep, grad))
+    assert torch.equal(out, kmask.scatter_tokens(grad, ids_restore, keep))
+
+
+def test_scatter_tokens_strided_grad(kmask, device):
+    """An expanded (stride-0) and a sliced incoming gradient."""
+    N, L, D, keep = 2, 11, 40, 4
+    g = _gen(11, device)
+    ids_keep, _, ids_restore = kmask.masking_indices(distinct_noise(N, L, g, device), keep)
+    expanded = torch.randn(N, 1, D, generator=g, device=device).expand(N, keep, D)
+    sliced = torch.randn(N, keep + 3, D, generator=g, device=device)[:, 1:1 + keep]
+    for grad in (expanded, sliced):
+        out = kmask.scatter_tokens(grad, ids_restore, keep)
+        assert torch.equal(out.double(), _gather_grad_float64(N, L, D, ids_keep, grad))
+
+
+# ----------------------------------------------------------------------------- GPU only
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("N, L, D", [(256, 196, 768), (5, 257, 1280), (3, 1024, 100)])
+def test_masking_gather_scatter_cuda(kmask, dtype, N, L, D):
+    """Bit-exact in every dtype at the model's shapes."""
+    case = masking_case(N, L, D, 0.75, dtype=dtype, device="cuda", seed=N + L)
+    x, noise = case["x"], case["noise"]
+    keep = ref.keep_count(L, 0.75)
+    got = kmask.masking_indices(noise, keep)
+    _assert_indices_equal(got, ref.masking_indices(noise, keep))
+    ids_keep, _, ids_restore = got
+    out = kmask.gather_tokens(x, ids_keep)
+    assert out.dtype == dtype and torch.equal(out, ref.gather_tokens(x, ids_keep))
+    grad = torch.randn(N, keep, D, device="cuda").to(dtype)
+    x_ = torch.zeros(N, L, D, device="cuda", dtype=dtype, requires_grad=True)
+    ref.gather_tokens(x_, ids_keep).backward(grad)
+    back = kmask.scatter_tokens(grad, ids_restore, keep)
+    assert back.dtype == dtype and torch.equal(back, x_.grad)
