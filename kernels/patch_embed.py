@@ -1,0 +1,336 @@
+"""Visible-patch embedding: the stride-p convolution of MAE's PatchEmbed, done only for the kept
+patches, plus the positional embedding, in one matmul whose A operand is gathered straight from
+the image.
+
+    out[n, k, :] = conv2d(imgs, weight, bias, stride=p)[n, :, l // gw, l % gw] + pos_embed[0, 1 + l]
+                 = patches[n, l, :] @ weight.view(D, K)^T + bias + pos_embed[0, 1 + l]
+      with l = ids_keep[n, k], gw = W // p, K = C * p * p and
+      patches[n, l, kk] = imgs[n, c, (l // gw) * p + i, (l % gw) * p + j], kk = (c * p + i) * p + j
+
+(the (c, i, j) order of the weight's flattening; not the (p, q, c) order of ``patchify``).
+The full-sequence embedding is never built: the forward does keep / L of the convolution's FLOPs.
+
+Rows of every matmul here are the M = N * keep visible patches, m = n * keep + k.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._common import interpreting
+
+
+def _empty(shape, dtype, device):
+    """Every buffer the launchers hand out or fill in full (tests patch this to poison them)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _compute_dtype_is_low(dtype: torch.dtype) -> bool:
+    return dtype in (torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- forward
+
+def _fwd_configs():
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4)]
+    return [
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+    ]
+
+
+@triton.jit
+def _patch_rows(ids_ptr, m, row_ok, keep, grid_w, s_idn, s_idk, s_in, s_ih, s_iw, P: tl.constexpr):
+    """For rows m = n * keep + k: the patch index l = ids_keep[n, k] and the image offset of the
+    patch's top-left pixel (int64)."""
+    n = m // keep
+    k = m - n * keep
+    l = tl.load(ids_ptr + n * s_idn + k * s_idk, mask=row_ok, other=0).to(tl.int64)
+    gh = l // grid_w
+    gw = l - gh * grid_w
+    base = n * s_in + (gh * P) * s_ih + (gw * P) * s_iw
+    return l, base
+
+
+@triton.jit
+def _patch_cols(kk, s_ic, s_ih, s_iw, P: tl.constexpr):
+    """Offset inside a patch of the K index kk = (c * p + i) * p + j (the weight's order)."""
+    c = kk // (P * P)
+    i = (kk // P) % P
+    j = kk % P  # % and // by a constexpr: Triton sees the runs of P contiguous pixels
+    return c * s_ic + i * s_ih + j * s_iw
+
+
+@triton.autotune(configs=_fwd_configs(), key=["K", "D"])
+@triton.jit
+def _patch_embed_fwd(
+    imgs_ptr,  # (N, C, H, W) any float dtype, strides (s_in, s_ic, s_ih, s_iw)
+    w_ptr,  # (D, K) the conv weight viewed (D, C*p*p), any float dtype, strides (s_wd, s_wk)
+    bias_ptr,  # (D,) any float dtype, stride s_b
+    pos_ptr,  # (1, 1 + L, D) any float dtype, strides (s_pl, s_pd) over its last two dims
+    ids_ptr,  # (N, keep) int64, strides (s_idn, s_idk)
+    out_ptr,  # (M = N * keep, D) contiguous, out_dtype
+    M, keep, grid_w, D,
+    s_in, s_ic, s_ih, s_iw,
+    s_wd, s_wk, s_b, s_pl, s_pd, s_idn, s_idk,
+    K: tl.constexpr,  # C * P * P
+    P: tl.constexpr,
+    COMPUTE: tl.constexpr,  # matmul operands: 0 fp32 ("ieee"), 1 fp16, 2 bf16 (autocast)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = m < M
+    col_ok = d < D
+    l, base = _patch_rows(ids_ptr, m, row_ok, keep, grid_w, s_idn, s_idk, s_in, s_ih, s_iw, P)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = kk < K
+        a = tl.load(imgs_ptr + base[:, None] + _patch_cols(kk, s_ic, s_ih, s_iw, P)[None, :],
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_ptr + kk[:, None] * s_wk + d[None, :] * s_wd,
+                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if COMPUTE == 2:
+            acc = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
+        elif COMPUTE == 1:
+            acc = tl.dot(a.to(tl.float16), b.to(tl.float16), acc)
+        else:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+
+    bias = tl.load(bias_ptr + d * s_b, mask=col_ok, other=0.0).to(tl.float32)
+    pos = tl.load(pos_ptr + (1 + l)[:, None] * s_pl + d[None, :] * s_pd,
+                  mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+    acc = acc + bias[None, :] + pos
+    tl.store(out_ptr + m[:, None] * D + d[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+_COMPUTE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def patch_embed_visible_fwd(imgs, weight, bias, pos_embed, ids_keep, out_dtype, compute_dtype=None):
+    """(N, C, H, W), (D, C, p, p), (D,), (1, 1 + L, D), (N, keep) int64 -> (N, keep, D) contiguous
+    in out_dtype. The matmul's operands are cast to compute_dtype (default: out_dtype) when it is
+    fp16 / bf16, else fp32. Under autocast the model asks for bf16 operands and an fp32 result,
+    as the official fp32 position add promotes the bf16 convolution output."""
+    if compute_dtype is None:
+        compute_dtype = out_dtype
+    N, C, H, W = imgs.shape
+    D, _, p, _ = weight.shape
+    keep = ids_keep.shape[1]
+    K = C * p * p
+    grid_w = W // p
+    M = N * keep
+    out = _empty((N, keep, D), out_dtype, imgs.device)
+    if M == 0 or D == 0:
+        return out
+    w2 = weight.reshape(D, K)  # a view for the (contiguous) conv weight
+    pos = pos_embed.reshape(pos_embed.shape[-2], D)
+    grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]), triton.cdiv(D, META["BLOCK_N"]))
+    _patch_embed_fwd[grid](
+        imgs, w2, bias, pos, ids_keep, out,
+        M, keep, grid_w, D,
+        *imgs.stride(), *w2.stride(), bias.stride(0), *pos.stride(), *ids_keep.stride(),
+        K=K, P=p, COMPUTE=_COMPUTE_CODES.get(compute_dtype, 0),
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------- backward
+#
+# With G = grad_out viewed (M, D), A = the visible patches (M, K) gathered from the image
+# (row m = n * keep + k is patch l = ids_keep[n, k], columns in the weight's (c, i, j) order) and
+# Wm = weight viewed (D, K), the forward is out = A @ Wm^T + bias + pos_embed[0, 1 + l], so
+#
+#   grad_bias   = sum_m G[m, :]                                  (torch sum: deterministic)
+#   grad_weight = G^T @ A                      (D, K), viewed back as (D, C, p, p)
+#   grad_A      = G @ Wm                       (M, K), scattered back into the image:
+#   grad_imgs[n, c, gh*p + i, gw*p + j] = grad_A[n * keep + k, (c*p + i)*p + j]  for l = ids_keep[n, k]
+#
+# and 0 for the pixels of removed patches and for any pixel outside the (H//p) x (W//p) grid
+# (the conv never reads them). pos_embed's gradient (a scatter of G into rows 1 + l) is not
+# asked of this launcher. grad_weight reduces over M: split-M programs each write an fp32
+# partial (SPLIT, D, K), summed by torch (deterministic, no atomics).
+
+def _bwd_w_configs():
+    if interpreting():
+        return [triton.Config({"BLOCK_D": 16, "BLOCK_K": 32, "BLOCK_M": 16}, num_warps=4)]
+    return [
+        triton.Config({"BLOCK_D": 128, "BLOCK_K": 128, "BLOCK_M": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_D": 128, "BLOCK_K": 128, "BLOCK_M": 32}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_D": 128, "BLOCK_K": 64, "BLOCK_M": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_D": 64, "BLOCK_K": 128, "BLOCK_M": 64}, num_warps=4, num_stages=4),
+    ]
+
+
+@triton.autotune(configs=_bwd_w_configs(), key=["K", "D"])
+@triton.jit
+def _patch_embed_bwd_weight(
+    g_ptr,  # (M, D) grad_out viewed (N*keep, D), any float dtype, strides (s_gm, s_gd)
+    imgs_ptr,  # (N, C, H, W) any float dtype, strides (s_in, s_ic, s_ih, s_iw)
+    ids_ptr,  # (N, keep) int64, strides (s_idn, s_idk)
+    part_ptr,  # (SPLIT, D, K) fp32 contiguous: per-split partials of grad_weight
+    M, keep, grid_w, D, rows_per_split,
+    s_gm, s_gd, s_in, s_ic, s_ih, s_iw, s_idn, s_idk,
+    K: tl.constexpr, P: tl.constexpr,
+    LOW_PRECISION: tl.constexpr,  # operands in g's dtype (fp16 / bf16); else fp32 "ieee"
+    BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    pid_d = tl.program_id(0).to(tl.int64)
+    pid_k = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2).to(tl.int64)
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    kk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    d_ok = d < D
+    k_ok = kk < K
+    cols = _patch_cols(kk, s_ic, s_ih, s_iw, P)
+    m_start = split * rows_per_split
+    m_end = tl.minimum(m_start + rows_per_split, M)
+
+    acc = tl.zeros((BLOCK_D, BLOCK_K), dtype=tl.float32)
+    for m0 in range(0, rows_per_split, BLOCK_M):
+        m = m_start + m0 + tl.arange(0, BLOCK_M)
+        row_ok = m < m_end
+        _, base = _patch_rows(ids_ptr, m, row_ok, keep, grid_w, s_idn, s_idk, s_in, s_ih, s_iw, P)
+        gt = tl.load(g_ptr + m[None, :] * s_gm + d[:, None] * s_gd,
+                     mask=d_ok[:, None] & row_ok[None, :], other=0.0)  # (BLOCK_D, BLOCK_M) = G^T
+        a = tl.load(imgs_ptr + base[:, None] + cols[None, :],
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
+        if LOW_PRECISION:
+            acc = tl.dot(gt, a.to(g_ptr.dtype.element_ty), acc)
+        else:
+            acc = tl.dot(gt.to(tl.float32), a.to(tl.float32), acc, input_precision="ieee")
+
+    tl.store(part_ptr + split * D * K + d[:, None] * K + kk[None, :], acc,
+             mask=d_ok[:, None] & k_ok[None, :])
+
+
+def _bwd_x_configs():
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 32, "BLOCK_D": 16}, num_warps=4)]
+    return [
+        triton.Config({"BLOCK_M": 128, "BLOCK_K": 128, "BLOCK_D": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_K": 64, "BLOCK_D": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 64, "BLOCK_K": 128, "BLOCK_D": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 64, "BLOCK_K": 64, "BLOCK_D": 64}, num_warps=4, num_stages=3),
+    ]
+
+
+@triton.autotune(configs=_bwd_x_configs(), key=["K", "D", "ZERO"])
+@triton.jit
+def _patch_embed_bwd_imgs(
+    g_ptr,  # (N*keep, D) grad_out, any float dtype, strides (s_gm, s_gd); unread when ZERO
+    w_ptr,  # (D, K) the conv weight viewed (D, C*p*p), strides (s_wd, s_wk); unread when ZERO
+    ids_ptr,  # (N, R) int64, strides (s_idn, s_idk): the patches this launch writes
+    dx_ptr,  # (N, C, H, W) grad_imgs, imgs' dtype, strides (s_in, s_ic, s_ih, s_iw)
+    M, R, grid_w, D,
+    s_gm, s_gd, s_wd, s_wk, s_idn, s_idk, s_in, s_ic, s_ih, s_iw,
+    K: tl.constexpr, P: tl.constexpr,
+    ZERO: tl.constexpr,  # True: the ids are the removed patches, write zeros
+    LOW_PRECISION: tl.constexpr,  # operands in g's dtype (fp16 / bf16); else fp32 "ieee"
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_k = tl.program_id(1).to(tl.int64)
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # m = n * R + r; with R = keep, grad_out's row
+    kk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_ok = m < M
+    k_ok = kk < K
+    _, base = _patch_rows(ids_ptr, m, row_ok, R, grid_w, s_idn, s_idk, s_in, s_ih, s_iw, P)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    if not ZERO:
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            d_ok = d < D
+            g = tl.load(g_ptr + m[:, None] * s_gm + d[None, :] * s_gd,
+                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            w = tl.load(w_ptr + d[:, None] * s_wd + kk[None, :] * s_wk,
+                        mask=d_ok[:, None] & k_ok[None, :], other=0.0)
+            if LOW_PRECISION:
+                acc = tl.dot(g, w.to(g_ptr.dtype.element_ty), acc)
+            else:
+                acc = tl.dot(g.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+
+    tl.store(dx_ptr + base[:, None] + _patch_cols(kk, s_ic, s_ih, s_iw, P)[None, :],
+             acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & k_ok[None, :])
+
+
+def _split_count(M, D, K):
+    """Split the M reduction of grad_weight so that about 256 programs run (nominal 128x128
+    tiles), each over at least 256 rows; small under the interpreter (but > 1, to be tested)."""
+    if interpreting():
+        return max(1, min(3, triton.cdiv(M, 16)))
+    tiles = triton.cdiv(D, 128) * triton.cdiv(K, 128)
+    return max(1, min(triton.cdiv(256, tiles), triton.cdiv(M, 256)))
+
+
+def patch_embed_visible_bwd(grad_out, imgs, weight, ids_keep, need_imgs_grad):
+    """-> grad_weight (D, C, p, p) fp32, grad_bias (D,) fp32, grad_imgs (N, C, H, W) contiguous
+    in imgs.dtype (or None when not need_imgs_grad). Operands are cast to grad_out's dtype when
+    it is fp16 / bf16, else fp32 "ieee"; accumulation in fp32."""
+    N, C, H, W = imgs.shape
+    D, _, p, _ = weight.shape
+    keep = ids_keep.shape[1]
+    K = C * p * p
+    L_h, grid_w = H // p, W // p
+    L = L_h * grid_w
+    M = N * keep
+    device = imgs.device
+    low = _compute_dtype_is_low(grad_out.dtype)
+    g = grad_out.reshape(M, D)  # a view whenever grad_out's rows are uniformly strided
+    w2 = weight.reshape(D, K)
+
+    grad_bias = g.sum(dim=0, dtype=torch.float32)
+
+    if M == 0:
+        grad_weight = torch.zeros((D, C, p, p), dtype=torch.float32, device=device)
+    else:
+        split = _split_count(M, D, K)
+        rows_per_split = triton.cdiv(M, split)
+        split = triton.cdiv(M, rows_per_split)  # no empty split
+        partials = _empty((split, D, K), torch.float32, device)
+        grid = lambda META: (triton.cdiv(D, META["BLOCK_D"]), triton.cdiv(K, META["BLOCK_K"]), split)
+        _patch_embed_bwd_weight[grid](
+            g, imgs, ids_keep, partials,
+            M, keep, grid_w, D, rows_per_split,
+            *g.stride(), *imgs.stride(), *ids_keep.stride(),
+            K=K, P=p, LOW_PRECISION=low,
+        )
+        grad_weight = (partials[0] if split == 1 else partials.sum(dim=0)).reshape(D, C, p, p)
+
+    grad_imgs = None
+    if need_imgs_grad:
+        grad_imgs = _empty((N, C, H, W), imgs.dtype, device)
+        # pixels outside the patch grid (H % p, W % p): zero, each written once
+        if H > L_h * p:
+            grad_imgs[:, :, L_h * p:, :].zero_()
+        if W > grid_w * p:
+            grad_imgs[:, :, : L_h * p, grid_w * p:].zero_()
+        launches = [(ids_keep, False)]
+        if keep < L:
+            # the removed patches, in increasing order: no host sync
+            removed = torch.ones((N, L), dtype=torch.int32, device=device)
+            removed.scatter_(1, ids_keep, 0)
+            ids_removed = torch.argsort(removed, dim=1, stable=True)[:, keep:]
+            launches.append((ids_removed, True))
+        for ids, zero in launches:
+            R = ids.shape[1]
+            rows = N * R
+            if rows == 0:
+                continue
+            grid = lambda META: (triton.cdiv(rows, META["BLOCK_M"]), triton.cdiv(K, META["BLOCK_K"]))
+            _patch_embed_bwd_imgs[grid](
+                g, w2, ids, grad_imgs,
+                rows, R, grid_w, D,
+                *g.stride(), *w2.stride(), *ids.stride(), *grad_imgs.stride(),
+                K=K, P=p, ZERO=zero, LOW_PRECISION=low,
+            )
+    return grad_weight, grad_bias, grad_imgs

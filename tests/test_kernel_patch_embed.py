@@ -1,0 +1,133 @@
+"""fastmae.kernels.patch_embed against the float64 reference (fastmae.reference.patch_embed_visible):
+the output and every gradient, awkward shapes and strides, poisoned buffers, determinism."""
+import pytest
+import torch
+
+from fastmae import reference as ref
+from fastmae import testing as T
+from fastmae.kernels import patch_embed as pe
+
+TOL = 1e-4  # matmul-containing op
+
+
+def _layout(imgs, layout, seed):
+    if layout == "contiguous":
+        return imgs
+    if layout == "channels_last":
+        return imgs.contiguous(memory_format=torch.channels_last)
+    if layout == "slice":  # a window of a larger image, every stride odd-sized
+        N, C, H, W = imgs.shape
+        g = T._gen(seed + 7, "cpu")
+        big = torch.randn(N, C + 1, H + 3, W + 5, generator=g).to(imgs.device, imgs.dtype)
+        view = big[:, 1:, 2:2 + H, 3:3 + W]
+        view.copy_(imgs)
+        return view
+    raise ValueError(layout)
+
+
+def _case(N, C, H, W, p, D, keep, layout, device, seed=0, dtype=torch.float32):
+    case = T.patch_embed_case(N, C, H, W, p, D, dtype=dtype, device=device, seed=seed)
+    L = (H // p) * (W // p)
+    noise = T.distinct_noise(N, L, T._gen(seed + 1, "cpu"), "cpu")
+    case["ids_keep"] = T.ids_keep_from_noise(noise, keep).to(device)  # a strided slice of argsort
+    case["imgs"] = _layout(case["imgs"], layout, seed)
+    return case
+
+
+def _poison_allocations(monkeypatch):
+    """Every buffer the launchers allocate starts as NaN: an unwritten element fails."""
+    monkeypatch.setattr(pe, "_empty", lambda shape, dtype, device: T.poison_(
+        torch.empty(shape, dtype=dtype, device=device)))
+
+
+def _reference(case, grad_out):
+    """float64 output and gradients (imgs, weight, bias) of the reference."""
+    d = {k: (v.detach().double().requires_grad_() if v.is_floating_point() else v)
+         for k, v in case.items()}
+    out = ref.patch_embed_visible(**d)
+    out.backward(grad_out.double())
+    return out.detach(), d["weight"].grad, d["bias"].grad, d["imgs"].grad
+
+
+# (N, C, H, W, p, D, keep, imgs layout)
+CASES = [
+    (1, 3, 12, 20, 4, 40, 15, "contiguous"),      # 3x5 grid, every patch kept
+    (3, 3, 12, 20, 4, 40, 3, "channels_last"),    # batch 3, keep 3 of 15
+    (3, 1, 28, 20, 4, 8, 1, "slice"),             # 7x5 grid, keep 1, C = 1, K = 16
+    (2, 4, 16, 24, 8, 100, 5, "contiguous"),      # p = 8, C = 4, K = 256, D = 100
+    (1, 3, 20, 28, 4, 100, 17, "slice"),          # 5x7 grid, prime keep
+    (2, 3, 14, 22, 4, 8, 7, "channels_last"),     # H, W not multiples of p: 3x5 grid + margins
+    (1, 3, 28, 42, 14, 40, 3, "contiguous"),      # p = 14, K = 588 (not a power of two)
+    (1, 3, 32, 16, 16, 8, 1, "channels_last"),    # p = 16, K = 768
+]
+
+
+@pytest.mark.parametrize("N,C,H,W,p,D,keep,layout", CASES)
+def test_patch_embed_fwd_bwd(N, C, H, W, p, D, keep, layout, device, monkeypatch):
+    _poison_allocations(monkeypatch)
+    case = _case(N, C, H, W, p, D, keep, layout, device)
+    grad_out = torch.randn(N, keep, D, generator=T._gen(5, "cpu")).to(device)
+    r_out, r_gw, r_gb, r_gi = _reference(case, grad_out)
+
+    out = pe.patch_embed_visible_fwd(**case, out_dtype=torch.float32)
+    assert out.shape == (N, keep, D) and out.dtype == torch.float32 and out.is_contiguous()
+    T.assert_rel_close(out, r_out, TOL, "out")
+
+    args = (grad_out, case["imgs"], case["weight"], case["ids_keep"])
+    gw, gb, gi = pe.patch_embed_visible_bwd(*args, need_imgs_grad=True)
+    assert gw.shape == (D, C, p, p) and gw.dtype == torch.float32
+    assert gb.shape == (D,) and gb.dtype == torch.float32
+    assert gi.shape == (N, C, H, W) and gi.dtype == case["imgs"].dtype
+    T.assert_rel_close(gw, r_gw, TOL, "grad_weight")
+    T.assert_rel_close(gb, r_gb, TOL, "grad_bias")
+    T.assert_rel_close(gi, r_gi, TOL, "grad_imgs")
+    # removed patches and the margins outside the grid: exactly zero
+    assert torch.equal(gi.cpu()[r_gi.cpu() == 0], torch.zeros_like(gi.cpu()[r_gi.cpu() == 0]))
+
+    # bit-identical reruns; need_imgs_grad=False returns the same weight / bias gradients
+    assert torch.equal(pe.patch_embed_visible_fwd(**case, out_dtype=torch.float32), out)
+    gw2, gb2, gi2 = pe.patch_embed_visible_bwd(*args, need_imgs_grad=False)
+    assert gi2 is None and torch.equal(gw2, gw) and torch.equal(gb2, gb)
+
+
+def test_patch_embed_bwd_strided_grad_out(device, monkeypatch):
+    """An incoming gradient that is not contiguous (here: transposed storage)."""
+    _poison_allocations(monkeypatch)
+    N, C, H, W, p, D, keep = 3, 3, 12, 16, 4, 40, 5
+    case = _case(N, C, H, W, p, D, keep, "contiguous", device, seed=3)
+    grad_out = torch.randn(keep, N, D, generator=T._gen(9, "cpu")).to(device).transpose(0, 1)
+    _, r_gw, r_gb, r_gi = _reference(case, grad_out)
+    gw, gb, gi = pe.patch_embed_visible_bwd(grad_out, case["imgs"], case["weight"],
+                                            case["ids_keep"], need_imgs_grad=True)
+    T.assert_rel_close(gw, r_gw, TOL, "grad_weight")
+    T.assert_rel_close(gb, r_gb, TOL, "grad_bias")
+    T.assert_rel_close(gi, r_gi, TOL, "grad_imgs")
+
+
+# ----------------------------------------------------------------------------- GPU, low precision
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,atol", [(torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("N,C,H,W,p,D,keep", [(8, 3, 224, 224, 16, 768, 49),
+                                              (4, 3, 224, 224, 14, 1280, 64),
+                                              (5, 3, 96, 80, 8, 100, 17)])
+def test_patch_embed_low_precision_cuda(N, C, H, W, p, D, keep, dtype, atol):
+    """Kernel (operands in dtype, fp32 accumulation) vs the float64 reference: at most 2x the
+    error of the eager reference run in dtype, plus atol."""
+    case = _case(N, C, H, W, p, D, keep, "contiguous", "cuda", seed=11)
+    grad_out = torch.randn(N, keep, D, generator=T._gen(5, "cpu")).to("cuda")
+    r_out, r_gw, r_gb, r_gi = _reference(case, grad_out)
+
+    low = {k: (v.to(dtype).requires_grad_() if v.is_floating_point() else v)
+           for k, v in case.items()}
+    e_out = ref.patch_embed_visible(**low)
+    e_out.backward(grad_out.to(dtype))
+
+    out = pe.patch_embed_visible_fwd(**case, out_dtype=dtype)
+    assert out.dtype == dtype
+    assert T.rel_err(out, r_out) <= 2 * T.rel_err(e_out, r_out) + atol
+    gw, gb, gi = pe.patch_embed_visible_bwd(grad_out.to(dtype), case["imgs"], case["weight"],
+                                            case["ids_keep"], need_imgs_grad=True)
+    assert T.rel_err(gw, r_gw) <= 2 * T.rel_err(low["weight"].grad, r_gw) + atol
+    assert T.rel_err(gb, r_gb) <= 2 * T.rel_err(low["bias"].grad, r_gb) + atol
+    assert T.rel_err(gi, r_gi) <= 2 * T.rel_err(low["imgs"].grad, r_gi) + atol
