@@ -1,0 +1,151 @@
+"""Fused bias add + exact (erf) GELU, the activation of the MAE Mlp: y = gelu(x + bias), where x
+is the fc1 matmul output without its bias. Computed in fp32 whatever the storage dtype.
+
+The backward recomputes z = x + bias and produces dx and, in the same pass, dbias as
+per-program partial column sums of dx plus a deterministic second reduction.
+"""
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import interpreting, next_pow2
+
+
+@triton.jit
+def _bias_gelu_fwd(
+    X,  # (M, D) any float dtype, row stride stride_x, unit column stride
+    BIAS,  # (D,) any float dtype
+    Y,  # (M, D) out_dtype out, contiguous
+    M, D,
+    stride_x, stride_y,
+    ROWS: tl.constexpr,  # rows per program
+    BLOCK_N: tl.constexpr,  # columns per program
+):
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
+    rows = pid_m * ROWS + tl.arange(0, ROWS)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < D
+    mask = (rows < M)[:, None] & col_ok[None, :]
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    b = tl.load(BIAS + cols, mask=col_ok, other=0.0)
+    z = x.to(tl.float32) + b.to(tl.float32)[None, :]
+    y = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))  # 1 / sqrt(2)
+    tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+# Backward of y = z * Phi(z), z = x + bias (Phi the normal CDF, phi its density):
+#   dx    = dy * (Phi(z) + z * phi(z)),  Phi(z) = (1 + erf(z / sqrt 2)) / 2,
+#                                        phi(z) = exp(-z^2 / 2) / sqrt(2 pi)
+#   dbias = sum_rows(dx)
+# Program (p, n) owns rows [p * T * ROWS, (p + 1) * T * ROWS), T = tiles_per_program, of
+# column block n, walks them in T tiles of ROWS rows, and writes its fp32 column sums of dx
+# (before the cast to dx_dtype) to row p of the (num_row_programs, D) partial buffer.
+@triton.jit
+def _bias_gelu_bwd(
+    DY,  # (M, D) any float dtype, strides (stride_dy_m, stride_dy_d); may be 0 (expanded)
+    X,  # (M, D) any float dtype, row stride stride_x, unit column stride
+    BIAS,  # (D,) any float dtype
+    DX,  # (M, D) dx_dtype out, contiguous
+    DB_PART,  # (num_row_programs, D) fp32 out, contiguous
+    M, D, tiles_per_program,  # row tiles of ROWS rows per program
+    stride_dy_m, stride_dy_d, stride_x, stride_dx,
+    ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
+    row_begin = pid_m * tiles_per_program * ROWS
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < D
+    b = tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)
+    db_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for t in range(0, tiles_per_program):
+        rows = row_begin + t * ROWS + tl.arange(0, ROWS)
+        mask = (rows < M)[:, None] & col_ok[None, :]
+        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+        dy = tl.load(DY + rows[:, None] * stride_dy_m + cols[None, :] * stride_dy_d,
+                     mask=mask, other=0.0)
+        z = x.to(tl.float32) + b[None, :]
+        cdf = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327  # 1 / sqrt(2 pi)
+        dx = dy.to(tl.float32) * (cdf + z * pdf)
+        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty),
+                 mask=mask)
+        db_acc += tl.sum(dx, axis=0)  # masked elements are 0: dy was loaded as 0 there
+    tl.store(DB_PART + pid_m * D + cols, db_acc, mask=col_ok)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def _empty(shape, dtype, device):
+    """Every output of this module is allocated here (tests patch it to poison outputs)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index):
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _tile(D):
+    """(ROWS, BLOCK_N, num_warps). GPU: column blocks of up to 1024 (3072 = 3 x 1024, 2048 =
+    2 x 1024) and ~2048 elements per tile at 4 warps, 16 per thread (the backward stays near
+    72 registers for bf16 on sm_90); interpreter: blocks of up to 64 columns and ~256 elements,
+    so that the small test shapes exercise several column blocks, row tiles and tails."""
+    if interpreting():
+        block_n = min(next_pow2(D), 64)
+        return max(1, 256 // block_n), block_n, 1
+    block_n = min(next_pow2(D), 1024)
+    return max(1, min(2048 // block_n, 64)), block_n, 4
+
+
+def bias_gelu_fwd(x, bias, out_dtype: torch.dtype):
+    """y = gelu_erf(x + bias) for x (M, D) with unit column stride, bias (D,); computed in fp32,
+    returned (M, D) contiguous in out_dtype."""
+    assert x.dim() == 2 and x.stride(1) == 1, "x must be (M, D) with unit column stride"
+    M, D = x.shape
+    y = _empty((M, D), out_dtype, x.device)
+    if M == 0 or D == 0:
+        return y
+    rows, block_n, warps = _tile(D)
+    grid = (triton.cdiv(M, rows), triton.cdiv(D, block_n))
+    _bias_gelu_fwd[grid](x, bias, y, M, D, x.stride(0), y.stride(0),
+                         ROWS=rows, BLOCK_N=block_n, num_warps=warps)
+    return y
+
+
+def bias_gelu_bwd(dy, x, bias, dx_dtype=None):
+    """Backward of bias_gelu_fwd: dy (M, D) any strides (expanded is fine), x the saved fc1
+    output without bias. Returns (dx (M, D) contiguous in dx_dtype (default: x's dtype),
+    dbias (D,) fp32 = column sums of the fp32 dx)."""
+    M, D = x.shape
+    if x.stride(1) != 1:
+        x = x.contiguous()  # no copy in the common case (the saved matmul output)
+    device = x.device
+    dx = _empty((M, D), dx_dtype if dx_dtype is not None else x.dtype, device)
+    if M == 0 or D == 0:
+        return dx, torch.zeros(D, dtype=torch.float32, device=device)
+    rows, block_n, warps = _tile(D)
+    col_blocks = triton.cdiv(D, block_n)
+    tiles = triton.cdiv(M, rows)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        # one wave of 16 warps per SM over all column blocks: small (programs, D) partials
+        target = max(1, _sm_count(index) * max(1, 16 // warps) // col_blocks)
+    else:
+        target = 4
+    programs = max(1, min(tiles, target))
+    rows_per_program = triton.cdiv(triton.cdiv(M, programs), rows) * rows
+    programs = triton.cdiv(M, rows_per_program)
+    db_part = _empty((programs, D), torch.float32, device)
+    _bias_gelu_bwd[(programs, col_blocks)](
+        dy, x, bias, dx, db_part,
+        M, D, rows_per_program // rows,
+        dy.stride(0), dy.stride(1), x.stride(0), dx.stride(0),
+        ROWS=rows, BLOCK_N=block_n, num_warps=warps,
+    )
+    # second, deterministic reduction over the per-program partial sums
+    return dx, db_part.sum(0)

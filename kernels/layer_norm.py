@@ -1,0 +1,234 @@
+"""LayerNorm over the last dimension, optionally fused with the residual add of a pre-norm block.
+
+Forward: y = (s - mean) * rstd * weight + bias with s = x, or s = residual + x (computed in fp32,
+stored once in the residual dtype) when a residual is given. Statistics in fp32 over D, biased
+variance as nn.LayerNorm. One pass: a program reads its rows of x (and residual) once and
+writes s and y once; mean and rstd (M,) fp32 are saved for the backward.
+
+Backward: x_hat is recomputed from the saved input and statistics; dweight/dbias come from
+per-program partial sums over a fixed block of rows and a deterministic second reduction.
+"""
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import interpreting, next_pow2
+
+
+@triton.jit
+def _layer_norm_fwd(
+    X,  # (M, D) x dtype, row stride stride_x, unit column stride
+    R,  # (M, D) residual dtype, row stride stride_r (unused when not HAS_RESIDUAL)
+    S,  # (M, D) residual_dtype out, s = residual + x, row stride stride_s (unused likewise)
+    Y,  # (M, D) out_dtype out, row stride stride_y
+    W,  # (D,) weight, any float dtype
+    B,  # (D,) bias, any float dtype
+    Mean,  # (M,) fp32 out
+    Rstd,  # (M,) fp32 out
+    M, D,
+    stride_x, stride_r, stride_s, stride_y,
+    eps,
+    BLOCK_D: tl.constexpr,  # next_pow2(D)
+    ROWS: tl.constexpr,  # rows per program
+    HAS_RESIDUAL: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_D)
+    row_ok = rows < M
+    col_ok = cols < D
+    mask = row_ok[:, None] & col_ok[None, :]
+
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
+        s = (x + r.to(tl.float32)).to(S.dtype.element_ty)
+        tl.store(S + rows[:, None] * stride_s + cols[None, :], s, mask=mask)
+        # normalize what was stored (the backward recomputes x_hat from it)
+        x = s.to(tl.float32)
+
+    mean = tl.sum(x, axis=1) / D
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    var = tl.sum(xc * xc, axis=1) / D
+    rstd = 1.0 / tl.sqrt(var + eps)
+    tl.store(Mean + rows, mean, mask=row_ok)
+    tl.store(Rstd + rows, rstd, mask=row_ok)
+
+    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    b = tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)
+    y = xc * rstd[:, None] * w[None, :] + b[None, :]
+    tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+# Backward of y = x_hat * w + b, x_hat = (x - mean) * rstd, per row over D columns:
+#   wdy = w * dy
+#   dx  = rstd * (wdy - mean_D(wdy) - x_hat * mean_D(wdy * x_hat))  [+ ds, the residual path]
+#   dw  = sum_rows(dy * x_hat),   db = sum_rows(dy)
+# Program p owns the fixed block of rows [p * T * ROWS, (p + 1) * T * ROWS), T = tiles_per_program,
+# and walks it in T tiles of ROWS rows; its column sums of dw, db go to row p of the
+# (num_programs, D) partial buffers, summed by the host afterwards (deterministic, no atomics).
+@triton.jit
+def _layer_norm_bwd(
+    DY,  # (M, D) any float dtype, strides (stride_dy_m, stride_dy_d); may be 0 (expanded)
+    X,  # (M, D) the LayerNorm's input (x, or s when fused), row stride stride_x, unit col stride
+    W,  # (D,) weight, any float dtype
+    Mean,  # (M,) fp32
+    Rstd,  # (M,) fp32
+    DS,  # (M, D) any float dtype, strides (stride_ds_m, stride_ds_d) (unused when not HAS_DS)
+    DX,  # (M, D) dx_dtype out, contiguous
+    DW_PART,  # (num_programs, D) fp32 out, contiguous
+    DB_PART,  # (num_programs, D) fp32 out, contiguous
+    M, D, tiles_per_program,  # row tiles of ROWS rows per program
+    stride_dy_m, stride_dy_d, stride_x, stride_ds_m, stride_ds_d, stride_dx,
+    BLOCK_D: tl.constexpr,
+    ROWS: tl.constexpr,
+    HAS_DS: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    row_begin = pid * tiles_per_program * ROWS
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    db_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for t in range(0, tiles_per_program):
+        rows = row_begin + t * ROWS + tl.arange(0, ROWS)
+        row_ok = rows < M
+        mask = row_ok[:, None] & col_ok[None, :]
+        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+        dy = tl.load(DY + rows[:, None] * stride_dy_m + cols[None, :] * stride_dy_d,
+                     mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(Mean + rows, mask=row_ok, other=0.0)
+        rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
+        x_hat = tl.where(mask, (x.to(tl.float32) - mean[:, None]) * rstd[:, None], 0.0)
+        wdy = w[None, :] * dy
+        c1 = tl.sum(x_hat * wdy, axis=1) / D
+        c2 = tl.sum(wdy, axis=1) / D
+        dx = (wdy - (x_hat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        if HAS_DS:
+            ds = tl.load(DS + rows[:, None] * stride_ds_m + cols[None, :] * stride_ds_d,
+                         mask=mask, other=0.0)
+            dx += ds.to(tl.float32)
+        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty),
+                 mask=mask)
+        dw_acc += tl.sum(dy * x_hat, axis=0)  # over this tile's rows: within a thread
+        db_acc += tl.sum(dy, axis=0)
+    tl.store(DW_PART + pid * D + cols, dw_acc, mask=col_ok)
+    tl.store(DB_PART + pid * D + cols, db_acc, mask=col_ok)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def _empty(shape, dtype, device):
+    """Every output of this module is allocated here (tests patch it to poison outputs)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index):
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _tile_rows(block_d):
+    """Rows in one program's tile: ~2048 elements on a GPU (2 rows of 768: 16 elements of a
+    tensor per thread at 4 warps), 256 under the interpreter so that the small test shapes
+    use several programs, several tiles per program and row tails."""
+    target = 256 if interpreting() else 2048
+    return max(1, min(target // block_d, 128))
+
+
+def _num_warps(block_d):
+    if interpreting():
+        return 1
+    return 4 if block_d <= 1024 else (8 if block_d <= 8192 else 16)
+
+
+def _bwd_num_programs(M, rows, num_warps, device):
+    """How many programs the backward spreads the rows over (each owns a fixed block of rows,
+    a multiple of `rows` long). Fixed for a given device and shape, hence deterministic.
+    GPU: one wave of 16 warps per SM (the kernel stays under 128 registers at the tiles
+    _tile_rows picks, e.g. 95 for D=768 bf16 on sm_90), so the (programs, D) partials stay
+    small (~2% of the bytes moved at M=12800, D=768); interpreter: at most 4."""
+    tiles = triton.cdiv(M, rows)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        target = _sm_count(index) * max(1, 16 // num_warps)
+    else:
+        target = 4
+    return max(1, min(tiles, target))
+
+
+def layer_norm_fwd(x, weight, bias, eps: float, out_dtype: torch.dtype, residual=None,
+                   residual_dtype=None):
+    """LayerNorm of x (M, D), or of s = residual + x when a residual (M, D) is given.
+
+    Returns (y (M, D) out_dtype contiguous, s (M, D) residual_dtype contiguous or None,
+    mean (M,) fp32, rstd (M,) fp32). residual_dtype defaults to promote_types(x, residual)."""
+    assert x.dim() == 2 and x.stride(1) == 1, "x must be (M, D) with unit column stride"
+    M, D = x.shape
+    device = x.device
+    y = _empty((M, D), out_dtype, device)
+    mean = _empty((M,), torch.float32, device)
+    rstd = _empty((M,), torch.float32, device)
+    s = None
+    if residual is not None:
+        assert residual.shape == x.shape
+        if residual.stride(1) != 1:
+            residual = residual.contiguous()  # no copy in the common (contiguous) case
+        if residual_dtype is None:
+            residual_dtype = torch.promote_types(x.dtype, residual.dtype)
+        s = _empty((M, D), residual_dtype, device)
+    if M == 0:
+        return y, s, mean, rstd
+    block_d = next_pow2(D)
+    rows = _tile_rows(block_d)
+    has_res = residual is not None
+    r_arg, s_arg = (residual, s) if has_res else (x, y)  # placeholders, never touched
+    _layer_norm_fwd[(triton.cdiv(M, rows),)](
+        x, r_arg, s_arg, y, weight, bias, mean, rstd,
+        M, D,
+        x.stride(0), r_arg.stride(0), s_arg.stride(0), y.stride(0),
+        float(eps),
+        BLOCK_D=block_d, ROWS=rows, HAS_RESIDUAL=has_res,
+        num_warps=_num_warps(block_d),
+    )
+    return y, s, mean, rstd
+
+
+def layer_norm_bwd(dy, s_or_x, weight, mean, rstd, ds=None, dx_dtype=None):
+    """Backward of layer_norm_fwd.
+
+    dy (M, D) any strides (expanded is fine); s_or_x (M, D) the LayerNorm's input; ds (M, D) or
+    None, the gradient reaching s from the residual path, added to dx. Returns (dx (M, D)
+    dx_dtype (default: s_or_x's dtype) contiguous, dweight (D,) fp32, dbias (D,) fp32); in the
+    fused case dx is the gradient of both x and residual."""
+    M, D = s_or_x.shape
+    if s_or_x.stride(1) != 1:
+        s_or_x = s_or_x.contiguous()  # no copy in the common case (the saved s / x)
+    device = s_or_x.device
+    dx = _empty((M, D), dx_dtype if dx_dtype is not None else s_or_x.dtype, device)
+    if M == 0:
+        zeros = torch.zeros(D, dtype=torch.float32, device=device)
+        return dx, zeros, zeros.clone()
+    block_d = next_pow2(D)
+    rows = _tile_rows(block_d)
+    warps = _num_warps(block_d)
+    programs = _bwd_num_programs(M, rows, warps, device)
+    rows_per_program = triton.cdiv(triton.cdiv(M, programs), rows) * rows
+    programs = triton.cdiv(M, rows_per_program)
+    dw_part = _empty((programs, D), torch.float32, device)
+    db_part = _empty((programs, D), torch.float32, device)
+    has_ds = ds is not None
+    ds_arg = ds if has_ds else dy  # placeholder, never touched
+    _layer_norm_bwd[(programs,)](
+        dy, s_or_x, weight, mean, rstd, ds_arg, dx, dw_part, db_part,
+        M, D, rows_per_program // rows,
+        dy.stride(0), dy.stride(1), s_or_x.stride(0), ds_arg.stride(0), ds_arg.stride(1),
+        dx.stride(0),
+        BLOCK_D=block_d, ROWS=rows, HAS_DS=has_ds,
+        num_warps=warps,
+    )
+    # second, deterministic reduction over the per-program partial sums
+    return dx, dw_part.sum(0), db_part.sum(0)

@@ -1,0 +1,135 @@
+"""kernels/bias_gelu.py against the float64 reference (fastmae.reference.bias_gelu), output and
+both gradients."""
+import pytest
+import torch
+
+from fastmae import reference as ref
+from fastmae.kernels import bias_gelu as bg
+from fastmae.testing import assert_rel_close, bias_gelu_case, poison_, rel_err
+
+TOL = 1e-5
+WIDTHS = [8, 40, 100, 1280]
+ROWS = [1, 7, 33]
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Every buffer the launchers allocate (outputs and partial sums) starts as NaN."""
+    def _empty(shape, dtype, device):
+        return poison_(torch.empty(shape, dtype=dtype, device=device))
+    monkeypatch.setattr(bg, "_empty", _empty)
+
+
+def _grad(shape, layout, device, seed):
+    g = torch.Generator(device=device).manual_seed(seed)
+    M, D = shape
+    if layout == "contiguous":
+        return torch.randn(M, D, generator=g, device=device)
+    if layout == "expanded":  # e.g. the gradient of a .sum(): stride 0
+        return torch.randn(1, D, generator=g, device=device).expand(M, D)
+    if layout == "transposed":
+        return torch.randn(D, M, generator=g, device=device).t()
+    raise ValueError(layout)
+
+
+def _reference(x, bias, dy):
+    x64 = x.double().requires_grad_()
+    b64 = bias.double().requires_grad_()
+    y = ref.bias_gelu(x64, b64)
+    dx, db = torch.autograd.grad((y * dy.double()).sum(), (x64, b64))
+    return y.detach(), dx, db
+
+
+def _check(x, bias, dy):
+    y = bg.bias_gelu_fwd(x, bias, torch.float32)
+    dx, db = bg.bias_gelu_bwd(dy, x, bias, torch.float32)
+    assert y.dtype == dx.dtype == db.dtype == torch.float32
+    exp_y, exp_dx, exp_db = _reference(x, bias, dy)
+    assert_rel_close(y, exp_y, TOL, "y")
+    assert_rel_close(dx, exp_dx, TOL, "dx")
+    assert_rel_close(db, exp_db, TOL, "dbias")
+    return y, dx, db
+
+
+@pytest.mark.parametrize("D", WIDTHS)
+@pytest.mark.parametrize("M", ROWS)
+def test_bias_gelu_matches_float64(M, D, device):
+    case = bias_gelu_case(M, D, device=device, seed=M * 1000 + D)
+    _check(case["x"], case["bias"], _grad((M, D), "contiguous", device, seed=1))
+
+
+@pytest.mark.parametrize("layout", ["expanded", "transposed"])
+@pytest.mark.parametrize("M,D", [(33, 100), (7, 1280)])
+def test_bias_gelu_strided_gradient(M, D, layout, device):
+    case = bias_gelu_case(M, D, device=device, seed=5)
+    _check(case["x"], case["bias"], _grad((M, D), layout, device, seed=2))
+
+
+def test_bias_gelu_row_strided_input(device):
+    """x as a column slice of a wider tensor: row stride != D."""
+    M, D = 33, 100
+    case = bias_gelu_case(M, D, device=device, seed=6)
+    wide = torch.randn(M, D + 7, device=device)
+    wide[:, 2:2 + D] = case["x"]
+    x = wide[:, 2:2 + D]
+    assert x.stride(0) != D
+    _check(x, case["bias"], _grad((M, D), "contiguous", device, seed=3))
+
+
+def test_bias_gelu_wide_range(device):
+    """Large |z| (saturated tails) and values near 0."""
+    M, D = 7, 40
+    x = torch.linspace(-12, 12, M * D, device=device).reshape(M, D)
+    bias = torch.randn(D, generator=torch.Generator(device=device).manual_seed(0),
+                       device=device) * 0.01
+    _check(x, bias, _grad((M, D), "contiguous", device, seed=4))
+
+
+@pytest.mark.parametrize("M,D", [(33, 8), (33, 100), (7, 1280)])
+def test_bias_gelu_deterministic(M, D, device):
+    case = bias_gelu_case(M, D, device=device, seed=9)
+    dy = _grad((M, D), "contiguous", device, seed=5)
+    first = _check(case["x"], case["bias"], dy)
+    second = _check(case["x"], case["bias"], dy)
+    for name, a, b in zip(("y", "dx", "dbias"), first, second):
+        assert torch.equal(a, b), name
+
+
+def test_bias_gelu_empty(device):
+    x = torch.empty(0, 40, device=device)
+    bias = torch.randn(40, device=device)
+    assert bg.bias_gelu_fwd(x, bias, torch.float32).shape == (0, 40)
+    dx, db = bg.bias_gelu_bwd(x, x, bias, torch.float32)
+    assert dx.shape == (0, 40) and torch.equal(db, torch.zeros(40, device=device))
+
+
+# ----------------------------------------------------------------------------- GPU, low precision
+
+LOW = [(torch.bfloat16, 4e-3), (torch.float16, 5e-4)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,atol", LOW)
+@pytest.mark.parametrize("M,D", [(256 * 50, 3072), (256 * 197, 2048), (1000, 100), (33, 8)])
+def test_bias_gelu_low_precision(M, D, dtype, atol):
+    """x (the fc1 output) in dtype, bias fp32. The kernel's error against an fp32 reference is at
+    most 2x the eager op's error in that dtype (bias cast to it, as under autocast), + atol."""
+    case = bias_gelu_case(M, D, dtype=dtype, device="cuda", seed=D)
+    x, bias = case["x"], case["bias"]
+    dy = torch.randn(M, D, generator=torch.Generator(device="cuda").manual_seed(0),
+                     device="cuda").to(dtype)
+
+    def ref_fwd_bwd(x, bias, dy):
+        x, bias = x.detach().requires_grad_(), bias.detach().requires_grad_()
+        y = ref.bias_gelu(x, bias)
+        return (y,) + torch.autograd.grad((y.float() * dy.float()).sum(), (x, bias))
+
+    exp = ref_fwd_bwd(x.float(), bias, dy.float())
+    eager = ref_fwd_bwd(x, bias.to(dtype), dy)
+    y = bg.bias_gelu_fwd(x, bias, dtype)
+    dx, db = bg.bias_gelu_bwd(dy, x, bias, dtype)
+    assert y.dtype == dx.dtype == dtype and db.dtype == torch.float32
+    for name, got, e, eg in zip(("y", "dx", "dbias"), (y, dx, db), exp, eager):
+        assert_rel_close(got, e, 2 * rel_err(eg, e) + atol, name)
+    dx2, db2 = bg.bias_gelu_bwd(dy, x, bias, dtype)
+    assert torch.equal(dx, dx2) and torch.equal(db, db2)

@@ -1,0 +1,227 @@
+"""kernels/layer_norm.py against the float64 reference (fastmae.reference.layer_norm /
+add_layer_norm), output, statistics and every gradient."""
+import pytest
+import torch
+
+from fastmae import reference as ref
+from fastmae.kernels import layer_norm as ln
+from fastmae.testing import assert_rel_close, layer_norm_case, poison_, rel_err
+
+TOL = 1e-5
+WIDTHS = [8, 40, 100, 1280]
+ROWS = [1, 7, 33]
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Every buffer the launchers allocate (outputs and partial sums) starts as NaN."""
+    def _empty(shape, dtype, device):
+        return poison_(torch.empty(shape, dtype=dtype, device=device))
+    monkeypatch.setattr(ln, "_empty", _empty)
+
+
+def _grad(shape, layout, device, seed):
+    """An incoming gradient of `shape` laid out as autograd may hand it over."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    M, D = shape
+    if layout == "contiguous":
+        return torch.randn(M, D, generator=g, device=device)
+    if layout == "expanded":  # e.g. the gradient of a .sum(): stride 0
+        return torch.randn(1, D, generator=g, device=device).expand(M, D)
+    if layout == "transposed":
+        return torch.randn(D, M, generator=g, device=device).t()
+    raise ValueError(layout)
+
+
+def _reference(case, dy, ds):
+    """float64: y, s, mean, rstd, and the gradients (dx, dresidual, dweight, dbias)."""
+    x = case["x"].double().requires_grad_()
+    w = case["weight"].double().requires_grad_()
+    b = case["bias"].double().requires_grad_()
+    eps = case["eps"]
+    if "residual" in case:
+        r = case["residual"].double().requires_grad_()
+        s, y = ref.add_layer_norm(x, r, w, b, eps)
+        inputs = (x, r, w, b)
+    else:
+        r = None
+        s = x
+        y = ref.layer_norm(x, w, b, eps)
+        inputs = (x, w, b)
+    loss = (y * dy.double()).sum()
+    if ds is not None:
+        loss = loss + (s * ds.double()).sum()
+    grads = torch.autograd.grad(loss, inputs)
+    if r is None:
+        dx, dw, db = grads
+        dr = None
+    else:
+        dx, dr, dw, db = grads
+    sd = s.detach()
+    mean = sd.mean(-1)
+    rstd = (sd.var(-1, unbiased=False) + eps).rsqrt()
+    return dict(y=y.detach(), s=sd if r is not None else None, mean=mean, rstd=rstd,
+                dx=dx, dr=dr, dw=dw, db=db)
+
+
+def _run(case, dy, ds):
+    y, s, mean, rstd = ln.layer_norm_fwd(case["x"], case["weight"], case["bias"], case["eps"],
+                                         case["x"].dtype, residual=case.get("residual"))
+    saved = s if s is not None else case["x"]
+    dx, dw, db = ln.layer_norm_bwd(dy, saved, case["weight"], mean, rstd, ds=ds,
+                                   dx_dtype=case["x"].dtype)
+    return dict(y=y, s=s, mean=mean, rstd=rstd, dx=dx, dw=dw, db=db)
+
+
+def _check(out, exp):
+    for name in ("y", "mean", "rstd", "dx", "dw", "db"):
+        assert out[name].dtype == torch.float32, name
+        assert_rel_close(out[name], exp[name], TOL, name)
+    if exp["s"] is None:
+        assert out["s"] is None
+    else:
+        assert_rel_close(out["s"], exp["s"], TOL, "s")
+        # the fused dx is the gradient of both x and residual
+        assert_rel_close(out["dx"], exp["dr"], TOL, "dresidual")
+
+
+@pytest.mark.parametrize("D", WIDTHS)
+@pytest.mark.parametrize("M", ROWS)
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("with_ds", [False, True])
+def test_layer_norm_matches_float64(M, D, residual, with_ds, device):
+    case = layer_norm_case(M, D, residual=residual, device=device, seed=M * 1000 + D)
+    dy = _grad((M, D), "contiguous", device, seed=1)
+    ds = _grad((M, D), "contiguous", device, seed=2) if with_ds else None
+    _check(_run(case, dy, ds), _reference(case, dy, ds))
+
+
+@pytest.mark.parametrize("dy_layout", ["expanded", "transposed"])
+@pytest.mark.parametrize("ds_layout", ["expanded", "transposed"])
+@pytest.mark.parametrize("M,D", [(33, 100), (7, 1280)])
+def test_layer_norm_strided_gradients(M, D, dy_layout, ds_layout, device):
+    case = layer_norm_case(M, D, residual=True, device=device, seed=7)
+    dy = _grad((M, D), dy_layout, device, seed=3)
+    ds = _grad((M, D), ds_layout, device, seed=4)
+    _check(_run(case, dy, ds), _reference(case, dy, ds))
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_layer_norm_row_strided_input(residual, device):
+    """x (and residual) as column slices of wider tensors: row stride != D."""
+    M, D = 33, 40
+    case = layer_norm_case(M, D, residual=residual, device=device, seed=11)
+    wide = torch.randn(M, D + 9, device=device)
+    wide[:, 3:3 + D] = case["x"]
+    case["x"] = wide[:, 3:3 + D]
+    if residual:
+        wide_r = torch.randn(M, D + 5, device=device)
+        wide_r[:, :D] = case["residual"]
+        case["residual"] = wide_r[:, :D]
+    assert case["x"].stride(0) != D
+    dy = _grad((M, D), "contiguous", device, seed=5)
+    out = _run(case, dy, None)
+    _check(out, _reference(case, dy, None))
+
+
+def test_layer_norm_fused_residual_dtype(device):
+    """residual_dtype given explicitly is what s is stored in; default promotes."""
+    case = layer_norm_case(7, 40, residual=True, device=device, seed=12)
+    _, s, _, _ = ln.layer_norm_fwd(case["x"], case["weight"], case["bias"], case["eps"],
+                                   torch.float32, residual=case["residual"],
+                                   residual_dtype=torch.float64)
+    assert s.dtype == torch.float64
+    exp = case["residual"].double() + case["x"].double()
+    assert_rel_close(s, exp, TOL, "s")
+
+
+@pytest.mark.parametrize("M,D", [(33, 8), (33, 100), (7, 1280)])
+def test_layer_norm_deterministic(M, D, device):
+    case = layer_norm_case(M, D, residual=True, device=device, seed=13)
+    dy = _grad((M, D), "contiguous", device, seed=6)
+    ds = _grad((M, D), "contiguous", device, seed=7)
+    first, second = _run(case, dy, ds), _run(case, dy, ds)
+    for name in ("y", "s", "mean", "rstd", "dx", "dw", "db"):
+        assert torch.equal(first[name], second[name]), name
+
+
+def test_layer_norm_many_programs(monkeypatch, device):
+    """One row per tile and more programs than the default: partial sums over many rows."""
+    monkeypatch.setattr(ln, "_tile_rows", lambda block_d: 1)
+    M, D = 33, 100
+    case = layer_norm_case(M, D, residual=True, device=device, seed=17)
+    dy = _grad((M, D), "contiguous", device, seed=8)
+    _check(_run(case, dy, None), _reference(case, dy, None))
+
+
+def test_layer_norm_empty(device):
+    case = layer_norm_case(0, 40, residual=True, device=device)
+    y, s, mean, rstd = ln.layer_norm_fwd(case["x"], case["weight"], case["bias"], case["eps"],
+                                         torch.float32, residual=case["residual"])
+    assert y.shape == (0, 40) and s.shape == (0, 40) and mean.shape == (0,)
+    dx, dw, db = ln.layer_norm_bwd(torch.empty(0, 40, device=device), s, case["weight"], mean,
+                                   rstd, dx_dtype=torch.float32)
+    assert dx.shape == (0, 40) and torch.equal(dw, torch.zeros(40, device=device))
+    assert torch.equal(db, torch.zeros(40, device=device))
+
+
+# ----------------------------------------------------------------------------- GPU, low precision
+
+LOW = [(torch.bfloat16, 4e-3), (torch.float16, 5e-4)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,atol", LOW)
+@pytest.mark.parametrize("M,D", [(256 * 50, 768), (1000, 1280), (77, 100), (33, 8)])
+@pytest.mark.parametrize("residual", [False, True])
+def test_layer_norm_low_precision(M, D, residual, dtype, atol):
+    """Autocast setting: x (the branch) in dtype, residual fp32, y in dtype. The kernel's error
+    against an fp32 reference is at most 2x the eager op's error in that dtype, + atol."""
+    case = layer_norm_case(M, D, residual=residual, dtype=dtype, device="cuda", seed=D)
+    x, w, b, eps = case["x"], case["weight"], case["bias"], case["eps"]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    dy = torch.randn(M, D, generator=g, device="cuda").to(dtype)
+    ds = torch.randn(M, D, generator=g, device="cuda") if residual else None
+
+    def ref_fwd_bwd(x, r, w, b, dy, ds):
+        x, w, b = (t.detach().requires_grad_() for t in (x, w, b))
+        inputs = [x, w, b]
+        if r is not None:
+            r = r.detach().requires_grad_()
+            inputs.append(r)
+            s, y = ref.add_layer_norm(x, r, w, b, eps)
+        else:
+            s, y = x, ref.layer_norm(x, w, b, eps)
+        loss = (y.float() * dy.float()).sum()
+        if ds is not None:
+            loss = loss + (s.float() * ds).sum()
+        return (y,) + torch.autograd.grad(loss, inputs)
+
+    r = case.get("residual")
+    # fp32 reference on the same (rounded) inputs
+    exp = ref_fwd_bwd(x.float(), r, w, b, dy.float(), ds)
+    # eager in the low dtype: as under autocast the residual stream stays fp32; without a
+    # residual the eager op runs wholly in the low dtype
+    if r is None:
+        eager = ref_fwd_bwd(x, None, w.to(dtype), b.to(dtype), dy, None)
+    else:
+        x_e = x.detach().requires_grad_()
+        r_e = r.detach().requires_grad_()
+        w_e, b_e = w.detach().requires_grad_(), b.detach().requires_grad_()
+        s_e, y_e = ref.add_layer_norm(x_e, r_e, w_e, b_e, eps)
+        y_e = y_e.to(dtype)
+        loss = (y_e.float() * dy.float()).sum() + (s_e * ds).sum()
+        eager = (y_e,) + torch.autograd.grad(loss, [x_e, w_e, b_e, r_e])
+        eager = (eager[0], eager[1].to(dtype)) + eager[2:]
+
+    y, s, mean, rstd = ln.layer_norm_fwd(x, w, b, eps, dtype, residual=r)
+    assert y.dtype == dtype and (s is None or s.dtype == torch.float32)
+    dx, dw, db = ln.layer_norm_bwd(dy, s if s is not None else x, w, mean, rstd, ds=ds,
+                                   dx_dtype=dtype)
+    assert dx.dtype == dtype and dw.dtype == torch.float32
+    for name, got, e, eg in zip(("y", "dx", "dweight", "dbias"), (y, dx, dw, db), exp, eager):
+        limit = 2 * rel_err(eg, e) + atol
+        assert_rel_close(got, e, limit, name)
+    again = ln.layer_norm_bwd(dy, s if s is not None else x, w, mean, rstd, ds=ds, dx_dtype=dtype)
+    for first, second in zip((dx, dw, db), again):
+        assert torch.equal(first, second)
