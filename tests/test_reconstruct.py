@@ -1,0 +1,214 @@
+"""``fastmae reconstruct`` and fastmae.visualize: the demo's four panels, read back pixel by pixel."""
+import argparse
+import os
+import subprocess
+import sys
+from functools import partial
+
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+import fastmae
+import fastmae.checkpoint
+from fastmae import cli
+from fastmae.visualize import GAP, IMAGENET_MEAN, load_images, reconstruction_image
+
+SIZE, PATCH = 32, 4   # mae_vit_tiny_patch4
+L = (SIZE // PATCH) ** 2
+KEPT = int(L * (1 - 0.75))
+MEAN_RGB = tuple(round(m * 255) for m in IMAGENET_MEAN)  # a blanked (0 in normalized units) pixel
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A mae_vit_tiny_patch4 training checkpoint (as main_pretrain.py saves one, norm_pix_loss on)
+    and two PNGs of other sizes and aspect ratios."""
+    d = tmp_path_factory.mktemp("recon")
+    torch.manual_seed(0)
+    model = fastmae.mae_vit_tiny_patch4(norm_pix_loss=True)
+    ckpt = d / "checkpoint-0.pth"
+    torch.save({"model": model.state_dict(), "epoch": 0,
+                "args": argparse.Namespace(input_size=32, norm_pix_loss=True)}, ckpt)
+    images = []
+    for i, (w, h) in enumerate([(50, 40), (48, 64)]):
+        yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        rgb = torch.stack([xx * 255 // w, yy * 255 // h, (xx * yy * (i + 3)) % 256], dim=-1).to(torch.uint8)
+        path = d / f"img{i}.png"
+        Image.frombytes("RGB", (w, h), rgb.numpy().tobytes()).save(path)
+        images.append(str(path))
+    return ckpt, images
+
+
+def panels(png, rows):
+    """The (rows x 4) panels of a reconstruction PNG as (H, W, 3) uint8 tensors."""
+    im = Image.open(png).convert("RGB")
+    t = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(im.height, im.width, 3)
+    return [[t[r * (SIZE + GAP):r * (SIZE + GAP) + SIZE, c * (SIZE + GAP):c * (SIZE + GAP) + SIZE]
+             for c in range(4)] for r in range(rows)]
+
+
+def patches(img):
+    """(H, W, 3) -> (L, p, p, 3) in row-major patch order."""
+    g = SIZE // PATCH
+    return img.reshape(g, PATCH, g, PATCH, 3).permute(0, 2, 1, 3, 4).reshape(L, PATCH, PATCH, 3)
+
+
+def check_demo_view(png, rows=2):
+    im = Image.open(png)
+    assert im.format == "PNG"
+    assert im.size == (4 * SIZE + 3 * GAP, rows * SIZE + (rows - 1) * GAP)
+    blank = torch.tensor(MEAN_RGB, dtype=torch.uint8)
+    for original, masked, recon, pasted in panels(png, rows):
+        o, m, r, p = map(patches, (original, masked, recon, pasted))
+        visible = (m == o).flatten(1).all(1)
+        blanked = (m == blank).flatten(1).all(1)
+        assert (visible ^ blanked).all(), "each masked-panel patch is the original or blanked"
+        assert int(visible.sum()) == KEPT
+        assert torch.equal(p[visible], o[visible]), "visible patches pasted back unchanged"
+        assert torch.equal(p[~visible], r[~visible]), "removed patches come from the reconstruction"
+        assert not torch.equal(r, o)
+
+
+def test_reconstruct_through_the_cli(files, tmp_path, capsys):
+    ckpt, images = files
+    out = tmp_path / "sub" / "recon.png"
+    rc = cli.main(["reconstruct", "--checkpoint", str(ckpt), *images, "--out", str(out), "--seed", "3"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    check_demo_view(out)
+    assert "mae_vit_tiny_patch4 (inferred from the checkpoint's shapes)" in text
+    assert "norm_pix_loss=True (from the checkpoint's training args)" in text
+    assert "shown as 'patch': each patch's prediction un-normalized with that patch's own" in text
+
+    # the same view from a fresh process
+    out2 = tmp_path / "recon2.png"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-m", "fastmae.cli", "reconstruct", "--checkpoint", str(ckpt),
+                           *images, "--out", str(out2), "--seed", "3"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote" in proc.stdout
+    assert Image.open(out2).tobytes() == Image.open(out).tobytes()
+
+
+def test_reconstruct_options(files, tmp_path, capsys):
+    ckpt, images = files
+    out = tmp_path / "r.png"
+    args = ["reconstruct", "--checkpoint", str(ckpt), images[0], "--out", str(out), "--model",
+            "mae_vit_tiny_patch4", "--no-norm-pix-loss", "--mask-ratio", "0.5"]
+    assert cli.main(args) == 0
+    text = capsys.readouterr().out
+    assert "mae_vit_tiny_patch4 (as asked)" in text and "prediction shown as is" in text
+    assert Image.open(out).size == (4 * SIZE + 3 * GAP, SIZE)
+
+    # fastmae pretrain saves its args as a dict, with the model's name
+    pretrain_ckpt = tmp_path / "checkpoint-last.pth"
+    torch.save({"model": fastmae.checkpoint.load(ckpt), "epoch": 0,
+                "args": {"model": "mae_vit_tiny_patch4", "norm_pix_loss": False}}, pretrain_ckpt)
+    args = ["reconstruct", "--checkpoint", str(pretrain_ckpt), images[0], "--out", str(out),
+            "--unnormalize", "visible"]
+    assert cli.main(args) == 0
+    text = capsys.readouterr().out
+    assert "mae_vit_tiny_patch4 (from the checkpoint's training args)" in text
+    assert "norm_pix_loss=False (from the checkpoint's training args)" in text
+    assert "shown as 'visible'" in text and "(but the model is not norm_pix_loss)" in text
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing image", "image not found"),
+    ("not an image", "is not an image Pillow can read"),
+    ("missing checkpoint", "checkpoint file not found"),
+    ("encoder only", "holds no decoder, and a reconstruction needs one"),
+    ("unknown shapes", "the checkpoint lacks model keys: blocks.1.norm1.weight"),
+])
+def test_reconstruct_errors(files, tmp_path, capsys, case, message):
+    ckpt, images = files
+    if case == "missing image":
+        images = [images[0], str(tmp_path / "nope.png")]
+    elif case == "not an image":
+        (tmp_path / "notes.png").write_text("not an image")
+        images = [str(tmp_path / "notes.png")]
+    elif case == "missing checkpoint":
+        ckpt = tmp_path / "nope.pth"
+    elif case == "unknown shapes":  # matches no factory: falls back to mae_vit_base_patch16, and says why it fails
+        ckpt = tmp_path / "other.pth"
+        torch.save(fastmae.MaskedAutoencoderViT(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2,
+                                                decoder_embed_dim=32, decoder_depth=1,
+                                                decoder_num_heads=2).state_dict(), ckpt)
+    else:
+        sd = fastmae.checkpoint.load(ckpt)
+        ckpt = tmp_path / "mae_pretrain.pth"
+        torch.save({"model": {k: v for k, v in sd.items() if not k.startswith(("decoder", "mask_token"))}}, ckpt)
+    rc = cli.main(["reconstruct", "--checkpoint", str(ckpt), *images, "--out", str(tmp_path / "o.png")])
+    assert rc == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o.png").exists()
+
+
+# --------------------------------------------------------------------------- fastmae.visualize
+
+class _Oracle(fastmae.MaskedAutoencoderViT):
+    """Predicts exactly the normalized target: a perfect norm_pix_loss model."""
+
+    def forward(self, imgs, mask_ratio=0.75, noise=None):
+        loss, _, mask = super().forward(imgs, mask_ratio, noise)
+        t = self.patchify(imgs)
+        return loss, (t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True) + 1e-6) ** 0.5, mask
+
+
+def _oracle():
+    return _Oracle(img_size=SIZE, patch_size=PATCH, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=32,
+                   decoder_depth=1, decoder_num_heads=2, norm_layer=partial(nn.LayerNorm, eps=1e-6),
+                   norm_pix_loss=True)
+
+
+def test_unnormalize_modes(files):
+    _, images = files
+    imgs = load_images(images, SIZE)
+    noise = torch.rand(2, L, generator=torch.Generator().manual_seed(0))
+    model = _oracle().train()
+    images = {mode: reconstruction_image(model, imgs, noise=noise, unnormalize_pix=mode)
+              for mode in (None, "patch", "visible", "none", True, False)}
+    views = {mode: panels_of(im) for mode, im in images.items()}
+    assert model.training, "the model is put back in training mode"
+    for (original, _, recon, _) in views["patch"]:
+        assert (recon.int() - original.int()).abs().max() <= 1  # a perfect prediction shows the image
+    for (original, _, recon, _) in views["none"]:
+        assert (recon.int() - original.int()).abs().max() > 20  # normalized units are not pixels
+    for (original, _, recon, _) in views["visible"]:
+        o, r = patches(original), patches(recon)
+        assert (r.int() - o.int()).abs().max() > 1
+    same = [(None, "patch"), (True, "patch"), (False, "none")]
+    assert all(images[a].tobytes() == images[b].tobytes() for a, b in same)
+    with pytest.raises(ValueError, match="unnormalize_pix must be"):
+        reconstruction_image(model, imgs, unnormalize_pix="global")
+
+
+def panels_of(image):
+    import io
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return [[p.clone() for p in row] for row in panels(buf, image.height // SIZE)]
+
+
+def test_reconstruction_image_checks_its_input():
+    model = _oracle()
+    with pytest.raises(ValueError, match=r"ImageNet-normalized \(N, 3, H, W\)"):
+        reconstruction_image(model, torch.zeros(3, SIZE, SIZE))
+
+
+def test_load_images_resizes_the_shorter_side_and_center_crops(files, tmp_path):
+    _, images = files
+    x = load_images(images, (SIZE, 2 * SIZE))
+    assert x.shape == (2, 3, SIZE, 2 * SIZE) and x.dtype == torch.float32
+    # a wide image: the left and right are cropped, the red (column) gradient stays centered
+    wide = tmp_path / "wide.png"
+    Image.new("RGB", (200, 100), (255, 0, 0)).save(wide)
+    y = load_images([wide], SIZE)
+    torch.testing.assert_close(y[0, 0], torch.full((SIZE, SIZE), (1 - 0.485) / 0.229))
+    with pytest.raises(FileNotFoundError, match="image not found"):
+        load_images([tmp_path / "nope.png"], SIZE)
+    with pytest.raises(ValueError, match="at least one"):
+        load_images([], SIZE)
