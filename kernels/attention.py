@@ -1,0 +1,642 @@
+"""Non-causal multi-head attention, FlashAttention-2 style: o = softmax(q k^T * scale) v.
+
+Shapes are (B, H, N, d) with any strides (notably views of the packed (B, N, 3, H, d) output of
+the qkv projection), for MAE's short, odd sequences (encoder N = 50 / 65, decoder N = 197 / 257)
+and longer ones. The head dimension is padded to BLOCK_D = next_pow2(d) and masked.
+
+Grid: (batch * head) on axis 0 (up to 2**31 - 1 programs), sequence blocks on axis 1.
+
+Forward (`attention_fwd`): one program per (batch*head, query block) keeps its query tile in
+registers and sweeps the keys. When one key tile holds every key (BLOCK_N >= N: the short path,
+chosen for N <= 256 when it is the fastest configuration) there is no online-softmax loop;
+otherwise the keys are swept in blocks with the online softmax (running max and sum, fp32). The
+softmax runs in base 2, log2(e) folded into the scale. The row log-sum-exp (natural log) is
+saved for the backward.
+
+Backward (`attention_bwd`), deterministic (no atomics), nothing of size N x N in global memory:
+- short sequences (one key tile of next_pow2(N) x next_pow2(d) <= _FUSED_BWD_MAX_TILE elements,
+  half that for fp32; e.g. N = 50 with d <= 128, N = 197 with d = 32, but not N = 65 with d = 80,
+  nor N = 257): ONE fused kernel per batch*head keeps all keys
+  and values in registers, sweeps the query blocks once, and computes dQ (complete, since every
+  key is in the tile), dK and dV; delta = rowsum(dO * O) is computed inline.
+- otherwise two kernels: `_attn_bwd_dq` over query blocks (sweeps the keys; also writes delta),
+  then `_attn_bwd_dkdv` over key blocks (sweeps the queries, reads delta).
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import interpreting, next_pow2
+
+LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
+LN2 = 0.6931471805599453  # ln(2): ln(x) = log2(x) * LN2
+
+# The fused backward keeps K, V, dK, dV tiles of BLOCK_N x BLOCK_D in registers; above this many
+# elements per tile it would spill, and the two-kernel backward is used instead.
+_FUSED_BWD_MAX_TILE = 8192
+# A (batch, head) slice's in-tile offsets are int32 (row * stride); larger strides are copied.
+_MAX_TILE_ROWS = 256
+
+
+# ----------------------------------------------------------------------------- helpers
+
+@triton.jit
+def _load_tile(
+    base,  # pointer to row 0 of the tile, (rows, d) any strides
+    offs_r,  # (ROWS,) int32 row indices relative to base
+    offs_d,  # (BLOCK_D,) int32 column indices
+    stride_r,
+    stride_d,
+    n_rows,  # rows with index < n_rows are in bounds
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    MASK_ROWS: tl.constexpr,
+):
+    """A (ROWS, BLOCK_D) tile, zero outside the rows and the head dimension."""
+    ptrs = base + offs_r[:, None] * stride_r + offs_d[None, :] * stride_d
+    if MASK_ROWS:
+        if BLOCK_D == HEAD_DIM:
+            tile = tl.load(ptrs, mask=offs_r[:, None] < n_rows, other=0.0)
+        else:
+            tile = tl.load(ptrs, mask=(offs_r[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    else:
+        if BLOCK_D == HEAD_DIM:
+            tile = tl.load(ptrs)
+        else:
+            tile = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    return tile
+
+
+@triton.jit
+def _store_tile(
+    base,  # pointer to row 0 of the tile, (rows, d) any strides
+    value,  # (ROWS, BLOCK_D) fp32, cast to the pointer's dtype
+    offs_r,
+    offs_d,
+    stride_r,
+    stride_d,
+    n_rows,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    ptrs = base + offs_r[:, None] * stride_r + offs_d[None, :] * stride_d
+    if BLOCK_D == HEAD_DIM:
+        mask = offs_r[:, None] < n_rows
+    else:
+        mask = (offs_r[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM)
+    tl.store(ptrs, value.to(base.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- forward
+
+@triton.jit
+def _attn_fwd_block(
+    acc, m_i, l_i,  # (BLOCK_M, BLOCK_D) fp32, (BLOCK_M,) fp32 running max (log2 units), sum
+    q,  # (BLOCK_M, BLOCK_D) input dtype
+    k_base, v_base,  # pointers to key / value row 0 of this (batch, head)
+    start_n, N_CTX, qk_scale,
+    offs_n, offs_d,
+    stride_kn, stride_kd, stride_vn, stride_vd,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    MASK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One step of the online softmax over the keys [start_n, start_n + BLOCK_N)."""
+    row0 = tl.cast(start_n, tl.int64)
+    k = _load_tile(k_base + row0 * stride_kn, offs_n, offs_d, stride_kn, stride_kd, N_CTX - start_n,
+                   HEAD_DIM, BLOCK_D, MASK_N)
+    v = _load_tile(v_base + row0 * stride_vn, offs_n, offs_d, stride_vn, stride_vd, N_CTX - start_n,
+                   HEAD_DIM, BLOCK_D, MASK_N)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if MASK_N:
+        qk = tl.where(offs_n[None, :] < N_CTX - start_n, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))  # finite: every block holds at least one key
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _attn_fwd(
+    Q,  # (B, H, N, d) fp32 | fp16 | bf16, any strides
+    K,  # (B, H, N, d) q's dtype, any strides
+    V,  # (B, H, N, d) q's dtype, any strides
+    O,  # (B, H, N, d) q's dtype, any strides (default storage (B, N, H, d))
+    LSE,  # (B, H, N) fp32 contiguous: natural-log log-sum-exp of each row of scaled scores
+    qk_scale,  # fp32: scale * log2(e)
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    H, N_CTX,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ONE_TILE: tl.constexpr,  # BLOCK_N >= N_CTX: every key in one tile, no online softmax
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs
+):
+    pid_bh = tl.program_id(0).to(tl.int64)
+    start_m = tl.program_id(1) * BLOCK_M
+    b = pid_bh // H
+    h = pid_bh % H
+    q_base = Q + b * stride_qb + h * stride_qh + tl.cast(start_m, tl.int64) * stride_qn
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows_left = N_CTX - start_m
+
+    # Rows past N load as zeros: their scores are finite, and they are never stored.
+    q = _load_tile(q_base, offs_m, offs_d, stride_qn, stride_qd, rows_left, HEAD_DIM, BLOCK_D, True)
+
+    if ONE_TILE:
+        k = _load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, N_CTX, HEAD_DIM, BLOCK_D, True)
+        v = _load_tile(v_base, offs_n, offs_d, stride_vn, stride_vd, N_CTX, HEAD_DIM, BLOCK_D, True)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        qk = tl.where(offs_n[None, :] < N_CTX, qk, float("-inf"))
+        m_i = tl.max(qk, 1)
+        p = tl.math.exp2(qk - m_i[:, None])
+        l_i = tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        n_full = (N_CTX // BLOCK_N) * BLOCK_N
+        for start_n in range(0, n_full, BLOCK_N):  # full key blocks: no masks on keys
+            acc, m_i, l_i = _attn_fwd_block(
+                acc, m_i, l_i, q, k_base, v_base, start_n, N_CTX, qk_scale, offs_n, offs_d,
+                stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, BLOCK_D, False, DOT_PRECISION)
+        for start_n in range(n_full, N_CTX, BLOCK_N):  # the partial last block, if any
+            acc, m_i, l_i = _attn_fwd_block(
+                acc, m_i, l_i, q, k_base, v_base, start_n, N_CTX, qk_scale, offs_n, offs_d,
+                stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, BLOCK_D, True, DOT_PRECISION)
+
+    o = acc / l_i[:, None]
+    o_base = O + b * stride_ob + h * stride_oh + tl.cast(start_m, tl.int64) * stride_on
+    _store_tile(o_base, o, offs_m, offs_d, stride_on, stride_od, rows_left, HEAD_DIM, BLOCK_D)
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # natural log
+    tl.store(LSE + pid_bh * N_CTX + start_m + offs_m, lse, mask=offs_m < rows_left)
+
+
+# ----------------------------------------------------------------------------- backward
+#
+# Forward, per (batch, head), row i of the queries, column j of the keys:
+#   S = scale * Q K^T,  P = softmax_rows(S) = exp(S - lse[:, None]),  O = P V.
+# Backward, given dO:
+#   dV = P^T dO
+#   dP = dO V^T
+#   dS = P * (dP - delta[:, None]),  delta_i = sum_j P_ij dP_ij = rowsum(dO * O)_i
+#   dQ = scale * dS K
+#   dK = scale * dS^T Q
+# P is recomputed tile by tile from Q, K and the saved lse (exp2 with log2(e) folded into the
+# scale); nothing of size N x N is written to global memory. Each output row is owned by one
+# program (dK, dV by the program of its key block, dQ by that of its query block, or all three
+# by one program when one tile holds every key), so the result is deterministic.
+#
+# Rows past N: queries, dO and O load as zeros and lse / delta as 0, so those columns of P^T
+# come out finite (exp2(0)) and contribute exactly 0 to dV, dS and dK. Keys past N are zeros too,
+# but exp2(0 - lse) may overflow, so P is zeroed there wherever those keys feed dQ.
+
+@triton.jit
+def _attn_bwd_dkdv(
+    Q,  # (B, H, N, d) fp32 | fp16 | bf16, any strides
+    K,  # (B, H, N, d) any strides
+    V,  # (B, H, N, d) any strides
+    O,  # (B, H, N, d) any strides: read only when FUSE_DQ (delta computed inline)
+    DO,  # (B, H, N, d) q's dtype, any strides (stride 0 allowed)
+    DQ,  # (B, H, N, d) any strides: written only when FUSE_DQ
+    DK,  # (B, H, N, d) any strides
+    DV,  # (B, H, N, d) any strides
+    LSE,  # (B, H, N) fp32 contiguous, natural log (from the forward)
+    DELTA,  # (B, H, N) fp32 contiguous rowsum(dO * O): read only when not FUSE_DQ
+    sm_scale,  # fp32: the softmax scale
+    qk_scale,  # fp32: scale * log2(e)
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_dqb, stride_dqh, stride_dqn, stride_dqd,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    H, N_CTX,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # query rows per step of the sweep
+    BLOCK_N: tl.constexpr,  # keys owned by this program (all of them when FUSE_DQ)
+    BLOCK_D: tl.constexpr,
+    FUSE_DQ: tl.constexpr,  # one key tile holds every key: also compute dQ and delta here
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_bh = tl.program_id(0).to(tl.int64)
+    start_n = tl.program_id(1) * BLOCK_N
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    keys_left = N_CTX - start_n
+    row0_n = tl.cast(start_n, tl.int64)
+
+    k = _load_tile(K + b * stride_kb + h * stride_kh + row0_n * stride_kn, offs_n, offs_d,
+                   stride_kn, stride_kd, keys_left, HEAD_DIM, BLOCK_D, True)
+    v = _load_tile(V + b * stride_vb + h * stride_vh + row0_n * stride_vn, offs_n, offs_d,
+                   stride_vn, stride_vd, keys_left, HEAD_DIM, BLOCK_D, True)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    q_bh = Q + b * stride_qb + h * stride_qh
+    do_bh = DO + b * stride_dob + h * stride_doh
+    o_bh = O + b * stride_ob + h * stride_oh
+    dq_bh = DQ + b * stride_dqb + h * stride_dqh
+    lse_bh = LSE + pid_bh * N_CTX
+    delta_bh = DELTA + pid_bh * N_CTX
+    key_valid = offs_n < keys_left
+
+    for start_m in range(0, N_CTX, BLOCK_M):
+        row0_m = tl.cast(start_m, tl.int64)
+        rows_left = N_CTX - start_m
+        row_valid = offs_m < rows_left
+        q = _load_tile(q_bh + row0_m * stride_qn, offs_m, offs_d, stride_qn, stride_qd, rows_left,
+                       HEAD_DIM, BLOCK_D, True)
+        do = _load_tile(do_bh + row0_m * stride_don, offs_m, offs_d, stride_don, stride_dod, rows_left,
+                        HEAD_DIM, BLOCK_D, True)
+        lse2 = tl.load(lse_bh + start_m + offs_m, mask=row_valid, other=0.0) * 1.4426950408889634
+        if FUSE_DQ:
+            o = _load_tile(o_bh + row0_m * stride_on, offs_m, offs_d, stride_on, stride_od, rows_left,
+                           HEAD_DIM, BLOCK_D, True)
+            delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+        else:
+            delta = tl.load(delta_bh + start_m + offs_m, mask=row_valid, other=0.0)
+
+        # Transposed tiles (keys x queries), so that dK and dV accumulate without transposes.
+        qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        p_t = tl.math.exp2(qk_t - lse2[None, :])
+        if FUSE_DQ:
+            p_t = tl.where(key_valid[:, None], p_t, 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+        if FUSE_DQ:
+            dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=DOT_PRECISION) * sm_scale
+            _store_tile(dq_bh + row0_m * stride_dqn, dq, offs_m, offs_d, stride_dqn, stride_dqd,
+                        rows_left, HEAD_DIM, BLOCK_D)
+
+    dk = dk * sm_scale
+    _store_tile(DK + b * stride_dkb + h * stride_dkh + row0_n * stride_dkn, dk, offs_n, offs_d,
+                stride_dkn, stride_dkd, keys_left, HEAD_DIM, BLOCK_D)
+    _store_tile(DV + b * stride_dvb + h * stride_dvh + row0_n * stride_dvn, dv, offs_n, offs_d,
+                stride_dvn, stride_dvd, keys_left, HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def _attn_bwd_dq_block(
+    dq,  # (BLOCK_M, BLOCK_D) fp32 accumulator
+    q, do,  # (BLOCK_M, BLOCK_D) input dtype
+    lse2, delta,  # (BLOCK_M,) fp32: lse in log2 units, rowsum(dO * O)
+    k_base, v_base, start_n, N_CTX, qk_scale, offs_n, offs_d,
+    stride_kn, stride_kd, stride_vn, stride_vd,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    MASK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    row0 = tl.cast(start_n, tl.int64)
+    k = _load_tile(k_base + row0 * stride_kn, offs_n, offs_d, stride_kn, stride_kd, N_CTX - start_n,
+                   HEAD_DIM, BLOCK_D, MASK_N)
+    v = _load_tile(v_base + row0 * stride_vn, offs_n, offs_d, stride_vn, stride_vd, N_CTX - start_n,
+                   HEAD_DIM, BLOCK_D, MASK_N)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    p = tl.math.exp2(qk - lse2[:, None])
+    if MASK_N:
+        p = tl.where(offs_n[None, :] < N_CTX - start_n, p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    return tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _attn_bwd_dq(
+    Q,  # (B, H, N, d) fp32 | fp16 | bf16, any strides
+    K,  # (B, H, N, d) any strides
+    V,  # (B, H, N, d) any strides
+    O,  # (B, H, N, d) any strides
+    DO,  # (B, H, N, d) q's dtype, any strides (stride 0 allowed)
+    DQ,  # (B, H, N, d) any strides
+    LSE,  # (B, H, N) fp32 contiguous, natural log (from the forward)
+    DELTA,  # (B, H, N) fp32 contiguous: rowsum(dO * O), written here for _attn_bwd_dkdv
+    sm_scale,  # fp32: the softmax scale
+    qk_scale,  # fp32: scale * log2(e)
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_dqb, stride_dqh, stride_dqn, stride_dqd,
+    H, N_CTX,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # query rows owned by this program
+    BLOCK_N: tl.constexpr,  # keys per step of the sweep
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # The math is written above _attn_bwd_dkdv: here dQ = scale * sum over key blocks of dS K.
+    pid_bh = tl.program_id(0).to(tl.int64)
+    start_m = tl.program_id(1) * BLOCK_M
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows_left = N_CTX - start_m
+    row_valid = offs_m < rows_left
+    row0 = tl.cast(start_m, tl.int64)
+
+    q = _load_tile(Q + b * stride_qb + h * stride_qh + row0 * stride_qn, offs_m, offs_d,
+                   stride_qn, stride_qd, rows_left, HEAD_DIM, BLOCK_D, True)
+    do = _load_tile(DO + b * stride_dob + h * stride_doh + row0 * stride_don, offs_m, offs_d,
+                    stride_don, stride_dod, rows_left, HEAD_DIM, BLOCK_D, True)
+    o = _load_tile(O + b * stride_ob + h * stride_oh + row0 * stride_on, offs_m, offs_d,
+                   stride_on, stride_od, rows_left, HEAD_DIM, BLOCK_D, True)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(DELTA + pid_bh * N_CTX + start_m + offs_m, delta, mask=row_valid)
+    lse2 = tl.load(LSE + pid_bh * N_CTX + start_m + offs_m, mask=row_valid, other=0.0) * 1.4426950408889634
+
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    n_full = (N_CTX // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        dq = _attn_bwd_dq_block(dq, q, do, lse2, delta, k_base, v_base, start_n, N_CTX, qk_scale,
+                                offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
+                                HEAD_DIM, BLOCK_D, False, DOT_PRECISION)
+    for start_n in range(n_full, N_CTX, BLOCK_N):
+        dq = _attn_bwd_dq_block(dq, q, do, lse2, delta, k_base, v_base, start_n, N_CTX, qk_scale,
+                                offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
+                                HEAD_DIM, BLOCK_D, True, DOT_PRECISION)
+    dq = dq * sm_scale
+    _store_tile(DQ + b * stride_dqb + h * stride_dqh + row0 * stride_dqn, dq, offs_m, offs_d,
+                stride_dqn, stride_dqd, rows_left, HEAD_DIM, BLOCK_D)
+
+
+# ----------------------------------------------------------------------------- autotuning
+# Keyed on (N, d) (and, by the autotuner itself, the dtypes). Each pool is pruned per shape and
+# dtype by register / shared-memory budgets calibrated on sm_90 compiles (triton 3.6, ptxas):
+# the kept configurations compile without spills, or nearly so. fp32 inputs take IEEE dots on
+# CUDA cores (no tensor cores), so they get small tiles only.
+#
+# Under the interpreter a single small configuration: BLOCK_N = 64 gives the one-tile forward for
+# N <= 64 and the key loop beyond; BLOCK_M = 64 gives several query blocks from N = 65 on.
+
+_SMEM_BUDGET = 200 * 1024  # bytes, under the 227 KiB an H100 block may use
+
+# FASTMAE_ATTN_AUTOTUNE=0: skip the search and take one configuration per shape (the largest
+# tile kept by the pruning, more warps first): quick compiles for tests and short runs.
+_AUTOTUNE = os.environ.get("FASTMAE_ATTN_AUTOTUNE", "1") not in ("0", "")
+
+
+def _finish(kept, configs):
+    if not kept:
+        return configs[:1]
+    if not _AUTOTUNE:
+        def tile(c):
+            return c.kwargs["BLOCK_M"] * c.kwargs.get("BLOCK_N", 1)
+        kept = sorted(kept, key=lambda c: (-tile(c), -c.num_warps, c.num_stages))[:1]
+    return kept
+
+
+def _shape_args(named_args, kwargs):
+    args = {**named_args, **kwargs}
+    n_ctx = args["N_CTX"]
+    return n_ctx, max(16, next_pow2(n_ctx)), args["BLOCK_D"], args["Q"].dtype == torch.float32
+
+
+def _keep_fwd(bm, bn, w, s, n_ctx, n_pow2, bd, fp32):
+    if bm > n_pow2 or bn > n_pow2:
+        return False
+    one_tile = bn >= n_ctx
+    if one_tile != (s == 1):  # one tile: no loop to pipeline; a loop: pipeline its loads
+        return False
+    if fp32:  # CUDA-core dots: the three tiles q, k, v and the scores stay small
+        budget = 131072 if one_tile and bd <= 64 else 65536
+        return w == 4 and bm * bn * bd <= budget and (one_tile or (s == 2 and bn >= min(32, n_pow2)))
+    if not one_tile and (bn > 128 or (n_ctx <= 256 and (s > 2 or bn < 64))):
+        return False
+    if bm < min(32, n_pow2) or bn < min(32, n_pow2) or (w == 8 and bm < 64):
+        return False
+    if not one_tile and (bm < 64 or (w == 8 and bm < 128)):  # long rows: big query tiles
+        return False
+    if (bm * bn + 1.5 * bm * bd) / (32 * w) > 128:  # score + accumulator + q, fp32 regs/thread
+        return False
+    if bm == 32 and bn * bd > 8192:  # mma.sync tiles (no wgmma below 64 rows) spill earlier
+        return False
+    return (bm * bd + 2 * bn * bd * s) * 2 <= _SMEM_BUDGET
+
+
+def _keep_bwd_fused(bm, bn, w, s, n_ctx, bd, fp32):
+    if bm > max(16, next_pow2(n_ctx)) or (s > 1 and bm >= n_ctx):
+        return False
+    if fp32:
+        return bm == 16 and w == 8
+    return bm * bn <= 32 * 32 * w and bn * bd <= 64 * 32 * w and bm * bd <= 4096
+
+
+def _keep_bwd_dq(bm, bn, w, s, n_pow2, bd, fp32):
+    if bm > n_pow2 or bn > n_pow2:
+        return False
+    if fp32:
+        return bm == 32 and bn * bd <= 2048 and w == 4
+    if bm < 64 or bn < 32 or (w == 8 and bm < 128):
+        return False
+    return bm * bd <= 64 * 32 * w and bm * bn <= 64 * 32 * w
+
+
+def _keep_bwd_dkdv(bm, bn, w, s, n_pow2, bd, fp32):
+    if bm > n_pow2 or bn > n_pow2:
+        return False
+    if fp32:
+        return bm == 16 and bn == 32 and w == 4
+    if bm < 32 or bn < 64 or (w == 8 and bn * bd < 128 * 64):
+        return False
+    return 2 * bn * bd <= 64 * 32 * w and bm * bn <= 32 * 32 * w
+
+
+def _prune_fwd(configs, named_args, **kwargs):
+    n_ctx, n_pow2, bd, fp32 = _shape_args(named_args, kwargs)
+    kept = [c for c in configs if _keep_fwd(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
+                                            c.num_stages, n_ctx, n_pow2, bd, fp32)]
+    return _finish(kept, configs)
+
+
+def _prune_bwd_fused(configs, named_args, **kwargs):
+    n_ctx, _, bd, fp32 = _shape_args(named_args, kwargs)
+    bn = kwargs["BLOCK_N"]
+    kept = [c for c in configs
+            if _keep_bwd_fused(c.kwargs["BLOCK_M"], bn, c.num_warps, c.num_stages, n_ctx, bd, fp32)]
+    return _finish(kept, configs)
+
+
+def _prune_bwd_dq(configs, named_args, **kwargs):
+    _, n_pow2, bd, fp32 = _shape_args(named_args, kwargs)
+    kept = [c for c in configs if _keep_bwd_dq(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
+                                               c.num_stages, n_pow2, bd, fp32)]
+    return _finish(kept, configs)
+
+
+def _prune_bwd_dkdv(configs, named_args, **kwargs):
+    _, n_pow2, bd, fp32 = _shape_args(named_args, kwargs)
+    kept = [c for c in configs if _keep_bwd_dkdv(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
+                                                 c.num_stages, n_pow2, bd, fp32)]
+    return _finish(kept, configs)
+
+
+def _pool(blocks_m, blocks_n, warps, stages):
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm in blocks_m for bn in blocks_n for w in warps for s in stages]
+
+
+if interpreting():
+    _FWD_CONFIGS = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
+    _BWD_FUSED_CONFIGS = [triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=1)]
+    _BWD_DQ_CONFIGS = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
+    _BWD_DKDV_CONFIGS = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
+else:
+    _FWD_CONFIGS = _pool((16, 32, 64, 128), (16, 32, 64, 128, 256), (4, 8), (1, 2, 3))
+    _BWD_FUSED_CONFIGS = [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
+                          for bm in (16, 32, 64) for w in (4, 8) for s in (1, 2)]
+    _BWD_DQ_CONFIGS = _pool((32, 64, 128), (16, 32, 64), (4, 8), (2, 3))
+    _BWD_DKDV_CONFIGS = _pool((16, 32, 64), (32, 64, 128), (4, 8), (2, 3))
+
+_attn_fwd_tuned = triton.autotune(
+    configs=_FWD_CONFIGS, key=["N_CTX", "HEAD_DIM"], prune_configs_by={"early_config_prune": _prune_fwd},
+)(triton.heuristics({"ONE_TILE": lambda args: args["BLOCK_N"] >= args["N_CTX"]})(_attn_fwd))
+
+_attn_bwd_fused_tuned = triton.autotune(
+    configs=_BWD_FUSED_CONFIGS, key=["N_CTX", "HEAD_DIM"],
+    prune_configs_by={"early_config_prune": _prune_bwd_fused},
+)(_attn_bwd_dkdv)
+
+_attn_bwd_dkdv_tuned = triton.autotune(
+    configs=_BWD_DKDV_CONFIGS, key=["N_CTX", "HEAD_DIM"],
+    prune_configs_by={"early_config_prune": _prune_bwd_dkdv},
+)(_attn_bwd_dkdv)
+
+_attn_bwd_dq_tuned = triton.autotune(
+    configs=_BWD_DQ_CONFIGS, key=["N_CTX", "HEAD_DIM"],
+    prune_configs_by={"early_config_prune": _prune_bwd_dq},
+)(_attn_bwd_dq)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def _dot_precision(dtype):
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _fit(t):
+    """In-tile offsets are int32 (row * stride within one tile); a tensor whose row or column
+    stride would overflow that is copied (never the case for MAE's layouts)."""
+    if max(abs(t.stride(2)), abs(t.stride(3))) * _MAX_TILE_ROWS * 2 >= 2 ** 31:
+        return t.contiguous()
+    return t
+
+
+def _block_d(d):
+    return max(16, next_pow2(d))
+
+
+def attention_fwd(q, k, v, scale: float, out=None):
+    """o = softmax(q k^T * scale) v for q, k, v (B, H, N, d) of one float dtype, any strides.
+
+    Returns (o, lse): o (B, H, N, d) in q's dtype, by default allocated as (B, N, H, d) storage
+    and returned as its transpose(1, 2) view (so o.transpose(1, 2).reshape(B, N, H * d) is free),
+    or written into ``out`` (any strides) when given; lse (B, H, N) fp32 contiguous, the
+    natural-log log-sum-exp of each row of the scaled scores."""
+    B, H, N, d = q.shape
+    if out is None:
+        out = torch.empty((B, N, H, d), device=q.device, dtype=q.dtype).transpose(1, 2)
+    lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
+    if B * H * N == 0:
+        return out, lse
+    q, k, v = _fit(q), _fit(k), _fit(v)
+    o_view = _fit(out)  # a copy only for absurd strides; then written back below
+
+    def grid(meta):
+        return (B * H, triton.cdiv(N, meta["BLOCK_M"]))
+
+    _attn_fwd_tuned[grid](
+        q, k, v, o_view, lse, float(scale) * LOG2E,
+        *q.stride(), *k.stride(), *v.stride(), *o_view.stride(),
+        H, N,
+        HEAD_DIM=d, BLOCK_D=_block_d(d), DOT_PRECISION=_dot_precision(q.dtype),
+    )
+    if o_view is not out:
+        out.copy_(o_view)
+    return out, lse
+
+
+def _grad_buffers(q, k, v, dq, dk, dv):
+    """Default gradient buffers: views of one packed (B, N, 3, H, d) tensor when q, k, v share a
+    dtype (what the qkv projection's backward wants), else (B, N, H, d) storage each."""
+    B, H, N, d = q.shape
+    if dq is None and dk is None and dv is None and q.dtype == k.dtype == v.dtype:
+        packed = torch.empty((B, N, 3, H, d), device=q.device, dtype=q.dtype)
+        return packed.permute(2, 0, 3, 1, 4).unbind(0)
+    return tuple(
+        g if g is not None else torch.empty((B, N, H, d), device=t.device, dtype=t.dtype).transpose(1, 2)
+        for g, t in ((dq, q), (dk, k), (dv, v)))
+
+
+def attention_bwd(do, q, k, v, o, lse, scale: float, dq=None, dk=None, dv=None):
+    """Gradients of o = softmax(q k^T * scale) v given do = dL/do, o and lse from attention_fwd.
+
+    All of do, q, k, v, o are (B, H, N, d) with any strides (do may be expanded, stride 0).
+    Returns (dq, dk, dv), each (B, H, N, d) in the dtype of q, k, v respectively: written into the
+    given buffers (any strides), or by default views of one packed (B, N, 3, H, d) tensor."""
+    B, H, N, d = q.shape
+    dq, dk, dv = _grad_buffers(q, k, v, dq, dk, dv)
+    if B * H * N == 0:
+        return dq, dk, dv
+    if do.dtype != q.dtype:  # the dot operands must share a dtype
+        do = do.to(q.dtype)
+    lse = lse.contiguous()  # (B, H, N) fp32 from attention_fwd: already contiguous
+    q, k, v, o, do = (_fit(t) for t in (q, k, v, o, do))
+    dq_w, dk_w, dv_w = (_fit(t) for t in (dq, dk, dv))
+    sm_scale = float(scale)
+    qk_scale = sm_scale * LOG2E
+    block_d = _block_d(d)
+    block_n_all = max(16, next_pow2(N))
+    precision = _dot_precision(q.dtype)
+    common_strides = (*q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq_w.stride())
+
+    fused_limit = _FUSED_BWD_MAX_TILE // (2 if q.dtype == torch.float32 else 1)  # fp32: CUDA-core dots
+    if block_n_all <= _MAX_TILE_ROWS and block_n_all * block_d <= fused_limit:
+        # One program per (batch, head) holds every key: dQ, dK, dV and delta in one pass.
+        _attn_bwd_fused_tuned[(B * H, 1)](
+            q, k, v, o, do, dq_w, dk_w, dv_w, lse, lse, sm_scale, qk_scale,
+            *common_strides, *dk_w.stride(), *dv_w.stride(),
+            H, N,
+            HEAD_DIM=d, BLOCK_N=block_n_all, BLOCK_D=block_d, FUSE_DQ=True, DOT_PRECISION=precision,
+        )
+    else:
+        delta = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
+        _attn_bwd_dq_tuned[lambda meta: (B * H, triton.cdiv(N, meta["BLOCK_M"]))](
+            q, k, v, o, do, dq_w, lse, delta, sm_scale, qk_scale,
+            *common_strides,
+            H, N,
+            HEAD_DIM=d, BLOCK_D=block_d, DOT_PRECISION=precision,
+        )
+        _attn_bwd_dkdv_tuned[lambda meta: (B * H, triton.cdiv(N, meta["BLOCK_N"]))](
+            q, k, v, o, do, dq_w, dk_w, dv_w, lse, delta, sm_scale, qk_scale,
+            *common_strides, *dk_w.stride(), *dv_w.stride(),
+            H, N,
+            HEAD_DIM=d, BLOCK_D=block_d, FUSE_DQ=False, DOT_PRECISION=precision,
+        )
+    for w, g in ((dq_w, dq), (dk_w, dk), (dv_w, dv)):
+        if w is not g:
+            g.copy_(w)
+    return dq, dk, dv

@@ -1,0 +1,332 @@
+"""kernels/attention.py against the float64 reference (interpreter, fp32) and, on a GPU, bf16/fp16
+against SDPA's own low-precision error."""
+import contextlib
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import triton
+
+from fastmae import reference
+from fastmae.testing import attention_case, poison_, rel_err
+
+TOL = 1e-4  # attention, fp32 against float64
+
+
+def _kernels():
+    from fastmae.kernels import attention as attn  # imported after conftest set TRITON_INTERPRET
+
+    return attn
+
+
+def _reference64(q, k, v, do, scale):
+    """o, lse and (dq, dk, dv) of the official op, in float64."""
+    q64, k64, v64 = (t.detach().to(torch.float64).requires_grad_() for t in (q, k, v))
+    o64 = reference.attention(q64, k64, v64, scale=scale)
+    o64.backward(do.detach().to(torch.float64))
+    lse64 = torch.logsumexp((q64 @ k64.transpose(-1, -2)) * scale, dim=-1)
+    return o64.detach(), lse64.detach(), (q64.grad, k64.grad, v64.grad)
+
+
+def _nan_like_bhnd(t):
+    """A NaN-filled (B, H, N, d) buffer with (B, N, H, d) storage, as the model hands them over."""
+    B, H, N, d = t.shape
+    return poison_(torch.empty((B, N, H, d), device=t.device, dtype=t.dtype)).transpose(1, 2)
+
+
+def _nan_packed_grads(q):
+    """NaN-filled dq, dk, dv: views of one packed (B, N, 3, H, d) buffer, as the lead passes them."""
+    B, H, N, d = q.shape
+    packed = poison_(torch.empty((B, N, 3, H, d), device=q.device, dtype=q.dtype))
+    return packed.permute(2, 0, 3, 1, 4).unbind(0)
+
+
+class _PoisoningTorch:
+    """Stands in for the kernel module's ``torch``: every ``torch.empty`` comes back NaN-filled,
+    so the buffers the launchers allocate themselves (lse, delta) are poisoned too."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*args, **kwargs):
+        return poison_(torch.empty(*args, **kwargs))
+
+
+@contextlib.contextmanager
+def _poisoned_allocations():
+    attn = _kernels()
+    saved = attn.torch
+    attn.torch = _PoisoningTorch()
+    try:
+        yield
+    finally:
+        attn.torch = saved
+
+
+def _run(q, k, v, do, scale):
+    """Forward then backward, every output buffer NaN-filled beforehand."""
+    attn = _kernels()
+    out = _nan_like_bhnd(q)
+    dq, dk, dv = _nan_packed_grads(q)
+    with _poisoned_allocations():
+        o, lse = attn.attention_fwd(q, k, v, scale, out=out)
+        grads = attn.attention_bwd(do, q, k, v, o, lse, scale, dq=dq, dk=dk, dv=dv)
+    assert o is out
+    assert grads[0] is dq and grads[1] is dk and grads[2] is dv
+    return o, lse, grads
+
+
+def _check(q, k, v, do, scale, tol=TOL):
+    o, lse, grads = _run(q, k, v, do, scale)
+    o64, lse64, grads64 = _reference64(q, k, v, do, scale)
+    assert o.dtype == q.dtype and lse.dtype == torch.float32 and lse.shape == q.shape[:3]
+    errors = {"o": rel_err(o, o64), "lse": rel_err(lse, lse64)}
+    # The scale of the gradients: with N = 1 the softmax is constant, dq = dk = 0 exactly and
+    # only rounding remains, so their error is measured against the size of dv.
+    floor = max(g.abs().max().item() for g in grads64)
+    for name, g, g64 in zip(("dq", "dk", "dv"), grads, grads64):
+        assert g.shape == g64.shape and g.dtype == q.dtype
+        if not torch.isfinite(g).all():
+            errors[name] = math.inf
+        else:
+            errors[name] = (g.double() - g64).abs().max().item() / max(g64.abs().max().item(), 1e-2 * floor)
+    bad = {name: err for name, err in errors.items() if not err <= tol}
+    assert not bad, f"relative errors over {tol:.0e}: {bad}"
+    return o, lse, grads
+
+
+def _do_like(q, seed=1):
+    g = torch.Generator(device=q.device).manual_seed(seed)
+    return torch.randn(q.shape, generator=g, device=q.device, dtype=torch.float32).to(q.dtype)
+
+
+@contextlib.contextmanager
+def _only_config(tuned, config):
+    """Run an autotuned kernel on one given configuration (a single config is used as is)."""
+    saved_configs, saved_cache = tuned.configs, dict(tuned.cache)
+    tuned.configs = [config]
+    tuned.cache.clear()
+    try:
+        yield
+    finally:
+        tuned.configs = saved_configs
+        tuned.cache.clear()
+        tuned.cache.update(saved_cache)
+
+
+# ----------------------------------------------------------------------------- interpreter, fp32
+
+@pytest.mark.parametrize("d", [32, 64, 80])
+@pytest.mark.parametrize("N", [1, 7, 50, 64, 65, 197])
+def test_matches_float64(N, d, device):
+    B, H = (2, 3) if N < 197 else (1, 2)
+    case = attention_case(B, H, N, d, "contiguous", device=device, seed=N * 100 + d)
+    _check(case["q"], case["k"], case["v"], _do_like(case["q"]), d ** -0.5)
+
+
+@pytest.mark.parametrize("layout,N,d", [
+    ("qkv", 50, 64), ("qkv", 65, 80), ("qkv", 197, 32),
+    ("transposed", 7, 32), ("transposed", 65, 64),
+])
+def test_strided_layouts(layout, N, d, device):
+    B, H = (2, 3) if N < 197 else (1, 2)
+    case = attention_case(B, H, N, d, layout, device=device, seed=7)
+    _check(case["q"], case["k"], case["v"], _do_like(case["q"]), d ** -0.5)
+
+
+def test_long_sequence_multi_key_blocks(device):
+    """N = 300 > 256: the forward loops over key blocks, the backward runs the two-kernel path."""
+    case = attention_case(1, 2, 300, 32, "qkv", device=device, seed=3)
+    _check(case["q"], case["k"], case["v"], _do_like(case["q"]), 32 ** -0.5)
+
+
+@pytest.mark.parametrize("N,d", [(50, 64), (7, 32)])
+def test_two_kernel_backward_on_short_sequences(N, d, device, monkeypatch):
+    """The dQ / dK-dV kernel pair, forced where the fused backward would run."""
+    monkeypatch.setattr(_kernels(), "_FUSED_BWD_MAX_TILE", 0)
+    case = attention_case(2, 3, N, d, "qkv", device=device, seed=11)
+    _check(case["q"], case["k"], case["v"], _do_like(case["q"]), d ** -0.5)
+
+
+@pytest.mark.parametrize("N,d,fused", [(50, 32, True), (50, 32, False)])
+def test_other_tilings(N, d, fused, device, monkeypatch):
+    """Smaller tiles than the default configuration: several key blocks in the forward, several
+    query blocks in the fused sweep, uneven dQ / dK-dV blocks."""
+    attn = _kernels()
+    if not fused:
+        monkeypatch.setattr(attn, "_FUSED_BWD_MAX_TILE", 0)
+    case = attention_case(1, 2, N, d, "qkv", device=device, seed=31)
+    with _only_config(attn._attn_fwd_tuned, triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=2)), \
+            _only_config(attn._attn_bwd_fused_tuned, triton.Config({"BLOCK_M": 16}, num_warps=4, num_stages=2)), \
+            _only_config(attn._attn_bwd_dq_tuned, triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=2)), \
+            _only_config(attn._attn_bwd_dkdv_tuned, triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=2)):
+        _check(case["q"], case["k"], case["v"], _do_like(case["q"]), d ** -0.5)
+
+
+def test_non_default_scale(device):
+    case = attention_case(2, 3, 50, 64, "qkv", device=device, seed=5)
+    q = case["q"] * 3.0  # peakier softmax as well
+    _check(q, case["k"], case["v"], _do_like(q), 0.37)
+
+
+def test_expanded_grad_output(device):
+    """An incoming gradient with stride 0, as autograd hands over for o.sum()."""
+    case = attention_case(2, 3, 65, 32, "qkv", device=device, seed=9)
+    do = _do_like(case["q"])[:1, :1, :1].expand_as(case["q"])
+    assert do.stride()[:3] == (0, 0, 0)
+    _check(case["q"], case["k"], case["v"], do, 32 ** -0.5)
+
+
+@pytest.mark.parametrize("N,d", [(50, 64), (65, 80)])  # fused backward; two-kernel backward
+def test_bit_identical_runs(N, d, device):
+    case = attention_case(2, 3, N, d, "qkv", device=device, seed=13)
+    q, k, v = case["q"], case["k"], case["v"]
+    do = _do_like(q)
+    first = _run(q, k, v, do, 0.125)
+    second = _run(q, k, v, do, 0.125)
+    for name, a, b in zip(("o", "lse", "dq", "dk", "dv"), (first[0], first[1], *first[2]),
+                          (second[0], second[1], *second[2])):
+        assert torch.equal(a, b), name
+
+
+def test_default_buffers(device):
+    """o defaults to (B, N, H, d) storage; dq, dk, dv to views of one packed (B, N, 3, H, d)."""
+    attn = _kernels()
+    B, H, N, d = 2, 3, 7, 32
+    case = attention_case(B, H, N, d, "contiguous", device=device, seed=17)
+    q, k, v = case["q"], case["k"], case["v"]
+    o, lse = attn.attention_fwd(q, k, v, d ** -0.5)
+    assert o.shape == (B, H, N, d) and o.transpose(1, 2).is_contiguous()
+    assert lse.shape == (B, H, N) and lse.dtype == torch.float32 and lse.is_contiguous()
+    dq, dk, dv = attn.attention_bwd(_do_like(q), q, k, v, o, lse, d ** -0.5)
+    base = dq.untyped_storage().data_ptr()
+    assert dk.untyped_storage().data_ptr() == base and dv.untyped_storage().data_ptr() == base
+    packed = torch.stack([dq, dk, dv]).permute(1, 3, 0, 2, 4)  # (B, N, 3, H, d)
+    assert dq.stride() == (N * 3 * H * d, d, 3 * H * d, 1) and packed.shape == (B, N, 3, H, d)
+    ref = _check(q, k, v, _do_like(q), d ** -0.5)
+    assert torch.equal(o, ref[0]) and torch.equal(dq, ref[2][0])
+
+
+# ----------------------------------------------------------------------------- GPU
+
+def _reference32(q, k, v, do, scale):
+    """o, lse, grads in fp32 through explicit math (no TF32, no fused kernel)."""
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    s = (q32 @ k32.transpose(-1, -2)) * scale
+    o32 = torch.softmax(s, dim=-1) @ v32
+    o32.backward(do.float())
+    return o32.detach(), torch.logsumexp(s.detach(), -1), (q32.grad, k32.grad, v32.grad)
+
+
+def _sdpa(q, k, v, do, scale):
+    q_, k_, v_ = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    o = F.scaled_dot_product_attention(q_, k_, v_, scale=scale)
+    o.backward(do)
+    return o.detach(), (q_.grad, k_.grad, v_.grad)
+
+
+@pytest.fixture
+def no_tf32():
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _assert_within_sdpa_error(dtype, q, k, v, do, scale):
+    """The FlashAttention rule: error against fp32 at most 2x SDPA's own in the same dtype."""
+    o, lse, grads = _run(q, k, v, do, scale)
+    o32, lse32, grads32 = _reference32(q, k, v, do, scale)
+    o_sdpa, grads_sdpa = _sdpa(q, k, v, do, scale)
+    atol = {torch.bfloat16: 1e-2, torch.float16: 1e-3}[dtype]
+    assert (lse - lse32).abs().max().item() <= 1e-3 * max(1.0, lse32.abs().max().item())
+    # atol is relative to each tensor's size, floored (N = 1: dq = dk = 0 up to rounding).
+    floor = 1e-2 * max(r.abs().max().item() for r in (o32, *grads32))
+    for name, a, s, r in zip(("o", "dq", "dk", "dv"), (o, *grads), (o_sdpa, *grads_sdpa), (o32, *grads32)):
+        assert torch.isfinite(a).all(), name
+        err = (a.float() - r).abs().max().item()
+        err_sdpa = (s.float() - r).abs().max().item()
+        assert err <= 2 * err_sdpa + atol * max(r.abs().max().item(), floor), (name, err, err_sdpa)
+
+
+_GPU_CASES = [  # (N, d, layout): the MAE shapes in both layouts, then other head dims and lengths
+    (50, 64, "qkv"), (50, 64, "contiguous"), (65, 80, "qkv"), (197, 32, "qkv"), (197, 32, "transposed"),
+    (257, 32, "qkv"), (50, 96, "qkv"), (50, 128, "qkv"), (1, 64, "qkv"), (300, 64, "qkv"),
+    (1024, 64, "qkv"), (4096, 64, "contiguous"), (4096, 128, "qkv"),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("N,d,layout", _GPU_CASES)
+def test_low_precision_vs_sdpa(dtype, N, d, layout, no_tf32, monkeypatch):
+    monkeypatch.setattr(_kernels(), "_AUTOTUNE", False)  # one configuration per shape: quick
+    B, H = (4, 6) if N <= 300 else (1, 2)
+    case = attention_case(B, H, N, d, layout, dtype=dtype, device="cuda", seed=N + d)
+    _assert_within_sdpa_error(dtype, case["q"], case["k"], case["v"], _do_like(case["q"]), d ** -0.5)
+
+
+def _kept_configs(attn, kind, N, d, dtype):
+    q = torch.empty(0, dtype=dtype)
+    named, bd = {"Q": q, "N_CTX": N}, max(16, triton.next_power_of_2(d))
+    n_all = max(16, triton.next_power_of_2(N))
+    pools = {
+        "fwd": (attn._attn_fwd_tuned, attn._FWD_CONFIGS, attn._prune_fwd, {}),
+        "fused": (attn._attn_bwd_fused_tuned, attn._BWD_FUSED_CONFIGS, attn._prune_bwd_fused, {"BLOCK_N": n_all}),
+        "dq": (attn._attn_bwd_dq_tuned, attn._BWD_DQ_CONFIGS, attn._prune_bwd_dq, {}),
+        "dkdv": (attn._attn_bwd_dkdv_tuned, attn._BWD_DKDV_CONFIGS, attn._prune_bwd_dkdv, {}),
+    }
+    tuned, pool, prune, extra = pools[kind]
+    return tuned, prune(pool, named, BLOCK_D=bd, **extra)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("N,d,kinds", [(50, 64, ("fwd", "fused")), (197, 32, ("fwd", "fused")),
+                                       (65, 80, ("fwd", "dq", "dkdv"))])
+def test_every_autotune_config_mae_shapes(N, d, kinds, no_tf32, monkeypatch):
+    """Each configuration the autotuner may pick at MAE's shapes (bf16), run one at a time (the
+    other kernels on one configuration)."""
+    attn = _kernels()
+    case = attention_case(4, 6, N, d, "qkv", dtype=torch.bfloat16, device="cuda", seed=N)
+    q, k, v = case["q"], case["k"], case["v"]
+    do = _do_like(q)
+    plans = [(kind, *_kept_configs(attn, kind, N, d, torch.bfloat16)) for kind in kinds]
+    monkeypatch.setattr(attn, "_AUTOTUNE", False)
+    for kind, tuned, kept in plans:
+        for config in kept:
+            with _only_config(tuned, config):
+                try:
+                    _assert_within_sdpa_error(torch.bfloat16, q, k, v, do, d ** -0.5)
+                except AssertionError as e:
+                    raise AssertionError(f"{kind} {config}: {e}") from e
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("N,d", [(50, 64), (197, 32)])
+def test_autotuned_mae_shapes(N, d, no_tf32):
+    """The full autotuning search at MAE's encoder and decoder shapes (bf16, batch 8)."""
+    attn = _kernels()
+    for tuned in (attn._attn_fwd_tuned, attn._attn_bwd_fused_tuned, attn._attn_bwd_dq_tuned,
+                  attn._attn_bwd_dkdv_tuned):
+        tuned.cache.clear()  # forget choices made with autotuning off by earlier tests
+    case = attention_case(8, 12, N, d, "qkv", dtype=torch.bfloat16, device="cuda", seed=29)
+    _assert_within_sdpa_error(torch.bfloat16, case["q"], case["k"], case["v"], _do_like(case["q"]), d ** -0.5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("N,d", [(50, 64), (197, 32), (300, 80)])
+def test_fp32_gpu_matches_float64(N, d):
+    """fp32 on the GPU: the dots must run in IEEE fp32, not TF32."""
+    case = attention_case(2, 3, N, d, "qkv", device="cuda", seed=21)
+    _check(case["q"], case["k"], case["v"], _do_like(case["q"]), d ** -0.5)
+
+
+@pytest.mark.cuda
+def test_large_batch_head_grid(no_tf32, monkeypatch):
+    """B * H = 1024 * 16 programs on grid axis 0 (over axis 1's 65535 limit), N = 50, d = 64."""
+    monkeypatch.setattr(_kernels(), "_AUTOTUNE", False)
+    B, H, N, d = 1024, 16, 50, 64
+    case = attention_case(B, H, N, d, "qkv", dtype=torch.bfloat16, device="cuda", seed=23)
+    _assert_within_sdpa_error(torch.bfloat16, case["q"], case["k"], case["v"], _do_like(case["q"]), d ** -0.5)
