@@ -420,12 +420,14 @@ def _(q, k, v, scale):
 def _attention_bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
                       scale: float) -> tuple[Tensor, Tensor, Tensor]:
     from fastmae.kernels.attention import attention_bwd as launch
-    return launch(do, q, k, v, o, lse, scale)
+    # three separate buffers: a custom op's outputs may not alias one another
+    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    return launch(do, q, k, v, o, lse, scale, dq=dq, dk=dk, dv=dv)
 
 
 @_attention_bwd_op.register_fake
 def _(do, q, k, v, o, lse, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return tuple(t.new_empty(t.shape) for t in (q, k, v))
 
 
 def _attention_setup(ctx, inputs, output):

@@ -1,0 +1,202 @@
+"""The public ops under the "triton" backend, through autograd, against the reference in float64:
+outputs and every gradient; the custom-op registrations through torch.library.opcheck."""
+import pytest
+import torch
+
+import fastmae
+from fastmae import ops, reference
+from fastmae.testing import (assert_rel_close, attention_case, bias_gelu_case, layer_norm_case,
+                             loss_case, masking_case, patch_embed_case, unshuffle_case)
+
+
+def leaves(case, names):
+    """Fresh leaf copies of the named tensors, requiring grad, and float64 twins of them (every
+    other floating tensor of the reference case in float64 too)."""
+    ours = dict(case)
+    ref = {n: (t.double() if isinstance(t, torch.Tensor) and t.dtype.is_floating_point else t)
+           for n, t in case.items()}
+    for n in names:
+        ours[n] = case[n].detach().clone().requires_grad_(True)
+        ref[n] = case[n].detach().double().requires_grad_(True)
+    return ours, ref
+
+
+def check_grads(out, ref_out, ours, ref, names, tol, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    outs = out if isinstance(out, tuple) else (out,)
+    ref_outs = ref_out if isinstance(ref_out, tuple) else (ref_out,)
+    grads = [torch.randn(o.shape, generator=g) for o in outs]
+    torch.autograd.backward(outs, grads)
+    torch.autograd.backward(ref_outs, [gr.double() for gr in grads])
+    for n in names:
+        assert ours[n].grad is not None, f"no gradient reached {n}"
+        assert_rel_close(ours[n].grad, ref[n].grad, tol, f"grad of {n}")
+
+
+@pytest.fixture(autouse=True)
+def triton_backend():
+    with fastmae.use_backend("triton"):
+        yield
+
+
+@pytest.mark.parametrize("N, L, D, ratio", [(1, 1, 8, 0.0), (2, 7, 40, 0.5), (3, 49, 100, 0.75)])
+def test_random_masking(N, L, D, ratio):
+    case = masking_case(N, L, D, ratio, seed=N + L)
+    ours, ref = leaves(case, ["x"])
+    x_masked, mask, ids_restore = ops.random_masking(**ours)
+    r_masked, r_mask, r_restore = reference.random_masking(ref["x"], ratio, case["noise"])
+    assert torch.equal(x_masked, r_masked.float())  # a bit-exact gather
+    assert torch.equal(mask, r_mask) and mask.dtype == torch.float32
+    assert torch.equal(ids_restore, r_restore)
+    check_grads(x_masked, r_masked, ours, ref, ["x"], 0.0)
+
+
+@pytest.mark.parametrize("N, C, H, W, p, D", [(1, 3, 8, 8, 4, 16), (2, 1, 12, 20, 4, 40), (3, 4, 16, 8, 8, 24)])
+def test_patch_embed_visible(N, C, H, W, p, D):
+    case = patch_embed_case(N, C, H, W, p, D, seed=D)
+    names = ["imgs", "weight", "bias"]
+    ours, ref = leaves(case, names)
+    out = ops.patch_embed_visible(**ours)
+    ref_out = reference.patch_embed_visible(**ref)
+    assert_rel_close(out, ref_out, 1e-5, "embedding")
+    check_grads(out, ref_out, ours, ref, names, 1e-5)
+
+
+@pytest.mark.parametrize("N, L, D, ratio", [(1, 1, 8, 0.0), (2, 15, 40, 0.6), (3, 49, 100, 0.75)])
+def test_unshuffle(N, L, D, ratio):
+    case = unshuffle_case(N, L, D, ratio, seed=L)
+    names = ["x", "mask_token"]
+    ours, ref = leaves(case, names)
+    out = ops.unshuffle(**ours)
+    ref_out = reference.unshuffle(**ref)
+    assert_rel_close(out, ref_out, 1e-5, "unshuffle")
+    check_grads(out, ref_out, ours, ref, names, 1e-5)
+
+
+@pytest.mark.parametrize("norm_pix", [True, False])
+@pytest.mark.parametrize("N, C, H, W, p", [(1, 3, 8, 8, 4), (2, 1, 12, 20, 4), (3, 4, 16, 8, 8)])
+def test_masked_mse_loss(N, C, H, W, p, norm_pix):
+    case = loss_case(N, C, H, W, p, norm_pix=norm_pix, seed=H * W)
+    ours, ref = leaves(case, ["pred"])
+    loss = ops.masked_mse_loss(**ours)
+    ref_loss = reference.masked_mse_loss(**ref)
+    assert loss.shape == () and loss.dtype == torch.float32
+    assert_rel_close(loss, ref_loss, 1e-5, "loss")
+    check_grads(loss, ref_loss, ours, ref, ["pred"], 1e-5)
+
+
+def test_masked_mse_loss_with_image_gradient_goes_through_the_reference():
+    case = loss_case(2, 3, 8, 8, 4)
+    ours, ref = leaves(case, ["pred", "imgs"])
+    loss = ops.masked_mse_loss(**ours)
+    ref_loss = reference.masked_mse_loss(**ref)
+    check_grads(loss, ref_loss, ours, ref, ["pred", "imgs"], 1e-5)
+
+
+@pytest.mark.parametrize("B, H, N, d, layout", [
+    (1, 1, 1, 32, "contiguous"), (2, 3, 7, 64, "qkv"), (1, 2, 50, 80, "transposed"),
+])
+def test_attention(B, H, N, d, layout):
+    case = attention_case(B, H, N, d, layout, seed=N)
+    names = ["q", "k", "v"]
+    ours, ref = leaves(case, names)
+    out = ops.attention(**ours)
+    ref_out = reference.attention(**ref)
+    assert_rel_close(out, ref_out, 1e-4, "attention")
+    check_grads(out, ref_out, ours, ref, names, 1e-4)
+
+
+@pytest.mark.parametrize("B, N, H, d", [(2, 5, 2, 32), (1, 17, 3, 64)])
+def test_packed_attention(B, N, H, d):
+    g = torch.Generator().manual_seed(N)
+    qkv = torch.randn(B, N, 3 * H * d, generator=g)
+    ours, ref = leaves(dict(qkv=qkv), ["qkv"])
+    out = ops.packed_attention(ours["qkv"], H)
+    assert out.shape == (B, N, H * d) and out.is_contiguous()
+    with fastmae.use_backend("torch"):
+        ref_out = ops.packed_attention(ref["qkv"], H)
+    assert_rel_close(out, ref_out, 1e-4, "packed attention")
+    check_grads(out, ref_out, ours, ref, ["qkv"], 1e-4)
+
+
+@pytest.mark.parametrize("M, D", [(1, 8), (7, 40), (5, 100)])
+def test_layer_norm(M, D):
+    case = layer_norm_case(M, D, seed=D)
+    names = ["x", "weight", "bias"]
+    ours, ref = leaves(case, names)
+    out = ops.layer_norm(**ours)
+    ref_out = reference.layer_norm(**ref)
+    assert_rel_close(out, ref_out, 1e-5, "layer_norm")
+    check_grads(out, ref_out, ours, ref, names, 1e-5)
+
+
+@pytest.mark.parametrize("M, D", [(1, 8), (7, 40), (3, 1280)])
+def test_add_layer_norm(M, D):
+    case = layer_norm_case(M, D, residual=True, seed=D)
+    names = ["x", "residual", "weight", "bias"]
+    ours, ref = leaves(case, names)
+    s, y = ops.add_layer_norm(**ours)
+    rs, ry = reference.add_layer_norm(**ref)
+    assert_rel_close(s, rs, 1e-6, "residual sum")
+    assert_rel_close(y, ry, 1e-5, "normalized")
+    check_grads((s, y), (rs, ry), ours, ref, names, 1e-5)
+
+
+@pytest.mark.parametrize("M, D", [(1, 8), (7, 40), (3, 100)])
+def test_bias_gelu(M, D):
+    case = bias_gelu_case(M, D, seed=D)
+    names = ["x", "bias"]
+    ours, ref = leaves(case, names)
+    out = ops.bias_gelu(**ours)
+    ref_out = reference.bias_gelu(**ref)
+    assert_rel_close(out, ref_out, 1e-5, "bias_gelu")
+    check_grads(out, ref_out, ours, ref, names, 1e-5)
+
+
+def test_expanded_incoming_gradients_are_handled():
+    """Autograd can hand an op a stride-0 gradient (from .sum() or .expand())."""
+    case = layer_norm_case(6, 40)
+    ours, ref = leaves(case, ["x"])
+    ops.layer_norm(**ours).sum().backward()
+    reference.layer_norm(**ref).sum().backward()
+    assert_rel_close(ours["x"].grad, ref["x"].grad, 1e-5, "grad of x")
+    q = attention_case(1, 2, 9, 32)
+    ours, ref = leaves(q, ["q", "k", "v"])
+    ops.attention(**ours).sum().backward()
+    reference.attention(**ref).sum().backward()
+    for n in "qkv":
+        assert_rel_close(ours[n].grad, ref[n].grad, 1e-4, f"grad of {n}")
+
+
+OPCHECKS = {
+    "masking_indices": lambda: (ops._masking_indices_op, (masking_case(2, 9, 4)["noise"], 3)),
+    "gather_tokens": lambda: (ops._gather_tokens_op, (
+        torch.randn(2, 9, 8, requires_grad=True), *ops.masking_indices(torch.rand(2, 9), 3)[::2])),
+    "patch_embed_visible": lambda: (ops._patch_embed_visible_op, tuple(
+        (t.requires_grad_(True) if n in ("weight", "bias") else t)
+        for n, t in patch_embed_case(2, 3, 8, 8, 4, 16).items()) + (torch.float32, torch.float32)),
+    "unshuffle": lambda: (ops._unshuffle_op, tuple(
+        (t.requires_grad_(True) if n in ("x", "mask_token") else t)
+        for n, t in unshuffle_case(2, 9, 8, 0.5).items())),
+    "masked_mse": lambda: (ops._masked_mse_op, (
+        loss_case(2, 3, 8, 8, 4)["imgs"], loss_case(2, 3, 8, 8, 4)["pred"].requires_grad_(True),
+        loss_case(2, 3, 8, 8, 4)["mask"], 4, True, True)),
+    "attention": lambda: (ops._attention_op, tuple(
+        t.detach().requires_grad_(True) for t in attention_case(1, 2, 5, 32).values()) + (0.3,)),
+    "packed_attention": lambda: (ops._packed_attention_op, (torch.randn(1, 5, 3 * 64, requires_grad=True), 2, 0.2)),
+    "layer_norm": lambda: (ops._layer_norm_op, tuple(
+        t.requires_grad_(True) if isinstance(t, torch.Tensor) else t
+        for t in layer_norm_case(3, 8).values()) + (torch.float32,)),
+    "add_layer_norm": lambda: (ops._add_layer_norm_op, (
+        torch.randn(3, 8, requires_grad=True), torch.randn(3, 8, requires_grad=True),
+        torch.randn(8, requires_grad=True), torch.randn(8, requires_grad=True), 1e-6, torch.float32)),
+    "bias_gelu": lambda: (ops._bias_gelu_op, (
+        torch.randn(3, 8, requires_grad=True), torch.randn(8, requires_grad=True), torch.float32)),
+}
+
+
+@pytest.mark.parametrize("name", list(OPCHECKS))
+def test_custom_op_registration_passes_opcheck(name):
+    op, args = OPCHECKS[name]()
+    result = torch.library.opcheck(op, args)
+    assert all(v == "SUCCESS" for v in result.values()), result
