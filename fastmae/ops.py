@@ -613,6 +613,21 @@ def _layer_norm_backward(ctx, dy, _m, _r):
 _layer_norm_op.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup)
 
 
+@torch.library.custom_op("fastmae::add_layer_norm_bwd", mutates_args=())
+def _add_layer_norm_bwd_op(dy: Tensor, s: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor,
+                           ds: Tensor | None, ds_dtype: torch.dtype,
+                           dx_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from fastmae.kernels.layer_norm import layer_norm_bwd as launch
+    return launch(dy, s, weight, mean, rstd, ds=ds, dx_dtype=ds_dtype, dx2_dtype=dx_dtype)
+
+
+@_add_layer_norm_bwd_op.register_fake
+def _(dy, s, weight, mean, rstd, ds, ds_dtype, dx_dtype):
+    D = weight.shape[0]
+    return (s.new_empty(s.shape, dtype=ds_dtype), weight.new_empty(D, dtype=torch.float32),
+            weight.new_empty(D, dtype=torch.float32), s.new_empty(s.shape, dtype=dx_dtype))
+
+
 def _add_layer_norm_setup(ctx, inputs, output):
     x, residual, weight, bias, _, _ = inputs
     s, _, mean, rstd = output
@@ -625,8 +640,12 @@ def _add_layer_norm_setup(ctx, inputs, output):
 def _add_layer_norm_backward(ctx, ds, dy, _m, _r):
     s, weight, mean, rstd = ctx.saved_tensors
     x_dtype, r_dtype, w_dtype, b_dtype = ctx.dtypes
-    dsum, dw, db = _layer_norm_bwd_op(dy, s, weight, mean, rstd, ds, r_dtype)
-    return dsum.to(x_dtype), dsum, dw.to(w_dtype), db.to(b_dtype), None, None
+    if x_dtype == r_dtype:
+        dsum, dw, db = _layer_norm_bwd_op(dy, s, weight, mean, rstd, ds, r_dtype)
+        return dsum, dsum, dw.to(w_dtype), db.to(b_dtype), None, None
+    # under autocast: the fp32 residual-stream gradient and the bf16 branch gradient, one pass
+    dsum, dw, db, dx = _add_layer_norm_bwd_op(dy, s, weight, mean, rstd, ds, r_dtype, x_dtype)
+    return dx, dsum, dw.to(w_dtype), db.to(b_dtype), None, None
 
 
 _add_layer_norm_op.register_autograd(_add_layer_norm_backward, setup_context=_add_layer_norm_setup)

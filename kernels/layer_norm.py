@@ -78,6 +78,7 @@ def _layer_norm_bwd(
     Rstd,  # (M,) fp32
     DS,  # (M, D) any float dtype, strides (stride_ds_m, stride_ds_d) (unused when not HAS_DS)
     DX,  # (M, D) dx_dtype out, contiguous
+    DX2,  # (M, D) out, contiguous: dx again in a second dtype (unused when not HAS_DX2)
     DW_PART,  # (num_programs, D) fp32 out, contiguous
     DB_PART,  # (num_programs, D) fp32 out, contiguous
     M, D, tiles_per_program,  # row tiles of ROWS rows per program
@@ -85,6 +86,7 @@ def _layer_norm_bwd(
     BLOCK_D: tl.constexpr,
     ROWS: tl.constexpr,
     HAS_DS: tl.constexpr,
+    HAS_DX2: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     row_begin = pid * tiles_per_program * ROWS
@@ -113,6 +115,9 @@ def _layer_norm_bwd(
             dx += ds.to(tl.float32)
         tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty),
                  mask=mask)
+        if HAS_DX2:
+            tl.store(DX2 + rows[:, None] * stride_dx + cols[None, :], dx.to(DX2.dtype.element_ty),
+                     mask=mask)
         dw_acc += tl.sum(dy * x_hat, axis=0)  # over this tile's rows: within a thread
         db_acc += tl.sum(dy, axis=0)
     tl.store(DW_PART + pid * D + cols, dw_acc, mask=col_ok)
@@ -197,13 +202,15 @@ def layer_norm_fwd(x, weight, bias, eps: float, out_dtype: torch.dtype, residual
     return y, s, mean, rstd
 
 
-def layer_norm_bwd(dy, s_or_x, weight, mean, rstd, ds=None, dx_dtype=None):
+def layer_norm_bwd(dy, s_or_x, weight, mean, rstd, ds=None, dx_dtype=None, dx2_dtype=None):
     """Backward of layer_norm_fwd.
 
     dy (M, D) any strides (expanded is fine); s_or_x (M, D) the LayerNorm's input; ds (M, D) or
     None, the gradient reaching s from the residual path, added to dx. Returns (dx (M, D)
     dx_dtype (default: s_or_x's dtype) contiguous, dweight (D,) fp32, dbias (D,) fp32); in the
-    fused case dx is the gradient of both x and residual."""
+    fused case dx is the gradient of both x and residual. With dx2_dtype, dx is also written in
+    that dtype in the same pass and returned fourth (the fused block's branch gradient in bf16
+    beside the fp32 residual-stream gradient, without a cast pass)."""
     M, D = s_or_x.shape
     if s_or_x.stride(1) != 1:
         s_or_x = s_or_x.contiguous()  # no copy in the common case (the saved s / x)
@@ -211,6 +218,8 @@ def layer_norm_bwd(dy, s_or_x, weight, mean, rstd, ds=None, dx_dtype=None):
     dx = _empty((M, D), dx_dtype if dx_dtype is not None else s_or_x.dtype, device)
     if M == 0:
         zeros = torch.zeros(D, dtype=torch.float32, device=device)
+        if dx2_dtype is not None:
+            return dx, zeros, zeros.clone(), _empty((M, D), dx2_dtype, device)
         return dx, zeros, zeros.clone()
     block_d = next_pow2(D)
     rows = _tile_rows(block_d)
@@ -222,13 +231,16 @@ def layer_norm_bwd(dy, s_or_x, weight, mean, rstd, ds=None, dx_dtype=None):
     db_part = _empty((programs, D), torch.float32, device)
     has_ds = ds is not None
     ds_arg = ds if has_ds else dy  # placeholder, never touched
+    dx2 = _empty((M, D), dx2_dtype, device) if dx2_dtype is not None else None
     _layer_norm_bwd[(programs,)](
-        dy, s_or_x, weight, mean, rstd, ds_arg, dx, dw_part, db_part,
+        dy, s_or_x, weight, mean, rstd, ds_arg, dx, dx if dx2 is None else dx2, dw_part, db_part,
         M, D, rows_per_program // rows,
         dy.stride(0), dy.stride(1), s_or_x.stride(0), ds_arg.stride(0), ds_arg.stride(1),
         dx.stride(0),
-        BLOCK_D=block_d, ROWS=rows, HAS_DS=has_ds,
+        BLOCK_D=block_d, ROWS=rows, HAS_DS=has_ds, HAS_DX2=dx2 is not None,
         num_warps=warps,
     )
     # second, deterministic reduction over the per-program partial sums
+    if dx2 is not None:
+        return dx, dw_part.sum(0), db_part.sum(0), dx2
     return dx, dw_part.sum(0), db_part.sum(0)

@@ -200,3 +200,19 @@ def test_custom_op_registration_passes_opcheck(name):
     op, args = OPCHECKS[name]()
     result = torch.library.opcheck(op, args)
     assert all(v == "SUCCESS" for v in result.values()), result
+
+
+def test_add_layer_norm_mixed_dtypes_writes_both_gradients_in_one_pass():
+    """Under autocast the branch is half precision and the residual stream fp32: the backward
+    writes the residual gradient (fp32) and the branch gradient (fp16) from the same values."""
+    case = layer_norm_case(7, 40, residual=True, seed=5)
+    case["x"] = case["x"].half()
+    names = ["x", "residual", "weight", "bias"]
+    ours, ref = leaves(case, names)
+    s, y = ops.add_layer_norm(**ours)
+    assert s.dtype == torch.float32 and y.dtype == torch.float16
+    rs, ry = reference.add_layer_norm(**ref)
+    assert_rel_close(y, ry, 2e-3, "normalized (fp16)")
+    check_grads((s, y), (rs, ry), ours, ref, ["residual", "weight", "bias"], 2e-3)
+    assert ours["x"].grad.dtype == torch.float16
+    assert torch.equal(ours["x"].grad, ours["residual"].grad.half())
