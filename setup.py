@@ -26,7 +26,7 @@ setup(
         "safetensors",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "pytest-xdist", "transformers"],
+        "test": ["pytest", "pytest-benchmark", "pytest-xdist", "transformers", "matplotlib"],
         "bench": ["pytest-benchmark", "matplotlib"],
     },
     entry_points={"console_scripts": ["fastmae = fastmae.cli:main"]},

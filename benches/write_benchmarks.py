@@ -1,0 +1,443 @@
+"""Write BENCHMARKS.md from measured results, and the images/s chart it shows.
+
+    python benches/write_benchmarks.py [RESULTS.json ...] [--chart benches/images_per_s.png]
+                                       [--command "bash benches/gpu_suite.sh"] > BENCHMARKS.md
+    python benches/write_benchmarks.py RESULTS.json ... --summary      # a short table instead
+
+Inputs, told apart by their content: JSON written by ``fastmae bench --json`` (training step),
+and pytest-benchmark JSON from ``pytest benches --benchmark-json`` (ops, and steps from
+bench_step.py). Only GPU measurements are used: CPU smoke results are counted and left out.
+Results are grouped by card, and every table holds one card's numbers only. With no GPU result
+the file says that no measurement has been made yet, and how to make one: this script never
+writes a number it was not given.
+
+Needs only the standard library, and matplotlib for the chart (the ``bench`` extra).
+"""
+import argparse
+import json
+import os
+import re
+import sys
+from collections import OrderedDict, defaultdict
+
+SYSTEM_ORDER = ["fastmae", "reference", "reference_compile"]
+SYSTEM_LABELS = {"fastmae": "fastmae (triton kernels)", "reference": "reference, eager",
+                 "reference_compile": "reference, torch.compile"}
+MODEL_ORDER = ["vit_b16", "vit_l16", "vit_h14", "tiny", "micro"]
+MODEL_TITLES = {"vit_b16": "ViT-B/16", "vit_l16": "ViT-L/16", "vit_h14": "ViT-H/14",
+                "tiny": "tiny (32 px)", "micro": "micro (16 px)"}
+OP_ORDER = ["masking_indices", "random_masking", "patch_embed_visible", "unshuffle",
+            "masked_mse_loss", "attention_enc", "attention_dec", "packed_attention_enc",
+            "packed_attention_dec", "layer_norm_enc", "add_layer_norm_enc", "add_layer_norm_dec",
+            "bias_gelu_enc", "bias_gelu_dec"]
+MODE_ORDER = ["fwd", "bwd", "fwdbwd"]
+DEFAULT_COMMAND = "bash benches/gpu_suite.sh"
+
+
+# ============================================================================ reading results
+
+class Results:
+    """Everything read from the inputs, GPU measurements only, by card."""
+
+    def __init__(self):
+        self.steps = defaultdict(list)   # card -> fastmae-bench step results
+        self.ops = defaultdict(list)     # card -> op records (pytest-benchmark extra_info)
+        self.step_suite = defaultdict(list)  # card -> bench_step records
+        self.envs = defaultdict(list)    # card -> (source, env dict)
+        self.floors = defaultdict(list)  # card -> (source, floors dict)
+        self.commands = []
+        self.ignored = []                # (file, why)
+
+    def cards(self):
+        return sorted(set(self.steps) | set(self.ops) | set(self.step_suite))
+
+
+def _card(env):
+    return (env or {}).get("gpu")
+
+
+def load(paths):
+    res = Results()
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        name = os.path.basename(path)
+        if isinstance(data, dict) and str(data.get("schema", "")).startswith("fastmae-bench/"):
+            env = data.get("env") or {}
+            card = _card(env)
+            if data.get("tiny_cpu") or not card:
+                res.ignored.append((name, "CPU run (tiny configuration), not a measurement of speed"))
+                continue
+            res.steps[card].append(data)
+            res.envs[card].append((name, env))
+            if data.get("floors"):
+                res.floors[card].append((name, data["floors"]))
+            if data.get("command"):
+                res.commands.append(data["command"])
+        elif isinstance(data, dict) and isinstance(data.get("benchmarks"), list):
+            kept = 0
+            for b in data["benchmarks"]:
+                info = b.get("extra_info") or {}
+                card = info.get("gpu")
+                if not card:
+                    continue
+                if info.get("suite") == "ops" and info.get("gpu_ms") is not None:
+                    res.ops[card].append(info)
+                elif info.get("suite") == "step" and info.get("ms_per_step") is not None:
+                    res.step_suite[card].append(info)
+                else:
+                    continue
+                kept += 1
+                if info.get("env") and not any(s == name for s, _ in res.envs[card]):
+                    res.envs[card].append((name, info["env"]))
+                if info.get("floors") and not any(s == name for s, _ in res.floors[card]):
+                    res.floors[card].append((name, info["floors"]))
+            if not kept:
+                res.ignored.append((name, "no GPU measurement in it (CPU smoke run)"))
+        else:
+            res.ignored.append((name, "not a fastmae or pytest-benchmark result file"))
+    return res
+
+
+# ============================================================================ formatting
+
+def _table(head, rows, align=None):
+    align = align or ["l"] + ["r"] * (len(head) - 1)
+    out = ["| " + " | ".join(head) + " |",
+           "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _us(ms):
+    us = ms * 1e3
+    return f"{us:.1f}" if us < 100 else f"{us:.0f}"
+
+
+def _x(v):
+    return f"{v:.2f}x" if v else "-"
+
+
+def _pct(v):
+    return f"{100 * v:.0f}%" if v is not None else "-"
+
+
+def _model_key(m):
+    return (MODEL_ORDER.index(m) if m in MODEL_ORDER else len(MODEL_ORDER), m)
+
+
+def _distinct(values):
+    seen = []
+    for v in values:
+        if v not in seen:
+            seen.append(v)
+    return seen
+
+
+def slug(text):
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower()
+
+
+# ============================================================================ sections
+
+def header(card, res):
+    envs = res.envs[card]
+    rows = []
+    for key, what in [("gpu", "card"), ("driver", "driver"), ("cuda", "CUDA (torch build)"),
+                      ("torch", "torch"), ("triton", "triton"), ("commit", "fastmae commit"),
+                      ("date", "measured")]:
+        vals = _distinct([e.get(key) for _, e in envs if e.get(key)])
+        if len(vals) <= 1:
+            rows.append((what, vals[0] if vals else "unknown"))
+        else:
+            per = "; ".join(f"{e.get(key)} ({src})" for src, e in envs)
+            rows.append((what, per))
+    lines = [_table(["", ""], rows, ["l", "l"])]
+    for src, fl in res.floors[card]:
+        lines.append(f"\nCeilings measured in the same run ({src}): device-to-device copy "
+                     f"{fl['copy_bytes_per_s'] / 1e12:.2f} TB/s (bytes read + written), bf16 "
+                     f"{fl['matmul_n']}^3 matmul {fl['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s.")
+    return "\n".join(lines)
+
+
+def _step_rows(card, res):
+    """model -> {system -> record}, from fastmae bench first, bench_step.py where it has none."""
+    by_model = OrderedDict()
+    configs, parity = {}, {}
+    for data in res.steps[card]:
+        m = data["config"]["model"]
+        configs[m] = data["config"]
+        parity[m] = data.get("parity")
+        for r in data["results"]:
+            by_model.setdefault(m, {})[r["system"]] = r
+    for info in res.step_suite[card]:
+        m = info["model"]
+        if m in configs:
+            continue
+        by_model.setdefault(m, {})[info["system"]] = {
+            "system": info["system"], "label": info.get("label"), "ms_per_step": info["ms_per_step"],
+            "images_per_s": info["images_per_s"], "mfu": info.get("mfu"),
+            "peak_mem_gib": info.get("peak_mem_gib")}
+        configs.setdefault(m + "#suite", {"model": m, "batch": info["batch"], "dtype": info["dtype"]})
+    return by_model, configs, parity
+
+
+def model_section(card, res, chart_link):
+    by_model, configs, parity = _step_rows(card, res)
+    if not by_model:
+        return None
+    rows = []
+    for m in sorted(by_model, key=_model_key):
+        cfg = configs.get(m) or configs.get(m + "#suite") or {}
+        recs = by_model[m]
+        eager = recs.get("reference")
+        comp = recs.get("reference_compile")
+        for s in SYSTEM_ORDER + sorted(set(recs) - set(SYSTEM_ORDER)):
+            r = recs.get(s)
+            if r is None:
+                continue
+            name = f"{MODEL_TITLES.get(m, m)}, {cfg.get('batch', '?')}, {cfg.get('dtype', '?')}"
+            if r.get("error"):
+                rows.append([name, SYSTEM_LABELS.get(s, s), "failed", "", "", "", "", ""])
+                continue
+            ok = lambda o: o and not o.get("error")  # noqa: E731
+            rows.append([
+                name, SYSTEM_LABELS.get(s, s), f"{r['ms_per_step']:.1f}", f"{r['images_per_s']:.0f}",
+                _pct(r.get("mfu")),
+                f"{r['peak_mem_gib']:.1f}" if r.get("peak_mem_gib") is not None else "-",
+                _x(eager["ms_per_step"] / r["ms_per_step"]) if ok(eager) else "-",
+                _x(comp["ms_per_step"] / r["ms_per_step"]) if ok(comp) else "-",
+            ])
+    out = ["### Training step", "",
+           "Forward + backward + fused AdamW, autocast, norm_pix_loss, mask ratio 0.75, random "
+           "224 px images. Median step time over the timed steps (CUDA events), after warm-up. "
+           "MFU = training FLOPs per image (3 x forward matmul + attention FLOPs) x images/s / the "
+           "measured bf16 matmul rate. Speed-ups are this row's images/s over that system's.", "",
+           _table(["model, batch, dtype", "system", "ms/step", "images/s", "MFU", "peak GiB",
+                   "vs eager", "vs torch.compile"], rows, ["l", "l"] + ["r"] * 6)]
+    lines = []
+    for m in sorted(parity, key=_model_key):
+        p = parity[m]
+        if not p:
+            continue
+        if p.get("error"):
+            lines.append(f"- {MODEL_TITLES.get(m, m)}: parity FAILED: {p['error']}")
+            continue
+        lines.append(
+            f"- {MODEL_TITLES.get(m, m)}: parity {'passed' if p.get('passed') else 'FAILED'} on one "
+            f"shared step (batch {p['batch']}, {p['dtype']}; errors against the {p['exact']}): loss "
+            f"{p['loss_fastmae']:.5f} vs {p['loss_reference']:.5f}, worst gradient error "
+            f"{p['grad_err']:.1e} ({p['grad_worst']}) where the eager reference's own is "
+            f"{p['grad_err_eager']:.1e}; mask {'identical' if p['mask_equal'] else 'differs'}.")
+    if lines:
+        out += ["", "Parity, checked in the same run:", ""] + lines
+    if chart_link:
+        out += ["", f"![images/s per system on {card}]({chart_link})"]
+    return "\n".join(out)
+
+
+def op_section(card, res):
+    recs = res.ops[card]
+    if not recs:
+        return None
+    table = defaultdict(dict)
+    for r in recs:
+        table[(r["model"], r["op"], r["mode"])][r["impl"]] = r
+    out = ["### Ops", "",
+           "fastmae (backend \"triton\") against the eager reference (backend \"torch\") at the shapes "
+           "and dtypes the training step gives each op (bf16 autocast). Time: median per call, CUDA "
+           "events, L2 flushed before each call. Floor: the bytes the op must move at the measured "
+           "copy bandwidth, or its FLOPs at the measured bf16 matmul rate, whichever is longer; "
+           "\"% of floor\" = floor / time. Parity was checked on the same inputs before timing."]
+    notes = _distinct([r.get("floor_note") for r in recs if r.get("floor_note")])
+    for m in sorted({k[0] for k in table}, key=_model_key):
+        rows = []
+        keys = sorted((k for k in table if k[0] == m),
+                      key=lambda k: (OP_ORDER.index(k[1]) if k[1] in OP_ORDER else 99,
+                                     MODE_ORDER.index(k[2]) if k[2] in MODE_ORDER else 9))
+        batch = None
+        for k in keys:
+            f, e = table[k].get("fastmae"), table[k].get("eager")
+            any_r = f or e
+            batch = any_r.get("batch", batch)
+            dtype = any_r["dtype"] + (f" (amp {any_r['autocast']})" if any_r.get("autocast") else "")
+            rate = ""
+            if f:
+                rate = (f"{f['tflops']:.1f} TFLOP/s" if f.get("floor_kind") == "matmul" and f.get("tflops")
+                        else f"{f['gbps']:.0f} GB/s")
+            rows.append([k[1], k[2], any_r["shape"], dtype,
+                         _us(f["gpu_ms"]) if f else "-", _us(e["gpu_ms"]) if e else "-",
+                         _x(e["gpu_ms"] / f["gpu_ms"]) if (f and e) else "-",
+                         rate, _us(any_r["floor_ms"]) if any_r.get("floor_ms") else "-",
+                         _pct(f.get("frac_floor")) if f else "-", _pct(e.get("frac_floor")) if e else "-"])
+        out += ["", f"#### {MODEL_TITLES.get(m, m)}, batch {batch}", "",
+                _table(["op", "mode", "shape", "dtype", "fastmae us", "eager us", "speed-up",
+                        "fastmae rate", "floor us", "fastmae % of floor", "eager % of floor"],
+                       rows, ["l", "l", "l", "l"] + ["r"] * 7)]
+    if notes:
+        out += ["", "Notes on the floors:", ""] + [f"- {n}" for n in notes]
+    return "\n".join(out)
+
+
+# ============================================================================ the chart
+
+def write_chart(card, res, path):
+    """Grouped bars of images/s per system and model for one card. Returns False without
+    matplotlib or without data."""
+    by_model, configs, _ = _step_rows(card, res)
+    models = [m for m in sorted(by_model, key=_model_key)
+              if any(not r.get("error") for r in by_model[m].values())]
+    if not models:
+        return False
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("write_benchmarks: matplotlib is not installed (pip install 'fastmae[bench]'): "
+              "no chart", file=sys.stderr)
+        return False
+    systems = [s for s in SYSTEM_ORDER if any(s in by_model[m] for m in models)]
+    fig, ax = plt.subplots(figsize=(7.5, 1.2 + 0.9 * len(models)))
+    height = 0.8 / max(len(systems), 1)
+    colors = {"fastmae": "#d62728", "reference": "#7f7f7f", "reference_compile": "#1f77b4"}
+    for i, s in enumerate(systems):
+        ys, xs = [], []
+        for j, m in enumerate(models):
+            r = by_model[m].get(s)
+            if r and not r.get("error"):
+                ys.append(j + (i - (len(systems) - 1) / 2) * height)
+                xs.append(r["images_per_s"])
+        bars = ax.barh(ys, xs, height=height * 0.95, label=SYSTEM_LABELS.get(s, s),
+                       color=colors.get(s))
+        for b, v in zip(bars, xs):
+            ax.text(b.get_width(), b.get_y() + b.get_height() / 2, f" {v:.0f}", va="center",
+                    fontsize=8)
+    labels = []
+    for m in models:
+        cfg = configs.get(m) or configs.get(m + "#suite") or {}
+        labels.append(f"{MODEL_TITLES.get(m, m)}\nbatch {cfg.get('batch', '?')}")
+    ax.set_yticks(range(len(models)))
+    ax.set_yticklabels(labels)
+    ax.invert_yaxis()
+    ax.set_xlabel("images/s (training step, higher is better)")
+    ax.set_title(f"MAE pretraining throughput on {card}", fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.margins(x=0.15)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+# ============================================================================ the document
+
+def placeholder(res, command):
+    out = ["# fastmae benchmarks", "",
+           "**No GPU measurement has been made yet.** This file is written by "
+           "`benches/write_benchmarks.py` from what a GPU run measured, and no such run has "
+           "happened, so it holds no numbers: none are estimated or copied from elsewhere.", "",
+           "To produce it, on a machine with a CUDA GPU and fastmae's requirements (the script "
+           "installs nothing; sized for about 5 minutes on an H100, not yet run on one):", "",
+           "```bash", command, "```", "",
+           "It runs the GPU correctness tests (`pytest tests -m cuda`), the op suites "
+           "(`pytest benches/bench_ops.py`: every op, fastmae against the eager reference, forward, "
+           "backward and both, at the ViT-B/16 and ViT-L/16 shapes), and `fastmae bench --compile` "
+           "for ViT-B/16 and ViT-L/16 (training step: fastmae, the eager reference and "
+           "torch.compile of it), then rewrites this file and the chart "
+           "`benches/images_per_s.png` from the JSON it wrote.", "",
+           "One model by hand: `fastmae bench --model vit_b16 --batch 256 --compile`."]
+    if res.ignored:
+        out += ["", "Inputs left out: " + "; ".join(f"{n} ({why})" for n, why in res.ignored) + "."]
+    return "\n".join(out) + "\n"
+
+
+def render(res, chart_path=None, md_dir=".", command=DEFAULT_COMMAND):
+    cards = res.cards()
+    if not cards:
+        return placeholder(res, command)
+    out = ["# fastmae benchmarks", "",
+           "Written by `benches/write_benchmarks.py` from the JSON a GPU run wrote; every number "
+           "below was measured by that run. Each section is one card; numbers from different cards "
+           "are never put in one table.", "",
+           "Reproduce (on a machine with a CUDA GPU; installs nothing):", "",
+           "```bash", command]
+    out += _distinct(c for c in res.commands if c != command)
+    out += ["```"]
+    for card in cards:
+        chart_link = None
+        if chart_path:
+            path = chart_path if len(cards) == 1 else _per_card(chart_path, card)
+            if write_chart(card, res, path):
+                chart_link = os.path.relpath(path, md_dir).replace(os.sep, "/")
+        out += ["", f"## {card}", "", header(card, res)]
+        for section in (model_section(card, res, chart_link), op_section(card, res)):
+            if section:
+                out += ["", section]
+    if res.ignored:
+        out += ["", "Inputs left out: " + "; ".join(f"{n} ({why})" for n, why in res.ignored) + "."]
+    return "\n".join(out) + "\n"
+
+
+def _per_card(path, card):
+    root, ext = os.path.splitext(path)
+    return f"{root}-{slug(card)}{ext}"
+
+
+def summary(res):
+    lines = []
+    for card in res.cards():
+        by_model, configs, parity = _step_rows(card, res)
+        lines.append(f"{card}:")
+        for m in sorted(by_model, key=_model_key):
+            eager = by_model[m].get("reference")
+            for s in SYSTEM_ORDER:
+                r = by_model[m].get(s)
+                if not r:
+                    continue
+                if r.get("error"):
+                    lines.append(f"  {MODEL_TITLES.get(m, m):<9} {SYSTEM_LABELS[s]:<26} FAILED")
+                    continue
+                sp = (eager["ms_per_step"] / r["ms_per_step"]) if eager and not eager.get("error") else None
+                lines.append(f"  {MODEL_TITLES.get(m, m):<9} {SYSTEM_LABELS[s]:<26} "
+                             f"{r['ms_per_step']:7.1f} ms/step {r['images_per_s']:7.0f} img/s  "
+                             f"MFU {_pct(r.get('mfu')):>4}  {_x(sp):>6} vs eager")
+            p = parity.get(m)
+            if p:
+                lines.append(f"  {MODEL_TITLES.get(m, m):<9} parity "
+                             f"{'passed' if p.get('passed') else 'FAILED'}")
+        ops = res.ops[card]
+        if ops:
+            pairs = defaultdict(dict)
+            for r in ops:
+                pairs[(r["model"], r["op"], r["mode"])][r["impl"]] = r
+            sps = [v["eager"]["gpu_ms"] / v["fastmae"]["gpu_ms"] for v in pairs.values()
+                   if "eager" in v and "fastmae" in v]
+            if sps:
+                sps.sort()
+                lines.append(f"  ops: {len(sps)} timed pairs, speed-up over eager median "
+                             f"{sps[len(sps) // 2]:.2f}x (min {sps[0]:.2f}x, max {sps[-1]:.2f}x)")
+    if not lines:
+        lines.append("no GPU measurement in the inputs")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("results", nargs="*", help="fastmae bench / pytest-benchmark JSON files")
+    p.add_argument("--chart", default=None, help="write the images/s chart here (PNG)")
+    p.add_argument("--md-dir", default=".", help="where the Markdown will live (for the chart link)")
+    p.add_argument("--command", default=DEFAULT_COMMAND, help="the command that reproduces the run")
+    p.add_argument("--summary", action="store_true", help="print a short text table instead")
+    args = p.parse_args(argv)
+    res = load(args.results)
+    if args.summary:
+        print(summary(res))
+    else:
+        sys.stdout.write(render(res, args.chart, args.md_dir, args.command))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,681 @@
+"""``fastmae bench``: time a training step of fastmae against the eager reference (and
+``torch.compile`` of it), and check parity on one shared step.
+
+    fastmae bench [--model vit_b16|vit_l16|vit_h14|tiny] [--batch N] [--dtype bf16|fp16|fp32]
+                  [--compile] [--steps N] [--warmup N] [--json PATH] [--no-progress]
+
+A step is what a trainer runs: forward + backward + AdamW (fused=True on CUDA; a GradScaler
+with fp16), under autocast in ``--dtype``, norm_pix_loss=True, mask ratio 0.75, random images.
+The systems are one model class under two backends: "fastmae" is backend "triton" (the fused
+kernels); "reference" is backend "torch", the official algorithm step by step with SDPA
+attention; "reference + torch.compile" is the reference model wrapped in ``torch.compile``.
+
+Timing: warm-up steps first (compilation and autotuning happen there and are reported as the
+first step's wall time), then ``--steps`` steps timed with CUDA events between consecutive
+steps; the median step time gives ms/step and images/s. Peak memory is
+``torch.cuda.max_memory_allocated`` over the timed steps. MFU is the model's training FLOPs per
+image (3 x the forward matmul and attention FLOPs, counted from the model as the official code
+computes it) times images/s over the bf16 matmul rate measured on this GPU.
+
+Without a GPU nothing about fastmae's speed can be measured: the command times the reference on
+the CPU on a tiny configuration, and checks the triton path's parity through Triton's
+interpreter, and says so.
+"""
+import argparse
+import datetime
+import functools
+import json
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fastmae.backend import use_backend
+
+SCHEMA = "fastmae-bench/1"
+MASK_RATIO = 0.75
+
+# --model name -> (factory in fastmae.model, default batch on a GPU)
+MODELS = {
+    "vit_b16": ("mae_vit_base_patch16", 256),
+    "vit_l16": ("mae_vit_large_patch16", 256),
+    "vit_h14": ("mae_vit_huge_patch14", 128),
+    "tiny": ("mae_vit_tiny_patch4", 64),
+    "micro": ("micro_mae", 2),     # fastmae.check.micro_mae: 16 px, for interpreter smoke runs
+}
+MODEL_TITLES = {"vit_b16": "ViT-B/16", "vit_l16": "ViT-L/16", "vit_h14": "ViT-H/14",
+                "tiny": "tiny (32 px, patch 4)", "micro": "micro (16 px, patch 4)"}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+CPU_MODEL, CPU_BATCH, CPU_STEPS, CPU_WARMUP = "tiny", 8, 3, 1
+PARITY_BATCH_GPU = 32
+PARITY_BATCH_CPU = 1
+
+SYSTEMS = {
+    # key: (label, backend, compiled)
+    "fastmae": ("fastmae (triton kernels)", "triton", False),
+    "reference": ("reference, eager", "torch", False),
+    "reference_compile": ("reference, torch.compile", "torch", True),
+}
+
+
+# ============================================================================ FLOPs
+
+def _block_flops(block, tokens):
+    """Forward FLOPs of one transformer block on ``tokens`` tokens: qkv, proj, fc1, fc2 matmuls
+    and the two attention products (q k^T, p v)."""
+    C = block.attn.qkv.in_features
+    hidden = block.mlp.fc1.out_features
+    matmuls = 2 * tokens * C * (3 * C) + 2 * tokens * C * C + 2 * 2 * tokens * C * hidden
+    attention = 2 * 2 * tokens * tokens * C
+    return matmuls + attention
+
+
+def forward_flops_per_image(model, mask_ratio=MASK_RATIO):
+    """Matmul + attention FLOPs of one image's forward pass, counted as the official model
+    computes it: the patch embedding over all L patches, the encoder on 1 + keep tokens, the
+    decoder and the prediction head on 1 + L tokens. Element-wise work is not counted."""
+    L = model.patch_embed.num_patches
+    keep = int(L * (1 - mask_ratio))
+    proj = model.patch_embed.proj
+    K = proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1]
+    D = proj.out_channels
+    flops = 2 * L * K * D
+    flops += sum(_block_flops(b, 1 + keep) for b in model.blocks)
+    flops += 2 * (1 + keep) * D * model.decoder_embed.out_features
+    flops += sum(_block_flops(b, 1 + L) for b in model.decoder_blocks)
+    flops += 2 * (1 + L) * model.decoder_pred.in_features * model.decoder_pred.out_features
+    return flops
+
+
+def training_flops_per_image(model, mask_ratio=MASK_RATIO):
+    """3 x the forward FLOPs (forward, and backward's two products per matmul)."""
+    return 3 * forward_flops_per_image(model, mask_ratio)
+
+
+def build_model(name, device="cpu", seed=0, **kwargs):
+    from fastmae import model as model_lib
+    if name == "micro":
+        from fastmae.check import micro_mae as factory
+    else:
+        factory = getattr(model_lib, MODELS[name][0])
+    torch.manual_seed(seed)
+    kwargs.setdefault("norm_pix_loss", True)
+    if str(device) == "meta":
+        with torch.device("meta"):
+            return factory(**kwargs)
+    return factory(**kwargs).to(device)
+
+
+# ============================================================================ environment
+
+def _git(*args):
+    root = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                             timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_commit():
+    """Short commit of the fastmae checkout, "+dirty" when tracked files differ from it."""
+    sha = _git("rev-parse", "--short=12", "HEAD")
+    if not sha:
+        return "unknown"
+    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    return sha + ("+dirty" if dirty else "")
+
+
+def _driver_version():
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "unknown"
+
+
+def _triton_version():
+    try:
+        import triton
+        return triton.__version__
+    except Exception:  # noqa: BLE001 - any import failure means "not usable"
+        return "not installed"
+
+
+@functools.lru_cache(maxsize=None)
+def env_info():
+    """The card, driver and software versions, the commit and the date (queried at call time)."""
+    cuda = torch.cuda.is_available()
+    info = {
+        "device": "cuda" if cuda else "cpu",
+        "gpu": torch.cuda.get_device_name() if cuda else None,
+        "driver": _driver_version() if cuda else None,
+        "cuda": torch.version.cuda,
+        "torch": torch.__version__,
+        "triton": _triton_version(),
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+    if cuda:
+        props = torch.cuda.get_device_properties(0)
+        info["gpu_memory_gib"] = round(props.total_memory / 2 ** 30, 1)
+    return info
+
+
+# ============================================================================ floors
+
+def _cuda_time_ms(fn, reps, warmup=3):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+@functools.lru_cache(maxsize=None)
+def measure_floors(matmul_n=8192, copy_mib=1024):
+    """The ceilings a kernel is compared with, measured once per process on the current GPU:
+    device-to-device copy bandwidth (bytes read + written per second) and the bf16 matmul rate
+    of an n x n x n product. None on a machine without a GPU."""
+    if not torch.cuda.is_available():
+        return None
+    def copy_ms():
+        src = torch.randn(copy_mib * 2 ** 20 // 4, device="cuda")
+        dst = torch.empty_like(src)
+        return min(_cuda_time_ms(lambda: dst.copy_(src), reps=10) for _ in range(3))
+
+    def matmul_ms():
+        a = torch.randn(matmul_n, matmul_n, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(matmul_n, matmul_n, device="cuda", dtype=torch.bfloat16)
+        return min(_cuda_time_ms(lambda: torch.mm(a, b), reps=10) for _ in range(3))
+
+    copy_bytes = 2 * copy_mib * 2 ** 20  # read + written
+    c_ms, mm_ms = copy_ms(), matmul_ms()
+    torch.cuda.empty_cache()
+    return {
+        "copy_bytes_per_s": copy_bytes / (c_ms * 1e-3),
+        "copy_mib": copy_mib,
+        "matmul_flops_per_s": 2 * matmul_n ** 3 / (mm_ms * 1e-3),
+        "matmul_n": matmul_n,
+        "matmul_dtype": "bf16",
+    }
+
+
+# ============================================================================ a training step
+
+def _param_groups(model, weight_decay=0.05):
+    """The official recipe's groups: no weight decay on biases and norms (1-D parameters)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_train_step(model, imgs, amp_dtype, compiled=False, mask_ratio=MASK_RATIO, noise=None,
+                    compile_backend="inductor"):
+    """A closure running one training step (forward + backward + AdamW) on ``imgs``: fused AdamW
+    on CUDA, a GradScaler under fp16 autocast, no autocast for fp32. ``noise`` fixes the mask
+    (default: fresh torch.rand noise each step, as in training). ``compiled`` wraps the model in
+    ``torch.compile(backend=compile_backend)``. Returns (step, optimizer, the module called)."""
+    device = imgs.device
+    lr = 1.5e-4 * imgs.shape[0] / 256
+    opt_kw = {"fused": True} if device.type == "cuda" else {}
+    opt = torch.optim.AdamW(_param_groups(model), lr=lr, betas=(0.9, 0.95), **opt_kw)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    fwd = torch.compile(model, backend=compile_backend) if compiled else model
+    use_amp = amp_dtype != torch.float32
+
+    def step():
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+            loss, _, _ = fwd(imgs, mask_ratio=mask_ratio, noise=noise)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step, opt, fwd
+
+
+def _progress(total, desc, enabled):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, leave=False, file=sys.stderr, disable=None,
+                dynamic_ncols=True)
+
+
+def time_train_step(step, device, steps, warmup, progress=None):
+    """Run ``warmup`` steps, then ``steps`` timed ones. Returns a dict of per-step ms (CUDA events
+    between consecutive steps on a GPU, wall clock on a CPU), the first step's wall time and the
+    peak memory over the timed steps (GPU only)."""
+    cuda = device.type == "cuda"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    sync()
+    t0 = time.perf_counter()
+    step()
+    sync()
+    first_s = time.perf_counter() - t0
+    if progress:
+        progress.update(1)
+    for _ in range(max(warmup - 1, 0)):
+        step()
+        if progress:
+            progress.update(1)
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+        events[0].record()
+        for i in range(steps):
+            step()
+            events[i + 1].record()
+            if progress:
+                progress.update(1)
+        sync()
+        times = [events[i].elapsed_time(events[i + 1]) for i in range(steps)]
+        peak = torch.cuda.max_memory_allocated() / 2 ** 30
+    else:
+        times = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t) * 1e3)
+            if progress:
+                progress.update(1)
+        peak = None
+    return {"times_ms": times, "first_step_s": first_s, "peak_mem_gib": peak}
+
+
+def bench_system(key, model_name, batch, amp_dtype, steps, warmup, device, seed=0,
+                 progress=True, model_kwargs=None):
+    """Build a fresh model (same seed, so same weights for every system), time it, free it."""
+    label, backend, compiled = SYSTEMS[key]
+    model = build_model(model_name, device, seed=seed, **(model_kwargs or {}))
+    g = torch.Generator(device=device)
+    g.manual_seed(seed + 1)
+    H, W = model.patch_embed.img_size
+    imgs = torch.randn(batch, model.in_chans, H, W, device=device, generator=g)
+    step, opt, _ = make_train_step(model, imgs, amp_dtype, compiled=compiled)
+    bar = _progress(warmup + steps, label, progress)
+    try:
+        with use_backend(backend):
+            t = time_train_step(step, torch.device(device), steps, warmup, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+        del step, opt, model, imgs
+        if device == "cuda" or str(device).startswith("cuda"):
+            torch.cuda.empty_cache()
+        if compiled:
+            torch._dynamo.reset()
+    ms = statistics.median(t["times_ms"])
+    return {
+        "system": key, "label": label, "backend": backend, "compiled": compiled,
+        "ms_per_step": ms, "ms_mean": statistics.fmean(t["times_ms"]),
+        "ms_min": min(t["times_ms"]), "ms_max": max(t["times_ms"]),
+        "images_per_s": batch / (ms * 1e-3), "peak_mem_gib": t["peak_mem_gib"],
+        "first_step_s": t["first_step_s"], "steps": steps, "warmup": warmup,
+    }
+
+
+# ============================================================================ parity
+
+def step_parity(model_name, batch, amp_dtype, device, seed=0, model_kwargs=None):
+    """fastmae against the reference on one shared step: same weights, images and noise.
+
+    Under autocast both run in ``amp_dtype`` and errors are measured against the reference in
+    fp32 (float64 for an fp32 run or on a CPU); the eager reference's own error in the same
+    precision is the scale of an acceptable one."""
+    from fastmae import testing
+    from fastmae.check import model_parity
+    model = build_model(model_name, device, seed=seed, **(model_kwargs or {}))
+    g = torch.Generator(device=device)
+    g.manual_seed(seed + 2)
+    H, W = model.patch_embed.img_size
+    imgs = torch.randn(batch, model.in_chans, H, W, device=device, generator=g)
+    noise = testing.distinct_noise(batch, model.patch_embed.num_patches, g, device)
+    amp = None if amp_dtype == torch.float32 else amp_dtype
+    exact = torch.float64 if (amp is None or str(device) == "cpu") else torch.float32
+    par = model_parity(model, imgs, noise, autocast=amp, exact_dtype=exact)
+    del model
+    out = dict(vars(par))
+    out.update({"batch": batch, "dtype": _dtype_name(amp_dtype),
+                "rule": "each error vs the exact reference <= max(1e-4, 2 x the eager reference's "
+                        "error on the same quantity + one rounding of the dtype)"})
+    return out
+
+
+def _dtype_name(dt):
+    return {v: k for k, v in DTYPES.items()}[dt]
+
+
+def parity_line(p):
+    verdict = "PASS" if p["passed"] else "FAIL"
+    return (f"parity [{verdict}] one shared step (batch {p['batch']}, {p['dtype']}, same weights, "
+            f"images and noise; errors vs the {p['exact']}): "
+            f"loss fastmae {p['loss_fastmae']:.6f} vs reference {p['loss_reference']:.6f} "
+            f"(err {p['loss_err']:.1e}, reference's own {p['loss_err_eager']:.1e}); "
+            f"pred err {p['pred_err']:.1e} (reference {p['pred_err_eager']:.1e}); "
+            f"gradients ({p['n_grads']}): closest to its limit {p['grad_worst']} err "
+            f"{p['grad_err']:.1e} (reference's {p['grad_err_eager']:.1e}; reference's worst "
+            f"{p['grad_err_eager_max']:.1e}); mask {'identical' if p['mask_equal'] else 'DIFFERS'}"
+            + (f"; over the limit: {_names(p['grad_failed'])}" if p["grad_failed"] else "")
+            + (f"; missing gradients: {_names(p['missing_grads'])}" if p["missing_grads"] else ""))
+
+
+def _names(names, most=5):
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+# ============================================================================ the table
+
+def format_results(results, mfu_available, with_compile):
+    head = ["system", "ms/step", "images/s", "MFU", "peak GiB", "first step s", "vs eager"]
+    if with_compile:
+        head.append("vs compile")
+    rows = []
+    for r in results:
+        if r.get("error"):
+            rows.append([r["label"], "-", "-", "-", "-", "-", "-"] + (["-"] if with_compile else [])
+                        + [f"FAILED: {r['error']}"])
+            continue
+        row = [r["label"], f"{r['ms_per_step']:.1f}" if r["ms_per_step"] >= 1 else f"{r['ms_per_step']:.3f}",
+               f"{r['images_per_s']:.0f}" if r["images_per_s"] >= 100 else f"{r['images_per_s']:.1f}",
+               f"{100 * r['mfu']:.1f}%" if (mfu_available and r.get("mfu") is not None) else "n/a",
+               f"{r['peak_mem_gib']:.1f}" if r.get("peak_mem_gib") is not None else "n/a",
+               f"{r['first_step_s']:.1f}",
+               f"{r['speedup_vs_eager']:.2f}x" if r.get("speedup_vs_eager") else "-"]
+        if with_compile:
+            row.append(f"{r['speedup_vs_compile']:.2f}x" if r.get("speedup_vs_compile") else "-")
+        rows.append(row)
+    n = len(head)
+    widths = [max(len(head[i]), *(len(r[i]) for r in rows)) for i in range(n)]
+    fmt = lambda cells: "  ".join(  # noqa: E731
+        (c.ljust(w) if i == 0 else c.rjust(w)) for i, (c, w) in enumerate(zip(cells[:n], widths))
+    ) + ("  " + cells[n] if len(cells) > n else "")
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
+
+
+def _add_ratios(results, flops_per_image, floors):
+    by = {r["system"]: r for r in results if not r.get("error")}
+    eager = by.get("reference")
+    comp = by.get("reference_compile")
+    for r in results:
+        if r.get("error"):
+            continue
+        r["speedup_vs_eager"] = eager["ms_per_step"] / r["ms_per_step"] if eager else None
+        r["speedup_vs_compile"] = comp["ms_per_step"] / r["ms_per_step"] if comp else None
+        r["achieved_flops_per_s"] = flops_per_image * r["images_per_s"]
+        r["mfu"] = (r["achieved_flops_per_s"] / floors["matmul_flops_per_s"]) if floors else None
+
+
+# ============================================================================ the command
+
+def _positive(kind):
+    def parse(s):
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{kind} must be a positive integer, got {s!r}") from None
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"{kind} must be a positive integer, got {v}")
+        return v
+    return parse
+
+
+def _non_negative(kind):
+    def parse(s):
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{kind} must be an integer >= 0, got {s!r}") from None
+        if v < 0:
+            raise argparse.ArgumentTypeError(f"{kind} must be an integer >= 0, got {v}")
+        return v
+    return parse
+
+
+def _parser():
+    p = argparse.ArgumentParser(
+        prog="fastmae bench",
+        description="Time an MAE training step (forward + backward + fused AdamW, autocast, "
+                    "norm_pix_loss, mask ratio 0.75, random 224 px images) with fastmae's kernels "
+                    "against the eager reference (and torch.compile of it), and check parity "
+                    "on one shared step. Without a GPU it runs a tiny CPU configuration instead "
+                    "and says so.")
+    p.add_argument("--model", choices=list(MODELS), default="vit_b16",
+                   help="model size (default vit_b16); 'tiny' (32 px) and 'micro' (16 px) are for quick runs. "
+                        "Without a GPU the tiny CPU configuration runs whatever this says")
+    p.add_argument("--batch", type=_positive("--batch"), default=None,
+                   help=f"images per step (default 256; 128 for vit_h14; {CPU_BATCH} on a CPU)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="bf16",
+                   help="autocast dtype (default bf16; fp32 = no autocast)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time torch.compile of the reference (compiling takes a minute or more)")
+    p.add_argument("--steps", type=_positive("--steps"), default=None,
+                   help=f"timed steps per system (default 20; {CPU_STEPS} on a CPU)")
+    p.add_argument("--warmup", type=_non_negative("--warmup"), default=None,
+                   help=f"untimed steps first, the compiling one included (default 5; {CPU_WARMUP} on a CPU)")
+    p.add_argument("--parity-batch", type=_non_negative("--parity-batch"), default=None,
+                   help=f"batch of the parity step (default min(batch, {PARITY_BATCH_GPU}); "
+                        f"{PARITY_BATCH_CPU} on a CPU; 0 skips it)")
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def _parse(argv):
+    try:
+        return _parser().parse_args(argv), 0
+    except SystemExit as e:
+        return None, (e.code if isinstance(e.code, int) else 2)
+
+
+def _write_json(path, data):
+    path = Path(path)
+    if path.parent and not path.parent.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1, default=str)
+        f.write("\n")
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, code = _parse(argv)
+    if args is None:
+        return code
+    args.command = shlex.join(["fastmae", "bench", *argv])
+    if torch.cuda.is_available():
+        return _main_gpu(args)
+    return _main_cpu(args)
+
+
+def _main_gpu(args):
+    model_name = args.model
+    batch = args.batch or MODELS[model_name][1]
+    steps = args.steps or 20
+    warmup = 5 if args.warmup is None else max(args.warmup, 1)
+    amp_dtype = DTYPES[args.dtype]
+    progress = not args.no_progress
+    env = env_info()
+    meta = build_model(model_name, "meta")
+    fwd_flops = forward_flops_per_image(meta)
+    train_flops = 3 * fwd_flops
+    img = meta.patch_embed.img_size
+    del meta
+    print(f"fastmae bench: {MODEL_TITLES[model_name]} ({MODELS[model_name][0]}), batch {batch}, "
+          f"{img[0]}x{img[1]} px random images, mask ratio {MASK_RATIO}, norm_pix_loss, "
+          f"{args.dtype} {'autocast' if args.dtype != 'fp32' else '(no autocast)'}, fused AdamW"
+          f"{', GradScaler' if args.dtype == 'fp16' else ''}")
+    print(f"device: {env['gpu']} (driver {env['driver']}, CUDA {env['cuda']}) | torch {env['torch']} | "
+          f"triton {env['triton']} | commit {env['commit']} | {env['date']}")
+    floors = measure_floors()
+    print(f"floors measured now: device copy {floors['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 "
+          f"{floors['matmul_n']}^3 matmul {floors['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s; "
+          f"training FLOPs per image {train_flops / 1e9:.1f} G "
+          f"(compute floor {floors['matmul_flops_per_s'] / train_flops:.0f} images/s)")
+    print(f"timing: {warmup} warm-up steps (compiling/autotuning included, not timed), then "
+          f"{steps} steps timed with CUDA events; median step")
+    print()
+    order = ["reference", "fastmae"] + (["reference_compile"] if args.compile else [])
+    results = []
+    for key in order:
+        try:
+            results.append(bench_system(key, model_name, batch, amp_dtype, steps, warmup, "cuda",
+                                        progress=progress))
+        except Exception as exc:  # noqa: BLE001 - one failing system is reported, not fatal
+            label = SYSTEMS[key][0]
+            msg = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+            results.append({"system": key, "label": label, "backend": SYSTEMS[key][1],
+                            "compiled": SYSTEMS[key][2], "error": msg})
+            torch.cuda.empty_cache()
+            torch._dynamo.reset()
+    _add_ratios(results, train_flops, floors)
+    print(format_results(results, True, args.compile))
+    parity = None
+    pb = min(batch, PARITY_BATCH_GPU) if args.parity_batch is None else min(args.parity_batch, batch)
+    if pb > 0:
+        try:
+            parity = step_parity(model_name, pb, amp_dtype, "cuda")
+            print(parity_line(parity))
+        except Exception as exc:  # noqa: BLE001
+            msg = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+            parity = {"passed": False, "error": msg}
+            print(f"parity [FAIL]: {msg}")
+        torch.cuda.empty_cache()
+    data = {
+        "schema": SCHEMA, "kind": "train_step", "tiny_cpu": False,
+        "env": env, "floors": floors,
+        "config": {"model": model_name, "title": MODEL_TITLES[model_name],
+                   "factory": MODELS[model_name][0], "batch": batch, "dtype": args.dtype,
+                   "img_size": list(img), "mask_ratio": MASK_RATIO, "norm_pix_loss": True,
+                   "optimizer": "AdamW(fused=True)", "steps": steps, "warmup": warmup,
+                   "compile": args.compile},
+        "flops": {"forward_per_image": fwd_flops, "training_per_image": train_flops},
+        "results": results, "parity": parity,
+        "what_ran": "GPU: every system timed on the GPU",
+        "command": args.command,
+    }
+    if args.json:
+        _write_json(args.json, data)
+        print(f"wrote {args.json}")
+    failed = any(r.get("error") for r in results) or (parity is not None and not parity.get("passed"))
+    return 1 if failed else 0
+
+
+def _main_cpu(args):
+    from fastmae.check import kernel_device
+    t_start = time.perf_counter()
+    # first, before anything imports triton: the parity check needs the interpreter
+    pb = PARITY_BATCH_CPU if args.parity_batch is None else min(args.parity_batch, args.batch or CPU_BATCH)
+    device, where = kernel_device() if pb > 0 else (None, "skipped (--parity-batch 0)")
+    requested = (f"--model {args.model}" + (f" --batch {args.batch}" if args.batch else "")
+                 + f" --dtype {args.dtype}")
+    batch = args.batch or CPU_BATCH
+    steps = args.steps or CPU_STEPS
+    warmup = CPU_WARMUP if args.warmup is None else args.warmup
+    model_name = CPU_MODEL
+    env = env_info()
+    meta = build_model(model_name, "meta")
+    fwd_flops = forward_flops_per_image(meta)
+    img = meta.patch_embed.img_size
+    del meta
+    print("fastmae bench: no CUDA GPU on this machine, so nothing about fastmae's speed can be "
+          "measured here.")
+    print(f"Ran the tiny CPU configuration instead of {requested}: {MODEL_TITLES[model_name]} "
+          f"({MODELS[model_name][0]}), batch {batch}, fp32 (no autocast), {steps} timed steps "
+          f"after {warmup} warm-up, AdamW, norm_pix_loss, mask ratio {MASK_RATIO}.")
+    print(f"CPU: {env['cpu']}, {torch.get_num_threads()} threads | torch {env['torch']} | "
+          f"triton {env['triton']} | commit {env['commit']} | {env['date']}")
+    print("Rows: 'reference, eager' is fastmae's model under the \"torch\" backend (the official "
+          "algorithm with SDPA attention) timed on the CPU"
+          + ("; 'reference, torch.compile' is the same model compiled by inductor for the CPU"
+             if args.compile else "")
+          + ". fastmae's Triton kernels are not timed: on a CPU they run only through Triton's "
+            "interpreter. MFU and peak memory are GPU measurements: n/a here.")
+    print()
+    order = ["reference"] + (["reference_compile"] if args.compile else [])
+    results = []
+    for key in order:
+        try:
+            results.append(bench_system(key, model_name, batch, torch.float32, steps, warmup,
+                                        "cpu", progress=not args.no_progress))
+        except Exception as exc:  # noqa: BLE001
+            msg = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+            results.append({"system": key, "label": SYSTEMS[key][0], "backend": "torch",
+                            "compiled": SYSTEMS[key][2], "error": msg})
+    _add_ratios(results, 3 * fwd_flops, None)
+    print(format_results(results, False, args.compile))
+
+    parity = None
+    if pb > 0:
+        if device is None:
+            print(f"parity of the triton path: not checked ({where})")
+        else:
+            try:
+                parity = step_parity(model_name, pb, torch.float32, "cpu")
+                print(parity_line(parity).replace(
+                    "parity [", "parity of the triton path through Triton's interpreter [", 1))
+            except Exception as exc:  # noqa: BLE001
+                msg = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+                parity = {"passed": False, "error": msg}
+                print(f"parity of the triton path through Triton's interpreter [FAIL]: {msg}")
+    secs = time.perf_counter() - t_start
+    print(f"tiny CPU configuration done in {secs:.1f} s; run `fastmae bench` on a machine with a "
+          f"CUDA GPU for the real measurement")
+    data = {
+        "schema": SCHEMA, "kind": "train_step", "tiny_cpu": True,
+        "env": env, "floors": None,
+        "config": {"model": model_name, "title": MODEL_TITLES[model_name],
+                   "factory": MODELS[model_name][0], "batch": batch, "dtype": "fp32",
+                   "requested": requested, "img_size": list(img), "mask_ratio": MASK_RATIO,
+                   "norm_pix_loss": True, "optimizer": "AdamW", "steps": steps, "warmup": warmup,
+                   "compile": args.compile},
+        "flops": {"forward_per_image": fwd_flops, "training_per_image": 3 * fwd_flops},
+        "results": results, "parity": parity,
+        "what_ran": ("CPU, no GPU: the reference timed on the CPU on the tiny configuration; "
+                     "fastmae's kernels not timed; parity of the triton path through Triton's "
+                     "interpreter" + ("" if parity is not None else f" not checked ({where})")),
+        "seconds": secs, "command": args.command,
+    }
+    if args.json:
+        _write_json(args.json, data)
+        print(f"wrote {args.json}")
+    failed = any(r.get("error") for r in results) or (parity is not None and not parity.get("passed"))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

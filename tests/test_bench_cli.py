@@ -1,0 +1,217 @@
+"""`fastmae bench` and the BENCHMARKS.md writer.
+
+On a machine without a GPU the command runs its tiny CPU configuration: these tests check that
+it says so, writes the JSON it documents, and refuses bad flags clearly. The writer is tested on
+a FIXTURE: synthetic numbers made up below for the test, not measurements of anything.
+"""
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastmae import bench, cli
+
+REPO = Path(__file__).resolve().parent.parent
+HAS_CUDA = torch.cuda.is_available()
+
+
+def _load_writer():
+    spec = importlib.util.spec_from_file_location("write_benchmarks",
+                                                  REPO / "benches" / "write_benchmarks.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+writer = _load_writer()
+
+
+# ----------------------------------------------------------------------------- the command
+
+@pytest.mark.skipif(HAS_CUDA, reason="on a GPU `fastmae bench` runs the real configuration")
+def test_bench_cpu_runs_tiny_configuration_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "sub" / "bench.json"
+    rc = cli.main(["bench", "--steps", "2", "--warmup", "1", "--no-progress", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "no CUDA GPU" in text
+    assert "Ran the tiny CPU configuration instead of --model vit_b16" in text
+    assert "reference, eager" in text
+    assert "fastmae's Triton kernels are not timed" in text
+    assert "parity of the triton path through Triton's interpreter [PASS]" in text
+
+    data = json.loads(out.read_text())
+    assert data["schema"] == bench.SCHEMA
+    assert data["tiny_cpu"] is True and data["floors"] is None
+    for key in ("gpu", "torch", "triton", "commit", "date"):
+        assert key in data["env"]
+    assert data["config"]["model"] == "tiny" and data["config"]["steps"] == 2
+    assert data["command"].startswith("fastmae bench --steps 2")
+    (row,) = data["results"]
+    assert row["system"] == "reference" and row["backend"] == "torch"
+    assert row["ms_per_step"] > 0 and row["images_per_s"] > 0
+    assert row["speedup_vs_eager"] == pytest.approx(1.0)
+    assert row["mfu"] is None and row["peak_mem_gib"] is None
+    par = data["parity"]
+    assert par["passed"] and par["mask_equal"] and not par["missing_grads"]
+    assert par["n_grads"] > 0 and par["grad_err"] <= 1e-4
+
+    # a CPU run never becomes a number in BENCHMARKS.md
+    res = writer.load([str(out)])
+    md = writer.render(res)
+    assert "No GPU measurement has been made yet" in md
+    assert "bench.json (CPU run" in md
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "vit_x"], "invalid choice: 'vit_x'"),
+    (["--batch", "0"], "--batch must be a positive integer, got 0"),
+    (["--steps", "many"], "--steps must be a positive integer, got 'many'"),
+    (["--dtype", "int8"], "invalid choice: 'int8'"),
+    (["--warmup", "-1"], "--warmup must be an integer >= 0, got -1"),
+    (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+])
+def test_bench_bad_flags(capsys, argv, message):
+    rc = cli.main(["bench", *argv])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "usage: fastmae bench" in err
+    assert message in err
+
+
+def test_bench_help(capsys):
+    assert cli.main(["bench", "--help"]) == 0
+    out = capsys.readouterr().out
+    for flag in ("--model", "--batch", "--dtype", "--compile", "--steps", "--json"):
+        assert flag in out
+
+
+# ----------------------------------------------------------------------------- FLOPs and tables
+
+@pytest.mark.parametrize("name, giga", [("vit_b16", 58.7), ("vit_l16", 124.5), ("vit_h14", 291.4)])
+def test_training_flops_match_the_baseline_count(name, giga):
+    """3 x forward matmul + attention FLOPs, as counted for the project's baselines."""
+    model = bench.build_model(name, "meta")
+    assert bench.training_flops_per_image(model) / 1e9 == pytest.approx(giga, abs=0.05)
+
+
+def test_format_results_gpu_columns():
+    # FIXTURE: synthetic numbers
+    results = [
+        {"system": "reference", "label": "reference, eager", "ms_per_step": 100.0,
+         "images_per_s": 2560.0, "peak_mem_gib": 14.0, "first_step_s": 2.0},
+        {"system": "fastmae", "label": "fastmae (triton kernels)", "ms_per_step": 50.0,
+         "images_per_s": 5120.0, "peak_mem_gib": 10.0, "first_step_s": 9.0},
+        {"system": "reference_compile", "label": "reference, torch.compile", "error": "boom"},
+    ]
+    bench._add_ratios(results, 1e9, {"matmul_flops_per_s": 1e13})
+    table = bench.format_results(results, True, True)
+    assert re.search(r"fastmae \(triton kernels\)\s+50\.0\s+5120\s+51\.2%\s+10\.0\s+9\.0\s+2\.00x", table)
+    assert "FAILED: boom" in table
+    assert results[1]["speedup_vs_eager"] == pytest.approx(2.0)
+
+
+# ----------------------------------------------------------------------------- BENCHMARKS.md writer
+
+FIXTURE_ENV = {"device": "cuda", "gpu": "FIXTURE-GPU-A", "driver": "0.0-fixture", "cuda": "0.0",
+               "torch": "0.0+fixture", "triton": "0.0+fixture", "commit": "fixture00000",
+               "date": "2000-01-01 00:00 UTC"}
+FIXTURE_FLOORS = {"copy_bytes_per_s": 1.0e12, "matmul_flops_per_s": 1.0e14, "matmul_n": 8192,
+                  "copy_mib": 1024, "matmul_dtype": "bf16"}
+
+
+def _fixture_step(card="FIXTURE-GPU-A", ms=(111.0, 55.5, 88.8)):
+    """FIXTURE: a made-up `fastmae bench --json` result (no number in it was measured)."""
+    env = dict(FIXTURE_ENV, gpu=card)
+
+    def row(system, label, m):
+        return {"system": system, "label": label, "ms_per_step": m, "images_per_s": 256 / (m / 1e3),
+                "peak_mem_gib": 12.5, "first_step_s": 1.0, "mfu": 0.3}
+    return {
+        "schema": "fastmae-bench/1", "kind": "train_step", "tiny_cpu": False, "env": env,
+        "floors": FIXTURE_FLOORS,
+        "config": {"model": "vit_b16", "batch": 256, "dtype": "bf16"},
+        "results": [row("reference", "reference, eager", ms[0]),
+                    row("fastmae", "fastmae (triton kernels)", ms[1]),
+                    row("reference_compile", "reference, torch.compile", ms[2])],
+        "parity": {"passed": True, "batch": 32, "dtype": "bf16", "exact": "reference in fp32",
+                   "loss_fastmae": 1.25, "loss_reference": 1.25, "grad_err": 3e-3,
+                   "grad_worst": "blocks.0.norm1.weight", "grad_err_eager": 4e-3, "mask_equal": True},
+        "command": "fastmae bench --model vit_b16 --compile --json fixture.json",
+    }
+
+
+def _fixture_ops(card="FIXTURE-GPU-A"):
+    """FIXTURE: a made-up pytest-benchmark JSON of bench_ops.py."""
+    env = dict(FIXTURE_ENV, gpu=card)
+    benchmarks = []
+    for impl, ms in (("fastmae", 0.0123), ("eager", 0.0492)):
+        benchmarks.append({"name": f"test_op[vit_b16-bias_gelu_enc-fwd-{impl}]", "extra_info": {
+            "suite": "ops", "op": "bias_gelu_enc", "spec": "bias_gelu", "model": "vit_b16",
+            "batch": 256, "mode": "fwd", "impl": impl, "shape": "M=12800 D=3072", "dtype": "bf16",
+            "autocast": "bf16", "gpu": card, "env": env, "floors": FIXTURE_FLOORS,
+            "gpu_ms": ms, "bytes": 1.0e7, "flops": 0, "gbps": 1.0e7 / (ms * 1e-3) / 1e9,
+            "tflops": None, "floor_ms": 0.01, "floor_kind": "memory", "frac_floor": 0.01 / ms}})
+    return {"machine_info": {}, "commit_info": {}, "benchmarks": benchmarks}
+
+
+def _write(tmp_path, name, data):
+    p = tmp_path / name
+    p.write_text(json.dumps(data))
+    return str(p)
+
+
+def test_writer_on_fixture(tmp_path):
+    files = [_write(tmp_path, "step.json", _fixture_step()), _write(tmp_path, "ops.json", _fixture_ops())]
+    chart = tmp_path / "benches" / "images_per_s.png"
+    md = writer.render(writer.load(files), str(chart), str(tmp_path))
+    # header: card, driver, torch, triton, commit, date
+    for text in ("## FIXTURE-GPU-A", "0.0-fixture", "0.0+fixture", "fixture00000", "2000-01-01"):
+        assert text in md
+    assert "bash benches/gpu_suite.sh" in md
+    assert "fastmae bench --model vit_b16 --compile --json fixture.json" in md
+    # model table: ms/step, images/s, MFU, peak, speed-ups over eager and over torch.compile
+    assert re.search(r"\| ViT-B/16, 256, bf16 \| fastmae \(triton kernels\) \| 55\.5 \| 4613 \| 30% \| "
+                     r"12\.5 \| 2\.00x \| 1\.60x \|", md)
+    assert "parity passed" in md
+    # op table: time, speed-up, GB/s, fraction of floor
+    assert re.search(r"\| bias_gelu_enc \| fwd \| M=12800 D=3072 \| bf16 \(amp bf16\) \| 12\.3 \| 49\.2 \| "
+                     r"4\.00x \| 813 GB/s \| 10\.0 \| 81% \| 20% \|", md)
+    if importlib.util.find_spec("matplotlib"):
+        assert chart.exists() and chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert "](benches/images_per_s.png)" in md
+    summary = writer.summary(writer.load(files))
+    assert "FIXTURE-GPU-A" in summary and "2.00x vs eager" in summary
+
+
+def test_writer_keeps_cards_apart(tmp_path):
+    files = [_write(tmp_path, "a.json", _fixture_step("FIXTURE-GPU-A", (111.0, 55.5, 88.8))),
+             _write(tmp_path, "b.json", _fixture_step("FIXTURE-GPU-B", (222.0, 77.7, 99.9)))]
+    md = writer.render(writer.load(files), str(tmp_path / "chart.png"), str(tmp_path))
+    a, b = md.split("## FIXTURE-GPU-A")[1].split("## FIXTURE-GPU-B")
+    assert "55.5" in a and "77.7" not in a and "222.0" not in a
+    assert "77.7" in b and "55.5" not in b and "111.0" not in b
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "chart-fixture_gpu_a.png").exists()
+        assert (tmp_path / "chart-fixture_gpu_b.png").exists()
+
+
+def test_writer_without_gpu_results_writes_no_numbers():
+    md = writer.render(writer.load([]))
+    assert "No GPU measurement has been made yet" in md
+    assert "bash benches/gpu_suite.sh" in md
+    assert not re.search(r"\d+(\.\d+)? ?(ms|images/s|img/s|GB/s|TFLOP/s|GiB)", md)
+
+
+def test_committed_benchmarks_md_is_the_writers():
+    """BENCHMARKS.md is either the writer's no-measurement page or a page it wrote from a run."""
+    text = (REPO / "BENCHMARKS.md").read_text(encoding="utf-8")
+    if "No GPU measurement has been made yet" in text:
+        assert text == writer.render(writer.load([]))
+    else:
+        assert "Written by `benches/write_benchmarks.py`" in text
+        for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
+            assert (REPO / link).exists(), f"BENCHMARKS.md shows {link}, which is not in the repo"

@@ -1,0 +1,89 @@
+"""`fastmae check`: passes on the ops as they are, prints its table, and fails (non-zero exit) on a
+deliberately broken op."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastmae import check, cli, ops
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def test_check_passes_and_prints_the_table(capsys):
+    # the whole CPU grid takes seconds; on a GPU the whole grid (3 dtypes, autocast) is longer
+    rc = cli.main(["check", "--quick"] if HAS_CUDA else ["check"])
+    out = capsys.readouterr().out
+    assert "op" in out and "quantity" in out and "limit" in out and "result" in out
+    for name in check.OPS:
+        assert name in out, f"{name} missing from the table"
+    assert "model" in out and "grads (" in out
+    assert rc == 0, out
+    assert " 0 failed" in out
+
+
+def test_check_fails_on_a_broken_op(monkeypatch, capsys):
+    real = ops.bias_gelu
+
+    def broken(x, bias):
+        return real(x, bias) + 1e-3
+
+    monkeypatch.setattr(ops, "bias_gelu", broken)
+    rc = cli.main(["check", "--quick", "--ops", "bias_gelu", "--no-model"])
+    out = capsys.readouterr().out
+    assert rc == 1, out
+    assert "FAIL" in out
+    assert re.search(r", [1-9]\d* failed", out)
+
+
+def test_check_fails_when_an_op_raises(monkeypatch, capsys):
+    def raises(x, weight, bias, eps):
+        raise ImportError("no kernel yet")
+
+    monkeypatch.setattr(ops, "layer_norm", raises)
+    rc = cli.main(["check", "--quick", "--ops", "layer_norm", "--no-model"])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "ImportError: no kernel yet" in out
+
+
+def test_check_json(tmp_path, capsys):
+    path = tmp_path / "check.json"
+    rc = cli.main(["check", "--quick", "--ops", "masking_indices,unshuffle", "--no-model",
+                   "--json", str(path)])
+    capsys.readouterr()
+    assert rc == 0
+    data = json.loads(path.read_text())
+    assert data["passed"] is True
+    assert {r["op"] for r in data["rows"]} == {"masking_indices", "unshuffle"}
+    assert any(r["quantity"] == "grad mask_token" for r in data["rows"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ops", "nope"], "unknown op(s) nope"),
+    (["--dtypes", "int8"], "unknown dtype(s) int8"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_check_bad_flags(capsys, argv, message):
+    assert cli.main(["check", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "usage: fastmae check" in err and message in err
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the in-process switch to the interpreter (CPU only)")
+def test_check_console_script_turns_the_interpreter_on(tmp_path):
+    exe = shutil.which("fastmae") or str(Path(sys.executable).parent / "fastmae")
+    if not os.path.exists(exe):
+        pytest.skip("the fastmae console script is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([exe, "check", "--quick", "--ops", "layer_norm,masking_indices", "--no-model"],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "switched on in-process" in proc.stdout
+    assert "0 failed" in proc.stdout
