@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from fastmae.backend import use_backend
+from fastmae.cli import int_at_least
 
 SCHEMA = "fastmae-bench/1"
 MASK_RATIO = 0.75
@@ -442,30 +443,6 @@ def _add_ratios(results, flops_per_image, floors):
 
 # ============================================================================ the command
 
-def _positive(kind):
-    def parse(s):
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{kind} must be a positive integer, got {s!r}") from None
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"{kind} must be a positive integer, got {v}")
-        return v
-    return parse
-
-
-def _non_negative(kind):
-    def parse(s):
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{kind} must be an integer >= 0, got {s!r}") from None
-        if v < 0:
-            raise argparse.ArgumentTypeError(f"{kind} must be an integer >= 0, got {v}")
-        return v
-    return parse
-
-
 def _parser():
     p = argparse.ArgumentParser(
         prog="fastmae bench",
@@ -477,17 +454,17 @@ def _parser():
     p.add_argument("--model", choices=list(MODELS), default="vit_b16",
                    help="model size (default vit_b16); 'tiny' (32 px) and 'micro' (16 px) are for quick runs. "
                         "Without a GPU the tiny CPU configuration runs whatever this says")
-    p.add_argument("--batch", type=_positive("--batch"), default=None,
+    p.add_argument("--batch", type=int_at_least(1, "--batch"), default=None,
                    help=f"images per step (default 256; 128 for vit_h14; {CPU_BATCH} on a CPU)")
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16",
                    help="autocast dtype (default bf16; fp32 = no autocast)")
     p.add_argument("--compile", action="store_true",
                    help="also time torch.compile of the reference (compiling takes a minute or more)")
-    p.add_argument("--steps", type=_positive("--steps"), default=None,
+    p.add_argument("--steps", type=int_at_least(1, "--steps"), default=None,
                    help=f"timed steps per system (default 20; {CPU_STEPS} on a CPU)")
-    p.add_argument("--warmup", type=_non_negative("--warmup"), default=None,
+    p.add_argument("--warmup", type=int_at_least(0, "--warmup"), default=None,
                    help=f"untimed steps first, the compiling one included (default 5; {CPU_WARMUP} on a CPU)")
-    p.add_argument("--parity-batch", type=_non_negative("--parity-batch"), default=None,
+    p.add_argument("--parity-batch", type=int_at_least(0, "--parity-batch"), default=None,
                    help=f"batch of the parity step (default min(batch, {PARITY_BATCH_GPU}); "
                         f"{PARITY_BATCH_CPU} on a CPU; 0 skips it)")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")

@@ -1,5 +1,6 @@
 """The ``fastmae`` command: ``fastmae COMMAND [ARGS]``; each command lives in its own module and
 is imported only when it runs."""
+import argparse
 import importlib
 import sys
 
@@ -9,6 +10,23 @@ COMMANDS = {
     "reconstruct": ("fastmae.reconstruct", "write the MAE reconstruction view of images as a PNG"),
     "pretrain": ("fastmae.pretrain", "pretrain an MAE with the official recipe"),
 }
+
+
+def int_at_least(minimum, name=None):
+    """An argparse type: an integer >= ``minimum``, else a message saying what was expected
+    (prefixed with ``name`` when given)."""
+    expected = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+    prefix = f"{name} " if name else ""
+
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{prefix}must be {expected}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{prefix}must be {expected}, got {value}")
+        return value
+    return parse
 
 
 def _usage():

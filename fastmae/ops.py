@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from fastmae import reference
-from fastmae.backend import backend_for, use_backend  # noqa: F401  (re-exported for model.py)
+from fastmae.backend import backend_for
 
 __all__ = [
     "random_masking", "unshuffle", "masked_mse_loss", "attention",

@@ -40,6 +40,26 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
     return t.fill_(torch.iinfo(t.dtype).max if t.dtype != torch.bool else True)
 
 
+def poisoned_empty(shape, dtype, device):
+    """A drop-in for a launcher's ``_empty`` allocator whose buffers start poisoned, so an
+    element a kernel fails to write shows up (tests monkeypatch it into the kernel module)."""
+    return poison_(torch.empty(shape, dtype=dtype, device=device))
+
+
+def grad_with_layout(shape, layout, device="cpu", seed=0):
+    """An incoming (M, D) gradient laid out as autograd may hand it over: "contiguous",
+    "expanded" (stride 0, as the gradient of a .sum()) or "transposed"."""
+    g = _gen(seed, device)
+    M, D = shape
+    if layout == "contiguous":
+        return torch.randn(M, D, generator=g, device=device)
+    if layout == "expanded":
+        return torch.randn(1, D, generator=g, device=device).expand(M, D)
+    if layout == "transposed":
+        return torch.randn(D, M, generator=g, device=device).t()
+    raise ValueError(f"layout must be 'contiguous', 'expanded' or 'transposed', got {layout!r}")
+
+
 def _gen(seed, device):
     g = torch.Generator(device=device)
     g.manual_seed(seed)

@@ -5,7 +5,7 @@ import torch
 
 from fastmae import reference as ref
 from fastmae.kernels import bias_gelu as bg
-from fastmae.testing import assert_rel_close, bias_gelu_case, poison_, rel_err
+from fastmae.testing import assert_rel_close, bias_gelu_case, grad_with_layout, poisoned_empty, rel_err
 
 TOL = 1e-5
 WIDTHS = [8, 40, 100, 1280]
@@ -15,21 +15,10 @@ ROWS = [1, 7, 33]
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
     """Every buffer the launchers allocate (outputs and partial sums) starts as NaN."""
-    def _empty(shape, dtype, device):
-        return poison_(torch.empty(shape, dtype=dtype, device=device))
-    monkeypatch.setattr(bg, "_empty", _empty)
+    monkeypatch.setattr(bg, "_empty", poisoned_empty)
 
 
-def _grad(shape, layout, device, seed):
-    g = torch.Generator(device=device).manual_seed(seed)
-    M, D = shape
-    if layout == "contiguous":
-        return torch.randn(M, D, generator=g, device=device)
-    if layout == "expanded":  # e.g. the gradient of a .sum(): stride 0
-        return torch.randn(1, D, generator=g, device=device).expand(M, D)
-    if layout == "transposed":
-        return torch.randn(D, M, generator=g, device=device).t()
-    raise ValueError(layout)
+_grad = grad_with_layout
 
 
 def _reference(x, bias, dy):

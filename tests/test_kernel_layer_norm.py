@@ -5,7 +5,7 @@ import torch
 
 from fastmae import reference as ref
 from fastmae.kernels import layer_norm as ln
-from fastmae.testing import assert_rel_close, layer_norm_case, poison_, rel_err
+from fastmae.testing import assert_rel_close, grad_with_layout, layer_norm_case, poisoned_empty, rel_err
 
 TOL = 1e-5
 WIDTHS = [8, 40, 100, 1280]
@@ -15,22 +15,10 @@ ROWS = [1, 7, 33]
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
     """Every buffer the launchers allocate (outputs and partial sums) starts as NaN."""
-    def _empty(shape, dtype, device):
-        return poison_(torch.empty(shape, dtype=dtype, device=device))
-    monkeypatch.setattr(ln, "_empty", _empty)
+    monkeypatch.setattr(ln, "_empty", poisoned_empty)
 
 
-def _grad(shape, layout, device, seed):
-    """An incoming gradient of `shape` laid out as autograd may hand it over."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    M, D = shape
-    if layout == "contiguous":
-        return torch.randn(M, D, generator=g, device=device)
-    if layout == "expanded":  # e.g. the gradient of a .sum(): stride 0
-        return torch.randn(1, D, generator=g, device=device).expand(M, D)
-    if layout == "transposed":
-        return torch.randn(D, M, generator=g, device=device).t()
-    raise ValueError(layout)
+_grad = grad_with_layout
 
 
 def _reference(case, dy, ds):

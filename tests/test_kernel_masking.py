@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fastmae import reference as ref
-from fastmae.testing import distinct_noise, masking_case, poison_
+from fastmae.testing import distinct_noise, masking_case, poisoned_empty
 
 
 @pytest.fixture
@@ -12,9 +12,6 @@ def kmask(monkeypatch):
     """The kernel module with its allocator patched to hand out poisoned buffers, so an element
     a kernel forgets to write fails the comparison."""
     from fastmae.kernels import masking
-
-    def poisoned_empty(shape, dtype, device):
-        return poison_(torch.empty(shape, dtype=dtype, device=device))
 
     monkeypatch.setattr(masking, "_empty", poisoned_empty)
     return masking

@@ -16,8 +16,7 @@ TOL = 1e-5
 
 
 def _poison_allocations(monkeypatch):
-    monkeypatch.setattr(ml, "_empty", lambda shape, dtype, device: T.poison_(
-        torch.empty(shape, dtype=dtype, device=device)))
+    monkeypatch.setattr(ml, "_empty", T.poisoned_empty)
 
 
 def _strided(case, layout, seed):

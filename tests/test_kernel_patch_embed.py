@@ -36,8 +36,7 @@ def _case(N, C, H, W, p, D, keep, layout, device, seed=0, dtype=torch.float32):
 
 def _poison_allocations(monkeypatch):
     """Every buffer the launchers allocate starts as NaN: an unwritten element fails."""
-    monkeypatch.setattr(pe, "_empty", lambda shape, dtype, device: T.poison_(
-        torch.empty(shape, dtype=dtype, device=device)))
+    monkeypatch.setattr(pe, "_empty", T.poisoned_empty)
 
 
 def _reference(case, grad_out):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fastmae import reference as ref
-from fastmae.testing import assert_rel_close, poison_, rel_err, unshuffle_case
+from fastmae.testing import assert_rel_close, poisoned_empty, rel_err, unshuffle_case
 
 TOL = 1e-5
 
@@ -14,9 +14,6 @@ def kun(monkeypatch):
     """The kernel module with its allocator patched to hand out poisoned buffers (outputs and the
     backward's partial sums), so an element a kernel forgets to write fails the comparison."""
     from fastmae.kernels import unshuffle
-
-    def poisoned_empty(shape, dtype, device):
-        return poison_(torch.empty(shape, dtype=dtype, device=device))
 
     monkeypatch.setattr(unshuffle, "_empty", poisoned_empty)
     return unshuffle
