@@ -364,7 +364,6 @@ def _(x, alpha):
 def _masked_mse_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(output[1])
-    ctx.pred_dtype = inputs[1].dtype
 
 
 def _masked_mse_backward(ctx, grad_loss, _unused):
