@@ -69,8 +69,9 @@ def _check_noise(noise, N, L, device):
 
 def _compute_dtype(t):
     """The dtype matmul-feeding outputs are written in: the autocast dtype when autocast is on."""
-    if torch.is_autocast_enabled(t.device.type):
-        return torch.get_autocast_dtype(t.device.type)
+    device_type = t.device.type
+    if device_type != "meta" and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
     return t.dtype
 
 

@@ -216,3 +216,13 @@ def test_add_layer_norm_mixed_dtypes_writes_both_gradients_in_one_pass():
     check_grads((s, y), (rs, ry), ours, ref, ["residual", "weight", "bias"], 2e-3)
     assert ours["x"].grad.dtype == torch.float16
     assert torch.equal(ours["x"].grad, ours["residual"].grad.half())
+
+
+def test_ops_trace_on_the_meta_device():
+    """Shape-only runs (meta tensors, as when sizing a model) go through the fake kernels."""
+    x = torch.empty(6, 40, device="meta")
+    w, b = torch.empty(40, device="meta"), torch.empty(40, device="meta")
+    y = ops.layer_norm(x, w, b, 1e-6)
+    s, y2 = ops.add_layer_norm(x.half(), x, w, b, 1e-6)
+    assert y.device.type == "meta" and y.shape == x.shape and y.dtype == torch.float32
+    assert s.dtype == torch.float32 and y2.dtype == torch.float16
