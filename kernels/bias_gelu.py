@@ -4,13 +4,12 @@ is the fc1 matmul output without its bias. Computed in fp32 whatever the storage
 The backward recomputes z = x + bias and produces dx and, in the same pass, dbias as
 per-program partial column sums of dx plus a deterministic second reduction.
 """
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreting, next_pow2
+from ._common import interpreting, next_pow2, sm_count
 
 
 @triton.jit
@@ -85,11 +84,6 @@ def _empty(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index):
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _tile(D):
     """(ROWS, BLOCK_N, num_warps). GPU: column blocks of up to 1024 (3072 = 3 x 1024, 2048 =
     2 x 1024) and ~2048 elements per tile at 4 warps, 16 per thread (the backward stays near
@@ -134,7 +128,7 @@ def bias_gelu_bwd(dy, x, bias, dx_dtype=None):
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         # one wave of 16 warps per SM over all column blocks: small (programs, D) partials
-        target = max(1, _sm_count(index) * max(1, 16 // warps) // col_blocks)
+        target = max(1, sm_count(index) * max(1, 16 // warps) // col_blocks)
     else:
         target = 4
     programs = max(1, min(tiles, target))

@@ -8,13 +8,12 @@ writes s and y once; mean and rstd (M,) fp32 are saved for the backward.
 Backward: x_hat is recomputed from the saved input and statistics; dweight/dbias come from
 per-program partial sums over a fixed block of rows and a deterministic second reduction.
 """
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreting, next_pow2
+from ._common import interpreting, next_pow2, sm_count
 
 
 @triton.jit
@@ -131,11 +130,6 @@ def _empty(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index):
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _tile_rows(block_d):
     """Rows in one program's tile: ~2048 elements on a GPU (2 rows of 768: 16 elements of a
     tensor per thread at 4 warps), 256 under the interpreter so that the small test shapes
@@ -159,7 +153,7 @@ def _bwd_num_programs(M, rows, num_warps, device):
     tiles = triton.cdiv(M, rows)
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
-        target = _sm_count(index) * max(1, 16 // num_warps)
+        target = sm_count(index) * max(1, 16 // num_warps)
     else:
         target = 4
     return max(1, min(tiles, target))
