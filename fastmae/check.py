@@ -584,24 +584,18 @@ def _parse(argv):
         args = parser.parse_args(argv)
     except SystemExit as e:
         return None, (e.code if isinstance(e.code, int) else 2)
-    if args.ops:
-        names = [s.strip() for s in args.ops.split(",") if s.strip()]
-        bad = [n for n in names if n not in OPS]
+    for attr, allowed, what in (("ops", OPS, "op(s)"), ("dtypes", DTYPES, "dtype(s)")):
+        text = getattr(args, attr)
+        if not text:
+            continue
+        names = [s.strip() for s in text.split(",") if s.strip()]
+        bad = [n for n in names if n not in allowed]
         if bad:
             parser.print_usage(sys.stderr)
-            print(f"fastmae check: error: unknown op(s) {', '.join(bad)}; choose from "
-                  f"{', '.join(OPS)}", file=sys.stderr)
+            print(f"fastmae check: error: unknown {what} {', '.join(bad)}; choose from "
+                  f"{', '.join(allowed)}", file=sys.stderr)
             return None, 2
-        args.ops = names
-    if args.dtypes:
-        names = [s.strip() for s in args.dtypes.split(",") if s.strip()]
-        bad = [n for n in names if n not in DTYPES]
-        if bad:
-            parser.print_usage(sys.stderr)
-            print(f"fastmae check: error: unknown dtype(s) {', '.join(bad)}; choose from "
-                  f"{', '.join(DTYPES)}", file=sys.stderr)
-            return None, 2
-        args.dtypes = names
+        setattr(args, attr, names)
     return args, 0
 
 

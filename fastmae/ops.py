@@ -113,7 +113,7 @@ def _check_images(imgs, patch_size, in_chans=None):
 @torch.library.custom_op("fastmae::masking_indices", mutates_args=())
 def _masking_indices_op(noise: Tensor, len_keep: int) -> tuple[Tensor, Tensor, Tensor]:
     from fastmae.kernels.masking import masking_indices as launch
-    return launch(noise.float(), len_keep)
+    return launch(noise, len_keep)
 
 
 @_masking_indices_op.register_fake
@@ -150,7 +150,7 @@ def _(x, ids_keep, ids_restore):
 @torch.library.custom_op("fastmae::scatter_tokens", mutates_args=())
 def _scatter_tokens_op(grad: Tensor, ids_restore: Tensor, len_keep: int) -> Tensor:
     from fastmae.kernels.masking import scatter_tokens as launch
-    return launch(grad.contiguous(), ids_restore, len_keep)
+    return launch(grad, ids_restore, len_keep)
 
 
 @_scatter_tokens_op.register_fake
