@@ -236,6 +236,36 @@ def model_section(card, res, chart_link):
     return "\n".join(out)
 
 
+def profile_section(card, res):
+    """Where the GPU time of one step goes, from the profiler (fastmae bench's breakdown)."""
+    out = []
+    for data in sorted(res.steps[card], key=lambda d: _model_key(d["config"]["model"])):
+        m = data["config"]["model"]
+        for r in data["results"]:
+            b = r.get("profile")
+            if not b or r.get("error"):
+                continue
+            title = (f"#### {MODEL_TITLES.get(m, m)}, batch {data['config']['batch']}, "
+                     f"{SYSTEM_LABELS.get(r['system'], r['system'])}")
+            cat_rows = [[c["name"], f"{c['ms_per_step']:.2f}", _pct(c["share"]),
+                         f"{c['launches_per_step']:.0f}"] for c in b["categories"]]
+            top_rows = [[f"`{k['name'][:80]}`", k["category"], f"{k['ms_per_step']:.2f}",
+                         _pct(k["share"]), f"{k['launches_per_step']:.0f}"] for k in b["top_kernels"]]
+            step = f" of a {b['step_ms']:.1f} ms step" if b.get("step_ms") else ""
+            out += ["", title, "",
+                    f"GPU busy {b['gpu_busy_ms_per_step']:.1f} ms per step{step}, "
+                    f"{b['launches_per_step']:.0f} kernel launches per step "
+                    f"({b['steps_profiled']} steps profiled).", "",
+                    _table(["kernels", "ms/step", "share", "launches"], cat_rows),
+                    "", _table(["kernel", "category", "ms/step", "share", "launches"], top_rows,
+                               ["l", "l", "r", "r", "r"])]
+    if not out:
+        return None
+    return "\n".join(["### Where a step's GPU time goes", "",
+                      "torch.profiler over two training steps after the timed ones; kernel time "
+                      "per step by category, then the kernels that took the most."] + out)
+
+
 def op_section(card, res):
     recs = res.ops[card]
     if not recs:
@@ -372,7 +402,8 @@ def render(res, chart_path=None, md_dir=".", command=DEFAULT_COMMAND):
             if write_chart(card, res, path):
                 chart_link = os.path.relpath(path, md_dir).replace(os.sep, "/")
         out += ["", f"## {card}", "", header(card, res)]
-        for section in (model_section(card, res, chart_link), op_section(card, res)):
+        for section in (model_section(card, res, chart_link), profile_section(card, res),
+                        op_section(card, res)):
             if section:
                 out += ["", section]
     if res.ignored:

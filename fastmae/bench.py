@@ -25,6 +25,7 @@ import argparse
 import datetime
 import functools
 import json
+import os
 import platform
 import shlex
 import statistics
@@ -126,10 +127,11 @@ def _git(*args):
 
 
 def git_commit():
-    """Short commit of the fastmae checkout, "+dirty" when tracked files differ from it."""
+    """Short commit of the fastmae checkout, "+dirty" when tracked files differ from it
+    (FASTMAE_COMMIT where the code runs outside a git checkout)."""
     sha = _git("rev-parse", "--short=12", "HEAD")
     if not sha:
-        return "unknown"
+        return os.environ.get("FASTMAE_COMMIT", "unknown")
     dirty = _git("status", "--porcelain", "--untracked-files=no")
     return sha + ("+dirty" if dirty else "")
 
@@ -319,8 +321,9 @@ def time_train_step(step, device, steps, warmup, progress=None):
 
 
 def bench_system(key, model_name, batch, amp_dtype, steps, warmup, device, seed=0,
-                 progress=True, model_kwargs=None):
-    """Build a fresh model (same seed, so same weights for every system), time it, free it."""
+                 progress=True, model_kwargs=None, profile=False):
+    """Build a fresh model (same seed, so same weights for every system), time it, free it.
+    ``profile`` (GPU only): also break two more steps' kernel time down (``profile_train_step``)."""
     label, backend, compiled = SYSTEMS[key]
     model = build_model(model_name, device, seed=seed, **(model_kwargs or {}))
     g = torch.Generator(device=device)
@@ -332,6 +335,9 @@ def bench_system(key, model_name, batch, amp_dtype, steps, warmup, device, seed=
     try:
         with use_backend(backend):
             t = time_train_step(step, torch.device(device), steps, warmup, bar)
+            breakdown = None
+            if profile and torch.device(device).type == "cuda":
+                breakdown = profile_train_step(step, step_ms=statistics.median(t["times_ms"]))
     finally:
         if bar is not None:
             bar.close()
@@ -347,7 +353,106 @@ def bench_system(key, model_name, batch, amp_dtype, steps, warmup, device, seed=
         "ms_min": min(t["times_ms"]), "ms_max": max(t["times_ms"]),
         "images_per_s": batch / (ms * 1e-3), "peak_mem_gib": t["peak_mem_gib"],
         "first_step_s": t["first_step_s"], "steps": steps, "warmup": warmup,
+        "profile": breakdown,
     }
+
+
+# ============================================================================ profile
+
+def fastmae_kernel_names():
+    """The names fastmae's Triton kernels show in a profile (their @triton.jit functions)."""
+    import importlib
+    import pkgutil
+    import fastmae.kernels as pkg
+    names = set()
+    for info in pkgutil.iter_modules(pkg.__path__):
+        mod = importlib.import_module(f"fastmae.kernels.{info.name}")
+        for obj in vars(mod).values():
+            fn = obj
+            while hasattr(fn, "fn"):          # Autotuner / Heuristics -> JITFunction -> function
+                fn = fn.fn
+            if fn is not obj and callable(fn) and getattr(fn, "__module__", None) == mod.__name__:
+                names.add(fn.__name__)
+    return names
+
+
+_CATEGORIES = [
+    # (category, name fragments, lower-case); the first match wins
+    ("matmul (cuBLAS)", ("gemm", "nvjet", "cutlass", "xmma", "gemv", "cublas", "splitk")),
+    ("attention (SDPA)", ("flash", "fmha", "cudnn", "attention")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("torch.compile (inductor)", ("triton_",)),
+    ("reduction (torch)", ("reduce", "sum")),
+    ("copy / cast (torch)", ("memcpy", "memset", "copy", "cast", "cat", "index", "scatter", "gather", "fill", "transpose")),
+]
+
+
+def kernel_category(name, fastmae_names):
+    if name in fastmae_names:
+        return "fastmae kernels"
+    low = name.lower()
+    for category, fragments in _CATEGORIES:
+        if any(f in low for f in fragments):
+            return category
+    return "other (torch elementwise)"
+
+
+def kernel_breakdown(kernels, steps, fastmae_names, step_ms=None, top=15):
+    """Summarize GPU kernel time from a profile of ``steps`` steps. ``kernels``: (name, us)
+    pairs, one per launch. Returns per-step totals: busy ms, launches, per category, and the
+    ``top`` kernels by time."""
+    by_name = {}
+    for name, us in kernels:
+        t, n = by_name.get(name, (0.0, 0))
+        by_name[name] = (t + us, n + 1)
+    busy_us = sum(t for t, _ in by_name.values())
+    cats = {}
+    for name, (t, n) in by_name.items():
+        c = kernel_category(name, fastmae_names)
+        ct, cn = cats.get(c, (0.0, 0))
+        cats[c] = (ct + t, cn + n)
+
+    def row(name, t, n):
+        return {"name": name, "ms_per_step": t / 1e3 / steps, "launches_per_step": n / steps,
+                "share": t / busy_us if busy_us else 0.0}
+    return {
+        "steps_profiled": steps,
+        "gpu_busy_ms_per_step": busy_us / 1e3 / steps,
+        "step_ms": step_ms,
+        "launches_per_step": sum(n for _, n in by_name.values()) / steps,
+        "categories": sorted((row(c, t, n) for c, (t, n) in cats.items()),
+                             key=lambda r: -r["ms_per_step"]),
+        "top_kernels": [dict(row(k, t, n), category=kernel_category(k, fastmae_names))
+                        for k, (t, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]],
+    }
+
+
+def profile_train_step(step, steps=2, step_ms=None):
+    """Profile ``steps`` training steps on the GPU (after warm-up) and break the kernel time
+    down: fastmae kernels, cuBLAS matmuls, optimizer, other torch kernels."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    kernels = [(e.name, e.time_range.elapsed_us()) for e in prof.events()
+               if e.device_type == torch.autograd.DeviceType.CUDA]
+    return kernel_breakdown(kernels, steps, fastmae_kernel_names(), step_ms=step_ms)
+
+
+def format_breakdown(label, b):
+    lines = [f"profile of {label}: GPU busy {b['gpu_busy_ms_per_step']:.1f} ms per step"
+             + (f" of {b['step_ms']:.1f} ms" if b.get("step_ms") else "")
+             + f", {b['launches_per_step']:.0f} kernel launches per step"]
+    for r in b["categories"]:
+        lines.append(f"  {r['name']:<28} {r['ms_per_step']:8.2f} ms  {100 * r['share']:5.1f}%"
+                     f"  {r['launches_per_step']:6.0f} launches")
+    lines.append("  top kernels:")
+    for r in b["top_kernels"]:
+        lines.append(f"    {r['ms_per_step']:8.2f} ms  {100 * r['share']:5.1f}%  "
+                     f"x{r['launches_per_step']:<5.0f} {r['name'][:90]}")
+    return "\n".join(lines)
 
 
 # ============================================================================ parity
@@ -467,9 +572,23 @@ def _parser():
     p.add_argument("--parity-batch", type=int_at_least(0, "--parity-batch"), default=None,
                    help=f"batch of the parity step (default min(batch, {PARITY_BATCH_GPU}); "
                         f"{PARITY_BATCH_CPU} on a CPU; 0 skips it)")
+    p.add_argument("--systems", type=_systems_list, default=None,
+                   help="comma-separated systems to time, of " + ",".join(SYSTEMS)
+                        + " (default: fastmae,reference, and reference_compile with --compile)")
+    p.add_argument("--no-profile", action="store_true",
+                   help="skip the profiler's kernel-time breakdown of the fastmae and eager steps (GPU)")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
+
+
+def _systems_list(text):
+    keys = [k.strip() for k in text.split(",") if k.strip()]
+    bad = [k for k in keys if k not in SYSTEMS]
+    if bad or not keys:
+        raise argparse.ArgumentTypeError(
+            f"--systems: unknown system(s) {', '.join(bad) or '(none given)'}; choose from {', '.join(SYSTEMS)}")
+    return keys
 
 
 def _parse(argv):
@@ -526,12 +645,32 @@ def _main_gpu(args):
     print(f"timing: {warmup} warm-up steps (compiling/autotuning included, not timed), then "
           f"{steps} steps timed with CUDA events; median step")
     print()
-    order = ["reference", "fastmae"] + (["reference_compile"] if args.compile else [])
-    results = []
+    order = args.systems or (["reference", "fastmae"] + (["reference_compile"] if args.compile else []))
+    config = {"model": model_name, "title": MODEL_TITLES[model_name],
+              "factory": MODELS[model_name][0], "batch": batch, "dtype": args.dtype,
+              "img_size": list(img), "mask_ratio": MASK_RATIO, "norm_pix_loss": True,
+              "optimizer": "AdamW(fused=True)", "steps": steps, "warmup": warmup,
+              "compile": "reference_compile" in order, "systems": order}
+    results, parity = [], None
+
+    def save():  # after every system, so a run stopped part-way keeps what it measured
+        if not args.json:
+            return
+        _add_ratios(results, train_flops, floors)
+        _write_json(args.json, {
+            "schema": SCHEMA, "kind": "train_step", "tiny_cpu": False,
+            "env": env, "floors": floors, "config": config,
+            "flops": {"forward_per_image": fwd_flops, "training_per_image": train_flops},
+            "results": results, "parity": parity,
+            "what_ran": "GPU: every system timed on the GPU",
+            "command": args.command,
+        })
+
     for key in order:
         try:
             results.append(bench_system(key, model_name, batch, amp_dtype, steps, warmup, "cuda",
-                                        progress=progress))
+                                        progress=progress,
+                                        profile=not args.no_profile and key != "reference_compile"))
         except Exception as exc:  # noqa: BLE001 - one failing system is reported, not fatal
             label = SYSTEMS[key][0]
             msg = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
@@ -539,9 +678,18 @@ def _main_gpu(args):
                             "compiled": SYSTEMS[key][2], "error": msg})
             torch.cuda.empty_cache()
             torch._dynamo.reset()
+        r = results[-1]
+        print(f"{r['label']}: " + (f"FAILED: {r['error']}" if r.get("error") else
+                                   f"{r['ms_per_step']:.1f} ms/step, {r['images_per_s']:.0f} images/s"),
+              flush=True)
+        save()
     _add_ratios(results, train_flops, floors)
-    print(format_results(results, True, args.compile))
-    parity = None
+    print(format_results(results, True, "reference_compile" in order))
+    for r in results:
+        if r.get("profile"):
+            print()
+            print(format_breakdown(r["label"], r["profile"]))
+    print()
     pb = min(batch, PARITY_BATCH_GPU) if args.parity_batch is None else min(args.parity_batch, batch)
     if pb > 0:
         try:
@@ -552,21 +700,8 @@ def _main_gpu(args):
             parity = {"passed": False, "error": msg}
             print(f"parity [FAIL]: {msg}")
         torch.cuda.empty_cache()
-    data = {
-        "schema": SCHEMA, "kind": "train_step", "tiny_cpu": False,
-        "env": env, "floors": floors,
-        "config": {"model": model_name, "title": MODEL_TITLES[model_name],
-                   "factory": MODELS[model_name][0], "batch": batch, "dtype": args.dtype,
-                   "img_size": list(img), "mask_ratio": MASK_RATIO, "norm_pix_loss": True,
-                   "optimizer": "AdamW(fused=True)", "steps": steps, "warmup": warmup,
-                   "compile": args.compile},
-        "flops": {"forward_per_image": fwd_flops, "training_per_image": train_flops},
-        "results": results, "parity": parity,
-        "what_ran": "GPU: every system timed on the GPU",
-        "command": args.command,
-    }
+    save()
     if args.json:
-        _write_json(args.json, data)
         print(f"wrote {args.json}")
     failed = any(r.get("error") for r in results) or (parity is not None and not parity.get("passed"))
     return 1 if failed else 0

@@ -73,6 +73,7 @@ def test_bench_cpu_runs_tiny_configuration_and_writes_json(tmp_path, capsys):
     (["--dtype", "int8"], "invalid choice: 'int8'"),
     (["--warmup", "-1"], "--warmup must be an integer >= 0, got -1"),
     (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["--systems", "fastmae,turbo"], "--systems: unknown system(s) turbo"),
 ])
 def test_bench_bad_flags(capsys, argv, message):
     rc = cli.main(["bench", *argv])
@@ -114,6 +115,33 @@ def test_format_results_gpu_columns():
     assert results[1]["speedup_vs_eager"] == pytest.approx(2.0)
 
 
+def test_kernel_breakdown_sums_and_categories():
+    """The profile summary: per-step totals, categories by kernel name, fastmae kernels named by
+    their @triton.jit functions."""
+    names = bench.fastmae_kernel_names()
+    assert {"_attn_fwd", "_layer_norm_fwd", "_bias_gelu_bwd", "_masked_mse_fwd"} <= names
+    # FIXTURE: made-up kernel durations (us), two profiled steps
+    kernels = [("_attn_fwd", 300.0), ("_attn_fwd", 340.0),
+               ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT", 1000.0),
+               ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT", 1000.0),
+               ("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>", 60.0),
+               ("void at::native::vectorized_elementwise_kernel<4, CUDAFunctor_add>", 20.0)]
+    b = bench.kernel_breakdown(kernels, 2, names, step_ms=2.0)
+    assert b["gpu_busy_ms_per_step"] == pytest.approx(1.36)
+    assert b["launches_per_step"] == 3
+    cats = {c["name"]: c for c in b["categories"]}
+    assert cats["matmul (cuBLAS)"]["ms_per_step"] == pytest.approx(1.0)
+    assert cats["fastmae kernels"]["ms_per_step"] == pytest.approx(0.32)
+    assert cats["optimizer"]["launches_per_step"] == 0.5
+    assert cats["other (torch elementwise)"]["share"] == pytest.approx(20 / 2720)
+    assert b["categories"][0]["name"] == "matmul (cuBLAS)"
+    assert b["top_kernels"][1] == {"name": "_attn_fwd", "ms_per_step": pytest.approx(0.32),
+                                   "launches_per_step": 1.0, "share": pytest.approx(640 / 2720),
+                                   "category": "fastmae kernels"}
+    text = bench.format_breakdown("fastmae", b)
+    assert "GPU busy 1.4 ms per step of 2.0 ms" in text and "_attn_fwd" in text
+
+
 # ----------------------------------------------------------------------------- BENCHMARKS.md writer
 
 FIXTURE_ENV = {"device": "cuda", "gpu": "FIXTURE-GPU-A", "driver": "0.0-fixture", "cuda": "0.0",
@@ -130,13 +158,16 @@ def _fixture_step(card="FIXTURE-GPU-A", ms=(111.0, 55.5, 88.8)):
     def row(system, label, m):
         return {"system": system, "label": label, "ms_per_step": m, "images_per_s": 256 / (m / 1e3),
                 "peak_mem_gib": 12.5, "first_step_s": 1.0, "mfu": 0.3}
+    rows = [row("reference", "reference, eager", ms[0]),
+            row("fastmae", "fastmae (triton kernels)", ms[1]),
+            row("reference_compile", "reference, torch.compile", ms[2])]
+    rows[1]["profile"] = bench.kernel_breakdown(
+        [("_attn_fwd", 4321.0), ("nvjet_tst_fixture", 30000.0)], 1, {"_attn_fwd"}, step_ms=ms[1])
     return {
         "schema": "fastmae-bench/1", "kind": "train_step", "tiny_cpu": False, "env": env,
         "floors": FIXTURE_FLOORS,
         "config": {"model": "vit_b16", "batch": 256, "dtype": "bf16"},
-        "results": [row("reference", "reference, eager", ms[0]),
-                    row("fastmae", "fastmae (triton kernels)", ms[1]),
-                    row("reference_compile", "reference, torch.compile", ms[2])],
+        "results": rows,
         "parity": {"passed": True, "batch": 32, "dtype": "bf16", "exact": "reference in fp32",
                    "loss_fastmae": 1.25, "loss_reference": 1.25, "grad_err": 3e-3,
                    "grad_worst": "blocks.0.norm1.weight", "grad_err_eager": 4e-3, "mask_equal": True},
@@ -177,6 +208,10 @@ def test_writer_on_fixture(tmp_path):
     assert re.search(r"\| ViT-B/16, 256, bf16 \| fastmae \(triton kernels\) \| 55\.5 \| 4613 \| 30% \| "
                      r"12\.5 \| 2\.00x \| 1\.60x \|", md)
     assert "parity passed" in md
+    # profile: the fastmae step's kernel time by category and by kernel
+    assert "#### ViT-B/16, batch 256, fastmae (triton kernels)" in md
+    assert "GPU busy 34.3 ms per step of a 55.5 ms step" in md
+    assert re.search(r"\| `_attn_fwd` \| fastmae kernels \| 4\.32 \| 13% \| 1 \|", md)
     # op table: time, speed-up, GB/s, fraction of floor
     assert re.search(r"\| bias_gelu_enc \| fwd \| M=12800 D=3072 \| bf16 \(amp bf16\) \| 12\.3 \| 49\.2 \| "
                      r"4\.00x \| 813 GB/s \| 10\.0 \| 81% \| 20% \|", md)
