@@ -23,8 +23,8 @@ import torch
 
 from fastmae import testing
 from fastmae.backend import use_backend
-from fastmae.bench import (MODELS, SYSTEMS, build_model, make_train_step, step_parity,
-                           time_train_step, training_flops_per_image)
+from fastmae.bench import (GPU_ONLY_SYSTEMS, MODELS, SYSTEMS, build_model, make_train_step,
+                           step_parity, time_train_step, training_flops_per_image)
 from fastmae.check import model_step_grads, parity_limit
 
 PARITY_BATCH = 32
@@ -86,6 +86,8 @@ def test_train_step(benchmark, mae_model, mae_batch, system, device, floors, env
     batch = mae_batch or (MODELS[mae_model][1] if device == "cuda" else 2)
     amp = _amp(device)
     label, backend, compiled = SYSTEMS[system]
+    if system in GPU_ONLY_SYSTEMS and device != "cuda":
+        pytest.skip(f"{label}: CUDA graphs need a GPU")
 
     if system == "fastmae":
         par = _fastmae_parity(mae_model, min(batch, PARITY_BATCH), device)
@@ -95,7 +97,8 @@ def test_train_step(benchmark, mae_model, mae_batch, system, device, floors, env
     imgs, noise = _inputs(model, batch, device)
     compile_backend = "inductor" if device == "cuda" else "aot_eager"
     step, _, fwd = make_train_step(model, imgs, amp, compiled=compiled, noise=noise,
-                                   compile_backend=compile_backend)
+                                   compile_backend=compile_backend,
+                                   cuda_graph=system in GPU_ONLY_SYSTEMS, backend=backend)
     if compiled:
         # the full batch: the graph checked is the graph timed (a smaller one would recompile)
         problems = _compiled_parity(model, fwd, imgs, noise, amp)

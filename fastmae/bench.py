@@ -22,6 +22,7 @@ the CPU on a tiny configuration, and checks the triton path's parity through Tri
 interpreter, and says so.
 """
 import argparse
+import contextlib
 import datetime
 import functools
 import json
@@ -59,11 +60,14 @@ PARITY_BATCH_GPU = 32
 PARITY_BATCH_CPU = 1
 
 SYSTEMS = {
-    # key: (label, backend, compiled)
+    # key: (label, backend, compiled); a "_graph" system is its base replayed as one CUDA graph
     "fastmae": ("fastmae (triton kernels)", "triton", False),
     "reference": ("reference, eager", "torch", False),
     "reference_compile": ("reference, torch.compile", "torch", True),
+    "fastmae_graph": ("fastmae + CUDA graph", "triton", False),
+    "reference_graph": ("reference + CUDA graph", "torch", False),
 }
+GPU_ONLY_SYSTEMS = ("fastmae_graph", "reference_graph")
 
 
 # ============================================================================ FLOPs
@@ -234,14 +238,22 @@ def _param_groups(model, weight_decay=0.05):
 
 
 def make_train_step(model, imgs, amp_dtype, compiled=False, mask_ratio=MASK_RATIO, noise=None,
-                    compile_backend="inductor"):
+                    compile_backend="inductor", cuda_graph=False, backend=None):
     """A closure running one training step (forward + backward + AdamW) on ``imgs``: fused AdamW
     on CUDA, a GradScaler under fp16 autocast, no autocast for fp32. ``noise`` fixes the mask
     (default: fresh torch.rand noise each step, as in training). ``compiled`` wraps the model in
-    ``torch.compile(backend=compile_backend)``. Returns (step, optimizer, the module called)."""
+    ``torch.compile(backend=compile_backend)``. ``cuda_graph`` (CUDA, bf16/fp32): the whole step
+    is captured once into a CUDA graph and each call replays it (see ``_graphed_step``);
+    ``backend`` is the fastmae backend it is captured under. Returns (step, optimizer, the
+    module called)."""
     device = imgs.device
     lr = 1.5e-4 * imgs.shape[0] / 256
     opt_kw = {"fused": True} if device.type == "cuda" else {}
+    if cuda_graph:
+        if device.type != "cuda" or amp_dtype == torch.float16 or compiled:
+            raise ValueError("cuda_graph: a CUDA step in bf16 or fp32, not compiled "
+                             "(the fp16 GradScaler reads its overflow flag on the host)")
+        opt_kw["capturable"] = True
     opt = torch.optim.AdamW(_param_groups(model), lr=lr, betas=(0.9, 0.95), **opt_kw)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     fwd = torch.compile(model, backend=compile_backend) if compiled else model
@@ -260,7 +272,35 @@ def make_train_step(model, imgs, amp_dtype, compiled=False, mask_ratio=MASK_RATI
         opt.zero_grad(set_to_none=True)
         return loss
 
+    if cuda_graph:
+        return _graphed_step(step, opt, backend), opt, fwd
     return step, opt, fwd
+
+
+def _graphed_step(step, opt, backend, warmup=3):
+    """Capture ``step`` (forward, backward, optimizer step; the mask's torch.rand included: its
+    Philox offsets advance on every replay) into one CUDA graph, after ``warmup`` eager steps on a
+    side stream that compile and autotune every kernel. Gradients are set to None before the
+    capture, so the captured backward writes them into the graph's memory pool and the captured
+    optimizer step reads them there; each replay recomputes them. Returns a closure that
+    replays the graph and returns the captured loss tensor."""
+    ctx = use_backend(backend) if backend else contextlib.nullcontext()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with ctx, torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with ctx, torch.cuda.graph(graph):
+        loss = step()  # its trailing zero_grad(set_to_none) only drops the Python references
+
+    def replay():
+        graph.replay()
+        return loss
+    replay.graph = graph
+    return replay
 
 
 def _progress(total, desc, enabled):
@@ -330,7 +370,10 @@ def bench_system(key, model_name, batch, amp_dtype, steps, warmup, device, seed=
     g.manual_seed(seed + 1)
     H, W = model.patch_embed.img_size
     imgs = torch.randn(batch, model.in_chans, H, W, device=device, generator=g)
-    step, opt, _ = make_train_step(model, imgs, amp_dtype, compiled=compiled)
+    t_make = time.perf_counter()
+    step, opt, _ = make_train_step(model, imgs, amp_dtype, compiled=compiled,
+                                   cuda_graph=key in GPU_ONLY_SYSTEMS, backend=backend)
+    t_make = time.perf_counter() - t_make  # a graphed step compiles and captures here
     bar = _progress(warmup + steps, label, progress)
     try:
         with use_backend(backend):
@@ -352,7 +395,7 @@ def bench_system(key, model_name, batch, amp_dtype, steps, warmup, device, seed=
         "ms_per_step": ms, "ms_mean": statistics.fmean(t["times_ms"]),
         "ms_min": min(t["times_ms"]), "ms_max": max(t["times_ms"]),
         "images_per_s": batch / (ms * 1e-3), "peak_mem_gib": t["peak_mem_gib"],
-        "first_step_s": t["first_step_s"], "steps": steps, "warmup": warmup,
+        "first_step_s": t["first_step_s"] + t_make, "steps": steps, "warmup": warmup,
         "profile": breakdown,
     }
 
@@ -670,7 +713,7 @@ def _main_gpu(args):
         try:
             results.append(bench_system(key, model_name, batch, amp_dtype, steps, warmup, "cuda",
                                         progress=progress,
-                                        profile=not args.no_profile and key != "reference_compile"))
+                                        profile=not args.no_profile and key in ("fastmae", "reference")))
         except Exception as exc:  # noqa: BLE001 - one failing system is reported, not fatal
             label = SYSTEMS[key][0]
             msg = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]

@@ -584,16 +584,15 @@ def _(x, residual, weight, bias, eps, out_dtype):
 
 @torch.library.custom_op("fastmae::layer_norm_bwd", mutates_args=())
 def _layer_norm_bwd_op(dy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor,
-                       ds: Tensor | None, dx_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+                       ds: Tensor | None, dx_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     from fastmae.kernels.layer_norm import layer_norm_bwd as launch
     return launch(dy, x, weight, mean, rstd, ds=ds, dx_dtype=dx_dtype)
 
 
 @_layer_norm_bwd_op.register_fake
 def _(dy, x, weight, mean, rstd, ds, dx_dtype):
-    D = weight.shape[0]
-    return (x.new_empty(x.shape, dtype=dx_dtype), weight.new_empty(D, dtype=torch.float32),
-            weight.new_empty(D, dtype=torch.float32))
+    # dwb: the weight (row 0) and bias (row 1) gradients, fp32
+    return x.new_empty(x.shape, dtype=dx_dtype), weight.new_empty(2, weight.shape[0], dtype=torch.float32)
 
 
 def _layer_norm_setup(ctx, inputs, output):
@@ -606,8 +605,8 @@ def _layer_norm_setup(ctx, inputs, output):
 
 def _layer_norm_backward(ctx, dy, _m, _r):
     x, weight, mean, rstd = ctx.saved_tensors
-    dx, dw, db = _layer_norm_bwd_op(dy, x, weight, mean, rstd, None, ctx.dtypes[0])
-    return dx, dw.to(ctx.dtypes[1]), db.to(ctx.dtypes[2]), None, None
+    dx, dwb = _layer_norm_bwd_op(dy, x, weight, mean, rstd, None, ctx.dtypes[0])
+    return dx, dwb[0].to(ctx.dtypes[1]), dwb[1].to(ctx.dtypes[2]), None, None
 
 
 _layer_norm_op.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup)
@@ -616,16 +615,16 @@ _layer_norm_op.register_autograd(_layer_norm_backward, setup_context=_layer_norm
 @torch.library.custom_op("fastmae::add_layer_norm_bwd", mutates_args=())
 def _add_layer_norm_bwd_op(dy: Tensor, s: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor,
                            ds: Tensor | None, ds_dtype: torch.dtype,
-                           dx_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                           dx_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     from fastmae.kernels.layer_norm import layer_norm_bwd as launch
     return launch(dy, s, weight, mean, rstd, ds=ds, dx_dtype=ds_dtype, dx2_dtype=dx_dtype)
 
 
 @_add_layer_norm_bwd_op.register_fake
 def _(dy, s, weight, mean, rstd, ds, ds_dtype, dx_dtype):
-    D = weight.shape[0]
-    return (s.new_empty(s.shape, dtype=ds_dtype), weight.new_empty(D, dtype=torch.float32),
-            weight.new_empty(D, dtype=torch.float32), s.new_empty(s.shape, dtype=dx_dtype))
+    return (s.new_empty(s.shape, dtype=ds_dtype),
+            weight.new_empty(2, weight.shape[0], dtype=torch.float32),
+            s.new_empty(s.shape, dtype=dx_dtype))
 
 
 def _add_layer_norm_setup(ctx, inputs, output):
@@ -641,11 +640,11 @@ def _add_layer_norm_backward(ctx, ds, dy, _m, _r):
     s, weight, mean, rstd = ctx.saved_tensors
     x_dtype, r_dtype, w_dtype, b_dtype = ctx.dtypes
     if x_dtype == r_dtype:
-        dsum, dw, db = _layer_norm_bwd_op(dy, s, weight, mean, rstd, ds, r_dtype)
-        return dsum, dsum, dw.to(w_dtype), db.to(b_dtype), None, None
+        dsum, dwb = _layer_norm_bwd_op(dy, s, weight, mean, rstd, ds, r_dtype)
+        return dsum, dsum, dwb[0].to(w_dtype), dwb[1].to(b_dtype), None, None
     # under autocast: the fp32 residual-stream gradient and the bf16 branch gradient, one pass
-    dsum, dw, db, dx = _add_layer_norm_bwd_op(dy, s, weight, mean, rstd, ds, r_dtype, x_dtype)
-    return dx, dsum, dw.to(w_dtype), db.to(b_dtype), None, None
+    dsum, dwb, dx = _add_layer_norm_bwd_op(dy, s, weight, mean, rstd, ds, r_dtype, x_dtype)
+    return dx, dsum, dwb[0].to(w_dtype), dwb[1].to(b_dtype), None, None
 
 
 _add_layer_norm_op.register_autograd(_add_layer_norm_backward, setup_context=_add_layer_norm_setup)

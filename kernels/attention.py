@@ -16,7 +16,8 @@ saved for the backward.
 Backward (`attention_bwd`), deterministic (no atomics), nothing of size N x N in global memory:
 - short sequences (one key tile of next_pow2(N) x next_pow2(d) <= _FUSED_BWD_MAX_TILE elements,
   half that for fp32; e.g. N = 50 with d <= 128, N = 197 with d = 32, but not N = 65 with d = 80,
-  nor N = 257): ONE fused kernel per batch*head keeps all keys
+  nor N = 257), where timing the first call finds it faster than the two-kernel path (see
+  `_bwd_strategy`): ONE fused kernel per batch*head keeps all keys
   and values in registers, sweeps the query blocks once, and computes dQ (complete, since every
   key is in the tile), dK and dV; delta = rowsum(dO * O) is computed inline.
 - otherwise two kernels: `_attn_bwd_dq` over query blocks (sweeps the keys; also writes delta),
@@ -591,6 +592,30 @@ def _grad_buffers(q, k, v, dq, dk, dv):
         for g, t in ((dq, q), (dk, k), (dv, v)))
 
 
+# Where the fused backward is possible, it and the two-kernel one are both timed on the first
+# call of each (B*H, N, d, dtype, device) and the faster is kept (each is deterministic on its
+# own). FASTMAE_ATTN_BWD=fused|split forces one; the interpreter and a call during CUDA-graph
+# capture take the fused one without timing.
+_BWD_STRATEGIES = ("fused", "split")
+_BWD_CHOICE = {}
+
+
+def _bwd_strategy(key, fused, split):
+    forced = os.environ.get("FASTMAE_ATTN_BWD", "").strip().lower()
+    if forced:
+        if forced not in _BWD_STRATEGIES:
+            raise ValueError(f"FASTMAE_ATTN_BWD must be one of {_BWD_STRATEGIES}, got {forced!r}")
+        return forced
+    if key in _BWD_CHOICE:
+        return _BWD_CHOICE[key]
+    if interpreting() or key[-1].type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return "fused"
+    from triton.testing import do_bench
+    times = {"fused": do_bench(fused, warmup=5, rep=20), "split": do_bench(split, warmup=5, rep=20)}
+    _BWD_CHOICE[key] = min(times, key=times.get)
+    return _BWD_CHOICE[key]
+
+
 def attention_bwd(do, q, k, v, o, lse, scale: float, dq=None, dk=None, dv=None):
     """Gradients of o = softmax(q k^T * scale) v given do = dL/do, o and lse from attention_fwd.
 
@@ -613,8 +638,7 @@ def attention_bwd(do, q, k, v, o, lse, scale: float, dq=None, dk=None, dv=None):
     precision = _dot_precision(q.dtype)
     common_strides = (*q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq_w.stride())
 
-    fused_limit = _FUSED_BWD_MAX_TILE // (2 if q.dtype == torch.float32 else 1)  # fp32: CUDA-core dots
-    if block_n_all <= _MAX_TILE_ROWS and block_n_all * block_d <= fused_limit:
+    def fused():
         # One program per (batch, head) holds every key: dQ, dK, dV and delta in one pass.
         _attn_bwd_fused_tuned[(B * H, 1)](
             q, k, v, o, do, dq_w, dk_w, dv_w, lse, lse, sm_scale, qk_scale,
@@ -622,7 +646,8 @@ def attention_bwd(do, q, k, v, o, lse, scale: float, dq=None, dk=None, dv=None):
             H, N,
             HEAD_DIM=d, BLOCK_N=block_n_all, BLOCK_D=block_d, FUSE_DQ=True, DOT_PRECISION=precision,
         )
-    else:
+
+    def split():
         delta = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
         _attn_bwd_dq_tuned[lambda meta: (B * H, triton.cdiv(N, meta["BLOCK_M"]))](
             q, k, v, o, do, dq_w, lse, delta, sm_scale, qk_scale,
@@ -636,6 +661,13 @@ def attention_bwd(do, q, k, v, o, lse, scale: float, dq=None, dk=None, dv=None):
             H, N,
             HEAD_DIM=d, BLOCK_D=block_d, FUSE_DQ=False, DOT_PRECISION=precision,
         )
+
+    fused_limit = _FUSED_BWD_MAX_TILE // (2 if q.dtype == torch.float32 else 1)  # fp32: CUDA-core dots
+    can_fuse = block_n_all <= _MAX_TILE_ROWS and block_n_all * block_d <= fused_limit
+    if can_fuse and _bwd_strategy((B * H, N, d, q.dtype, q.device), fused, split) == "fused":
+        fused()
+    else:
+        split()
     for w, g in ((dq_w, dq), (dk_w, dk), (dv_w, dv)):
         if w is not g:
             g.copy_(w)

@@ -201,28 +201,30 @@ def layer_norm_bwd(dy, s_or_x, weight, mean, rstd, ds=None, dx_dtype=None, dx2_d
 
     dy (M, D) any strides (expanded is fine); s_or_x (M, D) the LayerNorm's input; ds (M, D) or
     None, the gradient reaching s from the residual path, added to dx. Returns (dx (M, D)
-    dx_dtype (default: s_or_x's dtype) contiguous, dweight (D,) fp32, dbias (D,) fp32); in the
-    fused case dx is the gradient of both x and residual. With dx2_dtype, dx is also written in
-    that dtype in the same pass and returned fourth (the fused block's branch gradient in bf16
-    beside the fp32 residual-stream gradient, without a cast pass)."""
+    dx_dtype (default: s_or_x's dtype) contiguous, dwb (2, D) fp32: the weight gradient in row 0
+    and the bias gradient in row 1, one reduction for both); in the fused case dx is the
+    gradient of both x and residual. With dx2_dtype, dx is also written in that dtype in the
+    same pass and returned third (the fused block's branch gradient in bf16 beside the fp32
+    residual-stream gradient, without a cast pass)."""
     M, D = s_or_x.shape
     if s_or_x.stride(1) != 1:
         s_or_x = s_or_x.contiguous()  # no copy in the common case (the saved s / x)
     device = s_or_x.device
     dx = _empty((M, D), dx_dtype if dx_dtype is not None else s_or_x.dtype, device)
     if M == 0:
-        zeros = torch.zeros(D, dtype=torch.float32, device=device)
+        zeros = torch.zeros((2, D), dtype=torch.float32, device=device)
         if dx2_dtype is not None:
-            return dx, zeros, zeros.clone(), _empty((M, D), dx2_dtype, device)
-        return dx, zeros, zeros.clone()
+            return dx, zeros, _empty((M, D), dx2_dtype, device)
+        return dx, zeros
     block_d = next_pow2(D)
     rows = _tile_rows(block_d)
     warps = _num_warps(block_d)
     programs = _bwd_num_programs(M, rows, warps, device)
     rows_per_program = triton.cdiv(triton.cdiv(M, programs), rows) * rows
     programs = triton.cdiv(M, rows_per_program)
-    dw_part = _empty((programs, D), torch.float32, device)
-    db_part = _empty((programs, D), torch.float32, device)
+    # weight and bias partials in one buffer: one reduction launch for both
+    partials = _empty((2, programs, D), torch.float32, device)
+    dw_part, db_part = partials[0], partials[1]
     has_ds = ds is not None
     ds_arg = ds if has_ds else dy  # placeholder, never touched
     dx2 = _empty((M, D), dx2_dtype, device) if dx2_dtype is not None else None
@@ -235,6 +237,7 @@ def layer_norm_bwd(dy, s_or_x, weight, mean, rstd, ds=None, dx_dtype=None, dx2_d
         num_warps=warps,
     )
     # second, deterministic reduction over the per-program partial sums
+    dwb = partials.sum(1)
     if dx2 is not None:
-        return dx, dw_part.sum(0), db_part.sum(0), dx2
-    return dx, dw_part.sum(0), db_part.sum(0)
+        return dx, dwb, dx2
+    return dx, dwb

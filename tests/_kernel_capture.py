@@ -288,7 +288,17 @@ def _scenarios(name):
                     o, lse = at.attention_fwd(q, k, v, d ** -0.5, out=out)
                     do = empty(B, N, H, d, dtype=dt).transpose(1, 2)
                     dq, dk, dv = empty(B, N, 3, H, d, dtype=dt).permute(2, 0, 3, 1, 4).unbind(0)
-                    at.attention_bwd(do, q, k, v, o, lse, d ** -0.5, dq=dq, dk=dk, dv=dv)
+                    # both backward strategies: on a GPU the faster is chosen by timing
+                    saved = os.environ.get("FASTMAE_ATTN_BWD")
+                    try:
+                        for strategy in ("fused", "split"):
+                            os.environ["FASTMAE_ATTN_BWD"] = strategy
+                            at.attention_bwd(do, q, k, v, o, lse, d ** -0.5, dq=dq, dk=dk, dv=dv)
+                    finally:
+                        if saved is None:
+                            os.environ.pop("FASTMAE_ATTN_BWD", None)
+                        else:
+                            os.environ["FASTMAE_ATTN_BWD"] = saved
                 yield f"attention N={N} H={H} d={d} {dt}", run
 
     elif name == "layer_norm":

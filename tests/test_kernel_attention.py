@@ -136,6 +136,24 @@ def test_strided_layouts(layout, N, d, device):
     _check(case["q"], case["k"], case["v"], _do_like(case["q"]), d ** -0.5)
 
 
+@pytest.mark.parametrize("strategy", ["fused", "split"])
+@pytest.mark.parametrize("N,d", [(7, 64), (50, 32), (197, 32)])
+def test_backward_strategies_both_correct(strategy, N, d, device, monkeypatch):
+    """Where the fused backward applies, the two-kernel one is also timed and may be the one
+    kept: both are checked on the shapes that allow either (FASTMAE_ATTN_BWD forces one)."""
+    monkeypatch.setenv("FASTMAE_ATTN_BWD", strategy)
+    B, H = (2, 3) if N < 197 else (1, 2)
+    case = attention_case(B, H, N, d, "qkv", device=device, seed=N + d)
+    _check(case["q"], case["k"], case["v"], _do_like(case["q"]), d ** -0.5)
+
+
+def test_backward_strategy_env_is_checked(device, monkeypatch):
+    monkeypatch.setenv("FASTMAE_ATTN_BWD", "fastest")
+    case = attention_case(1, 1, 7, 32, "contiguous", device=device, seed=0)
+    with pytest.raises(ValueError, match="FASTMAE_ATTN_BWD must be one of"):
+        _run(case["q"], case["k"], case["v"], _do_like(case["q"]), 32 ** -0.5)
+
+
 def test_long_sequence_multi_key_blocks(device):
     """N = 300 > 256: the forward loops over key blocks, the backward runs the two-kernel path."""
     case = attention_case(1, 2, 300, 32, "qkv", device=device, seed=3)

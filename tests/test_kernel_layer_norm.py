@@ -56,7 +56,7 @@ def _run(case, dy, ds):
     y, s, mean, rstd = ln.layer_norm_fwd(case["x"], case["weight"], case["bias"], case["eps"],
                                          case["x"].dtype, residual=case.get("residual"))
     saved = s if s is not None else case["x"]
-    dx, dw, db = ln.layer_norm_bwd(dy, saved, case["weight"], mean, rstd, ds=ds,
+    dx, (dw, db) = ln.layer_norm_bwd(dy, saved, case["weight"], mean, rstd, ds=ds,
                                    dx_dtype=case["x"].dtype)
     return dict(y=y, s=s, mean=mean, rstd=rstd, dx=dx, dw=dw, db=db)
 
@@ -147,7 +147,7 @@ def test_layer_norm_empty(device):
     y, s, mean, rstd = ln.layer_norm_fwd(case["x"], case["weight"], case["bias"], case["eps"],
                                          torch.float32, residual=case["residual"])
     assert y.shape == (0, 40) and s.shape == (0, 40) and mean.shape == (0,)
-    dx, dw, db = ln.layer_norm_bwd(torch.empty(0, 40, device=device), s, case["weight"], mean,
+    dx, (dw, db) = ln.layer_norm_bwd(torch.empty(0, 40, device=device), s, case["weight"], mean,
                                    rstd, dx_dtype=torch.float32)
     assert dx.shape == (0, 40) and torch.equal(dw, torch.zeros(40, device=device))
     assert torch.equal(db, torch.zeros(40, device=device))
@@ -204,12 +204,13 @@ def test_layer_norm_low_precision(M, D, residual, dtype, atol):
 
     y, s, mean, rstd = ln.layer_norm_fwd(x, w, b, eps, dtype, residual=r)
     assert y.dtype == dtype and (s is None or s.dtype == torch.float32)
-    dx, dw, db = ln.layer_norm_bwd(dy, s if s is not None else x, w, mean, rstd, ds=ds,
+    dx, (dw, db) = ln.layer_norm_bwd(dy, s if s is not None else x, w, mean, rstd, ds=ds,
                                    dx_dtype=dtype)
     assert dx.dtype == dtype and dw.dtype == torch.float32
     for name, got, e, eg in zip(("y", "dx", "dweight", "dbias"), (y, dx, dw, db), exp, eager):
         limit = 2 * rel_err(eg, e) + atol
         assert_rel_close(got, e, limit, name)
-    again = ln.layer_norm_bwd(dy, s if s is not None else x, w, mean, rstd, ds=ds, dx_dtype=dtype)
-    for first, second in zip((dx, dw, db), again):
+    again_dx, (again_dw, again_db) = ln.layer_norm_bwd(dy, s if s is not None else x, w, mean,
+                                                       rstd, ds=ds, dx_dtype=dtype)
+    for first, second in zip((dx, dw, db), (again_dx, again_dw, again_db)):
         assert torch.equal(first, second)
