@@ -161,6 +161,9 @@ def main(argv=None):
         prof = prof or p_
         graph_s = f"{graph:19.1f}" if isinstance(graph, float) else "  " + graph
         print(f"  {label:<10} {host:19.1f} {eager:14.1f} {graph_s}", flush=True)
+    from fastmae.kernels import attention
+    print("\nattention backward strategies kept (B*H, N, d, dtype): "
+          + "; ".join(f"{k[:4]} -> {v}" for k, v in attention._BWD_CHOICE.items()))
     if prof is not None:
         out = io.StringIO()
         pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(args.profile_top)
