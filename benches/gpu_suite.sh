@@ -5,19 +5,22 @@
 #
 # Most important first, each stage under its own time limit, every stage's output kept in
 # OUTDIR as it is written (a run cut short still leaves what it measured):
-# 1. `fastmae bench --compile` for ViT-B/16 (fastmae, the eager reference, torch.compile of it,
-#    with the profiler's kernel breakdown and the parity step) -> OUTDIR/step_vit_b16.json;
-# 2. `fastmae bench` for ViT-L/16 (fastmae and the eager reference) -> OUTDIR/step_vit_l16.json;
-# 3. the GPU correctness tests (pytest tests -m cuda; attention autotuning off, for compile time);
-# 4. the op suites (benches/bench_ops.py) at the ViT-B/16 shapes -> OUTDIR/ops.json;
-# 5. BENCHMARKS.md and benches/images_per_s.png rewritten from those files (copies in OUTDIR),
+# 1. `fastmae bench --compile` for ViT-B/16: parity on one shared step, then the eager reference,
+#    fastmae, fastmae + CUDA graph and torch.compile of the reference, with the profiler's
+#    kernel breakdown -> OUTDIR/step_vit_b16.json;
+# 2. the issue's GPU training test: 20 AdamW steps of ViT-B/16 against the eager reference;
+# 3. `fastmae bench` for ViT-L/16 (reference, fastmae, fastmae + CUDA graph) -> step_vit_l16.json;
+# 4. the other GPU correctness tests (pytest tests -m cuda; attention autotuning off);
+# 5. the op suites (benches/bench_ops.py) at the ViT-B/16 shapes -> OUTDIR/ops.json;
+# 6. BENCHMARKS.md and benches/images_per_s.png rewritten from those files (copies in OUTDIR),
 #    and a short table last.
-# About 7 minutes on an H200 (most of it torch.compile of the reference, Triton compiles and
-# autotuning).
+# Stages 1-3 take about 4.5 minutes on an H200 (most of it Triton compiles and autotuning on a
+# fresh machine, and torch.compile of the reference); 4-5 about 3 more.
 #
-# Knobs (environment): STEPS=15, WARMUP=3, L_MODEL=vit_l16 (empty: skip), OP_MODELS=vit_b16,
-# TEST_WORKERS=8, B_TIMEOUT=200, L_TIMEOUT=90, TEST_TIMEOUT=100, OPS_TIMEOUT=60, SKIP_TESTS=0,
-# SKIP_OPS=0, PYTHON=python3.
+# Knobs (environment): STEPS=10, WARMUP=3, L_MODEL=vit_l16 (empty: skip), OP_MODELS=vit_b16,
+# TEST_WORKERS=8, B_TIMEOUT=170, TRAIN_TEST_TIMEOUT=45, L_TIMEOUT=70, TEST_TIMEOUT=120,
+# OPS_TIMEOUT=90, SKIP_TRAIN_TEST=0, SKIP_TESTS=0, SKIP_OPS=0, PYTHON=python3, SUITE_COMMAND (the
+# command BENCHMARKS.md names as the one that reproduces it).
 set -uo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -26,7 +29,7 @@ mkdir -p "$OUTDIR"
 OUTDIR="$(cd "$OUTDIR" && pwd)"
 PY="${PYTHON:-python3}"
 OP_MODELS="${OP_MODELS:-vit_b16}"
-STEPS="${STEPS:-15}"
+STEPS="${STEPS:-10}"
 WARMUP="${WARMUP:-3}"
 export PYTHONUNBUFFERED=1
 LOG="$OUTDIR/suite.log"
@@ -60,7 +63,7 @@ import torch, triton
 print(f"GPU {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}")
 EOF
 
-# ---------------------------------------------------------------- 1-2. training step
+# ---------------------------------------------------------------- 1-3. training step
 step_bench() {  # model timeout extra-args...
     local m=$1 limit=$2
     shift 2
@@ -69,25 +72,35 @@ step_bench() {  # model timeout extra-args...
         --steps "$STEPS" --warmup "$WARMUP" --no-progress --json "$OUTDIR/step_$m.json" \
         || { say "fastmae bench --model $m failed or timed out"; STATUS=1; }
 }
-say "1/5 training step, ViT-B/16"
-step_bench vit_b16 "${B_TIMEOUT:-200}" --compile
-if [ -n "${L_MODEL-vit_l16}" ]; then
-    say "2/5 training step, ${L_MODEL-vit_l16}"
-    step_bench "${L_MODEL-vit_l16}" "${L_TIMEOUT:-90}" --systems reference,fastmae
+say "1/6 training step, ViT-B/16"
+step_bench vit_b16 "${B_TIMEOUT:-170}" --compile
+
+# ---------------------------------------------------------------- 2. the training test
+if [ "${SKIP_TRAIN_TEST:-0}" != "1" ]; then
+    say "2/6 GPU training test: 20 AdamW steps of ViT-B/16, fastmae against the eager reference"
+    run timeout "${TRAIN_TEST_TIMEOUT:-45}" "$PY" -m pytest "$REPO/tests/test_model_triton.py" -m cuda \
+        -k trains_like_the_reference -q -p no:cacheprovider -rfE --tb=short \
+        || { say "GPU training test failed or timed out"; STATUS=1; }
 fi
 
-# ---------------------------------------------------------------- 3. correctness
+if [ -n "${L_MODEL-vit_l16}" ]; then
+    say "3/6 training step, ${L_MODEL-vit_l16}"
+    step_bench "${L_MODEL-vit_l16}" "${L_TIMEOUT:-70}" --systems reference,fastmae,fastmae_graph
+fi
+
+# ---------------------------------------------------------------- 4. correctness
 if [ "${SKIP_TESTS:-0}" != "1" ]; then
-    say "3/5 GPU correctness tests: pytest tests -m cuda"
+    say "4/6 GPU correctness tests: pytest tests -m cuda"
     XDIST=()
     if [ "${TEST_WORKERS:-8}" -gt 1 ] && "$PY" -c "import xdist" 2>/dev/null; then
         XDIST=(-n "${TEST_WORKERS:-8}")
     fi
-    FASTMAE_ATTN_AUTOTUNE=0 run timeout "${TEST_TIMEOUT:-100}" "$PY" -m pytest "$REPO/tests" -m cuda \
+    FASTMAE_ATTN_AUTOTUNE=0 run timeout "${TEST_TIMEOUT:-120}" "$PY" -m pytest "$REPO/tests" -m cuda \
+        --deselect "$REPO/tests/test_model_triton.py::test_vit_b16_trains_like_the_reference_on_gpu" \
         -q -p no:cacheprovider -rfE --tb=short "${XDIST[@]}"
     rc=$?
     if [ $rc -eq 124 ]; then
-        say "GPU tests did not finish in ${TEST_TIMEOUT:-100}s"
+        say "GPU tests did not finish in ${TEST_TIMEOUT:-120}s"
         STATUS=1
     elif [ $rc -ne 0 ] && [ $rc -ne 5 ]; then
         say "GPU tests FAILED (exit $rc)"
@@ -95,29 +108,29 @@ if [ "${SKIP_TESTS:-0}" != "1" ]; then
     fi
 fi
 
-# ---------------------------------------------------------------- 4. op suites
+# ---------------------------------------------------------------- 5. op suites
 if [ "${SKIP_OPS:-0}" != "1" ]; then
-    say "4/5 op suites at $OP_MODELS shapes"
-    run timeout "${OPS_TIMEOUT:-60}" "$PY" -m pytest "$REPO/benches/bench_ops.py" -q -p no:cacheprovider \
+    say "5/6 op suites at $OP_MODELS shapes"
+    run timeout "${OPS_TIMEOUT:-90}" "$PY" -m pytest "$REPO/benches/bench_ops.py" -q -p no:cacheprovider \
         --mae-models "$OP_MODELS" --benchmark-json "$OUTDIR/ops.json" \
         --benchmark-columns=median,iqr,rounds --benchmark-group-by=group --benchmark-sort=name \
         || { say "op suites: some benchmarks failed or timed out (see above)"; STATUS=1; }
 fi
 
-# ---------------------------------------------------------------- 5. BENCHMARKS.md
-say "5/5 writing BENCHMARKS.md and benches/images_per_s.png"
+# ---------------------------------------------------------------- 6. BENCHMARKS.md
+say "6/6 writing BENCHMARKS.md and benches/images_per_s.png"
 shopt -s nullglob
 RESULTS=("$OUTDIR"/ops.json "$OUTDIR"/step_*.json)
 if [ ${#RESULTS[@]} -gt 0 ]; then
     "$PY" "$REPO/benches/write_benchmarks.py" "${RESULTS[@]}" --chart "$REPO/benches/images_per_s.png" \
-        --md-dir "$REPO" --command "bash benches/gpu_suite.sh" > "$REPO/BENCHMARKS.md.new" \
+        --md-dir "$REPO" --command "${SUITE_COMMAND:-bash benches/gpu_suite.sh}" > "$REPO/BENCHMARKS.md.new" \
         && mv "$REPO/BENCHMARKS.md.new" "$REPO/BENCHMARKS.md" \
         && cp "$REPO/BENCHMARKS.md" "$OUTDIR/BENCHMARKS.md" \
         || { say "writing BENCHMARKS.md failed"; STATUS=1; }
     [ -f "$REPO/benches/images_per_s.png" ] && cp "$REPO/benches/images_per_s.png" "$OUTDIR/"
 fi
 
-# ---------------------------------------------------------------- 5. summary
+# ---------------------------------------------------------------- summary
 say "done in $((SECONDS - T0))s; results in $OUTDIR"
 run "$PY" "$REPO/benches/write_benchmarks.py" "${RESULTS[@]}" --summary
 exit $STATUS

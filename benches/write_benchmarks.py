@@ -213,7 +213,10 @@ def model_section(card, res, chart_link):
            "Forward + backward + fused AdamW, autocast, norm_pix_loss, mask ratio 0.75, random "
            "224 px images. Median step time over the timed steps (CUDA events), after warm-up. "
            "MFU = training FLOPs per image (3 x forward matmul + attention FLOPs) x images/s / the "
-           "measured bf16 matmul rate. Speed-ups are this row's images/s over that system's.", "",
+           "measured bf16 matmul rate. Speed-ups are this row's images/s over that system's. "
+           "\"+ CUDA graph\": the same step captured once into a CUDA graph and replayed "
+           "(`fastmae.bench.make_train_step(..., cuda_graph=True)`), which takes the host's "
+           "per-launch cost out of the step.", "",
            _table(["model, batch, dtype", "system", "ms/step", "images/s", "MFU", "peak GiB",
                    "vs eager", "vs torch.compile"], rows, ["l", "l"] + ["r"] * 6)]
     lines = []

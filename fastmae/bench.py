@@ -284,16 +284,17 @@ def _graphed_step(step, opt, backend, warmup=3):
     capture, so the captured backward writes them into the graph's memory pool and the captured
     optimizer step reads them there; each replay recomputes them. Returns a closure that
     replays the graph and returns the captured loss tensor."""
-    ctx = use_backend(backend) if backend else contextlib.nullcontext()
+    def ctx():  # a fresh context each time: a generator-based one cannot be entered twice
+        return use_backend(backend) if backend else contextlib.nullcontext()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with ctx, torch.cuda.stream(side):
+    with ctx(), torch.cuda.stream(side):
         for _ in range(warmup):
             step()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     opt.zero_grad(set_to_none=True)
-    with ctx, torch.cuda.graph(graph):
+    with ctx(), torch.cuda.graph(graph):
         loss = step()  # its trailing zero_grad(set_to_none) only drops the Python references
 
     def replay():
@@ -616,8 +617,9 @@ def _parser():
                    help=f"batch of the parity step (default min(batch, {PARITY_BATCH_GPU}); "
                         f"{PARITY_BATCH_CPU} on a CPU; 0 skips it)")
     p.add_argument("--systems", type=_systems_list, default=None,
-                   help="comma-separated systems to time, of " + ",".join(SYSTEMS)
-                        + " (default: fastmae,reference, and reference_compile with --compile)")
+                   help="comma-separated systems to time on a GPU, of " + ",".join(SYSTEMS)
+                        + " (default: reference,fastmae,fastmae_graph, and reference_compile "
+                          "with --compile)")
     p.add_argument("--no-profile", action="store_true",
                    help="skip the profiler's kernel-time breakdown of the fastmae and eager steps (GPU)")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")
@@ -688,7 +690,8 @@ def _main_gpu(args):
     print(f"timing: {warmup} warm-up steps (compiling/autotuning included, not timed), then "
           f"{steps} steps timed with CUDA events; median step")
     print()
-    order = args.systems or (["reference", "fastmae"] + (["reference_compile"] if args.compile else []))
+    order = args.systems or (["reference", "fastmae", "fastmae_graph"]
+                             + (["reference_compile"] if args.compile else []))
     config = {"model": model_name, "title": MODEL_TITLES[model_name],
               "factory": MODELS[model_name][0], "batch": batch, "dtype": args.dtype,
               "img_size": list(img), "mask_ratio": MASK_RATIO, "norm_pix_loss": True,
@@ -709,6 +712,17 @@ def _main_gpu(args):
             "command": args.command,
         })
 
+    pb = min(batch, PARITY_BATCH_GPU) if args.parity_batch is None else min(args.parity_batch, batch)
+    if pb > 0:
+        try:
+            parity = step_parity(model_name, pb, amp_dtype, "cuda")
+            print(parity_line(parity))
+        except Exception as exc:  # noqa: BLE001
+            msg = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+            parity = {"passed": False, "error": msg}
+            print(f"parity [FAIL]: {msg}")
+        torch.cuda.empty_cache()
+    save()
     for key in order:
         try:
             results.append(bench_system(key, model_name, batch, amp_dtype, steps, warmup, "cuda",
@@ -733,16 +747,6 @@ def _main_gpu(args):
             print()
             print(format_breakdown(r["label"], r["profile"]))
     print()
-    pb = min(batch, PARITY_BATCH_GPU) if args.parity_batch is None else min(args.parity_batch, batch)
-    if pb > 0:
-        try:
-            parity = step_parity(model_name, pb, amp_dtype, "cuda")
-            print(parity_line(parity))
-        except Exception as exc:  # noqa: BLE001
-            msg = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
-            parity = {"passed": False, "error": msg}
-            print(f"parity [FAIL]: {msg}")
-        torch.cuda.empty_cache()
     save()
     if args.json:
         print(f"wrote {args.json}")

@@ -61,6 +61,12 @@ class Attention(nn.Module):
         # (B, N, H * d), so the output projection reads it without a copy
         return self.proj(ops.packed_attention(self.qkv(x), self.num_heads, self.scale))
 
+    def forward_unbiased(self, x):
+        """forward without the output projection's bias: (branch, proj.bias) for a fused
+        residual add + LayerNorm that adds the bias and produces its gradient."""
+        out = ops.packed_attention(self.qkv(x), self.num_heads, self.scale)
+        return F.linear(out, self.proj.weight), self.proj.bias
+
 
 class Mlp(nn.Module):
     """fc1 -> exact GELU -> fc2 (keys ``fc1.*``, ``fc2.*``)."""
@@ -75,6 +81,11 @@ class Mlp(nn.Module):
         if ops.backend_for(x) == "triton":
             return self.fc2(ops.bias_gelu(F.linear(x, self.fc1.weight), self.fc1.bias))
         return self.fc2(self.act(self.fc1(x)))
+
+    def forward_unbiased(self, x):
+        """The triton path without fc2's bias: (branch, fc2.bias), as Attention.forward_unbiased."""
+        hidden = ops.bias_gelu(F.linear(x, self.fc1.weight), self.fc1.bias)
+        return F.linear(hidden, self.fc2.weight), self.fc2.bias
 
 
 class Block(nn.Module):
@@ -92,22 +103,26 @@ class Block(nn.Module):
 
     def forward(self, x):
         if ops.backend_for(x) == "triton" and self.fusable():
-            x, branch = self.forward_fused(x)
-            return x + branch
+            x, (out, out_bias) = self.forward_fused(x)
+            return x + (out if out_bias is None else out + out_bias)
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
     def forward_fused(self, x, branch=None):
         """One block on the residual stream ``x`` with the previous block's MLP output ``branch``
-        not yet added: that add is fused into this block's first LayerNorm, and this block's own
-        MLP output is handed on the same way. Returns (x, branch); the caller adds the last one."""
+        = (fc2 output without its bias, fc2.bias) not yet added: that add is fused into this
+        block's first LayerNorm, and this block's own MLP output is handed on the same way.
+        The attention and MLP output projections run without their biases: each bias is added in
+        the fused residual add + LayerNorm, whose backward produces its gradient in the same
+        pass. Returns (x, branch); the caller adds the last branch."""
         n1, n2 = self.norm1, self.norm2
         if branch is None:
             h = ops.layer_norm(x, n1.weight, n1.bias, n1.eps)
         else:
-            x, h = ops.add_layer_norm(branch, x, n1.weight, n1.bias, n1.eps)
-        x, h = ops.add_layer_norm(self.attn(h), x, n2.weight, n2.bias, n2.eps)
-        return x, self.mlp(h)
+            x, h = ops.add_layer_norm(branch[0], x, n1.weight, n1.bias, n1.eps, branch[1])
+        out, out_bias = self.attn.forward_unbiased(h)
+        x, h = ops.add_layer_norm(out, x, n2.weight, n2.bias, n2.eps, out_bias)
+        return x, self.mlp.forward_unbiased(h)
 
 
 def _run_blocks(blocks, norm, x):
@@ -119,7 +134,7 @@ def _run_blocks(blocks, norm, x):
             x, branch = blk.forward_fused(x, branch)
         if branch is None:
             return ops.layer_norm(x, norm.weight, norm.bias, norm.eps)
-        return ops.add_layer_norm(branch, x, norm.weight, norm.bias, norm.eps)[1]
+        return ops.add_layer_norm(branch[0], x, norm.weight, norm.bias, norm.eps, branch[1])[1]
     for blk in blocks:
         x = blk(x)
     return norm(x)

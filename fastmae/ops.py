@@ -20,6 +20,66 @@ __all__ = [
 ]
 
 
+# ============================================================================ op registration
+
+class _Op:
+    """One fastmae kernel op, two ways in.
+
+    ``custom``: the ``torch.library`` custom op, with its fake (meta) implementation and autograd
+    formula; torch.compile traces it and ``torch.library.opcheck`` checks it. Eager calls run the
+    same Python implementation, and the same ``setup_context`` / ``backward``, through a plain
+    ``torch.autograd.Function`` instead: on an H200 with torch 2.11 the custom op's eager dispatch
+    cost ~0.3 ms of host time per call (benches/step_overhead.py), more than most of fastmae's
+    kernels run, and made an eager training step host-bound."""
+
+    def __init__(self, name, impl):
+        self.custom = torch.library.custom_op(name, mutates_args=())(impl)
+        self.impl = impl
+        self.function = None
+
+    def register_fake(self, fn):
+        return self.custom.register_fake(fn)
+
+    def register_autograd(self, backward, setup_context):
+        self.custom.register_autograd(backward, setup_context=setup_context)
+        impl = self.impl
+
+        def forward(ctx, *args):
+            output = impl(*args)
+            setup_context(ctx, args, output)
+            return output
+
+        # named after the op: grad_fn shows as e.g. <layer_norm_functionBackward>
+        self.function = type(self.custom._name.split("::")[-1] + "_function", (torch.autograd.Function,),
+                             {"forward": staticmethod(forward),
+                              "backward": staticmethod(lambda ctx, *grads: backward(ctx, *grads))})
+
+    def __call__(self, *args):
+        if not _plain_eager(args):
+            return self.custom(*args)
+        if (self.function is not None and torch.is_grad_enabled()
+                and any(isinstance(a, Tensor) and a.requires_grad for a in args)):
+            return self.function.apply(*args)
+        return self.impl(*args)
+
+
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+
+
+def _plain_eager(args):
+    """True for a plain eager call: not traced by torch.compile, no dispatch mode active (fake
+    tensors, proxies, functionalization: opcheck and AOT tracing), no tensor subclass, nothing
+    on the meta device (shape-only runs take the custom op's fake implementation)."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        return False
+    return all(type(a) in _PLAIN_TENSORS and not a.is_meta for a in args if isinstance(a, Tensor))
+
+
+def _op(name):
+    """Decorator: ``@_op("fastmae::name")`` on the implementation (no mutated arguments)."""
+    return lambda impl: _Op(name, impl)
+
+
 # ============================================================================ input checks
 
 def _check_tensor(t, name, ndim=None, floating=True):
@@ -110,7 +170,7 @@ def _check_images(imgs, patch_size, in_chans=None):
 
 # ============================================================================ masking
 
-@torch.library.custom_op("fastmae::masking_indices", mutates_args=())
+@_op("fastmae::masking_indices")
 def _masking_indices_op(noise: Tensor, len_keep: int) -> tuple[Tensor, Tensor, Tensor]:
     from fastmae.kernels.masking import masking_indices as launch
     return launch(noise, len_keep)
@@ -136,7 +196,7 @@ def masking_indices(noise, len_keep):
     return reference.masking_indices(noise, len_keep)
 
 
-@torch.library.custom_op("fastmae::gather_tokens", mutates_args=())
+@_op("fastmae::gather_tokens")
 def _gather_tokens_op(x: Tensor, ids_keep: Tensor, ids_restore: Tensor) -> Tensor:
     from fastmae.kernels.masking import gather_tokens as launch
     return launch(x, ids_keep)
@@ -147,7 +207,7 @@ def _(x, ids_keep, ids_restore):
     return x.new_empty(x.shape[0], ids_keep.shape[1], x.shape[2])
 
 
-@torch.library.custom_op("fastmae::scatter_tokens", mutates_args=())
+@_op("fastmae::scatter_tokens")
 def _scatter_tokens_op(grad: Tensor, ids_restore: Tensor, len_keep: int) -> Tensor:
     from fastmae.kernels.masking import scatter_tokens as launch
     return launch(grad, ids_restore, len_keep)
@@ -189,7 +249,7 @@ def random_masking(x, mask_ratio, noise=None):
 
 # ============================================================================ patch embedding
 
-@torch.library.custom_op("fastmae::patch_embed_visible", mutates_args=())
+@_op("fastmae::patch_embed_visible")
 def _patch_embed_visible_op(imgs: Tensor, weight: Tensor, bias: Tensor, pos_embed: Tensor,
                             ids_keep: Tensor, out_dtype: torch.dtype,
                             compute_dtype: torch.dtype) -> Tensor:
@@ -202,7 +262,7 @@ def _(imgs, weight, bias, pos_embed, ids_keep, out_dtype, compute_dtype):
     return imgs.new_empty(imgs.shape[0], ids_keep.shape[1], weight.shape[0], dtype=out_dtype)
 
 
-@torch.library.custom_op("fastmae::patch_embed_visible_bwd", mutates_args=())
+@_op("fastmae::patch_embed_visible_bwd")
 def _patch_embed_visible_bwd_op(grad_out: Tensor, imgs: Tensor, weight: Tensor, ids_keep: Tensor,
                                 need_imgs_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
     from fastmae.kernels.patch_embed import patch_embed_visible_bwd as launch
@@ -266,7 +326,7 @@ def patch_embed_visible(imgs, weight, bias, pos_embed, ids_keep):
 
 # ============================================================================ decoder unshuffle
 
-@torch.library.custom_op("fastmae::unshuffle", mutates_args=())
+@_op("fastmae::unshuffle")
 def _unshuffle_op(x: Tensor, mask_token: Tensor, ids_restore: Tensor, pos_embed: Tensor) -> Tensor:
     from fastmae.kernels.unshuffle import unshuffle_fwd as launch
     return launch(x, mask_token, ids_restore, pos_embed)
@@ -278,7 +338,7 @@ def _(x, mask_token, ids_restore, pos_embed):
     return x.new_empty(x.shape[0], 1 + ids_restore.shape[1], x.shape[2], dtype=dtype)
 
 
-@torch.library.custom_op("fastmae::unshuffle_bwd", mutates_args=())
+@_op("fastmae::unshuffle_bwd")
 def _unshuffle_bwd_op(grad_out: Tensor, ids_restore: Tensor, len_keep: int, x_dtype: torch.dtype,
                       mask_token_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     from fastmae.kernels.unshuffle import unshuffle_bwd as launch
@@ -337,7 +397,7 @@ def unshuffle(x, mask_token, ids_restore, pos_embed):
 
 # ============================================================================ loss
 
-@torch.library.custom_op("fastmae::masked_mse", mutates_args=())
+@_op("fastmae::masked_mse")
 def _masked_mse_op(imgs: Tensor, pred: Tensor, mask: Tensor, patch_size: int, norm_pix: bool,
                    need_grad: bool) -> tuple[Tensor, Tensor]:
     from fastmae.kernels.mse_loss import masked_mse_fwd as launch
@@ -351,7 +411,7 @@ def _(imgs, pred, mask, patch_size, norm_pix, need_grad):
     return pred.new_empty((), dtype=torch.float32), g
 
 
-@torch.library.custom_op("fastmae::scale", mutates_args=())
+@_op("fastmae::scale")
 def _scale_op(x: Tensor, alpha: Tensor) -> Tensor:
     from fastmae.kernels.scale import scale as launch
     return launch(x, alpha)
@@ -403,7 +463,7 @@ def masked_mse_loss(imgs, pred, mask, patch_size, norm_pix=True):
 _HEAD_DIMS = (32, 64, 80, 96, 128)
 
 
-@torch.library.custom_op("fastmae::attention", mutates_args=())
+@_op("fastmae::attention")
 def _attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     from fastmae.kernels.attention import attention_fwd as launch
     return launch(q, k, v, scale)
@@ -416,7 +476,7 @@ def _(q, k, v, scale):
             q.new_empty(B, H, N, dtype=torch.float32))
 
 
-@torch.library.custom_op("fastmae::attention_bwd", mutates_args=())
+@_op("fastmae::attention_bwd")
 def _attention_bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
                       scale: float) -> tuple[Tensor, Tensor, Tensor]:
     from fastmae.kernels.attention import attention_bwd as launch
@@ -475,7 +535,7 @@ def attention(q, k, v, scale=None):
     return o
 
 
-@torch.library.custom_op("fastmae::packed_attention", mutates_args=())
+@_op("fastmae::packed_attention")
 def _packed_attention_op(qkv: Tensor, num_heads: int, scale: float) -> tuple[Tensor, Tensor]:
     from fastmae.kernels.attention import attention_fwd as launch
     B, N, C3 = qkv.shape
@@ -492,7 +552,7 @@ def _(qkv, num_heads, scale):
     return qkv.new_empty(B, N, C3 // 3), qkv.new_empty(B, num_heads, N, dtype=torch.float32)
 
 
-@torch.library.custom_op("fastmae::packed_attention_bwd", mutates_args=())
+@_op("fastmae::packed_attention_bwd")
 def _packed_attention_bwd_op(do: Tensor, qkv: Tensor, o: Tensor, lse: Tensor, num_heads: int,
                              scale: float) -> Tensor:
     from fastmae.kernels.attention import attention_bwd as launch
@@ -550,7 +610,7 @@ def packed_attention(qkv, num_heads, scale=None):
 
 # ============================================================================ LayerNorm, GELU
 
-@torch.library.custom_op("fastmae::layer_norm", mutates_args=())
+@_op("fastmae::layer_norm")
 def _layer_norm_op(x: Tensor, weight: Tensor, bias: Tensor, eps: float,
                    out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     from fastmae.kernels.layer_norm import layer_norm_fwd as launch
@@ -565,34 +625,38 @@ def _(x, weight, bias, eps, out_dtype):
             x.new_empty(M, dtype=torch.float32))
 
 
-@torch.library.custom_op("fastmae::add_layer_norm", mutates_args=())
+@_op("fastmae::add_layer_norm")
 def _add_layer_norm_op(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor, eps: float,
-                       out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                       out_dtype: torch.dtype,
+                       branch_bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from fastmae.kernels.layer_norm import layer_norm_fwd as launch
     y, s, mean, rstd = launch(x, weight, bias, eps, out_dtype, residual=residual,
-                              residual_dtype=residual.dtype)
+                              residual_dtype=residual.dtype, branch_bias=branch_bias)
     return s, y, mean, rstd
 
 
 @_add_layer_norm_op.register_fake
-def _(x, residual, weight, bias, eps, out_dtype):
+def _(x, residual, weight, bias, eps, out_dtype, branch_bias):
     M = x.shape[0]
     return (torch.empty_like(residual, memory_format=torch.contiguous_format),
             x.new_empty(x.shape, dtype=out_dtype),
             x.new_empty(M, dtype=torch.float32), x.new_empty(M, dtype=torch.float32))
 
 
-@torch.library.custom_op("fastmae::layer_norm_bwd", mutates_args=())
+@_op("fastmae::layer_norm_bwd")
 def _layer_norm_bwd_op(dy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor,
-                       ds: Tensor | None, dx_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+                       ds: Tensor | None, dx_dtype: torch.dtype,
+                       branch_bias_grad: bool) -> tuple[Tensor, Tensor]:
     from fastmae.kernels.layer_norm import layer_norm_bwd as launch
-    return launch(dy, x, weight, mean, rstd, ds=ds, dx_dtype=dx_dtype)
+    return launch(dy, x, weight, mean, rstd, ds=ds, dx_dtype=dx_dtype,
+                  branch_bias_grad=branch_bias_grad)
 
 
 @_layer_norm_bwd_op.register_fake
-def _(dy, x, weight, mean, rstd, ds, dx_dtype):
-    # dwb: the weight (row 0) and bias (row 1) gradients, fp32
-    return x.new_empty(x.shape, dtype=dx_dtype), weight.new_empty(2, weight.shape[0], dtype=torch.float32)
+def _(dy, x, weight, mean, rstd, ds, dx_dtype, branch_bias_grad):
+    # dwb: the weight (row 0), bias (row 1) and branch bias (row 2, if asked) gradients, fp32
+    return (x.new_empty(x.shape, dtype=dx_dtype),
+            weight.new_empty(3 if branch_bias_grad else 2, weight.shape[0], dtype=torch.float32))
 
 
 def _layer_norm_setup(ctx, inputs, output):
@@ -605,46 +669,53 @@ def _layer_norm_setup(ctx, inputs, output):
 
 def _layer_norm_backward(ctx, dy, _m, _r):
     x, weight, mean, rstd = ctx.saved_tensors
-    dx, dwb = _layer_norm_bwd_op(dy, x, weight, mean, rstd, None, ctx.dtypes[0])
+    dx, dwb = _layer_norm_bwd_op(dy, x, weight, mean, rstd, None, ctx.dtypes[0], False)
     return dx, dwb[0].to(ctx.dtypes[1]), dwb[1].to(ctx.dtypes[2]), None, None
 
 
 _layer_norm_op.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup)
 
 
-@torch.library.custom_op("fastmae::add_layer_norm_bwd", mutates_args=())
+@_op("fastmae::add_layer_norm_bwd")
 def _add_layer_norm_bwd_op(dy: Tensor, s: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor,
-                           ds: Tensor | None, ds_dtype: torch.dtype,
-                           dx_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+                           ds: Tensor | None, ds_dtype: torch.dtype, dx_dtype: torch.dtype,
+                           branch_bias_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
     from fastmae.kernels.layer_norm import layer_norm_bwd as launch
-    return launch(dy, s, weight, mean, rstd, ds=ds, dx_dtype=ds_dtype, dx2_dtype=dx_dtype)
+    return launch(dy, s, weight, mean, rstd, ds=ds, dx_dtype=ds_dtype, dx2_dtype=dx_dtype,
+                  branch_bias_grad=branch_bias_grad)
 
 
 @_add_layer_norm_bwd_op.register_fake
-def _(dy, s, weight, mean, rstd, ds, ds_dtype, dx_dtype):
+def _(dy, s, weight, mean, rstd, ds, ds_dtype, dx_dtype, branch_bias_grad):
     return (s.new_empty(s.shape, dtype=ds_dtype),
-            weight.new_empty(2, weight.shape[0], dtype=torch.float32),
+            weight.new_empty(3 if branch_bias_grad else 2, weight.shape[0], dtype=torch.float32),
             s.new_empty(s.shape, dtype=dx_dtype))
 
 
 def _add_layer_norm_setup(ctx, inputs, output):
-    x, residual, weight, bias, _, _ = inputs
+    x, residual, weight, bias, _, _, branch_bias = inputs
     s, _, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
     # s (needed downstream anyway) and the row statistics: x_hat is recomputed from them
     ctx.save_for_backward(s, weight, mean, rstd)
-    ctx.dtypes = (x.dtype, residual.dtype, weight.dtype, bias.dtype)
+    ctx.dtypes = (x.dtype, residual.dtype, weight.dtype, bias.dtype,
+                  None if branch_bias is None else branch_bias.dtype)
 
 
 def _add_layer_norm_backward(ctx, ds, dy, _m, _r):
     s, weight, mean, rstd = ctx.saved_tensors
-    x_dtype, r_dtype, w_dtype, b_dtype = ctx.dtypes
+    x_dtype, r_dtype, w_dtype, b_dtype, bb_dtype = ctx.dtypes
+    with_bb = bb_dtype is not None
     if x_dtype == r_dtype:
-        dsum, dwb = _layer_norm_bwd_op(dy, s, weight, mean, rstd, ds, r_dtype)
-        return dsum, dsum, dwb[0].to(w_dtype), dwb[1].to(b_dtype), None, None
-    # under autocast: the fp32 residual-stream gradient and the bf16 branch gradient, one pass
-    dsum, dwb, dx = _add_layer_norm_bwd_op(dy, s, weight, mean, rstd, ds, r_dtype, x_dtype)
-    return dx, dsum, dwb[0].to(w_dtype), dwb[1].to(b_dtype), None, None
+        dsum, dwb = _layer_norm_bwd_op(dy, s, weight, mean, rstd, ds, r_dtype, with_bb)
+        dx = dsum
+    else:
+        # under autocast: the fp32 residual-stream gradient and the bf16 branch gradient, one pass
+        dsum, dwb, dx = _add_layer_norm_bwd_op(dy, s, weight, mean, rstd, ds, r_dtype, x_dtype,
+                                               with_bb)
+    # the branch bias's gradient: the column sums of dsum, from the same pass
+    dbb = dwb[2].to(bb_dtype) if with_bb else None
+    return dx, dsum, dwb[0].to(w_dtype), dwb[1].to(b_dtype), None, None, dbb
 
 
 _add_layer_norm_op.register_autograd(_add_layer_norm_backward, setup_context=_add_layer_norm_setup)
@@ -680,23 +751,30 @@ def layer_norm(x, weight, bias, eps):
     return y.view(x.shape)
 
 
-def add_layer_norm(x, residual, weight, bias, eps):
-    """The pre-norm block's hand-off in one pass: s = residual + x; returns (s, layer_norm(s)).
+def add_layer_norm(x, residual, weight, bias, eps, branch_bias=None):
+    """The pre-norm block's hand-off in one pass: s = residual + x (+ branch_bias, the (D,) bias
+    of the linear layer that produced x, when that layer ran without it: its gradient then comes
+    from this op's backward pass, with no separate reduction); returns (s, layer_norm(s)).
     s keeps residual's dtype (fp32 under autocast, as the official residual stream)."""
     _check_norm(x, weight, bias, eps)
     _check_tensor(residual, "residual")
     if residual.shape != x.shape:
         raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
     _check_same_device("x", x, residual=residual)
+    if branch_bias is not None:
+        _check_tensor(branch_bias, "branch_bias", ndim=1)
+        if branch_bias.shape[0] != x.shape[-1]:
+            raise ValueError(f"branch_bias must have shape ({x.shape[-1]},), got {tuple(branch_bias.shape)}")
+        _check_same_device("x", x, branch_bias=branch_bias)
     if not _uses_triton(x):
-        return reference.add_layer_norm(x, residual, weight, bias, eps)
+        return reference.add_layer_norm(x, residual, weight, bias, eps, branch_bias)
     r_dtype = torch.promote_types(x.dtype, residual.dtype)
     s, y, _, _ = _add_layer_norm_op(_rows(x), _rows(residual.to(r_dtype)), weight, bias,
-                                    float(eps), _compute_dtype(x))
+                                    float(eps), _compute_dtype(x), branch_bias)
     return s.view(x.shape), y.view(x.shape)
 
 
-@torch.library.custom_op("fastmae::bias_gelu", mutates_args=())
+@_op("fastmae::bias_gelu")
 def _bias_gelu_op(x: Tensor, bias: Tensor, out_dtype: torch.dtype) -> Tensor:
     from fastmae.kernels.bias_gelu import bias_gelu_fwd as launch
     return launch(x, bias, out_dtype)
@@ -707,7 +785,7 @@ def _(x, bias, out_dtype):
     return x.new_empty(x.shape, dtype=out_dtype)
 
 
-@torch.library.custom_op("fastmae::bias_gelu_bwd", mutates_args=())
+@_op("fastmae::bias_gelu_bwd")
 def _bias_gelu_bwd_op(dy: Tensor, x: Tensor, bias: Tensor, dx_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     from fastmae.kernels.bias_gelu import bias_gelu_bwd as launch
     return launch(dy, x, bias, dx_dtype)

@@ -109,9 +109,10 @@ def layer_norm(x, weight, bias, eps):
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
-def add_layer_norm(x, residual, weight, bias, eps):
-    """The pre-norm block's hand-off: s = residual + x; returns (s, layer_norm(s))."""
-    s = residual + x
+def add_layer_norm(x, residual, weight, bias, eps, branch_bias=None):
+    """The pre-norm block's hand-off: s = residual + x (x + branch_bias: the output of a linear
+    layer with its bias); returns (s, layer_norm(s))."""
+    s = residual + (x if branch_bias is None else x + branch_bias)
     return s, layer_norm(s, weight, bias, eps)
 
 

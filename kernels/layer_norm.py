@@ -1,7 +1,9 @@
 """LayerNorm over the last dimension, optionally fused with the residual add of a pre-norm block.
 
-Forward: y = (s - mean) * rstd * weight + bias with s = x, or s = residual + x (computed in fp32,
-stored once in the residual dtype) when a residual is given. Statistics in fp32 over D, biased
+Forward: y = (s - mean) * rstd * weight + bias with s = x, or s = residual + x (+ branch_bias,
+the bias of the matmul that produced x, left out of it so that its gradient comes from this
+kernel's backward) computed in fp32 and stored once in the residual dtype, when a residual is
+given. Statistics in fp32 over D, biased
 variance as nn.LayerNorm. One pass: a program reads its rows of x (and residual) once and
 writes s and y once; mean and rstd (M,) fp32 are saved for the backward.
 
@@ -24,6 +26,7 @@ def _layer_norm_fwd(
     Y,  # (M, D) out_dtype out, row stride stride_y
     W,  # (D,) weight, any float dtype
     B,  # (D,) bias, any float dtype
+    BB,  # (D,) branch bias, any float dtype, added to x (unused when not HAS_BRANCH_BIAS)
     Mean,  # (M,) fp32 out
     Rstd,  # (M,) fp32 out
     M, D,
@@ -32,6 +35,7 @@ def _layer_norm_fwd(
     BLOCK_D: tl.constexpr,  # next_pow2(D)
     ROWS: tl.constexpr,  # rows per program
     HAS_RESIDUAL: tl.constexpr,
+    HAS_BRANCH_BIAS: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * ROWS + tl.arange(0, ROWS)
@@ -41,6 +45,8 @@ def _layer_norm_fwd(
     mask = row_ok[:, None] & col_ok[None, :]
 
     x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_BRANCH_BIAS:
+        x = x + tl.load(BB + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_RESIDUAL:
         r = tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
         s = (x + r.to(tl.float32)).to(S.dtype.element_ty)
@@ -64,10 +70,11 @@ def _layer_norm_fwd(
 # Backward of y = x_hat * w + b, x_hat = (x - mean) * rstd, per row over D columns:
 #   wdy = w * dy
 #   dx  = rstd * (wdy - mean_D(wdy) - x_hat * mean_D(wdy * x_hat))  [+ ds, the residual path]
-#   dw  = sum_rows(dy * x_hat),   db = sum_rows(dy)
+#   dw  = sum_rows(dy * x_hat),   db = sum_rows(dy),   dbranch_bias = sum_rows(dx)
 # Program p owns the fixed block of rows [p * T * ROWS, (p + 1) * T * ROWS), T = tiles_per_program,
-# and walks it in T tiles of ROWS rows; its column sums of dw, db go to row p of the
-# (num_programs, D) partial buffers, summed by the host afterwards (deterministic, no atomics).
+# and walks it in T tiles of ROWS rows; its column sums of dw, db (and dbranch_bias) go to row p
+# of the (num_programs, D) partial buffers, summed by the host afterwards (deterministic, no
+# atomics).
 @triton.jit
 def _layer_norm_bwd(
     DY,  # (M, D) any float dtype, strides (stride_dy_m, stride_dy_d); may be 0 (expanded)
@@ -80,12 +87,14 @@ def _layer_norm_bwd(
     DX2,  # (M, D) out, contiguous: dx again in a second dtype (unused when not HAS_DX2)
     DW_PART,  # (num_programs, D) fp32 out, contiguous
     DB_PART,  # (num_programs, D) fp32 out, contiguous
+    DBB_PART,  # (num_programs, D) fp32 out, contiguous (unused when not HAS_DBB)
     M, D, tiles_per_program,  # row tiles of ROWS rows per program
     stride_dy_m, stride_dy_d, stride_x, stride_ds_m, stride_ds_d, stride_dx,
     BLOCK_D: tl.constexpr,
     ROWS: tl.constexpr,
     HAS_DS: tl.constexpr,
     HAS_DX2: tl.constexpr,
+    HAS_DBB: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     row_begin = pid * tiles_per_program * ROWS
@@ -94,6 +103,7 @@ def _layer_norm_bwd(
     w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
     dw_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     db_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dbb_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for t in range(0, tiles_per_program):
         rows = row_begin + t * ROWS + tl.arange(0, ROWS)
         row_ok = rows < M
@@ -119,8 +129,12 @@ def _layer_norm_bwd(
                      mask=mask)
         dw_acc += tl.sum(dy * x_hat, axis=0)  # over this tile's rows: within a thread
         db_acc += tl.sum(dy, axis=0)
+        if HAS_DBB:
+            dbb_acc += tl.sum(tl.where(mask, dx, 0.0), axis=0)
     tl.store(DW_PART + pid * D + cols, dw_acc, mask=col_ok)
     tl.store(DB_PART + pid * D + cols, db_acc, mask=col_ok)
+    if HAS_DBB:
+        tl.store(DBB_PART + pid * D + cols, dbb_acc, mask=col_ok)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -160,11 +174,13 @@ def _bwd_num_programs(M, rows, num_warps, device):
 
 
 def layer_norm_fwd(x, weight, bias, eps: float, out_dtype: torch.dtype, residual=None,
-                   residual_dtype=None):
-    """LayerNorm of x (M, D), or of s = residual + x when a residual (M, D) is given.
+                   residual_dtype=None, branch_bias=None):
+    """LayerNorm of x (M, D), or of s = residual + x (+ branch_bias (D,)) when a residual (M, D)
+    is given.
 
     Returns (y (M, D) out_dtype contiguous, s (M, D) residual_dtype contiguous or None,
     mean (M,) fp32, rstd (M,) fp32). residual_dtype defaults to promote_types(x, residual)."""
+    assert branch_bias is None or residual is not None, "branch_bias goes with a residual"
     assert x.dim() == 2 and x.stride(1) == 1, "x must be (M, D) with unit column stride"
     M, D = x.shape
     device = x.device
@@ -185,24 +201,27 @@ def layer_norm_fwd(x, weight, bias, eps: float, out_dtype: torch.dtype, residual
     rows = _tile_rows(block_d)
     has_res = residual is not None
     r_arg, s_arg = (residual, s) if has_res else (x, y)  # placeholders, never touched
+    has_bb = branch_bias is not None
     _layer_norm_fwd[(triton.cdiv(M, rows),)](
-        x, r_arg, s_arg, y, weight, bias, mean, rstd,
+        x, r_arg, s_arg, y, weight, bias, branch_bias if has_bb else bias, mean, rstd,
         M, D,
         x.stride(0), r_arg.stride(0), s_arg.stride(0), y.stride(0),
         float(eps),
-        BLOCK_D=block_d, ROWS=rows, HAS_RESIDUAL=has_res,
+        BLOCK_D=block_d, ROWS=rows, HAS_RESIDUAL=has_res, HAS_BRANCH_BIAS=has_bb,
         num_warps=_num_warps(block_d),
     )
     return y, s, mean, rstd
 
 
-def layer_norm_bwd(dy, s_or_x, weight, mean, rstd, ds=None, dx_dtype=None, dx2_dtype=None):
+def layer_norm_bwd(dy, s_or_x, weight, mean, rstd, ds=None, dx_dtype=None, dx2_dtype=None,
+                   branch_bias_grad=False):
     """Backward of layer_norm_fwd.
 
     dy (M, D) any strides (expanded is fine); s_or_x (M, D) the LayerNorm's input; ds (M, D) or
     None, the gradient reaching s from the residual path, added to dx. Returns (dx (M, D)
     dx_dtype (default: s_or_x's dtype) contiguous, dwb (2, D) fp32: the weight gradient in row 0
-    and the bias gradient in row 1, one reduction for both); in the fused case dx is the
+    and the bias gradient in row 1, one reduction for both; with branch_bias_grad, (3, D) with
+    the column sums of dx, the branch bias's gradient, in row 2); in the fused case dx is the
     gradient of both x and residual. With dx2_dtype, dx is also written in that dtype in the
     same pass and returned third (the fused block's branch gradient in bf16 beside the fp32
     residual-stream gradient, without a cast pass)."""
@@ -211,8 +230,9 @@ def layer_norm_bwd(dy, s_or_x, weight, mean, rstd, ds=None, dx_dtype=None, dx2_d
         s_or_x = s_or_x.contiguous()  # no copy in the common case (the saved s / x)
     device = s_or_x.device
     dx = _empty((M, D), dx_dtype if dx_dtype is not None else s_or_x.dtype, device)
+    n_part = 3 if branch_bias_grad else 2
     if M == 0:
-        zeros = torch.zeros((2, D), dtype=torch.float32, device=device)
+        zeros = torch.zeros((n_part, D), dtype=torch.float32, device=device)
         if dx2_dtype is not None:
             return dx, zeros, _empty((M, D), dx2_dtype, device)
         return dx, zeros
@@ -222,19 +242,19 @@ def layer_norm_bwd(dy, s_or_x, weight, mean, rstd, ds=None, dx_dtype=None, dx2_d
     programs = _bwd_num_programs(M, rows, warps, device)
     rows_per_program = triton.cdiv(triton.cdiv(M, programs), rows) * rows
     programs = triton.cdiv(M, rows_per_program)
-    # weight and bias partials in one buffer: one reduction launch for both
-    partials = _empty((2, programs, D), torch.float32, device)
-    dw_part, db_part = partials[0], partials[1]
+    # weight, bias (and branch bias) partials in one buffer: one reduction launch for all
+    partials = _empty((n_part, programs, D), torch.float32, device)
     has_ds = ds is not None
     ds_arg = ds if has_ds else dy  # placeholder, never touched
     dx2 = _empty((M, D), dx2_dtype, device) if dx2_dtype is not None else None
     _layer_norm_bwd[(programs,)](
-        dy, s_or_x, weight, mean, rstd, ds_arg, dx, dx if dx2 is None else dx2, dw_part, db_part,
+        dy, s_or_x, weight, mean, rstd, ds_arg, dx, dx if dx2 is None else dx2,
+        partials[0], partials[1], partials[n_part - 1],
         M, D, rows_per_program // rows,
         dy.stride(0), dy.stride(1), s_or_x.stride(0), ds_arg.stride(0), ds_arg.stride(1),
         dx.stride(0),
         BLOCK_D=block_d, ROWS=rows, HAS_DS=has_ds, HAS_DX2=dx2 is not None,
-        num_warps=warps,
+        HAS_DBB=branch_bias_grad, num_warps=warps,
     )
     # second, deterministic reduction over the per-program partial sums
     dwb = partials.sum(1)

@@ -304,6 +304,7 @@ def _scenarios(name):
     elif name == "layer_norm":
         from fastmae.kernels import layer_norm as lnk
         takes_dx2 = "dx2_dtype" in inspect.signature(lnk.layer_norm_bwd).parameters
+        takes_bb = "branch_bias_grad" in inspect.signature(lnk.layer_norm_bwd).parameters
         # The backward spreads the rows over 8 x SMs programs on a GPU, so at MAE's shapes it
         # mostly gets tiles_per_program == 1 (specialized to a constexpr); on CPU tensors the
         # launcher takes 4 programs: M = 3 rows records that specialization as well.
@@ -327,6 +328,15 @@ def _scenarios(name):
                         if takes_dx2:
                             lnk.layer_norm_bwd(dy, s, w, mean, rstd, ds=ds, dx_dtype=r_dt,
                                                dx2_dtype=x_dt)
+                        if takes_bb:  # the block's hand-off with its projection's bias
+                            lnk.layer_norm_fwd(
+                                empty(M, D, dtype=x_dt), w, b, 1e-6, out_dt,
+                                residual=empty(M, D, dtype=r_dt), residual_dtype=r_dt,
+                                branch_bias=empty(D))
+                            lnk.layer_norm_bwd(dy, s, w, mean, rstd, ds=ds, dx_dtype=r_dt,
+                                               branch_bias_grad=True)
+                            lnk.layer_norm_bwd(dy, s, w, mean, rstd, ds=ds, dx_dtype=r_dt,
+                                               dx2_dtype=x_dt, branch_bias_grad=True)
                     yield f"layer_norm M={M} D={D} x={x_dt} residual={r_dt} out={out_dt}", run
 
     elif name == "bias_gelu":

@@ -27,10 +27,14 @@ def _reference(case, dy, ds):
     w = case["weight"].double().requires_grad_()
     b = case["bias"].double().requires_grad_()
     eps = case["eps"]
+    bb = None
     if "residual" in case:
         r = case["residual"].double().requires_grad_()
-        s, y = ref.add_layer_norm(x, r, w, b, eps)
         inputs = (x, r, w, b)
+        if "branch_bias" in case:
+            bb = case["branch_bias"].double().requires_grad_()
+            inputs += (bb,)
+        s, y = ref.add_layer_norm(x, r, w, b, eps, bb)
     else:
         r = None
         s = x
@@ -40,25 +44,32 @@ def _reference(case, dy, ds):
     if ds is not None:
         loss = loss + (s * ds.double()).sum()
     grads = torch.autograd.grad(loss, inputs)
+    dbb = None
     if r is None:
         dx, dw, db = grads
         dr = None
-    else:
+    elif bb is None:
         dx, dr, dw, db = grads
+    else:
+        dx, dr, dw, db, dbb = grads
     sd = s.detach()
     mean = sd.mean(-1)
     rstd = (sd.var(-1, unbiased=False) + eps).rsqrt()
     return dict(y=y.detach(), s=sd if r is not None else None, mean=mean, rstd=rstd,
-                dx=dx, dr=dr, dw=dw, db=db)
+                dx=dx, dr=dr, dw=dw, db=db, dbb=dbb)
 
 
 def _run(case, dy, ds):
+    bb = case.get("branch_bias")
     y, s, mean, rstd = ln.layer_norm_fwd(case["x"], case["weight"], case["bias"], case["eps"],
-                                         case["x"].dtype, residual=case.get("residual"))
+                                         case["x"].dtype, residual=case.get("residual"),
+                                         branch_bias=bb)
     saved = s if s is not None else case["x"]
-    dx, (dw, db) = ln.layer_norm_bwd(dy, saved, case["weight"], mean, rstd, ds=ds,
-                                   dx_dtype=case["x"].dtype)
-    return dict(y=y, s=s, mean=mean, rstd=rstd, dx=dx, dw=dw, db=db)
+    dx, dwb = ln.layer_norm_bwd(dy, saved, case["weight"], mean, rstd, ds=ds,
+                                dx_dtype=case["x"].dtype, branch_bias_grad=bb is not None)
+    assert dwb.shape == (2 if bb is None else 3, case["weight"].shape[0])
+    return dict(y=y, s=s, mean=mean, rstd=rstd, dx=dx, dw=dwb[0], db=dwb[1],
+                dbb=dwb[2] if bb is not None else None)
 
 
 def _check(out, exp):
@@ -71,14 +82,22 @@ def _check(out, exp):
         assert_rel_close(out["s"], exp["s"], TOL, "s")
         # the fused dx is the gradient of both x and residual
         assert_rel_close(out["dx"], exp["dr"], TOL, "dresidual")
+    if exp["dbb"] is None:
+        assert out["dbb"] is None
+    else:
+        assert_rel_close(out["dbb"], exp["dbb"], TOL, "dbranch_bias")
 
 
 @pytest.mark.parametrize("D", WIDTHS)
 @pytest.mark.parametrize("M", ROWS)
-@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("residual", [False, True, "branch_bias"])
 @pytest.mark.parametrize("with_ds", [False, True])
 def test_layer_norm_matches_float64(M, D, residual, with_ds, device):
-    case = layer_norm_case(M, D, residual=residual, device=device, seed=M * 1000 + D)
+    """Plain, fused with the residual add, and fused with the add of the residual and of the
+    branch's own bias (s = residual + x + branch_bias; its gradient the column sums of ds)."""
+    case = layer_norm_case(M, D, residual=bool(residual), device=device, seed=M * 1000 + D)
+    if residual == "branch_bias":
+        case["branch_bias"] = torch.randn(D, device=device, generator=torch.Generator(device).manual_seed(D))
     dy = _grad((M, D), "contiguous", device, seed=1)
     ds = _grad((M, D), "contiguous", device, seed=2) if with_ds else None
     _check(_run(case, dy, ds), _reference(case, dy, ds))

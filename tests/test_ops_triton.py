@@ -189,7 +189,12 @@ OPCHECKS = {
         for t in layer_norm_case(3, 8).values()) + (torch.float32,)),
     "add_layer_norm": lambda: (ops._add_layer_norm_op, (
         torch.randn(3, 8, requires_grad=True), torch.randn(3, 8, requires_grad=True),
-        torch.randn(8, requires_grad=True), torch.randn(8, requires_grad=True), 1e-6, torch.float32)),
+        torch.randn(8, requires_grad=True), torch.randn(8, requires_grad=True), 1e-6, torch.float32,
+        None)),
+    "add_layer_norm_branch_bias": lambda: (ops._add_layer_norm_op, (
+        torch.randn(3, 8, requires_grad=True), torch.randn(3, 8, requires_grad=True),
+        torch.randn(8, requires_grad=True), torch.randn(8, requires_grad=True), 1e-6, torch.float32,
+        torch.randn(8, requires_grad=True))),
     "bias_gelu": lambda: (ops._bias_gelu_op, (
         torch.randn(3, 8, requires_grad=True), torch.randn(8, requires_grad=True), torch.float32)),
 }
@@ -198,8 +203,43 @@ OPCHECKS = {
 @pytest.mark.parametrize("name", list(OPCHECKS))
 def test_custom_op_registration_passes_opcheck(name):
     op, args = OPCHECKS[name]()
-    result = torch.library.opcheck(op, args)
+    result = torch.library.opcheck(op.custom, args)
     assert all(v == "SUCCESS" for v in result.values()), result
+
+
+def _fresh(args):
+    return tuple(a.detach().clone().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor)
+                 else a for a in args)
+
+
+def _run_and_grads(call, args):
+    outs = call(*args)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    g = torch.Generator().manual_seed(0)
+    total = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum()
+                for o in outs if o.dtype.is_floating_point and o.requires_grad)
+    grads = ()
+    if isinstance(total, torch.Tensor):
+        total.backward()
+        grads = tuple(a.grad for a in args if isinstance(a, torch.Tensor) and a.requires_grad)
+    return outs, grads
+
+
+@pytest.mark.parametrize("name", list(OPCHECKS))
+def test_eager_path_is_the_custom_op(name):
+    """Eager calls go through a torch.autograd.Function around the same implementation and
+    formulas as the custom op (which torch.compile traces): identical outputs and gradients."""
+    op, args = OPCHECKS[name]()
+    assert op.function is not None or name == "masking_indices"
+    eager_outs, eager_grads = _run_and_grads(op, _fresh(args))
+    custom_outs, custom_grads = _run_and_grads(op.custom, _fresh(args))
+    assert len(eager_outs) == len(custom_outs) and len(eager_grads) == len(custom_grads)
+    for a, b in zip(eager_outs + eager_grads, custom_outs + custom_grads):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        out = op(*_fresh(args))
+        first = out[0] if isinstance(out, tuple) else out
+        assert type(first.grad_fn).__name__.endswith("_functionBackward"), first.grad_fn
 
 
 def test_add_layer_norm_mixed_dtypes_writes_both_gradients_in_one_pass():
