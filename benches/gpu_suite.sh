@@ -120,7 +120,7 @@ fi
 # ---------------------------------------------------------------- 6. BENCHMARKS.md
 say "6/6 writing BENCHMARKS.md and benches/images_per_s.png"
 shopt -s nullglob
-RESULTS=("$OUTDIR"/ops.json "$OUTDIR"/step_*.json)
+RESULTS=("$OUTDIR"/ops*.json "$OUTDIR"/step_*.json)  # globs: a skipped stage leaves no file
 if [ ${#RESULTS[@]} -gt 0 ]; then
     "$PY" "$REPO/benches/write_benchmarks.py" "${RESULTS[@]}" --chart "$REPO/benches/images_per_s.png" \
         --md-dir "$REPO" --command "${SUITE_COMMAND:-bash benches/gpu_suite.sh}" > "$REPO/BENCHMARKS.md.new" \

@@ -72,11 +72,17 @@ def launch_costs():
     bufs = [torch.ones(16, device="cuda") for _ in range(12)]
     ln_x = torch.randn(64, 768, device="cuda")
     ln_w, ln_b = torch.ones(768, device="cuda"), torch.zeros(768, device="cuda")
+    # 12 pointers into a different allocation on every call, as in a training step (the driver
+    # may answer a repeated pointer query from a cache)
+    pool = [[torch.ones(16 + i, device="cuda") for _ in range(12)] for i in range(64)]
+    turn = iter(range(10 ** 9))
     rows = [
         ("torch: x.add_(1)", lambda: x.add_(1.0)),
         ("triton: 1 pointer", lambda: _touch1[(1,)](x)),
         ("triton: 4 pointers", lambda: _touch4[(1,)](*bufs[:4])),
         ("triton: 12 pointers + 3 ints + 1 float", lambda: _touch12[(1,)](*bufs, 16, 1, 1, 0.5)),
+        ("triton: the same, fresh buffers each call",
+         lambda: _touch12[(1,)](*pool[next(turn) % 64], 16, 1, 1, 0.5)),
         ("torch.library custom op (no kernel)", lambda: _noop(x)),
     ]
     with use_backend("triton"):

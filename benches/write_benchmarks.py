@@ -235,6 +235,11 @@ def model_section(card, res, chart_link):
             f"{p['grad_err_eager']:.1e}; mask {'identical' if p['mask_equal'] else 'differs'}.")
     if lines:
         out += ["", "Parity, checked in the same run:", ""] + lines
+    fixes = [f"- {MODEL_TITLES.get(d['config']['model'], d['config']['model'])}: {c}"
+             for d in res.steps[card] for c in d.get("corrections", [])]
+    if fixes:
+        out += ["", "Corrections made to the raw result files after the run (the files say so too):",
+                ""] + fixes
     if chart_link:
         out += ["", f"![images/s per system on {card}]({chart_link})"]
     return "\n".join(out)

@@ -8,6 +8,7 @@ Importing fastmae touches no GPU: kernels are imported on first use.
 """
 from fastmae import ops
 from fastmae.backend import use_backend
+from fastmae.graphs import cuda_graph_step
 from fastmae.model import (
     MaskedAutoencoderViT,
     mae_vit_base_patch16,
@@ -25,4 +26,5 @@ __all__ = [
     "MaskedAutoencoderViT", "mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14",
     "mae_vit_base_patch16_dec512d8b", "mae_vit_large_patch16_dec512d8b",
     "mae_vit_huge_patch14_dec512d8b", "mae_vit_tiny_patch4", "ops", "use_backend",
+    "cuda_graph_step",
 ]

@@ -1,28 +1,33 @@
-"""``fastmae bench``: time a training step of fastmae against the eager reference (and
-``torch.compile`` of it), and check parity on one shared step.
+"""``fastmae bench``: check parity on one shared step, then time a training step of fastmae
+against the eager reference (and ``torch.compile`` of it).
 
     fastmae bench [--model vit_b16|vit_l16|vit_h14|tiny] [--batch N] [--dtype bf16|fp16|fp32]
-                  [--compile] [--steps N] [--warmup N] [--json PATH] [--no-progress]
+                  [--compile] [--systems a,b,...] [--steps N] [--warmup N] [--json PATH]
+                  [--no-profile] [--no-progress]
 
 A step is what a trainer runs: forward + backward + AdamW (fused=True on CUDA; a GradScaler
 with fp16), under autocast in ``--dtype``, norm_pix_loss=True, mask ratio 0.75, random images.
 The systems are one model class under two backends: "fastmae" is backend "triton" (the fused
 kernels); "reference" is backend "torch", the official algorithm step by step with SDPA
-attention; "reference + torch.compile" is the reference model wrapped in ``torch.compile``.
+attention; "reference + torch.compile" is the reference model wrapped in ``torch.compile``;
+"fastmae + CUDA graph" (and "reference + CUDA graph") is the same step captured once by
+``fastmae.cuda_graph_step`` and replayed. Default on a GPU: reference, fastmae, fastmae + CUDA
+graph, and torch.compile of the reference with ``--compile``.
 
 Timing: warm-up steps first (compilation and autotuning happen there and are reported as the
 first step's wall time), then ``--steps`` steps timed with CUDA events between consecutive
 steps; the median step time gives ms/step and images/s. Peak memory is
-``torch.cuda.max_memory_allocated`` over the timed steps. MFU is the model's training FLOPs per
-image (3 x the forward matmul and attention FLOPs, counted from the model as the official code
-computes it) times images/s over the bf16 matmul rate measured on this GPU.
+``torch.cuda.max_memory_allocated`` over the timed steps (over the capture and the timed
+replays for a CUDA graph). MFU is the model's training FLOPs per image (3 x the forward matmul
+and attention FLOPs, counted from the model as the official code computes it) times images/s
+over the bf16 matmul rate measured on this GPU. The eager systems' kernel time is then broken
+down with the profiler (fastmae kernels, cuBLAS matmuls, optimizer, other torch kernels).
 
 Without a GPU nothing about fastmae's speed can be measured: the command times the reference on
 the CPU on a tiny configuration, and checks the triton path's parity through Triton's
 interpreter, and says so.
 """
 import argparse
-import contextlib
 import datetime
 import functools
 import json
@@ -131,11 +136,14 @@ def _git(*args):
 
 
 def git_commit():
-    """Short commit of the fastmae checkout, "+dirty" when tracked files differ from it
-    (FASTMAE_COMMIT where the code runs outside a git checkout)."""
+    """Short commit of the fastmae checkout, "+dirty" when tracked files differ from it.
+    FASTMAE_COMMIT, when set, is taken as is: for a copy of a working tree whose .git is not
+    the one it was copied from (a remote GPU machine)."""
+    if os.environ.get("FASTMAE_COMMIT"):
+        return os.environ["FASTMAE_COMMIT"]
     sha = _git("rev-parse", "--short=12", "HEAD")
     if not sha:
-        return os.environ.get("FASTMAE_COMMIT", "unknown")
+        return "unknown"
     dirty = _git("status", "--porcelain", "--untracked-files=no")
     return sha + ("+dirty" if dirty else "")
 
@@ -243,7 +251,7 @@ def make_train_step(model, imgs, amp_dtype, compiled=False, mask_ratio=MASK_RATI
     on CUDA, a GradScaler under fp16 autocast, no autocast for fp32. ``noise`` fixes the mask
     (default: fresh torch.rand noise each step, as in training). ``compiled`` wraps the model in
     ``torch.compile(backend=compile_backend)``. ``cuda_graph`` (CUDA, bf16/fp32): the whole step
-    is captured once into a CUDA graph and each call replays it (see ``_graphed_step``);
+    is captured once into a CUDA graph and each call replays it (``fastmae.cuda_graph_step``);
     ``backend`` is the fastmae backend it is captured under. Returns (step, optimizer, the
     module called)."""
     device = imgs.device
@@ -273,35 +281,11 @@ def make_train_step(model, imgs, amp_dtype, compiled=False, mask_ratio=MASK_RATI
         return loss
 
     if cuda_graph:
-        return _graphed_step(step, opt, backend), opt, fwd
+        from fastmae.graphs import cuda_graph_step
+        return cuda_graph_step(step, opt, backend=backend), opt, fwd
     return step, opt, fwd
 
 
-def _graphed_step(step, opt, backend, warmup=3):
-    """Capture ``step`` (forward, backward, optimizer step; the mask's torch.rand included: its
-    Philox offsets advance on every replay) into one CUDA graph, after ``warmup`` eager steps on a
-    side stream that compile and autotune every kernel. Gradients are set to None before the
-    capture, so the captured backward writes them into the graph's memory pool and the captured
-    optimizer step reads them there; each replay recomputes them. Returns a closure that
-    replays the graph and returns the captured loss tensor."""
-    def ctx():  # a fresh context each time: a generator-based one cannot be entered twice
-        return use_backend(backend) if backend else contextlib.nullcontext()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with ctx(), torch.cuda.stream(side):
-        for _ in range(warmup):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    opt.zero_grad(set_to_none=True)
-    with ctx(), torch.cuda.graph(graph):
-        loss = step()  # its trailing zero_grad(set_to_none) only drops the Python references
-
-    def replay():
-        graph.replay()
-        return loss
-    replay.graph = graph
-    return replay
 
 
 def _progress(total, desc, enabled):
@@ -315,10 +299,11 @@ def _progress(total, desc, enabled):
                 dynamic_ncols=True)
 
 
-def time_train_step(step, device, steps, warmup, progress=None):
+def time_train_step(step, device, steps, warmup, progress=None, reset_peak=True):
     """Run ``warmup`` steps, then ``steps`` timed ones. Returns a dict of per-step ms (CUDA events
     between consecutive steps on a GPU, wall clock on a CPU), the first step's wall time and the
-    peak memory over the timed steps (GPU only)."""
+    peak memory over the timed steps (GPU only; with ``reset_peak=False`` since the caller's
+    last reset instead: a CUDA-graph step's memory is allocated when it is captured)."""
     cuda = device.type == "cuda"
 
     def sync():
@@ -338,7 +323,8 @@ def time_train_step(step, device, steps, warmup, progress=None):
             progress.update(1)
     sync()
     if cuda:
-        torch.cuda.reset_peak_memory_stats()
+        if reset_peak:
+            torch.cuda.reset_peak_memory_stats()
         events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
         events[0].record()
         for i in range(steps):
@@ -371,14 +357,18 @@ def bench_system(key, model_name, batch, amp_dtype, steps, warmup, device, seed=
     g.manual_seed(seed + 1)
     H, W = model.patch_embed.img_size
     imgs = torch.randn(batch, model.in_chans, H, W, device=device, generator=g)
+    graphed = key in GPU_ONLY_SYSTEMS
+    if graphed:  # its memory is allocated when it is captured, and held by the graph after
+        torch.cuda.reset_peak_memory_stats()
     t_make = time.perf_counter()
     step, opt, _ = make_train_step(model, imgs, amp_dtype, compiled=compiled,
-                                   cuda_graph=key in GPU_ONLY_SYSTEMS, backend=backend)
+                                   cuda_graph=graphed, backend=backend)
     t_make = time.perf_counter() - t_make  # a graphed step compiles and captures here
     bar = _progress(warmup + steps, label, progress)
     try:
         with use_backend(backend):
-            t = time_train_step(step, torch.device(device), steps, warmup, bar)
+            t = time_train_step(step, torch.device(device), steps, warmup, bar,
+                                reset_peak=not graphed)
             breakdown = None
             if profile and torch.device(device).type == "cuda":
                 breakdown = profile_train_step(step, step_ms=statistics.median(t["times_ms"]))

@@ -142,49 +142,6 @@ def test_kernel_breakdown_sums_and_categories():
     assert "GPU busy 1.4 ms per step of 2.0 ms" in text and "_attn_fwd" in text
 
 
-def test_graphed_step_warms_up_then_captures_once_then_replays(monkeypatch):
-    """The CUDA-graph step's control flow, with torch.cuda's stream and graph calls stubbed (no
-    GPU here): warm-up steps on a side stream under the backend, gradients set to None, one
-    capture under the backend, then every call a replay returning the captured loss."""
-    import contextlib
-    from types import SimpleNamespace
-
-    from fastmae.backend import requested_backend
-    calls = []
-
-    class FakeStream:
-        def wait_stream(self, other):
-            calls.append("wait")
-
-    class FakeGraph:
-        def replay(self):
-            calls.append("replay")
-
-    @contextlib.contextmanager
-    def fake_capture(graph):
-        calls.append("capture")
-        yield
-        calls.append("captured")
-
-    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
-    monkeypatch.setattr(torch.cuda, "current_stream", FakeStream)
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
-    monkeypatch.setattr(torch.cuda, "graph", fake_capture)
-    loss = torch.tensor(1.5)
-
-    def step():
-        calls.append(("step", requested_backend()))
-        return loss
-    opt = SimpleNamespace(zero_grad=lambda set_to_none: calls.append(("zero_grad", set_to_none)))
-    replay = bench._graphed_step(step, opt, "torch", warmup=2)
-    assert calls == ["wait", ("step", "torch"), ("step", "torch"), "wait", ("zero_grad", True),
-                     "capture", ("step", "torch"), "captured"]
-    calls.clear()
-    assert replay() is loss and replay() is loss
-    assert calls == ["replay", "replay"]
-
-
 def test_graphed_step_refuses_what_it_cannot_capture():
     model = bench.build_model("micro", "cpu")
     imgs = torch.randn(1, 3, 16, 16)

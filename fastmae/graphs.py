@@ -1,0 +1,57 @@
+"""A training step captured once into a CUDA graph and replayed: the host launches one graph
+per step instead of every kernel, which is what makes fastmae's kernels pay off where the host
+cannot launch them as fast as the GPU runs them (an eager step on the H200 we measured on; see
+BENCHMARKS.md)."""
+import contextlib
+
+import torch
+
+from fastmae.backend import use_backend
+
+
+def cuda_graph_step(step, optimizer, warmup=3, backend=None):
+    """Capture ``step`` into one CUDA graph; return a function that replays it.
+
+    ``step()`` runs one training step on fixed ("static") input tensors -- forward under
+    autocast, backward, ``optimizer.step()`` -- and returns the loss tensor. A model's
+    ``torch.rand`` mask noise may stay inside: its Philox offsets advance on every replay, so
+    each replay draws a fresh mask. ``optimizer`` must be built with ``capturable=True`` (with
+    ``fused=True`` for AdamW, as the official recipe's). First ``warmup`` eager steps run on a
+    side stream (Triton compiles and autotunes there, and the optimizer creates its state);
+    then gradients are set to None and the step is captured once, so the captured backward
+    writes the gradients into the graph's memory and the captured optimizer step reads them
+    there. ``backend`` ("triton" or "torch") is the fastmae backend of the warm-up and capture
+    (default: the current one).
+
+    The returned function replays the graph and returns the captured loss tensor, overwritten
+    by each replay; copy the next batch into the static input tensors (``.copy_()``) before
+    calling it. fp16 autocast with a GradScaler cannot be captured this way (the scaler reads
+    its overflow flag on the host)."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("cuda_graph_step needs a CUDA GPU")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
+        raise ValueError(f"warmup must be an int >= 1 (the eager steps before the capture), got {warmup!r}")
+    if optimizer.defaults.get("capturable") is False:
+        raise ValueError(f"optimizer must be built with capturable=True to be captured in a CUDA "
+                         f"graph ({type(optimizer).__name__}(..., capturable=True))")
+
+    def context():  # a fresh one each time: a generator-based context cannot be entered twice
+        return use_backend(backend) if backend else contextlib.nullcontext()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with context(), torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+            optimizer.zero_grad(set_to_none=True)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    optimizer.zero_grad(set_to_none=True)
+    with context(), torch.cuda.graph(graph):
+        loss = step()
+
+    def replay():
+        graph.replay()
+        return loss
+    replay.graph = graph
+    return replay
