@@ -248,6 +248,21 @@ def test_writer_without_gpu_results_writes_no_numbers():
     assert not re.search(r"\d+(\.\d+)? ?(ms|images/s|img/s|GB/s|TFLOP/s|GiB)", md)
 
 
+def test_committed_benchmarks_md_is_rendered_from_the_committed_results(monkeypatch):
+    """A measured BENCHMARKS.md is exactly what the writer makes of the result files kept in
+    benches/results (no number edited by hand)."""
+    text = (REPO / "BENCHMARKS.md").read_text(encoding="utf-8")
+    if "No GPU measurement has been made yet" in text:
+        pytest.skip("no measurement committed")
+    files = sorted(str(p) for p in (REPO / "benches" / "results").glob("*/*.json"))
+    assert files, "BENCHMARKS.md holds numbers but benches/results holds no result file"
+    command = text.split("```bash\n", 1)[1].split("\n", 1)[0]
+    monkeypatch.setattr(writer, "write_chart", lambda card, res, path: True)  # the PNG is committed
+    rendered = writer.render(writer.load(files), str(REPO / "benches" / "images_per_s.png"),
+                             str(REPO), command)
+    assert rendered == text
+
+
 def test_committed_benchmarks_md_is_the_writers():
     """BENCHMARKS.md is either the writer's no-measurement page or a page it wrote from a run."""
     text = (REPO / "BENCHMARKS.md").read_text(encoding="utf-8")
