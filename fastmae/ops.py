@@ -49,10 +49,15 @@ class _Op:
             setup_context(ctx, args, output)
             return output
 
+        # once_differentiable: a double backward through a kernel raises instead of silently
+        # returning gradients without a graph
+        @torch.autograd.function.once_differentiable
+        def backward_once(ctx, *grads):
+            return backward(ctx, *grads)
+
         # named after the op: grad_fn shows as e.g. <layer_norm_functionBackward>
         self.function = type(self.custom._name.split("::")[-1] + "_function", (torch.autograd.Function,),
-                             {"forward": staticmethod(forward),
-                              "backward": staticmethod(lambda ctx, *grads: backward(ctx, *grads))})
+                             {"forward": staticmethod(forward), "backward": staticmethod(backward_once)})
 
     def __call__(self, *args):
         if not _plain_eager(args):

@@ -242,6 +242,17 @@ def test_eager_path_is_the_custom_op(name):
         assert type(first.grad_fn).__name__.endswith("_functionBackward"), first.grad_fn
 
 
+def test_double_backward_through_a_kernel_raises():
+    """The kernels' backward is not itself differentiable: create_graph=True must not hand back
+    gradients that silently lack their own graph."""
+    case = layer_norm_case(3, 8, seed=1)
+    x = case["x"].requires_grad_()
+    y = ops.layer_norm(x, case["weight"], case["bias"], case["eps"])
+    (gx,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|marked with @once_differentiable"):
+        gx.sum().backward()
+
+
 def test_add_layer_norm_mixed_dtypes_writes_both_gradients_in_one_pass():
     """Under autocast the branch is half precision and the residual stream fp32: the backward
     writes the residual gradient (fp32) and the branch gradient (fp16) from the same values."""
