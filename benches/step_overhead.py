@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from fastmae.backend import use_backend
-from fastmae.bench import MODELS, build_model, make_train_step
+from fastmae.bench import MODELS, build_model, make_train_step, _cuda_time_ms as cuda_time_ms
 
 
 @triton.jit
@@ -111,13 +111,7 @@ def step_costs(model_name, batch, backend):
             step()
             host.append((time.perf_counter() - t) * 1e3)
             torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(5):
-            step()
-        end.record()
-        torch.cuda.synchronize()
-        eager_ms = start.elapsed_time(end) / 5
+        eager_ms = cuda_time_ms(step, reps=5, warmup=0)
         prof = None
         if backend == "triton":
             prof = cProfile.Profile()
@@ -133,14 +127,7 @@ def step_costs(model_name, batch, backend):
     model = build_model(model_name, "cuda")
     try:
         gstep, _, _ = make_train_step(model, imgs, torch.bfloat16, cuda_graph=True, backend=backend)
-        gstep()
-        torch.cuda.synchronize()
-        start.record()
-        for _ in range(10):
-            gstep()
-        end.record()
-        torch.cuda.synchronize()
-        graph_ms = start.elapsed_time(end) / 10
+        graph_ms = cuda_time_ms(gstep, reps=10, warmup=1)
         del gstep
     except Exception as exc:  # noqa: BLE001 - reported, not fatal
         graph_ms = f"capture failed: {type(exc).__name__}: {str(exc)[:200]}"

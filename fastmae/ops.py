@@ -33,6 +33,7 @@ class _Op:
     kernels run, and made an eager training step host-bound."""
 
     def __init__(self, name, impl):
+        self.name = name
         self.custom = torch.library.custom_op(name, mutates_args=())(impl)
         self.impl = impl
         self.function = None
@@ -56,7 +57,7 @@ class _Op:
             return backward(ctx, *grads)
 
         # named after the op: grad_fn shows as e.g. <layer_norm_functionBackward>
-        self.function = type(self.custom._name.split("::")[-1] + "_function", (torch.autograd.Function,),
+        self.function = type(self.name.split("::")[-1] + "_function", (torch.autograd.Function,),
                              {"forward": staticmethod(forward), "backward": staticmethod(backward_once)})
 
     def __call__(self, *args):

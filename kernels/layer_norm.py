@@ -129,8 +129,8 @@ def _layer_norm_bwd(
                      mask=mask)
         dw_acc += tl.sum(dy * x_hat, axis=0)  # over this tile's rows: within a thread
         db_acc += tl.sum(dy, axis=0)
-        if HAS_DBB:
-            dbb_acc += tl.sum(tl.where(mask, dx, 0.0), axis=0)
+        if HAS_DBB:  # rows past M are 0 (dy, ds and rstd loaded as 0); columns past D unstored
+            dbb_acc += tl.sum(dx, axis=0)
     tl.store(DW_PART + pid * D + cols, dw_acc, mask=col_ok)
     tl.store(DB_PART + pid * D + cols, db_acc, mask=col_ok)
     if HAS_DBB:
