@@ -1,0 +1,119 @@
+"""Host (Python and dispatch) time of one eager MAE training step, on any machine, GPU or not.
+
+    python benches/host_cost.py [--steps 30] [--profile-top 0]
+
+An eager step is only as fast as the host enqueues it: on an H200 the eager fastmae ViT-B/16
+step was host-bound (79.6 ms per step for 45.2 ms of GPU work, BENCHMARKS.md). This script times
+the host side alone, without a GPU: the ViT-B/16 layer structure (12 encoder and 8 decoder
+blocks) at a tiny width (32, one head of 32, batch 1, 32x32 images, bf16 CPU autocast, fused
+AdamW) so that the CPU tensor math is negligible, with every Triton launch replaced by a no-op
+counter (``JITFunction.run``, ``Autotuner.run``, ``Heuristics.run``; the kernels' outputs stay
+uninitialized, the values do not matter). What is left is what fastmae's Python layers, autograd
+and torch's dispatch cost per step, against the same model under the eager reference. Triton's
+own launch (15-28 us per kernel on the H200's host, ``benches/step_overhead.py``) comes on top.
+"""
+import argparse
+import cProfile
+import collections
+import os
+import pstats
+import statistics
+import sys
+import time
+
+os.environ.pop("TRITON_INTERPRET", None)  # the GPU launchers' Python, not the interpreter's
+
+import torch  # noqa: E402
+from triton.runtime.autotuner import Autotuner, Heuristics  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+LAUNCHES = collections.Counter()
+
+
+def _no_launch(self, *args, **kwargs):
+    fn = self
+    while not isinstance(fn, JITFunction):
+        fn = fn.fn
+    LAUNCHES[fn.__name__] += 1
+
+
+JITFunction.run = _no_launch
+Autotuner.run = _no_launch
+Heuristics.run = _no_launch
+
+import fastmae  # noqa: E402
+import fastmae.backend  # noqa: E402
+from fastmae.model import _factory  # noqa: E402
+
+# the "triton" backend on CPU tensors without the interpreter: nothing is launched anyway
+fastmae.backend.interpreter_on = lambda: True
+
+
+def build(seed=0):
+    torch.manual_seed(seed)
+    model = _factory(32, 12, 1, 16, img_size=32, decoder_embed_dim=32, decoder_depth=8,
+                     decoder_num_heads=1, norm_pix_loss=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    return model, opt
+
+
+def make_step(model, opt, backend):
+    imgs = torch.randn(1, 3, 32, 32)
+
+    def step():
+        with fastmae.use_backend(backend):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss, _, _ = model(imgs, 0.75)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return step
+
+
+def host_ms(step, steps, warmup=3, repeats=5):
+    """Median over ``repeats`` of the mean host ms per step over ``steps`` steps."""
+    for _ in range(warmup):
+        step()
+    runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        runs.append((time.perf_counter() - t0) / steps * 1e3)
+    return statistics.median(runs)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--profile-top", type=int, default=0,
+                   help="also print the N Python functions with the most own time in a fastmae step")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    print(f"host time of one eager training step, Triton launches stubbed out | torch "
+          f"{torch.__version__} | {os.cpu_count()} CPUs")
+    results = {}
+    for backend in ("torch", "triton"):
+        model, opt = build()
+        step = make_step(model, opt, backend)
+        LAUNCHES.clear()
+        results[backend] = host_ms(step, args.steps)
+        launches = sum(LAUNCHES.values()) / ((3 + 5 * args.steps))
+        name = "reference (torch)" if backend == "torch" else "fastmae (triton)"
+        print(f"  {name:18s} {results[backend]:7.2f} ms/step host, {launches:.0f} Triton launches "
+              f"per step (not timed)")
+    print(f"  fastmae / reference: {results['triton'] / results['torch']:.2f}x the host time")
+    if args.profile_top:
+        model, opt = build()
+        step = make_step(model, opt, "triton")
+        step()
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(args.steps):
+            step()
+        prof.disable()
+        pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(args.profile_top)
+
+
+if __name__ == "__main__":
+    main()
