@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreting, next_pow2
+from ._common import cdiv, interpreting, next_pow2
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
 LN2 = 0.6931471805599453  # ln(2): ln(x) = log2(x) * LN2
@@ -567,7 +567,7 @@ def attention_fwd(q, k, v, scale: float, out=None):
     o_view = _fit(out)  # a copy only for absurd strides; then written back below
 
     def grid(meta):
-        return (B * H, triton.cdiv(N, meta["BLOCK_M"]))
+        return (B * H, cdiv(N, meta["BLOCK_M"]))
 
     _attn_fwd_tuned[grid](
         q, k, v, o_view, lse, float(scale) * LOG2E,
@@ -649,13 +649,13 @@ def attention_bwd(do, q, k, v, o, lse, scale: float, dq=None, dk=None, dv=None):
 
     def split():
         delta = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
-        _attn_bwd_dq_tuned[lambda meta: (B * H, triton.cdiv(N, meta["BLOCK_M"]))](
+        _attn_bwd_dq_tuned[lambda meta: (B * H, cdiv(N, meta["BLOCK_M"]))](
             q, k, v, o, do, dq_w, lse, delta, sm_scale, qk_scale,
             *common_strides,
             H, N,
             HEAD_DIM=d, BLOCK_D=block_d, DOT_PRECISION=precision,
         )
-        _attn_bwd_dkdv_tuned[lambda meta: (B * H, triton.cdiv(N, meta["BLOCK_N"]))](
+        _attn_bwd_dkdv_tuned[lambda meta: (B * H, cdiv(N, meta["BLOCK_N"]))](
             q, k, v, o, do, dq_w, dk_w, dv_w, lse, delta, sm_scale, qk_scale,
             *common_strides, *dk_w.stride(), *dv_w.stride(),
             H, N,

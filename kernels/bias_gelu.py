@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreting, next_pow2, sm_count
+from ._common import cdiv, interpreting, next_pow2, sm_count
 
 
 @triton.jit
@@ -105,7 +105,7 @@ def bias_gelu_fwd(x, bias, out_dtype: torch.dtype):
     if M == 0 or D == 0:
         return y
     rows, block_n, warps = _tile(D)
-    grid = (triton.cdiv(M, rows), triton.cdiv(D, block_n))
+    grid = (cdiv(M, rows), cdiv(D, block_n))
     _bias_gelu_fwd[grid](x, bias, y, M, D, x.stride(0), y.stride(0),
                          ROWS=rows, BLOCK_N=block_n, num_warps=warps)
     return y
@@ -123,8 +123,8 @@ def bias_gelu_bwd(dy, x, bias, dx_dtype=None):
     if M == 0 or D == 0:
         return dx, torch.zeros(D, dtype=torch.float32, device=device)
     rows, block_n, warps = _tile(D)
-    col_blocks = triton.cdiv(D, block_n)
-    tiles = triton.cdiv(M, rows)
+    col_blocks = cdiv(D, block_n)
+    tiles = cdiv(M, rows)
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         # one wave of 16 warps per SM over all column blocks: small (programs, D) partials
@@ -132,8 +132,8 @@ def bias_gelu_bwd(dy, x, bias, dx_dtype=None):
     else:
         target = 4
     programs = max(1, min(tiles, target))
-    rows_per_program = triton.cdiv(triton.cdiv(M, programs), rows) * rows
-    programs = triton.cdiv(M, rows_per_program)
+    rows_per_program = cdiv(cdiv(M, programs), rows) * rows
+    programs = cdiv(M, rows_per_program)
     db_part = _empty((programs, D), torch.float32, device)
     _bias_gelu_bwd[(programs, col_blocks)](
         dy, x, bias, dx, db_part,

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreting, next_pow2, sm_count
+from ._common import cdiv, interpreting, next_pow2, sm_count
 
 
 @triton.jit
@@ -164,7 +164,7 @@ def _bwd_num_programs(M, rows, num_warps, device):
     GPU: one wave of 16 warps per SM (the kernel stays under 128 registers at the tiles
     _tile_rows picks, e.g. 95 for D=768 bf16 on sm_90), so the (programs, D) partials stay
     small (~2% of the bytes moved at M=12800, D=768); interpreter: at most 4."""
-    tiles = triton.cdiv(M, rows)
+    tiles = cdiv(M, rows)
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         target = sm_count(index) * max(1, 16 // num_warps)
@@ -202,7 +202,7 @@ def layer_norm_fwd(x, weight, bias, eps: float, out_dtype: torch.dtype, residual
     has_res = residual is not None
     r_arg, s_arg = (residual, s) if has_res else (x, y)  # placeholders, never touched
     has_bb = branch_bias is not None
-    _layer_norm_fwd[(triton.cdiv(M, rows),)](
+    _layer_norm_fwd[(cdiv(M, rows),)](
         x, r_arg, s_arg, y, weight, bias, branch_bias if has_bb else bias, mean, rstd,
         M, D,
         x.stride(0), r_arg.stride(0), s_arg.stride(0), y.stride(0),
@@ -240,8 +240,8 @@ def layer_norm_bwd(dy, s_or_x, weight, mean, rstd, ds=None, dx_dtype=None, dx2_d
     rows = _tile_rows(block_d)
     warps = _num_warps(block_d)
     programs = _bwd_num_programs(M, rows, warps, device)
-    rows_per_program = triton.cdiv(triton.cdiv(M, programs), rows) * rows
-    programs = triton.cdiv(M, rows_per_program)
+    rows_per_program = cdiv(cdiv(M, programs), rows) * rows
+    programs = cdiv(M, rows_per_program)
     # weight, bias (and branch bias) partials in one buffer: one reduction launch for all
     partials = _empty((n_part, programs, D), torch.float32, device)
     has_ds = ds is not None

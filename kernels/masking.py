@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import next_pow2
+from ._common import cdiv, next_pow2
 
 
 @triton.jit
@@ -123,7 +123,7 @@ def _row_tiling(D: int, elem_size: int):
     best = None
     for b in (16, 32, 64, 128, 256, 512, 1024):
         b = min(b, next_pow2(D))
-        waste = triton.cdiv(D, b) * b - D
+        waste = cdiv(D, b) * b - D
         if best is None or waste < best[0] or (waste == best[0] and b > best[1]):
             best = (waste, b)
     block_d = best[1]
@@ -167,7 +167,7 @@ def gather_tokens(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
     n_rows = N * keep
     if n_rows and D:
         rows, block_d, num_warps = _row_tiling(D, x.element_size())
-        grid = (triton.cdiv(n_rows, rows), triton.cdiv(D, block_d))
+        grid = (cdiv(n_rows, rows), cdiv(D, block_d))
         _gather_tokens[grid](x, ids_keep, out, n_rows, keep, D,
                              x.stride(0), x.stride(1), x.stride(2),
                              ids_keep.stride(0), ids_keep.stride(1),
@@ -188,7 +188,7 @@ def scatter_tokens(grad: torch.Tensor, ids_restore: torch.Tensor, len_keep: int)
     n_rows = N * L
     if n_rows and D:
         rows, block_d, num_warps = _row_tiling(D, grad.element_size())
-        grid = (triton.cdiv(n_rows, rows), triton.cdiv(D, block_d))
+        grid = (cdiv(n_rows, rows), cdiv(D, block_d))
         _scatter_tokens[grid](grad, ids_restore, out, n_rows, L, len_keep, D,
                               grad.stride(0), grad.stride(1), grad.stride(2),
                               ids_restore.stride(0), ids_restore.stride(1),

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreting, next_pow2
+from ._common import cdiv, interpreting, next_pow2
 
 NORM_PIX_EPS = 1e-6
 
@@ -115,7 +115,7 @@ def masked_mse_fwd(imgs, pred, mask, patch_size, norm_pix, need_grad):
     grad = _empty((N, L, K), pred.dtype, device) if need_grad else None
     if NL == 0:
         return (torch.zeros((), dtype=torch.float32, device=device) / mask_sum[0]), grad
-    programs = triton.cdiv(NL, block_p)
+    programs = cdiv(NL, block_p)
     partials = _empty((programs,), torch.float32, device)
     _masked_mse_fwd[(programs,)](
         imgs, pred, mask, mask_sum, grad if need_grad else partials, partials,

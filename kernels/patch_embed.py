@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreting
+from ._common import cdiv, interpreting
 
 
 def _empty(shape, dtype, device):
@@ -133,7 +133,7 @@ def patch_embed_visible_fwd(imgs, weight, bias, pos_embed, ids_keep, out_dtype, 
         return out
     w2 = weight.reshape(D, K)  # a view for the (contiguous) conv weight
     pos = pos_embed.reshape(pos_embed.shape[-2], D)
-    grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]), triton.cdiv(D, META["BLOCK_N"]))
+    grid = lambda META: (cdiv(M, META["BLOCK_M"]), cdiv(D, META["BLOCK_N"]))
     _patch_embed_fwd[grid](
         imgs, w2, bias, pos, ids_keep, out,
         M, keep, grid_w, D,
@@ -267,9 +267,9 @@ def _split_count(M, D, K):
     """Split the M reduction of grad_weight so that about 256 programs run (nominal 128x128
     tiles), each over at least 256 rows; small under the interpreter (but > 1, to be tested)."""
     if interpreting():
-        return max(1, min(3, triton.cdiv(M, 16)))
-    tiles = triton.cdiv(D, 128) * triton.cdiv(K, 128)
-    return max(1, min(triton.cdiv(256, tiles), triton.cdiv(M, 256)))
+        return max(1, min(3, cdiv(M, 16)))
+    tiles = cdiv(D, 128) * cdiv(K, 128)
+    return max(1, min(cdiv(256, tiles), cdiv(M, 256)))
 
 
 def patch_embed_visible_bwd(grad_out, imgs, weight, ids_keep, need_imgs_grad):
@@ -294,10 +294,10 @@ def patch_embed_visible_bwd(grad_out, imgs, weight, ids_keep, need_imgs_grad):
         grad_weight = torch.zeros((D, C, p, p), dtype=torch.float32, device=device)
     else:
         split = _split_count(M, D, K)
-        rows_per_split = triton.cdiv(M, split)
-        split = triton.cdiv(M, rows_per_split)  # no empty split
+        rows_per_split = cdiv(M, split)
+        split = cdiv(M, rows_per_split)  # no empty split
         partials = _empty((split, D, K), torch.float32, device)
-        grid = lambda META: (triton.cdiv(D, META["BLOCK_D"]), triton.cdiv(K, META["BLOCK_K"]), split)
+        grid = lambda META: (cdiv(D, META["BLOCK_D"]), cdiv(K, META["BLOCK_K"]), split)
         _patch_embed_bwd_weight[grid](
             g, imgs, ids_keep, partials,
             M, keep, grid_w, D, rows_per_split,
@@ -326,7 +326,7 @@ def patch_embed_visible_bwd(grad_out, imgs, weight, ids_keep, need_imgs_grad):
             rows = N * R
             if rows == 0:
                 continue
-            grid = lambda META: (triton.cdiv(rows, META["BLOCK_M"]), triton.cdiv(K, META["BLOCK_K"]))
+            grid = lambda META: (cdiv(rows, META["BLOCK_M"]), cdiv(K, META["BLOCK_K"]))
             _patch_embed_bwd_imgs[grid](
                 g, w2, ids, grad_imgs,
                 rows, R, grid_w, D,

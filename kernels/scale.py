@@ -4,6 +4,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import cdiv
+
 
 @triton.jit
 def _scale_kernel(
@@ -28,5 +30,5 @@ def scale(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     numel = x.numel()
     if numel:
         block = 1024
-        _scale_kernel[(triton.cdiv(numel, block),)](x, y, alpha, numel, BLOCK=block)
+        _scale_kernel[(cdiv(numel, block),)](x, y, alpha, numel, BLOCK=block)
     return y

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import cdiv
 from .masking import _row_tiling
 
 # The backward's mask-token reduction runs on about this many programs (a constant, not the
@@ -133,7 +134,7 @@ def unshuffle_fwd(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.
     if n_rows and D:
         elem = max(x.element_size(), out.element_size())
         rows, block_d, num_warps = _row_tiling(D, elem)
-        grid = (triton.cdiv(n_rows, rows), triton.cdiv(D, block_d))
+        grid = (cdiv(n_rows, rows), cdiv(D, block_d))
         _unshuffle_fwd[grid](x, mask_token, ids_restore, pos_embed, out, n_rows, L, keep1 - 1, D,
                              x.stride(0), x.stride(1), x.stride(2), mask_token.stride(-1),
                              ids_restore.stride(0), ids_restore.stride(1),
@@ -157,11 +158,11 @@ def unshuffle_bwd(grad_out: torch.Tensor, ids_restore: torch.Tensor, len_keep: i
     if n_rows == 0 or D == 0:
         return grad_x, torch.zeros((1, 1, D), dtype=mask_token_dtype, device=dev)
     rows, block_d, num_warps = _row_tiling(D, grad_out.element_size())
-    n_tiles = triton.cdiv(n_rows, rows)
-    tiles = triton.cdiv(n_tiles, _BWD_PROGRAMS)
-    programs = triton.cdiv(n_tiles, tiles)
+    n_tiles = cdiv(n_rows, rows)
+    tiles = cdiv(n_tiles, _BWD_PROGRAMS)
+    programs = cdiv(n_tiles, tiles)
     partials = _empty((programs, D), torch.float32, dev)
-    _unshuffle_bwd[(programs, triton.cdiv(D, block_d))](
+    _unshuffle_bwd[(programs, cdiv(D, block_d))](
         grad_out, ids_restore, grad_x, partials, n_rows, L, len_keep, D, tiles,
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         ids_restore.stride(0), ids_restore.stride(1),
