@@ -70,20 +70,20 @@ def make_step(model, opt, backend):
 
 
 def host_ms(steps_by_name, steps, warmup=3, repeats=7):
-    """Host ms per step of each named step function: the fastest of ``repeats`` rounds of
-    ``steps`` steps, the systems taking turns round by round (a shared, noisy CPU: the minimum
-    is the least disturbed measurement of the same work)."""
+    """Host ms per step of each named step function: the 10th percentile of ``repeats`` rounds
+    of ``steps`` single-step timings, the systems taking turns round by round (a shared, noisy
+    CPU: the low percentile is the least disturbed measurement of the same work)."""
     for step in steps_by_name.values():
         for _ in range(warmup):
             step()
-    best = {name: float("inf") for name in steps_by_name}
+    times = {name: [] for name in steps_by_name}
     for _ in range(repeats):
         for name, step in steps_by_name.items():
-            t0 = time.perf_counter()
             for _ in range(steps):
+                t0 = time.perf_counter()
                 step()
-            best[name] = min(best[name], (time.perf_counter() - t0) / steps * 1e3)
-    return best
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: sorted(t)[len(t) // 10] for name, t in times.items()}
 
 
 def main(argv=None):
