@@ -7,6 +7,8 @@ runs the eager reference (``fastmae.reference``, backend "torch") or fastmae's T
 breaks and ``torch.library.opcheck`` can check them. Kernel modules are imported lazily: the
 Triton interpreter must be switched on before their first import on a CPU machine.
 """
+import importlib
+
 import torch
 from torch import Tensor
 
@@ -21,6 +23,19 @@ __all__ = [
 
 
 # ============================================================================ op registration
+
+_KERNEL_MODULES = {}
+
+
+def _kernel(name):
+    """The kernel module ``fastmae.kernels.<name>``, imported on first use: Triton's interpreter
+    must be switched on before it is imported (a dict lookup afterwards, where an import
+    statement in the op would cost microseconds of host time on every call)."""
+    module = _KERNEL_MODULES.get(name)
+    if module is None:
+        module = _KERNEL_MODULES[name] = importlib.import_module(f"fastmae.kernels.{name}")
+    return module
+
 
 class _Op:
     """One fastmae kernel op, two ways in.
@@ -178,7 +193,7 @@ def _check_images(imgs, patch_size, in_chans=None):
 
 @_op("fastmae::masking_indices")
 def _masking_indices_op(noise: Tensor, len_keep: int) -> tuple[Tensor, Tensor, Tensor]:
-    from fastmae.kernels.masking import masking_indices as launch
+    launch = _kernel("masking").masking_indices
     return launch(noise, len_keep)
 
 
@@ -204,7 +219,7 @@ def masking_indices(noise, len_keep):
 
 @_op("fastmae::gather_tokens")
 def _gather_tokens_op(x: Tensor, ids_keep: Tensor, ids_restore: Tensor) -> Tensor:
-    from fastmae.kernels.masking import gather_tokens as launch
+    launch = _kernel("masking").gather_tokens
     return launch(x, ids_keep)
 
 
@@ -215,7 +230,7 @@ def _(x, ids_keep, ids_restore):
 
 @_op("fastmae::scatter_tokens")
 def _scatter_tokens_op(grad: Tensor, ids_restore: Tensor, len_keep: int) -> Tensor:
-    from fastmae.kernels.masking import scatter_tokens as launch
+    launch = _kernel("masking").scatter_tokens
     return launch(grad, ids_restore, len_keep)
 
 
@@ -259,7 +274,7 @@ def random_masking(x, mask_ratio, noise=None):
 def _patch_embed_visible_op(imgs: Tensor, weight: Tensor, bias: Tensor, pos_embed: Tensor,
                             ids_keep: Tensor, out_dtype: torch.dtype,
                             compute_dtype: torch.dtype) -> Tensor:
-    from fastmae.kernels.patch_embed import patch_embed_visible_fwd as launch
+    launch = _kernel("patch_embed").patch_embed_visible_fwd
     return launch(imgs, weight, bias, pos_embed, ids_keep, out_dtype, compute_dtype)
 
 
@@ -271,7 +286,7 @@ def _(imgs, weight, bias, pos_embed, ids_keep, out_dtype, compute_dtype):
 @_op("fastmae::patch_embed_visible_bwd")
 def _patch_embed_visible_bwd_op(grad_out: Tensor, imgs: Tensor, weight: Tensor, ids_keep: Tensor,
                                 need_imgs_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
-    from fastmae.kernels.patch_embed import patch_embed_visible_bwd as launch
+    launch = _kernel("patch_embed").patch_embed_visible_bwd
     gw, gb, gi = launch(grad_out.contiguous(), imgs, weight, ids_keep, need_imgs_grad)
     return gw, gb, (gi if gi is not None else imgs.new_empty(0))
 
@@ -334,7 +349,7 @@ def patch_embed_visible(imgs, weight, bias, pos_embed, ids_keep):
 
 @_op("fastmae::unshuffle")
 def _unshuffle_op(x: Tensor, mask_token: Tensor, ids_restore: Tensor, pos_embed: Tensor) -> Tensor:
-    from fastmae.kernels.unshuffle import unshuffle_fwd as launch
+    launch = _kernel("unshuffle").unshuffle_fwd
     return launch(x, mask_token, ids_restore, pos_embed)
 
 
@@ -347,7 +362,7 @@ def _(x, mask_token, ids_restore, pos_embed):
 @_op("fastmae::unshuffle_bwd")
 def _unshuffle_bwd_op(grad_out: Tensor, ids_restore: Tensor, len_keep: int, x_dtype: torch.dtype,
                       mask_token_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    from fastmae.kernels.unshuffle import unshuffle_bwd as launch
+    launch = _kernel("unshuffle").unshuffle_bwd
     return launch(grad_out, ids_restore, len_keep, x_dtype, mask_token_dtype)
 
 
@@ -406,7 +421,7 @@ def unshuffle(x, mask_token, ids_restore, pos_embed):
 @_op("fastmae::masked_mse")
 def _masked_mse_op(imgs: Tensor, pred: Tensor, mask: Tensor, patch_size: int, norm_pix: bool,
                    need_grad: bool) -> tuple[Tensor, Tensor]:
-    from fastmae.kernels.mse_loss import masked_mse_fwd as launch
+    launch = _kernel("mse_loss").masked_mse_fwd
     loss, grad_pred = launch(imgs, pred, mask, patch_size, norm_pix, need_grad)
     return loss, (grad_pred if grad_pred is not None else pred.new_empty(0))
 
@@ -419,7 +434,7 @@ def _(imgs, pred, mask, patch_size, norm_pix, need_grad):
 
 @_op("fastmae::scale")
 def _scale_op(x: Tensor, alpha: Tensor) -> Tensor:
-    from fastmae.kernels.scale import scale as launch
+    launch = _kernel("scale").scale
     return launch(x, alpha)
 
 
@@ -471,7 +486,7 @@ _HEAD_DIMS = (32, 64, 80, 96, 128)
 
 @_op("fastmae::attention")
 def _attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    from fastmae.kernels.attention import attention_fwd as launch
+    launch = _kernel("attention").attention_fwd
     return launch(q, k, v, scale)
 
 
@@ -485,7 +500,7 @@ def _(q, k, v, scale):
 @_op("fastmae::attention_bwd")
 def _attention_bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
                       scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    from fastmae.kernels.attention import attention_bwd as launch
+    launch = _kernel("attention").attention_bwd
     # three separate buffers: a custom op's outputs may not alias one another
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     return launch(do, q, k, v, o, lse, scale, dq=dq, dk=dk, dv=dv)
@@ -543,7 +558,7 @@ def attention(q, k, v, scale=None):
 
 @_op("fastmae::packed_attention")
 def _packed_attention_op(qkv: Tensor, num_heads: int, scale: float) -> tuple[Tensor, Tensor]:
-    from fastmae.kernels.attention import attention_fwd as launch
+    launch = _kernel("attention").attention_fwd
     B, N, C3 = qkv.shape
     d = C3 // (3 * num_heads)
     q, k, v = qkv.view(B, N, 3, num_heads, d).permute(2, 0, 3, 1, 4).unbind(0)
@@ -561,7 +576,7 @@ def _(qkv, num_heads, scale):
 @_op("fastmae::packed_attention_bwd")
 def _packed_attention_bwd_op(do: Tensor, qkv: Tensor, o: Tensor, lse: Tensor, num_heads: int,
                              scale: float) -> Tensor:
-    from fastmae.kernels.attention import attention_bwd as launch
+    launch = _kernel("attention").attention_bwd
     B, N, C3 = qkv.shape
     d = C3 // (3 * num_heads)
     heads = lambda t: t.view(B, N, num_heads, d).transpose(1, 2)  # noqa: E731
@@ -616,17 +631,21 @@ def packed_attention(qkv, num_heads, scale=None):
 
 # ============================================================================ LayerNorm, GELU
 
+# The LayerNorm and bias + GELU ops take and return (..., D) tensors: the (M, D) row views the
+# kernels want are taken inside the op, where autograd does not record them (a recorded view
+# costs a node in the forward and one in the backward, host time on every call).
+
 @_op("fastmae::layer_norm")
 def _layer_norm_op(x: Tensor, weight: Tensor, bias: Tensor, eps: float,
                    out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    from fastmae.kernels.layer_norm import layer_norm_fwd as launch
-    y, _, mean, rstd = launch(x, weight, bias, eps, out_dtype)
+    launch = _kernel("layer_norm").layer_norm_fwd
+    y, _, mean, rstd = launch(_rows(x), weight, bias, eps, out_dtype, out_shape=x.shape)
     return y, mean, rstd
 
 
 @_layer_norm_op.register_fake
 def _(x, weight, bias, eps, out_dtype):
-    M = x.shape[0]
+    M = x.numel() // x.shape[-1] if x.shape[-1] else 0
     return (x.new_empty(x.shape, dtype=out_dtype), x.new_empty(M, dtype=torch.float32),
             x.new_empty(M, dtype=torch.float32))
 
@@ -635,15 +654,16 @@ def _(x, weight, bias, eps, out_dtype):
 def _add_layer_norm_op(x: Tensor, residual: Tensor, weight: Tensor, bias: Tensor, eps: float,
                        out_dtype: torch.dtype,
                        branch_bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    from fastmae.kernels.layer_norm import layer_norm_fwd as launch
-    y, s, mean, rstd = launch(x, weight, bias, eps, out_dtype, residual=residual,
-                              residual_dtype=residual.dtype, branch_bias=branch_bias)
+    launch = _kernel("layer_norm").layer_norm_fwd
+    y, s, mean, rstd = launch(_rows(x), weight, bias, eps, out_dtype, residual=_rows(residual),
+                              residual_dtype=residual.dtype, branch_bias=branch_bias,
+                              out_shape=x.shape)
     return s, y, mean, rstd
 
 
 @_add_layer_norm_op.register_fake
 def _(x, residual, weight, bias, eps, out_dtype, branch_bias):
-    M = x.shape[0]
+    M = x.numel() // x.shape[-1] if x.shape[-1] else 0
     return (torch.empty_like(residual, memory_format=torch.contiguous_format),
             x.new_empty(x.shape, dtype=out_dtype),
             x.new_empty(M, dtype=torch.float32), x.new_empty(M, dtype=torch.float32))
@@ -653,9 +673,12 @@ def _(x, residual, weight, bias, eps, out_dtype, branch_bias):
 def _layer_norm_bwd_op(dy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor,
                        ds: Tensor | None, dx_dtype: torch.dtype,
                        branch_bias_grad: bool) -> tuple[Tensor, Tensor]:
-    from fastmae.kernels.layer_norm import layer_norm_bwd as launch
-    return launch(dy, x, weight, mean, rstd, ds=ds, dx_dtype=dx_dtype,
-                  branch_bias_grad=branch_bias_grad)
+    launch = _kernel("layer_norm").layer_norm_bwd
+    D = x.shape[-1]
+    dx, dwb = launch(dy.reshape(-1, D), _rows(x), weight, mean, rstd,
+                     ds=None if ds is None else ds.reshape(-1, D), dx_dtype=dx_dtype,
+                     branch_bias_grad=branch_bias_grad)
+    return dx.view(x.shape), dwb
 
 
 @_layer_norm_bwd_op.register_fake
@@ -686,9 +709,12 @@ _layer_norm_op.register_autograd(_layer_norm_backward, setup_context=_layer_norm
 def _add_layer_norm_bwd_op(dy: Tensor, s: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor,
                            ds: Tensor | None, ds_dtype: torch.dtype, dx_dtype: torch.dtype,
                            branch_bias_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
-    from fastmae.kernels.layer_norm import layer_norm_bwd as launch
-    return launch(dy, s, weight, mean, rstd, ds=ds, dx_dtype=ds_dtype, dx2_dtype=dx_dtype,
-                  branch_bias_grad=branch_bias_grad)
+    launch = _kernel("layer_norm").layer_norm_bwd
+    D = s.shape[-1]
+    dsum, dwb, dx = launch(dy.reshape(-1, D), _rows(s), weight, mean, rstd,
+                           ds=None if ds is None else ds.reshape(-1, D), dx_dtype=ds_dtype,
+                           dx2_dtype=dx_dtype, branch_bias_grad=branch_bias_grad)
+    return dsum.view(s.shape), dwb, dx.view(s.shape)
 
 
 @_add_layer_norm_bwd_op.register_fake
@@ -753,8 +779,8 @@ def layer_norm(x, weight, bias, eps):
     _check_norm(x, weight, bias, eps)
     if not _uses_triton(x):
         return reference.layer_norm(x, weight, bias, eps)
-    y, _, _ = _layer_norm_op(_rows(x), weight, bias, float(eps), _compute_dtype(x))
-    return y.view(x.shape)
+    y, _, _ = _layer_norm_op(x, weight, bias, float(eps), _compute_dtype(x))
+    return y
 
 
 def add_layer_norm(x, residual, weight, bias, eps, branch_bias=None):
@@ -775,15 +801,17 @@ def add_layer_norm(x, residual, weight, bias, eps, branch_bias=None):
     if not _uses_triton(x):
         return reference.add_layer_norm(x, residual, weight, bias, eps, branch_bias)
     r_dtype = torch.promote_types(x.dtype, residual.dtype)
-    s, y, _, _ = _add_layer_norm_op(_rows(x), _rows(residual.to(r_dtype)), weight, bias,
-                                    float(eps), _compute_dtype(x), branch_bias)
-    return s.view(x.shape), y.view(x.shape)
+    if residual.dtype != r_dtype:
+        residual = residual.to(r_dtype)
+    s, y, _, _ = _add_layer_norm_op(x, residual, weight, bias, float(eps), _compute_dtype(x),
+                                    branch_bias)
+    return s, y
 
 
 @_op("fastmae::bias_gelu")
 def _bias_gelu_op(x: Tensor, bias: Tensor, out_dtype: torch.dtype) -> Tensor:
-    from fastmae.kernels.bias_gelu import bias_gelu_fwd as launch
-    return launch(x, bias, out_dtype)
+    launch = _kernel("bias_gelu").bias_gelu_fwd
+    return launch(_rows(x), bias, out_dtype, out_shape=x.shape)
 
 
 @_bias_gelu_op.register_fake
@@ -793,8 +821,9 @@ def _(x, bias, out_dtype):
 
 @_op("fastmae::bias_gelu_bwd")
 def _bias_gelu_bwd_op(dy: Tensor, x: Tensor, bias: Tensor, dx_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    from fastmae.kernels.bias_gelu import bias_gelu_bwd as launch
-    return launch(dy, x, bias, dx_dtype)
+    launch = _kernel("bias_gelu").bias_gelu_bwd
+    dx, db = launch(dy.reshape(-1, x.shape[-1]), _rows(x), bias, dx_dtype)
+    return dx.view(x.shape), db
 
 
 @_bias_gelu_bwd_op.register_fake
@@ -825,5 +854,4 @@ def bias_gelu(x, bias):
     _check_same_device("x", x, bias=bias)
     if not _uses_triton(x):
         return reference.bias_gelu(x, bias)
-    y = _bias_gelu_op(_rows(x), bias, _compute_dtype(x))
-    return y.view(x.shape)
+    return _bias_gelu_op(x, bias, _compute_dtype(x))

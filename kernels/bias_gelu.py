@@ -96,19 +96,20 @@ def _tile(D):
     return max(1, min(2048 // block_n, 64)), block_n, 4
 
 
-def bias_gelu_fwd(x, bias, out_dtype: torch.dtype):
+def bias_gelu_fwd(x, bias, out_dtype: torch.dtype, out_shape=None):
     """y = gelu_erf(x + bias) for x (M, D) with unit column stride, bias (D,); computed in fp32,
-    returned (M, D) contiguous in out_dtype."""
+    returned contiguous in out_dtype, shaped out_shape (default (M, D); its last dim D)."""
     assert x.dim() == 2 and x.stride(1) == 1, "x must be (M, D) with unit column stride"
     M, D = x.shape
-    y = _empty((M, D), out_dtype, x.device)
+    y_out = _empty((M, D) if out_shape is None else out_shape, out_dtype, x.device)
     if M == 0 or D == 0:
-        return y
+        return y_out
+    y = y_out.view(M, D)
     rows, block_n, warps = _tile(D)
     grid = (cdiv(M, rows), cdiv(D, block_n))
     _bias_gelu_fwd[grid](x, bias, y, M, D, x.stride(0), y.stride(0),
                          ROWS=rows, BLOCK_N=block_n, num_warps=warps)
-    return y
+    return y_out
 
 
 def bias_gelu_bwd(dy, x, bias, dx_dtype=None):

@@ -174,29 +174,33 @@ def _bwd_num_programs(M, rows, num_warps, device):
 
 
 def layer_norm_fwd(x, weight, bias, eps: float, out_dtype: torch.dtype, residual=None,
-                   residual_dtype=None, branch_bias=None):
+                   residual_dtype=None, branch_bias=None, out_shape=None):
     """LayerNorm of x (M, D), or of s = residual + x (+ branch_bias (D,)) when a residual (M, D)
     is given.
 
-    Returns (y (M, D) out_dtype contiguous, s (M, D) residual_dtype contiguous or None,
-    mean (M,) fp32, rstd (M,) fp32). residual_dtype defaults to promote_types(x, residual)."""
+    Returns (y out_dtype contiguous, s residual_dtype contiguous or None, mean (M,) fp32,
+    rstd (M,) fp32); y and s are shaped out_shape (default (M, D); its last dim D).
+    residual_dtype defaults to promote_types(x, residual)."""
     assert branch_bias is None or residual is not None, "branch_bias goes with a residual"
     assert x.dim() == 2 and x.stride(1) == 1, "x must be (M, D) with unit column stride"
     M, D = x.shape
     device = x.device
-    y = _empty((M, D), out_dtype, device)
+    shape = (M, D) if out_shape is None else out_shape
+    y_out = _empty(shape, out_dtype, device)
     mean = _empty((M,), torch.float32, device)
     rstd = _empty((M,), torch.float32, device)
-    s = None
+    s_out = None
     if residual is not None:
         assert residual.shape == x.shape
         if residual.stride(1) != 1:
             residual = residual.contiguous()  # no copy in the common (contiguous) case
         if residual_dtype is None:
             residual_dtype = torch.promote_types(x.dtype, residual.dtype)
-        s = _empty((M, D), residual_dtype, device)
+        s_out = _empty(shape, residual_dtype, device)
     if M == 0:
-        return y, s, mean, rstd
+        return y_out, s_out, mean, rstd
+    y = y_out.view(M, D)
+    s = None if s_out is None else s_out.view(M, D)
     block_d = next_pow2(D)
     rows = _tile_rows(block_d)
     has_res = residual is not None
@@ -210,7 +214,7 @@ def layer_norm_fwd(x, weight, bias, eps: float, out_dtype: torch.dtype, residual
         BLOCK_D=block_d, ROWS=rows, HAS_RESIDUAL=has_res, HAS_BRANCH_BIAS=has_bb,
         num_warps=_num_warps(block_d),
     )
-    return y, s, mean, rstd
+    return y_out, s_out, mean, rstd
 
 
 def layer_norm_bwd(dy, s_or_x, weight, mean, rstd, ds=None, dx_dtype=None, dx2_dtype=None,
