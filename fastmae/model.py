@@ -61,12 +61,6 @@ class Attention(nn.Module):
         # (B, N, H * d), so the output projection reads it without a copy
         return self.proj(ops.packed_attention(self.qkv(x), self.num_heads, self.scale))
 
-    def forward_unbiased(self, x):
-        """forward without the output projection's bias: (branch, proj.bias) for a fused
-        residual add + LayerNorm that adds the bias and produces its gradient."""
-        out = ops.packed_attention(self.qkv(x), self.num_heads, self.scale)
-        return F.linear(out, self.proj.weight), self.proj.bias
-
 
 class Mlp(nn.Module):
     """fc1 -> exact GELU -> fc2 (keys ``fc1.*``, ``fc2.*``)."""
@@ -81,11 +75,6 @@ class Mlp(nn.Module):
         if ops.backend_for(x) == "triton":
             return self.fc2(ops.bias_gelu(F.linear(x, self.fc1.weight), self.fc1.bias))
         return self.fc2(self.act(self.fc1(x)))
-
-    def forward_unbiased(self, x):
-        """The triton path without fc2's bias: (branch, fc2.bias), as Attention.forward_unbiased."""
-        hidden = ops.bias_gelu(F.linear(x, self.fc1.weight), self.fc1.bias)
-        return F.linear(hidden, self.fc2.weight), self.fc2.bias
 
 
 class Block(nn.Module):
@@ -114,15 +103,13 @@ class Block(nn.Module):
         block's first LayerNorm, and this block's own MLP output is handed on the same way.
         The attention and MLP output projections run without their biases: each bias is added in
         the fused residual add + LayerNorm, whose backward produces its gradient in the same
-        pass. Returns (x, branch); the caller adds the last branch."""
-        n1, n2 = self.norm1, self.norm2
-        if branch is None:
-            h = ops.layer_norm(x, n1.weight, n1.bias, n1.eps)
-        else:
-            x, h = ops.add_layer_norm(branch[0], x, n1.weight, n1.bias, n1.eps, branch[1])
-        out, out_bias = self.attn.forward_unbiased(h)
-        x, h = ops.add_layer_norm(out, x, n2.weight, n2.bias, n2.eps, out_bias)
-        return x, self.mlp.forward_unbiased(h)
+        pass. Returns (x, branch); the caller adds the last branch (``ops.transformer_block``)."""
+        attn, mlp = self.attn, self.mlp
+        params = (self.norm1.weight, self.norm1.bias, attn.qkv.weight, attn.qkv.bias,
+                  attn.proj.weight, attn.proj.bias, self.norm2.weight, self.norm2.bias,
+                  mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
+        return ops.transformer_block(x, branch, params, attn.num_heads, attn.scale,
+                                     (self.norm1.eps, self.norm2.eps))
 
 
 def _run_blocks(blocks, norm, x):

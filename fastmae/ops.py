@@ -10,6 +10,7 @@ Triton interpreter must be switched on before their first import on a CPU machin
 import importlib
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fastmae import reference
@@ -18,7 +19,8 @@ from fastmae.backend import backend_for
 __all__ = [
     "random_masking", "unshuffle", "masked_mse_loss", "attention",
     "masking_indices", "patch_embed_visible", "packed_attention",
-    "layer_norm", "add_layer_norm", "bias_gelu", "patchify", "unpatchify", "keep_count",
+    "layer_norm", "add_layer_norm", "bias_gelu", "transformer_block", "patchify", "unpatchify",
+    "keep_count",
 ]
 
 
@@ -696,10 +698,16 @@ def _layer_norm_setup(ctx, inputs, output):
     ctx.dtypes = (x.dtype, weight.dtype, bias.dtype)
 
 
+def _layer_norm_grads(dy, x, weight, mean, rstd, dtypes, ds=None):
+    """(dx (+ ds, a gradient reaching x by another path), dweight, dbias) of layer_norm;
+    dtypes = (x, weight, bias) dtypes."""
+    dx, dwb = _layer_norm_bwd_op(dy, x, weight, mean, rstd, ds, dtypes[0], False)
+    return dx, dwb[0].to(dtypes[1]), dwb[1].to(dtypes[2])
+
+
 def _layer_norm_backward(ctx, dy, _m, _r):
     x, weight, mean, rstd = ctx.saved_tensors
-    dx, dwb = _layer_norm_bwd_op(dy, x, weight, mean, rstd, None, ctx.dtypes[0], False)
-    return dx, dwb[0].to(ctx.dtypes[1]), dwb[1].to(ctx.dtypes[2]), None, None
+    return (*_layer_norm_grads(dy, x, weight, mean, rstd, ctx.dtypes), None, None)
 
 
 _layer_norm_op.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup)
@@ -734,9 +742,11 @@ def _add_layer_norm_setup(ctx, inputs, output):
                   None if branch_bias is None else branch_bias.dtype)
 
 
-def _add_layer_norm_backward(ctx, ds, dy, _m, _r):
-    s, weight, mean, rstd = ctx.saved_tensors
-    x_dtype, r_dtype, w_dtype, b_dtype, bb_dtype = ctx.dtypes
+def _add_layer_norm_grads(ds, dy, s, weight, mean, rstd, dtypes):
+    """(dx, dresidual, dweight, dbias, dbranch_bias or None) of add_layer_norm, given ds and dy,
+    the gradients of its outputs s and y; dtypes = (x, residual, weight, bias, branch bias or
+    None) dtypes."""
+    x_dtype, r_dtype, w_dtype, b_dtype, bb_dtype = dtypes
     with_bb = bb_dtype is not None
     if x_dtype == r_dtype:
         dsum, dwb = _layer_norm_bwd_op(dy, s, weight, mean, rstd, ds, r_dtype, with_bb)
@@ -747,7 +757,13 @@ def _add_layer_norm_backward(ctx, ds, dy, _m, _r):
                                                with_bb)
     # the branch bias's gradient: the column sums of dsum, from the same pass
     dbb = dwb[2].to(bb_dtype) if with_bb else None
-    return dx, dsum, dwb[0].to(w_dtype), dwb[1].to(b_dtype), None, None, dbb
+    return dx, dsum, dwb[0].to(w_dtype), dwb[1].to(b_dtype), dbb
+
+
+def _add_layer_norm_backward(ctx, ds, dy, _m, _r):
+    s, weight, mean, rstd = ctx.saved_tensors
+    dx, dsum, dw, db, dbb = _add_layer_norm_grads(ds, dy, s, weight, mean, rstd, ctx.dtypes)
+    return dx, dsum, dw, db, None, None, dbb
 
 
 _add_layer_norm_op.register_autograd(_add_layer_norm_backward, setup_context=_add_layer_norm_setup)
@@ -836,10 +852,15 @@ def _bias_gelu_setup(ctx, inputs, output):
     ctx.save_for_backward(x, bias)
 
 
+def _bias_gelu_grads(dy, x, bias):
+    """(dx, dbias) of bias_gelu."""
+    dx, db = _bias_gelu_bwd_op(dy, x, bias, x.dtype)
+    return dx, db.to(bias.dtype)
+
+
 def _bias_gelu_backward(ctx, dy):
     x, bias = ctx.saved_tensors
-    dx, db = _bias_gelu_bwd_op(dy, x, bias, x.dtype)
-    return dx, db.to(bias.dtype), None
+    return (*_bias_gelu_grads(dy, x, bias), None)
 
 
 _bias_gelu_op.register_autograd(_bias_gelu_backward, setup_context=_bias_gelu_setup)
@@ -855,3 +876,129 @@ def bias_gelu(x, bias):
     if not _uses_triton(x):
         return reference.bias_gelu(x, bias)
     return _bias_gelu_op(x, bias, _compute_dtype(x))
+
+
+# ============================================================================ transformer block
+
+def transformer_block(x, branch, params, num_heads, scale, eps):
+    """One pre-norm transformer block (timm's Block: x + attn(norm1(x)), then + mlp(norm2(.)))
+    on the residual stream x (B, N, C), in the hand-off form the "triton" model runs it.
+
+    ``branch`` is None, or (m, bias): the previous block's MLP output without its output bias,
+    whose add into x is fused into this block's first LayerNorm (and the bias gradient produced
+    there). ``params`` = (norm1.weight, norm1.bias, qkv.weight, qkv.bias or None, proj.weight,
+    proj.bias, norm2.weight, norm2.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias);
+    ``eps`` = (norm1.eps, norm2.eps). Returns (x, (m, fc2.bias)): the caller adds the branch.
+
+    A plain eager call that needs gradients runs as one autograd node (``_Block``): the same
+    kernels and matmuls as the op-by-op composition, without the per-op autograd nodes, whose
+    host cost made an eager step host-bound. Anything else (torch.compile, fake tensors, no
+    gradients, shapes the attention kernel does not serve) runs op by op."""
+    if len(params) != 12:
+        raise ValueError(f"params must hold the block's 12 parameters, got {len(params)}")
+    tensors = (x,) + tuple(t for t in params if t is not None) + (() if branch is None else branch)
+    if _block_node_applies(x, branch, params, num_heads, tensors):
+        m_bias = params[11]
+        s, m = _Block.apply(x, *(branch if branch is not None else (None, None)), *params,
+                            (eps[0], eps[1], num_heads, float(scale), _compute_dtype(x)))
+        return s, (m, m_bias)
+    return _block_by_op(x, branch, params, num_heads, scale, eps)
+
+
+def _block_by_op(x, branch, params, num_heads, scale, eps):
+    n1w, n1b, qkv_w, qkv_b, proj_w, proj_b, n2w, n2b, fc1_w, fc1_b, fc2_w, fc2_b = params
+    if branch is None:
+        h = layer_norm(x, n1w, n1b, eps[0])
+    else:
+        x, h = add_layer_norm(branch[0], x, n1w, n1b, eps[0], branch[1])
+    a = packed_attention(F.linear(h, qkv_w, qkv_b), num_heads, scale)
+    # the output projection runs without its bias: the fused add + LayerNorm adds it
+    x, h = add_layer_norm(F.linear(a, proj_w), x, n2w, n2b, eps[1], proj_b)
+    return x, (F.linear(bias_gelu(F.linear(h, fc1_w), fc1_b), fc2_w), fc2_b)
+
+
+def _block_node_applies(x, branch, params, num_heads, tensors):
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return False
+    if not (_plain_eager(tensors) and _uses_triton(x)) or x.dim() != 3:
+        return False
+    cd = _compute_dtype(x)
+    C = x.shape[-1]
+    if cd not in (torch.float32, torch.float16, torch.bfloat16) or C % num_heads \
+            or C // num_heads not in _HEAD_DIMS:
+        return False
+    if torch.promote_types(cd, x.dtype) != x.dtype or any(t.device != x.device for t in tensors):
+        return False
+    if branch is not None and torch.promote_types(branch[0].dtype, x.dtype) != x.dtype:
+        return False
+    # without autocast the matmuls take the weights as they are: one dtype throughout
+    weights = (params[2], params[4], params[8], params[10])
+    return torch.is_autocast_enabled(x.device.type) or all(w.dtype == cd for w in weights)
+
+
+def _linear_grads(dy, x, weight, weight_dtype):
+    """(dx, dweight) of y = x @ weight.T for x (..., in) and weight (out, in) as the matmul read
+    it; dweight cast to the parameter's dtype, as autocast's cast backward does."""
+    dx = torch.matmul(dy, weight)
+    dw = torch.mm(dy.reshape(-1, dy.shape[-1]).t(), x.reshape(-1, x.shape[-1]))
+    return dx, dw.to(weight_dtype)
+
+
+class _Block(torch.autograd.Function):
+    """transformer_block as one autograd node: forward and backward call the ops'
+    implementations and gradient formulas directly, and torch's matmuls."""
+
+    @staticmethod
+    def forward(ctx, x, branch, branch_bias, n1w, n1b, qkv_w, qkv_b, proj_w, proj_b, n2w, n2b,
+                fc1_w, fc1_b, fc2_w, fc2_b, config):
+        eps1, eps2, num_heads, scale, cd = config
+        if branch is None:
+            s1 = x
+            h1, mean1, rstd1 = _layer_norm_op.impl(x, n1w, n1b, eps1, cd)
+        else:
+            s1, h1, mean1, rstd1 = _add_layer_norm_op.impl(branch, x, n1w, n1b, eps1, cd,
+                                                           branch_bias)
+        # the weights in the matmul dtype, cast once (autocast's cast, kept for the backward)
+        wq, wp, w1, w2 = (w.to(cd) for w in (qkv_w, proj_w, fc1_w, fc2_w))
+        qkv = F.linear(h1, wq, None if qkv_b is None else qkv_b.to(cd))
+        a, lse = _packed_attention_op.impl(qkv, num_heads, scale)
+        s2, h2, mean2, rstd2 = _add_layer_norm_op.impl(F.linear(a, wp), s1, n2w, n2b, eps2, cd,
+                                                       proj_b)
+        f = F.linear(h2, w1)
+        g = _bias_gelu_op.impl(f, fc1_b, cd)
+        m = F.linear(g, w2)
+        ctx.save_for_backward(s1, h1, qkv, a, lse, s2, h2, f, g, wq, wp, w1, w2, n1w, n2w, fc1_b,
+                              mean1, rstd1, mean2, rstd2)
+        ctx.config = config
+        ctx.dtypes = tuple(None if t is None else t.dtype
+                           for t in (x, branch, branch_bias, n1w, n1b, qkv_w, qkv_b, proj_w,
+                                     proj_b, n2w, n2b, fc1_w, fc1_b, fc2_w, fc2_b))
+        return s2, m
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_s2, d_m):
+        (s1, h1, qkv, a, lse, s2, h2, f, g, wq, wp, w1, w2, n1w, n2w, fc1_b,
+         mean1, rstd1, mean2, rstd2) = ctx.saved_tensors
+        _, _, num_heads, scale, cd = ctx.config
+        (x_dt, branch_dt, bb_dt, n1w_dt, n1b_dt, qkv_w_dt, qkv_b_dt, proj_w_dt, proj_b_dt,
+         n2w_dt, n2b_dt, fc1_w_dt, _, fc2_w_dt, _) = ctx.dtypes
+        dg, d_fc2_w = _linear_grads(d_m, g, w2, fc2_w_dt)
+        d_fc2_b = None  # fc2's bias is added (and differentiated) by the next LayerNorm
+        df, d_fc1_b = _bias_gelu_grads(dg, f, fc1_b)
+        dh2, d_fc1_w = _linear_grads(df, h2, w1, fc1_w_dt)
+        do, ds1, d_n2w, d_n2b, d_proj_b = _add_layer_norm_grads(
+            d_s2, dh2, s2, n2w, mean2, rstd2, (cd, s1.dtype, n2w_dt, n2b_dt, proj_b_dt))
+        da, d_proj_w = _linear_grads(do, a, wp, proj_w_dt)
+        dqkv = _packed_attention_bwd_op(da, qkv, a, lse, num_heads, scale)
+        dh1, d_qkv_w = _linear_grads(dqkv, h1, wq, qkv_w_dt)
+        d_qkv_b = None if qkv_b_dt is None else dqkv.reshape(-1, dqkv.shape[-1]).sum(0).to(qkv_b_dt)
+        if branch_dt is None:
+            dx, d_n1w, d_n1b = _layer_norm_grads(dh1, s1, n1w, mean1, rstd1,
+                                                 (x_dt, n1w_dt, n1b_dt), ds=ds1)
+            d_branch = d_bb = None
+        else:
+            d_branch, dx, d_n1w, d_n1b, d_bb = _add_layer_norm_grads(
+                ds1, dh1, s1, n1w, mean1, rstd1, (branch_dt, x_dt, n1w_dt, n1b_dt, bb_dt))
+        return (dx, d_branch, d_bb, d_n1w, d_n1b, d_qkv_w, d_qkv_b, d_proj_w, d_proj_b, d_n2w,
+                d_n2b, d_fc1_w, d_fc1_b, d_fc2_w, d_fc2_b, None)

@@ -1,0 +1,126 @@
+"""ops.transformer_block: a plain eager call with gradients runs the block as one autograd node
+(``_Block``); it must give the op-by-op composition's outputs and every gradient (each op of
+which is checked against the float64 reference in test_ops_triton.py), in fp32 and under
+autocast, with and without an incoming branch and a qkv bias; everything else runs op by op."""
+import pytest
+import torch
+
+import fastmae
+from fastmae import ops
+from fastmae.testing import assert_rel_close
+
+PARAM_NAMES = ("norm1.weight", "norm1.bias", "qkv.weight", "qkv.bias", "proj.weight", "proj.bias",
+               "norm2.weight", "norm2.bias", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
+
+
+@pytest.fixture(autouse=True)
+def triton_backend():
+    with fastmae.use_backend("triton"):
+        yield
+
+
+def block_case(B, N, C, hidden, qkv_bias=True, branch=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = ((C,), (C,), (3 * C, C), (3 * C,), (C, C), (C,), (C,), (C,), (hidden, C), (hidden,),
+              (C, hidden), (C,))
+    params = [torch.randn(s, generator=g) * (0.3 if len(s) == 2 else 0.5) for s in shapes]
+    params[0] += 1.0
+    params[6] += 1.0
+    if not qkv_bias:
+        params[3] = None
+    x = torch.randn(B, N, C, generator=g)
+    br = (torch.randn(B, N, C, generator=g), torch.randn(C, generator=g)) if branch else None
+    out_grads = (torch.randn(B, N, C, generator=g), torch.randn(B, N, C, generator=g))
+    return x, br, params, out_grads
+
+
+def run_block(case, num_heads, node, autocast_dtype=None):
+    """Outputs and every gradient of one block call on fresh leaves; ``node`` picks the one-node
+    path (asserted taken) or the op-by-op composition."""
+    x, br, params, (gs, gm) = case
+    x = x.clone().requires_grad_(True)
+    params = [None if p is None else p.clone().requires_grad_(True) for p in params]
+    leaves = [x] + [p for p in params if p is not None]
+    branch = None
+    if br is not None:
+        m, bias = br[0].clone().requires_grad_(True), br[1].clone().requires_grad_(True)
+        leaves += [m, bias]
+        branch = (m.to(autocast_dtype) if autocast_dtype else m, bias)
+    C = x.shape[-1]
+    scale, eps = (C // num_heads) ** -0.5, (1e-6, 1e-5)
+    with torch.autocast("cpu", dtype=autocast_dtype or torch.float16,
+                        enabled=autocast_dtype is not None):
+        if node:
+            s, (m_out, m_bias) = ops.transformer_block(x, branch, tuple(params), num_heads, scale,
+                                                       eps)
+            assert type(s.grad_fn).__name__ == "_BlockBackward"
+        else:
+            s, (m_out, m_bias) = ops._block_by_op(x, branch, tuple(params), num_heads, scale, eps)
+            assert type(s.grad_fn).__name__ != "_BlockBackward"
+    assert m_bias is params[11]
+    torch.autograd.backward((s, m_out), (gs, gm.to(m_out.dtype)))
+    return [s.detach(), m_out.detach()], [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("B, N, C, H, hidden", [(2, 7, 64, 2, 128), (1, 13, 96, 1, 40)])
+@pytest.mark.parametrize("branch", [True, False])
+@pytest.mark.parametrize("qkv_bias", [True, False])
+def test_block_node_matches_the_op_by_op_block_fp32(B, N, C, H, hidden, branch, qkv_bias):
+    case = block_case(B, N, C, hidden, qkv_bias=qkv_bias, branch=branch)
+    (outs, grads), (ref_outs, ref_grads) = run_block(case, H, True), run_block(case, H, False)
+    for name, a, b in zip(("x", "branch"), outs, ref_outs):
+        assert_rel_close(a, b, 1e-6, name)
+    names = ["x"] + [n for n, p in zip(PARAM_NAMES, case[2]) if p is not None] + (
+        ["branch", "branch bias"] if branch else [])
+    assert len(grads) == len(names)
+    for name, a, b in zip(names, grads, ref_grads):
+        if name == "fc2.bias":  # added (and differentiated) by the next block's LayerNorm
+            assert a is None and b is None
+            continue
+        assert a is not None and b is not None, f"no gradient reached {name}"
+        assert a.dtype == b.dtype, name
+        assert_rel_close(a, b, 1e-5, f"grad of {name}")
+
+
+@pytest.mark.parametrize("branch", [True, False])
+def test_block_node_matches_the_op_by_op_block_under_fp16_autocast(branch):
+    """The autocast path: fp16 matmul inputs (the weights cast once), fp32 residual stream and
+    parameter gradients, the bf16/fp16 branch gradient from the one-pass LayerNorm backward."""
+    case = block_case(2, 5, 64, 96, branch=branch, seed=3)
+    (outs, grads), (ref_outs, ref_grads) = (run_block(case, 2, node, torch.float16)
+                                            for node in (True, False))
+    assert outs[0].dtype == torch.float32 and outs[1].dtype == torch.float16
+    for a, b in zip(outs, ref_outs):
+        assert a.dtype == b.dtype
+        assert_rel_close(a.float(), b.float(), 2e-3, "output")
+    for a, b in zip(grads, ref_grads):
+        if a is None:
+            assert b is None
+            continue
+        assert a.dtype == b.dtype
+        assert_rel_close(a.float(), b.float(), 2e-3, "gradient")
+
+
+def test_block_without_gradients_runs_op_by_op():
+    x, br, params, _ = block_case(1, 5, 64, 64)
+    with torch.no_grad():
+        s, (m, _) = ops.transformer_block(x, br, tuple(params), 2, 32 ** -0.5, (1e-6, 1e-6))
+    ref_s, (ref_m, _) = ops._block_by_op(x, br, tuple(params), 2, 32 ** -0.5, (1e-6, 1e-6))
+    assert s.grad_fn is None
+    assert_rel_close(s, ref_s.detach(), 1e-6, "x")
+    assert_rel_close(m, ref_m.detach(), 1e-6, "branch")
+
+
+def test_block_with_a_head_dim_the_kernel_does_not_serve_runs_op_by_op():
+    """d = 16: no fused attention kernel; the op-by-op block takes the reference attention."""
+    case = block_case(1, 5, 32, 32, branch=True)
+    x, br, params, _ = case
+    x = x.clone().requires_grad_(True)
+    s, _ = ops.transformer_block(x, br, tuple(params), 2, 16 ** -0.5, (1e-6, 1e-6))
+    assert type(s.grad_fn).__name__ != "_BlockBackward"
+
+
+def test_block_rejects_a_wrong_parameter_tuple():
+    x, br, params, _ = block_case(1, 5, 64, 64)
+    with pytest.raises(ValueError, match="params"):
+        ops.transformer_block(x, br, tuple(params[:11]), 2, 32 ** -0.5, (1e-6, 1e-6))
