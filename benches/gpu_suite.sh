@@ -10,6 +10,7 @@
 #    kernel breakdown -> OUTDIR/step_vit_b16.json;
 # 2. the issue's GPU training test: 20 AdamW steps of ViT-B/16 against the eager reference;
 # 3. `fastmae bench` for ViT-L/16 (reference, fastmae, fastmae + CUDA graph) -> step_vit_l16.json;
+# 3b. benches/step_overhead.py: where the host time of an eager step goes -> step_overhead.txt;
 # 4. the other GPU correctness tests (pytest tests -m cuda; attention autotuning off);
 # 5. the op suites (benches/bench_ops.py) at the ViT-B/16 shapes -> OUTDIR/ops.json;
 # 6. BENCHMARKS.md and benches/images_per_s.png rewritten from those files (copies in OUTDIR),
@@ -19,8 +20,8 @@
 #
 # Knobs (environment): STEPS=10, WARMUP=3, L_MODEL=vit_l16 (empty: skip), OP_MODELS=vit_b16,
 # TEST_WORKERS=8, B_TIMEOUT=170, TRAIN_TEST_TIMEOUT=45, L_TIMEOUT=70, TEST_TIMEOUT=120,
-# OPS_TIMEOUT=90, SKIP_TRAIN_TEST=0, SKIP_TESTS=0, SKIP_OPS=0, PYTHON=python3, SUITE_COMMAND (the
-# command BENCHMARKS.md names as the one that reproduces it).
+# OPS_TIMEOUT=90, HOST_TIMEOUT=90, SKIP_TRAIN_TEST=0, SKIP_HOST=0, SKIP_TESTS=0, SKIP_OPS=0,
+# PYTHON=python3, SUITE_COMMAND (the command BENCHMARKS.md names as the one that reproduces it).
 set -uo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -86,6 +87,15 @@ fi
 if [ -n "${L_MODEL-vit_l16}" ]; then
     say "3/6 training step, ${L_MODEL-vit_l16}"
     step_bench "${L_MODEL-vit_l16}" "${L_TIMEOUT:-70}" --systems reference,fastmae,fastmae_graph
+fi
+
+# ---------------------------------------------------------------- 3b. host cost
+# where the host time of an eager step goes (the eager fastmae step was host-bound at 017ac2e)
+if [ "${SKIP_HOST:-0}" != "1" ]; then
+    say "3b/6 host cost of an eager step: benches/step_overhead.py -> step_overhead.txt"
+    timeout "${HOST_TIMEOUT:-90}" "$PY" "$REPO/benches/step_overhead.py" --model vit_b16 \
+        --batch 256 --profile-top 25 2>&1 | tee "$OUTDIR/step_overhead.txt" >> "$LOG" \
+        || { say "step_overhead.py failed or timed out"; STATUS=1; }
 fi
 
 # ---------------------------------------------------------------- 4. correctness
