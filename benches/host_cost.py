@@ -11,10 +11,19 @@ counter (``JITFunction.run``, ``Autotuner.run``, ``Heuristics.run``; the kernels
 uninitialized, the values do not matter). What is left is what fastmae's Python layers, autograd
 and torch's dispatch cost per step, against the same model under the eager reference. Triton's
 own launch (15-28 us per kernel on the H200's host, ``benches/step_overhead.py``) comes on top.
+
+Timings on a shared machine are noisy; for a deterministic count, run one backend's steps under
+callgrind, collecting only inside the timed steps (they run in itertools.starmap's iterator):
+
+    valgrind --tool=callgrind --collect-atstart=no --toggle-collect=starmap_next \
+        python benches/host_cost.py --callgrind triton      # or torch; ~4 minutes each
+
+and divide the "Collected" instruction count by the 3 steps it runs.
 """
 import argparse
 import cProfile
 import collections
+import itertools
 import os
 import pstats
 import sys
@@ -91,8 +100,18 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--profile-top", type=int, default=0,
                    help="also print the N Python functions with the most own time in a fastmae step")
+    p.add_argument("--callgrind", choices=("torch", "triton"),
+                   help="run 2 warm-up steps, then 3 steps of this backend inside "
+                        "itertools.starmap (see the module docstring), and exit")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    if args.callgrind:
+        model, opt = build()
+        step = make_step(model, opt, args.callgrind)
+        for _ in range(2):
+            step()
+        list(itertools.starmap(step, [()] * 3))
+        return
     print(f"host time of one eager training step, Triton launches stubbed out | torch "
           f"{torch.__version__} | {os.cpu_count()} CPUs")
     systems = {}
