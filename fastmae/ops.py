@@ -897,10 +897,11 @@ def transformer_block(x, branch, params, num_heads, scale, eps):
     if len(params) != 12:
         raise ValueError(f"params must hold the block's 12 parameters, got {len(params)}")
     tensors = (x,) + tuple(t for t in params if t is not None) + (() if branch is None else branch)
-    if _block_node_applies(x, branch, params, num_heads, tensors):
+    cd = _block_node_dtype(x, branch, params, num_heads, tensors)
+    if cd is not None:
         m_bias = params[11]
         s, m = _Block.apply(x, *(branch if branch is not None else (None, None)), *params,
-                            (eps[0], eps[1], num_heads, float(scale), _compute_dtype(x)))
+                            (eps[0], eps[1], num_heads, float(scale), cd))
         return s, (m, m_bias)
     return _block_by_op(x, branch, params, num_heads, scale, eps)
 
@@ -917,23 +918,26 @@ def _block_by_op(x, branch, params, num_heads, scale, eps):
     return x, (F.linear(bias_gelu(F.linear(h, fc1_w), fc1_b), fc2_w), fc2_b)
 
 
-def _block_node_applies(x, branch, params, num_heads, tensors):
+def _block_node_dtype(x, branch, params, num_heads, tensors):
+    """The matmul dtype the one-node block runs in, or None where the block runs op by op."""
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
-        return False
+        return None
     if not (_plain_eager(tensors) and _uses_triton(x)) or x.dim() != 3:
-        return False
+        return None
     cd = _compute_dtype(x)
     C = x.shape[-1]
     if cd not in (torch.float32, torch.float16, torch.bfloat16) or C % num_heads \
             or C // num_heads not in _HEAD_DIMS:
-        return False
+        return None
     if torch.promote_types(cd, x.dtype) != x.dtype or any(t.device != x.device for t in tensors):
-        return False
+        return None
     if branch is not None and torch.promote_types(branch[0].dtype, x.dtype) != x.dtype:
-        return False
+        return None
     # without autocast the matmuls take the weights as they are: one dtype throughout
     weights = (params[2], params[4], params[8], params[10])
-    return torch.is_autocast_enabled(x.device.type) or all(w.dtype == cd for w in weights)
+    if torch.is_autocast_enabled(x.device.type) or all(w.dtype == cd for w in weights):
+        return cd
+    return None
 
 
 def _linear_grads(dy, x, weight, weight_dtype):
