@@ -84,6 +84,12 @@ def _empty(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+# The backward's grid is one wave of BWD_WARPS_PER_SM warps per SM (see kernels/layer_norm.py):
+# 128 registers a thread at most, checked for sm_90 by tests/test_gpu_compile.py.
+BWD_WARPS_PER_SM = 16
+ONE_WAVE_WARPS_PER_SM = {"_bias_gelu_bwd": lambda constexprs: BWD_WARPS_PER_SM}
+
+
 def _tile(D):
     """(ROWS, BLOCK_N, num_warps). GPU: column blocks of up to 1024 (3072 = 3 x 1024, 2048 =
     2 x 1024) and ~2048 elements per tile at 4 warps, 16 per thread (the backward stays near
@@ -128,8 +134,8 @@ def bias_gelu_bwd(dy, x, bias, dx_dtype=None):
     tiles = cdiv(M, rows)
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
-        # one wave of 16 warps per SM over all column blocks: small (programs, D) partials
-        target = max(1, sm_count(index) * max(1, 16 // warps) // col_blocks)
+        # one wave over all column blocks: small (programs, D) partials
+        target = max(1, sm_count(index) * max(1, BWD_WARPS_PER_SM // warps) // col_blocks)
     else:
         target = 4
     programs = max(1, min(tiles, target))

@@ -144,30 +144,49 @@ def _empty(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _tile_rows(block_d):
-    """Rows in one program's tile: ~2048 elements on a GPU (2 rows of 768: 16 elements of a
-    tensor per thread at 4 warps), 256 under the interpreter so that the small test shapes
-    use several programs, several tiles per program and row tails."""
-    target = 256 if interpreting() else 2048
-    return max(1, min(target // block_d, 128))
+# The backward spreads the rows over one wave of programs, each owning a fixed block of rows (its
+# partial sums are a fixed function of the shape and device, hence deterministic): one wave only
+# if the programs it counts on fit on an SM at once, their warps sharing its 65536 registers
+# (sm_80, sm_90). The forward's tiles (16 elements a thread at 4 warps) keep the most bytes in
+# flight; Triton 3.6 compiles the fused autocast backward over them to 128 registers a thread
+# at D=768 (4 programs of 4 warps fit) but 154 at D=512, where only 3 fit (4 per SM made the
+# grid 1.33 waves). tests/test_gpu_compile.py compiles every launch for sm_90 and checks its
+# registers against bwd_warps_per_sm.
 
 
-def _num_warps(block_d):
+def fwd_config(block_d):
+    """(rows per program, num_warps) on a GPU: ~2048 elements a tile, 16 a thread at 4 warps."""
+    warps = 4 if block_d <= 1024 else (8 if block_d <= 8192 else 16)
+    return max(1, min(2048 // block_d, 128)), warps
+
+
+def bwd_warps_per_sm(block_d):
+    """Warps of the backward's one-wave grid per SM on a GPU: 16 (128 registers a thread), 12
+    (170) up to 512 columns, whose tiles take more registers (more rows a tile)."""
+    return 12 if block_d <= 512 else 16
+
+
+ONE_WAVE_WARPS_PER_SM = {"_layer_norm_bwd": lambda constexprs: bwd_warps_per_sm(
+    constexprs["BLOCK_D"])}  # kernel -> its grid's warps per SM, for the check above
+
+
+def _launch_config(block_d):
+    """(rows per tile, num_warps) of both kernels; under the interpreter ~256-element tiles at
+    one warp, so that the small test shapes use several programs, several tiles per program and
+    row tails."""
     if interpreting():
-        return 1
-    return 4 if block_d <= 1024 else (8 if block_d <= 8192 else 16)
+        return max(1, min(256 // block_d, 128)), 1
+    return fwd_config(block_d)
 
 
-def _bwd_num_programs(M, rows, num_warps, device):
-    """How many programs the backward spreads the rows over (each owns a fixed block of rows,
-    a multiple of `rows` long). Fixed for a given device and shape, hence deterministic.
-    GPU: one wave of 16 warps per SM (the kernel stays under 128 registers at the tiles
-    _tile_rows picks, e.g. 95 for D=768 bf16 on sm_90), so the (programs, D) partials stay
-    small (~2% of the bytes moved at M=12800, D=768); interpreter: at most 4."""
+def _bwd_num_programs(M, rows, num_warps, block_d, device):
+    """How many programs the backward spreads the rows over: one wave (bwd_warps_per_sm) on a
+    GPU, which keeps the (programs, D) partials small (~2% of the bytes moved at M=12800, D=768);
+    at most 4 under the interpreter."""
     tiles = cdiv(M, rows)
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
-        target = sm_count(index) * max(1, 16 // num_warps)
+        target = sm_count(index) * max(1, bwd_warps_per_sm(block_d) // num_warps)
     else:
         target = 4
     return max(1, min(tiles, target))
@@ -202,7 +221,7 @@ def layer_norm_fwd(x, weight, bias, eps: float, out_dtype: torch.dtype, residual
     y = y_out.view(M, D)
     s = None if s_out is None else s_out.view(M, D)
     block_d = next_pow2(D)
-    rows = _tile_rows(block_d)
+    rows, warps = _launch_config(block_d)
     has_res = residual is not None
     r_arg, s_arg = (residual, s) if has_res else (x, y)  # placeholders, never touched
     has_bb = branch_bias is not None
@@ -212,7 +231,7 @@ def layer_norm_fwd(x, weight, bias, eps: float, out_dtype: torch.dtype, residual
         x.stride(0), r_arg.stride(0), s_arg.stride(0), y.stride(0),
         float(eps),
         BLOCK_D=block_d, ROWS=rows, HAS_RESIDUAL=has_res, HAS_BRANCH_BIAS=has_bb,
-        num_warps=_num_warps(block_d),
+        num_warps=warps,
     )
     return y_out, s_out, mean, rstd
 
@@ -241,9 +260,8 @@ def layer_norm_bwd(dy, s_or_x, weight, mean, rstd, ds=None, dx_dtype=None, dx2_d
             return dx, zeros, _empty((M, D), dx2_dtype, device)
         return dx, zeros
     block_d = next_pow2(D)
-    rows = _tile_rows(block_d)
-    warps = _num_warps(block_d)
-    programs = _bwd_num_programs(M, rows, warps, device)
+    rows, warps = _launch_config(block_d)
+    programs = _bwd_num_programs(M, rows, warps, block_d, device)
     rows_per_program = cdiv(cdiv(M, programs), rows) * rows
     programs = cdiv(M, rows_per_program)
     # weight, bias (and branch bias) partials in one buffer: one reduction launch for all

@@ -42,6 +42,7 @@ import time
 import traceback
 
 H100_MAX_SHARED = 232448  # bytes of shared memory one block may use on sm_90 (227 KiB)
+SM90_REGISTERS = 65536  # 32-bit registers of one SM (sm_80 and sm_90 alike)
 MODULES = ("scale", "masking", "unshuffle", "patch_embed", "mse_loss", "attention", "layer_norm",
            "bias_gelu")
 
@@ -305,9 +306,10 @@ def _scenarios(name):
         from fastmae.kernels import layer_norm as lnk
         takes_dx2 = "dx2_dtype" in inspect.signature(lnk.layer_norm_bwd).parameters
         takes_bb = "branch_bias_grad" in inspect.signature(lnk.layer_norm_bwd).parameters
-        # The backward spreads the rows over 8 x SMs programs on a GPU, so at MAE's shapes it
-        # mostly gets tiles_per_program == 1 (specialized to a constexpr); on CPU tensors the
-        # launcher takes 4 programs: M = 3 rows records that specialization as well.
+        # The backward spreads the rows over one wave of programs (a few per SM) on a GPU, each
+        # walking several tiles; on CPU tensors the launcher takes 4 programs, which at
+        # M = B * 50 also gives several tiles a program, and M = 3 records the specialization
+        # tiles_per_program == 1 (a constexpr) of small inputs.
         for D in (768, 1024, 1280, 512, 100):
             for M in (B * 50, 3):
                 for x_dt, r_dt, out_dt in ((f32, f32, f32), (bf16, f32, bf16), (f16, f32, f16),
@@ -437,7 +439,8 @@ def select_quick(launches):
 
     * every variant (argument dtypes + flag constexprs) is compiled at least once;
     * a kernel that is not autotuned also gets every tiling (int constexprs + warps + stages)
-      compiled at least once -- each tiling with the first variant that uses it;
+      compiled at least once -- each tiling with the first variant that uses it; a kernel with
+      a register budget (``register_budget``) every variant at every tiling;
     * an autotuned kernel gets, for each variant, ONE of the configurations the autotuner would
       try: one not yet used by another variant, alternately from the start and the end of the
       list (small and large tiles), so that the variants together go through as many
@@ -445,16 +448,19 @@ def select_quick(launches):
 
     Launches that differ only in divisibility hints count once (the first recorded, from the
     batch-16 shapes, as on a GPU)."""
-    chosen, seen_v, seen_t, uses = [], set(), set(), {}
+    chosen, seen_v, seen_t, seen_vt, uses = [], set(), set(), set(), {}
     candidates = {}
     for launch in launches:
         variant, tiling = _split(launch)
         v, t = (launch.name, variant), (launch.name, tiling)
         if launch.config is None:
-            if v not in seen_v or t not in seen_t:
+            # a one-wave kernel: every (variant, tiling) pair, each checked against its budget
+            if v not in seen_v or t not in seen_t or (
+                    register_budget(launch) is not None and (v, t) not in seen_vt):
                 chosen.append(launch)
             seen_v.add(v)
             seen_t.add(t)
+            seen_vt.add((v, t))
         else:
             candidates.setdefault(v, []).append(launch)
     for i, (v, members) in enumerate(candidates.items()):
@@ -470,9 +476,45 @@ def select_quick(launches):
 
 # ----------------------------------------------------------------------------- compile
 
+def cubin_registers(cubin):
+    """Registers a thread of the (one) kernel in ``cubin`` uses, as ``cuobjdump -res-usage`` (in
+    Triton's wheel beside ptxas) reports them; None where that tool is missing."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    found = re.findall(r"REG:(\d+)", out)
+    return int(found[0]) if found else None
+
+
+def register_budget(launch):
+    """Registers a thread may use if the launch is a kernel whose launcher sizes its grid as one
+    wave: kernel modules declare ``ONE_WAVE_WARPS_PER_SM[kernel](constexprs by name)``, the warps
+    per SM that grid counts on; else None. An SM has SM90_REGISTERS; a warp's registers are
+    allocated in units of 256 (8 a thread)."""
+    import importlib
+    module = importlib.import_module(launch.fn.fn.__module__)
+    warps_per_sm = getattr(module, "ONE_WAVE_WARPS_PER_SM", {}).get(launch.name)
+    if warps_per_sm is None:
+        return None
+    names = launch.fn.arg_names
+    constexprs = {names[k[0]]: v for k, v in launch.constexprs.items()
+                  if isinstance(k, tuple) and len(k) == 1}
+    warps = max(warps_per_sm(constexprs), launch.options.num_warps)
+    return SM90_REGISTERS // (warps * 32) // 8 * 8
+
+
 def compile_launch(launch, target):
-    """(error, shared memory bytes): error is None if the launch compiles to a cubin that an
-    sm_90 GPU can load."""
+    """(error, shared memory bytes, registers a thread): error is None if the launch compiles to
+    a cubin that an sm_90 GPU can load and, for a one-wave kernel, fits its register budget."""
     import triton
     from triton.compiler import ASTSource
 
@@ -480,15 +522,24 @@ def compile_launch(launch, target):
     try:
         kernel = triton.compile(src, target=target, options=launch.options.__dict__)
     except Exception as e:  # noqa: BLE001 -- every compiler error is a finding
-        return f"{type(e).__name__}: {e}".strip(), None
+        return f"{type(e).__name__}: {e}".strip(), None, None
     asm = getattr(kernel, "asm", {})
     if "ptx" not in asm or "cubin" not in asm:
-        return f"no PTX / cubin produced (stages: {sorted(asm)})", None
+        return f"no PTX / cubin produced (stages: {sorted(asm)})", None, None
     shared = getattr(kernel.metadata, "shared", 0)
     if shared > H100_MAX_SHARED:
         return (f"OutOfResources at load: needs {shared} bytes of shared memory, an sm_90 block "
-                f"has at most {H100_MAX_SHARED}"), shared
-    return None, shared
+                f"has at most {H100_MAX_SHARED}"), shared, None
+    registers = cubin_registers(asm["cubin"])
+    budget = register_budget(launch)
+    if budget is not None:
+        if registers is None:
+            return "cannot read the register count (no cuobjdump in Triton's wheel)", shared, None
+        if -(-registers // 8) * 8 > budget:
+            return (f"uses {registers} registers a thread; its launcher's one-wave grid counts "
+                    f"on at most {budget} (ONE_WAVE_WARPS_PER_SM of its module): fewer programs "
+                    f"fit on an SM than the grid assumes"), shared, registers
+    return None, shared, registers
 
 
 def _cpu_s():
@@ -534,8 +585,8 @@ _LAUNCHES, _TARGET = [], None
 def _compile_one(i):
     """Compile launch i of the module being checked (a pool worker inherits it by fork)."""
     c0 = _cpu_s()
-    err, shared = compile_launch(_LAUNCHES[i], _TARGET)
-    return i, err, shared, round(_cpu_s() - c0, 2)
+    err, shared, registers = compile_launch(_LAUNCHES[i], _TARGET)
+    return i, err, shared, registers, round(_cpu_s() - c0, 2)
 
 
 def check_module(name, mode="quick", jobs=1, verbose=False):
@@ -575,8 +626,9 @@ def check_module(name, mode="quick", jobs=1, verbose=False):
     else:
         results = [_compile_one(i) for i in range(len(selected))]
     per_launch = []
-    for i, err, shared, cpu in results:
-        entry = dict(selected[i].describe(), error=err, shared=shared, cpu_s=cpu)
+    for i, err, shared, registers, cpu in results:
+        entry = dict(selected[i].describe(), error=err, shared=shared, registers=registers,
+                     cpu_s=cpu)
         per_launch.append(entry)
         if err is not None:
             report["failures"].append(entry)

@@ -8,12 +8,15 @@ num_stages the launchers pick on a GPU, and for an autotuned kernel the configur
 autotuner would try -- gets through Triton's compiler for ``GPUTarget("cuda", 90, 32)`` down to
 PTX and a cubin (Triton's bundled ptxas), specialized exactly as ``JITFunction.run`` specializes
 real arguments (argument dtypes, 16-divisibility of pointers and ints, ints equal to 1), and fits
-an sm_90 block's shared memory.
+an sm_90 block's shared memory; and that a kernel whose launcher sizes its grid as one wave
+(``ONE_WAVE_WARPS_PER_SM`` in its module: the LayerNorm and bias + GELU backwards) uses no more
+registers a thread than lets that wave fit on the SMs at once (``cuobjdump -res-usage`` on the
+cubin; every variant at every tiling of such a kernel is compiled, in quick mode too).
 
 What it does not prove: that the kernels compute the right numbers on a GPU (the interpreter
 tests check the math on CPU, the GPU runs check the rest), that they are fast, that they do not
-spill registers, that they load and launch (grid limits, registers per block), or that they
-compile for other GPUs (sm_80, sm_100, AMD). Launch choices that depend on the device (a
+spill registers, that the other kernels load and launch (grid limits, registers per block), or
+that they compile for other GPUs (sm_80, sm_100, AMD). Launch choices that depend on the device (a
 launcher sizing its grid by the SM count) are approximated by the scenarios' shapes.
 
 How (details in ``tests/_kernel_capture.py``): a subprocess WITHOUT ``TRITON_INTERPRET`` imports
@@ -24,11 +27,11 @@ with Triton's own specialization, and each unique launch is compiled with ``trit
 
 By default (CI: 2 cores) the ``quick`` selection is compiled: per kernel every variant
 (argument dtypes, flag constexprs) and every tiling of a non-autotuned kernel, and for an
-autotuned kernel one of its configurations per variant, spread over its configuration list
-(``select_quick``): about 160 of the 640 unique launches, 75-110 CPU-seconds.
-``FASTMAE_GPU_COMPILE=full`` compiles all of them, every autotuning configuration included
-(about 280 CPU-seconds with triton 3.6, 430 with 3.9; ``FASTMAE_GPU_COMPILE_JOBS=N`` compiles
-on N processes). Either way every launch is recorded, and the test also fails when a jit
+autotuned kernel one of its configurations per variant, spread over its configuration list,
+and a one-wave kernel at every variant and tiling (``select_quick``): about 300 of the 760
+unique launches, ~330 CPU-seconds with triton 3.9 (most in attention, patch_embed and
+layer_norm). ``FASTMAE_GPU_COMPILE=full`` compiles all of them, every autotuning configuration
+included (the longest mode; ``FASTMAE_GPU_COMPILE_JOBS=N`` compiles on N processes). Either way every launch is recorded, and the test also fails when a jit
 kernel of a module is never launched, or a bool constexpr only ever gets one value: the
 scenarios in ``tests/_kernel_capture.py`` then need a case for the new code path.
 

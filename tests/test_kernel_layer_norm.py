@@ -154,7 +154,7 @@ def test_layer_norm_deterministic(M, D, device):
 
 def test_layer_norm_many_programs(monkeypatch, device):
     """One row per tile and more programs than the default: partial sums over many rows."""
-    monkeypatch.setattr(ln, "_tile_rows", lambda block_d: 1)
+    monkeypatch.setattr(ln, "_launch_config", lambda block_d: (1, 1))
     M, D = 33, 100
     case = layer_norm_case(M, D, residual=True, device=device, seed=17)
     dy = _grad((M, D), "contiguous", device, seed=8)
