@@ -9,7 +9,9 @@ prints, measured now on this machine:
    and fastmae's LayerNorm op;
 2. per system (fastmae, the eager reference): the host time to enqueue one step, the GPU time of
    one step (CUDA events) and of one replay of the step captured as a CUDA graph;
-3. the Python functions that take the host time of one fastmae step (cProfile, by own time).
+3. the host-device synchronizations in one eager step, per system (each one stalls the host
+   until the GPU has caught up: the step then costs host time + GPU time);
+4. the Python functions that take the host time of one fastmae step (cProfile, by own time).
 """
 import argparse
 import cProfile
@@ -18,6 +20,7 @@ import pstats
 import statistics
 import sys
 import time
+import warnings
 
 import torch
 import triton
@@ -112,6 +115,7 @@ def step_costs(model_name, batch, backend):
             host.append((time.perf_counter() - t) * 1e3)
             torch.cuda.synchronize()
         eager_ms = cuda_time_ms(step, reps=5, warmup=0)
+        syncs = sync_points(step)
         prof = None
         if backend == "triton":
             prof = cProfile.Profile()
@@ -132,7 +136,24 @@ def step_costs(model_name, batch, backend):
     except Exception as exc:  # noqa: BLE001 - reported, not fatal
         graph_ms = f"capture failed: {type(exc).__name__}: {str(exc)[:200]}"
     torch.cuda.empty_cache()
-    return statistics.median(host), eager_ms, graph_ms, prof
+    return statistics.median(host), eager_ms, graph_ms, prof, syncs
+
+
+def sync_points(step):
+    """Where one call of ``step`` synchronizes the host with the GPU: (message, "file:line")
+    pairs from torch's sync debug mode (torch.cuda.set_sync_debug_mode)."""
+    torch.cuda.synchronize()
+    before = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(before)
+    torch.cuda.synchronize()
+    return [(str(w.message).splitlines()[0][:120], f"{w.filename}:{w.lineno}") for w in caught
+            if "synchroniz" in str(w.message).lower()]
 
 
 def main(argv=None):
@@ -148,12 +169,16 @@ def main(argv=None):
     launch_costs()
     print(f"\n{args.model}, batch {args.batch}, bf16 autocast, fused AdamW:")
     print(f"  {'system':<10} {'host ms to enqueue':>19} {'eager ms/step':>14} {'CUDA graph ms/step':>19}")
-    prof = None
+    prof, syncs = None, {}
     for backend, label in (("triton", "fastmae"), ("torch", "reference")):
-        host, eager, graph, p_ = step_costs(args.model, args.batch, backend)
+        host, eager, graph, p_, syncs[label] = step_costs(args.model, args.batch, backend)
         prof = prof or p_
         graph_s = f"{graph:19.1f}" if isinstance(graph, float) else "  " + graph
         print(f"  {label:<10} {host:19.1f} {eager:14.1f} {graph_s}", flush=True)
+    for label, found in syncs.items():
+        print(f"\nhost-device synchronizations in one eager {label} step: {len(found)}")
+        for message, where in found[:10]:
+            print(f"  {where}: {message}")
     from fastmae.kernels import attention
     print("\nattention backward strategies kept (B*H, N, d, dtype): "
           + "; ".join(f"{k[:4]} -> {v}" for k, v in attention._BWD_CHOICE.items()))

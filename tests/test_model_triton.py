@@ -126,6 +126,34 @@ def test_vit_b16_trains_like_the_reference_on_gpu():
 
 
 @pytest.mark.cuda
+def test_eager_vit_b16_step_never_waits_for_the_gpu():
+    """An eager forward + backward (bf16 autocast, after warm-up: autotuning and the attention
+    backward's strategy timing are first-call work) makes no host-device synchronization, which
+    would leave the GPU idle while the host catches up."""
+    m = fastmae.mae_vit_base_patch16(norm_pix_loss=True).cuda()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    imgs = torch.randn(8, 3, 224, 224, device="cuda", generator=g)
+
+    def step():
+        m.zero_grad(set_to_none=True)
+        with fastmae.use_backend("triton"), torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, _, _ = m(imgs, mask_ratio=0.75)
+        loss.backward()
+        return loss
+
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    before = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronizing call raises
+    try:
+        loss = step()
+    finally:
+        torch.cuda.set_sync_debug_mode(before)
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.cuda
 def test_compiled_vit_b16_has_no_graph_break_on_gpu():
     m = fastmae.mae_vit_base_patch16(norm_pix_loss=True).cuda()
     imgs = torch.randn(8, 3, 224, 224, device="cuda")
