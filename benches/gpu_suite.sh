@@ -11,6 +11,7 @@
 # 2. the issue's GPU training test: 20 AdamW steps of ViT-B/16 against the eager reference;
 # 3. `fastmae bench` for ViT-L/16 (reference, fastmae, fastmae + CUDA graph) -> step_vit_l16.json;
 # 3b. benches/step_overhead.py: where the host time of an eager step goes -> step_overhead.txt;
+# 3c. benches/sweep_bwd.py: the LayerNorm / bias + GELU backwards' launch configs -> sweep_bwd.txt;
 # 4. the other GPU correctness tests (pytest tests -m cuda; attention autotuning off);
 # 5. the op suites (benches/bench_ops.py) at the ViT-B/16 shapes -> OUTDIR/ops.json;
 # 6. BENCHMARKS.md and benches/images_per_s.png rewritten from those files (copies in OUTDIR),
@@ -20,7 +21,8 @@
 #
 # Knobs (environment): STEPS=10, WARMUP=3, L_MODEL=vit_l16 (empty: skip), OP_MODELS=vit_b16,
 # TEST_WORKERS=8, B_TIMEOUT=170, TRAIN_TEST_TIMEOUT=45, L_TIMEOUT=70, TEST_TIMEOUT=120,
-# OPS_TIMEOUT=90, HOST_TIMEOUT=90, SKIP_TRAIN_TEST=0, SKIP_HOST=0, SKIP_TESTS=0, SKIP_OPS=0,
+# OPS_TIMEOUT=90, HOST_TIMEOUT=90, SWEEP_TIMEOUT=120, SKIP_TRAIN_TEST=0, SKIP_HOST=0,
+# SKIP_SWEEP=0, SKIP_TESTS=0, SKIP_OPS=0,
 # PYTHON=python3, SUITE_COMMAND (the command BENCHMARKS.md names as the one that reproduces it).
 set -uo pipefail
 
@@ -96,6 +98,16 @@ if [ "${SKIP_HOST:-0}" != "1" ]; then
     timeout "${HOST_TIMEOUT:-90}" "$PY" "$REPO/benches/step_overhead.py" --model vit_b16 \
         --batch 256 --profile-top 25 2>&1 | tee "$OUTDIR/step_overhead.txt" >> "$LOG" \
         || { say "step_overhead.py failed or timed out"; STATUS=1; }
+fi
+
+# ---------------------------------------------------------------- 3c. backward launch configs
+# the LayerNorm and bias + GELU backwards under a grid of launch configurations (they ran at
+# ~45% / ~60% of the copy bandwidth at 017ac2e)
+if [ "${SKIP_SWEEP:-0}" != "1" ]; then
+    say "3c/6 backward launch configurations: benches/sweep_bwd.py -> sweep_bwd.txt"
+    timeout "${SWEEP_TIMEOUT:-120}" "$PY" "$REPO/benches/sweep_bwd.py" 2>&1 \
+        | tee "$OUTDIR/sweep_bwd.txt" >> "$LOG" \
+        || { say "sweep_bwd.py failed or timed out"; STATUS=1; }
 fi
 
 # ---------------------------------------------------------------- 4. correctness

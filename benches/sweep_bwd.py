@@ -1,0 +1,201 @@
+"""Launch configurations of the LayerNorm and bias + GELU backward kernels, timed on this GPU.
+
+    python benches/sweep_bwd.py [--batch 256] [--top 8]
+    python benches/sweep_bwd.py --smoke        # CPU: tiny shapes through Triton's interpreter
+
+Both backwards walk their rows in a loop inside one wave of programs (their weight / bias
+gradients are per-program partial sums, reduced afterwards: deterministic), so how many bytes
+an SM keeps in flight depends on the tile (rows x columns), the warps of a program and how many
+programs share an SM. On the H200 they reached about 45% (LayerNorm) and 60% (bias + GELU) of
+the copy bandwidth in a training step, where the one-tile-per-program forwards come close to it.
+
+For each kernel at the ViT-B/16 step's shapes and dtypes (bf16 autocast: encoder D=768 and the
+decoder's D=512 for the fused residual-add LayerNorm backward with its fp32 residual gradient,
+bf16 branch gradient and branch-bias column sums; the MLP widths 3072 and 2048 for bias + GELU)
+this times every configuration of a small grid -- rows a tile, warps a program, warps per SM
+(programs per SM x warps) -- with CUDA events, checks each one's outputs against the launcher's
+default configuration's (the partial-sum order differs, so within a tolerance, not bitwise),
+and prints microseconds and GB/s (bytes the kernel must move / time; the partials' traffic not
+counted), the default configuration marked, the fastest first. Nothing here changes the
+launchers' defaults: a configuration worth keeping goes into the kernel module by hand, with
+its register use checked by tests/test_gpu_compile.py.
+"""
+import argparse
+import contextlib
+import os
+import sys
+import time
+
+import torch
+
+ENCODER, DECODER = 768, 512  # ViT-B/16 widths; tokens: 1 + 49 visible, 1 + 196 all
+MLP_ENCODER, MLP_DECODER = 3072, 2048
+# outputs against the default configuration's, relative to their largest value: a few ulps of
+# the bf16 branch gradient pass, a wrong result does not
+MAX_REL_ERR = 2e-2
+
+
+def _cases(batch, smoke):
+    """(label, kernel, M, D) of the sweep."""
+    if smoke:
+        return [("add_layer_norm_bwd small", "layer_norm", 37, 40),
+                ("bias_gelu_bwd small", "bias_gelu", 37, 72)]
+    return [("add_layer_norm_bwd encoder", "layer_norm", batch * 50, ENCODER),
+            ("add_layer_norm_bwd decoder", "layer_norm", batch * 197, DECODER),
+            ("bias_gelu_bwd encoder", "bias_gelu", batch * 50, MLP_ENCODER),
+            ("bias_gelu_bwd decoder", "bias_gelu", batch * 197, MLP_DECODER)]
+
+
+def _grid(kernel, D, smoke):
+    """Configurations (dicts) to time: rows a tile, warps a program, warps per SM, (columns)."""
+    from fastmae.kernels._common import next_pow2
+    if smoke:
+        rows, warps, per_sm = (1, 4), (1,), (16,)
+    else:
+        rows, warps, per_sm = (1, 2, 4, 8), (4, 8), (8, 12, 16, 24, 32)
+    configs = []
+    if kernel == "layer_norm":
+        for r in rows:
+            for w in warps:
+                for s in per_sm:
+                    if s % w == 0 and r * next_pow2(D) <= 8192:
+                        configs.append({"rows": r, "warps": w, "warps_per_sm": s})
+    else:
+        blocks = (min(next_pow2(D), 64),) if smoke else (512, 1024)
+        for n in blocks:
+            for r in rows:
+                for w in warps:
+                    for s in per_sm:
+                        if s % w == 0 and r * n <= 8192:
+                            configs.append({"rows": r, "warps": w, "warps_per_sm": s,
+                                            "block_n": n})
+    return configs
+
+
+@contextlib.contextmanager
+def _configured(kernel, config):
+    """The kernel module's launcher, with ``config`` in place of its defaults (None: defaults)."""
+    from fastmae.kernels import bias_gelu as bg
+    from fastmae.kernels import layer_norm as ln
+    if config is None:
+        yield
+        return
+    if kernel == "layer_norm":
+        saved = (ln._launch_config, ln.bwd_warps_per_sm)
+        ln._launch_config = lambda block_d: (config["rows"], config["warps"])
+        ln.bwd_warps_per_sm = lambda block_d: config["warps_per_sm"]
+        try:
+            yield
+        finally:
+            ln._launch_config, ln.bwd_warps_per_sm = saved
+    else:
+        saved = (bg._tile, bg.BWD_WARPS_PER_SM)
+        bg._tile = lambda D: (config["rows"], config["block_n"], config["warps"])
+        bg.BWD_WARPS_PER_SM = config["warps_per_sm"]
+        try:
+            yield
+        finally:
+            bg._tile, bg.BWD_WARPS_PER_SM = saved
+
+
+def _inputs(kernel, M, D, device, low):
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(*shape, dtype=torch.float32, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+
+    if kernel == "layer_norm":
+        from fastmae.kernels import layer_norm as ln
+        x, r = rand(M, D, dtype=low), rand(M, D)
+        w, b, bb = rand(D, scale=0.1) + 1, rand(D, scale=0.1), rand(D, scale=0.1)
+        _, s, mean, rstd = ln.layer_norm_fwd(x, w, b, 1e-6, low, residual=r,
+                                             residual_dtype=torch.float32, branch_bias=bb)
+        args = dict(dy=rand(M, D, dtype=low), s=s, w=w, mean=mean, rstd=rstd, ds=rand(M, D))
+        # dy (low), s, ds, dx (fp32), dx2 (low) read / written once; mean, rstd negligible
+        nbytes = M * D * (2 * low.itemsize + 3 * 4)
+    else:
+        args = dict(dy=rand(M, D, dtype=low), x=rand(M, D, dtype=low), bias=rand(D, scale=0.1))
+        nbytes = M * D * 3 * low.itemsize  # dy, x read; dx written
+    return args, nbytes
+
+
+def _call(kernel, args, low):
+    if kernel == "layer_norm":
+        from fastmae.kernels import layer_norm as ln
+        return ln.layer_norm_bwd(args["dy"], args["s"], args["w"], args["mean"], args["rstd"],
+                                 ds=args["ds"], dx_dtype=torch.float32, dx2_dtype=low,
+                                 branch_bias_grad=True)
+    from fastmae.kernels import bias_gelu as bg
+    return bg.bias_gelu_bwd(args["dy"], args["x"], args["bias"], low)
+
+
+def _flat(outputs):
+    return [t.float() for t in (outputs if isinstance(outputs, tuple) else (outputs,))]
+
+
+def _time_us(fn, device, reps):
+    if device == "cpu":
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e6
+    from fastmae.bench import _cuda_time_ms
+    return _cuda_time_ms(fn, reps=reps, warmup=2) * 1e3
+
+
+def sweep(batch=256, top=8, smoke=False, out=sys.stdout):
+    """Run the sweep; returns {case label: [(config or None, us, GB/s, max rel err), ...]}."""
+    device = "cpu" if smoke else "cuda"
+    low = torch.float16 if smoke else torch.bfloat16  # the interpreter's dots are not used here
+    results = {}
+    for label, kernel, M, D in _cases(batch, smoke):
+        args, nbytes = _inputs(kernel, M, D, device, low)
+        expected = _flat(_call(kernel, args, low))
+        rows = []
+        for config in [None] + _grid(kernel, D, smoke):
+            with _configured(kernel, config):
+                try:
+                    got = _flat(_call(kernel, args, low))
+                    err = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+                              for a, b in zip(got, expected))
+                    us = _time_us(lambda: _call(kernel, args, low), device, reps=20)
+                except Exception as exc:  # noqa: BLE001 -- a configuration that cannot run
+                    print(f"  {label} {config}: {type(exc).__name__}: {str(exc)[:160]}", file=out)
+                    continue
+            rows.append((config, us, nbytes / us / 1e3, err))
+        results[label] = rows
+        default_us = rows[0][1]
+        print(f"\n{label}: M={M} D={D}, {nbytes / 2 ** 20:.0f} MiB moved; "
+              f"default {default_us:.1f} us", file=out)
+        ranked = sorted(rows, key=lambda r: r[1])
+        for config, us, gbs, err in ranked[:top] + ([rows[0]] if rows[0] not in ranked[:top]
+                                                   else []):
+            name = "default" if config is None else ", ".join(f"{k}={v}" for k, v in
+                                                              config.items())
+            flag = "  MISMATCH" if err > MAX_REL_ERR else ""
+            print(f"  {us:9.1f} us {gbs:8.0f} GB/s  x{default_us / us:5.2f}  err {err:.1e}  "
+                  f"{name}{flag}", file=out)
+    return results
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--top", type=int, default=8)
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny shapes on the CPU through Triton's interpreter (a test of this script)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    elif not torch.cuda.is_available():
+        print("sweep_bwd: needs a CUDA GPU (or --smoke)")
+        return 2
+    else:
+        import triton
+        print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | "
+              f"triton {triton.__version__}")
+    sweep(args.batch, args.top, args.smoke)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""benches/sweep_bwd.py (the backward kernels' launch-configuration sweep) on its CPU smoke
+shapes: every configuration runs, its outputs are compared with the default's, and a wrong one
+is flagged."""
+import importlib.util
+import io
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("sweep_bwd", REPO / "benches" / "sweep_bwd.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+sweep_bwd = _load()
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
+                                reason="the smoke shapes run through the interpreter on CPU")
+
+
+def test_every_configuration_runs_and_matches_the_default():
+    out = io.StringIO()
+    results = sweep_bwd.sweep(smoke=True, out=out)
+    text = out.getvalue()
+    cases = sweep_bwd._cases(256, smoke=True)
+    assert set(results) == {label for label, _, _, _ in cases}
+    for label, kernel, _, D in cases:
+        rows = results[label]
+        assert rows[0][0] is None, "the default configuration comes first"
+        assert len(rows) == 1 + len(sweep_bwd._grid(kernel, D, smoke=True))
+        for config, us, gbs, err in rows:
+            assert us > 0 and gbs > 0
+            assert err <= 1e-5, (label, config, err)  # fp32 partial sums in another order
+    assert "MISMATCH" not in text and "default" in text
+
+
+def test_a_wrong_configuration_is_flagged(monkeypatch):
+    calls = {"n": 0}
+    real = sweep_bwd._call
+
+    def wrong_after_default(kernel, args, low):
+        calls["n"] += 1
+        out = real(kernel, args, low)
+        if calls["n"] > 1:  # the reference call is the first
+            out = tuple(t * 1.5 for t in out) if isinstance(out, tuple) else out * 1.5
+        return out
+
+    monkeypatch.setattr(sweep_bwd, "_call", wrong_after_default)
+    out = io.StringIO()
+    sweep_bwd.sweep(smoke=True, out=out)
+    assert "MISMATCH" in out.getvalue()
