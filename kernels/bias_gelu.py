@@ -53,6 +53,7 @@ def _bias_gelu_bwd(
     stride_dy_m, stride_dy_d, stride_x, stride_dx,
     ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    STAGES: tl.constexpr,  # tiles in flight: the loop's loads are prefetched (cp.async) if > 1
 ):
     pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
@@ -61,7 +62,7 @@ def _bias_gelu_bwd(
     col_ok = cols < D
     b = tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)
     db_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for t in range(0, tiles_per_program):
+    for t in tl.range(0, tiles_per_program, num_stages=STAGES):
         rows = row_begin + t * ROWS + tl.arange(0, ROWS)
         mask = (rows < M)[:, None] & col_ok[None, :]
         x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
@@ -85,8 +86,10 @@ def _empty(shape, dtype, device):
 
 
 # The backward's grid is one wave of BWD_WARPS_PER_SM warps per SM (see kernels/layer_norm.py):
-# 128 registers a thread at most, checked for sm_90 by tests/test_gpu_compile.py.
+# 128 registers a thread at most, checked for sm_90 by tests/test_gpu_compile.py; its loop
+# prefetches BWD_STAGES - 1 tiles ahead (16 KiB of shared memory a program at 2).
 BWD_WARPS_PER_SM = 16
+BWD_STAGES = 2
 ONE_WAVE_WARPS_PER_SM = {"_bias_gelu_bwd": lambda constexprs: BWD_WARPS_PER_SM}
 
 
@@ -146,7 +149,7 @@ def bias_gelu_bwd(dy, x, bias, dx_dtype=None):
         dy, x, bias, dx, db_part,
         M, D, rows_per_program // rows,
         dy.stride(0), dy.stride(1), x.stride(0), dx.stride(0),
-        ROWS=rows, BLOCK_N=block_n, num_warps=warps,
+        ROWS=rows, BLOCK_N=block_n, STAGES=BWD_STAGES, num_warps=warps,
     )
     # second, deterministic reduction over the per-program partial sums
     return dx, db_part.sum(0)

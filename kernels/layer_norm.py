@@ -95,6 +95,7 @@ def _layer_norm_bwd(
     HAS_DS: tl.constexpr,
     HAS_DX2: tl.constexpr,
     HAS_DBB: tl.constexpr,
+    STAGES: tl.constexpr,  # tiles in flight: the loop's loads are prefetched (cp.async) if > 1
 ):
     pid = tl.program_id(0).to(tl.int64)
     row_begin = pid * tiles_per_program * ROWS
@@ -104,7 +105,7 @@ def _layer_norm_bwd(
     dw_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     db_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     dbb_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for t in range(0, tiles_per_program):
+    for t in tl.range(0, tiles_per_program, num_stages=STAGES):
         rows = row_begin + t * ROWS + tl.arange(0, ROWS)
         row_ok = rows < M
         mask = row_ok[:, None] & col_ok[None, :]
@@ -147,11 +148,18 @@ def _empty(shape, dtype, device):
 # The backward spreads the rows over one wave of programs, each owning a fixed block of rows (its
 # partial sums are a fixed function of the shape and device, hence deterministic): one wave only
 # if the programs it counts on fit on an SM at once, their warps sharing its 65536 registers
-# (sm_80, sm_90). The forward's tiles (16 elements a thread at 4 warps) keep the most bytes in
-# flight; Triton 3.6 compiles the fused autocast backward over them to 128 registers a thread
-# at D=768 (4 programs of 4 warps fit) but 154 at D=512, where only 3 fit (4 per SM made the
-# grid 1.33 waves). tests/test_gpu_compile.py compiles every launch for sm_90 and checks its
-# registers against bwd_warps_per_sm.
+# (sm_80, sm_90). Its tiles are the forward's (16 elements a thread at 4 warps). Without the
+# prefetch below, Triton 3.6 compiled the fused autocast backward to 128 registers a thread at
+# D=768 but 154 at D=512, where only 3 of the 4 programs per SM the grid counted on fit (it
+# needed 1.33 waves). With it, 3.6 takes 128 / 152 and 3.9 up to 141 at D=768: 4-warp programs
+# count on 3 an SM (170 registers each). tests/test_gpu_compile.py compiles every launch for
+# sm_90 and checks its registers and shared memory against bwd_warps_per_sm.
+#
+# BWD_STAGES tiles in flight: the backward's loop is software-pipelined (tl.range num_stages),
+# so each program's loads of the next tile (cp.async into shared memory, ~24 KiB a stage at
+# D=512 / 768 in autocast) are issued before it computes the current one; a plain loop waits
+# for every tile's loads (Triton pipelines only loops that ask).
+BWD_STAGES = 2
 
 
 def fwd_config(block_d):
@@ -161,9 +169,9 @@ def fwd_config(block_d):
 
 
 def bwd_warps_per_sm(block_d):
-    """Warps of the backward's one-wave grid per SM on a GPU: 16 (128 registers a thread), 12
-    (170) up to 512 columns, whose tiles take more registers (more rows a tile)."""
-    return 12 if block_d <= 512 else 16
+    """Warps of the backward's one-wave grid per SM on a GPU: 3 programs of 4 warps (170
+    registers a thread) up to 1024 columns, 2 of 8 (128) or 1 of 16 above."""
+    return 12 if fwd_config(block_d)[1] == 4 else 16
 
 
 ONE_WAVE_WARPS_PER_SM = {"_layer_norm_bwd": lambda constexprs: bwd_warps_per_sm(
@@ -276,7 +284,7 @@ def layer_norm_bwd(dy, s_or_x, weight, mean, rstd, ds=None, dx_dtype=None, dx2_d
         dy.stride(0), dy.stride(1), s_or_x.stride(0), ds_arg.stride(0), ds_arg.stride(1),
         dx.stride(0),
         BLOCK_D=block_d, ROWS=rows, HAS_DS=has_ds, HAS_DX2=dx2 is not None,
-        HAS_DBB=branch_bias_grad, num_warps=warps,
+        HAS_DBB=branch_bias_grad, STAGES=BWD_STAGES, num_warps=warps,
     )
     # second, deterministic reduction over the per-program partial sums
     dwb = partials.sum(1)

@@ -43,6 +43,8 @@ import traceback
 
 H100_MAX_SHARED = 232448  # bytes of shared memory one block may use on sm_90 (227 KiB)
 SM90_REGISTERS = 65536  # 32-bit registers of one SM (sm_80 and sm_90 alike)
+SM90_SHARED_PER_SM = 233472  # bytes of shared memory of one sm_90 SM (228 KiB) ...
+SM90_BLOCK_RESERVED_SHARED = 1024  # ... of which each resident block reserves 1 KiB
 MODULES = ("scale", "masking", "unshuffle", "patch_embed", "mse_loss", "attention", "layer_norm",
            "bias_gelu")
 
@@ -440,7 +442,7 @@ def select_quick(launches):
     * every variant (argument dtypes + flag constexprs) is compiled at least once;
     * a kernel that is not autotuned also gets every tiling (int constexprs + warps + stages)
       compiled at least once -- each tiling with the first variant that uses it; a kernel with
-      a register budget (``register_budget``) every variant at every tiling;
+      a one-wave grid (``one_wave_budget``) every variant at every tiling;
     * an autotuned kernel gets, for each variant, ONE of the configurations the autotuner would
       try: one not yet used by another variant, alternately from the start and the end of the
       list (small and large tiles), so that the variants together go through as many
@@ -456,7 +458,7 @@ def select_quick(launches):
         if launch.config is None:
             # a one-wave kernel: every (variant, tiling) pair, each checked against its budget
             if v not in seen_v or t not in seen_t or (
-                    register_budget(launch) is not None and (v, t) not in seen_vt):
+                    one_wave_budget(launch) is not None and (v, t) not in seen_vt):
                 chosen.append(launch)
             seen_v.add(v)
             seen_t.add(t)
@@ -495,11 +497,12 @@ def cubin_registers(cubin):
     return int(found[0]) if found else None
 
 
-def register_budget(launch):
-    """Registers a thread may use if the launch is a kernel whose launcher sizes its grid as one
-    wave: kernel modules declare ``ONE_WAVE_WARPS_PER_SM[kernel](constexprs by name)``, the warps
-    per SM that grid counts on; else None. An SM has SM90_REGISTERS; a warp's registers are
-    allocated in units of 256 (8 a thread)."""
+def one_wave_budget(launch):
+    """(registers a thread, programs an SM) the launch's grid counts on if it is a kernel whose
+    launcher sizes its grid as one wave -- kernel modules declare
+    ``ONE_WAVE_WARPS_PER_SM[kernel](constexprs by name)``, the warps per SM of that grid --
+    else None. An SM has SM90_REGISTERS; a warp's registers are allocated in units of 256
+    (8 a thread)."""
     import importlib
     module = importlib.import_module(launch.fn.fn.__module__)
     warps_per_sm = getattr(module, "ONE_WAVE_WARPS_PER_SM", {}).get(launch.name)
@@ -509,7 +512,7 @@ def register_budget(launch):
     constexprs = {names[k[0]]: v for k, v in launch.constexprs.items()
                   if isinstance(k, tuple) and len(k) == 1}
     warps = max(warps_per_sm(constexprs), launch.options.num_warps)
-    return SM90_REGISTERS // (warps * 32) // 8 * 8
+    return SM90_REGISTERS // (warps * 32) // 8 * 8, warps // launch.options.num_warps
 
 
 def compile_launch(launch, target):
@@ -531,14 +534,19 @@ def compile_launch(launch, target):
         return (f"OutOfResources at load: needs {shared} bytes of shared memory, an sm_90 block "
                 f"has at most {H100_MAX_SHARED}"), shared, None
     registers = cubin_registers(asm["cubin"])
-    budget = register_budget(launch)
+    budget = one_wave_budget(launch)
     if budget is not None:
+        max_registers, programs = budget
         if registers is None:
             return "cannot read the register count (no cuobjdump in Triton's wheel)", shared, None
-        if -(-registers // 8) * 8 > budget:
+        if -(-registers // 8) * 8 > max_registers:
             return (f"uses {registers} registers a thread; its launcher's one-wave grid counts "
-                    f"on at most {budget} (ONE_WAVE_WARPS_PER_SM of its module): fewer programs "
-                    f"fit on an SM than the grid assumes"), shared, registers
+                    f"on at most {max_registers} (ONE_WAVE_WARPS_PER_SM of its module): fewer "
+                    f"programs fit on an SM than the grid assumes"), shared, registers
+        if programs * (shared + SM90_BLOCK_RESERVED_SHARED) > SM90_SHARED_PER_SM:
+            return (f"uses {shared} bytes of shared memory; the {programs} programs an SM its "
+                    f"launcher's one-wave grid counts on need more than an SM's "
+                    f"{SM90_SHARED_PER_SM}"), shared, registers
     return None, shared, registers
 
 

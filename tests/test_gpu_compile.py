@@ -10,8 +10,9 @@ PTX and a cubin (Triton's bundled ptxas), specialized exactly as ``JITFunction.r
 real arguments (argument dtypes, 16-divisibility of pointers and ints, ints equal to 1), and fits
 an sm_90 block's shared memory; and that a kernel whose launcher sizes its grid as one wave
 (``ONE_WAVE_WARPS_PER_SM`` in its module: the LayerNorm and bias + GELU backwards) uses no more
-registers a thread than lets that wave fit on the SMs at once (``cuobjdump -res-usage`` on the
-cubin; every variant at every tiling of such a kernel is compiled, in quick mode too).
+registers a thread (``cuobjdump -res-usage`` on the cubin) and shared memory than lets that wave
+fit on the SMs at once (every variant at every tiling of such a kernel is compiled, in quick
+mode too).
 
 What it does not prove: that the kernels compute the right numbers on a GPU (the interpreter
 tests check the math on CPU, the GPU runs check the rest), that they are fast, that they do not

@@ -31,12 +31,14 @@ def test_every_configuration_runs_and_matches_the_default():
     assert set(results) == {label for label, _, _, _ in cases}
     for label, kernel, _, D in cases:
         rows = results[label]
-        assert rows[0][0] is None, "the default configuration comes first"
-        assert len(rows) == 1 + len(sweep_bwd._grid(kernel, D, smoke=True))
+        assert rows[0][0] == sweep_bwd.default_config(kernel, D), "the default comes first"
+        for axis in sweep_bwd._axes(kernel, D, smoke=True):
+            for change in axis:  # every value of every axis was timed
+                assert any(change.items() <= config.items() for config, _, _, _ in rows), change
         for config, us, gbs, err in rows:
             assert us > 0 and gbs > 0
             assert err <= 1e-5, (label, config, err)  # fp32 partial sums in another order
-    assert "MISMATCH" not in text and "default" in text
+    assert "MISMATCH" not in text and "<- default" in text and "best: " in text
 
 
 def test_a_wrong_configuration_is_flagged(monkeypatch):
