@@ -103,6 +103,12 @@ def _op(name):
     return lambda impl: _Op(name, impl)
 
 
+def _cast(t, dtype):
+    """t in dtype. Tensor.to returns t itself when the dtype already matches, but only after a
+    trip through the dispatcher (microseconds: a hundred-odd no-op casts a training step)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 # ============================================================================ input checks
 
 def _check_tensor(t, name, ndim=None, floating=True):
@@ -310,7 +316,7 @@ def _patch_embed_setup(ctx, inputs, output):
 def _patch_embed_backward(ctx, grad_out):
     imgs, weight, ids_keep = ctx.saved_tensors
     gw, gb, gi = _patch_embed_visible_bwd_op(grad_out, imgs, weight, ids_keep, ctx.need_imgs_grad)
-    return (gi if ctx.need_imgs_grad else None, gw.to(ctx.dtypes[0]), gb.to(ctx.dtypes[1]),
+    return (gi if ctx.need_imgs_grad else None, _cast(gw, ctx.dtypes[0]), _cast(gb, ctx.dtypes[1]),
             None, None, None, None)
 
 
@@ -702,7 +708,7 @@ def _layer_norm_grads(dy, x, weight, mean, rstd, dtypes, ds=None):
     """(dx (+ ds, a gradient reaching x by another path), dweight, dbias) of layer_norm;
     dtypes = (x, weight, bias) dtypes."""
     dx, dwb = _layer_norm_bwd_op(dy, x, weight, mean, rstd, ds, dtypes[0], False)
-    return dx, dwb[0].to(dtypes[1]), dwb[1].to(dtypes[2])
+    return dx, _cast(dwb[0], dtypes[1]), _cast(dwb[1], dtypes[2])
 
 
 def _layer_norm_backward(ctx, dy, _m, _r):
@@ -756,8 +762,8 @@ def _add_layer_norm_grads(ds, dy, s, weight, mean, rstd, dtypes):
         dsum, dwb, dx = _add_layer_norm_bwd_op(dy, s, weight, mean, rstd, ds, r_dtype, x_dtype,
                                                with_bb)
     # the branch bias's gradient: the column sums of dsum, from the same pass
-    dbb = dwb[2].to(bb_dtype) if with_bb else None
-    return dx, dsum, dwb[0].to(w_dtype), dwb[1].to(b_dtype), dbb
+    dbb = _cast(dwb[2], bb_dtype) if with_bb else None
+    return dx, dsum, _cast(dwb[0], w_dtype), _cast(dwb[1], b_dtype), dbb
 
 
 def _add_layer_norm_backward(ctx, ds, dy, _m, _r):
@@ -855,7 +861,7 @@ def _bias_gelu_setup(ctx, inputs, output):
 def _bias_gelu_grads(dy, x, bias):
     """(dx, dbias) of bias_gelu."""
     dx, db = _bias_gelu_bwd_op(dy, x, bias, x.dtype)
-    return dx, db.to(bias.dtype)
+    return dx, _cast(db, bias.dtype)
 
 
 def _bias_gelu_backward(ctx, dy):
@@ -945,7 +951,7 @@ def _linear_grads(dy, x, weight, weight_dtype):
     it; dweight cast to the parameter's dtype, as autocast's cast backward does."""
     dx = torch.matmul(dy, weight)
     dw = torch.mm(dy.reshape(-1, dy.shape[-1]).t(), x.reshape(-1, x.shape[-1]))
-    return dx, dw.to(weight_dtype)
+    return dx, _cast(dw, weight_dtype)
 
 
 class _Block(torch.autograd.Function):
@@ -963,8 +969,8 @@ class _Block(torch.autograd.Function):
             s1, h1, mean1, rstd1 = _add_layer_norm_op.impl(branch, x, n1w, n1b, eps1, cd,
                                                            branch_bias)
         # the weights in the matmul dtype, cast once (autocast's cast, kept for the backward)
-        wq, wp, w1, w2 = (w.to(cd) for w in (qkv_w, proj_w, fc1_w, fc2_w))
-        qkv = F.linear(h1, wq, None if qkv_b is None else qkv_b.to(cd))
+        wq, wp, w1, w2 = (_cast(w, cd) for w in (qkv_w, proj_w, fc1_w, fc2_w))
+        qkv = F.linear(h1, wq, None if qkv_b is None else _cast(qkv_b, cd))
         a, lse = _packed_attention_op.impl(qkv, num_heads, scale)
         s2, h2, mean2, rstd2 = _add_layer_norm_op.impl(F.linear(a, wp), s1, n2w, n2b, eps2, cd,
                                                        proj_b)
