@@ -233,3 +233,37 @@ def test_layer_norm_low_precision(M, D, residual, dtype, atol):
                                                        rstd, ds=ds, dx_dtype=dtype)
     for first, second in zip((dx, dw, db), (again_dx, again_dw, again_db)):
         assert torch.equal(first, second)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("M,D", [(256 * 197, 512), (256 * 50, 768)])
+def test_fused_block_backward_at_mae_shapes(M, D):
+    """The transformer block's hand-off under bf16 autocast, at ViT-B/16's decoder and encoder
+    shapes (many row tiles a program: the backward's prefetching loop runs): s = residual +
+    x + branch bias in fp32, y in bf16; the backward's fp32 residual gradient, its bf16 copy
+    (the branch gradient) and the weight, bias and branch-bias column sums, against float64."""
+    g = torch.Generator(device="cuda").manual_seed(D)
+    x = torch.randn(M, D, generator=g, device="cuda").to(torch.bfloat16)
+    r = torch.randn(M, D, generator=g, device="cuda")
+    w = 1 + 0.1 * torch.randn(D, generator=g, device="cuda")
+    b, bb = (0.1 * torch.randn(D, generator=g, device="cuda") for _ in range(2))
+    dy = torch.randn(M, D, generator=g, device="cuda").to(torch.bfloat16)
+    ds = torch.randn(M, D, generator=g, device="cuda")
+    y, s, mean, rstd = ln.layer_norm_fwd(x, w, b, 1e-6, torch.bfloat16, residual=r,
+                                         residual_dtype=torch.float32, branch_bias=bb)
+    dsum, dwb, dbranch = ln.layer_norm_bwd(dy, s, w, mean, rstd, ds=ds, dx_dtype=torch.float32,
+                                           dx2_dtype=torch.bfloat16, branch_bias_grad=True)
+
+    s64 = (r.double() + x.double() + bb.double()).requires_grad_()
+    w64, b64 = w.double().requires_grad_(), b.double().requires_grad_()
+    y64 = torch.nn.functional.layer_norm(s64, (D,), w64, b64, 1e-6)
+    loss = (y64 * dy.double()).sum() + (s64 * ds.double()).sum()
+    ds64, dw64, db64 = torch.autograd.grad(loss, (s64, w64, b64))
+    assert_rel_close(s, s64, 1e-6, "s")
+    assert_rel_close(y.float(), y64, 8e-3, "y")
+    assert_rel_close(dsum, ds64, 1e-5, "dresidual")
+    # rounded to nearest even on a GPU, as torch casts (Triton's interpreter truncates instead)
+    assert torch.equal(dbranch, dsum.to(torch.bfloat16)), "the branch gradient is dx in bf16"
+    assert_rel_close(dwb[0], dw64, 1e-4, "dweight")  # fp32 sums over M rows
+    assert_rel_close(dwb[1], db64, 1e-4, "dbias")
+    assert_rel_close(dwb[2], ds64.sum(0), 1e-4, "dbranch_bias")
