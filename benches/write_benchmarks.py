@@ -20,9 +20,11 @@ import re
 import sys
 from collections import OrderedDict, defaultdict
 
-SYSTEM_ORDER = ["fastmae_graph", "fastmae", "reference", "reference_compile", "reference_graph"]
+SYSTEM_ORDER = ["fastmae_graph", "fastmae_compile", "fastmae", "reference", "reference_compile",
+                "reference_graph"]
 SYSTEM_LABELS = {"fastmae": "fastmae (triton kernels)", "reference": "reference, eager",
                  "reference_compile": "reference, torch.compile",
+                 "fastmae_compile": "fastmae, torch.compile",
                  "fastmae_graph": "fastmae + CUDA graph", "reference_graph": "reference + CUDA graph"}
 MODEL_ORDER = ["vit_b16", "vit_l16", "vit_h14", "tiny", "micro"]
 MODEL_TITLES = {"vit_b16": "ViT-B/16", "vit_l16": "ViT-L/16", "vit_h14": "ViT-H/14",
@@ -339,7 +341,8 @@ def write_chart(card, res, path):
     systems = [s for s in SYSTEM_ORDER if any(s in by_model[m] for m in models)]
     fig, ax = plt.subplots(figsize=(7.5, 1.2 + 0.9 * len(models)))
     height = 0.8 / max(len(systems), 1)
-    colors = {"fastmae": "#d62728", "fastmae_graph": "#ff9896", "reference": "#7f7f7f",
+    colors = {"fastmae": "#d62728", "fastmae_graph": "#ff9896", "fastmae_compile": "#e377c2",
+              "reference": "#7f7f7f",
               "reference_compile": "#1f77b4", "reference_graph": "#aec7e8"}
     for i, s in enumerate(systems):
         ys, xs = [], []
