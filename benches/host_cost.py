@@ -12,6 +12,11 @@ uninitialized, the values do not matter). What is left is what fastmae's Python 
 and torch's dispatch cost per step, against the same model under the eager reference. Triton's
 own launch (15-28 us per kernel on the H200's host, ``benches/step_overhead.py``) comes on top.
 
+With ``--launch-path python`` Triton's own Python launch path runs instead of the no-op counter
+(the autotuner, argument binding and specialization, the kernel-cache lookup), stopping where a
+GPU is needed: compiling (a stand-in kernel) and the C launcher (counted). The difference between
+the two is what Triton's Python costs the host per step.
+
 Timings on a shared machine are noisy; for a deterministic count, run one backend's steps under
 callgrind, collecting only inside the timed steps (they run in itertools.starmap's iterator):
 
@@ -45,9 +50,59 @@ def _no_launch(self, *args, **kwargs):
     LAUNCHES[fn.__name__] += 1
 
 
+_TRITON_RUN = (JITFunction.run, Autotuner.run, Heuristics.run)
 JITFunction.run = _no_launch
 Autotuner.run = _no_launch
 Heuristics.run = _no_launch
+
+
+class _FakeDriver:
+    """Just enough of a Triton driver for JITFunction.run: device 0, stream 0, an sm_90 target."""
+
+    def __init__(self):
+        from triton.backends.compiler import GPUTarget
+        self.target = GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+
+class _FakeKernel:
+    """Stands for a compiled kernel: its launch (Triton's C launcher) counts and returns."""
+    function, packed_metadata = 0, ()
+
+    def __init__(self, name):
+        self.name = name
+
+    def launch_metadata(self, grid, stream, *args):
+        return None
+
+    def run(self, *args):
+        LAUNCHES[self.name] += 1
+
+
+def use_triton_python_launch_path():
+    """Run Triton's own Python launch path -- Autotuner.run, Heuristics.run, JITFunction.run
+    with its argument binding, specialization and cache lookup -- stopping only where a GPU is
+    needed: compiling (a stand-in kernel is cached instead) and the C launcher (counted). The
+    autotuner's benchmark gives every configuration the same time (it keeps the first)."""
+    from triton.runtime.driver import driver
+
+    def compile_stand_in(self, key, signature, device, constexprs, options, attrs, warmup):
+        kernel = _FakeKernel(self.__name__)
+        self.device_caches[device][0][key] = kernel
+        return kernel
+
+    JITFunction.run, Autotuner.run, Heuristics.run = _TRITON_RUN
+    JITFunction._do_compile = compile_stand_in
+    Autotuner._bench = lambda self, *args, config, **meta: [1.0, 1.0, 1.0]
+    driver.set_active(_FakeDriver())
 
 import fastmae  # noqa: E402
 import fastmae.backend  # noqa: E402
@@ -103,8 +158,13 @@ def main(argv=None):
     p.add_argument("--callgrind", choices=("torch", "triton"),
                    help="run 2 warm-up steps, then 3 steps of this backend inside "
                         "itertools.starmap (see the module docstring), and exit")
+    p.add_argument("--launch-path", choices=("stub", "python"), default="stub",
+                   help="stub: each Triton launch is a no-op counter (default); python: Triton's "
+                        "own Python launch path runs, up to its C launcher")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    if args.launch_path == "python":
+        use_triton_python_launch_path()
     if args.callgrind:
         model, opt = build()
         step = make_step(model, opt, args.callgrind)
@@ -112,8 +172,10 @@ def main(argv=None):
             step()
         list(itertools.starmap(step, [()] * 3))
         return
-    print(f"host time of one eager training step, Triton launches stubbed out | torch "
-          f"{torch.__version__} | {os.cpu_count()} CPUs")
+    what = ("Triton's Python launch path run, its C launcher stubbed" if args.launch_path == "python"
+            else "Triton launches stubbed out")
+    print(f"host time of one eager training step, {what} | torch {torch.__version__} | "
+          f"{os.cpu_count()} CPUs")
     systems = {}
     for backend in ("torch", "triton"):
         model, opt = build()
