@@ -550,6 +550,26 @@ def _block_d(d):
     return max(16, next_pow2(d))
 
 
+# Triton's autotuner rebuilds its cache key from every argument on every launch (a dict of the
+# ~40 arguments, the dtype of each tensor): about a fifth of the host time Triton's Python takes
+# for a launch (benches/host_cost.py --launch-path python). _launch builds that key itself and,
+# when the autotuner already holds a configuration for it, launches the kernel with it directly.
+def _launch(tuned, grid, key_values, *args, **kwargs):
+    """tuned[grid](*args, **kwargs), the kernel run with the configuration the autotuner would
+    pick: its only one, or the one it cached for its key -- ``key_values`` (N_CTX, HEAD_DIM: its
+    ``key`` arguments) then the dtype of every tensor argument, as Autotuner.run builds it. A
+    miss (a new key, or a key this function builds differently) goes through the autotuner."""
+    if len(tuned.configs) > 1:
+        key = key_values + tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor))
+        config = tuned.cache.get(key)
+    else:
+        config = tuned.configs[0]
+    if config is None or config.pre_hook is not None:
+        tuned[grid](*args, **kwargs)
+    else:
+        tuned.fn[grid](*args, **kwargs, **config.all_kwargs())
+
+
 def attention_fwd(q, k, v, scale: float, out=None):
     """o = softmax(q k^T * scale) v for q, k, v (B, H, N, d) of one float dtype, any strides.
 
@@ -569,7 +589,8 @@ def attention_fwd(q, k, v, scale: float, out=None):
     def grid(meta):
         return (B * H, cdiv(N, meta["BLOCK_M"]))
 
-    _attn_fwd_tuned[grid](
+    _launch(
+        _attn_fwd_tuned, grid, (N, d),
         q, k, v, o_view, lse, float(scale) * LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *o_view.stride(),
         H, N,
@@ -640,7 +661,8 @@ def attention_bwd(do, q, k, v, o, lse, scale: float, dq=None, dk=None, dv=None):
 
     def fused():
         # One program per (batch, head) holds every key: dQ, dK, dV and delta in one pass.
-        _attn_bwd_fused_tuned[(B * H, 1)](
+        _launch(
+            _attn_bwd_fused_tuned, (B * H, 1), (N, d),
             q, k, v, o, do, dq_w, dk_w, dv_w, lse, lse, sm_scale, qk_scale,
             *common_strides, *dk_w.stride(), *dv_w.stride(),
             H, N,
@@ -649,13 +671,15 @@ def attention_bwd(do, q, k, v, o, lse, scale: float, dq=None, dk=None, dv=None):
 
     def split():
         delta = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
-        _attn_bwd_dq_tuned[lambda meta: (B * H, cdiv(N, meta["BLOCK_M"]))](
+        _launch(
+            _attn_bwd_dq_tuned, lambda meta: (B * H, cdiv(N, meta["BLOCK_M"])), (N, d),
             q, k, v, o, do, dq_w, lse, delta, sm_scale, qk_scale,
             *common_strides,
             H, N,
             HEAD_DIM=d, BLOCK_D=block_d, DOT_PRECISION=precision,
         )
-        _attn_bwd_dkdv_tuned[lambda meta: (B * H, cdiv(N, meta["BLOCK_N"]))](
+        _launch(
+            _attn_bwd_dkdv_tuned, lambda meta: (B * H, cdiv(N, meta["BLOCK_N"])), (N, d),
             q, k, v, o, do, dq_w, dk_w, dv_w, lse, delta, sm_scale, qk_scale,
             *common_strides, *dk_w.stride(), *dv_w.stride(),
             H, N,

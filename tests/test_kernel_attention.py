@@ -348,3 +348,47 @@ def test_large_batch_head_grid(no_tf32, monkeypatch):
     B, H, N, d = 1024, 16, 50, 64
     case = attention_case(B, H, N, d, "qkv", dtype=torch.bfloat16, device="cuda", seed=23)
     _assert_within_sdpa_error(torch.bfloat16, case["q"], case["k"], case["v"], _do_like(case["q"]), d ** -0.5)
+
+
+def test_launch_reuses_the_autotuners_choice(monkeypatch, device):
+    """attention._launch, after the autotuner has cached a configuration for a key, passes the
+    kernel what the autotuner passed it (the configuration's meta-parameters, warps and stages),
+    without running the autotuner; with the autotuner's cache cleared it goes through it again."""
+    from triton.runtime.autotuner import Autotuner, Heuristics
+    attn = _kernels()
+    tuned = attn._attn_fwd_tuned
+    inner = tuned.fn
+    while isinstance(inner, (Autotuner, Heuristics)):
+        inner = inner.fn  # below the autotuner and the ONE_TILE heuristic: the kernel itself
+    through_autotuner, seen = [], []
+    real_tuner_run, real_run = Autotuner.run, type(inner).run
+
+    def tuner_run(self, *args, **kwargs):
+        through_autotuner.append(self is tuned)
+        return real_tuner_run(self, *args, **kwargs)
+
+    def run(self, *args, **kwargs):
+        if self is inner:
+            seen.append({k: v for k, v in kwargs.items() if k not in ("grid", "warmup")})
+        return real_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(Autotuner, "run", tuner_run)
+    monkeypatch.setattr(type(inner), "run", run)
+    # two configurations, so that the autotuner keys its cache (one is used without a key)
+    two = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1),
+           triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
+    monkeypatch.setattr(tuned, "configs", two)
+    monkeypatch.setattr(tuned, "cache", {})
+    monkeypatch.setattr(tuned, "early_config_prune", None)
+    monkeypatch.setattr(tuned, "_bench", lambda *args, config, **kw: [float(config.kwargs["BLOCK_M"])] * 3)
+    case = attention_case(1, 2, 13, 16, "qkv", device=device, seed=3)
+    q, k, v = case["q"], case["k"], case["v"]
+    first, _ = attn.attention_fwd(q, k, v, 0.25)
+    assert through_autotuner == [True] and len(tuned.cache) == 1
+    second, _ = attn.attention_fwd(q, k, v, 0.25)
+    assert through_autotuner == [True], "the cached configuration is launched directly"
+    assert seen[-1] == seen[-2] and seen[-1]["BLOCK_M"] == 16
+    assert torch.equal(first, second)
+    tuned.cache.clear()
+    attn.attention_fwd(q, k, v, 0.25)
+    assert through_autotuner == [True, True]
