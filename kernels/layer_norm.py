@@ -152,7 +152,7 @@ def _empty(shape, dtype, device):
 # prefetch below, Triton 3.6 compiled the fused autocast backward to 128 registers a thread at
 # D=768 but 154 at D=512, where only 3 of the 4 programs per SM the grid counted on fit (it
 # needed 1.33 waves). With it, 3.6 takes 128 / 152 and 3.9 up to 141 at D=768: 4-warp programs
-# count on 3 an SM (170 registers each). tests/test_gpu_compile.py compiles every launch for
+# count on 3 an SM (168 registers each). tests/test_gpu_compile.py compiles every launch for
 # sm_90 and checks its registers and shared memory against bwd_warps_per_sm.
 #
 # BWD_STAGES tiles in flight: the backward's loop is software-pipelined (tl.range num_stages),
@@ -169,7 +169,7 @@ def fwd_config(block_d):
 
 
 def bwd_warps_per_sm(block_d):
-    """Warps of the backward's one-wave grid per SM on a GPU: 3 programs of 4 warps (170
+    """Warps of the backward's one-wave grid per SM on a GPU: 3 programs of 4 warps (168
     registers a thread) up to 1024 columns, 2 of 8 (128) or 1 of 16 above."""
     return 12 if fwd_config(block_d)[1] == 4 else 16
 
