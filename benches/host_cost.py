@@ -56,23 +56,6 @@ Autotuner.run = _no_launch
 Heuristics.run = _no_launch
 
 
-class _FakeDriver:
-    """Just enough of a Triton driver for JITFunction.run: device 0, stream 0, an sm_90 target."""
-
-    def __init__(self):
-        from triton.backends.compiler import GPUTarget
-        self.target = GPUTarget("cuda", 90, 32)
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def get_current_target(self):
-        return self.target
-
-
 class _FakeKernel:
     """Stands for a compiled kernel: its launch (Triton's C launcher) counts and returns."""
     function, packed_metadata = 0, ()
@@ -92,7 +75,10 @@ def use_triton_python_launch_path():
     with its argument binding, specialization and cache lookup -- stopping only where a GPU is
     needed: compiling (a stand-in kernel is cached instead) and the C launcher (counted). The
     autotuner's benchmark gives every configuration the same time (it keeps the first)."""
+    from triton.backends.compiler import GPUTarget
     from triton.runtime.driver import driver
+
+    from fastmae.testing import StandInDriver
 
     def compile_stand_in(self, key, signature, device, constexprs, options, attrs, warmup):
         kernel = _FakeKernel(self.__name__)
@@ -102,7 +88,7 @@ def use_triton_python_launch_path():
     JITFunction.run, Autotuner.run, Heuristics.run = _TRITON_RUN
     JITFunction._do_compile = compile_stand_in
     Autotuner._bench = lambda self, *args, config, **meta: [1.0, 1.0, 1.0]
-    driver.set_active(_FakeDriver())
+    driver.set_active(StandInDriver(GPUTarget("cuda", 90, 32)))
 
 import fastmae  # noqa: E402
 import fastmae.backend  # noqa: E402

@@ -1,5 +1,6 @@
 """Inputs and error measures shared by the tests, the benchmarks and ``fastmae check``, so that
-all three measure the same thing.
+all three measure the same thing; and a stand-in Triton driver for running Triton's launch path
+on a machine without a GPU.
 
 Every builder draws fresh random inputs (never zeros) from its own seeded generator and returns
 a dict of keyword arguments for the op it feeds.
@@ -172,3 +173,24 @@ def layer_norm_case(M, D, residual=False, dtype=torch.float32, device="cpu", see
 def bias_gelu_case(M, D, dtype=torch.float32, device="cpu", seed=0):
     g = _gen(seed, device)
     return dict(x=_randn((M, D), g, device, dtype, 2.0), bias=_randn((D,), g, device, torch.float32))
+
+
+# ----------------------------------------------------------------------------- no GPU
+
+class StandInDriver:
+    """Just enough of a Triton driver for ``JITFunction.run`` to bind, specialize and look up a
+    kernel for ``target`` (e.g. ``GPUTarget("cuda", 90, 32)``) without a GPU: device 0, stream 0.
+    Install with ``triton.runtime.driver.driver.set_active(StandInDriver(target))``; used where
+    compiling or launching is itself replaced (tests/_kernel_capture.py, benches/host_cost.py)."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target

@@ -14,11 +14,11 @@ The subprocess must run WITHOUT ``TRITON_INTERPRET``: then ``@triton.jit`` gives
 
 How a launch is recorded, without a GPU and without running anything:
 
-* Triton's active driver is replaced by ``_FakeCudaDriver``, which only answers "device 0,
-  stream 0, target cuda sm_90". With it, ``JITFunction.run`` does exactly what it does on the
-  GPU: binds the arguments, specializes them (dtypes of the tensors, ``tt.divisibility`` of the
-  pointers and of the ints, ints equal to 1 made constexpr), parses the options (num_warps,
-  num_stages, ...) -- and then calls ``JITFunction._do_compile``.
+* Triton's active driver is replaced by ``fastmae.testing.StandInDriver``, which only answers
+  "device 0, stream 0, target cuda sm_90". With it, ``JITFunction.run`` does exactly what it
+  does on the GPU: binds the arguments, specializes them (dtypes of the tensors,
+  ``tt.divisibility`` of the pointers and of the ints, ints equal to 1 made constexpr), parses
+  the options (num_warps, num_stages, ...) -- and then calls ``JITFunction._do_compile``.
 * ``_do_compile`` is replaced by a recorder that stores (kernel, signature, constexprs, attrs,
   options) and returns None, so nothing is compiled and nothing is launched (``run`` returns
   early when the compile gives no kernel). The launchers' outputs stay uninitialized.
@@ -50,22 +50,6 @@ MODULES = ("scale", "masking", "unshuffle", "patch_embed", "mse_loss", "attentio
 
 
 # ----------------------------------------------------------------------------- capture
-
-class _FakeCudaDriver:
-    """Just enough of a Triton driver for ``JITFunction.run`` to specialize for a target."""
-
-    def __init__(self, target):
-        self.target = target
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def get_current_target(self):
-        return self.target
-
 
 class Launch:
     """One recorded specialization of a kernel, ready for ``triton.compile``."""
@@ -166,7 +150,8 @@ def recording(target):
     saved = (jit.JITFunction._do_compile, at.Autotuner.run, driver._active)
     jit.JITFunction._do_compile = record_compile
     at.Autotuner.run = run_every_config
-    driver.set_active(_FakeCudaDriver(target))
+    from fastmae.testing import StandInDriver
+    driver.set_active(StandInDriver(target))
     try:
         yield records, state
     finally:
