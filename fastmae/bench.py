@@ -11,8 +11,9 @@ The systems are one model class under two backends: "fastmae" is backend "triton
 kernels); "reference" is backend "torch", the official algorithm step by step with SDPA
 attention; "reference + torch.compile" is the reference model wrapped in ``torch.compile``;
 "fastmae + CUDA graph" (and "reference + CUDA graph") is the same step captured once by
-``fastmae.cuda_graph_step`` and replayed. Default on a GPU: reference, fastmae, fastmae + CUDA
-graph, and torch.compile of the reference with ``--compile``.
+``fastmae.cuda_graph_step`` and replayed; "fastmae, torch.compile" (``--systems
+fastmae_compile``) is the fastmae model wrapped in ``torch.compile``. Default on a GPU:
+reference, fastmae, fastmae + CUDA graph, and torch.compile of the reference with ``--compile``.
 
 Timing: warm-up steps first (compilation and autotuning happen there and are reported as the
 first step's wall time), then ``--steps`` steps timed with CUDA events between consecutive
@@ -285,8 +286,6 @@ def make_train_step(model, imgs, amp_dtype, compiled=False, mask_ratio=MASK_RATI
         from fastmae.graphs import cuda_graph_step
         return cuda_graph_step(step, opt, backend=backend), opt, fwd
     return step, opt, fwd
-
-
 
 
 def _progress(total, desc, enabled):

@@ -823,10 +823,8 @@ def add_layer_norm(x, residual, weight, bias, eps, branch_bias=None):
     if not _uses_triton(x):
         return reference.add_layer_norm(x, residual, weight, bias, eps, branch_bias)
     r_dtype = torch.promote_types(x.dtype, residual.dtype)
-    if residual.dtype != r_dtype:
-        residual = residual.to(r_dtype)
-    s, y, _, _ = _add_layer_norm_op(x, residual, weight, bias, float(eps), _compute_dtype(x),
-                                    branch_bias)
+    s, y, _, _ = _add_layer_norm_op(x, _cast(residual, r_dtype), weight, bias, float(eps),
+                                    _compute_dtype(x), branch_bias)
     return s, y
 
 
@@ -1002,7 +1000,8 @@ class _Block(torch.autograd.Function):
         da, d_proj_w = _linear_grads(do, a, wp, proj_w_dt)
         dqkv = _packed_attention_bwd_op(da, qkv, a, lse, num_heads, scale)
         dh1, d_qkv_w = _linear_grads(dqkv, h1, wq, qkv_w_dt)
-        d_qkv_b = None if qkv_b_dt is None else dqkv.reshape(-1, dqkv.shape[-1]).sum(0).to(qkv_b_dt)
+        d_qkv_b = (None if qkv_b_dt is None
+                   else _cast(dqkv.reshape(-1, dqkv.shape[-1]).sum(0), qkv_b_dt))
         if branch_dt is None:
             dx, d_n1w, d_n1b = _layer_norm_grads(dh1, s1, n1w, mean1, rstd1,
                                                  (x_dt, n1w_dt, n1b_dt), ds=ds1)
