@@ -56,7 +56,7 @@ def default_config(kernel, D):
     from fastmae.kernels._common import next_pow2
     if kernel == "layer_norm":
         block_d = next_pow2(D)
-        rows, warps = ln._launch_config(block_d)
+        rows, warps = ln._bwd_launch_config(block_d)
         return {"stages": ln.BWD_STAGES, "rows": rows, "warps": warps,
                 "warps_per_sm": ln.bwd_warps_per_sm(block_d)}
     rows, block_n, warps = bg._tile(D)
@@ -72,8 +72,10 @@ def _axes(kernel, D, smoke):
     if smoke:
         return [[{"stages": s} for s in (1, 2)], [{"rows": r} for r in (1, 4)]]
     width = next_pow2(D) if kernel == "layer_norm" else 1024
-    tiles = [{"rows": r, "warps": w} for r in (1, 2, 4, 8) for w in (4, 8)
-             if 1024 <= r * width <= 8192]
+    # and programs of 1 or 2 warps at 16 elements a thread: each warp spans a row, so that a
+    # tile's column sums stay within a thread and fewer warps meet at its row sums' barriers
+    tiles = [{"rows": r, "warps": w} for r in (1, 2, 4, 8) for w in (1, 2, 4, 8)
+             if 1024 <= r * width <= 8192 and w >= 4 or w < 4 and r * width == 512 * w]
     axes = [[{"stages": s} for s in (1, 2, 3)], tiles]
     if kernel == "bias_gelu":
         axes.append([{"block_n": n} for n in (512, 1024)])
@@ -87,14 +89,14 @@ def _configured(kernel, config):
     from fastmae.kernels import bias_gelu as bg
     from fastmae.kernels import layer_norm as ln
     if kernel == "layer_norm":
-        saved = (ln._launch_config, ln.bwd_warps_per_sm, ln.BWD_STAGES)
-        ln._launch_config = lambda block_d: (config["rows"], config["warps"])
+        saved = (ln._bwd_launch_config, ln.bwd_warps_per_sm, ln.BWD_STAGES)
+        ln._bwd_launch_config = lambda block_d: (config["rows"], config["warps"])
         ln.bwd_warps_per_sm = lambda block_d: config["warps_per_sm"]
         ln.BWD_STAGES = config["stages"]
         try:
             yield
         finally:
-            ln._launch_config, ln.bwd_warps_per_sm, ln.BWD_STAGES = saved
+            ln._bwd_launch_config, ln.bwd_warps_per_sm, ln.BWD_STAGES = saved
     else:
         saved = (bg._tile, bg.BWD_WARPS_PER_SM, bg.BWD_STAGES)
         bg._tile = lambda D: (config["rows"], config["block_n"], config["warps"])

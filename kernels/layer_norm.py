@@ -76,6 +76,11 @@ def _layer_norm_fwd(
 # of the (num_programs, D) partial buffers, summed by the host afterwards (deterministic, no
 # atomics).
 @triton.jit
+def _add_pair(a0, b0, a1, b1):
+    return a0 + a1, b0 + b1
+
+
+@triton.jit
 def _layer_norm_bwd(
     DY,  # (M, D) any float dtype, strides (stride_dy_m, stride_dy_d); may be 0 (expanded)
     X,  # (M, D) the LayerNorm's input (x, or s when fused), row stride stride_x, unit col stride
@@ -116,8 +121,9 @@ def _layer_norm_bwd(
         rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
         x_hat = tl.where(mask, (x.to(tl.float32) - mean[:, None]) * rstd[:, None], 0.0)
         wdy = w[None, :] * dy
-        c1 = tl.sum(x_hat * wdy, axis=1) / D
-        c2 = tl.sum(wdy, axis=1) / D
+        c1, c2 = tl.reduce((x_hat * wdy, wdy), 1, _add_pair)
+        c1 = c1 / D
+        c2 = c2 / D
         dx = (wdy - (x_hat * c1[:, None] + c2[:, None])) * rstd[:, None]
         if HAS_DS:
             ds = tl.load(DS + rows[:, None] * stride_ds_m + cols[None, :] * stride_ds_d,
@@ -128,7 +134,7 @@ def _layer_norm_bwd(
         if HAS_DX2:
             tl.store(DX2 + rows[:, None] * stride_dx + cols[None, :], dx.to(DX2.dtype.element_ty),
                      mask=mask)
-        dw_acc += tl.sum(dy * x_hat, axis=0)  # over this tile's rows: within a thread
+        dw_acc += tl.sum(dy * x_hat, axis=0)
         db_acc += tl.sum(dy, axis=0)
         if HAS_DBB:  # rows past M are 0 (dy, ds and rstd loaded as 0); columns past D unstored
             dbb_acc += tl.sum(dx, axis=0)
@@ -148,30 +154,44 @@ def _empty(shape, dtype, device):
 # The backward spreads the rows over one wave of programs, each owning a fixed block of rows (its
 # partial sums are a fixed function of the shape and device, hence deterministic): one wave only
 # if the programs it counts on fit on an SM at once, their warps sharing its 65536 registers
-# (sm_80, sm_90). Its tiles are the forward's (16 elements a thread at 4 warps). Without the
-# prefetch below, Triton 3.6 compiled the fused autocast backward to 128 registers a thread at
-# D=768 but 154 at D=512, where only 3 of the 4 programs per SM the grid counted on fit (it
-# needed 1.33 waves). With it, 3.6 takes 128 / 152 and 3.9 up to 141 at D=768: 4-warp programs
-# count on 3 an SM (168 registers each). tests/test_gpu_compile.py compiles every launch for
-# sm_90 and checks its registers and shared memory against bwd_warps_per_sm.
+# (sm_80, sm_90). tests/test_gpu_compile.py compiles every launch for sm_90 and checks its
+# registers and shared memory against bwd_warps_per_sm.
 #
-# BWD_STAGES tiles in flight: the backward's loop is software-pipelined (tl.range num_stages),
-# so each program's loads of the next tile (cp.async into shared memory, ~24 KiB a stage at
-# D=512 / 768 in autocast) are issued before it computes the current one; a plain loop waits
-# for every tile's loads (Triton pipelines only loops that ask).
+# Its tiles put a program's warps side by side along the row (bwd_config): then the column sums
+# (dweight, dbias, dbranch_bias) add up within each thread, and only the two row sums of a tile
+# cross warps, in one exchange (a paired tl.reduce). With the forward's 4-warp tiles of 4 rows x
+# 512 at D=512, Triton 3.6 split the warps 2 x 2 and each tile took 19 barriers (shared-memory
+# exchanges of all five sums and of dx); with 2 rows x 512 at 2 warps it takes 7, as the 4-warp
+# tiles of 2 x 1024 (D=768) do.
+#
+# BWD_STAGES tiles in flight: the loop is software-pipelined (tl.range num_stages), so each
+# program's loads of the next tile (cp.async into shared memory) are issued before it computes
+# the current one; a plain loop waits for every tile's loads (Triton pipelines only loops that
+# ask).
 BWD_STAGES = 2
 
 
 def fwd_config(block_d):
-    """(rows per program, num_warps) on a GPU: ~2048 elements a tile, 16 a thread at 4 warps."""
+    """(rows per program, num_warps) of the forward on a GPU: ~2048 elements a tile, 16 a thread
+    at 4 warps."""
     warps = 4 if block_d <= 1024 else (8 if block_d <= 8192 else 16)
     return max(1, min(2048 // block_d, 128)), warps
 
 
+def bwd_config(block_d):
+    """(rows per tile, num_warps) of the backward on a GPU: block_d / 256 warps (up to 16), so
+    that 32 threads a warp with 8-wide (16-byte bf16) vectors lay the warps side by side along
+    a row; 16 elements a thread up to 1024 columns, 8 above (16 at 2048 took up to 166
+    registers with Triton 3.9, over the 128 of 8-warp programs)."""
+    warps = min(max(block_d // 256, 1), 16)
+    per_thread = 16 if block_d <= 1024 else 8
+    return max(1, per_thread * 32 * warps // block_d), warps
+
+
 def bwd_warps_per_sm(block_d):
-    """Warps of the backward's one-wave grid per SM on a GPU: 3 programs of 4 warps (168
-    registers a thread) up to 1024 columns, 2 of 8 (128) or 1 of 16 above."""
-    return 12 if fwd_config(block_d)[1] == 4 else 16
+    """Warps of the backward's one-wave grid per SM on a GPU: programs of up to 4 warps fill 12
+    (168 registers a thread), larger ones 16 (128 registers a thread)."""
+    return 12 if bwd_config(block_d)[1] <= 4 else 16
 
 
 ONE_WAVE_WARPS_PER_SM = {"_layer_norm_bwd": lambda constexprs: bwd_warps_per_sm(
@@ -179,12 +199,19 @@ ONE_WAVE_WARPS_PER_SM = {"_layer_norm_bwd": lambda constexprs: bwd_warps_per_sm(
 
 
 def _launch_config(block_d):
-    """(rows per tile, num_warps) of both kernels; under the interpreter ~256-element tiles at
-    one warp, so that the small test shapes use several programs, several tiles per program and
-    row tails."""
+    """(rows per tile, num_warps) of the forward; under the interpreter (both kernels) ~256-element
+    tiles at one warp, so that the small test shapes use several programs, several tiles per
+    program and row tails."""
     if interpreting():
         return max(1, min(256 // block_d, 128)), 1
     return fwd_config(block_d)
+
+
+def _bwd_launch_config(block_d):
+    """(rows per tile, num_warps) of the backward."""
+    if interpreting():
+        return _launch_config(block_d)
+    return bwd_config(block_d)
 
 
 def _bwd_num_programs(M, rows, num_warps, block_d, device):
@@ -268,7 +295,7 @@ def layer_norm_bwd(dy, s_or_x, weight, mean, rstd, ds=None, dx_dtype=None, dx2_d
             return dx, zeros, _empty((M, D), dx2_dtype, device)
         return dx, zeros
     block_d = next_pow2(D)
-    rows, warps = _launch_config(block_d)
+    rows, warps = _bwd_launch_config(block_d)
     programs = _bwd_num_programs(M, rows, warps, block_d, device)
     rows_per_program = cdiv(cdiv(M, programs), rows) * rows
     programs = cdiv(M, rows_per_program)

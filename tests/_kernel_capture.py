@@ -363,8 +363,10 @@ def capture(name, target):
 
 def unlaunched_kernels(name, launches):
     """The jit functions of module ``name`` that no scenario launched and that no other jit
-    function of the module calls (so not device helpers): kernels the scenarios miss."""
+    function of the module names (so not device helpers, called or passed as a tl.reduce
+    combine function): kernels the scenarios miss."""
     import importlib
+    import re
 
     from triton.runtime.autotuner import Autotuner, Heuristics
     from triton.runtime.jit import JITFunction
@@ -379,7 +381,7 @@ def unlaunched_kernels(name, launches):
     launched = {launch.name for launch in launches}
     sources = {n: f.src for n, f in jitted.items()}
     return sorted(n for n in jitted if n not in launched and not any(
-        f"{n}(" in src for other, src in sources.items() if other != n))
+        re.search(rf"\b{n}\b", src) for other, src in sources.items() if other != n))
 
 
 # Boolean constexprs that the launchers legitimately pass with one value only, as
