@@ -581,10 +581,11 @@ def _(qkv, num_heads, scale):
     return qkv.new_empty(B, N, C3 // 3), qkv.new_empty(B, num_heads, N, dtype=torch.float32)
 
 
-@_op("fastmae::packed_attention_bwd")
-def _packed_attention_bwd_op(do: Tensor, qkv: Tensor, o: Tensor, lse: Tensor, num_heads: int,
-                             scale: float) -> Tensor:
-    launch = _kernel("attention").attention_bwd
+def _packed_attention_grads(do, qkv, o, lse, num_heads, scale, bias_grad=False):
+    """(dqkv (B, N, 3C) packed as qkv, and with ``bias_grad`` its fp32 column sums (3C,) -- the
+    qkv projection's bias gradient, from the attention backward's per-program partial sums
+    instead of a pass over dqkv -- else None)."""
+    attention = _kernel("attention")
     B, N, C3 = qkv.shape
     d = C3 // (3 * num_heads)
     heads = lambda t: t.view(B, N, num_heads, d).transpose(1, 2)  # noqa: E731
@@ -592,8 +593,17 @@ def _packed_attention_bwd_op(do: Tensor, qkv: Tensor, o: Tensor, lse: Tensor, nu
     # the three gradients land in one packed buffer: the qkv projection's backward reads it as is
     dqkv = qkv.new_empty(B, N, 3, num_heads, d)
     dq, dk, dv = dqkv.permute(2, 0, 3, 1, 4).unbind(0)
-    launch(heads(do.contiguous()), q, k, v, heads(o), lse, scale, dq=dq, dk=dk, dv=dv)
-    return dqkv.view(B, N, C3)
+    dsum = (torch.empty(attention.grad_sum_shape(B, num_heads, N, d), device=qkv.device,
+                        dtype=torch.float32) if bias_grad else None)
+    attention.attention_bwd(heads(do.contiguous()), q, k, v, heads(o), lse, scale, dq=dq, dk=dk,
+                            dv=dv, dsum=dsum)
+    return dqkv.view(B, N, C3), None if dsum is None else dsum.view(-1, C3).sum(0)
+
+
+@_op("fastmae::packed_attention_bwd")
+def _packed_attention_bwd_op(do: Tensor, qkv: Tensor, o: Tensor, lse: Tensor, num_heads: int,
+                             scale: float) -> Tensor:
+    return _packed_attention_grads(do, qkv, o, lse, num_heads, scale)[0]
 
 
 @_packed_attention_bwd_op.register_fake
@@ -998,10 +1008,11 @@ class _Block(torch.autograd.Function):
         do, ds1, d_n2w, d_n2b, d_proj_b = _add_layer_norm_grads(
             d_s2, dh2, s2, n2w, mean2, rstd2, (cd, s1.dtype, n2w_dt, n2b_dt, proj_b_dt))
         da, d_proj_w = _linear_grads(do, a, wp, proj_w_dt)
-        dqkv = _packed_attention_bwd_op(da, qkv, a, lse, num_heads, scale)
+        dqkv, d_qkv_b = _packed_attention_grads(da, qkv, a, lse, num_heads, scale,
+                                                bias_grad=qkv_b_dt is not None)
         dh1, d_qkv_w = _linear_grads(dqkv, h1, wq, qkv_w_dt)
-        d_qkv_b = (None if qkv_b_dt is None
-                   else _cast(dqkv.reshape(-1, dqkv.shape[-1]).sum(0), qkv_b_dt))
+        if d_qkv_b is not None:
+            d_qkv_b = _cast(d_qkv_b, qkv_b_dt)
         if branch_dt is None:
             dx, d_n1w, d_n1b = _layer_norm_grads(dh1, s1, n1w, mean1, rstd1,
                                                  (x_dt, n1w_dt, n1b_dt), ds=ds1)

@@ -22,6 +22,9 @@ Backward (`attention_bwd`), deterministic (no atomics), nothing of size N x N in
   key is in the tile), dK and dV; delta = rowsum(dO * O) is computed inline.
 - otherwise two kernels: `_attn_bwd_dq` over query blocks (sweeps the keys; also writes delta),
   then `_attn_bwd_dkdv` over key blocks (sweeps the queries, reads delta).
+Optionally (``dsum``) each program also writes the fp32 column sums of the gradient rows it owns
+to a small partial buffer: summed over its rows, the qkv projection's bias gradient, without a
+reduction pass over the packed gradient (which costs a read of all of it).
 """
 import os
 
@@ -88,6 +91,27 @@ def _store_tile(
     else:
         mask = (offs_r[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM)
     tl.store(ptrs, value.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _store_col_sums(
+    base,  # pointer to [b, row0, section, h, 0] of the (B, R, 3, H, d) fp32 column sums
+    sums,  # (BLOCK_D,) fp32: this program's column sums over its rows of the sequence
+    row0,  # the first of the OWN partial rows this program owns (its first sequence row / SUM_ROWS)
+    n_rows,  # R = cdiv(N, SUM_ROWS): rows at or past it are not stored
+    stride_sr,
+    offs_d,
+    OWN: tl.constexpr,  # partial rows a program owns: its sequence rows / SUM_ROWS, rounded up
+    HEAD_DIM: tl.constexpr,
+):
+    """The sums in the program's first partial row, zeros in the others it owns: every row of
+    the buffer is written by exactly one program, whatever the tile sizes the autotuner chose,
+    so it needs no clearing and its reduction over rows is deterministic."""
+    d_ok = offs_d < HEAD_DIM
+    tl.store(base + offs_d, sums, mask=d_ok)
+    for i in tl.static_range(1, OWN):
+        if row0 + i < n_rows:
+            tl.store(base + i * stride_sr + offs_d, tl.zeros_like(sums), mask=d_ok)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -216,6 +240,7 @@ def _attn_bwd_dkdv(
     DV,  # (B, H, N, d) any strides
     LSE,  # (B, H, N) fp32 contiguous, natural log (from the forward)
     DELTA,  # (B, H, N) fp32 contiguous rowsum(dO * O): read only when not FUSE_DQ
+    DSUM,  # (B, R, 3, H, d) fp32, unit last stride: column sums of dQ, dK, dV (when HAS_SUMS)
     sm_scale,  # fp32: the softmax scale
     qk_scale,  # fp32: scale * log2(e)
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -226,12 +251,15 @@ def _attn_bwd_dkdv(
     stride_dqb, stride_dqh, stride_dqn, stride_dqd,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_sb, stride_sr, stride_ss, stride_sh,
     H, N_CTX,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,  # query rows per step of the sweep
     BLOCK_N: tl.constexpr,  # keys owned by this program (all of them when FUSE_DQ)
     BLOCK_D: tl.constexpr,
     FUSE_DQ: tl.constexpr,  # one key tile holds every key: also compute dQ and delta here
+    HAS_SUMS: tl.constexpr,  # also write the column sums (the qkv bias gradient's partials)
+    SUM_ROWS: tl.constexpr,  # sequence rows per partial row of DSUM
     DOT_PRECISION: tl.constexpr,
 ):
     pid_bh = tl.program_id(0).to(tl.int64)
@@ -258,6 +286,7 @@ def _attn_bwd_dkdv(
     lse_bh = LSE + pid_bh * N_CTX
     delta_bh = DELTA + pid_bh * N_CTX
     key_valid = offs_n < keys_left
+    dq_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
 
     for start_m in range(0, N_CTX, BLOCK_M):
         row0_m = tl.cast(start_m, tl.int64)
@@ -288,12 +317,27 @@ def _attn_bwd_dkdv(
             dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=DOT_PRECISION) * sm_scale
             _store_tile(dq_bh + row0_m * stride_dqn, dq, offs_m, offs_d, stride_dqn, stride_dqd,
                         rows_left, HEAD_DIM, BLOCK_D)
+            if HAS_SUMS:
+                dq_sum += tl.sum(tl.where(row_valid[:, None], dq, 0.0), 0)
 
     dk = dk * sm_scale
     _store_tile(DK + b * stride_dkb + h * stride_dkh + row0_n * stride_dkn, dk, offs_n, offs_d,
                 stride_dkn, stride_dkd, keys_left, HEAD_DIM, BLOCK_D)
     _store_tile(DV + b * stride_dvb + h * stride_dvh + row0_n * stride_dvn, dv, offs_n, offs_d,
                 stride_dvn, stride_dvd, keys_left, HEAD_DIM, BLOCK_D)
+    if HAS_SUMS:
+        # the fp32 gradients' column sums over this program's keys (rows past N can hold
+        # garbage where P was not zeroed: masked); with FUSE_DQ, dQ's over every query
+        own: tl.constexpr = (BLOCK_N + SUM_ROWS - 1) // SUM_ROWS
+        row_s = start_n // SUM_ROWS
+        s_base = DSUM + b * stride_sb + row_s * stride_sr + h * stride_sh
+        n_rows = (N_CTX + SUM_ROWS - 1) // SUM_ROWS
+        if FUSE_DQ:
+            _store_col_sums(s_base, dq_sum, row_s, n_rows, stride_sr, offs_d, own, HEAD_DIM)
+        _store_col_sums(s_base + stride_ss, tl.sum(tl.where(key_valid[:, None], dk, 0.0), 0),
+                        row_s, n_rows, stride_sr, offs_d, own, HEAD_DIM)
+        _store_col_sums(s_base + 2 * stride_ss, tl.sum(tl.where(key_valid[:, None], dv, 0.0), 0),
+                        row_s, n_rows, stride_sr, offs_d, own, HEAD_DIM)
 
 
 @triton.jit
@@ -330,6 +374,7 @@ def _attn_bwd_dq(
     DQ,  # (B, H, N, d) any strides
     LSE,  # (B, H, N) fp32 contiguous, natural log (from the forward)
     DELTA,  # (B, H, N) fp32 contiguous: rowsum(dO * O), written here for _attn_bwd_dkdv
+    DSUM,  # (B, R, 3, H, d) fp32, unit last stride: column sums of dQ in section 0 (HAS_SUMS)
     sm_scale,  # fp32: the softmax scale
     qk_scale,  # fp32: scale * log2(e)
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -338,11 +383,14 @@ def _attn_bwd_dq(
     stride_ob, stride_oh, stride_on, stride_od,
     stride_dob, stride_doh, stride_don, stride_dod,
     stride_dqb, stride_dqh, stride_dqn, stride_dqd,
+    stride_sb, stride_sr, stride_sh,
     H, N_CTX,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,  # query rows owned by this program
     BLOCK_N: tl.constexpr,  # keys per step of the sweep
     BLOCK_D: tl.constexpr,
+    HAS_SUMS: tl.constexpr,  # also write dQ's column sums
+    SUM_ROWS: tl.constexpr,  # sequence rows per partial row of DSUM
     DOT_PRECISION: tl.constexpr,
 ):
     # The math is written above _attn_bwd_dkdv: here dQ = scale * sum over key blocks of dS K.
@@ -382,6 +430,12 @@ def _attn_bwd_dq(
     dq = dq * sm_scale
     _store_tile(DQ + b * stride_dqb + h * stride_dqh + row0 * stride_dqn, dq, offs_m, offs_d,
                 stride_dqn, stride_dqd, rows_left, HEAD_DIM, BLOCK_D)
+    if HAS_SUMS:
+        row_s = start_m // SUM_ROWS
+        _store_col_sums(DSUM + b * stride_sb + row_s * stride_sr + h * stride_sh,
+                        tl.sum(tl.where(row_valid[:, None], dq, 0.0), 0), row_s,
+                        (N_CTX + SUM_ROWS - 1) // SUM_ROWS, stride_sr, offs_d,
+                        (BLOCK_M + SUM_ROWS - 1) // SUM_ROWS, HEAD_DIM)
 
 
 # ----------------------------------------------------------------------------- autotuning
@@ -637,15 +691,46 @@ def _bwd_strategy(key, fused, split):
     return _BWD_CHOICE[key]
 
 
-def attention_bwd(do, q, k, v, o, lse, scale: float, dq=None, dk=None, dv=None):
+# The optional column sums of dQ, dK, dV (the qkv projection's bias gradient, without a pass
+# over the packed gradient) are per-program partials over SUM_ROWS sequence rows each: the
+# smallest sequence block of the configurations the backward kernels' autotuners hold, so that
+# any configuration's program owns whole partial rows.
+_SUM_ROWS_CACHE = {}
+
+
+def _sum_rows():
+    dq, dkdv = _attn_bwd_dq_tuned.configs, _attn_bwd_dkdv_tuned.configs
+    entry = _SUM_ROWS_CACHE.get((id(dq), id(dkdv)))
+    if entry is None or entry[0] is not dq or entry[1] is not dkdv:
+        rows = min([c.kwargs["BLOCK_M"] for c in dq] + [c.kwargs["BLOCK_N"] for c in dkdv])
+        # the lists are kept referenced: their ids cannot be reused for other lists
+        entry = _SUM_ROWS_CACHE[(id(dq), id(dkdv))] = (dq, dkdv, rows)
+    return entry[2]
+
+
+def grad_sum_shape(B, H, N, d):
+    """Shape of attention_bwd's ``dsum``: (B, R, 3, H, d), R = cdiv(N, SUM_ROWS) partial rows;
+    summed over its first two dims it gives the column sums of dq, dk, dv, laid out (3, H, d)
+    as the packed qkv projection's bias."""
+    return (B, cdiv(N, _sum_rows()), 3, H, d)
+
+
+def attention_bwd(do, q, k, v, o, lse, scale: float, dq=None, dk=None, dv=None, dsum=None):
     """Gradients of o = softmax(q k^T * scale) v given do = dL/do, o and lse from attention_fwd.
 
     All of do, q, k, v, o are (B, H, N, d) with any strides (do may be expanded, stride 0).
     Returns (dq, dk, dv), each (B, H, N, d) in the dtype of q, k, v respectively: written into the
-    given buffers (any strides), or by default views of one packed (B, N, 3, H, d) tensor."""
+    given buffers (any strides), or by default views of one packed (B, N, 3, H, d) tensor.
+    With ``dsum`` (fp32, grad_sum_shape, contiguous) the kernels also write into it, every
+    element, the fp32 column sums of the three gradients over blocks of the sequence."""
     B, H, N, d = q.shape
     dq, dk, dv = _grad_buffers(q, k, v, dq, dk, dv)
+    if dsum is not None:
+        assert dsum.shape == grad_sum_shape(B, H, N, d) and dsum.dtype == torch.float32 \
+            and dsum.is_contiguous(), "dsum must be a contiguous fp32 grad_sum_shape tensor"
     if B * H * N == 0:
+        if dsum is not None:
+            dsum.zero_()
         return dq, dk, dv
     if do.dtype != q.dtype:  # the dot operands must share a dtype
         do = do.to(q.dtype)
@@ -658,32 +743,41 @@ def attention_bwd(do, q, k, v, o, lse, scale: float, dq=None, dk=None, dv=None):
     block_n_all = max(16, next_pow2(N))
     precision = _dot_precision(q.dtype)
     common_strides = (*q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq_w.stride())
+    has_sums = dsum is not None
+    sum_rows = _sum_rows()
+    if has_sums:  # (B, R, 3, H, d): batch, partial row, section (q, k, v), head
+        s_arg, (s_b, s_r, s_s, s_h) = dsum, dsum.stride()[:4]
+    else:
+        s_arg, (s_b, s_r, s_s, s_h) = lse, (0, 0, 0, 0)  # placeholder, never touched
 
     def fused():
         # One program per (batch, head) holds every key: dQ, dK, dV and delta in one pass.
         _launch(
             _attn_bwd_fused_tuned, (B * H, 1), (N, d),
-            q, k, v, o, do, dq_w, dk_w, dv_w, lse, lse, sm_scale, qk_scale,
-            *common_strides, *dk_w.stride(), *dv_w.stride(),
+            q, k, v, o, do, dq_w, dk_w, dv_w, lse, lse, s_arg, sm_scale, qk_scale,
+            *common_strides, *dk_w.stride(), *dv_w.stride(), s_b, s_r, s_s, s_h,
             H, N,
-            HEAD_DIM=d, BLOCK_N=block_n_all, BLOCK_D=block_d, FUSE_DQ=True, DOT_PRECISION=precision,
+            HEAD_DIM=d, BLOCK_N=block_n_all, BLOCK_D=block_d, FUSE_DQ=True, HAS_SUMS=has_sums,
+            SUM_ROWS=sum_rows, DOT_PRECISION=precision,
         )
 
     def split():
         delta = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
         _launch(
             _attn_bwd_dq_tuned, lambda meta: (B * H, cdiv(N, meta["BLOCK_M"])), (N, d),
-            q, k, v, o, do, dq_w, lse, delta, sm_scale, qk_scale,
-            *common_strides,
+            q, k, v, o, do, dq_w, lse, delta, s_arg, sm_scale, qk_scale,
+            *common_strides, s_b, s_r, s_h,
             H, N,
-            HEAD_DIM=d, BLOCK_D=block_d, DOT_PRECISION=precision,
+            HEAD_DIM=d, BLOCK_D=block_d, HAS_SUMS=has_sums, SUM_ROWS=sum_rows,
+            DOT_PRECISION=precision,
         )
         _launch(
             _attn_bwd_dkdv_tuned, lambda meta: (B * H, cdiv(N, meta["BLOCK_N"])), (N, d),
-            q, k, v, o, do, dq_w, dk_w, dv_w, lse, delta, sm_scale, qk_scale,
-            *common_strides, *dk_w.stride(), *dv_w.stride(),
+            q, k, v, o, do, dq_w, dk_w, dv_w, lse, delta, s_arg, sm_scale, qk_scale,
+            *common_strides, *dk_w.stride(), *dv_w.stride(), s_b, s_r, s_s, s_h,
             H, N,
-            HEAD_DIM=d, BLOCK_D=block_d, FUSE_DQ=False, DOT_PRECISION=precision,
+            HEAD_DIM=d, BLOCK_D=block_d, FUSE_DQ=False, HAS_SUMS=has_sums, SUM_ROWS=sum_rows,
+            DOT_PRECISION=precision,
         )
 
     fused_limit = _FUSED_BWD_MAX_TILE // (2 if q.dtype == torch.float32 else 1)  # fp32: CUDA-core dots

@@ -65,21 +65,29 @@ def _poisoned_allocations():
         attn.torch = saved
 
 
-def _run(q, k, v, do, scale):
-    """Forward then backward, every output buffer NaN-filled beforehand."""
+def _run(q, k, v, do, scale, sums=True):
+    """Forward then backward (with the gradients' column sums unless ``sums`` is False), every
+    output buffer NaN-filled beforehand. Returns (o, lse, (dq, dk, dv), column sums (3, H, d)
+    or None)."""
     attn = _kernels()
     out = _nan_like_bhnd(q)
     dq, dk, dv = _nan_packed_grads(q)
+    dsum = poison_(torch.empty(attn.grad_sum_shape(*q.shape), device=q.device)) if sums else None
     with _poisoned_allocations():
         o, lse = attn.attention_fwd(q, k, v, scale, out=out)
-        grads = attn.attention_bwd(do, q, k, v, o, lse, scale, dq=dq, dk=dk, dv=dv)
+        grads = attn.attention_bwd(do, q, k, v, o, lse, scale, dq=dq, dk=dk, dv=dv, dsum=dsum)
     assert o is out
     assert grads[0] is dq and grads[1] is dk and grads[2] is dv
-    return o, lse, grads
+    return o, lse, grads, None if dsum is None else dsum.sum((0, 1))
+
+
+def _column_sums(grads):
+    """(3, H, d): each gradient (B, H, N, d) summed over the batch and the sequence."""
+    return torch.stack([g.sum((0, 2)) for g in grads])
 
 
 def _check(q, k, v, do, scale, tol=TOL):
-    o, lse, grads = _run(q, k, v, do, scale)
+    o, lse, grads, sums = _run(q, k, v, do, scale)
     o64, lse64, grads64 = _reference64(q, k, v, do, scale)
     assert o.dtype == q.dtype and lse.dtype == torch.float32 and lse.shape == q.shape[:3]
     errors = {"o": rel_err(o, o64), "lse": rel_err(lse, lse64)}
@@ -92,6 +100,10 @@ def _check(q, k, v, do, scale, tol=TOL):
             errors[name] = math.inf
         else:
             errors[name] = (g.double() - g64).abs().max().item() / max(g64.abs().max().item(), 1e-2 * floor)
+    sums64 = _column_sums(grads64)
+    sums_floor = max(sums64.abs().max().item(), 1e-2 * floor)
+    errors["sums"] = (math.inf if not torch.isfinite(sums).all()
+                      else (sums.double() - sums64).abs().max().item() / sums_floor)
     bad = {name: err for name, err in errors.items() if not err <= tol}
     assert not bad, f"relative errors over {tol:.0e}: {bad}"
     return o, lse, grads
@@ -204,9 +216,33 @@ def test_bit_identical_runs(N, d, device):
     do = _do_like(q)
     first = _run(q, k, v, do, 0.125)
     second = _run(q, k, v, do, 0.125)
-    for name, a, b in zip(("o", "lse", "dq", "dk", "dv"), (first[0], first[1], *first[2]),
-                          (second[0], second[1], *second[2])):
+    for name, a, b in zip(("o", "lse", "dq", "dk", "dv", "sums"),
+                          (first[0], first[1], *first[2], first[3]),
+                          (second[0], second[1], *second[2], second[3])):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("strategy", ["fused", "split"])
+@pytest.mark.parametrize("N", [1, 50, 65])
+def test_column_sums_on_finer_partial_rows(strategy, N, device, monkeypatch):
+    """Partial rows of 16 sequence rows: each program of 64 rows writes its sums into the first
+    of the 4 partial rows it owns and zeros into the others (only those below cdiv(N, 16)); the
+    NaN-filled buffer must come back fully written and sum to the float64 column sums."""
+    monkeypatch.setenv("FASTMAE_ATTN_BWD", strategy)
+    monkeypatch.setattr(_kernels(), "_sum_rows", lambda: 16)
+    case = attention_case(2, 3, N, 32, "qkv", device=device, seed=N + 3)
+    _check(case["q"], case["k"], case["v"], _do_like(case["q"]), 32 ** -0.5)
+
+
+def test_without_column_sums(device):
+    """No dsum: the same gradients, bit for bit, as with it."""
+    case = attention_case(2, 3, 65, 32, "qkv", device=device, seed=19)
+    q, k, v = case["q"], case["k"], case["v"]
+    do = _do_like(q)
+    with_sums, without = _run(q, k, v, do, 0.2), _run(q, k, v, do, 0.2, sums=False)
+    assert without[3] is None
+    for a, b in zip(with_sums[2], without[2]):
+        assert torch.equal(a, b)
 
 
 def test_default_buffers(device):
@@ -255,7 +291,7 @@ def no_tf32():
 
 def _assert_within_sdpa_error(dtype, q, k, v, do, scale):
     """The FlashAttention rule: error against fp32 at most 2x SDPA's own in the same dtype."""
-    o, lse, grads = _run(q, k, v, do, scale)
+    o, lse, grads, sums = _run(q, k, v, do, scale)
     o32, lse32, grads32 = _reference32(q, k, v, do, scale)
     o_sdpa, grads_sdpa = _sdpa(q, k, v, do, scale)
     atol = {torch.bfloat16: 1e-2, torch.float16: 1e-3}[dtype]
@@ -267,6 +303,13 @@ def _assert_within_sdpa_error(dtype, q, k, v, do, scale):
         err = (a.float() - r).abs().max().item()
         err_sdpa = (s.float() - r).abs().max().item()
         assert err <= 2 * err_sdpa + atol * max(r.abs().max().item(), floor), (name, err, err_sdpa)
+    # the column sums of the fp32 gradients against those of the fp32 reference's, beside what
+    # summing SDPA's low-precision gradients gives
+    sums32, sums_sdpa = _column_sums(grads32), _column_sums([g.float() for g in grads_sdpa])
+    err = (sums - sums32).abs().max().item()
+    err_sdpa = (sums_sdpa - sums32).abs().max().item()
+    assert torch.isfinite(sums).all() and err <= 2 * err_sdpa + atol * max(
+        sums32.abs().max().item(), floor), ("sums", err, err_sdpa)
 
 
 _GPU_CASES = [  # (N, d, layout): the MAE shapes in both layouts, then other head dims and lengths
