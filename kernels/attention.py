@@ -13,6 +13,10 @@ otherwise the keys are swept in blocks with the online softmax (running max and 
 softmax runs in base 2, log2(e) folded into the scale. The row log-sum-exp (natural log) is
 saved for the backward.
 
+Every sweep over a sequence (the forward's and dQ's over keys, dK-dV's over queries) ends with a
+step of only N % BLOCK rows rounded up to a power of two (`_tail`): MAE's decoder N = 197 in
+blocks of 64 computes 3 x 64 + 16 rows, not 256.
+
 Backward (`attention_bwd`), deterministic (no atomics), nothing of size N x N in global memory:
 - short sequences (one key tile of next_pow2(N) x next_pow2(d) <= _FUSED_BWD_MAX_TILE elements,
   half that for fp32; e.g. N = 50 with d <= 128, N = 197 with d = 32, but not N = 65 with d = 80,
@@ -161,6 +165,7 @@ def _attn_fwd(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    TAIL_N: tl.constexpr,  # keys of the loop's last step when N % BLOCK_N (see _tail)
     ONE_TILE: tl.constexpr,  # BLOCK_N >= N_CTX: every key in one tile, no online softmax
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs
 ):
@@ -197,10 +202,11 @@ def _attn_fwd(
             acc, m_i, l_i = _attn_fwd_block(
                 acc, m_i, l_i, q, k_base, v_base, start_n, N_CTX, qk_scale, offs_n, offs_d,
                 stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, BLOCK_D, False, DOT_PRECISION)
-        for start_n in range(n_full, N_CTX, BLOCK_N):  # the partial last block, if any
+        for start_n in range(n_full, N_CTX, TAIL_N):  # the rest, in one block of TAIL_N keys
             acc, m_i, l_i = _attn_fwd_block(
-                acc, m_i, l_i, q, k_base, v_base, start_n, N_CTX, qk_scale, offs_n, offs_d,
-                stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, BLOCK_D, True, DOT_PRECISION)
+                acc, m_i, l_i, q, k_base, v_base, start_n, N_CTX, qk_scale, tl.arange(0, TAIL_N),
+                offs_d, stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, BLOCK_D, True,
+                DOT_PRECISION)
 
     o = acc / l_i[:, None]
     o_base = O + b * stride_ob + h * stride_oh + tl.cast(start_m, tl.int64) * stride_on
@@ -227,6 +233,64 @@ def _attn_fwd(
 # Rows past N: queries, dO and O load as zeros and lse / delta as 0, so those columns of P^T
 # come out finite (exp2(0)) and contribute exactly 0 to dV, dS and dK. Keys past N are zeros too,
 # but exp2(0 - lse) may overflow, so P is zeroed there wherever those keys feed dQ.
+
+@triton.jit
+def _attn_bwd_dkdv_block(
+    dk, dv,  # (BLOCK_N, BLOCK_D) fp32 accumulators
+    dq_sum,  # (BLOCK_D,) fp32: column sums of dQ so far (FUSE_DQ and HAS_SUMS)
+    k, v,  # (BLOCK_N, BLOCK_D) this program's keys and values
+    key_valid,  # (BLOCK_N,) keys < N
+    start_m, N_CTX, sm_scale, qk_scale,
+    q_bh, do_bh, o_bh, dq_bh,  # pointers to row 0 of this (batch, head)'s Q, dO, O, dQ
+    lse_bh, delta_bh,  # pointers to this (batch, head)'s (N,) lse and delta
+    offs_m,  # (ROWS,) query rows of this step, relative to start_m
+    offs_d,
+    stride_qn, stride_qd, stride_don, stride_dod, stride_on, stride_od, stride_dqn, stride_dqd,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    MASK_M: tl.constexpr,  # rows past N possible in this block
+    FUSE_DQ: tl.constexpr, HAS_SUMS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One step of the query sweep: the queries [start_m, start_m + ROWS) against this
+    program's keys."""
+    row0_m = tl.cast(start_m, tl.int64)
+    rows_left = N_CTX - start_m
+    row_valid = offs_m < rows_left
+    q = _load_tile(q_bh + row0_m * stride_qn, offs_m, offs_d, stride_qn, stride_qd, rows_left,
+                   HEAD_DIM, BLOCK_D, MASK_M)
+    do = _load_tile(do_bh + row0_m * stride_don, offs_m, offs_d, stride_don, stride_dod, rows_left,
+                    HEAD_DIM, BLOCK_D, MASK_M)
+    if MASK_M:
+        lse2 = tl.load(lse_bh + start_m + offs_m, mask=row_valid, other=0.0) * 1.4426950408889634
+    else:
+        lse2 = tl.load(lse_bh + start_m + offs_m) * 1.4426950408889634
+    if FUSE_DQ:
+        o = _load_tile(o_bh + row0_m * stride_on, offs_m, offs_d, stride_on, stride_od, rows_left,
+                       HEAD_DIM, BLOCK_D, MASK_M)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    elif MASK_M:
+        delta = tl.load(delta_bh + start_m + offs_m, mask=row_valid, other=0.0)
+    else:
+        delta = tl.load(delta_bh + start_m + offs_m)
+
+    # Transposed tiles (keys x queries), so that dK and dV accumulate without transposes.
+    qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+    p_t = tl.math.exp2(qk_t - lse2[None, :])
+    if FUSE_DQ:
+        p_t = tl.where(key_valid[:, None], p_t, 0.0)
+    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    if FUSE_DQ:
+        dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=DOT_PRECISION) * sm_scale
+        _store_tile(dq_bh + row0_m * stride_dqn, dq, offs_m, offs_d, stride_dqn, stride_dqd,
+                    rows_left, HEAD_DIM, BLOCK_D)
+        if HAS_SUMS:
+            if MASK_M:
+                dq = tl.where(row_valid[:, None], dq, 0.0)
+            dq_sum += tl.sum(dq, 0)
+    return dk, dv, dq_sum
+
 
 @triton.jit
 def _attn_bwd_dkdv(
@@ -257,6 +321,7 @@ def _attn_bwd_dkdv(
     BLOCK_M: tl.constexpr,  # query rows per step of the sweep
     BLOCK_N: tl.constexpr,  # keys owned by this program (all of them when FUSE_DQ)
     BLOCK_D: tl.constexpr,
+    TAIL_M: tl.constexpr,  # rows of the sweep's last step when N % BLOCK_M (see _tail)
     FUSE_DQ: tl.constexpr,  # one key tile holds every key: also compute dQ and delta here
     HAS_SUMS: tl.constexpr,  # also write the column sums (the qkv bias gradient's partials)
     SUM_ROWS: tl.constexpr,  # sequence rows per partial row of DSUM
@@ -288,37 +353,27 @@ def _attn_bwd_dkdv(
     key_valid = offs_n < keys_left
     dq_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
 
-    for start_m in range(0, N_CTX, BLOCK_M):
-        row0_m = tl.cast(start_m, tl.int64)
-        rows_left = N_CTX - start_m
-        row_valid = offs_m < rows_left
-        q = _load_tile(q_bh + row0_m * stride_qn, offs_m, offs_d, stride_qn, stride_qd, rows_left,
-                       HEAD_DIM, BLOCK_D, True)
-        do = _load_tile(do_bh + row0_m * stride_don, offs_m, offs_d, stride_don, stride_dod, rows_left,
-                        HEAD_DIM, BLOCK_D, True)
-        lse2 = tl.load(lse_bh + start_m + offs_m, mask=row_valid, other=0.0) * 1.4426950408889634
-        if FUSE_DQ:
-            o = _load_tile(o_bh + row0_m * stride_on, offs_m, offs_d, stride_on, stride_od, rows_left,
-                           HEAD_DIM, BLOCK_D, True)
-            delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-        else:
-            delta = tl.load(delta_bh + start_m + offs_m, mask=row_valid, other=0.0)
-
-        # Transposed tiles (keys x queries), so that dK and dV accumulate without transposes.
-        qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
-        p_t = tl.math.exp2(qk_t - lse2[None, :])
-        if FUSE_DQ:
-            p_t = tl.where(key_valid[:, None], p_t, 0.0)
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
-        if FUSE_DQ:
-            dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=DOT_PRECISION) * sm_scale
-            _store_tile(dq_bh + row0_m * stride_dqn, dq, offs_m, offs_d, stride_dqn, stride_dqd,
-                        rows_left, HEAD_DIM, BLOCK_D)
-            if HAS_SUMS:
-                dq_sum += tl.sum(tl.where(row_valid[:, None], dq, 0.0), 0)
+    if TAIL_M < BLOCK_M:
+        m_full = (N_CTX // BLOCK_M) * BLOCK_M
+        for start_m in range(0, m_full, BLOCK_M):  # full query blocks: no masks on the rows
+            dk, dv, dq_sum = _attn_bwd_dkdv_block(
+                dk, dv, dq_sum, k, v, key_valid, start_m, N_CTX, sm_scale, qk_scale,
+                q_bh, do_bh, o_bh, dq_bh, lse_bh, delta_bh, offs_m, offs_d,
+                stride_qn, stride_qd, stride_don, stride_dod, stride_on, stride_od,
+                stride_dqn, stride_dqd, HEAD_DIM, BLOCK_D, False, FUSE_DQ, HAS_SUMS, DOT_PRECISION)
+        for start_m in range(m_full, N_CTX, TAIL_M):  # the rest, in one block of TAIL_M rows
+            dk, dv, dq_sum = _attn_bwd_dkdv_block(
+                dk, dv, dq_sum, k, v, key_valid, start_m, N_CTX, sm_scale, qk_scale,
+                q_bh, do_bh, o_bh, dq_bh, lse_bh, delta_bh, tl.arange(0, TAIL_M), offs_d,
+                stride_qn, stride_qd, stride_don, stride_dod, stride_on, stride_od,
+                stride_dqn, stride_dqd, HEAD_DIM, BLOCK_D, True, FUSE_DQ, HAS_SUMS, DOT_PRECISION)
+    else:  # no smaller last step to gain: one loop, one copy of its body (fewer registers)
+        for start_m in range(0, N_CTX, BLOCK_M):
+            dk, dv, dq_sum = _attn_bwd_dkdv_block(
+                dk, dv, dq_sum, k, v, key_valid, start_m, N_CTX, sm_scale, qk_scale,
+                q_bh, do_bh, o_bh, dq_bh, lse_bh, delta_bh, offs_m, offs_d,
+                stride_qn, stride_qd, stride_don, stride_dod, stride_on, stride_od,
+                stride_dqn, stride_dqd, HEAD_DIM, BLOCK_D, True, FUSE_DQ, HAS_SUMS, DOT_PRECISION)
 
     dk = dk * sm_scale
     _store_tile(DK + b * stride_dkb + h * stride_dkh + row0_n * stride_dkn, dk, offs_n, offs_d,
@@ -389,6 +444,7 @@ def _attn_bwd_dq(
     BLOCK_M: tl.constexpr,  # query rows owned by this program
     BLOCK_N: tl.constexpr,  # keys per step of the sweep
     BLOCK_D: tl.constexpr,
+    TAIL_N: tl.constexpr,  # keys of the sweep's last step when N % BLOCK_N (see _tail)
     HAS_SUMS: tl.constexpr,  # also write dQ's column sums
     SUM_ROWS: tl.constexpr,  # sequence rows per partial row of DSUM
     DOT_PRECISION: tl.constexpr,
@@ -423,10 +479,10 @@ def _attn_bwd_dq(
         dq = _attn_bwd_dq_block(dq, q, do, lse2, delta, k_base, v_base, start_n, N_CTX, qk_scale,
                                 offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
                                 HEAD_DIM, BLOCK_D, False, DOT_PRECISION)
-    for start_n in range(n_full, N_CTX, BLOCK_N):
+    for start_n in range(n_full, N_CTX, TAIL_N):  # the rest, in one block of TAIL_N keys
         dq = _attn_bwd_dq_block(dq, q, do, lse2, delta, k_base, v_base, start_n, N_CTX, qk_scale,
-                                offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
-                                HEAD_DIM, BLOCK_D, True, DOT_PRECISION)
+                                tl.arange(0, TAIL_N), offs_d, stride_kn, stride_kd, stride_vn,
+                                stride_vd, HEAD_DIM, BLOCK_D, True, DOT_PRECISION)
     dq = dq * sm_scale
     _store_tile(DQ + b * stride_dqb + h * stride_dqh + row0 * stride_dqn, dq, offs_m, offs_d,
                 stride_dqn, stride_dqd, rows_left, HEAD_DIM, BLOCK_D)
@@ -566,24 +622,36 @@ else:
     _BWD_DQ_CONFIGS = _pool((32, 64, 128), (16, 32, 64), (4, 8), (2, 3))
     _BWD_DKDV_CONFIGS = _pool((16, 32, 64), (32, 64, 128), (4, 8), (2, 3))
 
+def _tail(n_ctx, block):
+    """Rows of a sweep's last, partial step: N % block rounded up to a power of two (at least
+    16, a tl.dot's smallest side), so that e.g. N = 197 in blocks of 64 ends with 16 rows, not 64
+    (3 x 64 + 16 = 208 computed instead of 256)."""
+    rest = n_ctx % block
+    return min(block, max(16, next_pow2(rest))) if rest else block
+
+
 _attn_fwd_tuned = triton.autotune(
     configs=_FWD_CONFIGS, key=["N_CTX", "HEAD_DIM"], prune_configs_by={"early_config_prune": _prune_fwd},
-)(triton.heuristics({"ONE_TILE": lambda args: args["BLOCK_N"] >= args["N_CTX"]})(_attn_fwd))
+)(triton.heuristics({"ONE_TILE": lambda args: args["BLOCK_N"] >= args["N_CTX"],
+                     "TAIL_N": lambda args: _tail(args["N_CTX"], args["BLOCK_N"])})(_attn_fwd))
+
+_attn_bwd_dkdv_heuristics = triton.heuristics(
+    {"TAIL_M": lambda args: _tail(args["N_CTX"], args["BLOCK_M"])})(_attn_bwd_dkdv)
 
 _attn_bwd_fused_tuned = triton.autotune(
     configs=_BWD_FUSED_CONFIGS, key=["N_CTX", "HEAD_DIM"],
     prune_configs_by={"early_config_prune": _prune_bwd_fused},
-)(_attn_bwd_dkdv)
+)(_attn_bwd_dkdv_heuristics)
 
 _attn_bwd_dkdv_tuned = triton.autotune(
     configs=_BWD_DKDV_CONFIGS, key=["N_CTX", "HEAD_DIM"],
     prune_configs_by={"early_config_prune": _prune_bwd_dkdv},
-)(_attn_bwd_dkdv)
+)(_attn_bwd_dkdv_heuristics)
 
 _attn_bwd_dq_tuned = triton.autotune(
     configs=_BWD_DQ_CONFIGS, key=["N_CTX", "HEAD_DIM"],
     prune_configs_by={"early_config_prune": _prune_bwd_dq},
-)(_attn_bwd_dq)
+)(triton.heuristics({"TAIL_N": lambda args: _tail(args["N_CTX"], args["BLOCK_N"])})(_attn_bwd_dq))
 
 
 # ----------------------------------------------------------------------------- launchers
