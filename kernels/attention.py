@@ -35,6 +35,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.autotuner import Heuristics
 
 from ._common import cdiv, interpreting, next_pow2
 
@@ -680,7 +681,10 @@ def _launch(tuned, grid, key_values, *args, **kwargs):
     """tuned[grid](*args, **kwargs), the kernel run with the configuration the autotuner would
     pick: its only one, or the one it cached for its key -- ``key_values`` (N_CTX, HEAD_DIM: its
     ``key`` arguments) then the dtype of every tensor argument, as Autotuner.run builds it. A
-    miss (a new key, or a key this function builds differently) goes through the autotuner."""
+    miss (a new key, or a key this function builds differently) goes through the autotuner.
+    A triton.heuristics layer under the autotuner is evaluated here too, on N_CTX and the
+    meta-parameters (all its functions read; Heuristics.run would first build a dict of all
+    ~50 arguments)."""
     if len(tuned.configs) > 1:
         key = key_values + tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor))
         config = tuned.cache.get(key)
@@ -688,8 +692,13 @@ def _launch(tuned, grid, key_values, *args, **kwargs):
         config = tuned.configs[0]
     if config is None or config.pre_hook is not None:
         tuned[grid](*args, **kwargs)
-    else:
-        tuned.fn[grid](*args, **kwargs, **config.all_kwargs())
+        return
+    fn, derived = tuned.fn, {}
+    if isinstance(fn, Heuristics):
+        meta = {"N_CTX": key_values[0], **kwargs, **config.kwargs}
+        derived = {name: value(meta) for name, value in fn.values.items()}
+        fn = fn.fn
+    fn[grid](*args, **kwargs, **config.all_kwargs(), **derived)
 
 
 def attention_fwd(q, k, v, scale: float, out=None):
