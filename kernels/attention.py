@@ -623,6 +623,7 @@ else:
     _BWD_DQ_CONFIGS = _pool((32, 64, 128), (16, 32, 64), (4, 8), (2, 3))
     _BWD_DKDV_CONFIGS = _pool((16, 32, 64), (32, 64, 128), (4, 8), (2, 3))
 
+
 def _tail(n_ctx, block):
     """Rows of a sweep's last, partial step: N % block rounded up to a power of two (at least
     16, a tl.dot's smallest side), so that e.g. N = 197 in blocks of 64 ends with 16 rows, not 64
@@ -631,13 +632,17 @@ def _tail(n_ctx, block):
     return min(block, max(16, next_pow2(rest))) if rest else block
 
 
+def _tail_of(block):
+    """A triton.heuristics value: _tail of N_CTX and the meta-parameter ``block``."""
+    return lambda args: _tail(args["N_CTX"], args[block])
+
+
 _attn_fwd_tuned = triton.autotune(
     configs=_FWD_CONFIGS, key=["N_CTX", "HEAD_DIM"], prune_configs_by={"early_config_prune": _prune_fwd},
 )(triton.heuristics({"ONE_TILE": lambda args: args["BLOCK_N"] >= args["N_CTX"],
-                     "TAIL_N": lambda args: _tail(args["N_CTX"], args["BLOCK_N"])})(_attn_fwd))
+                     "TAIL_N": _tail_of("BLOCK_N")})(_attn_fwd))
 
-_attn_bwd_dkdv_heuristics = triton.heuristics(
-    {"TAIL_M": lambda args: _tail(args["N_CTX"], args["BLOCK_M"])})(_attn_bwd_dkdv)
+_attn_bwd_dkdv_heuristics = triton.heuristics({"TAIL_M": _tail_of("BLOCK_M")})(_attn_bwd_dkdv)
 
 _attn_bwd_fused_tuned = triton.autotune(
     configs=_BWD_FUSED_CONFIGS, key=["N_CTX", "HEAD_DIM"],
@@ -652,7 +657,7 @@ _attn_bwd_dkdv_tuned = triton.autotune(
 _attn_bwd_dq_tuned = triton.autotune(
     configs=_BWD_DQ_CONFIGS, key=["N_CTX", "HEAD_DIM"],
     prune_configs_by={"early_config_prune": _prune_bwd_dq},
-)(triton.heuristics({"TAIL_N": lambda args: _tail(args["N_CTX"], args["BLOCK_N"])})(_attn_bwd_dq))
+)(triton.heuristics({"TAIL_N": _tail_of("BLOCK_N")})(_attn_bwd_dq))
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -772,17 +777,15 @@ def _bwd_strategy(key, fused, split):
 # over the packed gradient) are per-program partials over SUM_ROWS sequence rows each: the
 # smallest sequence block of the configurations the backward kernels' autotuners hold, so that
 # any configuration's program owns whole partial rows.
-_SUM_ROWS_CACHE = {}
+_sum_rows_of = [None, None, 0]  # the dQ and dK-dV configuration lists, and their smallest block
 
 
 def _sum_rows():
     dq, dkdv = _attn_bwd_dq_tuned.configs, _attn_bwd_dkdv_tuned.configs
-    entry = _SUM_ROWS_CACHE.get((id(dq), id(dkdv)))
-    if entry is None or entry[0] is not dq or entry[1] is not dkdv:
-        rows = min([c.kwargs["BLOCK_M"] for c in dq] + [c.kwargs["BLOCK_N"] for c in dkdv])
-        # the lists are kept referenced: their ids cannot be reused for other lists
-        entry = _SUM_ROWS_CACHE[(id(dq), id(dkdv))] = (dq, dkdv, rows)
-    return entry[2]
+    if _sum_rows_of[0] is not dq or _sum_rows_of[1] is not dkdv:
+        _sum_rows_of[:] = dq, dkdv, min([c.kwargs["BLOCK_M"] for c in dq]
+                                        + [c.kwargs["BLOCK_N"] for c in dkdv])
+    return _sum_rows_of[2]
 
 
 def grad_sum_shape(B, H, N, d):

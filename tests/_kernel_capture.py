@@ -6,7 +6,8 @@ Used by ``tests/test_gpu_compile.py``, which runs it as a script in a subprocess
     python tests/_kernel_capture.py [MODULE ...] [--mode quick|full|capture] [--jobs N] [--verbose]
 
 prints one JSON report per module (default: every module; ``--verbose`` adds every launch with
-its compile time).
+its compile time, registers, shared memory, and the SASS instructions and barriers of one
+iteration of each of its loops).
 
 The subprocess must run WITHOUT ``TRITON_INTERPRET``: then ``@triton.jit`` gives real
 ``JITFunction`` objects, ``triton.autotune`` the GPU configuration lists, and the launchers'
@@ -469,10 +470,8 @@ def select_quick(launches):
 
 # ----------------------------------------------------------------------------- compile
 
-def cubin_registers(cubin):
-    """Registers a thread of the (one) kernel in ``cubin`` uses, as ``cuobjdump -res-usage`` (in
-    Triton's wheel beside ptxas) reports them; None where that tool is missing."""
-    import re
+def _cuobjdump(cubin, flag):
+    """``cuobjdump FLAG`` (Triton's wheel has it beside ptxas) on ``cubin``; None without it."""
     import subprocess
     import tempfile
 
@@ -483,9 +482,36 @@ def cubin_registers(cubin):
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
-    found = re.findall(r"REG:(\d+)", out)
+        return subprocess.run([tool, flag, f.name], capture_output=True, text=True).stdout
+
+
+def cubin_registers(cubin):
+    """Registers a thread of the (one) kernel in ``cubin`` uses, as ``cuobjdump -res-usage``
+    reports them; None where that tool is missing."""
+    import re
+    out = _cuobjdump(cubin, "-res-usage")
+    found = re.findall(r"REG:(\d+)", out or "")
     return int(found[0]) if found else None
+
+
+def cubin_loops(cubin):
+    """The loops of the kernel's SASS (``cuobjdump -sass``): for each backward branch, in
+    program order, the instructions from its target to it and the BAR.SYNC barriers among
+    them -- what one iteration of that loop issues a warp. None without cuobjdump."""
+    import re
+    out = _cuobjdump(cubin, "-sass")
+    if out is None:
+        return None
+    code = [(int(m.group(1), 16), m.group(2)) for m in
+            re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", out)]
+    loops = []
+    for addr, text in code:
+        branch = re.search(r"\bBRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", text)
+        if branch and int(branch.group(1), 16) < addr:
+            body = [t for a, t in code if int(branch.group(1), 16) <= a <= addr]
+            loops.append({"instructions": len(body),
+                          "barriers": sum("BAR.SYNC" in t for t in body)})
+    return loops
 
 
 def one_wave_budget(launch):
@@ -506,9 +532,10 @@ def one_wave_budget(launch):
     return SM90_REGISTERS // (warps * 32) // 8 * 8, warps // launch.options.num_warps
 
 
-def compile_launch(launch, target):
+def compile_launch(launch, target, details=None):
     """(error, shared memory bytes, registers a thread): error is None if the launch compiles to
-    a cubin that an sm_90 GPU can load and, for a one-wave kernel, fits its register budget."""
+    a cubin that an sm_90 GPU can load and, for a one-wave kernel, fits its register budget.
+    A ``details`` dict receives the cubin's loops (cubin_loops)."""
     import triton
     from triton.compiler import ASTSource
 
@@ -525,6 +552,8 @@ def compile_launch(launch, target):
         return (f"OutOfResources at load: needs {shared} bytes of shared memory, an sm_90 block "
                 f"has at most {H100_MAX_SHARED}"), shared, None
     registers = cubin_registers(asm["cubin"])
+    if details is not None:
+        details["loops"] = cubin_loops(asm["cubin"])
     budget = one_wave_budget(launch)
     if budget is not None:
         max_registers, programs = budget
@@ -578,19 +607,20 @@ def preflight(target):
     return None
 
 
-_LAUNCHES, _TARGET = [], None
+_LAUNCHES, _TARGET, _DETAILS = [], None, False
 
 
 def _compile_one(i):
     """Compile launch i of the module being checked (a pool worker inherits it by fork)."""
     c0 = _cpu_s()
-    err, shared, registers = compile_launch(_LAUNCHES[i], _TARGET)
-    return i, err, shared, registers, round(_cpu_s() - c0, 2)
+    details = {} if _DETAILS else None
+    err, shared, registers = compile_launch(_LAUNCHES[i], _TARGET, details)
+    return i, err, shared, registers, details, round(_cpu_s() - c0, 2)
 
 
 def check_module(name, mode="quick", jobs=1, verbose=False):
     """The report (a dict, JSON-ready) of module ``name``: capture, select, compile."""
-    global _LAUNCHES, _TARGET
+    global _LAUNCHES, _TARGET, _DETAILS
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -613,7 +643,7 @@ def check_module(name, mode="quick", jobs=1, verbose=False):
         report["unlaunched"] = unlaunched_kernels(name, launches)
         report["one_sided_flags"] = one_sided_flags(launches)
     selected = select_quick(launches) if mode == "quick" else launches
-    _LAUNCHES = selected
+    _LAUNCHES, _DETAILS = selected, verbose
     t1, c1 = time.time(), _cpu_s()
     if mode == "capture":
         results = []
@@ -625,9 +655,9 @@ def check_module(name, mode="quick", jobs=1, verbose=False):
     else:
         results = [_compile_one(i) for i in range(len(selected))]
     per_launch = []
-    for i, err, shared, registers, cpu in results:
+    for i, err, shared, registers, details, cpu in results:
         entry = dict(selected[i].describe(), error=err, shared=shared, registers=registers,
-                     cpu_s=cpu)
+                     **(details or {}), cpu_s=cpu)
         per_launch.append(entry)
         if err is not None:
             report["failures"].append(entry)
@@ -658,7 +688,9 @@ def main(argv=None):
                     help="quick: the CI subset (select_quick); full: every unique launch; "
                          "capture: record only")
     ap.add_argument("--jobs", type=int, default=1, help="compiler processes")
-    ap.add_argument("--verbose", action="store_true", help="add per-launch results and timings")
+    ap.add_argument("--verbose", action="store_true",
+                    help="add per-launch results and timings, with each loop's SASS instructions "
+                         "and barriers an iteration")
     a = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("run without TRITON_INTERPRET: the interpreter replaces the compiler")
