@@ -35,9 +35,8 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.autotuner import Heuristics
 
-from ._common import cdiv, interpreting, next_pow2
+from ._common import cdiv, interpreting, keep_faster, launch_tuned, next_pow2
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
 LN2 = 0.6931471805599453  # ln(2): ln(x) = log2(x) * LN2
@@ -678,34 +677,6 @@ def _block_d(d):
     return max(16, next_pow2(d))
 
 
-# Triton's autotuner rebuilds its cache key from every argument on every launch (a dict of the
-# ~40 arguments, the dtype of each tensor): about a fifth of the host time Triton's Python takes
-# for a launch (benches/host_cost.py --launch-path python). _launch builds that key itself and,
-# when the autotuner already holds a configuration for it, launches the kernel with it directly.
-def _launch(tuned, grid, key_values, *args, **kwargs):
-    """tuned[grid](*args, **kwargs), the kernel run with the configuration the autotuner would
-    pick: its only one, or the one it cached for its key -- ``key_values`` (N_CTX, HEAD_DIM: its
-    ``key`` arguments) then the dtype of every tensor argument, as Autotuner.run builds it. A
-    miss (a new key, or a key this function builds differently) goes through the autotuner.
-    A triton.heuristics layer under the autotuner is evaluated here too, on N_CTX and the
-    meta-parameters (all its functions read; Heuristics.run would first build a dict of all
-    ~50 arguments)."""
-    if len(tuned.configs) > 1:
-        key = key_values + tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor))
-        config = tuned.cache.get(key)
-    else:
-        config = tuned.configs[0]
-    if config is None or config.pre_hook is not None:
-        tuned[grid](*args, **kwargs)
-        return
-    fn, derived = tuned.fn, {}
-    if isinstance(fn, Heuristics):
-        meta = {"N_CTX": key_values[0], **kwargs, **config.kwargs}
-        derived = {name: value(meta) for name, value in fn.values.items()}
-        fn = fn.fn
-    fn[grid](*args, **kwargs, **config.all_kwargs(), **derived)
-
-
 def attention_fwd(q, k, v, scale: float, out=None):
     """o = softmax(q k^T * scale) v for q, k, v (B, H, N, d) of one float dtype, any strides.
 
@@ -725,7 +696,7 @@ def attention_fwd(q, k, v, scale: float, out=None):
     def grid(meta):
         return (B * H, cdiv(N, meta["BLOCK_M"]))
 
-    _launch(
+    launch_tuned(
         _attn_fwd_tuned, grid, (N, d),
         q, k, v, o_view, lse, float(scale) * LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *o_view.stride(),
@@ -753,24 +724,12 @@ def _grad_buffers(q, k, v, dq, dk, dv):
 # call of each (B*H, N, d, dtype, device) and the faster is kept (each is deterministic on its
 # own). FASTMAE_ATTN_BWD=fused|split forces one; the interpreter and a call during CUDA-graph
 # capture take the fused one without timing.
-_BWD_STRATEGIES = ("fused", "split")
 _BWD_CHOICE = {}
 
 
 def _bwd_strategy(key, fused, split):
-    forced = os.environ.get("FASTMAE_ATTN_BWD", "").strip().lower()
-    if forced:
-        if forced not in _BWD_STRATEGIES:
-            raise ValueError(f"FASTMAE_ATTN_BWD must be one of {_BWD_STRATEGIES}, got {forced!r}")
-        return forced
-    if key in _BWD_CHOICE:
-        return _BWD_CHOICE[key]
-    if interpreting() or key[-1].type != "cuda" or torch.cuda.is_current_stream_capturing():
-        return "fused"
-    from triton.testing import do_bench
-    times = {"fused": do_bench(fused, warmup=5, rep=20), "split": do_bench(split, warmup=5, rep=20)}
-    _BWD_CHOICE[key] = min(times, key=times.get)
-    return _BWD_CHOICE[key]
+    return keep_faster(_BWD_CHOICE, key, "FASTMAE_ATTN_BWD", {"fused": fused, "split": split},
+                       "fused")
 
 
 # The optional column sums of dQ, dK, dV (the qkv projection's bias gradient, without a pass
@@ -832,7 +791,7 @@ def attention_bwd(do, q, k, v, o, lse, scale: float, dq=None, dk=None, dv=None, 
 
     def fused():
         # One program per (batch, head) holds every key: dQ, dK, dV and delta in one pass.
-        _launch(
+        launch_tuned(
             _attn_bwd_fused_tuned, (B * H, 1), (N, d),
             q, k, v, o, do, dq_w, dk_w, dv_w, lse, lse, s_arg, sm_scale, qk_scale,
             *common_strides, *dk_w.stride(), *dv_w.stride(), s_b, s_r, s_s, s_h,
@@ -843,7 +802,7 @@ def attention_bwd(do, q, k, v, o, lse, scale: float, dq=None, dk=None, dv=None, 
 
     def split():
         delta = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
-        _launch(
+        launch_tuned(
             _attn_bwd_dq_tuned, lambda meta: (B * H, cdiv(N, meta["BLOCK_M"])), (N, d),
             q, k, v, o, do, dq_w, lse, delta, s_arg, sm_scale, qk_scale,
             *common_strides, s_b, s_r, s_h,
@@ -851,7 +810,7 @@ def attention_bwd(do, q, k, v, o, lse, scale: float, dq=None, dk=None, dv=None, 
             HEAD_DIM=d, BLOCK_D=block_d, HAS_SUMS=has_sums, SUM_ROWS=sum_rows,
             DOT_PRECISION=precision,
         )
-        _launch(
+        launch_tuned(
             _attn_bwd_dkdv_tuned, lambda meta: (B * H, cdiv(N, meta["BLOCK_N"])), (N, d),
             q, k, v, o, do, dq_w, dk_w, dv_w, lse, delta, s_arg, sm_scale, qk_scale,
             *common_strides, *dk_w.stride(), *dv_w.stride(), s_b, s_r, s_s, s_h,

@@ -394,7 +394,7 @@ def test_large_batch_head_grid(no_tf32, monkeypatch):
 
 
 def test_launch_reuses_the_autotuners_choice(monkeypatch, device):
-    """attention._launch, after the autotuner has cached a configuration for a key, passes the
+    """_common.launch_tuned, after the autotuner has cached a configuration for a key, passes the
     kernel what the autotuner passed it (the configuration's meta-parameters, warps and stages),
     without running the autotuner; with the autotuner's cache cleared it goes through it again."""
     from triton.runtime.autotuner import Autotuner, Heuristics
