@@ -47,7 +47,7 @@ SM90_REGISTERS = 65536  # 32-bit registers of one SM (sm_80 and sm_90 alike)
 SM90_SHARED_PER_SM = 233472  # bytes of shared memory of one sm_90 SM (228 KiB) ...
 SM90_BLOCK_RESERVED_SHARED = 1024  # ... of which each resident block reserves 1 KiB
 MODULES = ("scale", "masking", "unshuffle", "patch_embed", "mse_loss", "attention", "layer_norm",
-           "bias_gelu")
+           "bias_gelu", "gelu_matmul")
 
 
 # ----------------------------------------------------------------------------- capture
@@ -344,6 +344,20 @@ def _scenarios(name):
                         bg.bias_gelu_fwd(x, empty(D), dt)
                         bg.bias_gelu_bwd(empty(M, D, dtype=dt), x, empty(D), dt)
                     yield f"bias_gelu M={M} D={D} {dt}", run
+    elif name == "gelu_matmul":
+        from fastmae.kernels import gelu_matmul as gmm
+        # the MLP of each encoder (M = B * (1 + keep) rows, D -> 4 D) and of the decoder (512 ->
+        # 2048 over B * (1 + L) rows), and a small odd one (K = 40: no tile divides it)
+        shapes = {(B * (1 + keep), 4 * D, D) for (_, _, keep, D, _, _) in vits}
+        shapes |= {(B * (1 + L), 2048, 512) for (_, L, _, _, _, _) in vits} | {(3, 100, 40)}
+        for (M, N, K) in sorted(shapes):
+            for dt in (f32,) + low:
+                def run(M=M, N=N, K=K, dt=dt):
+                    f, _ = gmm.matmul_bias_gelu(empty(M, K, dtype=dt), empty(N, K, dtype=dt),
+                                                empty(N), dt)
+                    gmm.matmul_gelu_bwd(empty(M, K, dtype=dt), empty(K, N, dtype=dt), f,
+                                        empty(N), dt)
+                yield f"gelu_matmul M={M} N={N} K={K} {dt}", run
     else:
         raise ValueError(f"no scenarios for module {name!r}")
 

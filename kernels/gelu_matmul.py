@@ -1,0 +1,250 @@
+"""The MLP's two matmuls that touch its GELU, with the bias + GELU work in their epilogue.
+
+Forward, fc1 (`matmul_bias_gelu`): f = a @ w.T (M x N, K deep) rounded to the output dtype, and
+g = gelu_erf(f + bias) from that rounded f, both written from the accumulator tile: the same
+values as cuBLAS's f followed by kernels/bias_gelu.py's forward, without a second kernel reading
+f back (f is still written: the backward needs it).
+
+Backward, fc2's input gradient (`matmul_gelu_bwd`): dg = dm @ w2 stays in the fp32 accumulator,
+and the epilogue reads the saved f and writes df = dg * gelu'(f + bias) in the output dtype, and
+the fp32 column sums of df over its tile's rows (the bias gradient, as per-tile partials and a
+deterministic second reduction): dg is never written or read back, and it is not rounded to the
+half dtype first (the unfused path rounds it).
+
+Whether these beat cuBLAS plus the separate bias + GELU kernels depends on the card: fastmae.ops
+times both on the first call of each shape and keeps the faster (``fastmae.ops._mlp_fused``).
+
+Tiles: one program per (BLOCK_M, BLOCK_N) output tile, grouped GROUP_M tile rows at a time so
+that consecutive programs share A's rows and B's columns in L2. Rows and columns past M and N
+are read wrapped around (in bounds, no masks in the K loop) and never stored or summed.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._common import cdiv, interpreting, launch_tuned, next_pow2
+from .bias_gelu import _normal_cdf
+
+
+@triton.jit
+def _tile_of(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program, GROUP_M tile rows walked column by column."""
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * tiles_n
+    first_m = (pid // group_size) * GROUP_M
+    rows_in_group = min(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % rows_in_group
+    pid_n = (pid % group_size) // rows_in_group
+    return pid_m, pid_n
+
+
+@triton.jit
+def _matmul_tile(
+    A,  # (M, K) any strides
+    B,  # (K, N) any strides
+    M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn,
+    pid_m, pid_n,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no mask in the loop
+    DOT_PRECISION: tl.constexpr,
+):
+    """The fp32 (BLOCK_M, BLOCK_N) tile (pid_m, pid_n) of A @ B; rows >= M and columns >= N
+    hold wrapped-around rows and columns."""
+    # wrapped, not masked: every load in bounds (64-bit row offsets: M * K can pass 2**31)
+    rows = ((pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M).to(tl.int64)
+    cols = ((pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N).to(tl.int64)
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = A + rows[:, None] * stride_am + ks[None, :] * stride_ak
+    b_ptrs = B + ks[:, None] * stride_bk + cols[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_ok = ks < K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    return acc
+
+
+@triton.jit
+def _matmul_bias_gelu(
+    A,  # (M, K) any strides: fc1's input
+    B,  # (K, N) any strides: fc1's weight transposed (a view of the (N, K) weight)
+    BIAS,  # (N,) any float dtype
+    F,  # (M, N) out, row stride stride_f, unit column stride: the matmul output, rounded
+    G,  # (M, N) out, row stride stride_g, unit column stride: gelu(F + BIAS)
+    M, N, K, M_KEY,  # M_KEY: next_pow2(M), only the autotuner's key
+    stride_am, stride_ak, stride_bk, stride_bn, stride_f, stride_g,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m, pid_n = _tile_of(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    acc = _matmul_tile(A, B, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, pid_m, pid_n,
+                       BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION)
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    mask = (rows < M)[:, None] & col_ok[None, :]
+    f = acc.to(F.dtype.element_ty)
+    tl.store(F + rows[:, None] * stride_f + cols[None, :], f, mask=mask)
+    # the GELU of the rounded f: what the backward recomputes from the saved f
+    z = f.to(tl.float32) + tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    g = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))  # 1 / sqrt(2)
+    tl.store(G + rows[:, None] * stride_g + cols[None, :], g.to(G.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _matmul_gelu_bwd(
+    A,  # (M, K) any strides: the gradient of fc2's output
+    B,  # (K, N) any strides: fc2's (K, N) weight
+    F,  # (M, N) row stride stride_f, unit column stride: fc1's saved output, without bias
+    BIAS,  # (N,) any float dtype: fc1's bias
+    DF,  # (M, N) out, row stride stride_df, unit column stride: the gradient of F
+    DB_PART,  # (cdiv(M, SUM_ROWS), N) fp32 out, contiguous: column sums of DF, see below
+    M, N, K, M_KEY,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_f, stride_df,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SUM_ROWS: tl.constexpr,  # rows a partial sum row covers: the smallest BLOCK_M of any config
+):
+    pid_m, pid_n = _tile_of(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    dg = _matmul_tile(A, B, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, pid_m, pid_n,
+                      BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION)
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    mask = (rows < M)[:, None] & col_ok[None, :]
+    f = tl.load(F + rows[:, None] * stride_f + cols[None, :], mask=mask, other=0.0)
+    z = f.to(tl.float32) + tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    cdf, e = _normal_cdf(z)
+    # wrapped rows and columns hold another tile's dg: zeroed before the sums
+    df = tl.where(mask, dg * (cdf + z * (e * 0.3989422804014327)), 0.0)  # pdf: e / sqrt(2 pi)
+    tl.store(DF + rows[:, None] * stride_df + cols[None, :], df.to(DF.dtype.element_ty), mask=mask)
+    # the tile's sums go to its first partial row, zeros to the others it covers: every partial
+    # row is written once whatever BLOCK_M the autotuner picked (no clearing, no atomics)
+    part_row = pid_m * (BLOCK_M // SUM_ROWS)
+    tl.store(DB_PART + part_row * N + cols, tl.sum(df, axis=0), mask=col_ok)
+    part_rows = tl.cdiv(M, SUM_ROWS)
+    for r in tl.static_range(1, BLOCK_M // SUM_ROWS):
+        row_ok = tl.full([BLOCK_N], part_row + r, tl.int32) < part_rows
+        tl.store(DB_PART + (part_row + r) * N + cols, tl.zeros([BLOCK_N], dtype=tl.float32),
+                 mask=col_ok & row_ok)
+
+
+# ----------------------------------------------------------------------------- configurations
+
+GROUP_M = 8
+_SMEM_BUDGET = 200 * 1024  # bytes of pipelined A and B tiles a program may take on sm_90
+
+
+def _gpu_configs():
+    # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). Compiled for sm_90 (Triton 3.6), each runs its
+    # K loop on wgmma (HGMMA) fed by cp.async, with no spill in the loop; the epilogue's GELU work
+    # (~2000 instructions a thread at 128 x 128 over 8 warps, as many cycles as the K = 512 loop
+    # takes) overlaps another program's loop only where two programs fit an SM: the 4-warp
+    # tiles (under 200 registers a thread, 96 KiB of shared memory). 128 x 256 is cuBLAS's tile
+    # for these shapes; it spills a little in the epilogue (tests/_kernel_capture.py).
+    shapes = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in shapes]
+
+
+if interpreting():
+    # small tiles, so that the tests' small shapes take several tiles, K steps and tails
+    _CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16}, num_warps=4,
+                              num_stages=1)]
+else:
+    _CONFIGS = _gpu_configs()
+
+
+def _prune(configs, named_args, **kwargs):
+    """Configurations whose pipelined tiles fit shared memory (fp32 operands take twice the
+    bytes) and that do not overhang small M or N by more than a tile."""
+    a, M, N = named_args["A"], named_args["M"], named_args["N"]
+    size = a.element_size()
+    kept = [c for c in configs
+            if c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"]
+            * size <= _SMEM_BUDGET
+            and c.kwargs["BLOCK_M"] <= max(64, next_pow2(M))
+            and c.kwargs["BLOCK_N"] <= max(64, next_pow2(N))]
+    return kept or [min(configs, key=lambda c: c.num_stages * c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+
+_SUM_ROWS = min(c.kwargs["BLOCK_M"] for c in _CONFIGS)
+_KEY = ["M_KEY", "N", "K"]
+_matmul_bias_gelu_tuned = triton.autotune(
+    configs=_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(_matmul_bias_gelu)
+_matmul_gelu_bwd_tuned = triton.autotune(
+    configs=_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(_matmul_gelu_bwd)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def _empty(shape, dtype, device):
+    """Every output of this module is allocated here (tests patch it to poison outputs)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _check(a, b, name_b):
+    assert a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[0] > 0, \
+        f"a (M, K) and {name_b} (K, N), K > 0, expected, got {tuple(a.shape)} and {tuple(b.shape)}"
+    assert a.dtype == b.dtype, f"a and {name_b} must share a dtype, got {a.dtype} and {b.dtype}"
+
+
+def _meta(a, K):
+    return dict(GROUP_M=GROUP_M, EVEN_K=all(K % c.kwargs["BLOCK_K"] == 0 for c in _CONFIGS),
+                DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32")
+
+
+def _grid(M, N):
+    return lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
+
+
+def matmul_bias_gelu(a, w, bias, out_dtype: torch.dtype):
+    """(f, g) for a (M, K) and w (N, K) of one dtype (any strides), bias (N,): f = a @ w.T rounded
+    to out_dtype, g = gelu_erf(f + bias) in out_dtype (computed in fp32), both (M, N)
+    contiguous. fp32 operands multiply in full fp32 ("ieee"), never TF32."""
+    b = w.t()
+    _check(a, b, "w.T")
+    M, K = a.shape
+    N = b.shape[1]
+    f = _empty((M, N), out_dtype, a.device)
+    g = _empty((M, N), out_dtype, a.device)
+    if M == 0 or N == 0:
+        return f, g
+    m_key = next_pow2(M)
+    launch_tuned(_matmul_bias_gelu_tuned, _grid(M, N), (m_key, N, K),
+                 a, b, bias, f, g, M, N, K, m_key,
+                 a.stride(0), a.stride(1), b.stride(0), b.stride(1), f.stride(0), g.stride(0),
+                 **_meta(a, K))
+    return f, g
+
+
+def matmul_gelu_bwd(dm, w, f, bias, dx_dtype: torch.dtype):
+    """(df, dbias) for dm (M, K) and w (K, N) of one dtype (any strides), f (M, N) fc1's saved
+    output and bias (N,) its bias: df = (dm @ w) * gelu'(f + bias) (the product kept in fp32),
+    (M, N) contiguous in dx_dtype; dbias (N,) fp32, the column sums of the fp32 df."""
+    _check(dm, w, "w")
+    M, K = dm.shape
+    N = w.shape[1]
+    assert f.shape == (M, N), f"f must be ({M}, {N}), got {tuple(f.shape)}"
+    if f.stride(1) != 1:
+        f = f.contiguous()
+    df = _empty((M, N), dx_dtype, dm.device)
+    if M == 0 or N == 0:
+        return df, torch.zeros(N, dtype=torch.float32, device=dm.device)
+    m_key = next_pow2(M)
+    db_part = _empty((cdiv(M, _SUM_ROWS), N), torch.float32, dm.device)
+    launch_tuned(_matmul_gelu_bwd_tuned, _grid(M, N), (m_key, N, K),
+                 dm, w, f, bias, df, db_part, M, N, K, m_key,
+                 dm.stride(0), dm.stride(1), w.stride(0), w.stride(1), f.stride(0), df.stride(0),
+                 **_meta(dm, K), SUM_ROWS=_SUM_ROWS)
+    return df, db_part.sum(0)

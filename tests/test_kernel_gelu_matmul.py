@@ -1,0 +1,198 @@
+"""kernels/gelu_matmul.py against float64: fc1's matmul with the bias + GELU in its epilogue (f and
+g), and fc2's input-gradient matmul with the GELU backward and the bias gradient in its epilogue
+(df and dbias)."""
+import pytest
+import torch
+import triton
+
+from fastmae.kernels import gelu_matmul as gm
+from fastmae.testing import assert_rel_close, poisoned_empty, rel_err
+
+TOL = 1e-5
+# (M rows, N = the MLP's hidden width, K = its input width): 1 and primes, K off the tile size
+SHAPES = [(1, 8, 8), (7, 40, 13), (37, 97, 64), (33, 64, 40), (100, 33, 5)]
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Every buffer the launchers allocate (outputs and partial sums) starts as NaN."""
+    monkeypatch.setattr(gm, "_empty", poisoned_empty)
+
+
+def _case(M, N, K, device, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(M, K, generator=g)
+    w1 = torch.randn(N, K, generator=g) / K ** 0.5
+    bias = torch.randn(N, generator=g) * 0.5
+    dm = torch.randn(M, K, generator=g)  # the gradient of fc2's output (fc2: N -> K)
+    w2 = torch.randn(K, N, generator=g) / N ** 0.5
+    return [t.to(device=device, dtype=dtype) for t in (a, w1)] + [bias.to(device)] + \
+        [t.to(device=device, dtype=dtype) for t in (dm, w2)]
+
+
+def _gelu_grad64(f, bias, dg):
+    z = (f.double() + bias.double()).requires_grad_()
+    (dz,) = torch.autograd.grad(torch.nn.functional.gelu(z), z, dg.double())
+    return dz
+
+
+def _check_fwd(a, w1, bias, tol=TOL):
+    f, g = gm.matmul_bias_gelu(a, w1, bias, a.dtype)
+    assert f.dtype == g.dtype == a.dtype and f.is_contiguous() and g.is_contiguous()
+    assert_rel_close(f, a.double() @ w1.double().t(), tol, "f")
+    # g is the GELU of the rounded f (what the backward recomputes)
+    assert_rel_close(g, torch.nn.functional.gelu(f.double() + bias.double()), tol, "g")
+    return f, g
+
+
+def _check_bwd(dm, w2, f, bias, tol=TOL):
+    df, db = gm.matmul_gelu_bwd(dm, w2, f, bias, f.dtype)
+    assert df.dtype == f.dtype and db.dtype == torch.float32 and df.is_contiguous()
+    exp = _gelu_grad64(f, bias, dm.double() @ w2.double())
+    assert_rel_close(df, exp, tol, "df")
+    assert_rel_close(db, exp.sum(0), tol, "dbias")
+    return df, db
+
+
+@pytest.mark.parametrize("M,N,K", SHAPES)
+def test_matmul_bias_gelu_and_its_backward_match_float64(M, N, K, device):
+    a, w1, bias, dm, w2 = _case(M, N, K, device, seed=M * 100 + N)
+    f, _ = _check_fwd(a, w1, bias)
+    _check_bwd(dm, w2, f, bias)
+
+
+def test_strided_operands(device):
+    """a transposed, the weights column slices of wider tensors, dm expanded (stride 0, the
+    gradient of a sum), f a row slice: the launchers take any strides."""
+    M, N, K = 37, 40, 24
+    a, w1, bias, dm, w2 = _case(M, N, K, device, seed=3)
+    a_t = a.t().contiguous().t()
+    w1_wide = torch.randn(N, K + 5, device=device)
+    w1_wide[:, 3:3 + K] = w1
+    w1_s = w1_wide[:, 3:3 + K]
+    assert a_t.stride() == (1, M) and w1_s.stride(0) == K + 5
+    f, _ = _check_fwd(a_t, w1_s, bias)
+    w2_wide = torch.randn(K, N + 3, device=device)
+    w2_wide[:, :N] = w2
+    dm_expanded = dm[:1].expand(M, K)
+    f_wide = torch.randn(M, N + 9, device=device)
+    f_wide[:, 9:] = f
+    _check_bwd(dm_expanded, w2_wide[:, :N], f_wide[:, 9:], bias)
+
+
+def test_wide_range_of_pre_activations(device):
+    """Saturated tails and values near 0: bias from -12 to 12 across the columns."""
+    M, N, K = 7, 96, 16
+    a, w1, _, dm, w2 = _case(M, N, K, device, seed=4)
+    bias = torch.linspace(-12, 12, N, device=device)
+    f, _ = _check_fwd(a, w1, bias)
+    _check_bwd(dm, w2, f, bias)
+
+
+def test_partial_sums_over_rows_finer_than_the_tile(device, monkeypatch):
+    """With partial rows of fewer rows than a tile, each tile writes its sums to its first
+    partial row and zeros to the others (the NaN-poisoned buffer shows any row left out)."""
+    block_m = min(c.kwargs["BLOCK_M"] for c in gm._CONFIGS)
+    monkeypatch.setattr(gm, "_SUM_ROWS", block_m // 4)
+    M, N, K = 3 * block_m + 5, 40, 16
+    a, w1, bias, dm, w2 = _case(M, N, K, device, seed=5)
+    f, _ = gm.matmul_bias_gelu(a, w1, bias, a.dtype)
+    _check_bwd(dm, w2, f, bias)
+
+
+def test_two_runs_are_bit_identical(device):
+    a, w1, bias, dm, w2 = _case(37, 97, 64, device, seed=6)
+
+    def run():
+        f, g = gm.matmul_bias_gelu(a, w1, bias, a.dtype)
+        return (f, g) + gm.matmul_gelu_bwd(dm, w2, f, bias, a.dtype)
+
+    for name, x, y in zip(("f", "g", "df", "dbias"), run(), run()):
+        assert torch.equal(x, y), name
+
+
+def test_half_precision_operands(device):
+    """fp16 operands (the interpreter's dots read fp16 correctly; bf16 is checked on GPUs):
+    f, g and df within fp16's rounding of the float64 values."""
+    a, w1, bias, dm, w2 = _case(33, 64, 40, device, dtype=torch.float16, seed=7)
+    f, _ = _check_fwd(a, w1, bias, tol=2e-3)
+    _check_bwd(dm, w2, f, bias, tol=2e-3)
+
+
+def test_launch_reuses_the_autotuners_choice(device, monkeypatch):
+    """Once the autotuner holds a configuration for (next_pow2(M), N, K) and the dtypes, both
+    launchers run the kernel with it directly (_common.launch_tuned), with the same result."""
+    from triton.runtime.autotuner import Autotuner
+    two = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16}, num_warps=1, num_stages=1),
+           triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1, num_stages=1)]
+    tuned = (gm._matmul_bias_gelu_tuned, gm._matmul_gelu_bwd_tuned)
+    for t in tuned:
+        monkeypatch.setattr(t, "configs", two)
+        monkeypatch.setattr(t, "cache", {})
+        monkeypatch.setattr(t, "_bench", lambda *args, config, **kw: [float(config.kwargs["BLOCK_N"])] * 3)
+    monkeypatch.setattr(gm, "_SUM_ROWS", 16)
+    through_autotuner = []
+    real_run = Autotuner.run
+
+    def tuner_run(self, *args, **kwargs):
+        through_autotuner.append(tuned.index(self))
+        return real_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(Autotuner, "run", tuner_run)
+    a, w1, bias, dm, w2 = _case(37, 40, 24, device, seed=8)
+
+    def run():
+        f, g = gm.matmul_bias_gelu(a, w1, bias, a.dtype)
+        return (f, g) + gm.matmul_gelu_bwd(dm, w2, f, bias, a.dtype)
+
+    first = run()
+    assert through_autotuner == [0, 1] and all(len(t.cache) == 1 for t in tuned)
+    second = run()
+    assert through_autotuner == [0, 1], "the cached configurations are launched directly"
+    for x, y in zip(first, second):
+        assert torch.equal(x, y)
+    _check_bwd(dm, w2, first[0], bias)
+
+
+def test_empty_rows(device):
+    a, w1, bias, dm, w2 = _case(1, 8, 8, device)
+    f, g = gm.matmul_bias_gelu(a[:0], w1, bias, a.dtype)
+    assert f.shape == g.shape == (0, 8)
+    df, db = gm.matmul_gelu_bwd(dm[:0], w2, f, bias, a.dtype)
+    assert df.shape == (0, 8) and torch.equal(db, torch.zeros(8, device=device))
+
+
+# ----------------------------------------------------------------------------- GPU, low precision
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,atol", [(torch.bfloat16, 4e-3), (torch.float16, 5e-4)])
+@pytest.mark.parametrize("M,N,K", [(256 * 50, 3072, 768), (256 * 197, 2048, 512),
+                                   (1000, 100, 40), (33, 8, 8)])
+def test_low_precision_against_cublas_and_the_bias_gelu_kernel(M, N, K, dtype, atol, monkeypatch):
+    """At MAE's shapes, in dtype: f, g, df and dbias against fp32 math on the same inputs, with
+    at most 2x the error of the unfused path (cuBLAS in dtype, then kernels/bias_gelu.py) + atol;
+    two runs bit-identical."""
+    from fastmae.kernels import bias_gelu as bg
+    # two configurations (an 8-warp and a 4-warp tile): fewer compiles in the GPU test run; the
+    # CPU check compiles every one for sm_90 (tests/test_gpu_compile.py)
+    for tuned in (gm._matmul_bias_gelu_tuned, gm._matmul_gelu_bwd_tuned):
+        monkeypatch.setattr(tuned, "configs", [c for c in tuned.configs if
+                                               (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps)
+                                               in ((128, 128, 8), (64, 128, 4))])
+        monkeypatch.setattr(tuned, "cache", {})
+    a, w1, bias, dm, w2 = _case(M, N, K, "cuda", dtype=dtype, seed=N)
+    f, g = gm.matmul_bias_gelu(a, w1, bias, dtype)
+    f_split = a @ w1.t()
+    g_split = bg.bias_gelu_fwd(f_split, bias, dtype)
+    f32 = a.float() @ w1.float().t()
+    assert_rel_close(f, f32, 2 * rel_err(f_split, f32) + atol, "f")
+    g32 = torch.nn.functional.gelu(f32 + bias)
+    assert_rel_close(g, g32, 2 * rel_err(g_split, g32) + atol, "g")
+    df, db = gm.matmul_gelu_bwd(dm, w2, f, bias, dtype)
+    df_split, db_split = bg.bias_gelu_bwd(dm @ w2, f, bias, dtype)
+    z = (f.float() + bias).requires_grad_()
+    (df32,) = torch.autograd.grad(torch.nn.functional.gelu(z), z, dm.float() @ w2.float())
+    assert_rel_close(df, df32, 2 * rel_err(df_split, df32) + atol, "df")
+    assert_rel_close(db, df32.sum(0), 2 * rel_err(db_split, df32.sum(0)) + atol, "dbias")
+    df2, db2 = gm.matmul_gelu_bwd(dm, w2, f, bias, dtype)
+    assert torch.equal(df, df2) and torch.equal(db, db2)
