@@ -179,9 +179,8 @@ def main(argv=None):
         print(f"\nhost-device synchronizations in one eager {label} step: {len(found)}")
         for message, where in found[:10]:
             print(f"  {where}: {message}")
-    from fastmae.kernels import attention
-    print("\nattention backward strategies kept (B*H, N, d, dtype): "
-          + "; ".join(f"{k[:4]} -> {v}" for k, v in attention._BWD_CHOICE.items()))
+    from fastmae.bench import paths_kept
+    print("\nkernel paths kept by timing:\n" + "\n".join(f"  {k} -> {v}" for k, v in paths_kept().items()))
     if prof is not None:
         out = io.StringIO()
         pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(args.profile_top)

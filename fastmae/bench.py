@@ -288,6 +288,23 @@ def make_train_step(model, imgs, amp_dtype, compiled=False, mask_ratio=MASK_RATI
     return step, opt, fwd
 
 
+def paths_kept():
+    """The kernel paths fastmae chose by timing on this GPU, so far, by shape: the MLP's fused
+    matmul epilogues or cuBLAS plus the bias + GELU kernels (fastmae.ops._mlp_fused), and the
+    attention backward's one fused kernel or two (kernels/attention.py _bwd_strategy)."""
+    from fastmae import ops
+    def name(dtype):
+        return str(dtype).replace("torch.", "")
+
+    kept = {f"mlp {k[0]} M={k[1]} N={k[2]} K={k[3]} {name(k[4])}": v
+            for k, v in ops._MLP_CHOICE.items()}
+    attention = sys.modules.get("fastmae.kernels.attention")
+    if attention is not None:
+        kept.update({f"attention bwd B*H={k[0]} N={k[1]} d={k[2]} {name(k[3])}": v
+                     for k, v in attention._BWD_CHOICE.items()})
+    return kept
+
+
 def _progress(total, desc, enabled):
     if not enabled:
         return None
@@ -729,6 +746,9 @@ def _main_gpu(args):
         print(f"{r['label']}: " + (f"FAILED: {r['error']}" if r.get("error") else
                                    f"{r['ms_per_step']:.1f} ms/step, {r['images_per_s']:.0f} images/s"),
               flush=True)
+        if SYSTEMS[key][1] == "triton" and not r.get("error"):
+            r["paths_kept"] = paths_kept()
+            print("  paths kept by timing: " + "; ".join(f"{k} -> {v}" for k, v in r["paths_kept"].items()))
         save()
     _add_ratios(results, train_flops, floors)
     print(format_results(results, True, "reference_compile" in order))

@@ -962,6 +962,57 @@ def _linear_grads(dy, x, weight, weight_dtype):
     return dx, _cast(dw, weight_dtype)
 
 
+# The MLP's fc1 forward and fc2's input gradient each run one of two ways: cuBLAS's matmul, then
+# the bias + GELU kernel ("split"), or one fastmae matmul with that work in its epilogue
+# ("fused", kernels/gelu_matmul.py: the matmul's output is never written and read back). Which
+# is faster depends on the card and the shapes, so on a GPU both are timed on the first call of
+# each shape and dtype, and the faster is kept (_common.keep_faster; FASTMAE_MLP=fused|split
+# forces one). The interpreter takes the fused one; so does nothing on a GPU before it has timed
+# (a first call during CUDA-graph capture takes the split one).
+_MLP_CHOICE = {}
+
+
+def _mlp_fused(key, fused, split):
+    default = "split" if key[-1].type == "cuda" else "fused"
+    return _kernel("_common").keep_faster(_MLP_CHOICE, key, "FASTMAE_MLP",
+                                          {"fused": fused, "split": split}, default) == "fused"
+
+
+def _fc1_bias_gelu(h, w1, fc1_b, cd):
+    """(f, g): f = h @ w1.T (fc1 without its bias) and g = gelu(f + fc1_b), both in cd."""
+    *lead, K = h.shape
+    N = w1.shape[0]
+
+    def fused():
+        f, g = _kernel("gelu_matmul").matmul_bias_gelu(h.reshape(-1, K), w1, fc1_b, cd)
+        return f.view(*lead, N), g.view(*lead, N)
+
+    def split():
+        f = F.linear(h, w1)
+        return f, _bias_gelu_op.impl(f, fc1_b, cd)
+
+    key = ("fc1", h.numel() // K, N, K, cd, h.device)
+    return fused() if _mlp_fused(key, fused, split) else split()
+
+
+def _fc2_gelu_grads(d_m, g, f, w2, fc1_b, fc2_w_dtype):
+    """(df, d_fc1_b, d_fc2_w) through m = gelu(f + fc1_b) @ w2.T (g the saved GELU output)."""
+    d_rows = d_m.reshape(-1, d_m.shape[-1])
+    d_fc2_w = _cast(torch.mm(d_rows.t(), g.reshape(-1, g.shape[-1])), fc2_w_dtype)
+
+    def fused():
+        df, db = _kernel("gelu_matmul").matmul_gelu_bwd(d_rows, w2, f.reshape(-1, f.shape[-1]),
+                                                         fc1_b, f.dtype)
+        return df.view(f.shape), _cast(db, fc1_b.dtype)
+
+    def split():
+        return _bias_gelu_grads(torch.matmul(d_m, w2), f, fc1_b)
+
+    key = ("fc2_dgrad", d_rows.shape[0], w2.shape[1], d_rows.shape[1], f.dtype, f.device)
+    df, d_fc1_b = fused() if _mlp_fused(key, fused, split) else split()
+    return df, d_fc1_b, d_fc2_w
+
+
 class _Block(torch.autograd.Function):
     """transformer_block as one autograd node: forward and backward call the ops'
     implementations and gradient formulas directly, and torch's matmuls."""
@@ -982,8 +1033,7 @@ class _Block(torch.autograd.Function):
         a, lse = _packed_attention_op.impl(qkv, num_heads, scale)
         s2, h2, mean2, rstd2 = _add_layer_norm_op.impl(F.linear(a, wp), s1, n2w, n2b, eps2, cd,
                                                        proj_b)
-        f = F.linear(h2, w1)
-        g = _bias_gelu_op.impl(f, fc1_b, cd)
+        f, g = _fc1_bias_gelu(h2, w1, fc1_b, cd)
         m = F.linear(g, w2)
         ctx.save_for_backward(s1, h1, qkv, a, lse, s2, h2, f, g, wq, wp, w1, w2, n1w, n2w, fc1_b,
                               mean1, rstd1, mean2, rstd2)
@@ -1001,9 +1051,8 @@ class _Block(torch.autograd.Function):
         _, _, num_heads, scale, cd = ctx.config
         (x_dt, branch_dt, bb_dt, n1w_dt, n1b_dt, qkv_w_dt, qkv_b_dt, proj_w_dt, proj_b_dt,
          n2w_dt, n2b_dt, fc1_w_dt, _, fc2_w_dt, _) = ctx.dtypes
-        dg, d_fc2_w = _linear_grads(d_m, g, w2, fc2_w_dt)
+        df, d_fc1_b, d_fc2_w = _fc2_gelu_grads(d_m, g, f, w2, fc1_b, fc2_w_dt)
         d_fc2_b = None  # fc2's bias is added (and differentiated) by the next LayerNorm
-        df, d_fc1_b = _bias_gelu_grads(dg, f, fc1_b)
         dh2, d_fc1_w = _linear_grads(df, h2, w1, fc1_w_dt)
         do, ds1, d_n2w, d_n2b, d_proj_b = _add_layer_norm_grads(
             d_s2, dh2, s2, n2w, mean2, rstd2, (cd, s1.dtype, n2w_dt, n2b_dt, proj_b_dt))

@@ -272,3 +272,18 @@ def test_committed_benchmarks_md_is_the_writers():
         assert "Written by `benches/write_benchmarks.py`" in text
         for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
             assert (REPO / link).exists(), f"BENCHMARKS.md shows {link}, which is not in the repo"
+
+
+def test_paths_kept_names_each_timed_choice(monkeypatch):
+    """What the GPU run reports of the paths fastmae chose by timing: one line per shape."""
+    from fastmae import ops
+    from fastmae.kernels import attention
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(ops, "_MLP_CHOICE", {("fc1", 12800, 3072, 768, torch.bfloat16, cuda): "fused",
+                                             ("fc2_dgrad", 50432, 2048, 512, torch.bfloat16, cuda): "split"})
+    monkeypatch.setattr(attention, "_BWD_CHOICE", {(4096, 197, 32, torch.bfloat16, cuda): "split"})
+    assert bench.paths_kept() == {
+        "mlp fc1 M=12800 N=3072 K=768 bfloat16": "fused",
+        "mlp fc2_dgrad M=50432 N=2048 K=512 bfloat16": "split",
+        "attention bwd B*H=4096 N=197 d=32 bfloat16": "split",
+    }

@@ -62,10 +62,19 @@ def run_block(case, num_heads, node, autocast_dtype=None):
     return [s.detach(), m_out.detach()], [t.grad for t in leaves]
 
 
+@pytest.fixture(params=["fused", "split"])
+def mlp(request, monkeypatch):
+    """The one-node block's fc1 forward and fc2 input gradient: fastmae's matmuls with the bias +
+    GELU work in their epilogue, or torch's matmuls and the bias + GELU kernels (on a GPU the
+    faster is timed and kept; FASTMAE_MLP forces one)."""
+    monkeypatch.setenv("FASTMAE_MLP", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("B, N, C, H, hidden", [(2, 7, 64, 2, 128), (1, 13, 96, 1, 40)])
 @pytest.mark.parametrize("branch", [True, False])
 @pytest.mark.parametrize("qkv_bias", [True, False])
-def test_block_node_matches_the_op_by_op_block_fp32(B, N, C, H, hidden, branch, qkv_bias):
+def test_block_node_matches_the_op_by_op_block_fp32(B, N, C, H, hidden, branch, qkv_bias, mlp):
     case = block_case(B, N, C, hidden, qkv_bias=qkv_bias, branch=branch)
     (outs, grads), (ref_outs, ref_grads) = run_block(case, H, True), run_block(case, H, False)
     for name, a, b in zip(("x", "branch"), outs, ref_outs):
@@ -83,7 +92,7 @@ def test_block_node_matches_the_op_by_op_block_fp32(B, N, C, H, hidden, branch, 
 
 
 @pytest.mark.parametrize("branch", [True, False])
-def test_block_node_matches_the_op_by_op_block_under_fp16_autocast(branch):
+def test_block_node_matches_the_op_by_op_block_under_fp16_autocast(branch, mlp):
     """The autocast path: fp16 matmul inputs (the weights cast once), fp32 residual stream and
     parameter gradients, the bf16/fp16 branch gradient from the one-pass LayerNorm backward."""
     case = block_case(2, 5, 64, 96, branch=branch, seed=3)
@@ -124,3 +133,10 @@ def test_block_rejects_a_wrong_parameter_tuple():
     x, br, params, _ = block_case(1, 5, 64, 64)
     with pytest.raises(ValueError, match="params"):
         ops.transformer_block(x, br, tuple(params[:11]), 2, 32 ** -0.5, (1e-6, 1e-6))
+
+
+def test_mlp_path_forced_by_an_unknown_name_raises(monkeypatch):
+    monkeypatch.setenv("FASTMAE_MLP", "fastest")
+    case = block_case(1, 5, 64, 64, branch=False)
+    with pytest.raises(ValueError, match="FASTMAE_MLP must be one of"):
+        run_block(case, 2, True)
