@@ -270,6 +270,11 @@ def profile_section(card, res):
                     _table(["kernels", "ms/step", "share", "launches"], cat_rows),
                     "", _table(["kernel", "category", "ms/step", "share", "launches"], top_rows,
                                ["l", "l", "r", "r", "r"])]
+            if b.get("fastmae_kernels"):  # every fastmae kernel (results since ea4a247 have them)
+                rows = [[f"`{k['name']}`", f"{k['ms_per_step']:.2f}", _pct(k["share"]),
+                         f"{k['launches_per_step']:.0f}"] for k in b["fastmae_kernels"]]
+                out += ["", "Every fastmae kernel:", "",
+                        _table(["kernel", "ms/step", "share", "launches"], rows, ["l", "r", "r", "r"])]
     if not out:
         return None
     return "\n".join(["### Where a step's GPU time goes", "",

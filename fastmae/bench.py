@@ -438,9 +438,12 @@ _CATEGORIES = [
 ]
 
 
+FASTMAE_CATEGORY = "fastmae kernels"
+
+
 def kernel_category(name, fastmae_names):
     if name in fastmae_names:
-        return "fastmae kernels"
+        return FASTMAE_CATEGORY
     low = name.lower()
     for category, fragments in _CATEGORIES:
         if any(f in low for f in fragments):
@@ -451,7 +454,7 @@ def kernel_category(name, fastmae_names):
 def kernel_breakdown(kernels, steps, fastmae_names, step_ms=None, top=15):
     """Summarize GPU kernel time from a profile of ``steps`` steps. ``kernels``: (name, us)
     pairs, one per launch. Returns per-step totals: busy ms, launches, per category, and the
-    ``top`` kernels by time."""
+    ``top`` kernels by time, and every fastmae kernel by time (each of them, however small)."""
     by_name = {}
     for name, us in kernels:
         t, n = by_name.get(name, (0.0, 0))
@@ -475,6 +478,8 @@ def kernel_breakdown(kernels, steps, fastmae_names, step_ms=None, top=15):
                              key=lambda r: -r["ms_per_step"]),
         "top_kernels": [dict(row(k, t, n), category=kernel_category(k, fastmae_names))
                         for k, (t, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]],
+        "fastmae_kernels": [row(k, t, n) for k, (t, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])
+                            if kernel_category(k, fastmae_names) == FASTMAE_CATEGORY],
     }
 
 
@@ -499,10 +504,12 @@ def format_breakdown(label, b):
     for r in b["categories"]:
         lines.append(f"  {r['name']:<28} {r['ms_per_step']:8.2f} ms  {100 * r['share']:5.1f}%"
                      f"  {r['launches_per_step']:6.0f} launches")
-    lines.append("  top kernels:")
-    for r in b["top_kernels"]:
-        lines.append(f"    {r['ms_per_step']:8.2f} ms  {100 * r['share']:5.1f}%  "
-                     f"x{r['launches_per_step']:<5.0f} {r['name'][:90]}")
+    for title, rows in (("top kernels", b["top_kernels"]),
+                        ("fastmae kernels", b.get("fastmae_kernels", []))):
+        lines.append(f"  {title}:")
+        for r in rows:
+            lines.append(f"    {r['ms_per_step']:8.2f} ms  {100 * r['share']:5.1f}%  "
+                         f"x{r['launches_per_step']:<5.0f} {r['name'][:90]}")
     return "\n".join(lines)
 
 

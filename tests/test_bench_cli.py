@@ -138,6 +138,13 @@ def test_kernel_breakdown_sums_and_categories():
     assert b["top_kernels"][1] == {"name": "_attn_fwd", "ms_per_step": pytest.approx(0.32),
                                    "launches_per_step": 1.0, "share": pytest.approx(640 / 2720),
                                    "category": "fastmae kernels"}
+    # every fastmae kernel, however far down the top list (here with top=1)
+    b1 = bench.kernel_breakdown(kernels, 2, names, top=1)
+    assert [k["name"] for k in b1["top_kernels"]] == ["nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NNT"]
+    assert b1["fastmae_kernels"] == [{"name": "_attn_fwd", "ms_per_step": pytest.approx(0.32),
+                                      "launches_per_step": 1.0, "share": pytest.approx(640 / 2720)}]
+    text = bench.format_breakdown("fastmae", b1)
+    assert "GPU busy 1.4 ms per step" in text and "fastmae kernels:" in text and "_attn_fwd" in text
     text = bench.format_breakdown("fastmae", b)
     assert "GPU busy 1.4 ms per step of 2.0 ms" in text and "_attn_fwd" in text
 
@@ -219,6 +226,7 @@ def test_writer_on_fixture(tmp_path):
     assert "#### ViT-B/16, batch 256, fastmae (triton kernels)" in md
     assert "GPU busy 34.3 ms per step of a 55.5 ms step" in md
     assert re.search(r"\| `_attn_fwd` \| fastmae kernels \| 4\.32 \| 13% \| 1 \|", md)
+    assert "Every fastmae kernel:" in md and re.search(r"\| `_attn_fwd` \| 4\.32 \| 13% \| 1 \|", md)
     # op table: time, speed-up, GB/s, fraction of floor
     assert re.search(r"\| bias_gelu_enc \| fwd \| M=12800 D=3072 \| bf16 \(amp bf16\) \| 12\.3 \| 49\.2 \| "
                      r"4\.00x \| 813 GB/s \| 10\.0 \| 81% \| 20% \|", md)
