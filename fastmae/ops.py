@@ -8,6 +8,7 @@ breaks and ``torch.library.opcheck`` can check them. Kernel modules are imported
 Triton interpreter must be switched on before their first import on a CPU machine.
 """
 import importlib
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -954,12 +955,33 @@ def _block_node_dtype(x, branch, params, num_heads, tensors):
     return None
 
 
+# torch.mm(..., out_dtype=torch.float32) multiplies half-precision operands into an fp32 result
+# (CUDA, torch >= 2.8): a weight gradient straight in its parameter's dtype, without the half
+# result and the cast kernel after it (one launch and a pass over the gradient per weight, ~80 a
+# ViT-B step), and without rounding it to the half dtype first. Where the overload is missing the
+# first call says so and every call casts instead, as autocast's backward does.
+_MM_FP32_OUT = {"available": True}
+
+
+def _weight_grad(dy_rows, x_rows, weight_dtype):
+    """dy_rows.T @ x_rows (the weight gradient of y = x @ weight.T) in weight_dtype."""
+    if (weight_dtype == torch.float32 and dy_rows.dtype in (torch.float16, torch.bfloat16)
+            and dy_rows.is_cuda and _MM_FP32_OUT["available"]):
+        try:
+            return torch.mm(dy_rows.t(), x_rows, out_dtype=torch.float32)
+        except (RuntimeError, TypeError) as exc:
+            _MM_FP32_OUT["available"] = False
+            warnings.warn(f"torch.mm(out_dtype=torch.float32) is not available here ({exc}); "
+                          f"weight gradients are computed in {dy_rows.dtype} and cast")
+    return _cast(torch.mm(dy_rows.t(), x_rows), weight_dtype)
+
+
 def _linear_grads(dy, x, weight, weight_dtype):
     """(dx, dweight) of y = x @ weight.T for x (..., in) and weight (out, in) as the matmul read
-    it; dweight cast to the parameter's dtype, as autocast's cast backward does."""
+    it; dweight in the parameter's dtype, as autocast's cast backward gives it."""
     dx = torch.matmul(dy, weight)
-    dw = torch.mm(dy.reshape(-1, dy.shape[-1]).t(), x.reshape(-1, x.shape[-1]))
-    return dx, _cast(dw, weight_dtype)
+    dw = _weight_grad(dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), weight_dtype)
+    return dx, dw
 
 
 # The MLP's fc1 forward and fc2's input gradient each run one of two ways: cuBLAS's matmul, then
@@ -998,7 +1020,7 @@ def _fc1_bias_gelu(h, w1, fc1_b, cd):
 def _fc2_gelu_grads(d_m, g, f, w2, fc1_b, fc2_w_dtype):
     """(df, d_fc1_b, d_fc2_w) through m = gelu(f + fc1_b) @ w2.T (g the saved GELU output)."""
     d_rows = d_m.reshape(-1, d_m.shape[-1])
-    d_fc2_w = _cast(torch.mm(d_rows.t(), g.reshape(-1, g.shape[-1])), fc2_w_dtype)
+    d_fc2_w = _weight_grad(d_rows, g.reshape(-1, g.shape[-1]), fc2_w_dtype)
 
     def fused():
         df, db = _kernel("gelu_matmul").matmul_gelu_bwd(d_rows, w2, f.reshape(-1, f.shape[-1]),

@@ -140,3 +140,18 @@ def test_mlp_path_forced_by_an_unknown_name_raises(monkeypatch):
     case = block_case(1, 5, 64, 64, branch=False)
     with pytest.raises(ValueError, match="FASTMAE_MLP must be one of"):
         run_block(case, 2, True)
+
+
+@pytest.mark.cuda
+def test_weight_gradient_comes_out_in_fp32_from_half_operands():
+    """On a GPU the block's weight gradients come from torch.mm(out_dtype=torch.float32): fp32
+    straight from the matmul, closer to the exact product than the half result cast after it
+    (autocast's way, which the CPU path keeps)."""
+    from fastmae.testing import rel_err
+    g = torch.Generator(device="cuda").manual_seed(0)
+    dy = torch.randn(1000, 96, device="cuda", generator=g).to(torch.bfloat16)
+    x = torch.randn(1000, 64, device="cuda", generator=g).to(torch.bfloat16)
+    dw = ops._weight_grad(dy, x, torch.float32)
+    assert dw.dtype == torch.float32 and ops._MM_FP32_OUT["available"]
+    exact = dy.double().t() @ x.double()
+    assert rel_err(dw, exact) < rel_err((dy.t() @ x).float(), exact)
