@@ -986,11 +986,11 @@ def _linear_grads(dy, x, weight, weight_dtype):
 
 # The MLP's fc1 forward and fc2's input gradient each run one of two ways: cuBLAS's matmul, then
 # the bias + GELU kernel ("split"), or one fastmae matmul with that work in its epilogue
-# ("fused", kernels/gelu_matmul.py: the matmul's output is never written and read back). Which
-# is faster depends on the card and the shapes, so on a GPU both are timed on the first call of
+# ("fused", kernels/gelu_matmul.py: no second kernel reads the matmul's output back). Which is
+# faster depends on the card and the shapes, so on a GPU both are timed on the first call of
 # each shape and dtype, and the faster is kept (_common.keep_faster; FASTMAE_MLP=fused|split
-# forces one). The interpreter takes the fused one; so does nothing on a GPU before it has timed
-# (a first call during CUDA-graph capture takes the split one).
+# forces one). The interpreter takes the fused one without timing; a GPU call during CUDA-graph
+# capture that finds no choice kept for its shape takes the split one.
 _MLP_CHOICE = {}
 
 
