@@ -46,19 +46,20 @@ def _matmul_tile(
     B,  # (K, N) any strides
     M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn,
-    pid_m, pid_n,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no mask in the loop
     DOT_PRECISION: tl.constexpr,
 ):
-    """The fp32 (BLOCK_M, BLOCK_N) tile (pid_m, pid_n) of A @ B; rows >= M and columns >= N
-    hold wrapped-around rows and columns."""
+    """This program's fp32 (BLOCK_M, BLOCK_N) tile of A @ B, and its output rows (int64), columns,
+    column mask and element mask (rows >= M and columns >= N hold wrapped-around rows and
+    columns: never to be stored or summed)."""
+    pid_m, pid_n = _tile_of(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     # wrapped, not masked: every load in bounds (64-bit row offsets: M * K can pass 2**31)
-    rows = ((pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M).to(tl.int64)
-    cols = ((pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N).to(tl.int64)
+    a_rows = ((pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M).to(tl.int64)
+    b_cols = ((pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N).to(tl.int64)
     ks = tl.arange(0, BLOCK_K)
-    a_ptrs = A + rows[:, None] * stride_am + ks[None, :] * stride_ak
-    b_ptrs = B + ks[:, None] * stride_bk + cols[None, :] * stride_bn
+    a_ptrs = A + a_rows[:, None] * stride_am + ks[None, :] * stride_ak
+    b_ptrs = B + ks[:, None] * stride_bk + b_cols[None, :] * stride_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         if EVEN_K:
@@ -71,7 +72,10 @@ def _matmul_tile(
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
-    return acc
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    return acc, pid_m, rows, cols, col_ok, (rows < M)[:, None] & col_ok[None, :]
 
 
 @triton.jit
@@ -86,13 +90,9 @@ def _matmul_bias_gelu(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid_m, pid_n = _tile_of(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    acc = _matmul_tile(A, B, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, pid_m, pid_n,
-                       BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION)
-    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
-    mask = (rows < M)[:, None] & col_ok[None, :]
+    acc, _, rows, cols, col_ok, mask = _matmul_tile(
+        A, B, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+        BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, DOT_PRECISION)
     f = acc.to(F.dtype.element_ty)
     tl.store(F + rows[:, None] * stride_f + cols[None, :], f, mask=mask)
     # the GELU of the rounded f: what the backward recomputes from the saved f
@@ -115,13 +115,9 @@ def _matmul_gelu_bwd(
     EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SUM_ROWS: tl.constexpr,  # rows a partial sum row covers: the smallest BLOCK_M of any config
 ):
-    pid_m, pid_n = _tile_of(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    dg = _matmul_tile(A, B, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, pid_m, pid_n,
-                      BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION)
-    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
-    mask = (rows < M)[:, None] & col_ok[None, :]
+    dg, pid_m, rows, cols, col_ok, mask = _matmul_tile(
+        A, B, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+        BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, DOT_PRECISION)
     f = tl.load(F + rows[:, None] * stride_f + cols[None, :], mask=mask, other=0.0)
     z = f.to(tl.float32) + tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     cdf, e = _normal_cdf(z)
