@@ -529,12 +529,37 @@ def _model_rows(device, dtypes):
     if device == "cuda":
         settings += [(DTYPES[d], f"fp32+amp-{d}") for d in dtypes if d != "fp32"]
     for amp, dname in settings:
-        try:
-            par = model_parity(model, imgs, noise, autocast=amp)
-            rows += par.rows(case, dname)
-        except Exception as exc:  # noqa: BLE001 - reported as a failed row
-            rows.append(_error_row("model", case, dname, exc))
+        # both ways of each kernel path chosen by timing on a GPU (the MLP's fused matmuls or
+        # cuBLAS + the bias + GELU kernels, attention's fused or two-kernel backward): a run
+        # keeps only the faster, and the check covers the other too
+        for paths in KERNEL_PATHS:
+            label = f"{case}, paths {paths}"
+            try:
+                with _forced_paths(paths):
+                    par = model_parity(model, imgs, noise, autocast=amp)
+                rows += par.rows(label, dname)
+            except Exception as exc:  # noqa: BLE001 - reported as a failed row
+                rows.append(_error_row("model", label, dname, exc))
     return rows
+
+
+KERNEL_PATHS = ("fused", "split")
+_PATH_VARIABLES = ("FASTMAE_MLP", "FASTMAE_ATTN_BWD")
+
+
+@contextlib.contextmanager
+def _forced_paths(name):
+    """Every kernel path chosen by timing forced to ``name`` ("fused" or "split") meanwhile."""
+    saved = {v: os.environ.get(v) for v in _PATH_VARIABLES}
+    os.environ.update({v: name for v in _PATH_VARIABLES})
+    try:
+        yield
+    finally:
+        for v, value in saved.items():
+            if value is None:
+                os.environ.pop(v, None)
+            else:
+                os.environ[v] = value
 
 
 # ============================================================================ the command
