@@ -1,6 +1,7 @@
 """Small helpers shared by the launchers."""
 import functools
 import os
+import warnings
 
 import torch
 
@@ -66,7 +67,8 @@ def keep_faster(choices, key, forced_env, runs, default):
     first call of a key on a CUDA device and the winner is kept in ``choices`` (a dict). The
     environment variable ``forced_env`` (one of the names) forces one; the interpreter, CPU
     devices and a call during CUDA-graph capture (nothing may be timed then) get ``default``
-    without timing."""
+    without timing. A way that raises while it is timed is not kept (a warning says why), as long
+    as another one runs."""
     forced = os.environ.get(forced_env, "").strip().lower()
     if forced:
         if forced not in runs:
@@ -78,6 +80,16 @@ def keep_faster(choices, key, forced_env, runs, default):
     if interpreting() or key[-1].type != "cuda" or torch.cuda.is_current_stream_capturing():
         return default
     from triton.testing import do_bench
-    times = {name: do_bench(run, warmup=5, rep=20) for name, run in runs.items()}
+    times, errors = {}, {}
+    for name, run in runs.items():
+        try:
+            times[name] = do_bench(run, warmup=5, rep=20)
+        except Exception as exc:  # noqa: BLE001 -- the other way is kept; re-raised if none runs
+            errors[name] = exc
+    if not times:
+        raise next(iter(errors.values()))
+    for name, exc in errors.items():
+        warnings.warn(f"{forced_env}: the {name!r} way failed on {key[:-1]} and is not used: "
+                      f"{type(exc).__name__}: {exc}")
     choices[key] = min(times, key=times.get)
     return choices[key]

@@ -76,3 +76,21 @@ def test_keep_faster_takes_the_default_without_timing(on_a_gpu, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     assert _common.keep_faster(choices, CUDA_KEY, "FASTMAE_TEST_PATH", RUNS, "split") == "split"
     assert timed == [] and choices == {}
+
+
+def test_keep_faster_keeps_the_way_that_runs(on_a_gpu):
+    """A way that raises while it is timed (say, no configuration of a kernel fits this card) is
+    not kept, with a warning; if none runs, its error is raised."""
+    _, timed = on_a_gpu
+
+    def broken():
+        raise RuntimeError("out of resources")
+
+    choices = {}
+    with pytest.warns(UserWarning, match="'fused' way failed"):
+        assert _common.keep_faster(choices, CUDA_KEY, "FASTMAE_TEST_PATH",
+                                   {"fused": broken, "split": RUNS["split"]}, "fused") == "split"
+    assert choices == {CUDA_KEY: "split"}
+    with pytest.raises(RuntimeError, match="out of resources"):
+        _common.keep_faster({}, CUDA_KEY, "FASTMAE_TEST_PATH", {"fused": broken, "split": broken},
+                            "fused")
