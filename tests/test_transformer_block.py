@@ -155,3 +155,18 @@ def test_weight_gradient_comes_out_in_fp32_from_half_operands():
     assert dw.dtype == torch.float32 and ops._MM_FP32_OUT["available"]
     exact = dy.double().t() @ x.double()
     assert rel_err(dw, exact) < rel_err((dy.t() @ x).float(), exact)
+
+
+def test_the_interpreter_takes_the_fused_mlp_path_by_default(monkeypatch):
+    """Without FASTMAE_MLP, the interpreter runs the block's MLP through kernels/gelu_matmul.py
+    (so the model-level CPU tests cover it); nothing is timed or kept."""
+    from fastmae.kernels import gelu_matmul
+    monkeypatch.delenv("FASTMAE_MLP", raising=False)
+    calls = []
+    for name in ("matmul_bias_gelu", "matmul_gelu_bwd"):
+        real = getattr(gelu_matmul, name)
+        monkeypatch.setattr(gelu_matmul, name,
+                            lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    run_block(block_case(1, 5, 64, 64, branch=False), 2, True)
+    assert calls == ["matmul_bias_gelu", "matmul_gelu_bwd"]
+    assert ops._MLP_CHOICE == {}
