@@ -237,6 +237,17 @@ def model_section(card, res, chart_link):
             f"{p['grad_err_eager']:.1e}; mask {'identical' if p['mask_equal'] else 'differs'}.")
     if lines:
         out += ["", "Parity, checked in the same run:", ""] + lines
+    # the kernel paths fastmae chose by timing in the run (results since ea4a247 record them):
+    # the last fastmae system of each model holds every choice made in its process
+    kept = []
+    for d in sorted(res.steps[card], key=lambda d: _model_key(d["config"]["model"])):
+        paths = [r["paths_kept"] for r in d["results"] if r.get("paths_kept")]
+        if paths:
+            kept += [f"- {MODEL_TITLES.get(d['config']['model'], d['config']['model'])}, {k}: {v}"
+                     for k, v in paths[-1].items()]
+    if kept:
+        out += ["", "Kernel paths fastmae kept by timing both ways on the first call of each "
+                "shape (the parity step's batch included):", ""] + kept
     fixes = [f"- {MODEL_TITLES.get(d['config']['model'], d['config']['model'])}: {c}"
              for d in res.steps[card] for c in d.get("corrections", [])]
     if fixes:

@@ -291,18 +291,28 @@ def make_train_step(model, imgs, amp_dtype, compiled=False, mask_ratio=MASK_RATI
 def paths_kept():
     """The kernel paths fastmae chose by timing on this GPU, so far, by shape: the MLP's fused
     matmul epilogues or cuBLAS plus the bias + GELU kernels (fastmae.ops._mlp_fused), and the
-    attention backward's one fused kernel or two (kernels/attention.py _bwd_strategy)."""
+    attention backward's one fused kernel or two (kernels/attention.py _bwd_strategy); each with
+    the times it was chosen on (ms, "failed" for a way that raised), where it was timed."""
     from fastmae import ops
+
     def name(dtype):
         return str(dtype).replace("torch.", "")
 
-    kept = {f"mlp {k[0]} M={k[1]} N={k[2]} K={k[3]} {name(k[4])}": v
-            for k, v in ops._MLP_CHOICE.items()}
+    def kept(env, key, choice):
+        common = sys.modules.get("fastmae.kernels._common")
+        times = common.TIMINGS.get((env, key)) if common is not None else None
+        if not times:
+            return choice
+        return choice + " (" + ", ".join(f"{way} {'failed' if ms is None else f'{ms:.3f} ms'}"
+                                         for way, ms in times.items()) + ")"
+
+    out = {f"mlp {k[0]} M={k[1]} N={k[2]} K={k[3]} {name(k[4])}": kept("FASTMAE_MLP", k, v)
+           for k, v in ops._MLP_CHOICE.items()}
     attention = sys.modules.get("fastmae.kernels.attention")
     if attention is not None:
-        kept.update({f"attention bwd B*H={k[0]} N={k[1]} d={k[2]} {name(k[3])}": v
-                     for k, v in attention._BWD_CHOICE.items()})
-    return kept
+        out.update({f"attention bwd B*H={k[0]} N={k[1]} d={k[2]} {name(k[3])}":
+                    kept("FASTMAE_ATTN_BWD", k, v) for k, v in attention._BWD_CHOICE.items()})
+    return out
 
 
 def _progress(total, desc, enabled):

@@ -61,6 +61,10 @@ def launch_tuned(tuned, grid, key_values, *args, **kwargs):
     fn[grid](*args, **kwargs, **config.all_kwargs(), **derived)
 
 
+# What keep_faster measured, for reports: (forced_env, key) -> {name: ms, or None if it raised}
+TIMINGS = {}
+
+
 def keep_faster(choices, key, forced_env, runs, default):
     """The name of the faster of ``runs`` ({name: zero-argument callable doing the whole
     computation one way}) for ``key``, whose last item is the device: each is timed on the
@@ -88,6 +92,7 @@ def keep_faster(choices, key, forced_env, runs, default):
             errors[name] = exc
     if not times:
         raise next(iter(errors.values()))
+    TIMINGS[(forced_env, key)] = {name: times.get(name) for name in runs}
     for name, exc in errors.items():
         warnings.warn(f"{forced_env}: the {name!r} way failed on {key[:-1]} and is not used: "
                       f"{type(exc).__name__}: {exc}")

@@ -175,6 +175,7 @@ def _fixture_step(card="FIXTURE-GPU-A", ms=(111.0, 55.5, 88.8)):
     rows = [row("reference", "reference, eager", ms[0]),
             row("fastmae", "fastmae (triton kernels)", ms[1]),
             row("reference_compile", "reference, torch.compile", ms[2])]
+    rows[1]["paths_kept"] = {"mlp fc1 M=12800 N=3072 K=768 bfloat16": "fused (fused 0.100 ms, split 0.200 ms)"}
     rows[1]["profile"] = bench.kernel_breakdown(
         [("_attn_fwd", 4321.0), ("nvjet_tst_fixture", 30000.0)], 1, {"_attn_fwd"}, step_ms=ms[1])
     return {
@@ -222,6 +223,7 @@ def test_writer_on_fixture(tmp_path):
     assert re.search(r"\| ViT-B/16, 256, bf16 \| fastmae \(triton kernels\) \| 55\.5 \| 4613 \| 30% \| "
                      r"12\.5 \| 2\.00x \| 1\.60x \|", md)
     assert "parity passed" in md
+    assert "- ViT-B/16, mlp fc1 M=12800 N=3072 K=768 bfloat16: fused (fused 0.100 ms, split 0.200 ms)" in md
     # profile: the fastmae step's kernel time by category and by kernel
     assert "#### ViT-B/16, batch 256, fastmae (triton kernels)" in md
     assert "GPU busy 34.3 ms per step of a 55.5 ms step" in md
@@ -290,8 +292,12 @@ def test_paths_kept_names_each_timed_choice(monkeypatch):
     monkeypatch.setattr(ops, "_MLP_CHOICE", {("fc1", 12800, 3072, 768, torch.bfloat16, cuda): "fused",
                                              ("fc2_dgrad", 50432, 2048, 512, torch.bfloat16, cuda): "split"})
     monkeypatch.setattr(attention, "_BWD_CHOICE", {(4096, 197, 32, torch.bfloat16, cuda): "split"})
+    from fastmae.kernels import _common
+    monkeypatch.setattr(_common, "TIMINGS", {
+        ("FASTMAE_MLP", ("fc1", 12800, 3072, 768, torch.bfloat16, cuda)): {"fused": 0.1234, "split": 0.2},
+        ("FASTMAE_ATTN_BWD", (4096, 197, 32, torch.bfloat16, cuda)): {"fused": None, "split": 1.5}})
     assert bench.paths_kept() == {
-        "mlp fc1 M=12800 N=3072 K=768 bfloat16": "fused",
+        "mlp fc1 M=12800 N=3072 K=768 bfloat16": "fused (fused 0.123 ms, split 0.200 ms)",
         "mlp fc2_dgrad M=50432 N=2048 K=512 bfloat16": "split",
-        "attention bwd B*H=4096 N=197 d=32 bfloat16": "split",
+        "attention bwd B*H=4096 N=197 d=32 bfloat16": "split (fused failed, split 1.500 ms)",
     }

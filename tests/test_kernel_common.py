@@ -36,6 +36,7 @@ def on_a_gpu(monkeypatch):
 
     monkeypatch.setattr(triton.testing, "do_bench", do_bench)
     monkeypatch.delenv("FASTMAE_TEST_PATH", raising=False)
+    monkeypatch.setattr(_common, "TIMINGS", {})
     return times, timed
 
 
@@ -48,6 +49,7 @@ def test_keep_faster_times_once_per_key_and_keeps_the_faster(on_a_gpu):
     choices = {}
     assert _common.keep_faster(choices, CUDA_KEY, "FASTMAE_TEST_PATH", RUNS, "split") == "fused"
     assert timed == ["fused", "split"] and choices == {CUDA_KEY: "fused"}
+    assert _common.TIMINGS[("FASTMAE_TEST_PATH", CUDA_KEY)] == {"fused": 1.0, "split": 2.0}
     times["fused"] = 3.0  # kept: not timed again
     assert _common.keep_faster(choices, CUDA_KEY, "FASTMAE_TEST_PATH", RUNS, "split") == "fused"
     assert len(timed) == 2
