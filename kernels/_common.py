@@ -4,6 +4,7 @@ import os
 import warnings
 
 import torch
+from triton.runtime.autotuner import Heuristics
 
 
 @functools.lru_cache(maxsize=None)
@@ -43,8 +44,6 @@ def launch_tuned(tuned, grid, key_values, *args, **kwargs):
     differently) goes through the autotuner. A triton.heuristics layer under the autotuner is
     evaluated here too, on the key arguments and the meta-parameters (all its functions may
     read; Heuristics.run would first build a dict of every argument)."""
-    from triton.runtime.autotuner import Heuristics
-
     if len(tuned.configs) > 1:
         key = key_values + tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor))
         config = tuned.cache.get(key)
