@@ -6,8 +6,8 @@ Used by ``tests/test_gpu_compile.py``, which runs it as a script in a subprocess
     python tests/_kernel_capture.py [MODULE ...] [--mode quick|full|capture] [--jobs N] [--verbose]
 
 prints one JSON report per module (default: every module; ``--verbose`` adds every launch with
-its compile time, registers, shared memory, and the SASS instructions and barriers of one
-iteration of each of its loops).
+its compile time, registers, spilled bytes, shared memory, and the SASS instructions and
+barriers of one iteration of each of its loops).
 
 The subprocess must run WITHOUT ``TRITON_INTERPRET``: then ``@triton.jit`` gives real
 ``JITFunction`` objects, ``triton.autotune`` the GPU configuration lists, and the launchers'
@@ -508,6 +508,15 @@ def cubin_registers(cubin):
     return int(found[0]) if found else None
 
 
+def cubin_stack_bytes(cubin):
+    """Bytes of stack a thread of the kernel in ``cubin`` uses (``cuobjdump -res-usage``
+    STACK): registers spilled to local memory, where Triton's kernels call no functions; None
+    where that tool is missing."""
+    import re
+    found = re.findall(r"STACK:(\d+)", _cuobjdump(cubin, "-res-usage") or "")
+    return int(found[0]) if found else None
+
+
 def cubin_loops(cubin):
     """The loops of the kernel's SASS (``cuobjdump -sass``): for each backward branch, in
     program order, the instructions from its target to it and the BAR.SYNC barriers among
@@ -568,6 +577,7 @@ def compile_launch(launch, target, details=None):
     registers = cubin_registers(asm["cubin"])
     if details is not None:
         details["loops"] = cubin_loops(asm["cubin"])
+        details["spill_bytes"] = cubin_stack_bytes(asm["cubin"])
     budget = one_wave_budget(launch)
     if budget is not None:
         max_registers, programs = budget
@@ -703,8 +713,8 @@ def main(argv=None):
                          "capture: record only")
     ap.add_argument("--jobs", type=int, default=1, help="compiler processes")
     ap.add_argument("--verbose", action="store_true",
-                    help="add per-launch results and timings, with each loop's SASS instructions "
-                         "and barriers an iteration")
+                    help="add per-launch results and timings, with the bytes a thread spills and "
+                         "each loop's SASS instructions and barriers an iteration")
     a = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("run without TRITON_INTERPRET: the interpreter replaces the compiler")
