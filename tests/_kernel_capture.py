@@ -6,8 +6,8 @@ Used by ``tests/test_gpu_compile.py``, which runs it as a script in a subprocess
     python tests/_kernel_capture.py [MODULE ...] [--mode quick|full|capture] [--jobs N] [--verbose]
 
 prints one JSON report per module (default: every module; ``--verbose`` adds every launch with
-its compile time, registers, spilled bytes, shared memory, and the SASS instructions and
-barriers of one iteration of each of its loops).
+its compile time, registers, spilled bytes, shared memory, its SASS instruction count, and the
+instructions, barriers, MMAs and cp.async copies of one iteration of each of its loops).
 
 The subprocess must run WITHOUT ``TRITON_INTERPRET``: then ``@triton.jit`` gives real
 ``JITFunction`` objects, ``triton.autotune`` the GPU configuration lists, and the launchers'
@@ -499,32 +499,26 @@ def _cuobjdump(cubin, flag):
         return subprocess.run([tool, flag, f.name], capture_output=True, text=True).stdout
 
 
-def cubin_registers(cubin):
-    """Registers a thread of the (one) kernel in ``cubin`` uses, as ``cuobjdump -res-usage``
-    reports them; None where that tool is missing."""
+def cubin_resources(cubin):
+    """(registers, stack bytes) a thread of the (one) kernel in ``cubin`` uses, as ``cuobjdump
+    -res-usage`` reports them (REG, STACK: registers spilled to local memory, where Triton's
+    kernels call no functions); (None, None) where that tool is missing."""
     import re
-    out = _cuobjdump(cubin, "-res-usage")
-    found = re.findall(r"REG:(\d+)", out or "")
-    return int(found[0]) if found else None
+    out = _cuobjdump(cubin, "-res-usage") or ""
+    found = [re.findall(rf"{field}:(\d+)", out) for field in ("REG", "STACK")]
+    return tuple(int(f[0]) if f else None for f in found)
 
 
-def cubin_stack_bytes(cubin):
-    """Bytes of stack a thread of the kernel in ``cubin`` uses (``cuobjdump -res-usage``
-    STACK): registers spilled to local memory, where Triton's kernels call no functions; None
-    where that tool is missing."""
-    import re
-    found = re.findall(r"STACK:(\d+)", _cuobjdump(cubin, "-res-usage") or "")
-    return int(found[0]) if found else None
-
-
-def cubin_loops(cubin):
-    """The loops of the kernel's SASS (``cuobjdump -sass``): for each backward branch, in
-    program order, the instructions from its target to it and the BAR.SYNC barriers among
-    them -- what one iteration of that loop issues a warp. None without cuobjdump."""
+def cubin_sass(cubin):
+    """The kernel's SASS (``cuobjdump -sass``): its instruction count and its loops -- for each
+    backward branch, in program order, the instructions from its target to it, the BAR.SYNC
+    barriers, the tensor-core MMAs (HGMMA: sm_90's wgmma; HMMA: mma.sync), and the asynchronous
+    global-to-shared copies (LDGSTS: cp.async) among them, what one iteration of that loop issues
+    a warp. (None, None) without cuobjdump."""
     import re
     out = _cuobjdump(cubin, "-sass")
     if out is None:
-        return None
+        return None, None
     code = [(int(m.group(1), 16), m.group(2)) for m in
             re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", out)]
     loops = []
@@ -533,8 +527,11 @@ def cubin_loops(cubin):
         if branch and int(branch.group(1), 16) < addr:
             body = [t for a, t in code if int(branch.group(1), 16) <= a <= addr]
             loops.append({"instructions": len(body),
-                          "barriers": sum("BAR.SYNC" in t for t in body)})
-    return loops
+                          "barriers": sum("BAR.SYNC" in t for t in body),
+                          "wgmma": sum(bool(re.search(r"\bHGMMA\b", t)) for t in body),
+                          "mma_sync": sum(bool(re.search(r"\bHMMA\b", t)) for t in body),
+                          "async_copies": sum("LDGSTS" in t for t in body)})
+    return len(code), loops
 
 
 def one_wave_budget(launch):
@@ -558,7 +555,8 @@ def one_wave_budget(launch):
 def compile_launch(launch, target, details=None):
     """(error, shared memory bytes, registers a thread): error is None if the launch compiles to
     a cubin that an sm_90 GPU can load and, for a one-wave kernel, fits its register budget.
-    A ``details`` dict receives the cubin's loops (cubin_loops)."""
+    A ``details`` dict receives the bytes a thread spills and the SASS's instruction count and
+    loops (cubin_sass)."""
     import triton
     from triton.compiler import ASTSource
 
@@ -574,10 +572,10 @@ def compile_launch(launch, target, details=None):
     if shared > H100_MAX_SHARED:
         return (f"OutOfResources at load: needs {shared} bytes of shared memory, an sm_90 block "
                 f"has at most {H100_MAX_SHARED}"), shared, None
-    registers = cubin_registers(asm["cubin"])
+    registers, stack = cubin_resources(asm["cubin"])
     if details is not None:
-        details["loops"] = cubin_loops(asm["cubin"])
-        details["spill_bytes"] = cubin_stack_bytes(asm["cubin"])
+        details["spill_bytes"] = stack
+        details["sass_instructions"], details["loops"] = cubin_sass(asm["cubin"])
     budget = one_wave_budget(launch)
     if budget is not None:
         max_registers, programs = budget
@@ -713,8 +711,9 @@ def main(argv=None):
                          "capture: record only")
     ap.add_argument("--jobs", type=int, default=1, help="compiler processes")
     ap.add_argument("--verbose", action="store_true",
-                    help="add per-launch results and timings, with the bytes a thread spills and "
-                         "each loop's SASS instructions and barriers an iteration")
+                    help="add per-launch results and timings, with the bytes a thread spills, the "
+                         "SASS instruction count and each loop's instructions, barriers, MMAs and "
+                         "cp.async copies an iteration")
     a = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("run without TRITON_INTERPRET: the interpreter replaces the compiler")
