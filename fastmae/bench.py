@@ -448,12 +448,9 @@ _CATEGORIES = [
 ]
 
 
-FASTMAE_CATEGORY = "fastmae kernels"
-
-
 def kernel_category(name, fastmae_names):
     if name in fastmae_names:
-        return FASTMAE_CATEGORY
+        return "fastmae kernels"
     low = name.lower()
     for category, fragments in _CATEGORIES:
         if any(f in low for f in fragments):
@@ -479,6 +476,7 @@ def kernel_breakdown(kernels, steps, fastmae_names, step_ms=None, top=15):
     def row(name, t, n):
         return {"name": name, "ms_per_step": t / 1e3 / steps, "launches_per_step": n / steps,
                 "share": t / busy_us if busy_us else 0.0}
+    by_time = sorted(by_name.items(), key=lambda kv: -kv[1][0])
     return {
         "steps_profiled": steps,
         "gpu_busy_ms_per_step": busy_us / 1e3 / steps,
@@ -487,9 +485,8 @@ def kernel_breakdown(kernels, steps, fastmae_names, step_ms=None, top=15):
         "categories": sorted((row(c, t, n) for c, (t, n) in cats.items()),
                              key=lambda r: -r["ms_per_step"]),
         "top_kernels": [dict(row(k, t, n), category=kernel_category(k, fastmae_names))
-                        for k, (t, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]],
-        "fastmae_kernels": [row(k, t, n) for k, (t, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])
-                            if kernel_category(k, fastmae_names) == FASTMAE_CATEGORY],
+                        for k, (t, n) in by_time[:top]],
+        "fastmae_kernels": [row(k, t, n) for k, (t, n) in by_time if k in fastmae_names],
     }
 
 
