@@ -7,7 +7,8 @@ Used by ``tests/test_gpu_compile.py``, which runs it as a script in a subprocess
 
 prints one JSON report per module (default: every module; ``--verbose`` adds every launch with
 its compile time, registers, spilled bytes, shared memory, its SASS instruction count, and the
-instructions, barriers, MMAs and cp.async copies of one iteration of each of its loops).
+instructions, barriers, MMAs, cp.async copies and spill accesses of one iteration of each of its
+loops).
 
 The subprocess must run WITHOUT ``TRITON_INTERPRET``: then ``@triton.jit`` gives real
 ``JITFunction`` objects, ``triton.autotune`` the GPU configuration lists, and the launchers'
@@ -512,9 +513,9 @@ def cubin_resources(cubin):
 def cubin_sass(cubin):
     """The kernel's SASS (``cuobjdump -sass``): its instruction count and its loops -- for each
     backward branch, in program order, the instructions from its target to it, the BAR.SYNC
-    barriers, the tensor-core MMAs (HGMMA: sm_90's wgmma; HMMA: mma.sync), and the asynchronous
-    global-to-shared copies (LDGSTS: cp.async) among them, what one iteration of that loop issues
-    a warp. (None, None) without cuobjdump."""
+    barriers, the tensor-core MMAs (HGMMA: sm_90's wgmma; HMMA: mma.sync), the asynchronous
+    global-to-shared copies (LDGSTS: cp.async) and the local-memory accesses (STL / LDL: spills)
+    among them, what one iteration of that loop issues a warp. (None, None) without cuobjdump."""
     import re
     out = _cuobjdump(cubin, "-sass")
     if out is None:
@@ -530,7 +531,8 @@ def cubin_sass(cubin):
                           "barriers": sum("BAR.SYNC" in t for t in body),
                           "wgmma": sum(bool(re.search(r"\bHGMMA\b", t)) for t in body),
                           "mma_sync": sum(bool(re.search(r"\bHMMA\b", t)) for t in body),
-                          "async_copies": sum("LDGSTS" in t for t in body)})
+                          "async_copies": sum("LDGSTS" in t for t in body),
+                          "local_memory": sum(bool(re.search(r"\b(STL|LDL)\b", t)) for t in body)})
     return len(code), loops
 
 
@@ -712,8 +714,8 @@ def main(argv=None):
     ap.add_argument("--jobs", type=int, default=1, help="compiler processes")
     ap.add_argument("--verbose", action="store_true",
                     help="add per-launch results and timings, with the bytes a thread spills, the "
-                         "SASS instruction count and each loop's instructions, barriers, MMAs and "
-                         "cp.async copies an iteration")
+                         "SASS instruction count and each loop's instructions, barriers, MMAs, "
+                         "cp.async copies and spill accesses an iteration")
     a = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("run without TRITON_INTERPRET: the interpreter replaces the compiler")
