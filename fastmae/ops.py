@@ -452,8 +452,14 @@ def _(x, alpha):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
+# _NO_ZERO_GRADS: an op output that gets no gradient (a saved buffer marked non-differentiable,
+# row statistics, the final LayerNorm's residual sum s, which nothing reads) would otherwise
+# reach the backward as a tensor of zeros that autograd allocates and fills -- the loss's
+# (N, L, p*p*C) gradient buffer, the decoder's (N, L + 1, D) fp32 s, which the LayerNorm
+# backward would then read back -- so those backwards take None instead.
 def _masked_mse_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # see _NO_ZERO_GRADS
     ctx.save_for_backward(output[1])
 
 
@@ -524,6 +530,7 @@ def _attention_setup(ctx, inputs, output):
     q, k, v, scale = inputs
     o, lse = output
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # see _NO_ZERO_GRADS
     ctx.save_for_backward(q, k, v, o, lse)
     ctx.scale = scale
 
@@ -616,6 +623,7 @@ def _packed_attention_setup(ctx, inputs, output):
     qkv, num_heads, scale = inputs
     o, lse = output
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # see _NO_ZERO_GRADS
     ctx.save_for_backward(qkv, o, lse)
     ctx.num_heads, ctx.scale = num_heads, scale
 
@@ -711,6 +719,7 @@ def _layer_norm_setup(ctx, inputs, output):
     x, weight, bias, _, _ = inputs
     _, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # see _NO_ZERO_GRADS
     ctx.save_for_backward(x, weight, mean, rstd)
     ctx.dtypes = (x.dtype, weight.dtype, bias.dtype)
 
@@ -753,6 +762,7 @@ def _add_layer_norm_setup(ctx, inputs, output):
     x, residual, weight, bias, _, _, branch_bias = inputs
     s, _, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # see _NO_ZERO_GRADS: the final norm's s has no gradient
     # s (needed downstream anyway) and the row statistics: x_hat is recomputed from them
     ctx.save_for_backward(s, weight, mean, rstd)
     ctx.dtypes = (x.dtype, residual.dtype, weight.dtype, bias.dtype,
@@ -779,6 +789,13 @@ def _add_layer_norm_grads(ds, dy, s, weight, mean, rstd, dtypes):
 
 def _add_layer_norm_backward(ctx, ds, dy, _m, _r):
     s, weight, mean, rstd = ctx.saved_tensors
+    if dy is None:  # only s reached the loss: the normalization's own gradients are zero
+        x_dtype, r_dtype, w_dtype, b_dtype, bb_dtype = ctx.dtypes
+        dbb = None
+        if bb_dtype is not None:
+            dbb = _cast(ds.reshape(-1, ds.shape[-1]).sum(0, dtype=torch.float32), bb_dtype)
+        return (_cast(ds, x_dtype), _cast(ds, r_dtype), weight.new_zeros(weight.shape, dtype=w_dtype),
+                weight.new_zeros(weight.shape, dtype=b_dtype), None, None, dbb)
     dx, dsum, dw, db, dbb = _add_layer_norm_grads(ds, dy, s, weight, mean, rstd, ctx.dtypes)
     return dx, dsum, dw, db, None, None, dbb
 

@@ -142,6 +142,67 @@ def test_add_layer_norm(M, D):
     check_grads((s, y), (rs, ry), ours, ref, names, 1e-5)
 
 
+@pytest.mark.parametrize("used", ["s", "y"])
+@pytest.mark.parametrize("branch_bias", [False, True])
+def test_add_layer_norm_with_one_output_used(used, branch_bias):
+    """Only the normalized y reaches the loss (the model's final norm: nothing reads its s), or
+    only s: the other output's gradient stays None rather than a tensor of zeros, and every
+    gradient is still right (with only s used, the normalization's own are zero)."""
+    M, D = 7, 40
+    case = layer_norm_case(M, D, residual=True, seed=11)
+    names = ["x", "residual", "weight", "bias"]
+    if branch_bias:
+        case["branch_bias"] = torch.randn(D, generator=torch.Generator().manual_seed(3))
+        names.append("branch_bias")
+    ours, ref = leaves(case, names)
+    s, y = ops.add_layer_norm(**ours)
+    rs, ry = reference.add_layer_norm(**ref)
+    if used == "y":
+        check_grads(y, ry, ours, ref, names, 1e-5)
+        return
+    # the reference's weight and bias get no gradient at all: ours are zeros
+    check_grads(s, rs, ours, ref, [n for n in names if n not in ("weight", "bias")], 1e-5)
+    assert torch.equal(ours["weight"].grad, torch.zeros(D))
+    assert torch.equal(ours["bias"].grad, torch.zeros(D))
+
+
+def _zero_fills_in_backward(outputs, grads):
+    """aten::zeros / zero_ / fill_ calls made while autograd runs the backward of ``outputs``,
+    other than inside another aten op (a CPU reduction initializing its output)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        torch.autograd.backward(outputs, grads)
+    return [e.name for e in prof.events()
+            if e.name in ("aten::zeros", "aten::zero_", "aten::fill_")
+            and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::"))]
+
+
+def test_outputs_without_gradient_get_no_zero_tensors():
+    """An output nothing differentiates (the loss's saved gradient buffer, LayerNorm's row
+    statistics, attention's log-sum-exp, the final norm's residual sum) reaches the backward as
+    None: autograd allocates and fills no zeros for it (the (N, L, p*p*C) buffer and the
+    decoder's (N, L + 1, D) s are the size of activations)."""
+    case = loss_case(2, 3, 8, 8, 4, seed=1)
+    pred = case["pred"].clone().requires_grad_(True)
+    loss = ops.masked_mse_loss(case["imgs"], pred, case["mask"], 4)
+    assert _zero_fills_in_backward(loss, torch.tensor(1.5)) == []
+
+    case = layer_norm_case(5, 40, residual=True, seed=2)
+    x = case["x"].clone().requires_grad_(True)
+    y = ops.layer_norm(x, case["weight"], case["bias"], case["eps"])
+    assert _zero_fills_in_backward(y, torch.randn(y.shape)) == []
+    _, y = ops.add_layer_norm(x, case["residual"], case["weight"], case["bias"], case["eps"])
+    assert _zero_fills_in_backward(y, torch.randn(y.shape)) == []
+
+    case = attention_case(1, 2, 7, 32, "qkv", seed=3)
+    q, k, v = (case[n].detach().clone().requires_grad_(True) for n in "qkv")
+    o = ops.attention(q, k, v)
+    assert _zero_fills_in_backward(o, torch.randn(o.shape)) == []
+    qkv = torch.randn(1, 7, 3 * 64, requires_grad=True)
+    o = ops.packed_attention(qkv, 2)
+    assert _zero_fills_in_backward(o, torch.randn(o.shape)) == []
+
+
 @pytest.mark.parametrize("M, D", [(1, 8), (7, 40), (3, 100)])
 def test_bias_gelu(M, D):
     case = bias_gelu_case(M, D, seed=D)
