@@ -14,13 +14,14 @@ For each kernel at the ViT-B/16 step's shapes and dtypes (bf16 autocast: encoder
 decoder's D=512 for the fused residual-add LayerNorm backward with its fp32 residual gradient,
 bf16 branch gradient and branch-bias column sums; the MLP widths 3072 and 2048 for bias + GELU)
 this searches the configurations one axis at a time from the launcher's default -- stages,
-then tile (rows, warps), then columns a program (bias + GELU), then warps per SM -- keeping the
-fastest of each axis. Each configuration is timed with CUDA events and its outputs checked
-against the default's (the partial-sum order differs, so within a tolerance, not bitwise). It
-prints microseconds and GB/s (bytes the kernel must move / time; the partials' traffic not
-counted), the default marked, the fastest first. Nothing here changes the launchers' defaults:
-a configuration worth keeping goes into the kernel module by hand, its registers and shared
-memory checked against its one-wave grid by tests/test_gpu_compile.py.
+then tile (rows, warps) together with warps per SM, then columns a program (bias + GELU), then
+warps per SM again -- keeping the fastest of each axis. Each configuration is timed with CUDA
+events and its outputs checked against the default's (the partial-sum order differs, so within
+a tolerance, not bitwise). It prints microseconds and GB/s (bytes the kernel must move /
+time; the partials' traffic not counted), the default marked, the fastest first. Nothing here
+changes the launchers' defaults: a configuration worth keeping goes into the kernel module by
+hand, its registers and shared memory checked against its one-wave grid by
+tests/test_gpu_compile.py.
 """
 import argparse
 import contextlib
@@ -66,20 +67,27 @@ def default_config(kernel, D):
 
 def _axes(kernel, D, smoke):
     """The search: each axis a list of partial configurations, tried in turn with the rest of
-    the configuration at the best found so far (a coordinate search from the default: about a
-    dozen timings, and compiles, per case instead of a full grid's hundred)."""
+    the configuration at the best found so far (a coordinate search from the default: a few
+    dozen timings, and about a dozen compiles, per case instead of a full grid's hundreds).
+    A tile is tried at every warps-per-SM count: its registers and shared memory decide how
+    many of its programs an SM holds, so a tile judged at another tile's count could lose for
+    the wrong reason; the count sizes the grid only, so those timings need no compile."""
     from fastmae.kernels._common import next_pow2
     if smoke:
-        return [[{"stages": s} for s in (1, 2)], [{"rows": r} for r in (1, 4)]]
+        return [[{"stages": s} for s in (1, 2)],
+                [{"rows": r, "warps_per_sm": n} for r in (1, 4) for n in (8, 16)]]
     width = next_pow2(D) if kernel == "layer_norm" else 1024
+    warps_per_sm = (8, 12, 16, 24, 32)
     # and programs of 1 or 2 warps at 16 elements a thread: each warp spans a row, so that a
     # tile's column sums stay within a thread and fewer warps meet at its row sums' barriers
-    tiles = [{"rows": r, "warps": w} for r in (1, 2, 4, 8) for w in (1, 2, 4, 8)
-             if 1024 <= r * width <= 8192 and w >= 4 or w < 4 and r * width == 512 * w]
-    axes = [[{"stages": s} for s in (1, 2, 3)], tiles]
+    tiles = [{"rows": r, "warps": w, "warps_per_sm": n}
+             for r in (1, 2, 4, 8) for w in (1, 2, 4, 8)
+             if 1024 <= r * width <= 8192 and w >= 4 or w < 4 and r * width == 512 * w
+             for n in warps_per_sm]
+    axes = [[{"stages": s} for s in (1, 2, 3, 4)], tiles]
     if kernel == "bias_gelu":
         axes.append([{"block_n": n} for n in (512, 1024)])
-    axes.append([{"warps_per_sm": n} for n in (8, 12, 16, 24, 32)])
+    axes.append([{"warps_per_sm": n} for n in warps_per_sm])
     return axes
 
 
