@@ -2,8 +2,8 @@
 
 Forward, fc1 (`matmul_bias_gelu`): f = a @ w.T (M x N, K deep) rounded to the output dtype, and
 g = gelu_erf(f + bias) from that rounded f, both written from the accumulator tile: the same
-values as cuBLAS's f followed by kernels/bias_gelu.py's forward, without a second kernel reading
-f back (f is still written: the backward needs it).
+values as cuBLAS's f followed by kernels/bias_gelu.py's forward (the same normal CDF,
+`_normal_cdf`), without a second kernel reading f back (f is still written: the backward needs it).
 
 Backward, fc2's input gradient (`matmul_gelu_bwd`): dg = dm @ w2 stays in the fp32 accumulator,
 and the epilogue reads the saved f and writes df = dg * gelu'(f + bias) in the output dtype, and
@@ -97,7 +97,8 @@ def _matmul_bias_gelu(
     tl.store(F + rows[:, None] * stride_f + cols[None, :], f, mask=mask)
     # the GELU of the rounded f: what the backward recomputes from the saved f
     z = f.to(tl.float32) + tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    g = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))  # 1 / sqrt(2)
+    cdf, _ = _normal_cdf(z)  # Phi(z), as kernels/bias_gelu.py's forward
+    g = z * cdf
     tl.store(G + rows[:, None] * stride_g + cols[None, :], g.to(G.dtype.element_ty), mask=mask)
 
 
@@ -144,11 +145,12 @@ _SMEM_BUDGET = 200 * 1024  # bytes of pipelined A and B tiles a program may take
 def _gpu_configs():
     # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). Compiled for sm_90 (Triton 3.6), each runs its
     # K loop on wgmma (HGMMA) fed by cp.async, with no spill in the loop. The epilogue's GELU work
-    # (most of the kernel's ~3,000 SASS instructions at 128 x 128 over 8 warps: by our count
-    # about as many cycles as the K = 512 loop) overlaps another program's loop only where two
-    # programs fit an SM: the 4-warp tiles (under 200 registers a thread, 96 KiB of shared
-    # memory). 128 x 256 is cuBLAS's tile for these shapes; it spills in the epilogue (56 / 288
-    # bytes a thread, forward / backward: tests/_kernel_capture.py gelu_matmul --verbose).
+    # (most of the kernel's 2,216 / 2,720 SASS instructions, forward / backward, at 128 x 128 over
+    # 8 warps: by our count about as many cycles as the K = 512 loop) overlaps another program's
+    # loop only where two programs fit an SM: the 4-warp tiles (under 200 registers a thread,
+    # 96 KiB of shared memory). 128 x 256 is cuBLAS's tile for these shapes; its backward spills
+    # in the epilogue (592 bytes a thread; the forward none: tests/_kernel_capture.py
+    # gelu_matmul --verbose).
     shapes = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
             for bm, bn, bk, w, s in shapes]
