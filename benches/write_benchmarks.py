@@ -286,6 +286,13 @@ def profile_section(card, res):
                          f"{k['launches_per_step']:.0f}"] for k in b["fastmae_kernels"]]
                 out += ["", "Every fastmae kernel:", "",
                         _table(["kernel", "ms/step", "share", "launches"], rows, ["l", "r", "r", "r"])]
+            if b.get("fastmae_launches"):  # per grid and block (results since this field)
+                rows = [[f"`{k['name']}`", k["launch"], f"{k['ms_per_step']:.2f}", _pct(k["share"]),
+                         f"{k['launches_per_step']:.0f}"] for k in b["fastmae_launches"]]
+                out += ["", "Every fastmae kernel by launch shape (the profiler's grid and threads "
+                            "a program: e.g. encoder and decoder calls apart):", "",
+                        _table(["kernel", "launch", "ms/step", "share", "launches"], rows,
+                               ["l", "l", "r", "r", "r"])]
     if not out:
         return None
     return "\n".join(["### Where a step's GPU time goes", "",

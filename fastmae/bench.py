@@ -38,6 +38,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -459,13 +460,19 @@ def kernel_category(name, fastmae_names):
 
 
 def kernel_breakdown(kernels, steps, fastmae_names, step_ms=None, top=15):
-    """Summarize GPU kernel time from a profile of ``steps`` steps. ``kernels``: (name, us)
-    pairs, one per launch. Returns per-step totals: busy ms, launches, per category, and the
-    ``top`` kernels by time, and every fastmae kernel by time (each of them, however small)."""
-    by_name = {}
-    for name, us in kernels:
+    """Summarize GPU kernel time from a profile of ``steps`` steps. ``kernels``: (name, us) or
+    (name, us, launch) tuples, one per launch, ``launch`` its grid and block (``launch_shape``)
+    or None. Returns per-step totals: busy ms, launches, per category, and the ``top`` kernels
+    by time, and every fastmae kernel by time (each of them, however small); where launches
+    carry their shapes, also every fastmae kernel per grid and block (``fastmae_launches``:
+    e.g. the encoder's and the decoder's calls of one kernel apart)."""
+    by_name, by_launch = {}, {}
+    for name, us, *launch in kernels:
         t, n = by_name.get(name, (0.0, 0))
         by_name[name] = (t + us, n + 1)
+        if launch and launch[0] is not None and name in fastmae_names:
+            t, n = by_launch.get((name, launch[0]), (0.0, 0))
+            by_launch[(name, launch[0])] = (t + us, n + 1)
     busy_us = sum(t for t, _ in by_name.values())
     cats = {}
     for name, (t, n) in by_name.items():
@@ -477,7 +484,7 @@ def kernel_breakdown(kernels, steps, fastmae_names, step_ms=None, top=15):
         return {"name": name, "ms_per_step": t / 1e3 / steps, "launches_per_step": n / steps,
                 "share": t / busy_us if busy_us else 0.0}
     by_time = sorted(by_name.items(), key=lambda kv: -kv[1][0])
-    return {
+    out = {
         "steps_profiled": steps,
         "gpu_busy_ms_per_step": busy_us / 1e3 / steps,
         "step_ms": step_ms,
@@ -488,6 +495,42 @@ def kernel_breakdown(kernels, steps, fastmae_names, step_ms=None, top=15):
                         for k, (t, n) in by_time[:top]],
         "fastmae_kernels": [row(k, t, n) for k, (t, n) in by_time if k in fastmae_names],
     }
+    if by_launch:
+        out["fastmae_launches"] = [
+            dict(row(name, t, n), launch=launch)
+            for (name, launch), (t, n) in sorted(by_launch.items(), key=lambda kv: -kv[1][0])]
+    return out
+
+
+def launch_shape(args):
+    """'grid X x Y x Z, block T' (threads a program) from a profiler trace event's args, its
+    "grid" and "block" lists; None where it has neither."""
+    grid, block = args.get("grid"), args.get("block")
+    if not grid or not block:
+        return None
+    threads = 1
+    for b in block:
+        threads *= int(b)
+    return f"grid {' x '.join(str(int(g)) for g in grid)}, block {threads}"
+
+
+def _trace_kernels(prof):
+    """(name, us, launch shape) of every CUDA kernel in a finished torch.profiler profile, read
+    from its Chrome trace, where the profiler keeps each kernel's grid and block; None if the
+    trace cannot be read."""
+    fd, path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        prof.export_chrome_trace(path)
+        with open(path, encoding="utf-8") as f:
+            trace = json.load(f)
+        events = trace["traceEvents"] if isinstance(trace, dict) else trace
+        return [(e["name"], float(e["dur"]), launch_shape(e.get("args") or {}))
+                for e in events if e.get("cat") == "kernel" and e.get("ph") == "X"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    finally:
+        os.unlink(path)
 
 
 def profile_train_step(step, steps=2, step_ms=None):
@@ -499,8 +542,10 @@ def profile_train_step(step, steps=2, step_ms=None):
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
-    kernels = [(e.name, e.time_range.elapsed_us()) for e in prof.events()
-               if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = _trace_kernels(prof)
+    if not kernels:  # no readable trace: the events, without launch shapes
+        kernels = [(e.name, e.time_range.elapsed_us()) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA]
     return kernel_breakdown(kernels, steps, fastmae_kernel_names(), step_ms=step_ms)
 
 
@@ -512,11 +557,14 @@ def format_breakdown(label, b):
         lines.append(f"  {r['name']:<28} {r['ms_per_step']:8.2f} ms  {100 * r['share']:5.1f}%"
                      f"  {r['launches_per_step']:6.0f} launches")
     for title, rows in (("top kernels", b["top_kernels"]),
-                        ("fastmae kernels", b.get("fastmae_kernels", []))):
-        lines.append(f"  {title}:")
+                        ("fastmae kernels", b.get("fastmae_kernels", [])),
+                        ("fastmae kernels by launch shape", b.get("fastmae_launches", []))):
+        if rows:
+            lines.append(f"  {title}:")
         for r in rows:
+            shape = f"  ({r['launch']})" if r.get("launch") else ""
             lines.append(f"    {r['ms_per_step']:8.2f} ms  {100 * r['share']:5.1f}%  "
-                         f"x{r['launches_per_step']:<5.0f} {r['name'][:90]}")
+                         f"x{r['launches_per_step']:<5.0f} {r['name'][:90]}{shape}")
     return "\n".join(lines)
 
 

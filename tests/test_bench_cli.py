@@ -147,6 +147,56 @@ def test_kernel_breakdown_sums_and_categories():
     assert "GPU busy 1.4 ms per step" in text and "fastmae kernels:" in text and "_attn_fwd" in text
     text = bench.format_breakdown("fastmae", b)
     assert "GPU busy 1.4 ms per step of 2.0 ms" in text and "_attn_fwd" in text
+    assert "fastmae_launches" not in b  # no launch shapes given
+
+
+def test_kernel_breakdown_by_launch_shape():
+    """Launches that carry their grid and block: every fastmae kernel per launch shape (e.g. the
+    encoder's and the decoder's calls apart), the totals as without them."""
+    names = {"_attn_fwd", "_layer_norm_bwd"}
+    enc, dec = "grid 3072 x 1 x 1, block 128", "grid 4096 x 4 x 1, block 128"
+    # FIXTURE: made-up kernel durations (us), one profiled step
+    kernels = [("_attn_fwd", 10.0, enc), ("_attn_fwd", 12.0, enc), ("_attn_fwd", 50.0, dec),
+               ("_layer_norm_bwd", 7.0, "grid 396 x 1 x 1, block 128"),
+               ("nvjet_tst_fixture", 100.0, "grid 132 x 1 x 1, block 384"), ("_attn_fwd", 1.0, None)]
+    b = bench.kernel_breakdown(kernels, 1, names)
+    assert b["gpu_busy_ms_per_step"] == pytest.approx(0.18)
+    assert b["fastmae_kernels"][0]["name"] == "_attn_fwd"
+    assert b["fastmae_kernels"][0]["launches_per_step"] == 4
+    launches = [(r["name"], r["launch"], round(r["ms_per_step"], 6), r["launches_per_step"])
+                for r in b["fastmae_launches"]]
+    assert launches == [("_attn_fwd", dec, 0.05, 1), ("_attn_fwd", enc, 0.022, 2),
+                        ("_layer_norm_bwd", "grid 396 x 1 x 1, block 128", 0.007, 1)]
+    text = bench.format_breakdown("fastmae", b)
+    assert "fastmae kernels by launch shape:" in text and f"_attn_fwd  ({dec})" in text
+
+
+def test_launch_shapes_come_from_the_profilers_trace(tmp_path):
+    """The kernels of a profile, with grid and block, from its exported Chrome trace (CPU
+    events and kernels without those fields skipped or given no shape); an unreadable trace
+    gives None, and the caller falls back to the profiler's events."""
+    assert bench.launch_shape({"grid": [4096, 4, 1], "block": [128, 1, 1]}) == \
+        "grid 4096 x 4 x 1, block 128"
+    assert bench.launch_shape({"grid": [1, 1, 1]}) is None and bench.launch_shape({}) is None
+
+    class FakeProfile:  # FIXTURE: a made-up trace in the format torch.profiler exports
+        def __init__(self, trace):
+            self.trace = trace
+
+        def export_chrome_trace(self, path):
+            with open(path, "w") as f:
+                f.write(self.trace)
+
+    trace = {"traceEvents": [
+        {"ph": "X", "cat": "kernel", "name": "_attn_fwd", "dur": 12.5,
+         "args": {"grid": [4096, 4, 1], "block": [128, 1, 1], "registers per thread": 90}},
+        {"ph": "X", "cat": "kernel", "name": "nvjet_tst_fixture", "dur": 30.0, "args": {}},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "dur": 3.0, "args": {}},
+        {"ph": "i", "cat": "kernel", "name": "marker", "args": {}},
+    ]}
+    assert bench._trace_kernels(FakeProfile(json.dumps(trace))) == [
+        ("_attn_fwd", 12.5, "grid 4096 x 4 x 1, block 128"), ("nvjet_tst_fixture", 30.0, None)]
+    assert bench._trace_kernels(FakeProfile("{not json")) is None
 
 
 def test_graphed_step_refuses_what_it_cannot_capture():
@@ -177,7 +227,8 @@ def _fixture_step(card="FIXTURE-GPU-A", ms=(111.0, 55.5, 88.8)):
             row("reference_compile", "reference, torch.compile", ms[2])]
     rows[1]["paths_kept"] = {"mlp fc1 M=12800 N=3072 K=768 bfloat16": "fused (fused 0.100 ms, split 0.200 ms)"}
     rows[1]["profile"] = bench.kernel_breakdown(
-        [("_attn_fwd", 4321.0), ("nvjet_tst_fixture", 30000.0)], 1, {"_attn_fwd"}, step_ms=ms[1])
+        [("_attn_fwd", 4321.0, "grid 4096 x 4 x 1, block 128"), ("nvjet_tst_fixture", 30000.0, None)],
+        1, {"_attn_fwd"}, step_ms=ms[1])
     return {
         "schema": "fastmae-bench/1", "kind": "train_step", "tiny_cpu": False, "env": env,
         "floors": FIXTURE_FLOORS,
@@ -229,6 +280,8 @@ def test_writer_on_fixture(tmp_path):
     assert "GPU busy 34.3 ms per step of a 55.5 ms step" in md
     assert re.search(r"\| `_attn_fwd` \| fastmae kernels \| 4\.32 \| 13% \| 1 \|", md)
     assert "Every fastmae kernel:" in md and re.search(r"\| `_attn_fwd` \| 4\.32 \| 13% \| 1 \|", md)
+    assert "Every fastmae kernel by launch shape" in md and re.search(
+        r"\| `_attn_fwd` \| grid 4096 x 4 x 1, block 128 \| 4\.32 \| 13% \| 1 \|", md)
     # op table: time, speed-up, GB/s, fraction of floor
     assert re.search(r"\| bias_gelu_enc \| fwd \| M=12800 D=3072 \| bf16 \(amp bf16\) \| 12\.3 \| 49\.2 \| "
                      r"4\.00x \| 813 GB/s \| 10\.0 \| 81% \| 20% \|", md)
