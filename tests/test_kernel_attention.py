@@ -195,10 +195,15 @@ def test_other_tilings(N, d, fused, device, monkeypatch):
         _check(case["q"], case["k"], case["v"], _do_like(case["q"]), d ** -0.5)
 
 
-def test_non_default_scale(device):
-    case = attention_case(2, 3, 50, 64, "qkv", device=device, seed=5)
+@pytest.mark.parametrize("N", [50, 197])  # one key tile; the online softmax over key blocks
+@pytest.mark.parametrize("scale", [0.37, -0.37, 0.0])
+def test_non_default_scale(N, scale, device):
+    """Any scale, as SDPA takes: a positive one runs the softmax on unscaled scores (the max
+    scaled once a row), a negative one flips which score is the max, zero gives a uniform
+    softmax."""
+    case = attention_case(2, 3, N, 64, "qkv", device=device, seed=5)
     q = case["q"] * 3.0  # peakier softmax as well
-    _check(q, case["k"], case["v"], _do_like(q), 0.37)
+    _check(q, case["k"], case["v"], _do_like(q), scale)
 
 
 def test_expanded_grad_output(device):
