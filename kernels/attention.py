@@ -15,7 +15,8 @@ saved for the backward.
 
 Every sweep over a sequence (the forward's and dQ's over keys, dK-dV's over queries) ends with a
 step of only N % BLOCK rows rounded up to a power of two (`_tail`): MAE's decoder N = 197 in
-blocks of 64 computes 3 x 64 + 16 rows, not 256.
+blocks of 64 computes 3 x 64 + 16 rows, not 256. The forward's last query block is cut the same
+way (its program runs a TAIL_M-row tile).
 
 Backward (`attention_bwd`), deterministic (no atomics), nothing of size N x N in global memory:
 - short sequences (one key tile of next_pow2(N) x next_pow2(d) <= _FUSED_BWD_MAX_TILE elements,
@@ -169,6 +170,56 @@ def _attn_fwd_block(
 
 
 @triton.jit
+def _attn_fwd_rows(
+    q_base, k_base, v_base, o_base,  # pointers to row start_m of this (batch, head)'s Q and O,
+    lse_row,  # and row 0 of its K and V; lse_row: to its lse at row start_m
+    rows_left,  # N_CTX - start_m: rows at or past it are not stored
+    N_CTX, qk_scale,
+    stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_on, stride_od,
+    ROWS: tl.constexpr,  # query rows of this tile
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TAIL_N: tl.constexpr,
+    ONE_TILE: tl.constexpr, DOT_PRECISION: tl.constexpr, POS_SCALE: tl.constexpr,
+):
+    """Attention of ROWS query rows against every key: o and lse stored."""
+    offs_m = tl.arange(0, ROWS)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    # Rows past N load as zeros: their scores are finite, and they are never stored.
+    q = _load_tile(q_base, offs_m, offs_d, stride_qn, stride_qd, rows_left, HEAD_DIM, BLOCK_D, True)
+
+    if ONE_TILE:
+        k = _load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, N_CTX, HEAD_DIM, BLOCK_D, True)
+        v = _load_tile(v_base, offs_n, offs_d, stride_vn, stride_vd, N_CTX, HEAD_DIM, BLOCK_D, True)
+        qk, scale = _scores(q, k, qk_scale, POS_SCALE, DOT_PRECISION)
+        qk = tl.where(offs_n[None, :] < N_CTX, qk, float("-inf"))
+        m_i = tl.max(qk, 1) * scale
+        p = tl.math.exp2(qk * scale - m_i[:, None])
+        l_i = tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    else:
+        m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([ROWS], dtype=tl.float32)
+        acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+        n_full = (N_CTX // BLOCK_N) * BLOCK_N
+        for start_n in range(0, n_full, BLOCK_N):  # full key blocks: no masks on keys
+            acc, m_i, l_i = _attn_fwd_block(
+                acc, m_i, l_i, q, k_base, v_base, start_n, N_CTX, qk_scale, offs_n, offs_d,
+                stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, BLOCK_D, False, DOT_PRECISION,
+                POS_SCALE)
+        for start_n in range(n_full, N_CTX, TAIL_N):  # the rest, in one block of TAIL_N keys
+            acc, m_i, l_i = _attn_fwd_block(
+                acc, m_i, l_i, q, k_base, v_base, start_n, N_CTX, qk_scale, tl.arange(0, TAIL_N),
+                offs_d, stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, BLOCK_D, True,
+                DOT_PRECISION, POS_SCALE)
+
+    # one division a row, not one an element (an fp32 division is ~8 instructions on sm_90)
+    o = acc * (1.0 / l_i)[:, None]
+    _store_tile(o_base, o, offs_m, offs_d, stride_on, stride_od, rows_left, HEAD_DIM, BLOCK_D)
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # natural log
+    tl.store(lse_row + offs_m, lse, mask=offs_m < rows_left)
+
+
+@triton.jit
 def _attn_fwd(
     Q,  # (B, H, N, d) fp32 | fp16 | bf16, any strides
     K,  # (B, H, N, d) q's dtype, any strides
@@ -185,6 +236,7 @@ def _attn_fwd(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    TAIL_M: tl.constexpr,  # query rows of the last block when N % BLOCK_M (see _tail)
     TAIL_N: tl.constexpr,  # keys of the loop's last step when N % BLOCK_N (see _tail)
     ONE_TILE: tl.constexpr,  # BLOCK_N >= N_CTX: every key in one tile, no online softmax
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs
@@ -197,45 +249,21 @@ def _attn_fwd(
     q_base = Q + b * stride_qb + h * stride_qh + tl.cast(start_m, tl.int64) * stride_qn
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    rows_left = N_CTX - start_m
-
-    # Rows past N load as zeros: their scores are finite, and they are never stored.
-    q = _load_tile(q_base, offs_m, offs_d, stride_qn, stride_qd, rows_left, HEAD_DIM, BLOCK_D, True)
-
-    if ONE_TILE:
-        k = _load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, N_CTX, HEAD_DIM, BLOCK_D, True)
-        v = _load_tile(v_base, offs_n, offs_d, stride_vn, stride_vd, N_CTX, HEAD_DIM, BLOCK_D, True)
-        qk, scale = _scores(q, k, qk_scale, POS_SCALE, DOT_PRECISION)
-        qk = tl.where(offs_n[None, :] < N_CTX, qk, float("-inf"))
-        m_i = tl.max(qk, 1) * scale
-        p = tl.math.exp2(qk * scale - m_i[:, None])
-        l_i = tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    else:
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        n_full = (N_CTX // BLOCK_N) * BLOCK_N
-        for start_n in range(0, n_full, BLOCK_N):  # full key blocks: no masks on keys
-            acc, m_i, l_i = _attn_fwd_block(
-                acc, m_i, l_i, q, k_base, v_base, start_n, N_CTX, qk_scale, offs_n, offs_d,
-                stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, BLOCK_D, False, DOT_PRECISION,
-                POS_SCALE)
-        for start_n in range(n_full, N_CTX, TAIL_N):  # the rest, in one block of TAIL_N keys
-            acc, m_i, l_i = _attn_fwd_block(
-                acc, m_i, l_i, q, k_base, v_base, start_n, N_CTX, qk_scale, tl.arange(0, TAIL_N),
-                offs_d, stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, BLOCK_D, True,
-                DOT_PRECISION, POS_SCALE)
-
-    # one division a row, not one an element (an fp32 division is ~8 instructions on sm_90)
-    o = acc * (1.0 / l_i)[:, None]
     o_base = O + b * stride_ob + h * stride_oh + tl.cast(start_m, tl.int64) * stride_on
-    _store_tile(o_base, o, offs_m, offs_d, stride_on, stride_od, rows_left, HEAD_DIM, BLOCK_D)
-    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # natural log
-    tl.store(LSE + pid_bh * N_CTX + start_m + offs_m, lse, mask=offs_m < rows_left)
+    lse_row = LSE + pid_bh * N_CTX + start_m
+    rows_left = N_CTX - start_m
+    # The last query block computes only TAIL_M rows (MAE's decoder, N = 197 in blocks of 64: 3 x
+    # 64 + 16 = 208 rows instead of 256); both tile sizes are compiled where they differ.
+    if TAIL_M == BLOCK_M or rows_left >= BLOCK_M:
+        _attn_fwd_rows(q_base, k_base, v_base, o_base, lse_row, rows_left, N_CTX, qk_scale,
+                       stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd,
+                       stride_on, stride_od, BLOCK_M, HEAD_DIM, BLOCK_N, BLOCK_D, TAIL_N,
+                       ONE_TILE, DOT_PRECISION, POS_SCALE)
+    else:
+        _attn_fwd_rows(q_base, k_base, v_base, o_base, lse_row, rows_left, N_CTX, qk_scale,
+                       stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd,
+                       stride_on, stride_od, TAIL_M, HEAD_DIM, BLOCK_N, BLOCK_D, TAIL_N,
+                       ONE_TILE, DOT_PRECISION, POS_SCALE)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -662,7 +690,7 @@ def _tail_of(block):
 _attn_fwd_tuned = triton.autotune(
     configs=_FWD_CONFIGS, key=["N_CTX", "HEAD_DIM"], prune_configs_by={"early_config_prune": _prune_fwd},
 )(triton.heuristics({"ONE_TILE": lambda args: args["BLOCK_N"] >= args["N_CTX"],
-                     "TAIL_N": _tail_of("BLOCK_N")})(_attn_fwd))
+                     "TAIL_M": _tail_of("BLOCK_M"), "TAIL_N": _tail_of("BLOCK_N")})(_attn_fwd))
 
 _attn_bwd_dkdv_heuristics = triton.heuristics({"TAIL_M": _tail_of("BLOCK_M")})(_attn_bwd_dkdv)
 
