@@ -15,8 +15,8 @@ saved for the backward.
 
 Every sweep over a sequence (the forward's and dQ's over keys, dK-dV's over queries) ends with a
 step of only N % BLOCK rows rounded up to a power of two (`_tail`): MAE's decoder N = 197 in
-blocks of 64 computes 3 x 64 + 16 rows, not 256. The forward's last query block is cut the same
-way (its program runs a TAIL_M-row tile).
+blocks of 64 computes 3 x 64 + 16 rows, not 256. The forward's and dQ's last query block is cut the
+same way (its program runs a TAIL_M-row tile).
 
 Backward (`attention_bwd`), deterministic (no atomics), nothing of size N x N in global memory:
 - short sequences (one key tile of next_pow2(N) x next_pow2(d) <= _FUSED_BWD_MAX_TILE elements,
@@ -471,6 +471,49 @@ def _attn_bwd_dq_block(
 
 
 @triton.jit
+def _attn_bwd_dq_rows(
+    Q, DO, O, DQ,  # pointers to row start_m of this (batch, head)'s Q, dO, O, dQ
+    k_base, v_base,  # pointers to key / value row 0 of this (batch, head)
+    delta_row, lse_row,  # pointers to this (batch, head)'s delta and lse at row start_m
+    dsum_row,  # pointer to [b, start_m // SUM_ROWS, 0, h, 0] of DSUM (HAS_SUMS)
+    row_s, rows_left, N_CTX, sm_scale, qk_scale,
+    stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_on, stride_od,
+    stride_don, stride_dod, stride_dqn, stride_dqd, stride_sr,
+    ROWS: tl.constexpr,  # query rows of this tile
+    OWN: tl.constexpr,  # partial rows of DSUM the program owns (BLOCK_M / SUM_ROWS, rounded up)
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TAIL_N: tl.constexpr,
+    HAS_SUMS: tl.constexpr, SUM_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """dQ of ROWS query rows (and delta, and dQ's column sums)."""
+    offs_m = tl.arange(0, ROWS)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_valid = offs_m < rows_left
+    q = _load_tile(Q, offs_m, offs_d, stride_qn, stride_qd, rows_left, HEAD_DIM, BLOCK_D, True)
+    do = _load_tile(DO, offs_m, offs_d, stride_don, stride_dod, rows_left, HEAD_DIM, BLOCK_D, True)
+    o = _load_tile(O, offs_m, offs_d, stride_on, stride_od, rows_left, HEAD_DIM, BLOCK_D, True)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(delta_row + offs_m, delta, mask=row_valid)
+    lse2 = tl.load(lse_row + offs_m, mask=row_valid, other=0.0) * 1.4426950408889634
+
+    dq = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    n_full = (N_CTX // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        dq = _attn_bwd_dq_block(dq, q, do, lse2, delta, k_base, v_base, start_n, N_CTX, qk_scale,
+                                offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
+                                HEAD_DIM, BLOCK_D, False, DOT_PRECISION)
+    for start_n in range(n_full, N_CTX, TAIL_N):  # the rest, in one block of TAIL_N keys
+        dq = _attn_bwd_dq_block(dq, q, do, lse2, delta, k_base, v_base, start_n, N_CTX, qk_scale,
+                                tl.arange(0, TAIL_N), offs_d, stride_kn, stride_kd, stride_vn,
+                                stride_vd, HEAD_DIM, BLOCK_D, True, DOT_PRECISION)
+    dq = dq * sm_scale
+    _store_tile(DQ, dq, offs_m, offs_d, stride_dqn, stride_dqd, rows_left, HEAD_DIM, BLOCK_D)
+    if HAS_SUMS:
+        _store_col_sums(dsum_row, tl.sum(tl.where(row_valid[:, None], dq, 0.0), 0), row_s,
+                        (N_CTX + SUM_ROWS - 1) // SUM_ROWS, stride_sr, offs_d, OWN, HEAD_DIM)
+
+
+@triton.jit
 def _attn_bwd_dq(
     Q,  # (B, H, N, d) fp32 | fp16 | bf16, any strides
     K,  # (B, H, N, d) any strides
@@ -495,6 +538,7 @@ def _attn_bwd_dq(
     BLOCK_M: tl.constexpr,  # query rows owned by this program
     BLOCK_N: tl.constexpr,  # keys per step of the sweep
     BLOCK_D: tl.constexpr,
+    TAIL_M: tl.constexpr,  # query rows of the last block when N % BLOCK_M (see _tail)
     TAIL_N: tl.constexpr,  # keys of the sweep's last step when N % BLOCK_N (see _tail)
     HAS_SUMS: tl.constexpr,  # also write dQ's column sums
     SUM_ROWS: tl.constexpr,  # sequence rows per partial row of DSUM
@@ -505,44 +549,35 @@ def _attn_bwd_dq(
     start_m = tl.program_id(1) * BLOCK_M
     b = pid_bh // H
     h = pid_bh % H
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
     rows_left = N_CTX - start_m
-    row_valid = offs_m < rows_left
     row0 = tl.cast(start_m, tl.int64)
-
-    q = _load_tile(Q + b * stride_qb + h * stride_qh + row0 * stride_qn, offs_m, offs_d,
-                   stride_qn, stride_qd, rows_left, HEAD_DIM, BLOCK_D, True)
-    do = _load_tile(DO + b * stride_dob + h * stride_doh + row0 * stride_don, offs_m, offs_d,
-                    stride_don, stride_dod, rows_left, HEAD_DIM, BLOCK_D, True)
-    o = _load_tile(O + b * stride_ob + h * stride_oh + row0 * stride_on, offs_m, offs_d,
-                   stride_on, stride_od, rows_left, HEAD_DIM, BLOCK_D, True)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    tl.store(DELTA + pid_bh * N_CTX + start_m + offs_m, delta, mask=row_valid)
-    lse2 = tl.load(LSE + pid_bh * N_CTX + start_m + offs_m, mask=row_valid, other=0.0) * 1.4426950408889634
-
+    row_s = start_m // SUM_ROWS
+    q_row = Q + b * stride_qb + h * stride_qh + row0 * stride_qn
+    do_row = DO + b * stride_dob + h * stride_doh + row0 * stride_don
+    o_row = O + b * stride_ob + h * stride_oh + row0 * stride_on
+    dq_row = DQ + b * stride_dqb + h * stride_dqh + row0 * stride_dqn
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    n_full = (N_CTX // BLOCK_N) * BLOCK_N
-    for start_n in range(0, n_full, BLOCK_N):
-        dq = _attn_bwd_dq_block(dq, q, do, lse2, delta, k_base, v_base, start_n, N_CTX, qk_scale,
-                                offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
-                                HEAD_DIM, BLOCK_D, False, DOT_PRECISION)
-    for start_n in range(n_full, N_CTX, TAIL_N):  # the rest, in one block of TAIL_N keys
-        dq = _attn_bwd_dq_block(dq, q, do, lse2, delta, k_base, v_base, start_n, N_CTX, qk_scale,
-                                tl.arange(0, TAIL_N), offs_d, stride_kn, stride_kd, stride_vn,
-                                stride_vd, HEAD_DIM, BLOCK_D, True, DOT_PRECISION)
-    dq = dq * sm_scale
-    _store_tile(DQ + b * stride_dqb + h * stride_dqh + row0 * stride_dqn, dq, offs_m, offs_d,
-                stride_dqn, stride_dqd, rows_left, HEAD_DIM, BLOCK_D)
-    if HAS_SUMS:
-        row_s = start_m // SUM_ROWS
-        _store_col_sums(DSUM + b * stride_sb + row_s * stride_sr + h * stride_sh,
-                        tl.sum(tl.where(row_valid[:, None], dq, 0.0), 0), row_s,
-                        (N_CTX + SUM_ROWS - 1) // SUM_ROWS, stride_sr, offs_d,
-                        (BLOCK_M + SUM_ROWS - 1) // SUM_ROWS, HEAD_DIM)
+    delta_row = DELTA + pid_bh * N_CTX + start_m
+    lse_row = LSE + pid_bh * N_CTX + start_m
+    dsum_row = DSUM + b * stride_sb + row_s * stride_sr + h * stride_sh
+    OWN: tl.constexpr = (BLOCK_M + SUM_ROWS - 1) // SUM_ROWS
+    # the last query block runs a TAIL_M-row tile, as the forward's (compiled twice only where
+    # TAIL_M differs); the program owns the same partial rows of DSUM either way
+    if TAIL_M == BLOCK_M or rows_left >= BLOCK_M:
+        _attn_bwd_dq_rows(q_row, do_row, o_row, dq_row, k_base, v_base, delta_row, lse_row,
+                          dsum_row, row_s, rows_left, N_CTX, sm_scale, qk_scale,
+                          stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd,
+                          stride_on, stride_od, stride_don, stride_dod, stride_dqn, stride_dqd,
+                          stride_sr, BLOCK_M, OWN, HEAD_DIM, BLOCK_N, BLOCK_D, TAIL_N, HAS_SUMS,
+                          SUM_ROWS, DOT_PRECISION)
+    else:
+        _attn_bwd_dq_rows(q_row, do_row, o_row, dq_row, k_base, v_base, delta_row, lse_row,
+                          dsum_row, row_s, rows_left, N_CTX, sm_scale, qk_scale,
+                          stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd,
+                          stride_on, stride_od, stride_don, stride_dod, stride_dqn, stride_dqd,
+                          stride_sr, TAIL_M, OWN, HEAD_DIM, BLOCK_N, BLOCK_D, TAIL_N, HAS_SUMS,
+                          SUM_ROWS, DOT_PRECISION)
 
 
 # ----------------------------------------------------------------------------- autotuning
@@ -707,7 +742,7 @@ _attn_bwd_dkdv_tuned = triton.autotune(
 _attn_bwd_dq_tuned = triton.autotune(
     configs=_BWD_DQ_CONFIGS, key=["N_CTX", "HEAD_DIM"],
     prune_configs_by={"early_config_prune": _prune_bwd_dq},
-)(triton.heuristics({"TAIL_N": _tail_of("BLOCK_N")})(_attn_bwd_dq))
+)(triton.heuristics({"TAIL_M": _tail_of("BLOCK_M"), "TAIL_N": _tail_of("BLOCK_N")})(_attn_bwd_dq))
 
 
 # ----------------------------------------------------------------------------- launchers

@@ -276,6 +276,8 @@ def _scenarios(name):
                     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
                     out = empty(B, N, H, d, dtype=dt).transpose(1, 2)
                     o, lse = at.attention_fwd(q, k, v, d ** -0.5, out=out)
+                    if N == 13:  # a negative scale: the forward's other softmax (POS_SCALE)
+                        at.attention_fwd(q, k, v, -d ** -0.5, out=out)
                     do = empty(B, N, H, d, dtype=dt).transpose(1, 2)
                     dq, dk, dv = empty(B, N, 3, H, d, dtype=dt).permute(2, 0, 3, 1, 4).unbind(0)
                     # both backward strategies (on a GPU the faster is chosen by timing), each
