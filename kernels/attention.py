@@ -124,11 +124,14 @@ def _store_col_sums(
 # The forward's softmax runs on unscaled scores where the scale is positive (POS_SCALE, every
 # real use): max(s) * scale = max(s * scale) exactly then (rounding is monotonic), so the scale
 # is applied once a row to the max and folded into the exp's FFMA for each element, instead of
-# a multiply an element first. At the decoder's head dimension of 32 the loop is bound by
-# instruction issue, not by its MMAs: with 128 x 64 tiles at 4 warps (sm_90 SASS from Triton
-# 3.6, tests/_kernel_capture.py attention --verbose) a warp issued 532 instructions an
-# iteration, ~530 cycles of a scheduler, against ~280 tensor-core cycles for the iteration's two
-# 128 x 64 x 32 products (our arithmetic); 470 with this, and 158 -> 135 registers.
+# a multiply an element first. At the decoder's head dimension of 32 the loop is bound by its
+# exps and by instruction issue, not by its MMAs (our arithmetic): with 128 x 64 tiles at 4
+# warps (sm_90 SASS from Triton 3.6, tests/_kernel_capture.py attention --verbose) a warp
+# issued 532 instructions an iteration, ~530 cycles of a scheduler, and 66 exps, ~530 cycles of
+# its share of the SM's exp unit (16 results a clock), against ~280 tensor-core cycles for the
+# iteration's two 128 x 64 x 32 products. With this it issues 470, under the exp unit's bound,
+# in 135 registers instead of 158 (more programs fit an SM); fewer scores (the query tail
+# below) are what shortens the exp-bound part.
 @triton.jit
 def _scores(q, k, qk_scale, POS_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """(scores, scale): q k^T and the scale still to apply to them (qk_scale or 1)."""
