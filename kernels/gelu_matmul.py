@@ -146,11 +146,10 @@ def _gpu_configs():
     # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). Compiled for sm_90 (Triton 3.6), each runs its
     # K loop on wgmma (HGMMA) fed by cp.async, with no spill in the loop. The epilogue's GELU work
     # (most of the kernel's 2,216 / 2,720 SASS instructions, forward / backward, at 128 x 128 over
-    # 8 warps: by our count about as many cycles as the K = 512 loop) overlaps another program's
-    # loop only where two programs fit an SM: the 4-warp tiles (under 200 registers a thread,
-    # 96 KiB of shared memory). 128 x 256 is cuBLAS's tile for these shapes; its backward spills
-    # in the epilogue (592 bytes a thread; the forward none: tests/_kernel_capture.py
-    # gelu_matmul --verbose).
+    # 8 warps) overlaps another program's loop only where two programs fit an SM: the 4-warp
+    # tiles (under 200 registers a thread, 96 KiB of shared memory). 128 x 256 is cuBLAS's tile
+    # for these shapes; its backward spills in the epilogue (592 bytes a thread; the forward
+    # none: tests/_kernel_capture.py gelu_matmul --verbose).
     shapes = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
             for bm, bn, bk, w, s in shapes]
