@@ -15,8 +15,8 @@ saved for the backward.
 
 Every sweep over a sequence (the forward's and dQ's over keys, dK-dV's over queries) ends with a
 step of only N % BLOCK rows rounded up to a power of two (`_tail`): MAE's decoder N = 197 in
-blocks of 64 computes 3 x 64 + 16 rows, not 256. The forward's and dQ's last query block is cut the
-same way (its program runs a TAIL_M-row tile).
+blocks of 64 computes 3 x 64 + 16 rows, not 256. The last block a program owns is cut the same way:
+the forward's and dQ's last query block (a TAIL_M-row tile), dK-dV's last key block (TAIL_N keys).
 
 Backward (`attention_bwd`), deterministic (no atomics), nothing of size N x N in global memory:
 - short sequences (one key tile of next_pow2(N) x next_pow2(d) <= _FUSED_BWD_MAX_TILE elements,
@@ -347,20 +347,9 @@ def _attn_bwd_dkdv_block(
 
 
 @triton.jit
-def _attn_bwd_dkdv(
-    Q,  # (B, H, N, d) fp32 | fp16 | bf16, any strides
-    K,  # (B, H, N, d) any strides
-    V,  # (B, H, N, d) any strides
-    O,  # (B, H, N, d) any strides: read only when FUSE_DQ (delta computed inline)
-    DO,  # (B, H, N, d) q's dtype, any strides (stride 0 allowed)
-    DQ,  # (B, H, N, d) any strides: written only when FUSE_DQ
-    DK,  # (B, H, N, d) any strides
-    DV,  # (B, H, N, d) any strides
-    LSE,  # (B, H, N) fp32 contiguous, natural log (from the forward)
-    DELTA,  # (B, H, N) fp32 contiguous rowsum(dO * O): read only when not FUSE_DQ
-    DSUM,  # (B, R, 3, H, d) fp32, unit last stride: column sums of dQ, dK, dV (when HAS_SUMS)
-    sm_scale,  # fp32: the softmax scale
-    qk_scale,  # fp32: scale * log2(e)
+def _attn_bwd_dkdv_keys(
+    Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, DSUM,  # as _attn_bwd_dkdv's
+    pid_bh, b, h, start_n, N_CTX, sm_scale, qk_scale,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -370,23 +359,16 @@ def _attn_bwd_dkdv(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_sb, stride_sr, stride_ss, stride_sh,
-    H, N_CTX,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,  # query rows per step of the sweep
-    BLOCK_N: tl.constexpr,  # keys owned by this program (all of them when FUSE_DQ)
-    BLOCK_D: tl.constexpr,
-    TAIL_M: tl.constexpr,  # rows of the sweep's last step when N % BLOCK_M (see _tail)
-    FUSE_DQ: tl.constexpr,  # one key tile holds every key: also compute dQ and delta here
-    HAS_SUMS: tl.constexpr,  # also write the column sums (the qkv bias gradient's partials)
-    SUM_ROWS: tl.constexpr,  # sequence rows per partial row of DSUM
+    KEYS: tl.constexpr,  # keys of this program's tile
+    OWN: tl.constexpr,  # partial rows of DSUM the program owns (BLOCK_N / SUM_ROWS, rounded up)
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, TAIL_M: tl.constexpr,
+    FUSE_DQ: tl.constexpr, HAS_SUMS: tl.constexpr, SUM_ROWS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0).to(tl.int64)
-    start_n = tl.program_id(1) * BLOCK_N
-    b = pid_bh // H
-    h = pid_bh % H
+    """dK and dV of the KEYS keys from start_n, swept over every query (FUSE_DQ: dQ and delta
+    too)."""
     offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
+    offs_n = tl.arange(0, KEYS)
     offs_d = tl.arange(0, BLOCK_D)
     keys_left = N_CTX - start_n
     row0_n = tl.cast(start_n, tl.int64)
@@ -395,8 +377,8 @@ def _attn_bwd_dkdv(
                    stride_kn, stride_kd, keys_left, HEAD_DIM, BLOCK_D, True)
     v = _load_tile(V + b * stride_vb + h * stride_vh + row0_n * stride_vn, offs_n, offs_d,
                    stride_vn, stride_vd, keys_left, HEAD_DIM, BLOCK_D, True)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dk = tl.zeros([KEYS, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([KEYS, BLOCK_D], dtype=tl.float32)
 
     q_bh = Q + b * stride_qb + h * stride_qh
     do_bh = DO + b * stride_dob + h * stride_doh
@@ -437,16 +419,91 @@ def _attn_bwd_dkdv(
     if HAS_SUMS:
         # the fp32 gradients' column sums over this program's keys (rows past N can hold
         # garbage where P was not zeroed: masked); with FUSE_DQ, dQ's over every query
-        own: tl.constexpr = (BLOCK_N + SUM_ROWS - 1) // SUM_ROWS
         row_s = start_n // SUM_ROWS
         s_base = DSUM + b * stride_sb + row_s * stride_sr + h * stride_sh
         n_rows = (N_CTX + SUM_ROWS - 1) // SUM_ROWS
         if FUSE_DQ:
-            _store_col_sums(s_base, dq_sum, row_s, n_rows, stride_sr, offs_d, own, HEAD_DIM)
+            _store_col_sums(s_base, dq_sum, row_s, n_rows, stride_sr, offs_d, OWN, HEAD_DIM)
         _store_col_sums(s_base + stride_ss, tl.sum(tl.where(key_valid[:, None], dk, 0.0), 0),
-                        row_s, n_rows, stride_sr, offs_d, own, HEAD_DIM)
+                        row_s, n_rows, stride_sr, offs_d, OWN, HEAD_DIM)
         _store_col_sums(s_base + 2 * stride_ss, tl.sum(tl.where(key_valid[:, None], dv, 0.0), 0),
-                        row_s, n_rows, stride_sr, offs_d, own, HEAD_DIM)
+                        row_s, n_rows, stride_sr, offs_d, OWN, HEAD_DIM)
+
+
+@triton.jit
+def _attn_bwd_dkdv(
+    Q,  # (B, H, N, d) fp32 | fp16 | bf16, any strides
+    K,  # (B, H, N, d) any strides
+    V,  # (B, H, N, d) any strides
+    O,  # (B, H, N, d) any strides: read only when FUSE_DQ (delta computed inline)
+    DO,  # (B, H, N, d) q's dtype, any strides (stride 0 allowed)
+    DQ,  # (B, H, N, d) any strides: written only when FUSE_DQ
+    DK,  # (B, H, N, d) any strides
+    DV,  # (B, H, N, d) any strides
+    LSE,  # (B, H, N) fp32 contiguous, natural log (from the forward)
+    DELTA,  # (B, H, N) fp32 contiguous rowsum(dO * O): read only when not FUSE_DQ
+    DSUM,  # (B, R, 3, H, d) fp32, unit last stride: column sums of dQ, dK, dV (when HAS_SUMS)
+    sm_scale,  # fp32: the softmax scale
+    qk_scale,  # fp32: scale * log2(e)
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_dqb, stride_dqh, stride_dqn, stride_dqd,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_sb, stride_sr, stride_ss, stride_sh,
+    H, N_CTX,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # query rows per step of the sweep
+    BLOCK_N: tl.constexpr,  # keys owned by this program (all of them when FUSE_DQ)
+    BLOCK_D: tl.constexpr,
+    TAIL_M: tl.constexpr,  # rows of the sweep's last step when N % BLOCK_M (see _tail)
+    TAIL_N: tl.constexpr,  # keys of the last key block when N % BLOCK_N (see _tail)
+    FUSE_DQ: tl.constexpr,  # one key tile holds every key: also compute dQ and delta here
+    HAS_SUMS: tl.constexpr,  # also write the column sums (the qkv bias gradient's partials)
+    SUM_ROWS: tl.constexpr,  # sequence rows per partial row of DSUM
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_bh = tl.program_id(0).to(tl.int64)
+    start_n = tl.program_id(1) * BLOCK_N
+    b = pid_bh // H
+    h = pid_bh % H
+    OWN: tl.constexpr = (BLOCK_N + SUM_ROWS - 1) // SUM_ROWS
+    # The last key block's program runs a TAIL_N-key tile (MAE's decoder, N = 197 in blocks of
+    # 64: its 5 keys in a tile of 16, not 64), as the query tails of the forward and dQ; it owns
+    # the same partial rows of DSUM either way. (FUSE_DQ: BLOCK_N >= N, so TAIL_N == BLOCK_N.)
+    if TAIL_N == BLOCK_N or N_CTX - start_n >= BLOCK_N:
+        _attn_bwd_dkdv_keys(
+            Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, DSUM, pid_bh, b, h, start_n, N_CTX, sm_scale,
+            qk_scale,
+            stride_qb, stride_qh, stride_qn, stride_qd,
+            stride_kb, stride_kh, stride_kn, stride_kd,
+            stride_vb, stride_vh, stride_vn, stride_vd,
+            stride_ob, stride_oh, stride_on, stride_od,
+            stride_dob, stride_doh, stride_don, stride_dod,
+            stride_dqb, stride_dqh, stride_dqn, stride_dqd,
+            stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+            stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+            stride_sb, stride_sr, stride_ss, stride_sh,
+            BLOCK_N, OWN, HEAD_DIM, BLOCK_M, BLOCK_D, TAIL_M, FUSE_DQ, HAS_SUMS, SUM_ROWS,
+            DOT_PRECISION)
+    else:
+        _attn_bwd_dkdv_keys(
+            Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, DSUM, pid_bh, b, h, start_n, N_CTX, sm_scale,
+            qk_scale,
+            stride_qb, stride_qh, stride_qn, stride_qd,
+            stride_kb, stride_kh, stride_kn, stride_kd,
+            stride_vb, stride_vh, stride_vn, stride_vd,
+            stride_ob, stride_oh, stride_on, stride_od,
+            stride_dob, stride_doh, stride_don, stride_dod,
+            stride_dqb, stride_dqh, stride_dqn, stride_dqd,
+            stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+            stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+            stride_sb, stride_sr, stride_ss, stride_sh,
+            TAIL_N, OWN, HEAD_DIM, BLOCK_M, BLOCK_D, TAIL_M, FUSE_DQ, HAS_SUMS, SUM_ROWS,
+            DOT_PRECISION)
 
 
 @triton.jit
@@ -730,7 +787,8 @@ _attn_fwd_tuned = triton.autotune(
 )(triton.heuristics({"ONE_TILE": lambda args: args["BLOCK_N"] >= args["N_CTX"],
                      "TAIL_M": _tail_of("BLOCK_M"), "TAIL_N": _tail_of("BLOCK_N")})(_attn_fwd))
 
-_attn_bwd_dkdv_heuristics = triton.heuristics({"TAIL_M": _tail_of("BLOCK_M")})(_attn_bwd_dkdv)
+_attn_bwd_dkdv_heuristics = triton.heuristics(
+    {"TAIL_M": _tail_of("BLOCK_M"), "TAIL_N": _tail_of("BLOCK_N")})(_attn_bwd_dkdv)
 
 _attn_bwd_fused_tuned = triton.autotune(
     configs=_BWD_FUSED_CONFIGS, key=["N_CTX", "HEAD_DIM"],
