@@ -21,7 +21,10 @@ def leaves(case, names):
     return ours, ref
 
 
-def check_grads(out, ref_out, ours, ref, names, tol, seed=0):
+def check_grads(out, ref_out, ours, ref, names, tol, seed=0, floor=0.0):
+    """Backward through both with one random incoming gradient; each named input's gradient
+    within ``tol`` relative to the float64 one, its scale at least ``floor`` times the largest
+    of the expected gradients (see ``rel_err``)."""
     g = torch.Generator().manual_seed(seed)
     outs = out if isinstance(out, tuple) else (out,)
     ref_outs = ref_out if isinstance(ref_out, tuple) else (ref_out,)
@@ -30,7 +33,9 @@ def check_grads(out, ref_out, ours, ref, names, tol, seed=0):
     torch.autograd.backward(ref_outs, [gr.double() for gr in grads])
     for n in names:
         assert ours[n].grad is not None, f"no gradient reached {n}"
-        assert_rel_close(ours[n].grad, ref[n].grad, tol, f"grad of {n}")
+    scale = floor * max(ref[n].grad.abs().max().item() for n in names)
+    for n in names:
+        assert_rel_close(ours[n].grad, ref[n].grad, tol, f"grad of {n}", floor=scale)
 
 
 @pytest.fixture(autouse=True)
@@ -103,7 +108,9 @@ def test_attention(B, H, N, d, layout):
     out = ops.attention(**ours)
     ref_out = reference.attention(**ref)
     assert_rel_close(out, ref_out, 1e-4, "attention")
-    check_grads(out, ref_out, ours, ref, names, 1e-4)
+    # with N = 1 the softmax is constant: dq = dk = 0 exactly, and what is left is rounding of
+    # terms the size of dv, measured against dv's size (as the kernel tests do)
+    check_grads(out, ref_out, ours, ref, names, 1e-4, floor=1e-2)
 
 
 @pytest.mark.parametrize("B, N, H, d", [(2, 5, 2, 32), (1, 17, 3, 64)])
