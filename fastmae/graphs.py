@@ -38,20 +38,43 @@ def cuda_graph_step(step, optimizer, warmup=3, backend=None):
     def context():  # a fresh one each time: a generator-based context cannot be entered twice
         return use_backend(backend) if backend else contextlib.nullcontext()
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with context(), torch.cuda.stream(side):
-        for _ in range(warmup):
-            step()
-            optimizer.zero_grad(set_to_none=True)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    optimizer.zero_grad(set_to_none=True)
-    with context(), torch.cuda.graph(graph):
-        loss = step()
+    eager_steps(step, optimizer, warmup, context)
+    graph, loss = capture(step, optimizer, context)
 
     def replay():
         graph.replay()
         return loss
     replay.graph = graph
     return replay
+
+
+def eager_steps(step, optimizer, count, context=contextlib.nullcontext, stream=None):
+    """Run ``step()`` ``count`` times eagerly on a side stream (``stream``, or a new one), as
+    CUDA graphs want their warm-up (Triton compiles and autotunes there, cuBLAS sets up its
+    workspaces, the optimizer creates its state), gradients set to None after each; the current
+    stream then waits for them. ``context()``: entered around the steps. Returns what the last
+    step returned, safe to read on the current stream."""
+    side = stream if stream is not None else torch.cuda.Stream()
+    current = torch.cuda.current_stream()
+    side.wait_stream(current)
+    out = None
+    with context(), torch.cuda.stream(side):
+        for _ in range(count):
+            out = step()
+            optimizer.zero_grad(set_to_none=True)
+    current.wait_stream(side)
+    if isinstance(out, torch.Tensor) and out.is_cuda:
+        out.record_stream(current)  # its memory is not reused on the side stream while read here
+    return out
+
+
+def capture(step, optimizer, context=contextlib.nullcontext):
+    """Capture one ``step()`` into a new CUDA graph, gradients set to None first (so that the
+    captured backward writes them into the graph's memory and the captured optimizer step reads
+    them there). Nothing runs: ``graph.replay()`` runs it. Returns (graph, what step returned:
+    its tensors are overwritten by each replay)."""
+    graph = torch.cuda.CUDAGraph()
+    optimizer.zero_grad(set_to_none=True)
+    with context(), torch.cuda.graph(graph):
+        out = step()
+    return graph, out

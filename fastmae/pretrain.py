@@ -12,6 +12,11 @@ unsaved state: an interrupted run resumed from ``checkpoint-last.pth`` reaches t
 an uninterrupted one (bitwise on CPU in fp32), and N ranks x batch B see the same samples with the
 same masks as one process with batch N x B.
 
+``--cuda-graph`` (one CUDA process): after 3 eager iterations, each iteration -- forward,
+backward, AdamW step -- is one replay of a CUDA graph captured once, so the host launches one
+graph per iteration instead of every kernel (an eager fastmae step on the H200 we measured was
+host-bound: BENCHMARKS.md). The same iterations as an eager run, with fused, capturable AdamW.
+
 Outputs, in ``--output-dir`` (rank 0 only): ``checkpoint-last.pth`` (written atomically every
 epoch), ``log.jsonl`` (one line per epoch), ``loss-curve.png`` and ``reconstruction.png`` (every
 epoch), and ``reconstruction-epochNNNN.png`` kept for the first, the last and every tenth of the
@@ -33,6 +38,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from fastmae import graphs
 from fastmae.cli import int_at_least
 from fastmae.data import DataError, build_dataset, derive_seed
 from fastmae.model import MODELS
@@ -121,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="autocast dtype (default: bf16 on CUDA; fp32 on CPU, where bf16 is slow); "
            "fp16 runs with a GradScaler")
     a("--compile", action="store_true", help="torch.compile the model")
+    a("--cuda-graph", "--cuda_graph", dest="cuda_graph", action="store_true",
+      help="run each iteration as one CUDA graph replay after 3 eager ones (one CUDA process, "
+           "bf16 or fp32, --accum-iter 1, not with --compile; fused AdamW)")
     a("--fsdp", action="store_true", help="shard with FSDP2 (fully_shard per block, then the root)")
     a("--device", default=None, metavar="cuda|cpu", help="default: cuda when there is one")
     a("--output-dir", "--output_dir", dest="output_dir", default="output_dir", metavar="DIR",
@@ -166,7 +175,11 @@ def adjust_learning_rate(optimizer, epoch: float, args) -> float:
         progress = (epoch - args.warmup_epochs) / (args.epochs - args.warmup_epochs)
         lr = args.min_lr + (args.lr - args.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        value = lr * group.get("lr_scale", 1.0)
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(value)  # a CUDA graph's optimizer step reads it there
+        else:
+            group["lr"] = value
     return lr
 
 
@@ -370,6 +383,23 @@ def _gather_state(model, optimizer):
     return get_state_dict(model, optimizer, options=_state_dict_options())
 
 
+# How the optimizer runs, not what it has learnt: loading a state dict replaces its param groups
+# whole, these flags included, so a resumed run keeps its own (e.g. --cuda-graph's fused,
+# capturable AdamW, whose step counts then move to the GPU; an eager run resuming from such a
+# checkpoint keeps the official defaults).
+_OPTIMIZER_IMPLEMENTATION = ("foreach", "fused", "capturable", "differentiable")
+
+
+def _with_this_runs_optimizer(optim_sd, optimizer):
+    """``optim_sd`` with ``optimizer``'s implementation flags in every param group."""
+    own = optimizer.param_groups[0]
+    flags = {k: own[k] for k in _OPTIMIZER_IMPLEMENTATION if k in own}
+    if not isinstance(optim_sd, dict) or not isinstance(optim_sd.get("param_groups"), list):
+        return optim_sd  # not an optimizer state: set_state_dict says what is wrong
+    return {**optim_sd, "param_groups": [{**g, **flags} if isinstance(g, dict) else g
+                                         for g in optim_sd["param_groups"]]}
+
+
 def _load_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -521,6 +551,95 @@ def _resolve_defaults(args, rt):
     args.effective_batch = args.batch_size * args.accum_iter * rt.world_size
     if args.lr is None:
         args.lr = args.blr * args.effective_batch / 256
+    if args.cuda_graph:
+        problem = _cuda_graph_problem(args, rt)
+        if problem:
+            raise _UsageError(f"--cuda-graph {problem}")
+
+
+_CUDA_GRAPH_DEVICES = ("cuda",)  # the tests add "cpu", with torch.cuda's stream and graph stubbed
+
+
+def _cuda_graph_problem(args, rt):
+    """Why this run cannot be captured into a CUDA graph, or None."""
+    if rt.device.type not in _CUDA_GRAPH_DEVICES:
+        return "needs a CUDA device"
+    if rt.world_size > 1 or args.fsdp:
+        return "runs on one process without --fsdp (the gradient all-reduce is not captured)"
+    if args.accum_iter != 1:
+        return f"needs --accum-iter 1, got {args.accum_iter}"
+    if args.compile:
+        return "does not go with --compile"
+    if args.dtype == "fp16":
+        return "takes --dtype bf16 or fp32 (fp16's GradScaler reads its overflow flag on the host)"
+    return None
+
+
+class _GraphedIteration:
+    """``--cuda-graph``: one training iteration (forward, backward, AdamW step) on a batch copied
+    into fixed device buffers. The first ``WARMUP`` iterations run eagerly on a side stream
+    (Triton compiles and autotunes, the optimizer creates its state); the next one captures the
+    iteration into a CUDA graph, and it and every later one replay it. Each call returns a
+    function that reads the iteration's loss later without waiting for work queued after it."""
+
+    WARMUP = 3
+
+    def __init__(self, job):
+        self.forward, self.optimizer, self.autocast = job.forward, job.optimizer, job._autocast
+        self.mask_ratio, self.device = job.args.mask_ratio, job.rt.device
+        self.imgs = self.noise = None   # the fixed inputs, allocated on the first call
+        self.graph = self.loss = None   # the graph and its loss tensor, once captured
+        self.warm, self.stream = 0, None
+        self.host_loss, self.reads = None, 0
+
+    def _step(self):
+        with self.autocast():
+            loss, _, _ = self.forward(self.imgs, mask_ratio=self.mask_ratio, noise=self.noise)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def _first_call(self, imgs, noise):
+        self.imgs = torch.empty(imgs.shape, dtype=imgs.dtype, device=self.device)
+        self.noise = torch.empty(noise.shape, dtype=noise.dtype, device=self.device)
+        # a captured step reads its lr from the GPU; a resumed state dict left floats
+        for group in self.optimizer.param_groups:
+            lr = group["lr"]
+            group["lr"] = torch.tensor(float(lr), dtype=torch.float32, device=self.device)
+        if self.device.type == "cuda":
+            self.stream = torch.cuda.Stream()
+            self.host_loss = torch.empty(2, dtype=torch.float32, pin_memory=True)
+
+    def __call__(self, imgs, noise):
+        if self.imgs is None:
+            self._first_call(imgs, noise)
+        self.imgs.copy_(imgs, non_blocking=True)
+        self.noise.copy_(noise, non_blocking=True)
+        if self.graph is None and self.warm < self.WARMUP:
+            self.warm += 1
+            return self._reader(graphs.eager_steps(self._step, self.optimizer, 1, stream=self.stream))
+        if self.graph is None:
+            self.graph, self.loss = graphs.capture(self._step, self.optimizer)
+        self.graph.replay()
+        return self._reader(self.loss)
+
+    def _reader(self, loss):
+        """A function returning ``loss``'s value as it is now: on a GPU, copied into pinned memory
+        behind an event (two slots: a loss is read before the one two iterations later lands)."""
+        if self.host_loss is None:
+            value = loss.clone()
+            return lambda: value.item()
+        slot = self.host_loss[self.reads % 2]
+        self.reads += 1
+        slot.copy_(loss, non_blocking=True)
+        landed = torch.cuda.Event()
+        landed.record()
+
+        def read():
+            landed.synchronize()
+            return slot.item()
+        return read
 
 
 class _Job:
@@ -577,13 +696,16 @@ class _Job:
             self.wrapped = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
 
+        # a CUDA graph captures the fused AdamW step, its step counts and lr on the GPU
+        graph_kw = {"fused": True, "capturable": True} if args.cuda_graph else {}
         self.optimizer = torch.optim.AdamW(param_groups_weight_decay(model, args.weight_decay),
-                                           lr=args.lr, betas=(0.9, 0.95))
+                                           lr=args.lr, betas=(0.9, 0.95), **graph_kw)
         self.amp_dtype = _DTYPES[args.dtype]
         self.scaler = torch.amp.GradScaler(rt.device.type) if args.dtype == "fp16" else None
         # compiled last, over the DDP wrapper (the documented order); checkpoints and pictures use
         # the plain module
         self.forward = torch.compile(self.wrapped) if args.compile else self.wrapped
+        self.graphed = _GraphedIteration(self) if args.cuda_graph else None
 
         self.checkpoint_path = os.path.join(args.output_dir, CHECKPOINT)
         self.log_path = os.path.join(args.output_dir, LOG)
@@ -621,7 +743,12 @@ class _Job:
 
     def _train_one_epoch(self, epoch, step, last_good):
         """One epoch, official ``train_one_epoch``: lr set per iteration from the fractional epoch,
-        gradients accumulated over ``accum_iter`` iterations. Returns (log record, global step)."""
+        gradients accumulated over ``accum_iter`` iterations. Returns (log record, global step).
+
+        A non-finite loss stops the run (the checkpoint of the last epoch is kept). Eager, the
+        check comes before the backward, as official; under ``--cuda-graph`` an iteration's loss
+        is read once the next iteration is queued, so that the GPU is not left idle while the
+        host fetches the next batch."""
         from tqdm import tqdm
         args, rt, steps = self.args, self.rt, self.steps
         self.sampler.set_epoch(epoch)
@@ -632,25 +759,44 @@ class _Job:
         points, lr = [], args.lr
         bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not rt.is_main,
                    dynamic_ncols=True)
+        first_step = step
         t0 = time.perf_counter()
+
+        def take_loss(it, loss_value):
+            if not math.isfinite(loss_value):
+                bar.close()
+                raise _NonFiniteLoss(
+                    f"loss is {loss_value} at iteration {it + 1}/{steps} of epoch "
+                    f"{epoch + 1}/{args.epochs} (global step {first_step + it}); stopping. The last "
+                    f"good checkpoint is kept: {last_good or 'none was written yet'}")
+            points.append((epoch + (it + 1) / steps, loss_value))
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}",
+                            img_s=f"{(it + 1) * global_batch / (time.perf_counter() - t0):.0f}",
+                            refresh=False)
+            bar.update(1)
+
+        pending = None  # --cuda-graph: (iteration, a function reading its loss) not yet read
         for it, (imgs, indices) in enumerate(self.loader):
             if it >= steps:
                 break
             if it % args.accum_iter == 0:
                 lr = adjust_learning_rate(self.optimizer, epoch + it / steps, args)
+            noise = masking_noise(args.seed, epoch, indices.tolist(), self.num_patches)
+            step += 1
+            if self.graphed is not None:
+                read_loss = self.graphed(imgs, noise)
+                if pending is not None:
+                    take_loss(pending[0], pending[1]())
+                pending = (it, read_loss)
+                continue
             imgs = imgs.to(rt.device, non_blocking=True)
-            noise = masking_noise(args.seed, epoch, indices.tolist(), self.num_patches).to(rt.device)
+            noise = noise.to(rt.device)
             update = (it + 1) % args.accum_iter == 0
             with self._grad_sync(update):
                 with self._autocast():
                     loss, _, _ = self.forward(imgs, mask_ratio=args.mask_ratio, noise=noise)
-                loss_value = rt.mean(loss)  # every rank sees the same value, so all stop together
-                if not math.isfinite(loss_value):
-                    bar.close()
-                    raise _NonFiniteLoss(
-                        f"loss is {loss_value} at iteration {it + 1}/{steps} of epoch "
-                        f"{epoch + 1}/{args.epochs} (global step {step}); stopping. The last good "
-                        f"checkpoint is kept: {last_good or 'none was written yet'}")
+                # every rank sees the same value, so all stop together
+                take_loss(it, rt.mean(loss))
                 loss = loss / args.accum_iter
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             if update:
@@ -660,12 +806,8 @@ class _Job:
                 else:
                     self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            step += 1
-            points.append((epoch + (it + 1) / steps, loss_value))
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}",
-                            img_s=f"{(it + 1) * global_batch / (time.perf_counter() - t0):.0f}",
-                            refresh=False)
-            bar.update(1)
+        if pending is not None:
+            take_loss(pending[0], pending[1]())
         bar.close()
         seconds = time.perf_counter() - t0
         record = {"epoch": epoch, "train_loss": sum(p[1] for p in points) / len(points),
@@ -687,6 +829,9 @@ class _Job:
                                   args.output_dir, rt.is_main)
         model_sd, optim_sd = _gather_state(self.model, self.optimizer)
         if rt.is_main:
+            for group in optim_sd["param_groups"]:  # plain numbers, as an eager run writes them
+                if isinstance(group.get("lr"), torch.Tensor):
+                    group["lr"] = group["lr"].item()
             state = {"model": model_sd, "optimizer": optim_sd,
                      "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                      "epoch": epoch, "step": step, "rng": _rng_state(), "args": dict(vars(args))}
@@ -716,7 +861,7 @@ class _Job:
                  f"{args.img_size}px, {len(self.dataset)} images from "
                  f"{getattr(self.dataset, 'root', args.data)}, {self.steps} iterations/epoch")
         _say(rt, f"  {rt.world_size} process(es) on {rt.device.type}{mode}, {args.dtype}"
-                 f"{', compiled' if args.compile else ''}; effective batch {args.effective_batch}, "
+                 f"{', compiled' if args.compile else ''}{', CUDA graph' if args.cuda_graph else ''}; effective batch {args.effective_batch}, "
                  f"lr {args.lr:.3e} (base lr {args.lr * 256 / args.effective_batch:.3e})")
 
     def _resume(self):
@@ -744,7 +889,8 @@ class _Job:
                      "same run: " + "; ".join(changed))
         try:
             set_state_dict(self.model, self.optimizer, model_state_dict=ckpt["model"],
-                           optim_state_dict=ckpt["optimizer"], options=_state_dict_options())
+                           optim_state_dict=_with_this_runs_optimizer(ckpt["optimizer"], self.optimizer),
+                           options=_state_dict_options())
         except (RuntimeError, KeyError, ValueError) as e:
             raise _UsageError(f"{path} does not fit {args.model}: {e}") from e
         if self.scaler is not None and ckpt.get("scaler"):

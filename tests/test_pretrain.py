@@ -4,6 +4,7 @@ torchrun (DDP and FSDP2 on gloo) against one process, and clear errors for bad i
 Runs are tiny (16x16 images, batches of 4-8, 2-3 iterations per epoch) and in-process
 where they can be, so the file stays fast on a two-core machine.
 """
+import contextlib
 import json
 import os
 import signal
@@ -237,6 +238,136 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, caps
     assert _checkpoint(out)["epoch"] == 0
 
 
+# --------------------------------------------------------------------------- --cuda-graph
+
+@pytest.fixture
+def cpu_cuda_graph(monkeypatch):
+    """--cuda-graph on the CPU: torch.cuda's stream calls stubbed, and graphs.capture replaced by
+    one that records nothing and re-runs the step on every replay, writing its loss into the one
+    tensor the capture returned (what a replay of a real capture does, on a GPU). Returns the
+    log of captures and replays."""
+    log = []
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    def capture(step, optimizer, context=contextlib.nullcontext):
+        log.append("capture")
+        optimizer.zero_grad(set_to_none=True)
+        loss = torch.full((), float("nan"))
+        # a real graph reads the lr tensors it captured: they must stay, updated in place
+        captured_lrs = [(group, group["lr"]) for group in optimizer.param_groups]
+        assert all(isinstance(lr, torch.Tensor) for _, lr in captured_lrs)
+
+        class Graph:
+            def replay(self):
+                log.append("replay")
+                assert all(group["lr"] is lr for group, lr in captured_lrs)
+                with context():
+                    loss.copy_(step())
+        return Graph(), loss
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(pretrain.graphs, "capture", capture)
+    monkeypatch.setattr(pretrain, "_CUDA_GRAPH_DEVICES", ("cuda", "cpu"))
+    return log
+
+
+GRAPHED = TINY + ["--data", "synthetic", "--img-size", "16", "--batch-size", "4",
+                  "--steps-per-epoch", "4", "--warmup-epochs", "1"]
+
+
+def _assert_same_training(a, b, rel=1e-5, atol=1e-6):
+    """Two runs' per-iteration losses, lr records and final weights (eager AdamW against the
+    fused one --cuda-graph uses: equal up to rounding)."""
+    assert _step_losses(b) == pytest.approx(_step_losses(a), rel=rel)
+    assert [r["train_lr"] for r in _log(b)] == [r["train_lr"] for r in _log(a)]
+    ca, cb = _checkpoint(a), _checkpoint(b)
+    assert ca["step"] == cb["step"]
+    _assert_weights_close(ca["model"], cb["model"], ca["args"]["lr"], ca["step"], atol)
+
+
+def test_cuda_graph_run_equals_an_eager_run(tmp_path, cpu_cuda_graph):
+    """3 eager iterations, one capture, then a replay an iteration (8 iterations over 2 epochs),
+    the lr schedule set on the GPU copy of each group's lr: the losses, lrs and weights of an
+    eager run, a checkpoint with plain-number lrs that an eager run resumes from."""
+    eager, graphed = tmp_path / "eager", tmp_path / "graphed"
+    assert pretrain.main(GRAPHED + ["--epochs", "2", "--output-dir", str(eager)]) == 0
+    assert pretrain.main(GRAPHED + ["--epochs", "2", "--cuda-graph", "--output-dir", str(graphed)]) == 0
+    assert cpu_cuda_graph == ["capture"] + ["replay"] * 5
+    _assert_outputs(graphed, epochs=2)
+    _assert_same_training(eager, graphed)
+    ckpt = _checkpoint(graphed)
+    for group in ckpt["optimizer"]["param_groups"]:
+        assert type(group["lr"]) is float and group["fused"] and group["capturable"]
+    # an eager run resumes from it with the official AdamW flags
+    assert pretrain.main(GRAPHED + ["--epochs", "3", "--resume", "auto", "--output-dir", str(graphed)]) == 0
+    groups = _checkpoint(graphed)["optimizer"]["param_groups"]
+    assert all(not g["fused"] and not g["capturable"] for g in groups)
+
+
+def test_cuda_graph_run_resumes_an_eager_checkpoint(tmp_path, cpu_cuda_graph):
+    """An eager epoch, then --cuda-graph resuming from its checkpoint (fused, capturable AdamW
+    flags kept, lr tensors re-made on the device): the run an eager one continues to."""
+    straight, switched = tmp_path / "straight", tmp_path / "switched"
+    assert pretrain.main(GRAPHED + ["--epochs", "2", "--output-dir", str(straight)]) == 0
+    assert pretrain.main(GRAPHED + ["--epochs", "1", "--output-dir", str(switched)]) == 0
+    assert pretrain.main(GRAPHED + ["--epochs", "2", "--cuda-graph", "--resume", "auto",
+                                    "--output-dir", str(switched)]) == 0
+    assert cpu_cuda_graph == ["capture", "replay"]
+    _assert_same_training(straight, switched)
+
+
+def test_cuda_graph_non_finite_loss_names_its_iteration(tmp_path, cpu_cuda_graph, capsys):
+    """A loss is read one iteration late under --cuda-graph; the stop still names the iteration
+    whose loss was not finite, and keeps the last checkpoint."""
+    out = tmp_path / "out"
+    run = GRAPHED + ["--warmup-epochs", "0", "--output-dir", str(out)]
+    assert pretrain.main(run + ["--epochs", "1"]) == 0
+    capsys.readouterr()
+    rc = pretrain.main(run + ["--epochs", "2", "--resume", "auto", "--lr", "1e30", "--cuda-graph"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert ("loss is nan at iteration 2/4 of epoch 2/2 (global step 5)" in err
+            or "loss is inf at iteration 2/4 of epoch 2/2 (global step 5)" in err), err
+    assert _checkpoint(out)["epoch"] == 0
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--accum-iter", "2"], "needs --accum-iter 1, got 2"),
+    (["--dtype", "fp16"], "takes --dtype bf16 or fp32"),
+    (["--compile"], "does not go with --compile"),
+    (["--fsdp"], "runs on one process without --fsdp"),
+])
+def test_cuda_graph_refuses_what_it_cannot_capture(tmp_path, capsys, cpu_cuda_graph, extra, expected):
+    rc = pretrain.main(GRAPHED + ["--epochs", "1", "--cuda-graph", "--output-dir", str(tmp_path)] + extra)
+    assert rc == 2
+    assert f"--cuda-graph {expected}" in capsys.readouterr().err
+
+
+def test_cuda_graph_needs_a_gpu(tmp_path, capsys):
+    rc = pretrain.main(GRAPHED + ["--epochs", "1", "--cuda-graph", "--output-dir", str(tmp_path)])
+    assert rc == 2
+    assert "--cuda-graph needs a CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+def test_cuda_graph_run_equals_an_eager_run_on_gpu(tmp_path, monkeypatch):
+    """For real, on a GPU (fp32, the fastmae kernels): the replays continue the eager iterations,
+    losses and weights as an eager run's up to the two AdamW implementations' rounding."""
+    monkeypatch.setenv("FASTMAE_BACKEND", "triton")
+    run = ["--model", "mae_vit_tiny_patch4", "--device", "cuda", "--dtype", "fp32", "--num-workers",
+           "0", "--warmup-epochs", "1", "--blr", "2e-2", "--data", "synthetic", "--img-size", "32",
+           "--batch-size", "8", "--steps-per-epoch", "5", "--epochs", "2"]
+    eager, graphed = tmp_path / "eager", tmp_path / "graphed"
+    assert pretrain.main(run + ["--output-dir", str(eager)]) == 0
+    assert pretrain.main(run + ["--cuda-graph", "--output-dir", str(graphed)]) == 0
+    _assert_same_training(eager, graphed, rel=1e-4, atol=1e-5)
+
+
 # --------------------------------------------------------------------------- torchrun
 
 SHARED = TINY + ["--data", "synthetic", "--synthetic-size", "64", "--img-size", "16", "--epochs", "2",
@@ -268,6 +399,18 @@ def _key_bias_rows(name, value):
     return None
 
 
+def _assert_weights_close(a, b, lr, steps, atol):
+    """Two state dicts within ``atol``, the qkv biases' key thirds within 2 lr a step."""
+    assert a.keys() == b.keys()
+    for name, value in a.items():
+        diff = (value - b[name]).abs()
+        rows = _key_bias_rows(name, value)
+        if rows is not None:
+            assert diff[rows].max() <= 2 * steps * lr, name
+            diff[rows] = 0
+        assert diff.max() <= atol, (name, diff.max().item())
+
+
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_torchrun_two_ranks_equal_one_process(tmp_path, mode, single_process_run):
     out = tmp_path / mode
@@ -284,16 +427,8 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, mode, single_process_run
     ref, got = _step_losses(single_process_run), _step_losses(out)
     assert len(got) == len(ref) == 4
     assert got == pytest.approx(ref, rel=1e-5)
-    a, b = _checkpoint(single_process_run)["model"], _checkpoint(out)["model"]
-    assert a.keys() == b.keys()
-    lr = _checkpoint(out)["args"]["lr"]
-    for name, value in a.items():
-        diff = (value - b[name]).abs()
-        rows = _key_bias_rows(name, value)
-        if rows is not None:
-            assert diff[rows].max() <= 2 * 4 * lr, name
-            diff[rows] = 0
-        assert diff.max() <= 1e-5, (name, diff.max().item())
+    _assert_weights_close(_checkpoint(single_process_run)["model"], _checkpoint(out)["model"],
+                          _checkpoint(out)["args"]["lr"], 4, 1e-5)
 
 
 # --------------------------------------------------------------------------- bad input
