@@ -68,13 +68,15 @@ def eager_steps(step, optimizer, count, context=contextlib.nullcontext, stream=N
     return out
 
 
-def capture(step, optimizer, context=contextlib.nullcontext):
+def capture(step, optimizer, context=contextlib.nullcontext, capture_error_mode="global"):
     """Capture one ``step()`` into a new CUDA graph, gradients set to None first (so that the
     captured backward writes them into the graph's memory and the captured optimizer step reads
     them there). Nothing runs: ``graph.replay()`` runs it. Returns (graph, what step returned:
-    its tensors are overwritten by each replay)."""
+    its tensors are overwritten by each replay). ``capture_error_mode``: torch.cuda.graph's;
+    "thread_local" where another thread may call CUDA meanwhile (a DataLoader's pin-memory
+    thread allocating pinned memory), which "global" turns into a capture error."""
     graph = torch.cuda.CUDAGraph()
     optimizer.zero_grad(set_to_none=True)
-    with context(), torch.cuda.graph(graph):
+    with context(), torch.cuda.graph(graph, capture_error_mode=capture_error_mode):
         out = step()
     return graph, out

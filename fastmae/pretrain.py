@@ -620,7 +620,9 @@ class _GraphedIteration:
             self.warm += 1
             return self._reader(graphs.eager_steps(self._step, self.optimizer, 1, stream=self.stream))
         if self.graph is None:
-            self.graph, self.loss = graphs.capture(self._step, self.optimizer)
+            # the DataLoader's pin-memory thread goes on allocating meanwhile
+            self.graph, self.loss = graphs.capture(self._step, self.optimizer,
+                                                   capture_error_mode="thread_local")
         self.graph.replay()
         return self._reader(self.loss)
 

@@ -26,7 +26,7 @@ def fake_cuda(monkeypatch):
             calls.append("replay")
 
     @contextlib.contextmanager
-    def fake_capture(graph):
+    def fake_capture(graph, capture_error_mode="global"):
         calls.append("capture")
         yield
         calls.append("captured")

@@ -252,8 +252,8 @@ def cpu_cuda_graph(monkeypatch):
         def wait_stream(self, other):
             pass
 
-    def capture(step, optimizer, context=contextlib.nullcontext):
-        log.append("capture")
+    def capture(step, optimizer, context=contextlib.nullcontext, capture_error_mode="global"):
+        log.append(f"capture {capture_error_mode}")
         optimizer.zero_grad(set_to_none=True)
         loss = torch.full((), float("nan"))
         # a real graph reads the lr tensors it captured: they must stay, updated in place
@@ -297,7 +297,7 @@ def test_cuda_graph_run_equals_an_eager_run(tmp_path, cpu_cuda_graph):
     eager, graphed = tmp_path / "eager", tmp_path / "graphed"
     assert pretrain.main(GRAPHED + ["--epochs", "2", "--output-dir", str(eager)]) == 0
     assert pretrain.main(GRAPHED + ["--epochs", "2", "--cuda-graph", "--output-dir", str(graphed)]) == 0
-    assert cpu_cuda_graph == ["capture"] + ["replay"] * 5
+    assert cpu_cuda_graph == ["capture thread_local"] + ["replay"] * 5
     _assert_outputs(graphed, epochs=2)
     _assert_same_training(eager, graphed)
     ckpt = _checkpoint(graphed)
@@ -317,7 +317,7 @@ def test_cuda_graph_run_resumes_an_eager_checkpoint(tmp_path, cpu_cuda_graph):
     assert pretrain.main(GRAPHED + ["--epochs", "1", "--output-dir", str(switched)]) == 0
     assert pretrain.main(GRAPHED + ["--epochs", "2", "--cuda-graph", "--resume", "auto",
                                     "--output-dir", str(switched)]) == 0
-    assert cpu_cuda_graph == ["capture", "replay"]
+    assert cpu_cuda_graph == ["capture thread_local", "replay"]
     _assert_same_training(straight, switched)
 
 
