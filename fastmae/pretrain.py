@@ -618,7 +618,8 @@ class _GraphedIteration:
         self.noise.copy_(noise, non_blocking=True)
         if self.graph is None and self.warm < self.WARMUP:
             self.warm += 1
-            return self._reader(graphs.eager_steps(self._step, self.optimizer, 1, stream=self.stream))
+            loss = graphs.eager_steps(self._step, self.optimizer, 1, stream=self.stream)
+            return self._reader(loss)
         if self.graph is None:
             # the DataLoader's pin-memory thread goes on allocating meanwhile
             self.graph, self.loss = graphs.capture(self._step, self.optimizer,
@@ -863,7 +864,8 @@ class _Job:
                  f"{args.img_size}px, {len(self.dataset)} images from "
                  f"{getattr(self.dataset, 'root', args.data)}, {self.steps} iterations/epoch")
         _say(rt, f"  {rt.world_size} process(es) on {rt.device.type}{mode}, {args.dtype}"
-                 f"{', compiled' if args.compile else ''}{', CUDA graph' if args.cuda_graph else ''}; effective batch {args.effective_batch}, "
+                 f"{', compiled' if args.compile else ''}{', CUDA graph' if args.cuda_graph else ''}"
+                 f"; effective batch {args.effective_batch}, "
                  f"lr {args.lr:.3e} (base lr {args.lr * 256 / args.effective_batch:.3e})")
 
     def _resume(self):
@@ -890,9 +892,9 @@ class _Job:
             _say(rt, "warning: resuming with different settings, so this does not continue the "
                      "same run: " + "; ".join(changed))
         try:
+            optim_sd = _with_this_runs_optimizer(ckpt["optimizer"], self.optimizer)
             set_state_dict(self.model, self.optimizer, model_state_dict=ckpt["model"],
-                           optim_state_dict=_with_this_runs_optimizer(ckpt["optimizer"], self.optimizer),
-                           options=_state_dict_options())
+                           optim_state_dict=optim_sd, options=_state_dict_options())
         except (RuntimeError, KeyError, ValueError) as e:
             raise _UsageError(f"{path} does not fit {args.model}: {e}") from e
         if self.scaler is not None and ckpt.get("scaler"):
