@@ -12,16 +12,19 @@ uninitialized, the values do not matter). What is left is what fastmae's Python 
 and torch's dispatch cost per step, against the same model under the eager reference. Triton's
 own launch (15-28 us per kernel on the H200's host, ``benches/step_overhead.py``) comes on top.
 
-With ``--launch-path python`` Triton's own Python launch path runs instead of the no-op counter
+With ``--launch-path triton`` Triton's own Python launch path runs instead of the no-op counter
 (the autotuner, argument binding and specialization, the kernel-cache lookup), stopping where a
 GPU is needed: compiling (a stand-in kernel) and the C launcher (counted). The difference between
-the two is what Triton's Python costs the host per step.
+the two is what Triton's Python costs the host per step. ``--launch-path direct`` runs what a GPU
+run does: fastmae's direct launch (``kernels/_common.py``: ``launch``), which hands the kernels
+Triton compiled straight to the C launcher, Triton's path only on a new key.
 
 Timings on a shared machine are noisy; for a deterministic count, run one backend's steps under
 callgrind, collecting only inside the timed steps (they run in itertools.starmap's iterator):
 
     valgrind --tool=callgrind --collect-atstart=no --toggle-collect=starmap_next \
         python benches/host_cost.py --callgrind triton      # or torch; ~4 minutes each
+        # (with --launch-path triton or direct as above)
 
 and divide the "Collected" instruction count by the 3 steps it runs.
 """
@@ -41,6 +44,7 @@ from triton.runtime.autotuner import Autotuner, Heuristics  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 LAUNCHES = collections.Counter()
+LAUNCH_PATHS = ("stub", "triton", "direct")
 
 
 def _no_launch(self, *args, **kwargs):
@@ -56,39 +60,21 @@ Autotuner.run = _no_launch
 Heuristics.run = _no_launch
 
 
-class _FakeKernel:
-    """Stands for a compiled kernel: its launch (Triton's C launcher) counts and returns."""
-    function, packed_metadata = 0, ()
+def use_launch_path(path):
+    """``stub``: every Triton launch is the no-op counter above. ``triton``: Triton's own Python
+    launch path runs (``fastmae.testing.use_stand_in_kernels``: the autotuner, argument binding
+    and specialization, the kernel-cache lookup), stopping where a GPU is needed -- compiling (a
+    stand-in kernel is cached instead) and the C launcher (counted). ``direct``: likewise, with
+    fastmae's direct launch (kernels/_common.py: launch) in front of it, as on a GPU."""
+    from fastmae.kernels import _common
+    from fastmae.testing import use_stand_in_kernels
 
-    def __init__(self, name):
-        self.name = name
-
-    def launch_metadata(self, grid, stream, *args):
-        return None
-
-    def run(self, *args):
-        LAUNCHES[self.name] += 1
-
-
-def use_triton_python_launch_path():
-    """Run Triton's own Python launch path -- Autotuner.run, Heuristics.run, JITFunction.run
-    with its argument binding, specialization and cache lookup -- stopping only where a GPU is
-    needed: compiling (a stand-in kernel is cached instead) and the C launcher (counted). The
-    autotuner's benchmark gives every configuration the same time (it keeps the first)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.runtime.driver import driver
-
-    from fastmae.testing import StandInDriver
-
-    def compile_stand_in(self, key, signature, device, constexprs, options, attrs, warmup):
-        kernel = _FakeKernel(self.__name__)
-        self.device_caches[device][0][key] = kernel
-        return kernel
-
+    _common.DIRECT_LAUNCH = path == "direct"
+    if path == "stub":
+        return
     JITFunction.run, Autotuner.run, Heuristics.run = _TRITON_RUN
-    JITFunction._do_compile = compile_stand_in
-    Autotuner._bench = lambda self, *args, config, **meta: [1.0, 1.0, 1.0]
-    driver.set_active(StandInDriver(GPUTarget("cuda", 90, 32)))
+    use_stand_in_kernels(lambda kernel, call_args: LAUNCHES.update((kernel.name,)))
+
 
 import fastmae  # noqa: E402
 import fastmae.backend  # noqa: E402
@@ -144,13 +130,13 @@ def main(argv=None):
     p.add_argument("--callgrind", choices=("torch", "triton"),
                    help="run 2 warm-up steps, then 3 steps of this backend inside "
                         "itertools.starmap (see the module docstring), and exit")
-    p.add_argument("--launch-path", choices=("stub", "python"), default="stub",
-                   help="stub: each Triton launch is a no-op counter (default); python: Triton's "
-                        "own Python launch path runs, up to its C launcher")
+    p.add_argument("--launch-path", choices=LAUNCH_PATHS, default="stub",
+                   help="stub: each Triton launch is a no-op counter (default); triton: Triton's "
+                        "own Python launch path runs, up to its C launcher; direct: fastmae's "
+                        "direct launch, then Triton's C launcher (stubbed), as on a GPU")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    if args.launch_path == "python":
-        use_triton_python_launch_path()
+    use_launch_path(args.launch_path)
     if args.callgrind:
         model, opt = build()
         step = make_step(model, opt, args.callgrind)
@@ -158,8 +144,9 @@ def main(argv=None):
             step()
         list(itertools.starmap(step, [()] * 3))
         return
-    what = ("Triton's Python launch path run, its C launcher stubbed" if args.launch_path == "python"
-            else "Triton launches stubbed out")
+    what = {"stub": "Triton launches stubbed out",
+            "triton": "Triton's Python launch path run, its C launcher stubbed",
+            "direct": "fastmae's direct launch run, Triton's C launcher stubbed"}[args.launch_path]
     print(f"host time of one eager training step, {what} | torch {torch.__version__} | "
           f"{os.cpu_count()} CPUs")
     systems = {}

@@ -1,6 +1,6 @@
 """Inputs and error measures shared by the tests, the benchmarks and ``fastmae check``, so that
-all three measure the same thing; and a stand-in Triton driver for running Triton's launch path
-on a machine without a GPU.
+all three measure the same thing; and a stand-in Triton driver and compiled kernels for running
+Triton's launch path on a machine without a GPU.
 
 Every builder draws fresh random inputs (never zeros) from its own seeded generator and returns
 a dict of keyword arguments for the op it feeds.
@@ -197,3 +197,48 @@ class StandInDriver:
 
     def get_current_target(self):
         return self.target
+
+
+class StandInKernel:
+    """Stands for a compiled Triton kernel where none can be compiled: ``run`` is its C
+    launcher, called as ``JITFunction.run`` and fastmae's direct launch call it, with the
+    grid, stream, function handle, metadata, launch metadata, enter and exit hooks and the
+    kernel's arguments; like the C launcher it calls the hooks given (not None) with the launch
+    metadata, and it hands each call to ``on_launch(kernel, call_args)``."""
+    function, packed_metadata = 0, ()
+
+    def __init__(self, name, on_launch):
+        self.name, self._on_launch = name, on_launch
+
+    def launch_metadata(self, grid, stream, *args):
+        return None
+
+    def run(self, *call_args):
+        launch_metadata, enter_hook, exit_hook = call_args[6:9]
+        if enter_hook is not None:
+            enter_hook(launch_metadata)
+        self._on_launch(self, call_args)
+        if exit_hook is not None:
+            exit_hook(launch_metadata)
+
+
+def use_stand_in_kernels(on_launch, target=None):
+    """Let Triton's Python launch path (``Autotuner.run``, ``Heuristics.run``, ``JITFunction.run``
+    with its binding, specialization and cache lookup) run without a GPU up to the C launcher:
+    installs a ``StandInDriver`` (default target CUDA sm_90), makes ``JITFunction._do_compile``
+    cache a ``StandInKernel`` reporting to ``on_launch`` instead of compiling, and gives every
+    configuration the autotuner benchmarks the same time (it keeps the first). For a process
+    without ``TRITON_INTERPRET`` (benches/host_cost.py, tests/_launch_check.py); not undone."""
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.driver import driver
+    from triton.runtime.jit import JITFunction
+
+    def compile_stand_in(self, key, signature, device, constexprs, options, attrs, warmup):
+        kernel = StandInKernel(self.__name__, on_launch)
+        self.device_caches[device][0][key] = kernel
+        return kernel
+
+    JITFunction._do_compile = compile_stand_in
+    Autotuner._bench = lambda self, *args, config, **meta: [1.0, 1.0, 1.0]
+    driver.set_active(StandInDriver(target or GPUTarget("cuda", 90, 32)))

@@ -4,7 +4,10 @@ import os
 import warnings
 
 import torch
+from triton import knobs
 from triton.runtime.autotuner import Heuristics
+from triton.runtime.driver import driver
+from triton.runtime.jit import JITFunction
 
 
 @functools.lru_cache(maxsize=None)
@@ -34,7 +37,7 @@ def sm_count(device_index: int) -> int:
 
 # Triton's autotuner rebuilds its cache key from every argument on every launch (a dict of the
 # ~40 arguments, the dtype of each tensor): about a fifth of the host time Triton's Python takes
-# for a launch (benches/host_cost.py --launch-path python). launch_tuned builds that key itself
+# for a launch (benches/host_cost.py --launch-path triton). launch_tuned builds that key itself
 # and, when the autotuner already holds a configuration for it, launches the kernel directly.
 def launch_tuned(tuned, grid, key_values, *args, **kwargs):
     """tuned[grid](*args, **kwargs), the kernel run with the configuration the autotuner would
@@ -57,7 +60,131 @@ def launch_tuned(tuned, grid, key_values, *args, **kwargs):
         meta = {**dict(zip(tuned.keys, key_values)), **kwargs, **config.kwargs}
         derived = {name: value(meta) for name, value in fn.values.items()}
         fn = fn.fn
-    fn[grid](*args, **kwargs, **config.all_kwargs(), **derived)
+    meta = {**kwargs, **config.all_kwargs(), **derived}
+    if callable(grid):
+        try:
+            grid = grid(meta)  # the grids of this package read only meta-parameters
+        except KeyError:
+            pass  # one that reads an argument: Triton calls it with every argument
+    launch(fn, grid, *args, **meta)
+
+
+# Triton's own launch of a compiled kernel, JITFunction.run, costs the host more than the rest
+# of a fastmae launcher (benches/host_cost.py --launch-path triton) before its C launcher runs:
+# it binds and specializes every argument in a generated function, builds its cache key as a
+# string, reads three environment knobs, checks the kernel's globals, builds the launch metadata
+# and hands the C launcher two hook chains to call, empty or not. launch() keeps, per kernel,
+# the compiled kernels Triton returned, under a key that holds everything Triton's
+# specialization reads -- each tensor's dtype and address mod 16, each other argument's type and
+# value (a float's type only), the constexprs and the options -- so that a hit is the kernel
+# Triton would itself have looked up, handed to its C launcher with the same arguments
+# (tests/_launch_check.py compares the two on every launch of training steps). A miss, a launch
+# hook or pre-run hook being set, a callable grid, or an argument pattern the kernel's key
+# function does not fit goes through JITFunction.run. Taken as fixed for the process, as
+# fastmae never changes them: Triton's environment knobs (TRITON_DEBUG, ...) and the globals a
+# kernel reads. FASTMAE_TRITON_LAUNCH=triton (read at import) sends every launch through
+# Triton's own path.
+DIRECT_LAUNCH = os.environ.get("FASTMAE_TRITON_LAUNCH", "direct").strip().lower() != "triton"
+_DIRECT = {}  # id(JITFunction) -> _DirectLaunch
+_KEY_TYPES = (bool, int, float, str, type(None), torch.dtype, type)
+_MAX_KERNELS = 256  # per kernel; past it, new keys are launched by Triton without being kept
+
+
+def launch(fn, grid, *args, **kwargs):
+    """fn[grid](*args, **kwargs) for a Triton kernel, through fastmae's direct path when
+    ``fn`` is a compiled JITFunction (not under the interpreter) and DIRECT_LAUNCH is on.
+    ``grid`` is a tuple of 1 to 3 ints."""
+    direct = _DIRECT.get(id(fn))
+    if direct is None or direct.fn is not fn:
+        if not isinstance(fn, JITFunction):
+            fn[grid](*args, **kwargs)
+            return
+        direct = _DIRECT[id(fn)] = _DirectLaunch(fn, args, kwargs)
+    if DIRECT_LAUNCH:
+        direct(grid, args, kwargs)
+    else:
+        fn[grid](*args, **kwargs)
+
+
+def _hooked(hook):
+    """Whether a launch hook is set: a triton HookChain with calls in it, or any other callable."""
+    return bool(getattr(hook, "calls", hook))
+
+
+class _DirectLaunch:
+    """The kernels of one JITFunction that Triton compiled, by fastmae's key, and the generated
+    function that builds the key and the C launcher's argument tuple of a call.
+
+    The key function is generated on the first call from the kind of each argument then: a
+    tensor's part of the key is its dtype and its address mod 16 (Triton specializes on 16-byte
+    alignment), any other argument's its type and value (Triton specializes an int on == 1,
+    divisibility by 16 and the 32/64-bit range, a bool apart from an int), except a float's,
+    whose value is left out (Triton passes any float as one unspecialized fp32); keyword
+    arguments (the constexprs, then the options such as num_warps) likewise. A later
+    call of another pattern either fails in the key function (a tensor's attribute missing, a
+    keyword missing or extra) or gives a key that cannot be kept (a tensor where a value was):
+    both go through Triton."""
+
+    def __init__(self, fn, args, kwargs):
+        self.fn = fn
+        self.kernels = {}
+        self.misses = 0  # launches that went through JITFunction.run (for tests and reports)
+        self.bind = self._make_bind(fn, args, kwargs)
+
+    @staticmethod
+    def _make_bind(fn, args, kwargs):
+        names = [p.name for p in fn.params]
+        n = len(args)
+        rest = names[n:]  # passed by keyword: the constexprs
+        options = [k for k in kwargs if k not in rest]  # num_warps, num_stages, ...
+        positional = [f"_a{i}" for i in range(n)]
+        if (n > len(names) or any(name in kwargs for name in names[:n])
+                or any(name not in kwargs for name in rest)
+                or {"_device", *positional} & set(kwargs)):
+            return None  # defaults, keyword-passed leading arguments, a name clash: Triton only
+        key = ["_device"]
+        for name, a in zip(positional, args):
+            if isinstance(a, torch.Tensor):
+                key += [f"{name}.dtype", f"{name}.data_ptr() & 15"]
+            elif isinstance(a, float):  # any float is one fp32 argument; an int is specialized
+                key += [f"{name}.__class__", f"None if {name}.__class__ is float else {name}"]
+            else:
+                key += [f"{name}.__class__", name]
+        key += [part for name in rest + options for part in (f"{name}.__class__", name)]
+        passed = positional + rest
+        signature = ", ".join(["_device", *positional, *(["*"] if kwargs else []), *rest, *options])
+        src = (f"def bind({signature}):\n"
+               f"    return ({', '.join(key)},), ({''.join(a + ', ' for a in passed)})\n")
+        namespace = {}
+        exec(src, namespace)  # noqa: S102 -- generated from the kernel's own parameter names
+        return namespace["bind"]
+
+    def __call__(self, grid, args, kwargs):
+        fn = self.fn
+        runtime = knobs.runtime
+        if (self.bind is None or callable(grid) or fn.pre_run_hooks
+                or _hooked(runtime.launch_enter_hook) or _hooked(runtime.launch_exit_hook)):
+            self.misses += 1
+            fn[grid](*args, **kwargs)
+            return
+        active = driver.active
+        device = active.get_current_device()
+        try:
+            key, kernel_args = self.bind(device, *args, **kwargs)
+            entry = self.kernels.get(key)
+        except (AttributeError, TypeError):  # another argument pattern, or an unhashable one
+            key = entry = None
+        if entry is None:
+            self.misses += 1
+            kernel = fn.run(*args, grid=grid, warmup=False, **kwargs)
+            if (key is not None and kernel is not None and len(self.kernels) < _MAX_KERNELS
+                    and all(isinstance(k, _KEY_TYPES) for k in key)):
+                self.kernels[key] = (kernel.run, kernel.function, kernel.packed_metadata)
+            return
+        run, function, metadata = entry
+        n = len(grid)
+        run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1,
+            active.get_current_stream(device), function, metadata, None, None, None, *kernel_args)
 
 
 # What keep_faster measured, for reports: (forced_env, key) -> {name: ms, or None if it raised}

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, interpreting, next_pow2, sm_count
+from ._common import cdiv, interpreting, launch, next_pow2, sm_count
 
 
 # Phi(z) for z <= 0 is erfc(x) / 2 with x = |z| / sqrt 2, and erfc(x) = exp(-x^2) R(x), where
@@ -163,8 +163,8 @@ def bias_gelu_fwd(x, bias, out_dtype: torch.dtype, out_shape=None):
     y = y_out.view(M, D)
     rows, block_n, warps = _tile(D)
     grid = (cdiv(M, rows), cdiv(D, block_n))
-    _bias_gelu_fwd[grid](x, bias, y, M, D, x.stride(0), y.stride(0),
-                         ROWS=rows, BLOCK_N=block_n, num_warps=warps)
+    launch(_bias_gelu_fwd, grid, x, bias, y, M, D, x.stride(0), y.stride(0),
+           ROWS=rows, BLOCK_N=block_n, num_warps=warps)
     return y_out
 
 
@@ -192,11 +192,10 @@ def bias_gelu_bwd(dy, x, bias, dx_dtype=None):
     rows_per_program = cdiv(cdiv(M, programs), rows) * rows
     programs = cdiv(M, rows_per_program)
     db_part = _empty((programs, D), torch.float32, device)
-    _bias_gelu_bwd[(programs, col_blocks)](
-        dy, x, bias, dx, db_part,
-        M, D, rows_per_program // rows,
-        dy.stride(0), dy.stride(1), x.stride(0), dx.stride(0),
-        ROWS=rows, BLOCK_N=block_n, STAGES=BWD_STAGES, num_warps=warps,
-    )
+    launch(_bias_gelu_bwd, (programs, col_blocks),
+           dy, x, bias, dx, db_part,
+           M, D, rows_per_program // rows,
+           dy.stride(0), dy.stride(1), x.stride(0), dx.stride(0),
+           ROWS=rows, BLOCK_N=block_n, STAGES=BWD_STAGES, num_warps=warps)
     # second, deterministic reduction over the per-program partial sums
     return dx, db_part.sum(0)

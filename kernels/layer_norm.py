@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, interpreting, next_pow2, sm_count
+from ._common import cdiv, interpreting, launch, next_pow2, sm_count
 
 
 @triton.jit
@@ -261,14 +261,13 @@ def layer_norm_fwd(x, weight, bias, eps: float, out_dtype: torch.dtype, residual
     has_res = residual is not None
     r_arg, s_arg = (residual, s) if has_res else (x, y)  # placeholders, never touched
     has_bb = branch_bias is not None
-    _layer_norm_fwd[(cdiv(M, rows),)](
-        x, r_arg, s_arg, y, weight, bias, branch_bias if has_bb else bias, mean, rstd,
-        M, D,
-        x.stride(0), r_arg.stride(0), s_arg.stride(0), y.stride(0),
-        float(eps),
-        BLOCK_D=block_d, ROWS=rows, HAS_RESIDUAL=has_res, HAS_BRANCH_BIAS=has_bb,
-        num_warps=warps,
-    )
+    launch(_layer_norm_fwd, (cdiv(M, rows),),
+           x, r_arg, s_arg, y, weight, bias, branch_bias if has_bb else bias, mean, rstd,
+           M, D,
+           x.stride(0), r_arg.stride(0), s_arg.stride(0), y.stride(0),
+           float(eps),
+           BLOCK_D=block_d, ROWS=rows, HAS_RESIDUAL=has_res, HAS_BRANCH_BIAS=has_bb,
+           num_warps=warps)
     return y_out, s_out, mean, rstd
 
 
@@ -305,15 +304,14 @@ def layer_norm_bwd(dy, s_or_x, weight, mean, rstd, ds=None, dx_dtype=None, dx2_d
     has_ds = ds is not None
     ds_arg = ds if has_ds else dy  # placeholder, never touched
     dx2 = _empty((M, D), dx2_dtype, device) if dx2_dtype is not None else None
-    _layer_norm_bwd[(programs,)](
+    launch(_layer_norm_bwd, (programs,),
         dy, s_or_x, weight, mean, rstd, ds_arg, dx, dx if dx2 is None else dx2,
         partials[0], partials[1], partials[n_part - 1],
         M, D, rows_per_program // rows,
         dy.stride(0), dy.stride(1), s_or_x.stride(0), ds_arg.stride(0), ds_arg.stride(1),
         dx.stride(0),
         BLOCK_D=block_d, ROWS=rows, HAS_DS=has_ds, HAS_DX2=dx2 is not None,
-        HAS_DBB=branch_bias_grad, STAGES=BWD_STAGES, num_warps=warps,
-    )
+        HAS_DBB=branch_bias_grad, STAGES=BWD_STAGES, num_warps=warps)
     # second, deterministic reduction over the per-program partial sums
     dwb = partials.sum(1)
     if dx2 is not None:

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, next_pow2
+from ._common import cdiv, launch, next_pow2
 
 
 @triton.jit
@@ -151,9 +151,9 @@ def masking_indices(noise: torch.Tensor, len_keep: int):
     if N and L:
         block_l = max(next_pow2(L), 2)  # tl.sort needs at least two elements
         num_warps = 4 if block_l <= 512 else 8
-        _masking_indices[(N,)](noise, ids_keep, mask, ids_restore, L, len_keep,
-                               noise.stride(0), noise.stride(1), BLOCK_L=block_l,
-                               num_warps=num_warps)
+        launch(_masking_indices, (N,), noise, ids_keep, mask, ids_restore, L, len_keep,
+               noise.stride(0), noise.stride(1), BLOCK_L=block_l,
+               num_warps=num_warps)
     return ids_keep, mask, ids_restore
 
 
@@ -168,10 +168,10 @@ def gather_tokens(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
     if n_rows and D:
         rows, block_d, num_warps = _row_tiling(D, x.element_size())
         grid = (cdiv(n_rows, rows), cdiv(D, block_d))
-        _gather_tokens[grid](x, ids_keep, out, n_rows, keep, D,
-                             x.stride(0), x.stride(1), x.stride(2),
-                             ids_keep.stride(0), ids_keep.stride(1),
-                             ROWS=rows, BLOCK_D=block_d, num_warps=num_warps)
+        launch(_gather_tokens, grid, x, ids_keep, out, n_rows, keep, D,
+               x.stride(0), x.stride(1), x.stride(2),
+               ids_keep.stride(0), ids_keep.stride(1),
+               ROWS=rows, BLOCK_D=block_d, num_warps=num_warps)
     return out
 
 
@@ -189,8 +189,8 @@ def scatter_tokens(grad: torch.Tensor, ids_restore: torch.Tensor, len_keep: int)
     if n_rows and D:
         rows, block_d, num_warps = _row_tiling(D, grad.element_size())
         grid = (cdiv(n_rows, rows), cdiv(D, block_d))
-        _scatter_tokens[grid](grad, ids_restore, out, n_rows, L, len_keep, D,
-                              grad.stride(0), grad.stride(1), grad.stride(2),
-                              ids_restore.stride(0), ids_restore.stride(1),
-                              ROWS=rows, BLOCK_D=block_d, num_warps=num_warps)
+        launch(_scatter_tokens, grid, grad, ids_restore, out, n_rows, L, len_keep, D,
+               grad.stride(0), grad.stride(1), grad.stride(2),
+               ids_restore.stride(0), ids_restore.stride(1),
+               ROWS=rows, BLOCK_D=block_d, num_warps=num_warps)
     return out

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, interpreting, next_pow2
+from ._common import cdiv, interpreting, launch, next_pow2
 
 NORM_PIX_EPS = 1e-6
 
@@ -117,14 +117,13 @@ def masked_mse_fwd(imgs, pred, mask, patch_size, norm_pix, need_grad):
         return (torch.zeros((), dtype=torch.float32, device=device) / mask_sum[0]), grad
     programs = cdiv(NL, block_p)
     partials = _empty((programs,), torch.float32, device)
-    _masked_mse_fwd[(programs,)](
+    launch(_masked_mse_fwd, (programs,),
         imgs, pred, mask, mask_sum, grad if need_grad else partials, partials,
         NL, L, grid_w,
         *imgs.stride(), *pred.stride(), *mask.stride(),
         C=C, P=p, C_BLOCK=c_block, PP_BLOCK=pp_block,
         NORM_PIX=bool(norm_pix), NEED_GRAD=bool(need_grad), EPS=NORM_PIX_EPS,
-        BLOCK_P=block_p, num_warps=num_warps,
-    )
+        BLOCK_P=block_p, num_warps=num_warps)
     return partials.sum(), grad
 
 

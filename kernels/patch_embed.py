@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, interpreting
+from ._common import cdiv, interpreting, launch_tuned
 
 
 def _empty(shape, dtype, device):
@@ -134,12 +134,11 @@ def patch_embed_visible_fwd(imgs, weight, bias, pos_embed, ids_keep, out_dtype, 
     w2 = weight.reshape(D, K)  # a view for the (contiguous) conv weight
     pos = pos_embed.reshape(pos_embed.shape[-2], D)
     grid = lambda META: (cdiv(M, META["BLOCK_M"]), cdiv(D, META["BLOCK_N"]))
-    _patch_embed_fwd[grid](
-        imgs, w2, bias, pos, ids_keep, out,
-        M, keep, grid_w, D,
-        *imgs.stride(), *w2.stride(), bias.stride(0), *pos.stride(), *ids_keep.stride(),
-        K=K, P=p, COMPUTE=_COMPUTE_CODES.get(compute_dtype, 0),
-    )
+    launch_tuned(_patch_embed_fwd, grid, (K, D),
+                 imgs, w2, bias, pos, ids_keep, out,
+                 M, keep, grid_w, D,
+                 *imgs.stride(), *w2.stride(), bias.stride(0), *pos.stride(), *ids_keep.stride(),
+                 K=K, P=p, COMPUTE=_COMPUTE_CODES.get(compute_dtype, 0))
     return out
 
 
@@ -298,12 +297,11 @@ def patch_embed_visible_bwd(grad_out, imgs, weight, ids_keep, need_imgs_grad):
         split = cdiv(M, rows_per_split)  # no empty split
         partials = _empty((split, D, K), torch.float32, device)
         grid = lambda META: (cdiv(D, META["BLOCK_D"]), cdiv(K, META["BLOCK_K"]), split)
-        _patch_embed_bwd_weight[grid](
-            g, imgs, ids_keep, partials,
-            M, keep, grid_w, D, rows_per_split,
-            *g.stride(), *imgs.stride(), *ids_keep.stride(),
-            K=K, P=p, LOW_PRECISION=low,
-        )
+        launch_tuned(_patch_embed_bwd_weight, grid, (K, D),
+                     g, imgs, ids_keep, partials,
+                     M, keep, grid_w, D, rows_per_split,
+                     *g.stride(), *imgs.stride(), *ids_keep.stride(),
+                     K=K, P=p, LOW_PRECISION=low)
         grad_weight = (partials[0] if split == 1 else partials.sum(dim=0)).reshape(D, C, p, p)
 
     grad_imgs = None
@@ -327,10 +325,9 @@ def patch_embed_visible_bwd(grad_out, imgs, weight, ids_keep, need_imgs_grad):
             if rows == 0:
                 continue
             grid = lambda META: (cdiv(rows, META["BLOCK_M"]), cdiv(K, META["BLOCK_K"]))
-            _patch_embed_bwd_imgs[grid](
-                g, w2, ids, grad_imgs,
-                rows, R, grid_w, D,
-                *g.stride(), *w2.stride(), *ids.stride(), *grad_imgs.stride(),
-                K=K, P=p, ZERO=zero, LOW_PRECISION=low,
-            )
+            launch_tuned(_patch_embed_bwd_imgs, grid, (K, D, zero),
+                         g, w2, ids, grad_imgs,
+                         rows, R, grid_w, D,
+                         *g.stride(), *w2.stride(), *ids.stride(), *grad_imgs.stride(),
+                         K=K, P=p, ZERO=zero, LOW_PRECISION=low)
     return grad_weight, grad_bias, grad_imgs

@@ -4,7 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv
+from ._common import cdiv, launch
 
 
 @triton.jit
@@ -30,5 +30,5 @@ def scale(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     numel = x.numel()
     if numel:
         block = 1024
-        _scale_kernel[(cdiv(numel, block),)](x, y, alpha, numel, BLOCK=block)
+        launch(_scale_kernel, (cdiv(numel, block),), x, y, alpha, numel, BLOCK=block)
     return y

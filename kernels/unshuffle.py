@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv
+from ._common import cdiv, launch
 from .masking import _row_tiling
 
 # The backward's mask-token reduction runs on about this many programs (a constant, not the
@@ -135,11 +135,12 @@ def unshuffle_fwd(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.
         elem = max(x.element_size(), out.element_size())
         rows, block_d, num_warps = _row_tiling(D, elem)
         grid = (cdiv(n_rows, rows), cdiv(D, block_d))
-        _unshuffle_fwd[grid](x, mask_token, ids_restore, pos_embed, out, n_rows, L, keep1 - 1, D,
-                             x.stride(0), x.stride(1), x.stride(2), mask_token.stride(-1),
-                             ids_restore.stride(0), ids_restore.stride(1),
-                             pos_embed.stride(-2), pos_embed.stride(-1),
-                             ROWS=rows, BLOCK_D=block_d, num_warps=num_warps)
+        launch(_unshuffle_fwd, grid,
+               x, mask_token, ids_restore, pos_embed, out, n_rows, L, keep1 - 1, D,
+               x.stride(0), x.stride(1), x.stride(2), mask_token.stride(-1),
+               ids_restore.stride(0), ids_restore.stride(1),
+               pos_embed.stride(-2), pos_embed.stride(-1),
+               ROWS=rows, BLOCK_D=block_d, num_warps=num_warps)
     return out
 
 
@@ -162,10 +163,10 @@ def unshuffle_bwd(grad_out: torch.Tensor, ids_restore: torch.Tensor, len_keep: i
     tiles = cdiv(n_tiles, _BWD_PROGRAMS)
     programs = cdiv(n_tiles, tiles)
     partials = _empty((programs, D), torch.float32, dev)
-    _unshuffle_bwd[(programs, cdiv(D, block_d))](
-        grad_out, ids_restore, grad_x, partials, n_rows, L, len_keep, D, tiles,
-        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-        ids_restore.stride(0), ids_restore.stride(1),
-        ROWS=rows, BLOCK_D=block_d, num_warps=num_warps)
+    launch(_unshuffle_bwd, (programs, cdiv(D, block_d)),
+           grad_out, ids_restore, grad_x, partials, n_rows, L, len_keep, D, tiles,
+           grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+           ids_restore.stride(0), ids_restore.stride(1),
+           ROWS=rows, BLOCK_D=block_d, num_warps=num_warps)
     grad_mask_token = partials.sum(0).to(mask_token_dtype).reshape(1, 1, D)
     return grad_x, grad_mask_token

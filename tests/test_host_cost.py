@@ -1,5 +1,6 @@
-"""benches/host_cost.py runs in both launch modes and both launch the same kernels: the no-op
-counter (Triton launches stubbed) and Triton's own Python launch path up to its C launcher."""
+"""benches/host_cost.py runs in its three launch modes and all three launch the same kernels: the
+no-op counter (Triton launches stubbed), Triton's own Python launch path up to its C launcher, and
+fastmae's direct launch in front of it."""
 import re
 import subprocess
 import sys
@@ -17,7 +18,8 @@ def _launches(*extra):
     return int(found.group(1))
 
 
-def test_both_launch_paths_launch_the_same_kernels():
+def test_every_launch_path_launches_the_same_kernels():
     stubbed = _launches()
     assert stubbed > 100  # ViT-B depth: 20 blocks, several kernels each
-    assert _launches("--launch-path", "python") == stubbed
+    assert _launches("--launch-path", "triton") == stubbed
+    assert _launches("--launch-path", "direct") == stubbed
