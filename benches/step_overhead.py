@@ -5,8 +5,9 @@
 An eager step is fast only while the host enqueues kernels faster than the GPU runs them. This
 prints, measured now on this machine:
 1. the host cost of one launch: a torch op, Triton kernels with 1, 4 and 12 pointer arguments
-   (Triton's launcher queries the driver once per pointer), a no-op ``torch.library`` custom op,
-   and fastmae's LayerNorm op;
+   (Triton's launcher queries the driver once per pointer) launched by Triton and by fastmae's
+   direct launch (``kernels/_common.py``), a no-op ``torch.library`` custom op, and fastmae's
+   LayerNorm op launched both ways;
 2. per system (fastmae, the eager reference): the host time to enqueue one step, the GPU time of
    one step (CUDA events) and of one replay of the step captured as a CUDA graph;
 3. the host-device synchronizations in one eager step, per system (each one stalls the host
@@ -71,6 +72,7 @@ def host_us(fn, n=300):
 
 def launch_costs():
     from fastmae import ops
+    from fastmae.kernels import _common
     x = torch.ones(16, device="cuda")
     bufs = [torch.ones(16, device="cuda") for _ in range(12)]
     ln_x = torch.randn(64, 768, device="cuda")
@@ -86,12 +88,23 @@ def launch_costs():
         ("triton: 12 pointers + 3 ints + 1 float", lambda: _touch12[(1,)](*bufs, 16, 1, 1, 0.5)),
         ("triton: the same, fresh buffers each call",
          lambda: _touch12[(1,)](*pool[next(turn) % 64], 16, 1, 1, 0.5)),
+        ("fastmae direct launch: 1 pointer", lambda: _common.launch(_touch1, (1,), x)),
+        ("fastmae direct launch: 12 pointers + ...",
+         lambda: _common.launch(_touch12, (1,), *bufs, 16, 1, 1, 0.5)),
+        ("fastmae direct launch: the same, fresh buffers",
+         lambda: _common.launch(_touch12, (1,), *pool[next(turn) % 64], 16, 1, 1, 0.5)),
         ("torch.library custom op (no kernel)", lambda: _noop(x)),
     ]
     with use_backend("triton"):
         rows.append(("fastmae ops.layer_norm (64 x 768)",
                      lambda: ops.layer_norm(ln_x, ln_w, ln_b, 1e-6)))
         out = [(name, host_us(fn)) for name, fn in rows]
+        saved, _common.DIRECT_LAUNCH = _common.DIRECT_LAUNCH, False  # Triton's own launch path
+        try:
+            out.append(("  the same, Triton's own launch path",
+                        host_us(lambda: ops.layer_norm(ln_x, ln_w, ln_b, 1e-6))))
+        finally:
+            _common.DIRECT_LAUNCH = saved
     print("host cost of one call (us), tiny tensors:")
     for name, us in out:
         print(f"  {name:<42} {us:8.1f}")
