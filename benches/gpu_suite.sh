@@ -5,6 +5,7 @@
 #
 # Most important first, each stage under its own time limit, every stage's output kept in
 # OUTDIR as it is written (a run cut short still leaves what it measured):
+# 0. the direct Triton launch checked against Triton's own (tests/test_direct_launch.py);
 # 1. `fastmae bench --compile` for ViT-B/16: parity on one shared step, then the eager reference,
 #    fastmae, fastmae + CUDA graph and torch.compile of the reference, with the profiler's
 #    kernel breakdown -> OUTDIR/step_vit_b16.json;
@@ -23,7 +24,7 @@
 # matmuls against cuBLAS, about 8 more compiles on a fresh machine).
 #
 # Knobs (environment): STEPS=10, WARMUP=3, L_MODEL=vit_l16 (empty: skip), OP_MODELS=vit_b16,
-# TEST_WORKERS=8, B_TIMEOUT=240, TRAIN_TEST_TIMEOUT=60, L_TIMEOUT=70, TEST_TIMEOUT=120,
+# TEST_WORKERS=8, LAUNCH_TIMEOUT=60, B_TIMEOUT=240, TRAIN_TEST_TIMEOUT=60, L_TIMEOUT=70, TEST_TIMEOUT=120,
 # OPS_TIMEOUT=90, HOST_TIMEOUT=90, SWEEP_TIMEOUT=85, SKIP_TRAIN_TEST=0, SKIP_HOST=0,
 # SKIP_SWEEP=0, SKIP_TESTS=0, SKIP_OPS=0,
 # PYTHON=python3, SUITE_COMMAND (the command BENCHMARKS.md names as the one that reproduces it).
@@ -68,6 +69,20 @@ run "$PY" - <<'EOF'
 import torch, triton
 print(f"GPU {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}")
 EOF
+
+# ---------------------------------------------------------------- 0. the direct launch
+# fastmae hands compiled kernels straight to Triton's C launcher (kernels/_common.py); checked
+# first, in ~20 s: if it fails on this GPU, the rest of the run takes Triton's own launch path
+# (FASTMAE_TRITON_LAUNCH=triton, recorded in the results' env) rather than losing the run.
+if [ "${FASTMAE_TRITON_LAUNCH:-direct}" != "triton" ]; then
+    say "0/6 the direct Triton launch against Triton's own, on this GPU"
+    if ! run timeout "${LAUNCH_TIMEOUT:-60}" "$PY" -m pytest "$REPO/tests/test_direct_launch.py" -m cuda \
+            -q -p no:cacheprovider -rfE --tb=short; then
+        say "the direct launch failed here: the rest of the run launches through Triton's own path"
+        export FASTMAE_TRITON_LAUNCH=triton
+        STATUS=1
+    fi
+fi
 
 # ---------------------------------------------------------------- 1-3. training step
 step_bench() {  # model timeout extra-args...

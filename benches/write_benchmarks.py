@@ -147,9 +147,12 @@ def header(card, res):
     envs = res.envs[card]
     rows = []
     for key, what in [("gpu", "card"), ("driver", "driver"), ("cuda", "CUDA (torch build)"),
-                      ("torch", "torch"), ("triton", "triton"), ("commit", "fastmae commit"),
-                      ("date", "measured")]:
+                      ("torch", "torch"), ("triton", "triton"),
+                      ("triton_launch", "Triton launch path"),
+                      ("commit", "fastmae commit"), ("date", "measured")]:
         vals = _distinct([e.get(key) for _, e in envs if e.get(key)])
+        if key == "triton_launch" and not vals:
+            continue  # runs before fastmae's direct launch (commit 0deb43a) did not record it
         if len(vals) <= 1:
             rows.append((what, vals[0] if vals else "unknown"))
         else:

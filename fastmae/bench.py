@@ -170,6 +170,14 @@ def _triton_version():
         return "not installed"
 
 
+def _triton_launch():
+    """How fastmae launches its compiled Triton kernels in this process: "direct" (to Triton's C
+    launcher, kernels/_common.py) or "triton" (Triton's own launch path,
+    FASTMAE_TRITON_LAUNCH=triton)."""
+    from fastmae.kernels import _common
+    return "direct" if _common.DIRECT_LAUNCH else "triton"
+
+
 @functools.lru_cache(maxsize=None)
 def env_info():
     """The card, driver and software versions, the commit and the date (queried at call time)."""
@@ -181,6 +189,7 @@ def env_info():
         "cuda": torch.version.cuda,
         "torch": torch.__version__,
         "triton": _triton_version(),
+        "triton_launch": _triton_launch(),
         "python": platform.python_version(),
         "cpu": platform.processor() or platform.machine(),
         "commit": git_commit(),
