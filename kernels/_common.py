@@ -38,7 +38,8 @@ def sm_count(device_index: int) -> int:
 # Triton's autotuner rebuilds its cache key from every argument on every launch (a dict of the
 # ~40 arguments, the dtype of each tensor): about a fifth of the host time Triton's Python takes
 # for a launch (benches/host_cost.py --launch-path triton). launch_tuned builds that key itself
-# and, when the autotuner already holds a configuration for it, launches the kernel directly.
+# and, when the autotuner already holds a configuration for it, launches the kernel directly;
+# once it has, the next calls of the same key (_TunedDirect) go straight to the C launcher.
 def launch_tuned(tuned, grid, key_values, *args, **kwargs):
     """tuned[grid](*args, **kwargs), the kernel run with the configuration the autotuner would
     pick: its only one, or the one it cached for its key -- ``key_values`` (the values of its
@@ -47,11 +48,16 @@ def launch_tuned(tuned, grid, key_values, *args, **kwargs):
     differently) goes through the autotuner. A triton.heuristics layer under the autotuner is
     evaluated here too, on the key arguments and the meta-parameters (all its functions may
     read; Heuristics.run would first build a dict of every argument)."""
+    direct = _TUNED.get(id(tuned))
+    if direct is None or direct.tuned is not tuned:
+        direct = _TUNED[id(tuned)] = _TunedDirect(tuned, args, kwargs)
+    if DIRECT_LAUNCH and direct.entries and direct.launch(grid, args, kwargs):
+        return
     if len(tuned.configs) > 1:
-        key = key_values + tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor))
-        config = tuned.cache.get(key)
+        tune_key = key_values + tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor))
+        config = tuned.cache.get(tune_key)
     else:
-        config = tuned.configs[0]
+        tune_key, config = None, tuned.configs[0]
     if config is None or config.pre_hook is not None:
         tuned[grid](*args, **kwargs)
         return
@@ -61,12 +67,15 @@ def launch_tuned(tuned, grid, key_values, *args, **kwargs):
         derived = {name: value(meta) for name, value in fn.values.items()}
         fn = fn.fn
     meta = {**kwargs, **config.all_kwargs(), **derived}
+    resolved = grid
     if callable(grid):
         try:
-            grid = grid(meta)  # the grids of this package read only meta-parameters
+            resolved = grid(meta)  # the grids of this package read only meta-parameters
         except KeyError:
             pass  # one that reads an argument: Triton calls it with every argument
-    launch(fn, grid, *args, **meta)
+    launch(fn, resolved, *args, **meta)
+    if DIRECT_LAUNCH and not callable(resolved):
+        direct.remember(fn, args, kwargs, meta, tune_key, config)
 
 
 # Triton's own launch of a compiled kernel, JITFunction.run, costs the host more than the rest
@@ -86,6 +95,7 @@ def launch_tuned(tuned, grid, key_values, *args, **kwargs):
 # Triton's own path.
 DIRECT_LAUNCH = os.environ.get("FASTMAE_TRITON_LAUNCH", "direct").strip().lower() != "triton"
 _DIRECT = {}  # id(JITFunction) -> _DirectLaunch
+_TUNED = {}  # id(Autotuner) -> _TunedDirect
 _KEY_TYPES = (bool, int, float, str, type(None), torch.dtype, type)
 _MAX_KERNELS = 256  # per kernel; past it, new keys are launched by Triton without being kept
 
@@ -104,6 +114,32 @@ def launch(fn, grid, *args, **kwargs):
         direct(grid, args, kwargs)
     else:
         fn[grid](*args, **kwargs)
+
+
+def _key_function(args, keywords, passed_keywords=None):
+    """The generated ``bind(device, *args, **{keyword: value})`` of _DirectLaunch (see there):
+    the key of a call, and with ``passed_keywords`` (names, in the kernel's parameter order) also
+    the C launcher's kernel arguments: the positional ones, then those keywords' values. None
+    where a keyword would clash with a generated name."""
+    positional = [f"_a{i}" for i in range(len(args))]
+    if {"_device", *positional} & set(keywords):
+        return None
+    key = ["_device"]
+    for name, a in zip(positional, args):
+        if isinstance(a, torch.Tensor):
+            key += [f"{name}.dtype", f"{name}.data_ptr() & 15"]
+        elif isinstance(a, float):  # any float is one fp32 argument; an int is specialized
+            key += [f"{name}.__class__", f"None if {name}.__class__ is float else {name}"]
+        else:
+            key += [f"{name}.__class__", name]
+    key += [part for name in keywords for part in (f"{name}.__class__", name)]
+    signature = ", ".join(["_device", *positional, *(["*"] if keywords else []), *keywords])
+    returned = f"({', '.join(key)},)"
+    if passed_keywords is not None:
+        returned += f", ({''.join(a + ', ' for a in positional + list(passed_keywords))})"
+    namespace = {}
+    exec(f"def bind({signature}):\n    return {returned}\n", namespace)  # noqa: S102
+    return namespace["bind"]
 
 
 def _hooked(hook):
@@ -136,28 +172,11 @@ class _DirectLaunch:
         names = [p.name for p in fn.params]
         n = len(args)
         rest = names[n:]  # passed by keyword: the constexprs
-        options = [k for k in kwargs if k not in rest]  # num_warps, num_stages, ...
-        positional = [f"_a{i}" for i in range(n)]
         if (n > len(names) or any(name in kwargs for name in names[:n])
-                or any(name not in kwargs for name in rest)
-                or {"_device", *positional} & set(kwargs)):
-            return None  # defaults, keyword-passed leading arguments, a name clash: Triton only
-        key = ["_device"]
-        for name, a in zip(positional, args):
-            if isinstance(a, torch.Tensor):
-                key += [f"{name}.dtype", f"{name}.data_ptr() & 15"]
-            elif isinstance(a, float):  # any float is one fp32 argument; an int is specialized
-                key += [f"{name}.__class__", f"None if {name}.__class__ is float else {name}"]
-            else:
-                key += [f"{name}.__class__", name]
-        key += [part for name in rest + options for part in (f"{name}.__class__", name)]
-        passed = positional + rest
-        signature = ", ".join(["_device", *positional, *(["*"] if kwargs else []), *rest, *options])
-        src = (f"def bind({signature}):\n"
-               f"    return ({', '.join(key)},), ({''.join(a + ', ' for a in passed)})\n")
-        namespace = {}
-        exec(src, namespace)  # noqa: S102 -- generated from the kernel's own parameter names
-        return namespace["bind"]
+                or any(name not in kwargs for name in rest)):
+            return None  # defaults or keyword-passed leading arguments: Triton's path only
+        options = [k for k in kwargs if k not in rest]  # num_warps, num_stages, ...
+        return _key_function(args, rest + options, rest)
 
     def __call__(self, grid, args, kwargs):
         fn = self.fn
@@ -185,6 +204,65 @@ class _DirectLaunch:
         n = len(grid)
         run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1,
             active.get_current_stream(device), function, metadata, None, None, None, *kernel_args)
+
+
+class _TunedDirect:
+    """An autotuned kernel's direct launches, by a key of the launch_tuned call (its arguments
+    and keyword arguments, keyed as _DirectLaunch keys them, so the autotuner's own key, the key
+    arguments' values and the tensors' dtypes, is part of it): the configuration the autotuner
+    had chosen for it, the meta-parameters the grid is computed from, and the compiled kernel
+    with its constexpr arguments. A hit is launched only while the autotuner still holds that
+    configuration for that key (its cache cleared or its configurations replaced, as tests do:
+    through launch_tuned's full path again)."""
+
+    def __init__(self, tuned, args, kwargs):
+        self.tuned = tuned
+        self.entries = {}
+        self.bind = _key_function(args, list(kwargs))
+
+    def launch(self, grid, args, kwargs):
+        """Launch the call directly and return True, or return False where it cannot be."""
+        runtime = knobs.runtime
+        if self.bind is None or _hooked(runtime.launch_enter_hook) or _hooked(
+                runtime.launch_exit_hook):
+            return False
+        active = driver.active
+        device = active.get_current_device()
+        try:
+            entry = self.entries.get(self.bind(device, *args, **kwargs))
+        except (AttributeError, TypeError):
+            return False
+        if entry is None:
+            return False
+        run, function, metadata, tail, meta, fn, tune_key, config, configs = entry
+        tuned = self.tuned
+        if (tuned.configs is not configs or fn.pre_run_hooks
+                or (configs[0] if tune_key is None else tuned.cache.get(tune_key)) is not config):
+            return False
+        if callable(grid):
+            grid = grid(meta)
+        n = len(grid)
+        run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1,
+            active.get_current_stream(device), function, metadata, None, None, None, *args, *tail)
+        return True
+
+    def remember(self, fn, args, kwargs, meta, tune_key, config):
+        """After launch_tuned launched ``fn`` with ``args`` and ``meta`` (the configuration's
+        and heuristics' values added to ``kwargs``): keep the kernel that launch compiled."""
+        inner = _DIRECT.get(id(fn))
+        if (self.bind is None or len(self.entries) >= _MAX_KERNELS or inner is None
+                or inner.fn is not fn or inner.bind is None or fn.pre_run_hooks):
+            return
+        device = driver.active.get_current_device()
+        try:
+            key = self.bind(device, *args, **kwargs)
+            inner_key, kernel_args = inner.bind(device, *args, **meta)
+            kernel = inner.kernels.get(inner_key)
+        except (AttributeError, TypeError):
+            return
+        if kernel is not None and all(isinstance(k, _KEY_TYPES) for k in key):
+            self.entries[key] = (*kernel, kernel_args[len(args):], meta, fn, tune_key, config,
+                                 self.tuned.configs)
 
 
 # What keep_faster measured, for reports: (forced_env, key) -> {name: ms, or None if it raised}

@@ -9,8 +9,9 @@ Run by ``tests/test_direct_launch.py`` as a script in a subprocess, WITHOUT ``TR
 Nothing is compiled and nothing runs on a GPU: ``fastmae.testing.use_stand_in_kernels`` lets
 Triton's Python launch path run up to the C launcher, caching a stand-in kernel per
 specialization, whose ``run`` (the C launcher) records its call. Every launch of the scenarios
-below is made twice: first through ``fn[grid](...)`` (what Triton does), then through fastmae's
-direct path, and the two calls of the C launcher are compared: the same compiled kernel (Triton's
+below is made twice: first through ``fn[grid](...)`` (what Triton does; for an autotuned
+kernel, the autotuner's ``tuned[grid](...)``), then through fastmae's direct path, and the two
+calls of the C launcher are compared: the same compiled kernel (Triton's
 cache entry for that specialization), the same grid, stream, function and metadata, the same
 argument objects; the direct call passes no launch metadata and no hooks (Triton's are empty).
 
@@ -20,7 +21,8 @@ place, another option, a None where a tensor was, a callable grid, a launch hook
 training steps under "triton" (fp32 and bf16 autocast; the fused and split MLP; the fused and
 two-kernel attention backward; odd shapes), and the launchers the model does not call on CPU
 tensors (token gather / scatter, visible-patch embedding). The third of three identical steps
-must launch every kernel directly.
+must launch every kernel directly. Last, an autotuned kernel's direct launch must stop while its
+autotuner's cache is cleared or its configurations are replaced.
 
 Prints one JSON line: launches compared, how many were direct, and per kernel.
 """
@@ -51,13 +53,25 @@ fastmae.backend.interpreter_on = lambda: True
 
 COMPARED = collections.Counter()
 DIRECT = collections.Counter()
+TUNED_DIRECT = collections.Counter()  # the direct launches that launch_tuned made itself
+LAST_TUNED = {}  # kernel name -> the last (_TunedDirect, grid, args, kwargs) launched directly
 _direct_call = _common._DirectLaunch.__call__
+_tuned_launch = _common._TunedDirect.launch
 
 
 def _one_call():
     assert len(CALLS) == 1, f"{len(CALLS)} C-launcher calls for one launch"
     kernel, call_args = CALLS.pop()
     return kernel, call_args
+
+
+def _assert_same_call(name, got_kernel, got, want_kernel, want):
+    assert got_kernel is want_kernel, f"{name}: another compiled kernel than Triton's"
+    assert got[:6] == want[:6], f"{name}: grid/stream/function/metadata {got[:6]} != {want[:6]}"
+    assert got[6:9] == (None, None, None), f"{name}: launch metadata or hooks passed"
+    assert not any(_common._hooked(h) for h in want[7:9]), f"{name}: Triton had hooks set"
+    assert len(got) == len(want) and all(a is b for a, b in zip(got[9:], want[9:])), (
+        f"{name}: other kernel arguments than Triton's")
 
 
 def _shadowed(self, grid, args, kwargs):
@@ -73,17 +87,32 @@ def _shadowed(self, grid, args, kwargs):
     COMPARED[name] += 1
     if self.misses == misses:  # went direct: compare what it passed with Triton's call
         DIRECT[name] += 1
-        assert got_kernel is want_kernel, f"{name}: another compiled kernel than Triton's"
-        assert got[:6] == want[:6], f"{name}: grid/stream/function/metadata {got[:6]} != {want[:6]}"
-        assert got[6:9] == (None, None, None), f"{name}: launch metadata or hooks passed"
-        assert not any(_common._hooked(h) for h in want[7:9]), f"{name}: Triton had hooks set"
-        assert len(got) == len(want) and all(a is b for a, b in zip(got[9:], want[9:])), (
-            f"{name}: other kernel arguments than Triton's")
+        _assert_same_call(name, got_kernel, got, want_kernel, want)
     else:  # through Triton: the same call as Triton's own
         assert got_kernel is want_kernel and len(got) == len(want), name
 
 
+def _shadowed_tuned(self, grid, args, kwargs):
+    """The same for an autotuned kernel's direct launch (launch_tuned's _TunedDirect), against
+    the autotuner's own launch; where it does not go direct, launch_tuned's full path follows
+    (its launch compared by _shadowed)."""
+    CALLS.clear()
+    self.tuned[grid](*args, **kwargs)
+    want_kernel, want = _one_call()
+    if not _tuned_launch(self, grid, args, kwargs):
+        return False
+    got_kernel, got = _one_call()
+    name = want_kernel.name
+    COMPARED[name] += 1
+    DIRECT[name] += 1
+    TUNED_DIRECT[name] += 1
+    LAST_TUNED[name] = (self, grid, args, kwargs)
+    _assert_same_call(name, got_kernel, got, want_kernel, want)
+    return True
+
+
 _common._DirectLaunch.__call__ = _shadowed
+_common._TunedDirect.launch = _shadowed_tuned
 
 
 # ----------------------------------------------------------------------------- a toy kernel
@@ -198,6 +227,36 @@ def _other_launchers():
         assert DIRECT[name] >= 1, f"{name} never went direct"
 
 
+def _autotuner_reset():
+    """A tuned kernel's direct launch stops when its autotuner forgets its choice or is given
+    other configurations (as tests do), and resumes once it holds that choice again."""
+    from fastmae.kernels import attention
+    q, k, v = (torch.randn(2, 2, 13, 32) for _ in range(3))
+    for _ in range(3):
+        attention.attention_fwd(q, k, v, 0.25)
+    direct, grid, args, kwargs = LAST_TUNED["_attn_fwd"]  # that call, without its shadow
+    tuned = direct.tuned
+
+    def goes_direct():
+        CALLS.clear()
+        went = _tuned_launch(direct, grid, args, kwargs)
+        assert len(CALLS) == int(went)
+        return went
+
+    assert goes_direct(), "no direct launch of a tuned kernel"
+    saved_cache, saved_configs = dict(tuned.cache), tuned.configs
+    tuned.cache.clear()
+    assert not goes_direct(), "launched directly after the autotuner's cache was cleared"
+    tuned.cache.update(saved_cache)
+    assert goes_direct(), "no direct launch with the autotuner's choice back"
+    tuned.configs = [saved_configs[-1]]
+    try:
+        assert not goes_direct(), "launched directly on other configurations"
+    finally:
+        tuned.configs = saved_configs
+    assert goes_direct(), "no direct launch with the configurations back"
+
+
 def main():
     _toy_cases()
     for dtype in (torch.float32, torch.bfloat16):
@@ -205,7 +264,9 @@ def main():
             _model_steps(dtype, 32, mlp, attn_bwd)
     _model_steps(torch.bfloat16, 40, "split", "fused")  # 25 patches, 6 kept: odd row counts
     _other_launchers()
+    _autotuner_reset()
     print(json.dumps({"compared": sum(COMPARED.values()), "direct": sum(DIRECT.values()),
+                      "tuned_direct": dict(TUNED_DIRECT),
                       "kernels": {name: [COMPARED[name], DIRECT[name]] for name in COMPARED}}))
 
 

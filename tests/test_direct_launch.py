@@ -2,7 +2,8 @@
 
 The comparison needs real JITFunctions, so it runs tests/_launch_check.py in a subprocess without
 TRITON_INTERPRET (see its docstring): every launch of a toy kernel's argument kinds and of tiny
-MAE training steps is made both ways and the C launcher's two calls compared."""
+MAE training steps is made both ways (for the autotuned kernels, against the autotuner's own
+launch) and the C launcher's two calls compared."""
 import json
 import os
 import subprocess
@@ -36,6 +37,11 @@ def test_direct_launch_passes_the_c_launcher_what_triton_would():
         compared, direct = kernels[name]
         assert direct >= 1, f"{name}: none of its {compared} launches went direct"
     assert report["direct"] > report["compared"] // 2
+    # the autotuned kernels' launches went direct from launch_tuned itself
+    for name in ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq", "_matmul_bias_gelu",
+                 "_matmul_gelu_bwd", "_patch_embed_fwd", "_patch_embed_bwd_weight",
+                 "_patch_embed_bwd_imgs"):
+        assert report["tuned_direct"].get(name, 0) >= 1, f"{name}: no direct launch_tuned launch"
 
 
 def test_fastmae_triton_launch_env_turns_the_direct_path_off():
