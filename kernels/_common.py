@@ -240,7 +240,10 @@ class _TunedDirect:
                 or (configs[0] if tune_key is None else tuned.cache.get(tune_key)) is not config):
             return False
         if callable(grid):
-            grid = grid(meta)
+            try:
+                grid = grid(meta)
+            except KeyError:  # a grid that reads an argument: the full path
+                return False
         n = len(grid)
         run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1,
             active.get_current_stream(device), function, metadata, None, None, None, *args, *tail)
