@@ -9,7 +9,8 @@ prints, measured now on this machine:
    direct launch (``kernels/_common.py``), a no-op ``torch.library`` custom op, and fastmae's
    LayerNorm op launched both ways;
 2. per system (fastmae, the eager reference): the host time to enqueue one step, the GPU time of
-   one step (CUDA events) and of one replay of the step captured as a CUDA graph;
+   one step (CUDA events) and of one replay of the step captured as a CUDA graph; and the host
+   time to enqueue a fastmae step with every launch through Triton's own launch path;
 3. the host-device synchronizations in one eager step, per system (each one stalls the host
    until the GPU has caught up: the step then costs host time + GPU time);
 4. the Python functions that take the host time of one fastmae step (cProfile, by own time).
@@ -152,6 +153,27 @@ def step_costs(model_name, batch, backend):
     return statistics.median(host), eager_ms, graph_ms, prof, syncs
 
 
+def enqueue_ms(model_name, batch, backend):
+    """Host ms to enqueue one eager step (the median of 5, after 3), nothing else."""
+    model = build_model(model_name, "cuda")
+    g = torch.Generator(device="cuda").manual_seed(1)
+    H, W = model.patch_embed.img_size
+    imgs = torch.randn(batch, 3, H, W, device="cuda", generator=g)
+    step, _, _ = make_train_step(model, imgs, torch.bfloat16)
+    host = []
+    with use_backend(backend):
+        for i in range(8):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            step()
+            if i >= 3:
+                host.append((time.perf_counter() - t) * 1e3)
+        torch.cuda.synchronize()
+    del step, model
+    torch.cuda.empty_cache()
+    return statistics.median(host)
+
+
 def sync_points(step):
     """Where one call of ``step`` synchronizes the host with the GPU: (message, "file:line")
     pairs from torch's sync debug mode (torch.cuda.set_sync_debug_mode)."""
@@ -181,13 +203,21 @@ def main(argv=None):
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}")
     launch_costs()
     print(f"\n{args.model}, batch {args.batch}, bf16 autocast, fused AdamW:")
-    print(f"  {'system':<10} {'host ms to enqueue':>19} {'eager ms/step':>14} {'CUDA graph ms/step':>19}")
+    print(f"  {'system':<30} {'host ms to enqueue':>19} {'eager ms/step':>14} "
+          f"{'CUDA graph ms/step':>19}")
     prof, syncs = None, {}
     for backend, label in (("triton", "fastmae"), ("torch", "reference")):
         host, eager, graph, p_, syncs[label] = step_costs(args.model, args.batch, backend)
         prof = prof or p_
         graph_s = f"{graph:19.1f}" if isinstance(graph, float) else "  " + graph
-        print(f"  {label:<10} {host:19.1f} {eager:14.1f} {graph_s}", flush=True)
+        print(f"  {label:<30} {host:19.1f} {eager:14.1f} {graph_s}", flush=True)
+    from fastmae.kernels import _common
+    saved, _common.DIRECT_LAUNCH = _common.DIRECT_LAUNCH, False
+    try:
+        host = enqueue_ms(args.model, args.batch, "triton")
+    finally:
+        _common.DIRECT_LAUNCH = saved
+    print(f"  {'fastmae, Triton launch path':<30} {host:19.1f} {'-':>14} {'-':>19}", flush=True)
     for label, found in syncs.items():
         print(f"\nhost-device synchronizations in one eager {label} step: {len(found)}")
         for message, where in found[:10]:
