@@ -759,7 +759,8 @@ def _main_gpu(args):
           f"{args.dtype} {'autocast' if args.dtype != 'fp32' else '(no autocast)'}, fused AdamW"
           f"{', GradScaler' if args.dtype == 'fp16' else ''}")
     print(f"device: {env['gpu']} (driver {env['driver']}, CUDA {env['cuda']}) | torch {env['torch']} | "
-          f"triton {env['triton']} | commit {env['commit']} | {env['date']}")
+          f"triton {env['triton']} ({env['triton_launch']} launch) | commit {env['commit']} | "
+          f"{env['date']}")
     floors = measure_floors()
     print(f"floors measured now: device copy {floors['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 "
           f"{floors['matmul_n']}^3 matmul {floors['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s; "
