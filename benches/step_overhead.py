@@ -112,22 +112,35 @@ def launch_costs():
     return out
 
 
-def step_costs(model_name, batch, backend):
+def _eager_step(model_name, batch):
+    """A fresh model's eager bf16 training step on random images, and the images."""
     model = build_model(model_name, "cuda")
     g = torch.Generator(device="cuda").manual_seed(1)
     H, W = model.patch_embed.img_size
     imgs = torch.randn(batch, 3, H, W, device="cuda", generator=g)
     step, _, _ = make_train_step(model, imgs, torch.bfloat16)
-    with use_backend(backend):
-        for _ in range(3):
-            step()
+    return step, imgs
+
+
+def _enqueue_ms(step, warmup=3, reps=5):
+    """Host ms to enqueue one call of ``step`` (the median of ``reps``, each started on an idle
+    GPU), after ``warmup`` calls."""
+    for _ in range(warmup):
+        step()
+    host = []
+    for _ in range(reps):
         torch.cuda.synchronize()
-        host = []
-        for _ in range(5):
-            t = time.perf_counter()
-            step()
-            host.append((time.perf_counter() - t) * 1e3)
-            torch.cuda.synchronize()
+        t = time.perf_counter()
+        step()
+        host.append((time.perf_counter() - t) * 1e3)
+    torch.cuda.synchronize()
+    return statistics.median(host)
+
+
+def step_costs(model_name, batch, backend):
+    step, imgs = _eager_step(model_name, batch)
+    with use_backend(backend):
+        host = _enqueue_ms(step)
         eager_ms = cuda_time_ms(step, reps=5, warmup=0)
         syncs = sync_points(step)
         prof = None
@@ -150,28 +163,17 @@ def step_costs(model_name, batch, backend):
     except Exception as exc:  # noqa: BLE001 - reported, not fatal
         graph_ms = f"capture failed: {type(exc).__name__}: {str(exc)[:200]}"
     torch.cuda.empty_cache()
-    return statistics.median(host), eager_ms, graph_ms, prof, syncs
+    return host, eager_ms, graph_ms, prof, syncs
 
 
 def enqueue_ms(model_name, batch, backend):
-    """Host ms to enqueue one eager step (the median of 5, after 3), nothing else."""
-    model = build_model(model_name, "cuda")
-    g = torch.Generator(device="cuda").manual_seed(1)
-    H, W = model.patch_embed.img_size
-    imgs = torch.randn(batch, 3, H, W, device="cuda", generator=g)
-    step, _, _ = make_train_step(model, imgs, torch.bfloat16)
-    host = []
+    """Host ms to enqueue one eager step, nothing else."""
+    step, _ = _eager_step(model_name, batch)
     with use_backend(backend):
-        for i in range(8):
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            step()
-            if i >= 3:
-                host.append((time.perf_counter() - t) * 1e3)
-        torch.cuda.synchronize()
-    del step, model
+        host = _enqueue_ms(step)
+    del step
     torch.cuda.empty_cache()
-    return statistics.median(host)
+    return host
 
 
 def sync_points(step):
