@@ -90,9 +90,7 @@ def _layer_norm_bwd(
     DS,  # (M, D) any float dtype, strides (stride_ds_m, stride_ds_d) (unused when not HAS_DS)
     DX,  # (M, D) dx_dtype out, contiguous
     DX2,  # (M, D) out, contiguous: dx again in a second dtype (unused when not HAS_DX2)
-    DW_PART,  # (num_programs, D) fp32 out, contiguous
-    DB_PART,  # (num_programs, D) fp32 out, contiguous
-    DBB_PART,  # (num_programs, D) fp32 out, contiguous (unused when not HAS_DBB)
+    PART,  # (2 or 3, num_programs, D) fp32 out, contiguous: dweight, dbias (, dbranch_bias)
     M, D, tiles_per_program,  # row tiles of ROWS rows per program
     stride_dy_m, stride_dy_d, stride_x, stride_ds_m, stride_ds_d, stride_dx,
     BLOCK_D: tl.constexpr,
@@ -139,10 +137,12 @@ def _layer_norm_bwd(
         db_acc += tl.sum(dy, axis=0)
         if HAS_DBB:  # rows past M are 0 (dy, ds and rstd loaded as 0); columns past D unstored
             dbb_acc += tl.sum(dx, axis=0)
-    tl.store(DW_PART + pid * D + cols, dw_acc, mask=col_ok)
-    tl.store(DB_PART + pid * D + cols, db_acc, mask=col_ok)
+    part = PART + pid * D + cols  # row pid of section 0; a section is num_programs * D apart
+    section = tl.num_programs(0).to(tl.int64) * D
+    tl.store(part, dw_acc, mask=col_ok)
+    tl.store(part + section, db_acc, mask=col_ok)
     if HAS_DBB:
-        tl.store(DBB_PART + pid * D + cols, dbb_acc, mask=col_ok)
+        tl.store(part + 2 * section, dbb_acc, mask=col_ok)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -305,13 +305,12 @@ def layer_norm_bwd(dy, s_or_x, weight, mean, rstd, ds=None, dx_dtype=None, dx2_d
     ds_arg = ds if has_ds else dy  # placeholder, never touched
     dx2 = _empty((M, D), dx2_dtype, device) if dx2_dtype is not None else None
     launch(_layer_norm_bwd, (programs,),
-        dy, s_or_x, weight, mean, rstd, ds_arg, dx, dx if dx2 is None else dx2,
-        partials[0], partials[1], partials[n_part - 1],
-        M, D, rows_per_program // rows,
-        dy.stride(0), dy.stride(1), s_or_x.stride(0), ds_arg.stride(0), ds_arg.stride(1),
-        dx.stride(0),
-        BLOCK_D=block_d, ROWS=rows, HAS_DS=has_ds, HAS_DX2=dx2 is not None,
-        HAS_DBB=branch_bias_grad, STAGES=BWD_STAGES, num_warps=warps)
+           dy, s_or_x, weight, mean, rstd, ds_arg, dx, dx if dx2 is None else dx2, partials,
+           M, D, rows_per_program // rows,
+           dy.stride(0), dy.stride(1), s_or_x.stride(0), ds_arg.stride(0), ds_arg.stride(1),
+           dx.stride(0),
+           BLOCK_D=block_d, ROWS=rows, HAS_DS=has_ds, HAS_DX2=dx2 is not None,
+           HAS_DBB=branch_bias_grad, STAGES=BWD_STAGES, num_warps=warps)
     # second, deterministic reduction over the per-program partial sums
     dwb = partials.sum(1)
     if dx2 is not None:

@@ -118,12 +118,12 @@ def masked_mse_fwd(imgs, pred, mask, patch_size, norm_pix, need_grad):
     programs = cdiv(NL, block_p)
     partials = _empty((programs,), torch.float32, device)
     launch(_masked_mse_fwd, (programs,),
-        imgs, pred, mask, mask_sum, grad if need_grad else partials, partials,
-        NL, L, grid_w,
-        *imgs.stride(), *pred.stride(), *mask.stride(),
-        C=C, P=p, C_BLOCK=c_block, PP_BLOCK=pp_block,
-        NORM_PIX=bool(norm_pix), NEED_GRAD=bool(need_grad), EPS=NORM_PIX_EPS,
-        BLOCK_P=block_p, num_warps=num_warps)
+           imgs, pred, mask, mask_sum, grad if need_grad else partials, partials,
+           NL, L, grid_w,
+           *imgs.stride(), *pred.stride(), *mask.stride(),
+           C=C, P=p, C_BLOCK=c_block, PP_BLOCK=pp_block,
+           NORM_PIX=bool(norm_pix), NEED_GRAD=bool(need_grad), EPS=NORM_PIX_EPS,
+           BLOCK_P=block_p, num_warps=num_warps)
     return partials.sum(), grad
 
 
