@@ -147,6 +147,22 @@ def _hooked(hook):
     return bool(getattr(hook, "calls", hook))
 
 
+def _hooks_set(fn):
+    """Whether ``fn`` has a pre-run hook or Triton a launch hook: then Triton's own path runs."""
+    runtime = knobs.runtime
+    return bool(fn.pre_run_hooks or _hooked(runtime.launch_enter_hook)
+                or _hooked(runtime.launch_exit_hook))
+
+
+def _run_compiled(kernel, grid, stream, kernel_args):
+    """Triton's C launcher on ``kernel`` = (launcher, function, packed metadata), as
+    JITFunction.run calls it, without launch metadata or hooks."""
+    run, function, metadata = kernel
+    n = len(grid)
+    run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, stream, function, metadata,
+        None, None, None, *kernel_args)
+
+
 class _DirectLaunch:
     """The kernels of one JITFunction that Triton compiled, by fastmae's key, and the generated
     function that builds the key and the C launcher's argument tuple of a call.
@@ -180,9 +196,7 @@ class _DirectLaunch:
 
     def __call__(self, grid, args, kwargs):
         fn = self.fn
-        runtime = knobs.runtime
-        if (self.bind is None or callable(grid) or fn.pre_run_hooks
-                or _hooked(runtime.launch_enter_hook) or _hooked(runtime.launch_exit_hook)):
+        if self.bind is None or callable(grid) or _hooks_set(fn):
             self.misses += 1
             fn[grid](*args, **kwargs)
             return
@@ -200,10 +214,7 @@ class _DirectLaunch:
                     and all(isinstance(k, _KEY_TYPES) for k in key)):
                 self.kernels[key] = (kernel.run, kernel.function, kernel.packed_metadata)
             return
-        run, function, metadata = entry
-        n = len(grid)
-        run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1,
-            active.get_current_stream(device), function, metadata, None, None, None, *kernel_args)
+        _run_compiled(entry, grid, active.get_current_stream(device), kernel_args)
 
 
 class _TunedDirect:
@@ -222,9 +233,7 @@ class _TunedDirect:
 
     def launch(self, grid, args, kwargs):
         """Launch the call directly and return True, or return False where it cannot be."""
-        runtime = knobs.runtime
-        if self.bind is None or _hooked(runtime.launch_enter_hook) or _hooked(
-                runtime.launch_exit_hook):
+        if self.bind is None:
             return False
         active = driver.active
         device = active.get_current_device()
@@ -234,9 +243,9 @@ class _TunedDirect:
             return False
         if entry is None:
             return False
-        run, function, metadata, tail, meta, fn, tune_key, config, configs = entry
+        kernel, tail, meta, fn, tune_key, config, configs = entry
         tuned = self.tuned
-        if (tuned.configs is not configs or fn.pre_run_hooks
+        if (tuned.configs is not configs or _hooks_set(fn)
                 or (configs[0] if tune_key is None else tuned.cache.get(tune_key)) is not config):
             return False
         if callable(grid):
@@ -244,9 +253,7 @@ class _TunedDirect:
                 grid = grid(meta)
             except KeyError:  # a grid that reads an argument: the full path
                 return False
-        n = len(grid)
-        run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1,
-            active.get_current_stream(device), function, metadata, None, None, None, *args, *tail)
+        _run_compiled(kernel, grid, active.get_current_stream(device), args + tail)
         return True
 
     def remember(self, fn, args, kwargs, meta, tune_key, config):
@@ -254,7 +261,7 @@ class _TunedDirect:
         and heuristics' values added to ``kwargs``): keep the kernel that launch compiled."""
         inner = _DIRECT.get(id(fn))
         if (self.bind is None or len(self.entries) >= _MAX_KERNELS or inner is None
-                or inner.fn is not fn or inner.bind is None or fn.pre_run_hooks):
+                or inner.fn is not fn or inner.bind is None):
             return
         device = driver.active.get_current_device()
         try:
@@ -264,7 +271,7 @@ class _TunedDirect:
         except (AttributeError, TypeError):
             return
         if kernel is not None and all(isinstance(k, _KEY_TYPES) for k in key):
-            self.entries[key] = (*kernel, kernel_args[len(args):], meta, fn, tune_key, config,
+            self.entries[key] = (kernel, kernel_args[len(args):], meta, fn, tune_key, config,
                                  self.tuned.configs)
 
 
