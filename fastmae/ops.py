@@ -106,8 +106,10 @@ def _op(name):
 
 def _cast(t, dtype):
     """t in dtype. Tensor.to returns t itself when the dtype already matches, but only after a
-    trip through the dispatcher (microseconds: a hundred-odd no-op casts a training step)."""
-    return t if t.dtype == dtype else t.to(dtype)
+    trip through the dispatcher (microseconds: a hundred-odd no-op casts a training step). The
+    dtype goes by keyword: a positional one is first tried, and fails, as to()'s device (an
+    exception raised and dropped inside torch's argument parser, ~3 us a cast on a 2-core CPU)."""
+    return t if t.dtype == dtype else t.to(dtype=dtype)
 
 
 # ============================================================================ input checks
@@ -601,8 +603,8 @@ def _packed_attention_grads(do, qkv, o, lse, num_heads, scale, bias_grad=False):
     # the three gradients land in one packed buffer: the qkv projection's backward reads it as is
     dqkv = qkv.new_empty(B, N, 3, num_heads, d)
     dq, dk, dv = dqkv.permute(2, 0, 3, 1, 4).unbind(0)
-    dsum = (torch.empty(attention.grad_sum_shape(B, num_heads, N, d), device=qkv.device,
-                        dtype=torch.float32) if bias_grad else None)
+    dsum = (qkv.new_empty(*attention.grad_sum_shape(B, num_heads, N, d), dtype=torch.float32)
+            if bias_grad else None)
     attention.attention_bwd(heads(do.contiguous()), q, k, v, heads(o), lse, scale, dq=dq, dk=dk,
                             dv=dv, dsum=dsum)
     return dqkv.view(B, N, C3), None if dsum is None else dsum.view(-1, C3).sum(0)
@@ -705,7 +707,7 @@ def _layer_norm_bwd_op(dy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd
     dx, dwb = launch(dy.reshape(-1, D), _rows(x), weight, mean, rstd,
                      ds=None if ds is None else ds.reshape(-1, D), dx_dtype=dx_dtype,
                      branch_bias_grad=branch_bias_grad)
-    return dx.view(x.shape), dwb
+    return dx.view_as(x), dwb
 
 
 @_layer_norm_bwd_op.register_fake
@@ -748,7 +750,7 @@ def _add_layer_norm_bwd_op(dy: Tensor, s: Tensor, weight: Tensor, mean: Tensor, 
     dsum, dwb, dx = launch(dy.reshape(-1, D), _rows(s), weight, mean, rstd,
                            ds=None if ds is None else ds.reshape(-1, D), dx_dtype=ds_dtype,
                            dx2_dtype=dx_dtype, branch_bias_grad=branch_bias_grad)
-    return dsum.view(s.shape), dwb, dx.view(s.shape)
+    return dsum.view_as(s), dwb, dx.view_as(s)
 
 
 @_add_layer_norm_bwd_op.register_fake
@@ -871,7 +873,7 @@ def _(x, bias, out_dtype):
 def _bias_gelu_bwd_op(dy: Tensor, x: Tensor, bias: Tensor, dx_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     launch = _kernel("bias_gelu").bias_gelu_bwd
     dx, db = launch(dy.reshape(-1, x.shape[-1]), _rows(x), bias, dx_dtype)
-    return dx.view(x.shape), db
+    return dx.view_as(x), db
 
 
 @_bias_gelu_bwd_op.register_fake
@@ -1042,7 +1044,7 @@ def _fc2_gelu_grads(d_m, g, f, w2, fc1_b, fc2_w_dtype):
     def fused():
         df, db = _kernel("gelu_matmul").matmul_gelu_bwd(d_rows, w2, f.reshape(-1, f.shape[-1]),
                                                          fc1_b, f.dtype)
-        return df.view(f.shape), _cast(db, fc1_b.dtype)
+        return df.view_as(f), _cast(db, fc1_b.dtype)
 
     def split():
         return _bias_gelu_grads(torch.matmul(d_m, w2), f, fc1_b)

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, interpreting, keep_faster, launch_tuned, next_pow2
+from ._common import cdiv, empty, interpreting, keep_faster, launch_tuned, next_pow2
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
 LN2 = 0.6931471805599453  # ln(2): ln(x) = log2(x) * LN2
@@ -833,8 +833,8 @@ def attention_fwd(q, k, v, scale: float, out=None):
     natural-log log-sum-exp of each row of the scaled scores."""
     B, H, N, d = q.shape
     if out is None:
-        out = torch.empty((B, N, H, d), device=q.device, dtype=q.dtype).transpose(1, 2)
-    lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
+        out = empty((B, N, H, d), q.dtype, q.device).transpose(1, 2)
+    lse = empty((B, H, N), torch.float32, q.device)
     if B * H * N == 0:
         return out, lse
     q, k, v = _fit(q), _fit(k), _fit(v)
@@ -861,10 +861,10 @@ def _grad_buffers(q, k, v, dq, dk, dv):
     dtype (what the qkv projection's backward wants), else (B, N, H, d) storage each."""
     B, H, N, d = q.shape
     if dq is None and dk is None and dv is None and q.dtype == k.dtype == v.dtype:
-        packed = torch.empty((B, N, 3, H, d), device=q.device, dtype=q.dtype)
+        packed = empty((B, N, 3, H, d), q.dtype, q.device)
         return packed.permute(2, 0, 3, 1, 4).unbind(0)
     return tuple(
-        g if g is not None else torch.empty((B, N, H, d), device=t.device, dtype=t.dtype).transpose(1, 2)
+        g if g is not None else empty((B, N, H, d), t.dtype, t.device).transpose(1, 2)
         for g, t in ((dq, q), (dk, k), (dv, v)))
 
 
@@ -920,7 +920,7 @@ def attention_bwd(do, q, k, v, o, lse, scale: float, dq=None, dk=None, dv=None, 
             dsum.zero_()
         return dq, dk, dv
     if do.dtype != q.dtype:  # the dot operands must share a dtype
-        do = do.to(q.dtype)
+        do = do.to(dtype=q.dtype)
     lse = lse.contiguous()  # (B, H, N) fp32 from attention_fwd: already contiguous
     q, k, v, o, do = (_fit(t) for t in (q, k, v, o, do))
     dq_w, dk_w, dv_w = (_fit(t) for t in (dq, dk, dv))
@@ -949,7 +949,7 @@ def attention_bwd(do, q, k, v, o, lse, scale: float, dq=None, dk=None, dv=None, 
         )
 
     def split():
-        delta = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
+        delta = empty((B, H, N), torch.float32, q.device)
         launch_tuned(
             _attn_bwd_dq_tuned, lambda meta: (B * H, cdiv(N, meta["BLOCK_M"])), (N, d),
             q, k, v, o, do, dq_w, lse, delta, s_arg, sm_scale, qk_scale,

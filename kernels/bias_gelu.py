@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, interpreting, launch, next_pow2, sm_count
+from ._common import cdiv, empty, interpreting, launch, next_pow2, sm_count
 
 
 # Phi(z) for z <= 0 is erfc(x) / 2 with x = |z| / sqrt 2, and erfc(x) = exp(-x^2) R(x), where
@@ -127,9 +127,7 @@ def _bias_gelu_bwd(
 
 # ----------------------------------------------------------------------------- launchers
 
-def _empty(shape, dtype, device):
-    """Every output of this module is allocated here (tests patch it to poison outputs)."""
-    return torch.empty(shape, dtype=dtype, device=device)
+_empty = empty  # every output is allocated here (tests patch it to poison them)
 
 
 # The backward's grid is one wave of BWD_WARPS_PER_SM warps per SM (see kernels/layer_norm.py):

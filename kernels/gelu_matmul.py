@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, interpreting, launch_tuned, next_pow2
+from ._common import cdiv, empty, interpreting, launch_tuned, next_pow2
 from .bias_gelu import _normal_cdf
 
 
@@ -186,9 +186,7 @@ _matmul_gelu_bwd_tuned = triton.autotune(
 
 # ----------------------------------------------------------------------------- launchers
 
-def _empty(shape, dtype, device):
-    """Every output of this module is allocated here (tests patch it to poison outputs)."""
-    return torch.empty(shape, dtype=dtype, device=device)
+_empty = empty  # every output is allocated here (tests patch it to poison them)
 
 
 def _check(a, b, name_b):

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, interpreting, launch, next_pow2, sm_count
+from ._common import cdiv, empty, interpreting, launch, next_pow2, sm_count
 
 
 @triton.jit
@@ -147,9 +147,7 @@ def _layer_norm_bwd(
 
 # ----------------------------------------------------------------------------- launchers
 
-def _empty(shape, dtype, device):
-    """Every output of this module is allocated here (tests patch it to poison outputs)."""
-    return torch.empty(shape, dtype=dtype, device=device)
+_empty = empty  # every output is allocated here (tests patch it to poison them)
 
 
 # The backward spreads the rows over one wave of programs, each owning a fixed block of rows (its

@@ -16,12 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, interpreting, launch_tuned
+from ._common import cdiv, empty, interpreting, launch_tuned
 
 
-def _empty(shape, dtype, device):
-    """Every buffer the launchers hand out or fill in full (tests patch this to poison them)."""
-    return torch.empty(shape, dtype=dtype, device=device)
+_empty = empty  # every output is allocated here (tests patch it to poison them)
 
 
 def _compute_dtype_is_low(dtype: torch.dtype) -> bool:

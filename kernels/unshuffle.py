@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, launch
+from ._common import cdiv, empty, launch
 from .masking import _row_tiling
 
 # The backward's mask-token reduction runs on about this many programs (a constant, not the
@@ -114,9 +114,7 @@ def _unshuffle_bwd(
 
 # ----------------------------------------------------------------------------- launchers
 
-def _empty(shape, dtype, device):
-    """The one allocator of this file's launchers (tests patch it to return poisoned buffers)."""
-    return torch.empty(shape, dtype=dtype, device=device)
+_empty = empty  # every output is allocated here (tests patch it to poison them)
 
 
 def unshuffle_fwd(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor,
