@@ -88,6 +88,39 @@ def test_single_block_forward_matches():
     assert rel_err(a, b) < 1e-5
 
 
+class _Doubled(nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
+def test_fused_block_reads_parametrized_and_swapped_weights():
+    """The fused path reads parameters from the modules' tables (model._member); a weight those
+    tables lack (a parametrization's property) or hold swapped (torch.func.functional_call) is
+    the one used, as under "torch"."""
+    from torch.nn.utils import parametrize
+
+    x = torch.randn(2, 7, 64)
+    blk = tiny().blocks[0]
+    parametrize.register_parametrization(blk.mlp.fc1, "weight", _Doubled())
+    assert "weight" not in blk.mlp.fc1._parameters
+    with fastmae.use_backend("triton"):
+        a = blk(x)
+    with fastmae.use_backend("torch"):
+        b = blk(x)
+    assert rel_err(a, b) < 1e-5
+
+    blk = tiny().blocks[0]
+    swapped = {"attn.proj.weight": torch.randn_like(blk.attn.proj.weight),
+               "norm2.bias": torch.randn_like(blk.norm2.bias)}
+    with fastmae.use_backend("triton"):
+        plain = blk(x)
+        a = torch.func.functional_call(blk, swapped, (x,))
+    with fastmae.use_backend("torch"):
+        b = torch.func.functional_call(blk, swapped, (x,))
+    assert rel_err(a, b) < 1e-5
+    assert rel_err(a, plain) > 1e-2  # the swapped weights were used
+
+
 def test_compiled_model_has_no_graph_break():
     """torch.compile traces the fastmae ops as custom ops: fullgraph=True must succeed."""
     m = tiny()
