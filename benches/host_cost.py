@@ -27,6 +27,13 @@ callgrind, collecting only inside the timed steps (they run in itertools.starmap
         # (with --launch-path triton or direct as above)
 
 and divide the "Collected" instruction count by the 3 steps it runs.
+
+``--call-costs`` times, call by call, the forms fastmae's launchers and model avoid against
+the ones they use: a shape handed to torch as one tuple or torch.Size (torch's argument parser
+first tries it as the int of a varargs size, raising and dropping an exception) against separate
+ints, a positional dtype to Tensor.to (first tried as its device) against a keyword one, and a
+block's parameters read as module attributes (nn.Module.__getattr__'s path) against
+Block._fused_args (fastmae.model._member's reads).
 """
 import argparse
 import cProfile
@@ -122,6 +129,43 @@ def host_ms(steps_by_name, steps, warmup=3, repeats=7):
     return {name: sorted(t)[len(t) // 10] for name, t in times.items()}
 
 
+def call_costs(number=20000, repeat=9):
+    """[(what, avoided form ns, used form ns)] a call, each the best of ``repeat`` timings."""
+    import timeit
+
+    from fastmae.kernels._common import empty
+    x, xb = torch.randn(5, 32), torch.randn(5, 32, dtype=torch.bfloat16)
+    flat, size, cpu = torch.randn(5 * 32), x.shape, torch.device("cpu")
+    block = build()[0].blocks[0]
+
+    def block_args_plain():  # the attribute reads forward_fused made before _member
+        attn, mlp = block.attn, block.mlp
+        return ((block.norm1.weight, block.norm1.bias, attn.qkv.weight, attn.qkv.bias,
+                 attn.proj.weight, attn.proj.bias, block.norm2.weight, block.norm2.bias,
+                 mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias),
+                attn.num_heads, attn.scale, (block.norm1.eps, block.norm2.eps))
+
+    assert block_args_plain() == block._fused_args()
+    pairs = [
+        ("torch.empty((5, 32)) / kernels._common.empty",
+         lambda: torch.empty((5, 32), dtype=torch.float32, device=cpu),
+         lambda: empty((5, 32), torch.float32, cpu)),
+        ("y.view(x.shape) / y.view_as(x)", lambda: flat.view(size), lambda: flat.view_as(x)),
+        ("x.to(bf16) / x.to(dtype=bf16)",
+         lambda: x.to(torch.bfloat16), lambda: x.to(dtype=torch.bfloat16)),
+        ("xb.to(fp32) / xb.to(dtype=fp32)",
+         lambda: xb.to(torch.float32), lambda: xb.to(dtype=torch.float32)),
+        ("a block's arguments: attributes / Block._fused_args", block_args_plain,
+         block._fused_args),
+    ]
+
+    def best_ns(*fns):  # the two forms take turns, round by round (a shared, noisy CPU)
+        rounds = [[timeit.timeit(fn, number=number) for fn in fns] for _ in range(repeat)]
+        return [min(times) / number * 1e9 for times in zip(*rounds)]
+
+    return [(what, *best_ns(avoided, used)) for what, avoided, used in pairs]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=30)
@@ -134,8 +178,16 @@ def main(argv=None):
                    help="stub: each Triton launch is a no-op counter (default); triton: Triton's "
                         "own Python launch path runs, up to its C launcher; direct: fastmae's "
                         "direct launch, then Triton's C launcher (stubbed), as on a GPU")
+    p.add_argument("--call-costs", action="store_true",
+                   help="time the call forms fastmae avoids against the ones it uses, and exit")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    if args.call_costs:
+        print(f"host cost a call, avoided form / used form | torch {torch.__version__} | "
+              f"{os.cpu_count()} CPUs")
+        for what, avoided, used in call_costs():
+            print(f"  {what:48s} {avoided / 1e3:6.2f} / {used / 1e3:6.2f} us")
+        return
     use_launch_path(args.launch_path)
     if args.callgrind:
         model, opt = build()

@@ -31,9 +31,9 @@ _MISSING = object()
 def _member(module, name):
     """``module.<name>`` for a parameter or submodule, read from the module's own tables. The
     plain attribute read misses the instance dict first, raising (and formatting) an
-    AttributeError inside Python before nn.Module.__getattr__ finds the name in those tables:
-    ~0.8 us a read on a 2-core CPU, ~30 reads a block a step. A name the tables lack (a
-    parametrization's property, say) is read the plain way."""
+    AttributeError inside Python before nn.Module.__getattr__ finds the name in those tables,
+    24 reads a block a step (benches/host_cost.py --call-costs times both ways). A name the
+    tables lack (a parametrization's property, say) is read the plain way."""
     found = module._parameters.get(name, _MISSING)
     if found is _MISSING:
         found = module._modules.get(name, _MISSING)
@@ -120,14 +120,18 @@ class Block(nn.Module):
         The attention and MLP output projections run without their biases: each bias is added in
         the fused residual add + LayerNorm, whose backward produces its gradient in the same
         pass. Returns (x, branch); the caller adds the last branch (``ops.transformer_block``)."""
+        return ops.transformer_block(x, branch, *self._fused_args())
+
+    def _fused_args(self):
+        """ops.transformer_block's (params, num_heads, scale, eps) for this block, read with
+        _member."""
         m = _member
         attn, mlp, norm1, norm2 = m(self, "attn"), m(self, "mlp"), m(self, "norm1"), m(self, "norm2")
         qkv, proj, fc1, fc2 = m(attn, "qkv"), m(attn, "proj"), m(mlp, "fc1"), m(mlp, "fc2")
         params = (m(norm1, "weight"), m(norm1, "bias"), m(qkv, "weight"), m(qkv, "bias"),
                   m(proj, "weight"), m(proj, "bias"), m(norm2, "weight"), m(norm2, "bias"),
                   m(fc1, "weight"), m(fc1, "bias"), m(fc2, "weight"), m(fc2, "bias"))
-        return ops.transformer_block(x, branch, params, attn.num_heads, attn.scale,
-                                     (norm1.eps, norm2.eps))
+        return params, attn.num_heads, attn.scale, (norm1.eps, norm2.eps)
 
 
 def _run_blocks(blocks, norm, x):

@@ -108,7 +108,8 @@ def _cast(t, dtype):
     """t in dtype. Tensor.to returns t itself when the dtype already matches, but only after a
     trip through the dispatcher (microseconds: a hundred-odd no-op casts a training step). The
     dtype goes by keyword: a positional one is first tried, and fails, as to()'s device (an
-    exception raised and dropped inside torch's argument parser, ~3 us a cast on a 2-core CPU)."""
+    exception raised and dropped inside torch's argument parser; benches/host_cost.py
+    --call-costs times both)."""
     return t if t.dtype == dtype else t.to(dtype=dtype)
 
 

@@ -32,8 +32,8 @@ def next_pow2(n: int) -> int:
 # Shapes go to torch's factories and views as separate ints (torch.empty(*shape), x.view_as(y)),
 # not as one tuple: torch's argument parser first tries a lone argument as the int of a varargs
 # size, and for a tuple or torch.Size that attempt raises and formats a TypeError (and an
-# AttributeError) before it is dropped -- about 1.5 us a call on a 2-core CPU, a few hundred
-# calls a training step (benches/host_cost.py).
+# AttributeError) before it is dropped, a few hundred times a training step (both forms timed:
+# benches/host_cost.py --call-costs).
 def empty(shape, dtype, device):
     """torch.empty of a shape tuple, the ints passed separately (see above)."""
     return torch.empty(*shape, dtype=dtype, device=device)

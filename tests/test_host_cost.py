@@ -23,3 +23,14 @@ def test_every_launch_path_launches_the_same_kernels():
     assert stubbed > 100  # ViT-B depth: 20 blocks, several kernels each
     assert _launches("--launch-path", "triton") == stubbed
     assert _launches("--launch-path", "direct") == stubbed
+
+
+def test_call_costs_times_each_avoided_form_against_the_used_one():
+    """--call-costs runs (its plain attribute reads give Block._fused_args' exact arguments, an
+    assert inside) and prints a positive time for both forms of every pair."""
+    out = subprocess.run([sys.executable, str(SCRIPT), "--call-costs"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = re.findall(r"^  (.+?)\s+([\d.]+) /\s+([\d.]+) us$", out.stdout, re.M)
+    assert len(rows) == 5, out.stdout
+    assert all(float(a) > 0 and float(b) > 0 for _, a, b in rows)
