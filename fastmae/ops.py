@@ -113,6 +113,25 @@ def _cast(t, dtype):
     return t if t.dtype == dtype else t.to(dtype=dtype)
 
 
+def _cast_together(tensors, dtype):
+    """[_cast(t, dtype) for t in tensors] (None stays None), the casts of one source dtype done
+    by one torch._foreach_copy_ into fresh tensors: on CUDA a single multi-tensor kernel for a
+    block's weights (torch's fast path takes sources of one dtype into outputs of another, with
+    the rounding of Tensor.to), where .to launches a kernel a tensor."""
+    out = list(tensors)
+    groups = {}  # source dtype -> positions to cast
+    for i, t in enumerate(tensors):
+        if t is not None and t.dtype != dtype:
+            groups.setdefault(t.dtype, []).append(i)
+    for positions in groups.values():
+        src = [tensors[i] for i in positions]
+        dst = [torch.empty_like(t, dtype=dtype) for t in src]
+        torch._foreach_copy_(dst, src)
+        for i, t in zip(positions, dst):
+            out[i] = t
+    return out
+
+
 # ============================================================================ input checks
 
 def _check_tensor(t, name, ndim=None, floating=True):
@@ -1069,9 +1088,10 @@ class _Block(torch.autograd.Function):
         else:
             s1, h1, mean1, rstd1 = _add_layer_norm_op.impl(branch, x, n1w, n1b, eps1, cd,
                                                            branch_bias)
-        # the weights in the matmul dtype, cast once (autocast's cast, kept for the backward)
-        wq, wp, w1, w2 = (_cast(w, cd) for w in (qkv_w, proj_w, fc1_w, fc2_w))
-        qkv = F.linear(h1, wq, None if qkv_b is None else _cast(qkv_b, cd))
+        # the weights (and qkv bias) in the matmul dtype, cast once (autocast's casts, kept for
+        # the backward), in one launch
+        wq, wp, w1, w2, bq = _cast_together((qkv_w, proj_w, fc1_w, fc2_w, qkv_b), cd)
+        qkv = F.linear(h1, wq, bq)
         a, lse = _packed_attention_op.impl(qkv, num_heads, scale)
         s2, h2, mean2, rstd2 = _add_layer_norm_op.impl(F.linear(a, wp), s1, n2w, n2b, eps2, cd,
                                                        proj_b)

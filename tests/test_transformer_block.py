@@ -170,3 +170,54 @@ def test_the_interpreter_takes_the_fused_mlp_path_by_default(monkeypatch):
     run_block(block_case(1, 5, 64, 64, branch=False), 2, True)
     assert calls == ["matmul_bias_gelu", "matmul_gelu_bwd"]
     assert ops._MLP_CHOICE == {}
+
+
+def _cast_inputs(device):
+    g = torch.Generator().manual_seed(5)
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-40, 65520.0,
+                            1.0 + 2.0 ** -8, 1.0 + 3 * 2.0 ** -8, 3.4e38])  # NaN, inf, ties...
+    ws = [torch.cat([special, torch.randn(37 * 5 - special.numel(), generator=g)]).view(37, 5),
+          torch.randn(5, 37, generator=g) * 1e4, torch.randn(3, generator=g),
+          torch.randn(2, 3, 4, generator=g)[:, 1]]  # the last one strided
+    return [w.to(device) for w in ws]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cast_together_gives_tensor_to_bits(dtype):
+    """The block's one-launch weight cast: bit for bit Tensor.to, None kept, a tensor already in
+    the dtype returned as is, and sources of two dtypes each cast as their own group."""
+    ws = _cast_inputs("cpu")
+    half_src = torch.randn(4, 6, dtype=torch.float16)
+    tensors = [ws[0], None, ws[1], dtype_already := torch.randn(3, 3).to(dtype), ws[2], ws[3],
+               half_src.double()]
+    out = ops._cast_together(tensors, dtype)
+    assert out[1] is None and out[3] is dtype_already
+    for t, o in zip(tensors, out):
+        if t is None:
+            continue
+        expected = t.to(dtype=dtype)
+        assert o.dtype == dtype and o.shape == t.shape
+        assert torch.equal(o.contiguous().view(torch.int16), expected.contiguous().view(torch.int16))
+    assert ops._cast_together([ws[2]], dtype)[0].dtype == dtype  # a group of one: plain .to
+
+
+def test_block_node_casts_its_weights_in_one_foreach_copy(monkeypatch):
+    """Under autocast the block's four weights and qkv bias reach the matmul dtype through one
+    torch._foreach_copy_ (one kernel on CUDA) instead of five casts."""
+    calls = []
+    real = torch._foreach_copy_
+    monkeypatch.setattr(torch, "_foreach_copy_",
+                        lambda dst, src, *a: calls.append(len(src)) or real(dst, src, *a))
+    run_block(block_case(1, 5, 64, 64, branch=True), 2, True, torch.float16)
+    assert calls == [5]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cast_together_gives_tensor_to_bits_on_cuda(dtype):
+    """torch's CUDA fast path of _foreach_copy_ (one multi-tensor kernel, fp32 in, half out)
+    rounds as Tensor.to does."""
+    ws = [w.contiguous() for w in _cast_inputs("cuda")]
+    out = ops._cast_together(ws, dtype)
+    for w, o in zip(ws, out):
+        assert torch.equal(o.view(torch.int16), w.to(dtype=dtype).view(torch.int16))
