@@ -198,7 +198,7 @@ def test_cast_together_gives_tensor_to_bits(dtype):
         expected = t.to(dtype=dtype)
         assert o.dtype == dtype and o.shape == t.shape
         assert torch.equal(o.contiguous().view(torch.int16), expected.contiguous().view(torch.int16))
-    assert ops._cast_together([ws[2]], dtype)[0].dtype == dtype  # a group of one: plain .to
+    assert ops._cast_together([ws[2]], dtype)[0].dtype == dtype  # a group of one
 
 
 def test_block_node_casts_its_weights_in_one_foreach_copy(monkeypatch):
