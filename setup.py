@@ -3,7 +3,30 @@
 The top-level folder ``kernels/`` is installed as the subpackage ``fastmae.kernels``:
 a top-level ``kernels`` package would shadow the unrelated PyPI package of that name.
 """
+import os
+import runpy
+
 from setuptools import setup
+from setuptools.command.build_py import build_py
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class BuildPyRecordingCommit(build_py):
+    """build_py that also writes fastmae/_build_info.py into the build: the commit the package
+    is built from (fastmae/_commit.py, run by path: nothing of fastmae or torch is imported), so
+    that an installed copy's `fastmae bench` results name it. An editable install runs from the
+    checkout itself, which names its commit live, so it gets no record."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        source_commit = runpy.run_path(os.path.join(HERE, "fastmae", "_commit.py"))["source_commit"]
+        with open(os.path.join(self.build_lib, "fastmae", "_build_info.py"), "w") as f:
+            f.write('"""Written by setup.py when this copy of fastmae was built."""\n'
+                    f"COMMIT = {source_commit(HERE)!r}\n")
+
 
 setup(
     name="fastmae",
@@ -30,4 +53,5 @@ setup(
         "bench": ["pytest-benchmark", "matplotlib"],
     },
     entry_points={"console_scripts": ["fastmae = fastmae.cli:main"]},
+    cmdclass={"build_py": BuildPyRecordingCommit},
 )

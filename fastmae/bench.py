@@ -44,6 +44,7 @@ from pathlib import Path
 
 import torch
 
+from fastmae._commit import source_commit
 from fastmae.backend import use_backend
 from fastmae.cli import int_at_least
 
@@ -128,27 +129,21 @@ def build_model(name, device="cpu", seed=0, **kwargs):
 
 # ============================================================================ environment
 
-def _git(*args):
-    root = Path(__file__).resolve().parent.parent
-    try:
-        out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
-                             timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
 def git_commit():
-    """Short commit of the fastmae checkout, "+dirty" when tracked files differ from it.
-    FASTMAE_COMMIT, when set, is taken as is: for a copy of a working tree whose .git is not
-    the one it was copied from (a remote GPU machine)."""
+    """The commit this fastmae came from: FASTMAE_COMMIT, when set, as is (for a copy of a working
+    tree whose .git is not the one it was copied from: a remote GPU machine); else the short
+    commit of the checkout fastmae runs from, "+dirty" when tracked files differ from it; else
+    the one setup.py recorded when this installed copy was built (``pip install .``); else
+    "unknown"."""
     if os.environ.get("FASTMAE_COMMIT"):
         return os.environ["FASTMAE_COMMIT"]
-    sha = _git("rev-parse", "--short=12", "HEAD")
-    if not sha:
-        return "unknown"
-    dirty = _git("status", "--porcelain", "--untracked-files=no")
-    return sha + ("+dirty" if dirty else "")
+    commit = source_commit(Path(__file__).resolve().parent.parent)
+    if commit is None:
+        try:
+            from fastmae._build_info import COMMIT as commit
+        except ImportError:
+            commit = None
+    return commit or "unknown"
 
 
 def _driver_version():

@@ -1,0 +1,107 @@
+"""The commit `fastmae bench` names in its results: live from a checkout, recorded at build time
+for an installed copy (README's `pip install . && fastmae bench`), FASTMAE_COMMIT over both."""
+import os
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from fastmae import bench
+from fastmae._commit import source_commit
+
+REPO = Path(__file__).resolve().parent.parent
+GIT_ID = ["-c", "user.email=test@fastmae", "-c", "user.name=fastmae test"]
+
+
+def _git(repo, *args):
+    return subprocess.run(["git", *GIT_ID, "-C", str(repo), *args], check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+def _commit_all(repo):
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-q", "-m", "test")
+    return _git(repo, "rev-parse", "--short=12", "HEAD")
+
+
+def _repo_with_a_file(path):
+    path.mkdir()
+    _git(path, "init", "-q")
+    (path / "a.txt").write_text("one\n")
+    return _commit_all(path)
+
+
+def _source_copy(dest, with_git):
+    """What a build of fastmae reads (setup.py, README.md, fastmae/, kernels/), copied to dest,
+    as a fresh one-commit repository when with_git; returns that commit or None."""
+    dest.mkdir()
+    for name in ("setup.py", "README.md"):
+        shutil.copy2(REPO / name, dest / name)
+    for name in ("fastmae", "kernels"):
+        shutil.copytree(REPO / name, dest / name,
+                        ignore=shutil.ignore_patterns("__pycache__", "_build_info.py"))
+    if not with_git:
+        return None
+    _git(dest, "init", "-q")
+    return _commit_all(dest)
+
+
+def _installed_commit(src, tmp_path):
+    """Install src (pip, as README's `pip install .`, dependencies left out) into a folder of
+    its own and ask that copy's git_commit() from outside any checkout."""
+    target = tmp_path / f"site-{src.name}"
+    env = {k: v for k, v in os.environ.items() if k != "FASTMAE_COMMIT"}
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
+                    str(target), str(src)], check=True, capture_output=True, text=True, env=env)
+    env["PYTHONPATH"] = str(target)
+    out = subprocess.run([sys.executable, "-c", "import fastmae, fastmae.bench as b; "
+                          "print(fastmae.__file__); print(b.git_commit())"],
+                         check=True, capture_output=True, text=True, env=env, cwd=tmp_path)
+    module_file, commit = out.stdout.split()
+    assert Path(module_file).is_relative_to(target), module_file  # the installed copy ran
+    return commit
+
+
+@pytest.mark.parametrize("with_git", [True, False], ids=["from-a-checkout", "from-plain-files"])
+def test_installed_copy_names_the_commit_it_was_built_from(with_git, tmp_path):
+    sha = _source_copy(tmp_path / "src", with_git)
+    assert _installed_commit(tmp_path / "src", tmp_path) == (sha if with_git else "unknown")
+
+
+def test_source_commit_is_the_checkouts_short_commit_and_marks_changes(tmp_path):
+    repo = tmp_path / "repo"
+    sha = _repo_with_a_file(repo)
+    assert len(sha) == 12 and source_commit(repo) == sha
+    (repo / "new.txt").write_text("untracked files do not count\n")
+    assert source_commit(repo) == sha
+    (repo / "a.txt").write_text("two\n")
+    assert source_commit(repo) == sha + "+dirty"
+
+
+def test_source_commit_is_none_below_a_checkouts_top_and_outside_one(tmp_path):
+    repo = tmp_path / "repo"
+    _repo_with_a_file(repo)
+    (repo / "site-packages").mkdir()  # e.g. a virtual environment inside some repository
+    assert source_commit(repo / "site-packages") is None
+    (tmp_path / "plain").mkdir()
+    assert source_commit(tmp_path / "plain") is None
+
+
+def test_git_commit_takes_the_environment_then_the_checkout_then_the_build_record(monkeypatch):
+    monkeypatch.setenv("FASTMAE_COMMIT", "0123456789ab")
+    monkeypatch.setattr(bench, "source_commit", lambda root: "checkout0000")
+    assert bench.git_commit() == "0123456789ab"
+    monkeypatch.delenv("FASTMAE_COMMIT")
+    assert bench.git_commit() == "checkout0000"
+    monkeypatch.setattr(bench, "source_commit", lambda root: None)
+    monkeypatch.setitem(sys.modules, "fastmae._build_info",
+                        types.SimpleNamespace(COMMIT="recorded0000"))
+    assert bench.git_commit() == "recorded0000"
+    monkeypatch.setitem(sys.modules, "fastmae._build_info", types.SimpleNamespace(COMMIT=None))
+    assert bench.git_commit() == "unknown"
+    monkeypatch.setitem(sys.modules, "fastmae._build_info", None)  # no record: ImportError
+    assert bench.git_commit() == "unknown"
+
