@@ -15,8 +15,9 @@
 # 3c. benches/sweep_bwd.py: the LayerNorm / bias + GELU backwards' launch configs -> sweep_bwd.txt;
 # 4. the other GPU correctness tests (pytest tests -m cuda; attention autotuning off);
 # 5. the op suites (benches/bench_ops.py) at the ViT-B/16 shapes -> OUTDIR/ops.json;
-# 6. BENCHMARKS.md and benches/images_per_s.png rewritten from those files (copies in OUTDIR),
-#    and a short table last.
+# 6. BENCHMARKS.md and benches/images_per_s.png rewritten from those files (copies in OUTDIR);
+#    then this run's training steps against the committed results of the same card
+#    (benches/results, kernel by kernel; printed only), and a short table last.
 # Stages 1-3 take about 4.5 minutes on an H200 (most of it Triton compiles and autotuning on a
 # fresh machine, and torch.compile of the reference); 4-5 about 3 more. 3b and 3c are limited to
 # 90 s and 85 s. Within a 10-minute command: `L_MODEL= SKIP_OPS=1 bash benches/gpu_suite.sh`
@@ -174,5 +175,8 @@ fi
 
 # ---------------------------------------------------------------- summary
 say "done in $((SECONDS - T0))s; results in $OUTDIR"
-run "$PY" "$REPO/benches/write_benchmarks.py" "${RESULTS[@]}" --summary
+# this run against the committed results of the same card (kernel by kernel), then the table
+EARLIER=("$REPO"/benches/results/*/step_*.json)
+run "$PY" "$REPO/benches/write_benchmarks.py" "${RESULTS[@]}" --summary \
+    ${EARLIER[@]:+--against "${EARLIER[@]}"}
 exit $STATUS

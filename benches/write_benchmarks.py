@@ -3,6 +3,8 @@
     python benches/write_benchmarks.py [RESULTS.json ...] [--chart benches/images_per_s.png]
                                        [--command "bash benches/gpu_suite.sh"] > BENCHMARKS.md
     python benches/write_benchmarks.py RESULTS.json ... --summary      # a short table instead
+    python benches/write_benchmarks.py RESULTS.json ... --summary --against EARLIER.json ...
+        # and this run against an earlier one of the same card, kernel by kernel
 
 Inputs, told apart by their content: JSON written by ``fastmae bench --json`` (training step),
 and pytest-benchmark JSON from ``pytest benches --benchmark-json`` (ops, and steps from
@@ -493,6 +495,79 @@ def summary(res):
     return "\n".join(lines)
 
 
+def _kernel_ms(profile):
+    """({fastmae kernel: ms per step}, complete): every fastmae kernel where the profile lists
+    them all (results since b0325d1), else those among its top kernels only."""
+    if profile.get("fastmae_kernels") is not None:
+        return {k["name"]: k["ms_per_step"] for k in profile["fastmae_kernels"]}, True
+    return {k["name"]: k["ms_per_step"] for k in profile["top_kernels"]
+            if k.get("category") == "fastmae kernels"}, False
+
+
+def _profile_lines(a, b):
+    """One fastmae step's profile, earlier run ``a`` against this run ``b``: GPU busy time,
+    launches, the time by category and every fastmae kernel's."""
+    def ms(v):
+        return f"{v:7.2f}" if v is not None else "      -"
+
+    lines = [f"      GPU busy {a['gpu_busy_ms_per_step']:.1f} -> {b['gpu_busy_ms_per_step']:.1f} "
+             f"ms a step, {a['launches_per_step']:.0f} -> {b['launches_per_step']:.0f} launches"]
+    cats_a = {c["name"]: c["ms_per_step"] for c in a["categories"]}
+    cats_b = {c["name"]: c["ms_per_step"] for c in b["categories"]}
+    for name in sorted(set(cats_a) | set(cats_b), key=lambda n: -cats_a.get(n, 0)):
+        lines.append(f"      {name:<30} {ms(cats_a.get(name))} -> {ms(cats_b.get(name))} ms")
+    (ka, complete_a), (kb, _) = _kernel_ms(a), _kernel_ms(b)
+    unknown = False
+    for name in sorted(set(ka) | set(kb), key=lambda n: -max(ka.get(n, 0), kb.get(n, 0))):
+        was = ms(ka.get(name))
+        if name not in ka and not complete_a:
+            was, unknown = "      ?", True
+        lines.append(f"        {name:<28} {was} -> {ms(kb.get(name))} ms")
+    if unknown:
+        lines.append("        (?: not among the earlier run's top kernels, all it recorded)")
+    return lines
+
+
+def comparison(earlier, res):
+    """Lines comparing this run's training steps (``res``) with an earlier run's (``earlier``),
+    card by card, never across cards: each system's ms/step and, for a profiled step, its GPU
+    busy time, launches, categories and fastmae kernels. Printed for a session's notes only:
+    BENCHMARKS.md holds one run's numbers."""
+    lines = []
+    for card in res.cards():
+        if not res.steps[card]:
+            continue
+        now = {(d["config"]["model"], d["env"].get("commit"), d["env"].get("date"))
+               for d in res.steps[card]}
+        runs = [d for d in earlier.steps.get(card, [])
+                if (d["config"]["model"], d["env"].get("commit"), d["env"].get("date")) not in now]
+        if not runs:
+            lines.append(f"{card}: no earlier run of this card to compare with")
+            continue
+        then = Results()
+        then.steps[card] = sorted(runs, key=lambda d: d["env"].get("date") or "")  # newest last
+        old_rows, _, _ = _step_rows(card, then)
+        new_rows, _, _ = _step_rows(card, res)
+        when = {d["config"]["model"]: f"{d['env'].get('commit')}, {d['env'].get('date')}"
+                for d in then.steps[card]}
+        lines.append(f"{card}: this run against the latest earlier one, ms/step")
+        for m in sorted(new_rows, key=_model_key):
+            title = MODEL_TITLES.get(m, m)
+            if m not in old_rows:
+                lines.append(f"  {title}: not in the earlier runs")
+                continue
+            lines.append(f"  {title} (earlier: {when[m]})")
+            for s in SYSTEM_ORDER:
+                a, b = old_rows[m].get(s), new_rows[m].get(s)
+                if not (a and b) or a.get("error") or b.get("error"):
+                    continue
+                lines.append(f"  {title:<9} {SYSTEM_LABELS[s]:<26} {a['ms_per_step']:7.1f} -> "
+                             f"{b['ms_per_step']:7.1f}  ({a['ms_per_step'] / b['ms_per_step']:.2f}x)")
+                if a.get("profile") and b.get("profile"):
+                    lines += _profile_lines(a["profile"], b["profile"])
+    return "\n".join(lines) if lines else "no GPU training step in this run to compare"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="*", help="fastmae bench / pytest-benchmark JSON files")
@@ -500,10 +575,17 @@ def main(argv=None):
     p.add_argument("--md-dir", default=".", help="where the Markdown will live (for the chart link)")
     p.add_argument("--command", default=DEFAULT_COMMAND, help="the command that reproduces the run")
     p.add_argument("--summary", action="store_true", help="print a short text table instead")
+    p.add_argument("--against", nargs="+", metavar="EARLIER.json",
+                   help="with --summary: first compare the training steps with these earlier "
+                        "results of the same card (printed only, never into BENCHMARKS.md)")
     args = p.parse_args(argv)
+    if args.against and not args.summary:
+        p.error("--against goes with --summary: BENCHMARKS.md holds one run's numbers")
     res = load(args.results)
     if args.summary:
-        print(summary(res))
+        if args.against:
+            print(comparison(load(args.against), res))
+        print(summary(res))  # the short table last
     else:
         sys.stdout.write(render(res, args.chart, args.md_dir, args.command))
     return 0

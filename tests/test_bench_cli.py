@@ -304,6 +304,69 @@ def test_writer_keeps_cards_apart(tmp_path):
         assert (tmp_path / "chart-fixture_gpu_b.png").exists()
 
 
+def _fixture_run(card, commit, date, ms, kernels, full_list=True):
+    """FIXTURE: a made-up step result of one run (commit, date), its fastmae step profiled with
+    ``kernels`` = {name: us}; full_list=False drops the every-fastmae-kernel list, as results
+    before b0325d1 lack it (their top kernels only)."""
+    data = _fixture_step(card, ms)
+    data["env"] = dict(data["env"], commit=commit, date=date)
+    profile = bench.kernel_breakdown([(k, us, None) for k, us in kernels.items()]
+                                     + [("nvjet_tst_fixture", 30000.0, None)], 1, set(kernels),
+                                     step_ms=ms[1])
+    if not full_list:
+        profile.pop("fastmae_kernels")
+        profile["top_kernels"] = profile["top_kernels"][:2]  # nvjet, then the longest fastmae one
+    data["results"][1]["profile"] = profile
+    return data
+
+
+def test_comparison_sets_a_run_against_the_latest_earlier_one_of_its_card(tmp_path, capsys):
+    older = _fixture_run("FIXTURE-GPU-A", "fixture00000", "2000-01-01 00:00 UTC", (111.0, 80.0, 88.8),
+                         {"_attn_fwd": 9000.0, "_layer_norm_bwd": 4000.0})
+    earlier = _fixture_run("FIXTURE-GPU-A", "fixture11111", "2000-01-02 00:00 UTC",
+                           (111.0, 60.0, 88.8), {"_attn_fwd": 6000.0, "_layer_norm_bwd": 2000.0})
+    other_card = _fixture_run("FIXTURE-GPU-B", "fixture22222", "2000-01-02 00:00 UTC",
+                              (1.0, 1.0, 1.0), {"_attn_fwd": 1.0})
+    now = _fixture_run("FIXTURE-GPU-A", "fixture33333", "2000-01-03 00:00 UTC", (111.0, 50.0, 88.8),
+                       {"_attn_fwd": 5000.0, "_layer_norm_bwd": 1500.0, "_scale_kernel": 250.0})
+    files = [_write(tmp_path, n, d) for n, d in (("earlier.json", earlier), ("older.json", older),
+                                                 ("b.json", other_card))]
+    text = writer.comparison(writer.load(files), writer.load([_write(tmp_path, "now.json", now)]))
+    assert "FIXTURE-GPU-A: this run against the latest earlier one" in text
+    assert "ViT-B/16 (earlier: fixture11111, 2000-01-02 00:00 UTC)" in text
+    assert re.search(r"fastmae \(triton kernels\)\s+60\.0 ->\s+50\.0  \(1\.20x\)", text)
+    assert re.search(r"_attn_fwd\s+6\.00 ->\s+5\.00 ms", text)
+    assert re.search(r"_layer_norm_bwd\s+2\.00 ->\s+1\.50 ms", text)
+    assert re.search(r"_scale_kernel\s+- ->\s+0\.25 ms", text)  # new since: "-", not "?"
+    assert "80.0" not in text and "FIXTURE-GPU-B" not in text and "1.00 ->" not in text
+
+    # an earlier run that kept its top kernels only: what it did not list is unknown, not absent
+    earlier_top = _fixture_run("FIXTURE-GPU-A", "fixture11111", "2000-01-02 00:00 UTC",
+                               (111.0, 60.0, 88.8), {"_attn_fwd": 6000.0, "_layer_norm_bwd": 2000.0},
+                               full_list=False)
+    text = writer.comparison(writer.load([_write(tmp_path, "top.json", earlier_top)]),
+                             writer.load([_write(tmp_path, "now.json", now)]))
+    assert re.search(r"_attn_fwd\s+6\.00 ->\s+5\.00 ms", text)
+    assert re.search(r"_layer_norm_bwd\s+\? ->\s+1\.50 ms", text)
+    assert "not among the earlier run's top kernels" in text
+
+    # no earlier run of the card, or only this very run: nothing compared
+    for earlier_files in ([_write(tmp_path, "b.json", other_card)], [_write(tmp_path, "now.json", now)]):
+        text = writer.comparison(writer.load(earlier_files),
+                                 writer.load([_write(tmp_path, "now.json", now)]))
+        assert text == "FIXTURE-GPU-A: no earlier run of this card to compare with"
+
+    # the command: the comparison, then the short table last; never into BENCHMARKS.md
+    now_file, earlier_file = _write(tmp_path, "now.json", now), _write(tmp_path, "e.json", earlier)
+    assert writer.main([now_file, "--summary", "--against", earlier_file]) == 0
+    out = capsys.readouterr().out
+    assert out.index("this run against") < out.index("vs eager")
+    assert out.rstrip().endswith("parity passed")
+    with pytest.raises(SystemExit) as exit_info:
+        writer.main([now_file, "--against", earlier_file])
+    assert exit_info.value.code == 2 and "--against goes with --summary" in capsys.readouterr().err
+
+
 def test_writer_without_gpu_results_writes_no_numbers():
     md = writer.render(writer.load([]))
     assert "No GPU measurement has been made yet" in md
