@@ -18,6 +18,10 @@
 # 6. BENCHMARKS.md and benches/images_per_s.png rewritten from those files (copies in OUTDIR);
 #    then this run's training steps against the committed results of the same card
 #    (benches/results, kernel by kernel; printed only), and a short table last.
+# To commit a run: its OUTDIR JSON files (and suite.log) as a new folder of benches/results (e.g.
+# h200-2026-11-28) with the BENCHMARKS.md and chart it wrote. BENCHMARKS.md shows that newest run
+# only (tests/test_bench_cli.py checks it is the writer's rendering of the newest folder); the
+# earlier folders stay, for the comparison above.
 # Stages 1-3 take about 4.5 minutes on an H200 (most of it Triton compiles and autotuning on a
 # fresh machine, and torch.compile of the reference); 4-5 about 3 more. 3b and 3c are limited to
 # 90 s and 85 s. Within a 10-minute command: `L_MODEL= SKIP_OPS=1 bash benches/gpu_suite.sh`

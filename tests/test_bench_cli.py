@@ -374,14 +374,48 @@ def test_writer_without_gpu_results_writes_no_numbers():
     assert not re.search(r"\d+(\.\d+)? ?(ms|images/s|img/s|GB/s|TFLOP/s|GiB)", md)
 
 
+def _measured_date(path):
+    """The date a result file records its measurement at ("" if none)."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    envs = [data.get("env")] + [(b.get("extra_info") or {}).get("env")
+                                for b in data.get("benchmarks") or []]
+    return max((env.get("date") or "" for env in envs if env), default="")
+
+
+def newest_run(results):
+    """The folder of ``results`` (benches/results: a folder a GPU run) whose files record the
+    latest measurement, or None. BENCHMARKS.md shows that one run; the earlier folders stay for
+    `write_benchmarks.py --summary --against`."""
+    folders = [d for d in Path(results).iterdir() if d.is_dir() and any(d.glob("*.json"))]
+    return max(folders, key=lambda d: max(_measured_date(p) for p in d.glob("*.json")),
+               default=None)
+
+
+def test_newest_run_is_the_folder_with_the_latest_measurement(tmp_path):
+    for folder, commit, date in (("z-first", "fixture00000", "2000-01-01 00:00 UTC"),
+                                 ("a-second", "fixture11111", "2000-01-02 00:00 UTC")):
+        (tmp_path / folder).mkdir()
+        _write(tmp_path / folder, "step.json", _fixture_run(
+            "FIXTURE-GPU-A", commit, date, (111.0, 55.5, 88.8), {"_attn_fwd": 1.0}))
+    ops = _fixture_ops()
+    ops["benchmarks"][0]["extra_info"]["env"] = dict(FIXTURE_ENV, date="2000-01-03 00:00 UTC")
+    assert newest_run(tmp_path).name == "a-second"
+    (tmp_path / "m-ops-only").mkdir()
+    _write(tmp_path / "m-ops-only", "ops.json", ops)
+    assert newest_run(tmp_path).name == "m-ops-only"
+    (tmp_path / "empty").mkdir()
+    assert newest_run(tmp_path / "empty") is None
+
+
 def test_committed_benchmarks_md_is_rendered_from_the_committed_results(monkeypatch):
-    """A measured BENCHMARKS.md is exactly what the writer makes of the result files kept in
-    benches/results (no number edited by hand)."""
+    """A measured BENCHMARKS.md is exactly what the writer makes of the result files of the
+    newest run kept in benches/results (no number edited by hand, no two runs mixed)."""
     text = (REPO / "BENCHMARKS.md").read_text(encoding="utf-8")
     if "No GPU measurement has been made yet" in text:
         pytest.skip("no measurement committed")
-    files = sorted(str(p) for p in (REPO / "benches" / "results").glob("*/*.json"))
-    assert files, "BENCHMARKS.md holds numbers but benches/results holds no result file"
+    run = newest_run(REPO / "benches" / "results")
+    assert run, "BENCHMARKS.md holds numbers but benches/results holds no result file"
+    files = sorted(str(p) for p in run.glob("*.json"))
     command = text.split("```bash\n", 1)[1].split("\n", 1)[0]
     monkeypatch.setattr(writer, "write_chart", lambda card, res, path: True)  # the PNG is committed
     rendered = writer.render(writer.load(files), str(REPO / "benches" / "images_per_s.png"),
