@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from fastmae._commit import source_commit
+from fastmae._provenance import git_commit, triton_version
 from fastmae.backend import use_backend
 from fastmae.cli import int_at_least
 
@@ -129,23 +129,6 @@ def build_model(name, device="cpu", seed=0, **kwargs):
 
 # ============================================================================ environment
 
-def git_commit():
-    """The commit this fastmae came from: FASTMAE_COMMIT, when set, as is (for a copy of a working
-    tree whose .git is not the one it was copied from: a remote GPU machine); else the short
-    commit of the checkout fastmae runs from, "+dirty" when tracked files differ from it; else
-    the one setup.py recorded when this installed copy was built (``pip install .``); else
-    "unknown"."""
-    if os.environ.get("FASTMAE_COMMIT"):
-        return os.environ["FASTMAE_COMMIT"]
-    commit = source_commit(Path(__file__).resolve().parent.parent)
-    if commit is None:
-        try:
-            from fastmae._build_info import COMMIT as commit
-        except ImportError:
-            commit = None
-    return commit or "unknown"
-
-
 def _driver_version():
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
@@ -155,14 +138,6 @@ def _driver_version():
     except (OSError, subprocess.SubprocessError):
         pass
     return "unknown"
-
-
-def _triton_version():
-    try:
-        import triton
-        return triton.__version__
-    except Exception:  # noqa: BLE001 - any import failure means "not usable"
-        return "not installed"
 
 
 def _triton_launch():
@@ -183,7 +158,7 @@ def env_info():
         "driver": _driver_version() if cuda else None,
         "cuda": torch.version.cuda,
         "torch": torch.__version__,
-        "triton": _triton_version(),
+        "triton": triton_version(),
         "triton_launch": _triton_launch(),
         "python": platform.python_version(),
         "cpu": platform.processor() or platform.machine(),

@@ -37,6 +37,7 @@ from typing import Callable
 import torch
 
 from fastmae import ops, reference, testing
+from fastmae._provenance import git_commit, triton_version
 from fastmae.backend import interpreter_on, use_backend
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -675,7 +676,7 @@ def main(argv=None):
     gpu = torch.cuda.get_device_name() if device == "cuda" else None
     print(f"fastmae check on {gpu or 'CPU'}: kernels on {where}; dtypes {', '.join(dtypes)}; "
           f"{'quick grid (one shape per op)' if args.quick else 'full grid'}; "
-          f"torch {torch.__version__}")
+          f"torch {torch.__version__} | triton {triton_version()} | fastmae {git_commit()}")
     print("errors: max|x - x64| / max|x64| against the reference in float64; bf16/fp16 limit = "
           "2 x eager error + one rounding; 'exact' = bit-equal to the eager reference")
     print()
@@ -689,6 +690,8 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"device": gpu or "cpu", "where": where, "dtypes": dtypes,
+                       "env": {"torch": torch.__version__, "triton": triton_version(),
+                               "commit": git_commit()},
                        "quick": args.quick, "seconds": secs, "passed": not failed,
                        "rows": [asdict(r) for r in rows]}, f, indent=1, default=str)
     return 1 if failed else 0

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import triton
 
 from fastmae import check, cli, ops
+from fastmae._provenance import git_commit
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -59,10 +61,15 @@ def test_check_json(tmp_path, capsys):
     path = tmp_path / "check.json"
     rc = cli.main(["check", "--quick", "--ops", "masking_indices,unshuffle", "--no-model",
                    "--json", str(path)])
-    capsys.readouterr()
+    header = capsys.readouterr().out.splitlines()[0]
     assert rc == 0
     data = json.loads(path.read_text())
     assert data["passed"] is True
+    # what was checked: the versions and the fastmae commit, in the header and the JSON
+    assert data["env"] == {"torch": torch.__version__, "triton": triton.__version__,
+                           "commit": git_commit()}
+    assert f"torch {torch.__version__} | triton {triton.__version__} | fastmae {git_commit()}" \
+        in header
     assert {r["op"] for r in data["rows"]} == {"masking_indices", "unshuffle"}
     assert any(r["quantity"] == "grad mask_token" for r in data["rows"])
 

@@ -1,5 +1,6 @@
-"""The commit `fastmae bench` names in its results: live from a checkout, recorded at build time
-for an installed copy (README's `pip install . && fastmae bench`), FASTMAE_COMMIT over both."""
+"""The commit `fastmae bench` and `fastmae check` name in their results: live from a checkout,
+recorded at build time for an installed copy (README's `pip install . && fastmae bench`),
+FASTMAE_COMMIT over both."""
 import os
 import shutil
 import subprocess
@@ -9,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from fastmae import bench
-from fastmae._commit import source_commit
+from fastmae import _provenance
+from fastmae._provenance import git_commit, source_commit
 
 REPO = Path(__file__).resolve().parent.parent
 GIT_ID = ["-c", "user.email=test@fastmae", "-c", "user.name=fastmae test"]
@@ -58,7 +59,7 @@ def _installed_commit(src, tmp_path):
                     str(target), str(src)], check=True, capture_output=True, text=True, env=env)
     env["PYTHONPATH"] = str(target)
     out = subprocess.run([sys.executable, "-c", "import fastmae, fastmae.bench as b; "
-                          "print(fastmae.__file__); print(b.git_commit())"],
+                          "print(fastmae.__file__); print(b.env_info()['commit'])"],
                          check=True, capture_output=True, text=True, env=env, cwd=tmp_path)
     module_file, commit = out.stdout.split()
     assert Path(module_file).is_relative_to(target), module_file  # the installed copy ran
@@ -92,16 +93,16 @@ def test_source_commit_is_none_below_a_checkouts_top_and_outside_one(tmp_path):
 
 def test_git_commit_takes_the_environment_then_the_checkout_then_the_build_record(monkeypatch):
     monkeypatch.setenv("FASTMAE_COMMIT", "0123456789ab")
-    monkeypatch.setattr(bench, "source_commit", lambda root: "checkout0000")
-    assert bench.git_commit() == "0123456789ab"
+    monkeypatch.setattr(_provenance, "source_commit", lambda root: "checkout0000")
+    assert git_commit() == "0123456789ab"
     monkeypatch.delenv("FASTMAE_COMMIT")
-    assert bench.git_commit() == "checkout0000"
-    monkeypatch.setattr(bench, "source_commit", lambda root: None)
+    assert git_commit() == "checkout0000"
+    monkeypatch.setattr(_provenance, "source_commit", lambda root: None)
     monkeypatch.setitem(sys.modules, "fastmae._build_info",
                         types.SimpleNamespace(COMMIT="recorded0000"))
-    assert bench.git_commit() == "recorded0000"
+    assert git_commit() == "recorded0000"
     monkeypatch.setitem(sys.modules, "fastmae._build_info", types.SimpleNamespace(COMMIT=None))
-    assert bench.git_commit() == "unknown"
+    assert git_commit() == "unknown"
     monkeypatch.setitem(sys.modules, "fastmae._build_info", None)  # no record: ImportError
-    assert bench.git_commit() == "unknown"
+    assert git_commit() == "unknown"
 
