@@ -14,15 +14,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 class BuildPyRecordingCommit(build_py):
     """build_py that also writes fastmae/_build_info.py into the build: the commit the package
-    is built from (fastmae/_provenance.py, run by path: nothing of fastmae or torch is imported), so
-    that an installed copy's `fastmae bench` results name it. An editable install runs from the
-    checkout itself, which names its commit live, so it gets no record."""
+    is built from (fastmae/_provenance.py, run by path: nothing of fastmae or torch is
+    imported), so that an installed copy's `fastmae bench` and `fastmae check` name it. An
+    editable install runs from the checkout itself, which names its commit live: no record."""
 
     def run(self):
         super().run()
         if getattr(self, "editable_mode", False):
             return
-        source_commit = runpy.run_path(os.path.join(HERE, "fastmae", "_provenance.py"))["source_commit"]
+        provenance = runpy.run_path(os.path.join(HERE, "fastmae", "_provenance.py"))
+        source_commit = provenance["source_commit"]
         with open(os.path.join(self.build_lib, "fastmae", "_build_info.py"), "w") as f:
             f.write('"""Written by setup.py when this copy of fastmae was built."""\n'
                     f"COMMIT = {source_commit(HERE)!r}\n")
