@@ -9,7 +9,8 @@
 Inputs, told apart by their content: JSON written by ``fastmae bench --json`` (training step),
 and pytest-benchmark JSON from ``pytest benches --benchmark-json`` (ops, and steps from
 bench_step.py). Only GPU measurements are used: CPU smoke results are counted and left out.
-Results are grouped by card, and every table holds one card's numbers only. With no GPU result
+Results are grouped by card, and every table holds one card's numbers only; where files of
+several runs measure one card and model, the newest run's are used and the others left out. With no GPU result
 the file says that no measurement has been made yet, and how to make one: this script never
 writes a number it was not given.
 
@@ -61,8 +62,49 @@ def _card(env):
     return (env or {}).get("gpu")
 
 
+def _gpu_records(data):
+    """The GPU measurements of a pytest-benchmark file: ops (with gpu_ms) and steps (with
+    ms_per_step) that name their card."""
+    out = []
+    for b in data["benchmarks"]:
+        info = b.get("extra_info") or {}
+        if info.get("gpu") and ((info.get("suite") == "ops" and info.get("gpu_ms") is not None)
+                                or (info.get("suite") == "step"
+                                    and info.get("ms_per_step") is not None)):
+            out.append(info)
+    return out
+
+
+def _add_step(res, name, data):
+    card, env = _card(data["env"]), data["env"]
+    res.steps[card].append(data)
+    res.envs[card].append((name, env))
+    if data.get("floors"):
+        res.floors[card].append((name, data["floors"]))
+    if data.get("command"):
+        res.commands.append(data["command"])
+
+
+def _add_benchmarks(res, name, data):
+    for info in _gpu_records(data):
+        card = info["gpu"]
+        (res.ops if info["suite"] == "ops" else res.step_suite)[card].append(info)
+        if info.get("env") and not any(s == name for s, _ in res.envs[card]):
+            res.envs[card].append((name, info["env"]))
+        if info.get("floors") and not any(s == name for s, _ in res.floors[card]):
+            res.floors[card].append((name, info["floors"]))
+
+
+def _in_folder(path):
+    return "/".join(os.path.normpath(os.path.abspath(path)).split(os.sep)[-2:])
+
+
 def load(paths):
+    """The GPU results of ``paths``. Where several files hold the same card's numbers of one
+    model (and suite), only the newest measurement's file is used and the others are listed as
+    left out: a table never mixes two runs, whatever order the files come in."""
     res = Results()
+    runs = []  # (name, data, what it measures: {(card, suite, model)}, date, add, path)
     for path in paths:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -73,34 +115,32 @@ def load(paths):
             if data.get("tiny_cpu") or not card:
                 res.ignored.append((name, "CPU run (tiny configuration), not a measurement of speed"))
                 continue
-            res.steps[card].append(data)
-            res.envs[card].append((name, env))
-            if data.get("floors"):
-                res.floors[card].append((name, data["floors"]))
-            if data.get("command"):
-                res.commands.append(data["command"])
+            runs.append((name, data, {(card, "train_step", data["config"]["model"])},
+                         env.get("date") or "", _add_step, path))
         elif isinstance(data, dict) and isinstance(data.get("benchmarks"), list):
-            kept = 0
-            for b in data["benchmarks"]:
-                info = b.get("extra_info") or {}
-                card = info.get("gpu")
-                if not card:
-                    continue
-                if info.get("suite") == "ops" and info.get("gpu_ms") is not None:
-                    res.ops[card].append(info)
-                elif info.get("suite") == "step" and info.get("ms_per_step") is not None:
-                    res.step_suite[card].append(info)
-                else:
-                    continue
-                kept += 1
-                if info.get("env") and not any(s == name for s, _ in res.envs[card]):
-                    res.envs[card].append((name, info["env"]))
-                if info.get("floors") and not any(s == name for s, _ in res.floors[card]):
-                    res.floors[card].append((name, info["floors"]))
-            if not kept:
+            records = _gpu_records(data)
+            if not records:
                 res.ignored.append((name, "no GPU measurement in it (CPU smoke run)"))
+                continue
+            runs.append((name, data, {(r["gpu"], r["suite"], r.get("model")) for r in records},
+                         max((r.get("env") or {}).get("date") or "" for r in records),
+                         _add_benchmarks, path))
         else:
             res.ignored.append((name, "not a fastmae or pytest-benchmark result file"))
+    newest = {}  # (card, suite, model) -> (date, index in runs)
+    for i, (_, _, keys, date, _, _) in enumerate(runs):
+        for key in keys:
+            if key not in newest or date > newest[key][0]:
+                newest[key] = (date, i)
+    for i, (name, data, keys, _, add, _) in enumerate(runs):
+        # the newer file named with its folder: a run's files keep their names from run to run
+        later = _distinct(_in_folder(runs[newest[key][1]][5]) for key in sorted(keys, key=str)
+                          if newest[key][1] != i)
+        if later:
+            res.ignored.append((name, f"an earlier run of the same card and model than "
+                                      f"{', '.join(later)}"))
+        else:
+            add(res, name, data)
     return res
 
 
@@ -568,6 +608,11 @@ def comparison(earlier, res):
     return "\n".join(lines) if lines else "no GPU training step in this run to compare"
 
 
+def _read_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="*", help="fastmae bench / pytest-benchmark JSON files")
@@ -584,7 +629,11 @@ def main(argv=None):
     res = load(args.results)
     if args.summary:
         if args.against:
-            print(comparison(load(args.against), res))
+            # a copy of this run's own files among the earlier ones (committed, then compared
+            # again) would stand in for the run before it
+            mine = {_read_bytes(path) for path in args.results}
+            earlier = [path for path in args.against if _read_bytes(path) not in mine]
+            print(comparison(load(earlier), res))
         print(summary(res))  # the short table last
     else:
         sys.stdout.write(render(res, args.chart, args.md_dir, args.command))

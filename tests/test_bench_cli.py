@@ -367,6 +367,40 @@ def test_comparison_sets_a_run_against_the_latest_earlier_one_of_its_card(tmp_pa
     assert exit_info.value.code == 2 and "--against goes with --summary" in capsys.readouterr().err
 
 
+def test_writer_uses_the_newest_of_several_runs_of_a_card_and_model(tmp_path):
+    """Files of two runs of one card, in either order, the same file name in two folders: the
+    tables show the newer run's numbers only and name the earlier file as left out."""
+    (tmp_path / "run1").mkdir()
+    (tmp_path / "run2").mkdir()
+    old = _write(tmp_path / "run1", "step.json", _fixture_run(
+        "FIXTURE-GPU-A", "fixture00000", "2000-01-01 00:00 UTC", (111.0, 77.7, 88.8),
+        {"_attn_fwd": 1.0}))
+    new = _write(tmp_path / "run2", "step.json", _fixture_run(
+        "FIXTURE-GPU-A", "fixture11111", "2000-01-02 00:00 UTC", (111.0, 55.5, 88.8),
+        {"_attn_fwd": 1.0}))
+    other_card = _write(tmp_path / "run1", "b.json", _fixture_step("FIXTURE-GPU-B"))
+    old_ops = _fixture_ops()
+    new_ops = _fixture_ops()
+    for data, commit, date, ms in ((old_ops, "fixture00000", "2000-01-01 00:00 UTC", 0.0999),
+                                   (new_ops, "fixture11111", "2000-01-02 00:00 UTC", 0.0123)):
+        for b in data["benchmarks"]:
+            b["extra_info"]["env"] = dict(FIXTURE_ENV, commit=commit, date=date)
+        data["benchmarks"][0]["extra_info"]["gpu_ms"] = ms
+    ops_files = [_write(tmp_path / "run1", "ops.json", old_ops),
+                 _write(tmp_path / "run2", "ops.json", new_ops)]
+    for files in ([old, new, other_card] + ops_files, [new, other_card, old] + ops_files[::-1]):
+        res = writer.load(files)
+        md = writer.render(res, None, str(tmp_path))
+        section = md.split("## FIXTURE-GPU-A")[1].split("## FIXTURE-GPU-B")[0]
+        assert "| 55.5 |" in section and "77.7" not in section
+        assert "fixture11111" in section and "fixture00000" not in section
+        assert "| 12.3 |" in section and "99.9" not in section
+        assert sorted(res.ignored) == [
+            ("ops.json", "an earlier run of the same card and model than run2/ops.json"),
+            ("step.json", "an earlier run of the same card and model than run2/step.json")]
+        assert "## FIXTURE-GPU-B" in md  # another card's run is not an earlier run of this one
+
+
 def test_writer_without_gpu_results_writes_no_numbers():
     md = writer.render(writer.load([]))
     assert "No GPU measurement has been made yet" in md
