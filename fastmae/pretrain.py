@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from fastmae import graphs
+from fastmae._provenance import git_commit, triton_version
 from fastmae.cli import int_at_least
 from fastmae.data import DataError, build_dataset, derive_seed
 from fastmae.model import MODELS
@@ -712,6 +713,10 @@ class _Job:
 
         self.checkpoint_path = os.path.join(args.output_dir, CHECKPOINT)
         self.log_path = os.path.join(args.output_dir, LOG)
+        # what trained it, in the description and every checkpoint (plain strings: torch's
+        # version is a str subclass that a weights_only load refuses)
+        self.software = {"fastmae": git_commit(), "torch": str(torch.__version__),
+                         "triton": triton_version()}
 
     # ------------------------------------------------------------------ the run
     def train(self) -> int:
@@ -837,7 +842,8 @@ class _Job:
                     group["lr"] = group["lr"].item()
             state = {"model": model_sd, "optimizer": optim_sd,
                      "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                     "epoch": epoch, "step": step, "rng": _rng_state(), "args": dict(vars(args))}
+                     "epoch": epoch, "step": step, "rng": _rng_state(), "args": dict(vars(args)),
+                     "software": self.software}
             pause = float(os.environ.get(_CHECKPOINT_PAUSE_ENV, "0") or 0)
             _atomic_write(self.checkpoint_path, lambda f: torch.save(state, f), pause=pause)
         rt.barrier()  # no rank runs ahead of a checkpoint that may yet fail
@@ -867,6 +873,7 @@ class _Job:
                  f"{', compiled' if args.compile else ''}{', CUDA graph' if args.cuda_graph else ''}"
                  f"; effective batch {args.effective_batch}, "
                  f"lr {args.lr:.3e} (base lr {args.lr * 256 / args.effective_batch:.3e})")
+        _say(rt, "  " + " | ".join(f"{k} {v}" for k, v in self.software.items()))
 
     def _resume(self):
         """(first epoch, global step, a description of the checkpoint resumed from or None)."""

@@ -15,10 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import triton
 from PIL import Image
 
 import fastmae
 from fastmae import pretrain
+from fastmae._provenance import git_commit
 from fastmae.data import ImageFolderImages, build_dataset, synthetic_image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,7 +82,10 @@ def _assert_outputs(out, epochs):
     assert [r["epoch"] for r in _log(out)] == list(range(epochs))
     ckpt = _checkpoint(out)
     assert ckpt["epoch"] == epochs - 1
-    assert {"model", "optimizer", "scaler", "epoch", "step", "rng", "args"} <= set(ckpt)
+    assert {"model", "optimizer", "scaler", "epoch", "step", "rng", "args", "software"} <= set(ckpt)
+    # what trained it: the fastmae commit and the torch and Triton versions
+    assert ckpt["software"] == {"fastmae": git_commit(), "torch": torch.__version__,
+                                "triton": triton.__version__}
     # official keys: the weights load into a fresh model (and into the official code) as they are
     model = fastmae.mae_vit_tiny_patch4(img_size=ckpt["args"]["img_size"])
     model.load_state_dict(ckpt["model"], strict=True)
@@ -93,11 +98,13 @@ def _assert_learns(losses):
 
 # --------------------------------------------------------------------------- runs and outputs
 
-def test_synthetic_run_writes_everything_and_learns(tmp_path):
+def test_synthetic_run_writes_everything_and_learns(tmp_path, capsys):
     out = tmp_path / "out"
     rc = pretrain.main(TINY + ["--data", "synthetic", "--img-size", "16", "--epochs", "2",
                                "--batch-size", "8", "--steps-per-epoch", "3", "--output-dir", str(out)])
     assert rc == 0
+    assert (f"  fastmae {git_commit()} | torch {torch.__version__} | triton {triton.__version__}"
+            in capsys.readouterr().out.splitlines())
     _assert_outputs(out, epochs=2)
     _assert_learns(_step_losses(out))
     with Image.open(out / pretrain.RECONSTRUCTION) as im:
