@@ -10,9 +10,9 @@ Inputs, told apart by their content: JSON written by ``fastmae bench --json`` (t
 and pytest-benchmark JSON from ``pytest benches --benchmark-json`` (ops, and steps from
 bench_step.py). Only GPU measurements are used: CPU smoke results are counted and left out.
 Results are grouped by card, and every table holds one card's numbers only; where files of
-several runs measure one card and model, the newest run's are used and the others left out. With no GPU result
-the file says that no measurement has been made yet, and how to make one: this script never
-writes a number it was not given.
+several runs measure one card and model, the newest run's are used and the others left out.
+With no GPU result the file says that no measurement has been made yet, and how to make one:
+this script never writes a number it was not given.
 
 Needs only the standard library, and matplotlib for the chart (the ``bench`` extra).
 """
@@ -85,8 +85,8 @@ def _add_step(res, name, data):
         res.commands.append(data["command"])
 
 
-def _add_benchmarks(res, name, data):
-    for info in _gpu_records(data):
+def _add_benchmarks(res, name, records):
+    for info in records:
         card = info["gpu"]
         (res.ops if info["suite"] == "ops" else res.step_suite)[card].append(info)
         if info.get("env") and not any(s == name for s, _ in res.envs[card]):
@@ -104,7 +104,7 @@ def load(paths):
     model (and suite), only the newest measurement's file is used and the others are listed as
     left out: a table never mixes two runs, whatever order the files come in."""
     res = Results()
-    runs = []  # (name, data, what it measures: {(card, suite, model)}, date, add, path)
+    runs = []  # (name, what to add, what it measures: {(card, suite, model)}, date, add, path)
     for path in paths:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -122,7 +122,7 @@ def load(paths):
             if not records:
                 res.ignored.append((name, "no GPU measurement in it (CPU smoke run)"))
                 continue
-            runs.append((name, data, {(r["gpu"], r["suite"], r.get("model")) for r in records},
+            runs.append((name, records, {(r["gpu"], r["suite"], r.get("model")) for r in records},
                          max((r.get("env") or {}).get("date") or "" for r in records),
                          _add_benchmarks, path))
         else:
@@ -568,6 +568,12 @@ def _profile_lines(a, b):
     return lines
 
 
+def _measurement(data):
+    """What identifies one fastmae bench measurement across copies of its file."""
+    env = data["env"]
+    return _card(env), data["config"]["model"], env.get("commit"), env.get("date")
+
+
 def comparison(earlier, res):
     """Lines comparing this run's training steps (``res``) with an earlier run's (``earlier``),
     card by card, never across cards: each system's ms/step and, for a profiled step, its GPU
@@ -577,15 +583,13 @@ def comparison(earlier, res):
     for card in res.cards():
         if not res.steps[card]:
             continue
-        now = {(d["config"]["model"], d["env"].get("commit"), d["env"].get("date"))
-               for d in res.steps[card]}
-        runs = [d for d in earlier.steps.get(card, [])
-                if (d["config"]["model"], d["env"].get("commit"), d["env"].get("date")) not in now]
+        now = {_measurement(d) for d in res.steps[card]}
+        runs = [d for d in earlier.steps.get(card, []) if _measurement(d) not in now]
         if not runs:
             lines.append(f"{card}: no earlier run of this card to compare with")
             continue
         then = Results()
-        then.steps[card] = sorted(runs, key=lambda d: d["env"].get("date") or "")  # newest last
+        then.steps[card] = runs  # load kept the newest file of each model
         old_rows, _, _ = _step_rows(card, then)
         new_rows, _, _ = _step_rows(card, res)
         when = {d["config"]["model"]: f"{d['env'].get('commit')}, {d['env'].get('date')}"
@@ -601,16 +605,21 @@ def comparison(earlier, res):
                 a, b = old_rows[m].get(s), new_rows[m].get(s)
                 if not (a and b) or a.get("error") or b.get("error"):
                     continue
-                lines.append(f"  {title:<9} {SYSTEM_LABELS[s]:<26} {a['ms_per_step']:7.1f} -> "
-                             f"{b['ms_per_step']:7.1f}  ({a['ms_per_step'] / b['ms_per_step']:.2f}x)")
+                was, now_ms = a["ms_per_step"], b["ms_per_step"]
+                lines.append(f"  {title:<9} {SYSTEM_LABELS[s]:<26} {was:7.1f} -> {now_ms:7.1f}  "
+                             f"({was / now_ms:.2f}x)")
                 if a.get("profile") and b.get("profile"):
                     lines += _profile_lines(a["profile"], b["profile"])
     return "\n".join(lines) if lines else "no GPU training step in this run to compare"
 
 
-def _read_bytes(path):
-    with open(path, "rb") as f:
-        return f.read()
+def _measurements(path):
+    """The fastmae bench measurements a result file holds (none for other files)."""
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    if isinstance(data, dict) and str(data.get("schema", "")).startswith("fastmae-bench/"):
+        return {_measurement(data)}
+    return set()
 
 
 def main(argv=None):
@@ -630,9 +639,10 @@ def main(argv=None):
     if args.summary:
         if args.against:
             # a copy of this run's own files among the earlier ones (committed, then compared
-            # again) would stand in for the run before it
-            mine = {_read_bytes(path) for path in args.results}
-            earlier = [path for path in args.against if _read_bytes(path) not in mine]
+            # again; corrections may have changed its bytes) would, as the newest, stand in for
+            # the run before it
+            mine = set().union(*map(_measurements, args.results))
+            earlier = [path for path in args.against if not _measurements(path) & mine]
             print(comparison(load(earlier), res))
         print(summary(res))  # the short table last
     else:
