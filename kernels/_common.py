@@ -1,6 +1,8 @@
 """Small helpers shared by the launchers."""
 import functools
+import inspect
 import os
+import sys
 import warnings
 
 import torch
@@ -45,6 +47,65 @@ def sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+# ------------------------------------------------------------ the work a launch must do
+# For benchmarks: with OBSERVER set to a callable, every launch made through launch() or
+# launch_tuned() is reported to it as (kernel name, bytes, FLOPs), the least that launch must
+# move through memory and compute (launch_work); fastmae bench sets each launch's time in a
+# profiled step against it. Unset (None, always outside a benchmark's profile) it costs a launch
+# one global read.
+OBSERVER = None
+
+
+@functools.lru_cache(maxsize=None)
+def _parameter_names(function):
+    return tuple(inspect.signature(function).parameters)
+
+
+def kernel_function(fn):
+    """The Python function under a Triton kernel (JITFunction, interpreted function, autotuner
+    or heuristics around one): its name is the kernel's name in a profile."""
+    while hasattr(fn, "fn"):
+        fn = fn.fn
+    return fn
+
+
+def distinct_bytes(t):
+    """Bytes of a tensor's distinct elements (a stride-0, expanded dimension counts once)."""
+    n = 1
+    for size, stride in zip(t.shape, t.stride()):
+        if stride != 0:
+            n *= size
+    return n * t.element_size()
+
+
+def launch_work(fn, args, kwargs):
+    """(kernel name, bytes, FLOPs) that a launch of ``fn`` with ``args`` and ``kwargs`` must at
+    least move and compute. Bytes: every tensor argument read or written once, its distinct
+    elements only; a tensor passed again (the placeholder of an unused pointer) counts once.
+    A kernel that touches some argument only in part or not at all, or does matmul work, says
+    so in its module's ``LAUNCH_WORK[name]``: a function of the named arguments returning
+    {"bytes": {argument: bytes}} (replacing those arguments' counts) and / or {"flops": n}."""
+    function = kernel_function(fn)
+    name = function.__name__
+    named = dict(zip(_parameter_names(function), args))
+    named.update(kwargs)
+    rule = getattr(sys.modules.get(function.__module__), "LAUNCH_WORK", {}).get(name)
+    work = rule(named) if rule is not None else {}
+    replaced = work.get("bytes", {})
+    total, seen = 0, set()
+    for arg, value in named.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        if arg in replaced:
+            total += replaced[arg]
+            continue
+        key = (value.data_ptr(), value.dtype, tuple(value.shape), value.stride())
+        if key not in seen:
+            seen.add(key)
+            total += distinct_bytes(value)
+    return name, total, work.get("flops", 0)
+
+
 # Triton's autotuner rebuilds its cache key from every argument on every launch (a dict of the
 # ~40 arguments, the dtype of each tensor): about a fifth of the host time Triton's Python takes
 # for a launch (benches/host_cost.py --launch-path triton). launch_tuned builds that key itself
@@ -62,6 +123,8 @@ def launch_tuned(tuned, grid, key_values, *args, **kwargs):
     if direct is None or direct.tuned is not tuned:
         direct = _TUNED[id(tuned)] = _TunedDirect(tuned, args, kwargs)
     if DIRECT_LAUNCH and direct.entries and direct.launch(grid, args, kwargs):
+        if OBSERVER is not None:
+            OBSERVER(*launch_work(tuned, args, kwargs))
         return
     if len(tuned.configs) > 1:
         tune_key = key_values + tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor))
@@ -69,6 +132,8 @@ def launch_tuned(tuned, grid, key_values, *args, **kwargs):
     else:
         tune_key, config = None, tuned.configs[0]
     if config is None or config.pre_hook is not None:
+        if OBSERVER is not None:
+            OBSERVER(*launch_work(tuned, args, kwargs))
         tuned[grid](*args, **kwargs)
         return
     fn, derived = tuned.fn, {}
@@ -114,6 +179,8 @@ def launch(fn, grid, *args, **kwargs):
     """fn[grid](*args, **kwargs) for a Triton kernel, through fastmae's direct path when
     ``fn`` is a compiled JITFunction (not under the interpreter) and DIRECT_LAUNCH is on.
     ``grid`` is a tuple of 1 to 3 ints."""
+    if OBSERVER is not None:
+        OBSERVER(*launch_work(fn, args, kwargs))
     direct = _DIRECT.get(id(fn))
     if direct is None or direct.fn is not fn:
         if not isinstance(fn, JITFunction):

@@ -808,6 +808,24 @@ _attn_bwd_dq_tuned = triton.autotune(
 
 # ----------------------------------------------------------------------------- launchers
 
+def _score_flops(named):
+    """2 * N^2 * d per (batch, head): one (N x d) @ (d x N) or (N x N) @ (N x d) product."""
+    q = named["Q"]
+    return 2 * q.shape[0] * q.shape[1] * named["N_CTX"] ** 2 * named["HEAD_DIM"]
+
+
+# The work each launch must do (_common.launch_work): the forward's two products (scores, P V);
+# dQ's three (scores again, dP = dO V^T, dQ = dS K); dK-dV's four (scores, dV = P^T dO, dP,
+# dK = dS^T Q), five with dQ fused, when it also reads O (delta inline) and writes dQ -- the
+# split dK-dV gets both pointers without touching them.
+LAUNCH_WORK = {
+    "_attn_fwd": lambda a: {"flops": 2 * _score_flops(a)},
+    "_attn_bwd_dq": lambda a: {"flops": 3 * _score_flops(a)},
+    "_attn_bwd_dkdv": lambda a: ({"flops": 5 * _score_flops(a)} if a["FUSE_DQ"] else
+                                 {"flops": 4 * _score_flops(a), "bytes": {"O": 0, "DQ": 0}}),
+}
+
+
 def _dot_precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 

@@ -189,6 +189,12 @@ _matmul_gelu_bwd_tuned = triton.autotune(
 _empty = empty  # every output is allocated here (tests patch it to poison them)
 
 
+# The work each launch must do (_common.launch_work): an (M x K) @ (K x N) product, 2 M N K
+# FLOPs; every tensor argument is read or written whole.
+LAUNCH_WORK = {name: lambda a: {"flops": 2 * a["M"] * a["N"] * a["K"]}
+               for name in ("_matmul_bias_gelu", "_matmul_gelu_bwd")}
+
+
 def _check(a, b, name_b):
     assert a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[0] > 0, \
         f"a (M, K) and {name_b} (K, N), K > 0, expected, got {tuple(a.shape)} and {tuple(b.shape)}"

@@ -75,6 +75,11 @@ def _gather_tokens(
     tl.store(out_ptr + (rows * D)[:, None] + d[None, :], v, mask=io_mask)
 
 
+# The work each launch must do (_common.launch_work): the gather reads only the kept rows of x.
+LAUNCH_WORK = {"_gather_tokens": lambda a: {
+    "bytes": {"x_ptr": a["n_rows"] * a["D"] * a["x_ptr"].element_size()}}}
+
+
 # Backward of the gather: out[n, l] = grad[n, ids_restore[n, l]] if ids_restore[n, l] < keep
 # else 0. Every output element is written once (kept rows copied, removed rows zeroed), so the
 # result needs no zero-filled buffer, no atomics, and is deterministic.

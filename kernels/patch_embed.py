@@ -113,6 +113,26 @@ def _patch_embed_fwd(
 _COMPUTE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
+def _patch_bytes(a, ptr):
+    """Bytes of the M visible patches (K pixels each) a launch reads or writes of an image."""
+    return a["M"] * a["K"] * a[ptr].element_size()
+
+
+# The work each launch must do (_common.launch_work): an (M x K) by (K x D) product, 2 M D K
+# FLOPs, on the M = N * keep visible patches -- the images are read (or their gradient written)
+# at those patches only. A ZERO launch of the images' gradient writes the removed patches' zeros
+# and reads nothing.
+LAUNCH_WORK = {
+    "_patch_embed_fwd": lambda a: {"flops": 2 * a["M"] * a["D"] * a["K"],
+                                   "bytes": {"imgs_ptr": _patch_bytes(a, "imgs_ptr")}},
+    "_patch_embed_bwd_weight": lambda a: {"flops": 2 * a["M"] * a["D"] * a["K"],
+                                          "bytes": {"imgs_ptr": _patch_bytes(a, "imgs_ptr")}},
+    "_patch_embed_bwd_imgs": lambda a: (
+        {"bytes": {"dx_ptr": _patch_bytes(a, "dx_ptr"), "g_ptr": 0, "w_ptr": 0}} if a["ZERO"] else
+        {"flops": 2 * a["M"] * a["D"] * a["K"], "bytes": {"dx_ptr": _patch_bytes(a, "dx_ptr")}}),
+}
+
+
 def patch_embed_visible_fwd(imgs, weight, bias, pos_embed, ids_keep, out_dtype, compute_dtype=None):
     """(N, C, H, W), (D, C, p, p), (D,), (1, 1 + L, D), (N, keep) int64 -> (N, keep, D) contiguous
     in out_dtype. The matmul's operands are cast to compute_dtype (default: out_dtype) when it is
