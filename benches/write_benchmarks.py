@@ -303,6 +303,33 @@ def model_section(card, res, chart_link):
     return "\n".join(out)
 
 
+WORK_NOTE = ("GB and GFLOP: what each launch had to move and compute, as fastmae's launchers "
+             "report it (every tensor argument read or written once, gathers at the rows they "
+             "read; the FLOPs of matmul work: attention's products, patch embedding, the fused "
+             "MLP matmuls). Floor: those bytes at the copy rate or those FLOPs at the bf16 "
+             "matmul rate measured in the same run, whichever takes longer; \"of floor\" is "
+             "the floor's time over the kernel's.")
+
+
+def _work_head(rows):
+    """The work columns of a fastmae kernel table, where any of its rows has its work."""
+    if not any(k.get("gb_per_s") is not None for k in rows):
+        return []
+    return ["GB/step", "GB/s", "GFLOP/step", "floor ms", "of floor"]
+
+
+def _work_cells(k, rows):
+    if not _work_head(rows):
+        return []
+    if k.get("gb_per_s") is None:
+        return ["-"] * 5
+    floor = k.get("of_floor")
+    return [f"{k['bytes_per_step'] / 1e9:.3f}", f"{k['gb_per_s']:.0f}",
+            f"{k['flops_per_step'] / 1e9:.1f}" if k.get("flops_per_step") else "-",
+            "-" if floor is None else f"{k['floor_ms_per_step']:.3f} ({k['floor_bound']})",
+            "-" if floor is None else _pct(floor)]
+
+
 def profile_section(card, res):
     """Where the GPU time of one step goes, from the profiler (fastmae bench's breakdown)."""
     out = []
@@ -327,17 +354,24 @@ def profile_section(card, res):
                     "", _table(["kernel", "category", "ms/step", "share", "launches"], top_rows,
                                ["l", "l", "r", "r", "r"])]
             if b.get("fastmae_kernels"):  # every fastmae kernel (results since ea4a247 have them)
+                ks = b["fastmae_kernels"]
                 rows = [[f"`{k['name']}`", f"{k['ms_per_step']:.2f}", _pct(k["share"]),
-                         f"{k['launches_per_step']:.0f}"] for k in b["fastmae_kernels"]]
+                         f"{k['launches_per_step']:.0f}"] + _work_cells(k, ks) for k in ks]
                 out += ["", "Every fastmae kernel:", "",
-                        _table(["kernel", "ms/step", "share", "launches"], rows, ["l", "r", "r", "r"])]
+                        _table(["kernel", "ms/step", "share", "launches"] + _work_head(ks), rows,
+                               ["l", "r", "r", "r"] + ["r"] * len(_work_head(ks)))]
             if b.get("fastmae_launches"):  # per grid and block (results since this field)
+                ks = b["fastmae_launches"]
                 rows = [[f"`{k['name']}`", k["launch"], f"{k['ms_per_step']:.2f}", _pct(k["share"]),
-                         f"{k['launches_per_step']:.0f}"] for k in b["fastmae_launches"]]
+                         f"{k['launches_per_step']:.0f}"] + _work_cells(k, ks) for k in ks]
                 out += ["", "Every fastmae kernel by launch shape (the profiler's grid and threads "
                             "a program: e.g. encoder and decoder calls apart):", "",
-                        _table(["kernel", "launch", "ms/step", "share", "launches"], rows,
-                               ["l", "l", "r", "r", "r"])]
+                        _table(["kernel", "launch", "ms/step", "share", "launches"] + _work_head(ks),
+                               rows, ["l", "l", "r", "r", "r"] + ["r"] * len(_work_head(ks)))]
+            if any(k.get("gb_per_s") is not None for k in b.get("fastmae_kernels", [])):
+                out += ["", WORK_NOTE]
+            if b.get("launch_work"):
+                out += ["", f"Launch work {b['launch_work']}."]
     if not out:
         return None
     return "\n".join(["### Where a step's GPU time goes", "",

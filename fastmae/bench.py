@@ -355,9 +355,10 @@ def time_train_step(step, device, steps, warmup, progress=None, reset_peak=True)
 
 
 def bench_system(key, model_name, batch, amp_dtype, steps, warmup, device, seed=0,
-                 progress=True, model_kwargs=None, profile=False):
+                 progress=True, model_kwargs=None, profile=False, floors=None):
     """Build a fresh model (same seed, so same weights for every system), time it, free it.
-    ``profile`` (GPU only): also break two more steps' kernel time down (``profile_train_step``)."""
+    ``profile`` (GPU only): also break two more steps' kernel time down (``profile_train_step``,
+    each fastmae kernel against its floor at ``floors``)."""
     label, backend, compiled = SYSTEMS[key]
     model = build_model(model_name, device, seed=seed, **(model_kwargs or {}))
     g = torch.Generator(device=device)
@@ -378,7 +379,8 @@ def bench_system(key, model_name, batch, amp_dtype, steps, warmup, device, seed=
                                 reset_peak=not graphed)
             breakdown = None
             if profile and torch.device(device).type == "cuda":
-                breakdown = profile_train_step(step, step_ms=statistics.median(t["times_ms"]))
+                breakdown = profile_train_step(step, step_ms=statistics.median(t["times_ms"]),
+                                               floors=floors)
     finally:
         if bar is not None:
             bar.close()
@@ -438,46 +440,77 @@ def kernel_category(name, fastmae_names):
     return "other (torch elementwise)"
 
 
-def kernel_breakdown(kernels, steps, fastmae_names, step_ms=None, top=15):
-    """Summarize GPU kernel time from a profile of ``steps`` steps. ``kernels``: (name, us) or
-    (name, us, launch) tuples, one per launch, ``launch`` its grid and block (``launch_shape``)
-    or None. Returns per-step totals: busy ms, launches, per category, and the ``top`` kernels
-    by time, and every fastmae kernel by time (each of them, however small); where launches
-    carry their shapes, also every fastmae kernel per grid and block (``fastmae_launches``:
-    e.g. the encoder's and the decoder's calls of one kernel apart)."""
+def kernel_breakdown(kernels, steps, fastmae_names, step_ms=None, top=15, floors=None):
+    """Summarize GPU kernel time from a profile of ``steps`` steps. ``kernels``: (name, us),
+    (name, us, launch) or (name, us, launch, work) tuples, one per launch, ``launch`` its grid
+    and block (``launch_shape``) or None, ``work`` the (bytes, FLOPs) it had to move and compute
+    (``kernels._common.launch_work``) or None. Returns per-step totals: busy ms, launches, per
+    category, and the ``top`` kernels by time, and every fastmae kernel by time (each of them,
+    however small); where launches carry their shapes, also every fastmae kernel per grid and
+    block (``fastmae_launches``: e.g. the encoder's and the decoder's calls of one kernel apart).
+    A fastmae row whose every launch carries its work also gets its bytes and FLOPs a step and
+    the bandwidth reached, and with ``floors`` (``measure_floors``: the copy rate, and the
+    matmul rate or None) its floor: the bytes at the copy rate or the FLOPs at the matmul rate,
+    whichever takes longer, and the fraction of it reached (floor time / kernel time)."""
     by_name, by_launch = {}, {}
-    for name, us, *launch in kernels:
-        t, n = by_name.get(name, (0.0, 0))
-        by_name[name] = (t + us, n + 1)
-        if launch and launch[0] is not None and name in fastmae_names:
-            t, n = by_launch.get((name, launch[0]), (0.0, 0))
-            by_launch[(name, launch[0])] = (t + us, n + 1)
-    busy_us = sum(t for t, _ in by_name.values())
+
+    def add(table, key, us, work):
+        t, n, nbytes, flops = table.get(key, (0.0, 0, 0, 0))
+        if work is None or nbytes is None:
+            nbytes = flops = None
+        else:
+            nbytes, flops = nbytes + work[0], flops + work[1]
+        table[key] = (t + us, n + 1, nbytes, flops)
+
+    for name, us, *extra in kernels:
+        launch = extra[0] if extra else None
+        work = extra[1] if len(extra) > 1 else None
+        add(by_name, name, us, work)
+        if launch is not None and name in fastmae_names:
+            add(by_launch, (name, launch), us, work)
+    busy_us = sum(t for t, *_ in by_name.values())
     cats = {}
-    for name, (t, n) in by_name.items():
+    for name, (t, n, *_) in by_name.items():
         c = kernel_category(name, fastmae_names)
         ct, cn = cats.get(c, (0.0, 0))
         cats[c] = (ct + t, cn + n)
 
-    def row(name, t, n):
+    def row(name, t, n, *_):
         return {"name": name, "ms_per_step": t / 1e3 / steps, "launches_per_step": n / steps,
                 "share": t / busy_us if busy_us else 0.0}
+
+    def with_work(r, t, n, nbytes, flops):
+        if nbytes is None or not t:
+            return r
+        r.update(bytes_per_step=nbytes / steps, flops_per_step=flops / steps,
+                 gb_per_s=nbytes / (t * 1e-6) / 1e9)
+        if floors:
+            memory_s = nbytes / floors["copy_bytes_per_s"]
+            matmul_s = flops / floors["matmul_flops_per_s"] if floors.get("matmul_flops_per_s") \
+                else None
+            if matmul_s is None and flops:
+                return r  # matmul work without a matmul rate: no floor
+            bound = "matmul" if matmul_s is not None and matmul_s > memory_s else "memory"
+            floor_s = matmul_s if bound == "matmul" else memory_s
+            r.update(floor_ms_per_step=floor_s * 1e3 / steps, floor_bound=bound,
+                     of_floor=floor_s / (t * 1e-6))
+        return r
     by_time = sorted(by_name.items(), key=lambda kv: -kv[1][0])
     out = {
         "steps_profiled": steps,
         "gpu_busy_ms_per_step": busy_us / 1e3 / steps,
         "step_ms": step_ms,
-        "launches_per_step": sum(n for _, n in by_name.values()) / steps,
+        "launches_per_step": sum(n for _, n, *_ in by_name.values()) / steps,
         "categories": sorted((row(c, t, n) for c, (t, n) in cats.items()),
                              key=lambda r: -r["ms_per_step"]),
-        "top_kernels": [dict(row(k, t, n), category=kernel_category(k, fastmae_names))
-                        for k, (t, n) in by_time[:top]],
-        "fastmae_kernels": [row(k, t, n) for k, (t, n) in by_time if k in fastmae_names],
+        "top_kernels": [dict(row(k, *v), category=kernel_category(k, fastmae_names))
+                        for k, v in by_time[:top]],
+        "fastmae_kernels": [with_work(row(k, *v), *v) for k, v in by_time if k in fastmae_names],
     }
     if by_launch:
         out["fastmae_launches"] = [
-            dict(row(name, t, n), launch=launch)
-            for (name, launch), (t, n) in sorted(by_launch.items(), key=lambda kv: -kv[1][0])]
+            with_work(dict(row(name, *v), launch=launch), *v)
+            for (name, launch), v in sorted(by_launch.items(), key=lambda kv: -kv[1][0])]
     return out
 
 
@@ -494,9 +527,9 @@ def launch_shape(args):
 
 
 def _trace_kernels(prof):
-    """(name, us, launch shape) of every CUDA kernel in a finished torch.profiler profile, read
-    from its Chrome trace, where the profiler keeps each kernel's grid and block; None if the
-    trace cannot be read."""
+    """(name, us, launch shape) of every CUDA kernel in a finished torch.profiler profile, in the
+    order they ran, read from its Chrome trace, where the profiler keeps each kernel's grid and
+    block; None if the trace cannot be read."""
     fd, path = tempfile.mkstemp(suffix=".json")
     os.close(fd)
     try:
@@ -504,28 +537,63 @@ def _trace_kernels(prof):
         with open(path, encoding="utf-8") as f:
             trace = json.load(f)
         events = trace["traceEvents"] if isinstance(trace, dict) else trace
-        return [(e["name"], float(e["dur"]), launch_shape(e.get("args") or {}))
-                for e in events if e.get("cat") == "kernel" and e.get("ph") == "X"]
+        kernels = sorted((e for e in events if e.get("cat") == "kernel" and e.get("ph") == "X"),
+                         key=lambda e: float(e.get("ts", 0)))  # launch order (one stream)
+        return [(e["name"], float(e["dur"]), launch_shape(e.get("args") or {})) for e in kernels]
     except (OSError, ValueError, KeyError, TypeError):
         return None
     finally:
         os.unlink(path)
 
 
-def profile_train_step(step, steps=2, step_ms=None):
+def with_launch_work(kernels, launches, fastmae_names):
+    """``kernels`` (name, us, launch shape) of a profile, each fastmae kernel given the
+    (bytes, FLOPs) of its launch: ``launches`` (name, bytes, FLOPs), what kernels._common
+    reported while the profiled steps ran, in launch order. Paired one to one where the
+    profile's fastmae kernels are those launches, name for name, else (a kernel missing from
+    the trace, a launch not reported) none is: returns (kernels, paired)."""
+    mine = [k for k in kernels if k[0] in fastmae_names]
+    if not mine or [k[0] for k in mine] != [name for name, _, _ in launches]:
+        return kernels, False
+    work = iter(launches)
+    out = []
+    for k in kernels:
+        if k[0] in fastmae_names:
+            _, nbytes, flops = next(work)
+            k = (k[0], k[1], k[2] if len(k) > 2 else None, (nbytes, flops))
+        out.append(k)
+    return out, True
+
+
+def profile_train_step(step, steps=2, step_ms=None, floors=None):
     """Profile ``steps`` training steps on the GPU (after warm-up) and break the kernel time
-    down: fastmae kernels, cuBLAS matmuls, optimizer, other torch kernels."""
+    down: fastmae kernels, cuBLAS matmuls, optimizer, other torch kernels. Each fastmae launch
+    is also set against the work it had to do (``with_launch_work``; ``floors`` as for
+    ``kernel_breakdown``)."""
     from torch.profiler import ProfilerActivity, profile
+
+    from fastmae.kernels import _common
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
+    launches = []
+    _common.OBSERVER = lambda *work: launches.append(work)
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                step()
+            torch.cuda.synchronize()
+    finally:
+        _common.OBSERVER = None
     kernels = _trace_kernels(prof)
     if not kernels:  # no readable trace: the events, without launch shapes
         kernels = [(e.name, e.time_range.elapsed_us()) for e in prof.events()
                    if e.device_type == torch.autograd.DeviceType.CUDA]
-    return kernel_breakdown(kernels, steps, fastmae_kernel_names(), step_ms=step_ms)
+    names = fastmae_kernel_names()
+    kernels, paired = with_launch_work(kernels, launches, names)
+    out = kernel_breakdown(kernels, steps, names, step_ms=step_ms, floors=floors)
+    if launches and not paired:
+        out["launch_work"] = (f"not paired: {len(launches)} launches reported, "
+                              f"{sum(k[0] in names for k in kernels)} fastmae kernels profiled")
+    return out
 
 
 def format_breakdown(label, b):
@@ -543,8 +611,23 @@ def format_breakdown(label, b):
         for r in rows:
             shape = f"  ({r['launch']})" if r.get("launch") else ""
             lines.append(f"    {r['ms_per_step']:8.2f} ms  {100 * r['share']:5.1f}%  "
-                         f"x{r['launches_per_step']:<5.0f} {r['name'][:90]}{shape}")
+                         f"x{r['launches_per_step']:<5.0f} {r['name'][:90]}{shape}"
+                         + _work_text(r))
+    if b.get("launch_work"):
+        lines.append(f"  launch work {b['launch_work']}")
     return "\n".join(lines)
+
+
+def _work_text(r):
+    """', 1.23 GB 3210 GB/s, 75% of its memory floor' for a row that has its work."""
+    if r.get("gb_per_s") is None:
+        return ""
+    text = f", {r['bytes_per_step'] / 1e9:.3f} GB {r['gb_per_s']:.0f} GB/s"
+    if r.get("flops_per_step"):
+        text += f" {r['flops_per_step'] / 1e9:.1f} GFLOP"
+    if r.get("of_floor") is not None:
+        text += f", {100 * r['of_floor']:.0f}% of its {r['floor_bound']} floor"
+    return text
 
 
 # ============================================================================ parity
@@ -736,6 +819,9 @@ def _main_gpu(args):
           f"{floors['matmul_n']}^3 matmul {floors['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s; "
           f"training FLOPs per image {train_flops / 1e9:.1f} G "
           f"(compute floor {floors['matmul_flops_per_s'] / train_flops:.0f} images/s)")
+    # a kernel's FLOPs are set against the bf16 matmul rate only where its operands are half
+    profile_floors = dict(floors, matmul_flops_per_s=floors["matmul_flops_per_s"]
+                          if amp_dtype in (torch.bfloat16, torch.float16) else None)
     print(f"timing: {warmup} warm-up steps (compiling/autotuning included, not timed), then "
           f"{steps} steps timed with CUDA events; median step")
     print()
@@ -776,7 +862,8 @@ def _main_gpu(args):
         try:
             results.append(bench_system(key, model_name, batch, amp_dtype, steps, warmup, "cuda",
                                         progress=progress,
-                                        profile=not args.no_profile and key in ("fastmae", "reference")))
+                                        profile=not args.no_profile and key in ("fastmae", "reference"),
+                                        floors=profile_floors))
         except Exception as exc:  # noqa: BLE001 - one failing system is reported, not fatal
             label = SYSTEMS[key][0]
             msg = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]

@@ -4,6 +4,7 @@ On a machine without a GPU the command runs its tiny CPU configuration: these te
 it says so, writes the JSON it documents, and refuses bad flags clearly. The writer is tested on
 a FIXTURE: synthetic numbers made up below for the test, not measurements of anything.
 """
+import contextlib
 import importlib.util
 import json
 import re
@@ -171,6 +172,109 @@ def test_kernel_breakdown_by_launch_shape():
     assert "fastmae kernels by launch shape:" in text and f"_attn_fwd  ({dec})" in text
 
 
+def test_kernel_breakdown_sets_each_fastmae_kernel_against_its_floor():
+    """Launches that carry their work (bytes, FLOPs): each fastmae kernel's bytes and FLOPs a
+    step, bandwidth, and its floor at the given rates -- the bytes at the copy rate or the FLOPs
+    at the matmul rate, whichever is longer -- per name and per launch shape; none where a
+    launch lacks its work, and no floor for matmul work without a matmul rate."""
+    names = {"_attn_fwd", "_layer_norm_bwd", "_bias_gelu_fwd"}
+    enc, dec = "grid 3072 x 1 x 1, block 128", "grid 4096 x 4 x 1, block 128"
+    floors = {"copy_bytes_per_s": 1e12, "matmul_flops_per_s": 1e14}
+    # FIXTURE: made-up durations (us) and work, two profiled steps
+    kernels = [("_layer_norm_bwd", 40.0, enc, (20e6, 0)), ("_layer_norm_bwd", 40.0, enc, (20e6, 0)),
+               ("_attn_fwd", 100.0, dec, (1e6, 5e9)), ("_attn_fwd", 100.0, dec, (1e6, 5e9)),
+               ("_bias_gelu_fwd", 10.0, enc, (5e6, 0)), ("_bias_gelu_fwd", 10.0, enc, None),
+               ("nvjet_tst_fixture", 500.0, None, None)]
+    b = bench.kernel_breakdown(kernels, 2, names, floors=floors)
+    rows = {r["name"]: r for r in b["fastmae_kernels"]}
+    ln = rows["_layer_norm_bwd"]
+    assert ln["bytes_per_step"] == 20e6 and ln["flops_per_step"] == 0
+    assert ln["gb_per_s"] == pytest.approx(500.0)  # 40 MB in 80 us
+    assert ln["floor_bound"] == "memory" and ln["floor_ms_per_step"] == pytest.approx(0.02)
+    assert ln["of_floor"] == pytest.approx(0.5)
+    attn = rows["_attn_fwd"]  # 50 us of matmul work at 1e14 against 10 us of bytes
+    assert attn["floor_bound"] == "matmul" and attn["of_floor"] == pytest.approx(0.5)
+    assert "gb_per_s" not in rows["_bias_gelu_fwd"]  # one of its launches has no work
+    by_launch = {(r["name"], r["launch"]): r for r in b["fastmae_launches"]}
+    assert by_launch[("_attn_fwd", dec)]["of_floor"] == pytest.approx(0.5)
+    assert "of_floor" not in by_launch[("_bias_gelu_fwd", enc)]
+    text = bench.format_breakdown("fastmae", b)
+    assert "0.020 GB 500 GB/s, 50% of its memory floor" in text
+    assert "0.001 GB 10 GB/s 5.0 GFLOP, 50% of its matmul floor" in text
+    # without a matmul rate (fp32 operands): the bytes and FLOPs, a floor only for memory work
+    b = bench.kernel_breakdown(kernels, 2, names, floors=dict(floors, matmul_flops_per_s=None))
+    rows = {r["name"]: r for r in b["fastmae_kernels"]}
+    assert rows["_attn_fwd"]["flops_per_step"] == 5e9 and "of_floor" not in rows["_attn_fwd"]
+    assert rows["_layer_norm_bwd"]["of_floor"] == pytest.approx(0.5)
+    # without floors: bytes and bandwidth only
+    b = bench.kernel_breakdown(kernels, 2, names)
+    assert "of_floor" not in b["fastmae_kernels"][0] and "gb_per_s" in b["fastmae_kernels"][0]
+
+
+def test_launch_work_is_paired_with_the_profiles_kernels_in_order():
+    names = {"_attn_fwd", "_layer_norm_fwd"}
+    # FIXTURE: a made-up profile and the launches reported while it ran
+    kernels = [("_layer_norm_fwd", 5.0, "grid 1 x 1 x 1, block 32"), ("nvjet_fixture", 9.0, None),
+               ("_attn_fwd", 7.0, "grid 2 x 1 x 1, block 128"), ("_layer_norm_fwd", 6.0)]
+    launches = [("_layer_norm_fwd", 100, 0), ("_attn_fwd", 200, 50), ("_layer_norm_fwd", 300, 0)]
+    paired, ok = bench.with_launch_work(kernels, launches, names)
+    assert ok and paired == [("_layer_norm_fwd", 5.0, "grid 1 x 1 x 1, block 32", (100, 0)),
+                             ("nvjet_fixture", 9.0, None),
+                             ("_attn_fwd", 7.0, "grid 2 x 1 x 1, block 128", (200, 50)),
+                             ("_layer_norm_fwd", 6.0, None, (300, 0))]
+    # one launch more, fewer, or another order: nothing paired
+    for other in (launches + [("_attn_fwd", 1, 1)], launches[:2], launches[1::-1] + launches[2:],
+                  []):
+        assert bench.with_launch_work(kernels, other, names) == (kernels, False)
+
+
+def test_profile_train_step_sets_the_observer_for_the_profiled_steps_only(monkeypatch):
+    """On a CPU (the interpreter; the trace made up from the launches a like step made):
+    profile_train_step reports each launch's work while its steps run, pairs it with the
+    trace's kernels, and unsets the observer after."""
+    from fastmae.backend import use_backend
+    from fastmae.kernels import _common
+    model = bench.build_model("micro", "cpu")
+    step, _, _ = bench.make_train_step(model, torch.randn(2, 3, 16, 16), torch.float32)
+    seen = []
+    with use_backend("triton"):
+        monkeypatch.setattr(_common, "OBSERVER", lambda name, nbytes, flops: seen.append(name))
+        step()
+        monkeypatch.setattr(_common, "OBSERVER", None)
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+        monkeypatch.setattr(torch.profiler, "profile", lambda **kw: contextlib.nullcontext())
+        # FIXTURE: a made-up trace, 2 us a kernel, in the order the step above launched them
+        monkeypatch.setattr(bench, "_trace_kernels",
+                            lambda prof: [("nvjet_fixture", 5.0, None)] + [(n, 2.0, None) for n in seen])
+        b = bench.profile_train_step(step, steps=1,
+                                     floors={"copy_bytes_per_s": 1e12, "matmul_flops_per_s": None})
+    assert _common.OBSERVER is None and len(seen) > 20
+    assert "launch_work" not in b
+    rows = {r["name"]: r for r in b["fastmae_kernels"]}
+    assert set(rows) == set(seen) and all(r["bytes_per_step"] > 0 for r in rows.values())
+    assert rows["_layer_norm_fwd"]["floor_bound"] == "memory"
+    assert rows["_attn_fwd"]["flops_per_step"] > 0 and "of_floor" not in rows["_attn_fwd"]
+
+
+@pytest.mark.cuda
+def test_profiled_fastmae_step_pairs_every_launch_with_its_work():
+    """On a GPU, a profiled tiny fastmae step: every fastmae kernel of the trace is paired with
+    the work its launch reported, and sits within 0 and 100% of its floor (a count of the
+    work above what the kernel moves or computes would pass 100%)."""
+    from fastmae.backend import use_backend
+    model = bench.build_model("tiny", "cuda")
+    imgs = torch.randn(8, 3, *model.patch_embed.img_size, device="cuda")
+    step, _, _ = bench.make_train_step(model, imgs, torch.bfloat16, backend="triton")
+    with use_backend("triton"):
+        for _ in range(3):
+            step()
+        floors = bench.measure_floors(matmul_n=4096, copy_mib=256)
+        b = bench.profile_train_step(step, floors=floors)
+    assert "launch_work" not in b
+    assert b["fastmae_kernels"] and all(r["of_floor"] is not None for r in b["fastmae_kernels"])
+    assert all(0 < r["of_floor"] < 1 for r in b["fastmae_launches"])
+
+
 def test_launch_shapes_come_from_the_profilers_trace(tmp_path):
     """The kernels of a profile, with grid and block, from its exported Chrome trace (CPU
     events and kernels without those fields skipped or given no shape); an unreadable trace
@@ -196,6 +300,10 @@ def test_launch_shapes_come_from_the_profilers_trace(tmp_path):
     ]}
     assert bench._trace_kernels(FakeProfile(json.dumps(trace))) == [
         ("_attn_fwd", 12.5, "grid 4096 x 4 x 1, block 128"), ("nvjet_tst_fixture", 30.0, None)]
+    # in the order they ran, whatever the trace's order
+    trace["traceEvents"][0]["ts"], trace["traceEvents"][1]["ts"] = 20.0, 10.0
+    assert [k[0] for k in bench._trace_kernels(FakeProfile(json.dumps(trace)))] == [
+        "nvjet_tst_fixture", "_attn_fwd"]
     assert bench._trace_kernels(FakeProfile("{not json")) is None
 
 
@@ -290,6 +398,31 @@ def test_writer_on_fixture(tmp_path):
         assert "](benches/images_per_s.png)" in md
     summary = writer.summary(writer.load(files))
     assert "FIXTURE-GPU-A" in summary and "2.00x vs eager" in summary
+
+
+def test_writer_sets_fastmae_kernels_against_their_floors(tmp_path):
+    """A profile whose fastmae launches carry their work: both fastmae tables get its bytes,
+    bandwidth, FLOPs, floor and fraction of floor, and the note saying what they are; one
+    without (earlier results, as the committed one) keeps its columns."""
+    data = _fixture_step()
+    # FIXTURE: made-up durations (us) and work for one profiled step
+    data["results"][1]["profile"] = bench.kernel_breakdown(
+        [("_layer_norm_bwd", 200.0, "grid 396 x 1 x 1, block 128", (4.0e8, 0)),
+         ("_attn_fwd", 100.0, "grid 4096 x 4 x 1, block 128", (1.0e7, 5.0e9)),
+         ("_bias_gelu_fwd", 50.0, "grid 10 x 1 x 1, block 128"), ("nvjet_tst_fixture", 300.0, None)],
+        1, {"_layer_norm_bwd", "_attn_fwd", "_bias_gelu_fwd"}, step_ms=55.5, floors=FIXTURE_FLOORS)
+    md = writer.render(writer.load([_write(tmp_path, "step.json", data)]), None, str(tmp_path))
+    assert "| kernel | ms/step | share | launches | GB/step | GB/s | GFLOP/step | floor ms | of floor |" in md
+    # 0.4 GB in 0.2 ms at 1e12 B/s: a 0.4 ms floor, 200%; 5 GFLOP at 1e14 FLOP/s: 0.05 ms, 50%
+    assert re.search(r"\| `_layer_norm_bwd` \| 0\.20 \| 31% \| 1 \| 0\.400 \| 2000 \| - \| "
+                     r"0\.400 \(memory\) \| 200% \|", md)
+    assert re.search(r"\| `_attn_fwd` \| grid 4096 x 4 x 1, block 128 \| 0\.10 \| 15% \| 1 \| "
+                     r"0\.010 \| 100 \| 5\.0 \| 0\.050 \(matmul\) \| 50% \|", md)
+    assert re.search(r"\| `_bias_gelu_fwd` \| 0\.05 \| 8% \| 1 \| - \| - \| - \| - \| - \|", md)
+    assert writer.WORK_NOTE in md
+    plain = writer.render(writer.load([_write(tmp_path, "plain.json", _fixture_step())]), None,
+                          str(tmp_path))
+    assert "GB/step" not in plain and writer.WORK_NOTE not in plain
 
 
 def test_writer_keeps_cards_apart(tmp_path):
