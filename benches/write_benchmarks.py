@@ -531,6 +531,21 @@ def _per_card(path, card):
     return f"{root}-{slug(card)}{ext}"
 
 
+def _floor_line(profile, most=3):
+    """'fastmae kernels 20.70 ms a step, floor 10.60 ms (51%); furthest: ...' for a profile
+    whose every fastmae kernel has its floor, else None."""
+    rows = (profile or {}).get("fastmae_kernels") or []
+    if not rows or any(r.get("of_floor") is None for r in rows):
+        return None
+    ms = sum(r["ms_per_step"] for r in rows)
+    floor = sum(r["floor_ms_per_step"] for r in rows)
+    furthest = sorted(rows, key=lambda r: r["floor_ms_per_step"] - r["ms_per_step"])[:most]
+    return (f"fastmae kernels {ms:.2f} ms a step, their floor {floor:.2f} ms ({_pct(floor / ms)}); "
+            "most time above it: " + ", ".join(
+                f"{r['name']} {r['ms_per_step'] - r['floor_ms_per_step']:.2f} ms ({_pct(r['of_floor'])})"
+                for r in furthest))
+
+
 def summary(res):
     lines = []
     for card in res.cards():
@@ -549,6 +564,9 @@ def summary(res):
                 lines.append(f"  {MODEL_TITLES.get(m, m):<9} {SYSTEM_LABELS[s]:<26} "
                              f"{r['ms_per_step']:7.1f} ms/step {r['images_per_s']:7.0f} img/s  "
                              f"MFU {_pct(r.get('mfu')):>4}  {_x(sp):>6} vs eager")
+                floor = _floor_line(r.get("profile"))
+                if floor:
+                    lines.append(f"  {'':<9} {floor}")
             p = parity.get(m)
             if p:
                 lines.append(f"  {MODEL_TITLES.get(m, m):<9} parity "
