@@ -532,8 +532,8 @@ def _per_card(path, card):
 
 
 def _floor_line(profile, most=3):
-    """'fastmae kernels 20.70 ms a step, floor 10.60 ms (51%); furthest: ...' for a profile
-    whose every fastmae kernel has its floor, else None."""
+    """'fastmae kernels 20.70 ms a step, their floor 10.60 ms (51%); most time above it: ...'
+    for a profile whose every fastmae kernel has its floor, else None."""
     rows = (profile or {}).get("fastmae_kernels") or []
     if not rows or any(r.get("of_floor") is None for r in rows):
         return None

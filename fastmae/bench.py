@@ -407,13 +407,12 @@ def fastmae_kernel_names():
     import importlib
     import pkgutil
     import fastmae.kernels as pkg
+    from fastmae.kernels._common import kernel_function
     names = set()
     for info in pkgutil.iter_modules(pkg.__path__):
         mod = importlib.import_module(f"fastmae.kernels.{info.name}")
         for obj in vars(mod).values():
-            fn = obj
-            while hasattr(fn, "fn"):          # Autotuner / Heuristics -> JITFunction -> function
-                fn = fn.fn
+            fn = kernel_function(obj)  # Autotuner / Heuristics -> JITFunction -> function
             if fn is not obj and callable(fn) and getattr(fn, "__module__", None) == mod.__name__:
                 names.add(fn.__name__)
     return names

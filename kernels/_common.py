@@ -69,7 +69,7 @@ def kernel_function(fn):
     return fn
 
 
-def distinct_bytes(t):
+def _distinct_bytes(t):
     """Bytes of a tensor's distinct elements (a stride-0, expanded dimension counts once)."""
     n = 1
     for size, stride in zip(t.shape, t.stride()):
@@ -102,7 +102,7 @@ def launch_work(fn, args, kwargs):
         key = (value.data_ptr(), value.dtype, tuple(value.shape), value.stride())
         if key not in seen:
             seen.add(key)
-            total += distinct_bytes(value)
+            total += _distinct_bytes(value)
     return name, total, work.get("flops", 0)
 
 
