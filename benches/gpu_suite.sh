@@ -30,9 +30,9 @@
 #   SKIP_HOST=1 SKIP_SWEEP=1 SKIP_OPS=1 bash benches/gpu_suite.sh
 # (stage limits 45 + 240 + 60 + 90 + 120 = 555 s, stage 0 about 20 s of its 45; stage 1 also
 # autotunes and times the MLP's fused matmuls against cuBLAS, about 8 more compiles on a fresh
-# machine; most of stage 3's kernels are those stage 1 compiled, in Triton's disk cache). The diagnostics
-# instead of ViT-L: `L_MODEL= SKIP_OPS=1 bash benches/gpu_suite.sh` (45 + 240 + 60 + 90 + 85 +
-# 120 s).
+# machine; most of stage 3's kernels are those stage 1 compiled, in Triton's disk cache). The
+# diagnostics instead of ViT-L: `L_MODEL= SKIP_OPS=1 bash benches/gpu_suite.sh` (45 + 240 + 60
+# + 90 + 85 + 120 s).
 #
 # Knobs (environment): STEPS=10, WARMUP=3, L_MODEL=vit_l16 (empty: skip), OP_MODELS=vit_b16,
 # TEST_WORKERS=8, LAUNCH_TIMEOUT=45, B_TIMEOUT=240, TRAIN_TEST_TIMEOUT=60, L_TIMEOUT=90,
