@@ -272,6 +272,7 @@ def test_profiled_fastmae_step_pairs_every_launch_with_its_work():
         b = bench.profile_train_step(step, floors=floors)
     assert "launch_work" not in b
     assert b["fastmae_kernels"] and all(r.get("of_floor") for r in b["fastmae_kernels"])
+    assert b.get("fastmae_launches"), "no launch shapes: the profiler's trace was not read"
     assert all(0 < r.get("of_floor", 0) < 1 for r in b["fastmae_launches"])
 
 
