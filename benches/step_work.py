@@ -37,7 +37,7 @@ use_stand_in_kernels(lambda kernel, call_args: None)
 
 import fastmae  # noqa: E402
 import fastmae.backend  # noqa: E402
-from fastmae.bench import MODELS, build_model  # noqa: E402
+from fastmae.bench import MODELS, build_model, work_floor  # noqa: E402
 from fastmae.kernels import _common  # noqa: E402
 
 # the "triton" backend on CPU tensors without the interpreter: the stand-in launches nothing
@@ -129,10 +129,8 @@ def main(argv=None):
     for name, (n, nbytes, flops) in sorted(work.items(), key=lambda kv: -kv[1][1]):
         line = f"  {name:<26} {n:8d} {nbytes / 1e9:8.3f} {flops / 1e9:8.1f}"
         if floors:
-            memory_s = nbytes / floors["copy_bytes_per_s"]
-            matmul_s = flops / floors["matmul_flops_per_s"]
-            floor_ms = 1e3 * max(memory_s, matmul_s)
-            bound = "matmul" if matmul_s > memory_s else "memory"
+            floor_s, bound = work_floor(nbytes, flops, floors)
+            floor_ms = 1e3 * floor_s
             then = times.get(name)
             line += f" {floor_ms:9.3f} {bound:>7} " + (
                 f"{then:8.2f} {100 * floor_ms / then:7.0f}%" if then else f"{'-':>8} {'-':>8}")

@@ -318,8 +318,9 @@ def _work_head(rows):
     return ["GB/step", "GB/s", "GFLOP/step", "floor ms", "of floor"]
 
 
-def _work_cells(k, rows):
-    if not _work_head(rows):
+def _work_cells(k, head):
+    """A row's cells under ``head`` (_work_head of its table: none where it is empty)."""
+    if not head:
         return []
     if k.get("gb_per_s") is None:
         return ["-"] * 5
@@ -355,20 +356,22 @@ def profile_section(card, res):
                                ["l", "l", "r", "r", "r"])]
             if b.get("fastmae_kernels"):  # every fastmae kernel (results since ea4a247 have them)
                 ks = b["fastmae_kernels"]
+                head = _work_head(ks)
                 rows = [[f"`{k['name']}`", f"{k['ms_per_step']:.2f}", _pct(k["share"]),
-                         f"{k['launches_per_step']:.0f}"] + _work_cells(k, ks) for k in ks]
+                         f"{k['launches_per_step']:.0f}"] + _work_cells(k, head) for k in ks]
                 out += ["", "Every fastmae kernel:", "",
-                        _table(["kernel", "ms/step", "share", "launches"] + _work_head(ks), rows,
-                               ["l", "r", "r", "r"] + ["r"] * len(_work_head(ks)))]
+                        _table(["kernel", "ms/step", "share", "launches"] + head, rows,
+                               ["l", "r", "r", "r"] + ["r"] * len(head))]
             if b.get("fastmae_launches"):  # per grid and block (results since this field)
                 ks = b["fastmae_launches"]
+                head = _work_head(ks)
                 rows = [[f"`{k['name']}`", k["launch"], f"{k['ms_per_step']:.2f}", _pct(k["share"]),
-                         f"{k['launches_per_step']:.0f}"] + _work_cells(k, ks) for k in ks]
+                         f"{k['launches_per_step']:.0f}"] + _work_cells(k, head) for k in ks]
                 out += ["", "Every fastmae kernel by launch shape (the profiler's grid and threads "
                             "a program: e.g. encoder and decoder calls apart):", "",
-                        _table(["kernel", "launch", "ms/step", "share", "launches"] + _work_head(ks),
-                               rows, ["l", "l", "r", "r", "r"] + ["r"] * len(_work_head(ks)))]
-            if any(k.get("gb_per_s") is not None for k in b.get("fastmae_kernels", [])):
+                        _table(["kernel", "launch", "ms/step", "share", "launches"] + head, rows,
+                               ["l", "l", "r", "r", "r"] + ["r"] * len(head))]
+            if _work_head(b.get("fastmae_kernels", [])):
                 out += ["", WORK_NOTE]
             if b.get("launch_work"):
                 out += ["", f"Launch work {b['launch_work']}."]

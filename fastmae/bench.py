@@ -439,6 +439,17 @@ def kernel_category(name, fastmae_names):
     return "other (torch elementwise)"
 
 
+def work_floor(nbytes, flops, floors):
+    """(seconds, "memory" | "matmul"): the time ``nbytes`` take at the copy rate of ``floors``
+    (``measure_floors``) or ``flops`` at its matmul rate, whichever is longer; None for matmul
+    work without a matmul rate (None: fp32 operands, not timed against the bf16 rate)."""
+    rate = floors.get("matmul_flops_per_s")
+    if flops and not rate:
+        return None
+    memory_s, matmul_s = nbytes / floors["copy_bytes_per_s"], flops / rate if flops else 0.0
+    return (matmul_s, "matmul") if matmul_s > memory_s else (memory_s, "memory")
+
+
 def kernel_breakdown(kernels, steps, fastmae_names, step_ms=None, top=15, floors=None):
     """Summarize GPU kernel time from a profile of ``steps`` steps. ``kernels``: (name, us),
     (name, us, launch) or (name, us, launch, work) tuples, one per launch, ``launch`` its grid
@@ -483,14 +494,9 @@ def kernel_breakdown(kernels, steps, fastmae_names, step_ms=None, top=15, floors
             return r
         r.update(bytes_per_step=nbytes / steps, flops_per_step=flops / steps,
                  gb_per_s=nbytes / (t * 1e-6) / 1e9)
-        if floors:
-            memory_s = nbytes / floors["copy_bytes_per_s"]
-            matmul_s = flops / floors["matmul_flops_per_s"] if floors.get("matmul_flops_per_s") \
-                else None
-            if matmul_s is None and flops:
-                return r  # matmul work without a matmul rate: no floor
-            bound = "matmul" if matmul_s is not None and matmul_s > memory_s else "memory"
-            floor_s = matmul_s if bound == "matmul" else memory_s
+        floor = work_floor(nbytes, flops, floors) if floors else None
+        if floor:
+            floor_s, bound = floor
             r.update(floor_ms_per_step=floor_s * 1e3 / steps, floor_bound=bound,
                      of_floor=floor_s / (t * 1e-6))
         return r
