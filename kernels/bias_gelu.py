@@ -166,16 +166,19 @@ def bias_gelu_fwd(x, bias, out_dtype: torch.dtype, out_shape=None):
     return y_out
 
 
-def bias_gelu_bwd(dy, x, bias, dx_dtype=None):
+def bias_gelu_bwd(dy, x, bias, dx_dtype=None, reduce=True):
     """Backward of bias_gelu_fwd: dy (M, D) any strides (expanded is fine), x the saved fc1
     output without bias. Returns (dx (M, D) contiguous in dx_dtype (default: x's dtype),
-    dbias (D,) fp32 = column sums of the fp32 dx)."""
+    dbias (D,) fp32 = column sums of the fp32 dx). With reduce=False, dbias's per-program partial
+    sums instead, (programs, D) fp32, for partial_sums.sum_partials."""
     M, D = x.shape
     if x.stride(1) != 1:
         x = x.contiguous()  # no copy in the common case (the saved matmul output)
     device = x.device
     dx = _empty((M, D), dx_dtype if dx_dtype is not None else x.dtype, device)
     if M == 0 or D == 0:
+        if not reduce:
+            return dx, _empty((0, D), torch.float32, device)
         return dx, torch.zeros(D, dtype=torch.float32, device=device)
     rows, block_n, warps = _tile(D)
     col_blocks = cdiv(D, block_n)
@@ -196,4 +199,4 @@ def bias_gelu_bwd(dy, x, bias, dx_dtype=None):
            dy.stride(0), dy.stride(1), x.stride(0), dx.stride(0),
            ROWS=rows, BLOCK_N=block_n, STAGES=BWD_STAGES, num_warps=warps)
     # second, deterministic reduction over the per-program partial sums
-    return dx, db_part.sum(0)
+    return dx, db_part.sum(0) if reduce else db_part

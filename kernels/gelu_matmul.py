@@ -230,10 +230,12 @@ def matmul_bias_gelu(a, w, bias, out_dtype: torch.dtype):
     return f, g
 
 
-def matmul_gelu_bwd(dm, w, f, bias, dx_dtype: torch.dtype):
+def matmul_gelu_bwd(dm, w, f, bias, dx_dtype: torch.dtype, reduce=True):
     """(df, dbias) for dm (M, K) and w (K, N) of one dtype (any strides), f (M, N) fc1's saved
     output and bias (N,) its bias: df = (dm @ w) * gelu'(f + bias) (the product kept in fp32),
-    (M, N) contiguous in dx_dtype; dbias (N,) fp32, the column sums of the fp32 df."""
+    (M, N) contiguous in dx_dtype; dbias (N,) fp32, the column sums of the fp32 df. With
+    reduce=False, dbias's partial sums instead, (row blocks, N) fp32, for
+    partial_sums.sum_partials."""
     _check(dm, w, "w")
     M, K = dm.shape
     N = w.shape[1]
@@ -242,6 +244,8 @@ def matmul_gelu_bwd(dm, w, f, bias, dx_dtype: torch.dtype):
         f = f.contiguous()
     df = _empty((M, N), dx_dtype, dm.device)
     if M == 0 or N == 0:
+        if not reduce:
+            return df, _empty((0, N), torch.float32, dm.device)
         return df, torch.zeros(N, dtype=torch.float32, device=dm.device)
     m_key = next_pow2(M)
     db_part = _empty((cdiv(M, _SUM_ROWS), N), torch.float32, dm.device)
@@ -249,4 +253,4 @@ def matmul_gelu_bwd(dm, w, f, bias, dx_dtype: torch.dtype):
                  dm, w, f, bias, df, db_part, M, N, K, m_key,
                  dm.stride(0), dm.stride(1), w.stride(0), w.stride(1), f.stride(0), df.stride(0),
                  **_meta(dm, K), SUM_ROWS=_SUM_ROWS)
-    return df, db_part.sum(0)
+    return df, db_part.sum(0) if reduce else db_part

@@ -270,7 +270,7 @@ def layer_norm_fwd(x, weight, bias, eps: float, out_dtype: torch.dtype, residual
 
 
 def layer_norm_bwd(dy, s_or_x, weight, mean, rstd, ds=None, dx_dtype=None, dx2_dtype=None,
-                   branch_bias_grad=False):
+                   branch_bias_grad=False, reduce=True):
     """Backward of layer_norm_fwd.
 
     dy (M, D) any strides (expanded is fine); s_or_x (M, D) the LayerNorm's input; ds (M, D) or
@@ -280,7 +280,9 @@ def layer_norm_bwd(dy, s_or_x, weight, mean, rstd, ds=None, dx_dtype=None, dx2_d
     the column sums of dx, the branch bias's gradient, in row 2); in the fused case dx is the
     gradient of both x and residual. With dx2_dtype, dx is also written in that dtype in the
     same pass and returned third (the fused block's branch gradient in bf16 beside the fp32
-    residual-stream gradient, without a cast pass)."""
+    residual-stream gradient, without a cast pass). With reduce=False, dwb's per-program partial
+    sums instead, (2 or 3, programs, D) fp32, for partial_sums.sum_partials to reduce with
+    others in one launch."""
     M, D = s_or_x.shape
     if s_or_x.stride(1) != 1:
         s_or_x = s_or_x.contiguous()  # no copy in the common case (the saved s / x)
@@ -288,7 +290,8 @@ def layer_norm_bwd(dy, s_or_x, weight, mean, rstd, ds=None, dx_dtype=None, dx2_d
     dx = _empty((M, D), dx_dtype if dx_dtype is not None else s_or_x.dtype, device)
     n_part = 3 if branch_bias_grad else 2
     if M == 0:
-        zeros = torch.zeros((n_part, D), dtype=torch.float32, device=device)
+        zeros = (torch.zeros((n_part, D), dtype=torch.float32, device=device) if reduce
+                 else _empty((n_part, 0, D), torch.float32, device))
         if dx2_dtype is not None:
             return dx, zeros, _empty((M, D), dx2_dtype, device)
         return dx, zeros
@@ -310,7 +313,7 @@ def layer_norm_bwd(dy, s_or_x, weight, mean, rstd, ds=None, dx_dtype=None, dx2_d
            BLOCK_D=block_d, ROWS=rows, HAS_DS=has_ds, HAS_DX2=dx2 is not None,
            HAS_DBB=branch_bias_grad, STAGES=BWD_STAGES, num_warps=warps)
     # second, deterministic reduction over the per-program partial sums
-    dwb = partials.sum(1)
+    dwb = partials.sum(1) if reduce else partials
     if dx2 is not None:
         return dx, dwb, dx2
     return dx, dwb

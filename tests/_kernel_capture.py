@@ -48,7 +48,7 @@ SM90_REGISTERS = 65536  # 32-bit registers of one SM (sm_80 and sm_90 alike)
 SM90_SHARED_PER_SM = 233472  # bytes of shared memory of one sm_90 SM (228 KiB) ...
 SM90_BLOCK_RESERVED_SHARED = 1024  # ... of which each resident block reserves 1 KiB
 MODULES = ("scale", "masking", "unshuffle", "patch_embed", "mse_loss", "attention", "layer_norm",
-           "bias_gelu", "gelu_matmul")
+           "bias_gelu", "gelu_matmul", "partial_sums")
 
 
 # ----------------------------------------------------------------------------- capture
@@ -361,6 +361,18 @@ def _scenarios(name):
                     gmm.matmul_gelu_bwd(empty(M, K, dtype=dt), empty(K, N, dtype=dt), f,
                                         empty(N), dt)
                 yield f"gelu_matmul M={M} N={N} K={K} {dt}", run
+    elif name == "partial_sums":
+        from fastmae.kernels import partial_sums as psum
+        # a block backward's four buffers as a GPU sizes them (the MLP's, the two LayerNorms'
+        # over a wave of programs, the attention's over the batch); three without a qkv bias;
+        # six (two launches); small odd ones (ints of 1 and not divisible by 16)
+        for (_, _, keep, D, _, _) in vits:
+            four = [(B * (1 + keep) // 64, 4 * D), (3, 396, D), (3, 396, D), (B, 3 * D)]
+            for shapes in (four, four[:3], four + four[:2]):
+                yield (f"partial_sums {shapes}",
+                       lambda shapes=shapes: psum.sum_partials([empty(*s) for s in shapes]))
+        odd = [(1, 1), (3, 7, 5), (2, 1, 40), (13, 100)]
+        yield f"partial_sums {odd}", lambda: psum.sum_partials([empty(*s) for s in odd])
     else:
         raise ValueError(f"no scenarios for module {name!r}")
 

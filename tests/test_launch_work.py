@@ -37,6 +37,20 @@ def allocations(monkeypatch):
     return shapes
 
 
+def test_partial_sums_count_each_buffer_and_the_sums_once(observed):
+    """The buffers a launch sums (the first passed again for the unused ones) and its sums; six
+    buffers take two launches, each reporting its own."""
+    from fastmae.kernels import partial_sums
+    a, b = torch.randn(3, 5), torch.randn(2, 4, 7)
+    partial_sums.sum_partials([a, b])
+    assert observed == [("_sum_partials", F32 * (15 + 56 + 5 + 14), 0)]
+    observed.clear()
+    six = [torch.randn(2, 3) for _ in range(6)]
+    partial_sums.sum_partials(six)
+    assert observed == [("_sum_partials", F32 * 4 * (6 + 3), 0),
+                        ("_sum_partials", F32 * 2 * (6 + 3), 0)]
+
+
 def test_no_observer_by_default():
     assert _common.OBSERVER is None
 
