@@ -611,10 +611,11 @@ def _(qkv, num_heads, scale):
     return qkv.new_empty(B, N, C3 // 3), qkv.new_empty(B, num_heads, N, dtype=torch.float32)
 
 
-def _packed_attention_grads(do, qkv, o, lse, num_heads, scale, bias_grad=False):
+def _packed_attention_grads(do, qkv, o, lse, num_heads, scale, bias_grad=False, reduce=True):
     """(dqkv (B, N, 3C) packed as qkv, and with ``bias_grad`` its fp32 column sums (3C,) -- the
     qkv projection's bias gradient, from the attention backward's per-program partial sums
-    instead of a pass over dqkv -- else None)."""
+    instead of a pass over dqkv -- else None). With reduce=False those partial sums unreduced,
+    (rows, 3C) fp32, for partial_sums.sum_partials."""
     attention = _kernel("attention")
     B, N, C3 = qkv.shape
     d = C3 // (3 * num_heads)
@@ -627,7 +628,10 @@ def _packed_attention_grads(do, qkv, o, lse, num_heads, scale, bias_grad=False):
             if bias_grad else None)
     attention.attention_bwd(heads(do.contiguous()), q, k, v, heads(o), lse, scale, dq=dq, dk=dk,
                             dv=dv, dsum=dsum)
-    return dqkv.view(B, N, C3), None if dsum is None else dsum.view(-1, C3).sum(0)
+    if dsum is None:
+        return dqkv.view(B, N, C3), None
+    dsum = dsum.view(-1, C3)
+    return dqkv.view(B, N, C3), dsum.sum(0) if reduce else dsum
 
 
 @_op("fastmae::packed_attention_bwd")
@@ -1057,21 +1061,40 @@ def _fc1_bias_gelu(h, w1, fc1_b, cd):
 
 
 def _fc2_gelu_grads(d_m, g, f, w2, fc1_b, fc2_w_dtype):
-    """(df, d_fc1_b, d_fc2_w) through m = gelu(f + fc1_b) @ w2.T (g the saved GELU output)."""
+    """(df, d_fc1_b's partial sums (rows, hidden) fp32, for partial_sums.sum_partials, d_fc2_w)
+    through m = gelu(f + fc1_b) @ w2.T (g the saved GELU output)."""
     d_rows = d_m.reshape(-1, d_m.shape[-1])
     d_fc2_w = _weight_grad(d_rows, g.reshape(-1, g.shape[-1]), fc2_w_dtype)
+    f_rows = f.reshape(-1, f.shape[-1])
 
     def fused():
-        df, db = _kernel("gelu_matmul").matmul_gelu_bwd(d_rows, w2, f.reshape(-1, f.shape[-1]),
-                                                         fc1_b, f.dtype)
-        return df.view_as(f), _cast(db, fc1_b.dtype)
+        df, db_part = _kernel("gelu_matmul").matmul_gelu_bwd(d_rows, w2, f_rows, fc1_b, f.dtype,
+                                                              reduce=False)
+        return df.view_as(f), db_part
 
     def split():
-        return _bias_gelu_grads(torch.matmul(d_m, w2), f, fc1_b)
+        df, db_part = _kernel("bias_gelu").bias_gelu_bwd(torch.mm(d_rows, w2), f_rows, fc1_b,
+                                                         f.dtype, reduce=False)
+        return df.view_as(f), db_part
 
     key = ("fc2_dgrad", d_rows.shape[0], w2.shape[1], d_rows.shape[1], f.dtype, f.device)
-    df, d_fc1_b = fused() if _mlp_fused(key, fused, split) else split()
-    return df, d_fc1_b, d_fc2_w
+    df, d_fc1_b_part = fused() if _mlp_fused(key, fused, split) else split()
+    return df, d_fc1_b_part, d_fc2_w
+
+
+def _norm_grads_unreduced(dy, s, weight, mean, rstd, ds, ds_dtype, dx_dtype, branch_bias_grad):
+    """The block's LayerNorm backward: (dsum = the gradient of the norm's input s, plus ds, in
+    ds_dtype; the same in dx_dtype (dsum itself where the dtypes match); the weight, bias (and
+    branch bias) gradients' partial sums (2 or 3, programs, D) fp32, for
+    partial_sums.sum_partials)."""
+    D = s.shape[-1]
+    two = dx_dtype != ds_dtype
+    out = _kernel("layer_norm").layer_norm_bwd(
+        dy.reshape(-1, D), _rows(s), weight, mean, rstd,
+        ds=None if ds is None else ds.reshape(-1, D), dx_dtype=ds_dtype,
+        dx2_dtype=dx_dtype if two else None, branch_bias_grad=branch_bias_grad, reduce=False)
+    dsum = out[0].view_as(s)
+    return dsum, out[2].view_as(s) if two else dsum, out[1]
 
 
 class _Block(torch.autograd.Function):
@@ -1113,23 +1136,32 @@ class _Block(torch.autograd.Function):
         _, _, num_heads, scale, cd = ctx.config
         (x_dt, branch_dt, bb_dt, n1w_dt, n1b_dt, qkv_w_dt, qkv_b_dt, proj_w_dt, proj_b_dt,
          n2w_dt, n2b_dt, fc1_w_dt, _, fc2_w_dt, _) = ctx.dtypes
-        df, d_fc1_b, d_fc2_w = _fc2_gelu_grads(d_m, g, f, w2, fc1_b, fc2_w_dt)
+        # the bias and norm gradients come from the kernels' per-program partial sums, all
+        # four buffers reduced by one launch at the end (partial_sums.sum_partials)
+        df, p_fc1_b, d_fc2_w = _fc2_gelu_grads(d_m, g, f, w2, fc1_b, fc2_w_dt)
         d_fc2_b = None  # fc2's bias is added (and differentiated) by the next LayerNorm
         dh2, d_fc1_w = _linear_grads(df, h2, w1, fc1_w_dt)
-        do, ds1, d_n2w, d_n2b, d_proj_b = _add_layer_norm_grads(
-            d_s2, dh2, s2, n2w, mean2, rstd2, (cd, s1.dtype, n2w_dt, n2b_dt, proj_b_dt))
+        ds1, do, p_norm2 = _norm_grads_unreduced(dh2, s2, n2w, mean2, rstd2, d_s2, s1.dtype, cd,
+                                                 True)
         da, d_proj_w = _linear_grads(do, a, wp, proj_w_dt)
-        dqkv, d_qkv_b = _packed_attention_grads(da, qkv, a, lse, num_heads, scale,
-                                                bias_grad=qkv_b_dt is not None)
+        dqkv, p_qkv_b = _packed_attention_grads(da, qkv, a, lse, num_heads, scale,
+                                                bias_grad=qkv_b_dt is not None, reduce=False)
         dh1, d_qkv_w = _linear_grads(dqkv, h1, wq, qkv_w_dt)
-        if d_qkv_b is not None:
-            d_qkv_b = _cast(d_qkv_b, qkv_b_dt)
-        if branch_dt is None:
-            dx, d_n1w, d_n1b = _layer_norm_grads(dh1, s1, n1w, mean1, rstd1,
-                                                 (x_dt, n1w_dt, n1b_dt), ds=ds1)
-            d_branch = d_bb = None
+        if branch_dt is None:  # the first block: a plain LayerNorm of x, ds1 added to its dx
+            dx, _, p_norm1 = _norm_grads_unreduced(dh1, s1, n1w, mean1, rstd1, ds1, x_dt, x_dt,
+                                                   False)
+            d_branch = None
         else:
-            d_branch, dx, d_n1w, d_n1b, d_bb = _add_layer_norm_grads(
-                ds1, dh1, s1, n1w, mean1, rstd1, (branch_dt, x_dt, n1w_dt, n1b_dt, bb_dt))
+            # the previous block's MLP branch: its gradient in its dtype, its bias's from here
+            dx, d_branch, p_norm1 = _norm_grads_unreduced(dh1, s1, n1w, mean1, rstd1, ds1, x_dt,
+                                                          branch_dt, True)
+        parts = [p_fc1_b, p_norm2, p_norm1] + ([] if p_qkv_b is None else [p_qkv_b])
+        sums = _kernel("partial_sums").sum_partials(parts)  # each buffer's sections, in order
+        d_fc1_b, d_n2w, d_n2b, d_proj_b, d_n1w, d_n1b = (
+            _cast(t, dt) for t, dt in zip(sums, (fc1_b.dtype, n2w_dt, n2b_dt, proj_b_dt, n1w_dt,
+                                                 n1b_dt)))
+        rest = sums[6:]
+        d_bb = None if branch_dt is None else _cast(rest[0], bb_dt)
+        d_qkv_b = None if p_qkv_b is None else _cast(rest[-1], qkv_b_dt)
         return (dx, d_branch, d_bb, d_n1w, d_n1b, d_qkv_w, d_qkv_b, d_proj_w, d_proj_b, d_n2w,
                 d_n2b, d_fc1_w, d_fc1_b, d_fc2_w, d_fc2_b, None)

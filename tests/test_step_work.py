@@ -17,8 +17,12 @@ import step_work
 counted = step_work.count("tiny", 5)
 extended = step_work.extend(step_work.count("tiny", 2), step_work.count("tiny", 3), 2, 3, 5)
 assert counted.keys() == extended.keys() and len(counted) > 8, (counted.keys(), extended.keys())
+assert "_sum_partials" in step_work.NOT_LINEAR
 for name, (n, nbytes, flops) in counted.items():
     e = extended[name]
+    if name in step_work.NOT_LINEAR:  # reported as counted at the larger batch
+        assert n == e[0] and e == step_work.count("tiny", 3)[name], (name, e)
+        continue
     # exact but for the partial-sum buffers, whose rows are rounded to whole blocks of rows
     assert n == e[0] and abs(nbytes - e[1]) <= 0.01 * nbytes and abs(flops - e[2]) <= 1e-9 * flops, (
         name, counted[name], e)

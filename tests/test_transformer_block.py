@@ -166,7 +166,8 @@ def test_the_interpreter_takes_the_fused_mlp_path_by_default(monkeypatch):
     for name in ("matmul_bias_gelu", "matmul_gelu_bwd"):
         real = getattr(gelu_matmul, name)
         monkeypatch.setattr(gelu_matmul, name,
-                            lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+                            lambda *a, _real=real, _name=name, **k: calls.append(_name)
+                            or _real(*a, **k))
     run_block(block_case(1, 5, 64, 64, branch=False), 2, True)
     assert calls == ["matmul_bias_gelu", "matmul_gelu_bwd"]
     assert ops._MLP_CHOICE == {}
@@ -210,6 +211,39 @@ def test_block_node_casts_its_weights_in_one_foreach_copy(monkeypatch):
                         lambda dst, src, *a: calls.append(len(src)) or real(dst, src, *a))
     run_block(block_case(1, 5, 64, 64, branch=True), 2, True, torch.float16)
     assert calls == [5]
+
+
+@pytest.mark.parametrize("branch, qkv_bias", [(True, True), (False, False)])
+def test_block_node_sums_its_partials_in_one_launch(monkeypatch, branch, qkv_bias, mlp):
+    """The block's backward hands its kernels' partial-sum buffers (fc1 bias, norm2 with the
+    proj bias, norm1 with the branch bias, the qkv bias) to one partial_sums launch, and runs no
+    torch reduction."""
+    from fastmae.kernels import partial_sums
+    calls, sums = [], []
+    real = partial_sums.sum_partials
+    monkeypatch.setattr(partial_sums, "sum_partials",
+                        lambda buffers: calls.append([tuple(b.shape) for b in buffers])
+                        or real(buffers))
+    real_sum = torch.Tensor.sum
+    case = block_case(2, 7, 64, 128, qkv_bias=qkv_bias, branch=branch)
+    x, br, params, (gs, gm) = case
+    x = x.clone().requires_grad_(True)
+    params = [None if p is None else p.clone().requires_grad_(True) for p in params]
+    branch_in = None if br is None else (br[0].clone().requires_grad_(True), br[1])
+    s, (m_out, _) = ops.transformer_block(x, branch_in, tuple(params), 2, 0.125, (1e-6, 1e-5))
+    monkeypatch.setattr(torch.Tensor, "sum",
+                        lambda t, *a, **k: sums.append(tuple(t.shape)) or real_sum(t, *a, **k))
+    torch.autograd.backward((s, m_out), (gs, gm))
+    monkeypatch.setattr(torch.Tensor, "sum", real_sum)
+    assert sums == []
+    assert len(calls) == 1
+    shapes = calls[0]
+    assert len(shapes) == (4 if qkv_bias else 3)
+    assert shapes[0][-1] == 128 and len(shapes[0]) == 2  # fc1's bias: (rows, hidden)
+    assert shapes[1][0] == 3 and shapes[1][-1] == 64  # norm2: weight, bias, proj bias
+    assert shapes[2][0] == (3 if branch else 2) and shapes[2][-1] == 64  # norm1 (+ branch bias)
+    if qkv_bias:
+        assert shapes[3][-1] == 3 * 64
 
 
 @pytest.mark.cuda
