@@ -74,13 +74,13 @@ _empty = empty  # every output is allocated here (tests patch it to poison them)
 
 
 def launch_config():
-    """(columns a program, rows a tile, num_warps, stages): on a GPU 64 columns (256 contiguous
-    bytes a row) by 32 rows, so that a block's ~10^4 columns spread over ~150 programs, each with
-    its next tile's loads in flight; under the interpreter small tiles, so that the tests' small
-    buffers take several column blocks and row tails."""
+    """(columns a program, rows a tile, num_warps, stages): on a GPU 32 columns (a 128-byte line
+    a row) by 64 rows, so that a ViT-B block's ~10^4 columns spread over ~300 programs (two or
+    three an SM), each with its next tile's loads in flight; under the interpreter small tiles,
+    so that the tests' small buffers take several column blocks and row tails."""
     if interpreting():
         return 16, 4, 1, 1
-    return 64, 32, 4, 2
+    return 32, 64, 4, 2
 
 
 def sum_partials(buffers):
