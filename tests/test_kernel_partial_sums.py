@@ -110,3 +110,11 @@ def test_launchers_unreduced_partials_reduce_to_their_sums(M, device):
     part = gelu_matmul.matmul_gelu_bwd(dm, w2, x, b, torch.float32, reduce=False)[1]
     assert part.dim() == 2 and part.shape[1] == D and (M > 0) == (part.shape[0] > 0)
     torch.testing.assert_close(ps.sum_partials([part])[0], db, rtol=1e-6, atol=1e-4)
+
+
+@pytest.mark.cuda
+def test_a_vit_blocks_buffers_on_gpu():
+    """The GPU tiling (launch_config) on a ViT-B/16 block's buffers at batch 256 as an H100 /
+    H200 sizes them, against float64 sums."""
+    shapes = [(200, 3072), (3, 396, 768), (3, 396, 768), (256, 2304), (3, 792, 512), (7, 13)]
+    _check(shapes, "cuda", seed=11)
