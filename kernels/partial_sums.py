@@ -5,7 +5,8 @@ The LayerNorm, bias + GELU, fused MLP and attention backwards write the column s
 parameters' gradients need (weight, bias, branch bias, qkv bias) as per-program partials: an
 (S, P, D) fp32 buffer, S sections of P program rows of D columns. Summing each over its P rows
 took a torch reduction launch a buffer, four a transformer block's backward (~80 a ViT-B/16
-step, ~12 us each in the H200 profile at 017ac2e: 0.83 ms for 68 launches, BENCHMARKS.md). Here
+step; in the H200 profile at 017ac2e, BENCHMARKS.md, the torch reductions but the qkv bias's took
+0.83 ms for 68 launches, ~12 us each, by subtraction). Here
 one launch sums up to four buffers, each column by one program in a fixed order (no atomics):
 the same result run to run.
 """
@@ -93,7 +94,7 @@ def sum_partials(buffers):
     device = buffers[0].device
     for i, b in enumerate(buffers):
         if b.dtype != torch.float32 or not b.is_contiguous() or b.device != device:
-            raise AssertionError(f"buffers[{i}] must be a contiguous fp32 tensor on {device}, "
+            raise ValueError(f"buffers[{i}] must be a contiguous fp32 tensor on {device}, "
                                  f"got {b.dtype} {tuple(b.shape)} on {b.device}")
     shapes = tuple(b.shape for b in buffers)
     plan = _PLANS.get(shapes)
@@ -122,7 +123,7 @@ def _plan(shapes, block_c):
     rows, cols, widths, sections = [], [], [], []  # per buffer P, D, S * D; each section's D
     for i, shape in enumerate(shapes):
         if len(shape) not in (2, 3):
-            raise AssertionError(f"buffers[{i}] must be (P, D) or (S, P, D), got {tuple(shape)}")
+            raise ValueError(f"buffers[{i}] must be (P, D) or (S, P, D), got {tuple(shape)}")
         S, P, D = shape if len(shape) == 3 else (1, *shape)
         rows.append(P)
         cols.append(D)

@@ -72,10 +72,10 @@ def test_sums_are_views_of_one_buffer_and_bit_identical_run_to_run(device):
 
 
 def test_bad_buffers_are_refused(device):
-    with pytest.raises(AssertionError, match=r"buffers\[1\]"):
+    with pytest.raises(ValueError, match=r"buffers\[1\]"):
         ps.sum_partials([torch.randn(2, 3, device=device),
                          torch.randn(3, 2, device=device).t()])
-    with pytest.raises(AssertionError, match=r"buffers\[0\]"):
+    with pytest.raises(ValueError, match=r"buffers\[0\]"):
         ps.sum_partials([torch.randn(2, 3, device=device, dtype=torch.float64)])
 
 
@@ -118,3 +118,10 @@ def test_a_vit_blocks_buffers_on_gpu():
     H200 sizes them, against float64 sums."""
     shapes = [(200, 3072), (3, 396, 768), (3, 396, 768), (256, 2304), (3, 792, 512), (7, 13)]
     _check(shapes, "cuda", seed=11)
+
+
+def test_a_buffer_of_one_or_four_dims_is_refused(device):
+    with pytest.raises(ValueError, match=r"buffers\[1\] must be \(P, D\) or \(S, P, D\)"):
+        ps.sum_partials([torch.randn(2, 3, device=device), torch.randn(4, device=device)])
+    with pytest.raises(ValueError, match=r"buffers\[0\] must be \(P, D\) or \(S, P, D\)"):
+        ps.sum_partials([torch.randn(1, 2, 3, 4, device=device)])
