@@ -95,7 +95,7 @@ def sum_partials(buffers):
     for i, b in enumerate(buffers):
         if b.dtype != torch.float32 or not b.is_contiguous() or b.device != device:
             raise ValueError(f"buffers[{i}] must be a contiguous fp32 tensor on {device}, "
-                                 f"got {b.dtype} {tuple(b.shape)} on {b.device}")
+                             f"got {b.dtype} {tuple(b.shape)} on {b.device}")
     shapes = tuple(b.shape for b in buffers)
     plan = _PLANS.get(shapes)
     if plan is None:
