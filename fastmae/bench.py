@@ -3,7 +3,7 @@ against the eager reference (and ``torch.compile`` of it).
 
     fastmae bench [--model vit_b16|vit_l16|vit_h14|tiny] [--batch N] [--dtype bf16|fp16|fp32]
                   [--compile] [--systems a,b,...] [--steps N] [--warmup N] [--json PATH]
-                  [--no-profile] [--no-progress]
+                  [--no-precompile] [--no-profile] [--no-progress]
 
 A step is what a trainer runs: forward + backward + AdamW (fused=True on CUDA; a GradScaler
 with fp16), under autocast in ``--dtype``, norm_pix_loss=True, mask ratio 0.75, random images.
@@ -15,14 +15,17 @@ attention; "reference + torch.compile" is the reference model wrapped in ``torch
 fastmae_compile``) is the fastmae model wrapped in ``torch.compile``. Default on a GPU:
 reference, fastmae, fastmae + CUDA graph, and torch.compile of the reference with ``--compile``.
 
-Timing: warm-up steps first (compilation and autotuning happen there and are reported as the
-first step's wall time), then ``--steps`` steps timed with CUDA events between consecutive
-steps; the median step time gives ms/step and images/s. Peak memory is
-``torch.cuda.max_memory_allocated`` over the timed steps (over the capture and the timed
-replays for a CUDA graph). MFU is the model's training FLOPs per image (3 x the forward matmul
-and attention FLOPs, counted from the model as the official code computes it) times images/s
-over the bf16 matmul rate measured on this GPU. The eager systems' kernel time is then broken
-down with the profiler (fastmae kernels, cuBLAS matmuls, optimizer, other torch kernels).
+On a GPU, fastmae's Triton kernels for the steps to come are first compiled in parallel
+processes into Triton's cache (``fastmae.precompile``; ``--no-precompile`` leaves it to the
+steps, one kernel after another). Timing: warm-up steps first (what compiling and autotuning is
+left happens there and is reported as the first step's wall time), then ``--steps`` steps
+timed with CUDA events between consecutive steps; the median step time gives ms/step and
+images/s. Peak memory is ``torch.cuda.max_memory_allocated`` over the timed steps (over the
+capture and the timed replays for a CUDA graph). MFU is the model's training FLOPs per image
+(3 x the forward matmul and attention FLOPs, counted from the model as the official code
+computes it) times images/s over the bf16 matmul rate measured on this GPU. The eager systems'
+kernel time is then broken down with the profiler (fastmae kernels, cuBLAS matmuls, optimizer,
+other torch kernels).
 
 Without a GPU nothing about fastmae's speed can be measured: the command times the reference on
 the CPU on a tiny configuration, and checks the triton path's parity through Triton's
@@ -756,6 +759,10 @@ def _parser():
                    help="comma-separated systems to time on a GPU, of " + ",".join(SYSTEMS)
                         + " (default: reference,fastmae,fastmae_graph, and reference_compile "
                           "with --compile; fastmae_compile is torch.compile of the fastmae model)")
+    p.add_argument("--no-precompile", action="store_true",
+                   help="on a GPU, let the first steps compile fastmae's Triton kernels one by "
+                        "one instead of compiling them first in parallel processes "
+                        "(fastmae.precompile)")
     p.add_argument("--no-profile", action="store_true",
                    help="skip the profiler's kernel-time breakdown of the fastmae and eager steps (GPU)")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")
@@ -799,6 +806,34 @@ def main(argv=None):
     return _main_cpu(args)
 
 
+PRECOMPILE_TIMEOUT_S = 300
+
+
+def precompile(model_name, batches, dtype):
+    """Compile the Triton kernels of the fastmae steps to come in parallel processes first
+    (``python -m fastmae.precompile``, in a subprocess so that its recording leaves this process
+    untouched). Returns its summary, or {"error": why}: then the steps compile them themselves."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "precompile.json")
+        cmd = [sys.executable, "-m", "fastmae.precompile", "--model", model_name, "--dtype", dtype,
+               "--json", path] + [a for b in batches for a in ("--batch", str(b))]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True,
+                                  timeout=PRECOMPILE_TIMEOUT_S)
+            if proc.returncode == 0:
+                print(proc.stdout.strip(), flush=True)
+                with open(path, encoding="utf-8") as f:
+                    return json.load(f)
+            why = f"exit {proc.returncode}: " + " ".join((proc.stderr or proc.stdout).split()[-60:])
+        except subprocess.TimeoutExpired:
+            why = f"took over {PRECOMPILE_TIMEOUT_S} s"
+        except OSError as exc:
+            why = f"{type(exc).__name__}: {exc}"
+    why = why[:400]
+    print(f"precompile failed ({why}); the first steps compile the kernels instead", flush=True)
+    return {"error": why}
+
+
 def _main_gpu(args):
     model_name = args.model
     batch = args.batch or MODELS[model_name][1]
@@ -819,6 +854,13 @@ def _main_gpu(args):
     print(f"device: {env['gpu']} (driver {env['driver']}, CUDA {env['cuda']}) | torch {env['torch']} | "
           f"triton {env['triton']} ({env['triton_launch']} launch) | commit {env['commit']} | "
           f"{env['date']}")
+    order = args.systems or (["reference", "fastmae", "fastmae_graph"]
+                             + (["reference_compile"] if args.compile else []))
+    pb = min(batch, PARITY_BATCH_GPU if args.parity_batch is None else args.parity_batch)
+    precompiled = None
+    if not args.no_precompile and (pb > 0 or any(SYSTEMS[k][1] == "triton" for k in order)):
+        precompiled = precompile(model_name, [batch] + ([pb] if 0 < pb != batch else []),
+                                 args.dtype)
     floors = measure_floors()
     print(f"floors measured now: device copy {floors['copy_bytes_per_s'] / 1e12:.2f} TB/s, bf16 "
           f"{floors['matmul_n']}^3 matmul {floors['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s; "
@@ -830,8 +872,6 @@ def _main_gpu(args):
     print(f"timing: {warmup} warm-up steps (compiling/autotuning included, not timed), then "
           f"{steps} steps timed with CUDA events; median step")
     print()
-    order = args.systems or (["reference", "fastmae", "fastmae_graph"]
-                             + (["reference_compile"] if args.compile else []))
     config = {"model": model_name, "title": MODEL_TITLES[model_name],
               "factory": MODELS[model_name][0], "batch": batch, "dtype": args.dtype,
               "img_size": list(img), "mask_ratio": MASK_RATIO, "norm_pix_loss": True,
@@ -847,12 +887,11 @@ def _main_gpu(args):
             "schema": SCHEMA, "kind": "train_step", "tiny_cpu": False,
             "env": env, "floors": floors, "config": config,
             "flops": {"forward_per_image": fwd_flops, "training_per_image": train_flops},
-            "results": results, "parity": parity,
+            "results": results, "parity": parity, "precompile": precompiled,
             "what_ran": "GPU: every system timed on the GPU",
             "command": args.command,
         })
 
-    pb = min(batch, PARITY_BATCH_GPU) if args.parity_batch is None else min(args.parity_batch, batch)
     if pb > 0:
         try:
             parity = step_parity(model_name, pb, amp_dtype, "cuda")

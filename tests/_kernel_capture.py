@@ -97,67 +97,29 @@ class Launch:
         }
 
 
-def triton_internals_problem():
-    """None if this Triton has the internals the recording relies on (all of them unchanged from
-    3.6 to 3.9), else what is missing: then tests/_kernel_capture.py needs an update."""
-    from triton.runtime import autotuner as at
-    from triton.runtime import jit
-    from triton.runtime.driver import driver
-
-    missing = []
-    do_compile = getattr(jit.JITFunction, "_do_compile", None)
-    if do_compile is None or not {"signature", "constexprs", "options", "attrs"} <= set(
-            inspect.signature(do_compile).parameters):
-        missing.append("JITFunction._do_compile(..., signature, constexprs, options, attrs)")
-    if not hasattr(at.Autotuner, "prune_configs"):
-        missing.append("Autotuner.prune_configs")
-    if not (hasattr(driver, "set_active") and hasattr(driver, "_active")):
-        missing.append("driver.set_active / driver._active")
-    if not missing:
-        return None
-    return ("the Triton internals that tests/_kernel_capture.py records launches through have "
-            f"changed: {', '.join(missing)}")
-
-
 @contextlib.contextmanager
 def recording(target):
-    """Within the block, kernel launches are recorded (into the yielded list), never run."""
-    from triton.runtime import autotuner as at
-    from triton.runtime import jit
+    """Within the block, kernel launches are recorded (into the yielded list), never run:
+    fastmae.precompile.compiles_recorded with Triton's driver standing in for ``target``."""
     from triton.runtime.driver import driver
 
-    records = []
-    state = {"config": None, "call": None}
-    do_compile = inspect.signature(jit.JITFunction._do_compile)
-
-    def record_compile(self, *args, **kwargs):
-        a = do_compile.bind(self, *args, **kwargs).arguments
-        records.append(Launch(self, a["signature"], a["constexprs"], a["attrs"], a["options"],
-                              state["config"], state["call"]))
-        return None  # no kernel: JITFunction.run returns before launching
-
-    def run_every_config(self, *args, **kwargs):
-        # Autotuner.run, less the benchmarking: every configuration it would time, after the
-        # early pruning (prune_configs_by), goes down to the kernel (through its heuristics).
-        self.nargs = dict(zip(self.arg_names, args))
-        configs = self.prune_configs(kwargs) if len(self.configs) > 1 else self.configs
-        try:
-            for config in configs:
-                state["config"] = config
-                self.fn.run(*args, **kwargs, **config.all_kwargs())
-        finally:
-            state["config"] = None
-            self.nargs = None
-
-    saved = (jit.JITFunction._do_compile, at.Autotuner.run, driver._active)
-    jit.JITFunction._do_compile = record_compile
-    at.Autotuner.run = run_every_config
+    from fastmae.precompile import compiles_recorded
     from fastmae.testing import StandInDriver
+
+    records = []
+    state = {"call": None}
+
+    def on_compile(fn, a, config):
+        records.append(Launch(fn, a["signature"], a["constexprs"], a["attrs"], a["options"],
+                              config, state["call"]))
+
+    saved = driver._active
     driver.set_active(StandInDriver(target))
     try:
-        yield records, state
+        with compiles_recorded(on_compile):
+            yield records, state
     finally:
-        jit.JITFunction._do_compile, at.Autotuner.run, driver._active = saved
+        driver._active = saved
 
 
 # ----------------------------------------------------------------------------- scenarios
@@ -667,6 +629,7 @@ def check_module(name, mode="quick", jobs=1, verbose=False):
               "environment_error": None, "call_errors": [], "unlaunched": [],
               "one_sided_flags": [], "failures": []}
     t0, c0 = time.time(), _cpu_s()
+    from fastmae.precompile import triton_internals_problem
     env_error = triton_internals_problem() or preflight(_TARGET)
     if env_error is not None:
         report["environment_error"] = env_error

@@ -1,0 +1,153 @@
+"""fastmae.precompile: a training step's Triton kernels compiled ahead of it, in parallel
+processes, into the cache entries the step's own compiles look up.
+
+On a CPU (no GPU needed) ``tests/_precompile_check.py`` runs in a subprocess without the
+interpreter: it records a micro model's step, compiles all but one of its kernels for sm_90 in
+two worker processes, and replays the step through Triton's own compile, whose listener must
+report a cache hit for every kernel but the held-out one. On a GPU the CLI precompiles a tiny
+model's step and a fresh process running that step must compile nothing.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastmae import bench, precompile
+
+CHECK = Path(__file__).with_name("_precompile_check.py")
+TIMEOUT_S = 900
+
+
+def _env(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # empty: everything compiles
+    return env
+
+
+def test_precompiled_kernels_are_what_the_steps_own_compiles_find(tmp_path):
+    proc = subprocess.run([sys.executable, str(CHECK), "--workers", "2"], env=_env(tmp_path),
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    reports = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert proc.returncode == 0 and reports, proc.stderr[-4000:]
+    report = json.loads(reports[-1])
+    assert report["environment_error"] is None, report["environment_error"]
+    assert report["compile_errors"] == []
+    # both ways of each path keep_faster times were recorded: the MLP's fused matmul and its
+    # split bias + GELU kernel
+    assert {"_matmul_bias_gelu", "_bias_gelu_fwd", "_layer_norm_bwd",
+            "_attn_fwd"} <= set(report["kernels"]), report["kernels"]
+    assert report["recorded"] >= 20
+    # the replayed step compiled the same set, and the listener spoke for every compile
+    assert report["replayed_not_recorded"] == [] and report["recorded_not_replayed"] == []
+    assert report["listener_silent"] == []
+    # every precompiled kernel was a cache hit; the one held out of the precompile missed
+    assert report["missed"] == [report["held_out"]]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a GPU")
+def test_cli_without_a_gpu_says_so():
+    proc = subprocess.run([sys.executable, "-m", "fastmae.precompile", "--model", "micro"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "no CUDA GPU" in proc.stderr
+
+
+@pytest.mark.parametrize("flag", ["--batch", "--workers"])
+def test_cli_refuses_a_count_below_one(capsys, flag):
+    with pytest.raises(SystemExit) as exit_info:
+        precompile.main([flag, "0"])
+    assert exit_info.value.code == 2
+    assert f"{flag} must be a positive integer, got 0" in capsys.readouterr().err
+
+
+def test_ways_cover_each_path_unless_forced(monkeypatch):
+    monkeypatch.delenv("FASTMAE_MLP", raising=False)
+    monkeypatch.delenv("FASTMAE_ATTN_BWD", raising=False)
+    ways = precompile._ways()
+    assert len(ways) == 4
+    assert {(w["FASTMAE_MLP"], w["FASTMAE_ATTN_BWD"]) for w in ways} == {
+        ("fused", "fused"), ("fused", "split"), ("split", "fused"), ("split", "split")}
+    monkeypatch.setenv("FASTMAE_MLP", "split")
+    assert {(w["FASTMAE_MLP"], w["FASTMAE_ATTN_BWD"]) for w in precompile._ways()} == {
+        ("split", "fused"), ("split", "split")}
+
+
+def test_environment_is_restored(monkeypatch):
+    monkeypatch.setenv("FASTMAE_MLP", "fused")
+    monkeypatch.delenv("FASTMAE_ATTN_BWD", raising=False)
+    with precompile._environment({"FASTMAE_MLP": "split", "FASTMAE_ATTN_BWD": "split"}):
+        assert os.environ["FASTMAE_MLP"] == os.environ["FASTMAE_ATTN_BWD"] == "split"
+    assert os.environ["FASTMAE_MLP"] == "fused" and "FASTMAE_ATTN_BWD" not in os.environ
+
+
+class _Done:
+    def __init__(self, returncode, stdout="", stderr=""):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def test_bench_reads_the_precompile_summary(monkeypatch, capsys):
+    calls = []
+
+    def run(cmd, **kwargs):
+        calls.append(cmd)
+        with open(cmd[cmd.index("--json") + 1], "w", encoding="utf-8") as f:
+            json.dump({"kernels": 7, "errors": []}, f)
+        return _Done(0, stdout="precompiled 7 of 7 Triton kernels\n")
+
+    monkeypatch.setattr(bench.subprocess, "run", run)
+    assert bench.precompile("vit_b16", [256, 32], "bf16") == {"kernels": 7, "errors": []}
+    cmd = calls[0]
+    assert cmd[:3] == [sys.executable, "-m", "fastmae.precompile"]
+    assert cmd[cmd.index("--model") + 1] == "vit_b16" and cmd[cmd.index("--dtype") + 1] == "bf16"
+    assert [cmd[i + 1] for i, a in enumerate(cmd) if a == "--batch"] == ["256", "32"]
+    assert "precompiled 7 of 7" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("outcome", ["exit", "timeout"])
+def test_bench_goes_on_when_the_precompile_fails(monkeypatch, capsys, outcome):
+    def run(cmd, **kwargs):
+        if outcome == "timeout":
+            raise subprocess.TimeoutExpired(cmd, kwargs["timeout"])
+        return _Done(1, stderr="Traceback ...\nRuntimeError: no luck")
+
+    monkeypatch.setattr(bench.subprocess, "run", run)
+    got = bench.precompile("tiny", [64], "bf16")
+    why = "no luck" if outcome == "exit" else f"over {bench.PRECOMPILE_TIMEOUT_S} s"
+    assert why in got["error"]
+    out = capsys.readouterr().out
+    assert "precompile failed" in out and why in out
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_precompiled_step_compiles_nothing_on_gpu(tmp_path):
+    env = _env(tmp_path)
+    summary_path = tmp_path / "precompile.json"
+    proc = subprocess.run([sys.executable, "-m", "fastmae.precompile", "--model", "tiny",
+                           "--batch", "8", "--workers", "4", "--json", str(summary_path)],
+                          env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads(summary_path.read_text())
+    assert summary["errors"] == [] and summary["kernels"] > 0
+    # a fresh process runs the same step for real (kernels launched, autotuners timing each
+    # configuration) and counts what its compiles found in the cache
+    script = (
+        "import torch, json\n"
+        "from triton import knobs\n"
+        "from fastmae import bench, precompile\n"
+        "hits = []\n"
+        "knobs.compilation.listener = lambda *, cache_hit, **_: hits.append(cache_hit)\n"
+        "model = bench.build_model('tiny', 'cuda')\n"
+        "precompile.step_every_way(model, [8], torch.bfloat16)\n"
+        "torch.cuda.synchronize()\n"
+        "print(json.dumps({'compiles': len(hits), 'misses': hits.count(False)}))\n")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    counts = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert counts["compiles"] >= summary["kernels"]
+    assert counts["misses"] == 0, counts
