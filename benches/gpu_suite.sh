@@ -6,9 +6,10 @@
 # Most important first, each stage under its own time limit, every stage's output kept in
 # OUTDIR as it is written (a run cut short still leaves what it measured):
 # 0. the direct Triton launch checked against Triton's own (tests/test_direct_launch.py);
-# 1. `fastmae bench --compile` for ViT-B/16: parity on one shared step, then the eager reference,
-#    fastmae, fastmae + CUDA graph and torch.compile of the reference, with the profiler's
-#    kernel breakdown -> OUTDIR/step_vit_b16.json;
+# 1. `fastmae bench --compile` for ViT-B/16: fastmae's kernels compiled in parallel processes
+#    (fastmae.precompile), parity on one shared step, then the eager reference, fastmae,
+#    fastmae + CUDA graph and torch.compile of the reference, with the profiler's kernel
+#    breakdown -> OUTDIR/step_vit_b16.json;
 # 2. the GPU training test: 20 AdamW steps of ViT-B/16 against the eager reference;
 # 3. `fastmae bench` for ViT-L/16 (reference, fastmae, fastmae + CUDA graph) -> step_vit_l16.json;
 # 3b. benches/step_overhead.py: where the host time of an eager step goes -> step_overhead.txt;
