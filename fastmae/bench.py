@@ -273,8 +273,9 @@ def make_train_step(model, imgs, amp_dtype, compiled=False, mask_ratio=MASK_RATI
 
 def paths_kept():
     """The kernel paths fastmae chose by timing on this GPU, so far, by shape: the MLP's fused
-    matmul epilogues or cuBLAS plus the bias + GELU kernels (fastmae.ops._mlp_fused), and the
-    attention backward's one fused kernel or two (kernels/attention.py _bwd_strategy); each with
+    matmul epilogues or cuBLAS plus the bias + GELU kernels (fastmae.ops._mlp_fused), the patch
+    embedding's weight gradient in one kernel or a gather and cuBLAS, and the attention
+    backward's one fused kernel or two (kernels/attention.py _bwd_strategy); each with
     the times it was chosen on (ms, "failed" for a way that raised), where it was timed."""
     from fastmae import ops
 
@@ -291,6 +292,8 @@ def paths_kept():
 
     out = {f"mlp {k[0]} M={k[1]} N={k[2]} K={k[3]} {name(k[4])}": kept("FASTMAE_MLP", k, v)
            for k, v in ops._MLP_CHOICE.items()}
+    out.update({f"patch embedding weight grad M={k[1]} D={k[2]} K={k[3]} {name(k[4])}":
+                kept("FASTMAE_PATCH_WGRAD", k, v) for k, v in ops._PATCH_WGRAD_CHOICE.items()})
     attention = sys.modules.get("fastmae.kernels.attention")
     if attention is not None:
         out.update({f"attention bwd B*H={k[0]} N={k[1]} d={k[2]} {name(k[3])}":

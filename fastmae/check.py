@@ -38,6 +38,7 @@ import torch
 
 from fastmae import ops, reference, testing
 from fastmae._provenance import git_commit, triton_version
+from fastmae.precompile import WAYS
 from fastmae.backend import interpreter_on, use_backend
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -545,7 +546,7 @@ def _model_rows(device, dtypes):
 
 
 KERNEL_PATHS = ("fused", "split")
-_PATH_VARIABLES = ("FASTMAE_MLP", "FASTMAE_ATTN_BWD")
+_PATH_VARIABLES = tuple(WAYS)  # FASTMAE_MLP, FASTMAE_ATTN_BWD, FASTMAE_PATCH_WGRAD
 
 
 @contextlib.contextmanager

@@ -314,31 +314,67 @@ def _(imgs, weight, bias, pos_embed, ids_keep, out_dtype, compute_dtype):
     return imgs.new_empty(imgs.shape[0], ids_keep.shape[1], weight.shape[0], dtype=out_dtype)
 
 
+# The patch embedding's backward reads its matmuls' operands in the forward's compute dtype, as
+# autocast's convolution backward does (the incoming gradient is fp32: the fp32 position add).
+# Its weight gradient G^T @ A (A: the kept patches) runs one of two ways in fp16 / bf16: one
+# fastmae kernel that gathers its operands tile by tile ("fused"), or the patches gathered once
+# by a fastmae kernel and cuBLAS's matmul ("split"). On a GPU both are timed on the first call
+# of each shape and the faster is kept (FASTMAE_PATCH_WGRAD=fused|split forces one); elsewhere,
+# and in fp32, the fused one.
+_PATCH_WGRAD_CHOICE = {}
+
+
 @_op("fastmae::patch_embed_visible_bwd")
 def _patch_embed_visible_bwd_op(grad_out: Tensor, imgs: Tensor, weight: Tensor, ids_keep: Tensor,
-                                need_imgs_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
-    launch = _kernel("patch_embed").patch_embed_visible_bwd
-    gw, gb, gi = launch(grad_out.contiguous(), imgs, weight, ids_keep, need_imgs_grad)
+                                need_imgs_grad: bool,
+                                compute_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    kernels = _kernel("patch_embed")
+    g = grad_out.contiguous()
+    D, C, p, _ = weight.shape
+    rows = g.numel() // D
+
+    def split():
+        patches = kernels.gather_visible_patches(imgs, ids_keep, p, compute_dtype)
+        g_rows = _cast(g.view(rows, D), compute_dtype)
+        return _weight_grad(g_rows, patches, torch.float32).view(D, C, p, p)
+
+    def fused():
+        return kernels.patch_embed_visible_bwd(g, imgs, weight, ids_keep, False,
+                                               compute_dtype=compute_dtype)[0]
+
+    use_split = False
+    if compute_dtype in (torch.float16, torch.bfloat16) and rows > 0:
+        key = ("patch_embed wgrad", rows, D, C * p * p, compute_dtype, g.device)
+        use_split = _kernel("_common").keep_faster(
+            _PATCH_WGRAD_CHOICE, key, "FASTMAE_PATCH_WGRAD", {"fused": fused, "split": split},
+            "fused") == "split"
+    gw, gb, gi = kernels.patch_embed_visible_bwd(g, imgs, weight, ids_keep, need_imgs_grad,
+                                                 need_weight_grad=not use_split,
+                                                 compute_dtype=compute_dtype)
+    if use_split:
+        gw = split()
     return gw, gb, (gi if gi is not None else imgs.new_empty(0))
 
 
 @_patch_embed_visible_bwd_op.register_fake
-def _(grad_out, imgs, weight, ids_keep, need_imgs_grad):
+def _(grad_out, imgs, weight, ids_keep, need_imgs_grad, compute_dtype):
     gi = imgs.new_empty(imgs.shape) if need_imgs_grad else imgs.new_empty(0)
     return (weight.new_empty(weight.shape, dtype=torch.float32),
             weight.new_empty(weight.shape[0], dtype=torch.float32), gi)
 
 
 def _patch_embed_setup(ctx, inputs, output):
-    imgs, weight, bias, pos_embed, ids_keep, _, _ = inputs
+    imgs, weight, bias, pos_embed, ids_keep, _, compute_dtype = inputs
     ctx.save_for_backward(imgs, weight, ids_keep)
     ctx.need_imgs_grad = imgs.requires_grad
+    ctx.compute_dtype = compute_dtype
     ctx.dtypes = (weight.dtype, bias.dtype)
 
 
 def _patch_embed_backward(ctx, grad_out):
     imgs, weight, ids_keep = ctx.saved_tensors
-    gw, gb, gi = _patch_embed_visible_bwd_op(grad_out, imgs, weight, ids_keep, ctx.need_imgs_grad)
+    gw, gb, gi = _patch_embed_visible_bwd_op(grad_out, imgs, weight, ids_keep, ctx.need_imgs_grad,
+                                             ctx.compute_dtype)
     return (gi if ctx.need_imgs_grad else None, _cast(gw, ctx.dtypes[0]), _cast(gb, ctx.dtypes[1]),
             None, None, None, None)
 

@@ -32,7 +32,8 @@ CompileRequest = namedtuple("CompileRequest",
                             "module name signature constexprs attrs options target")
 
 # the kernel-path environment variables keep_faster reads, and the ways each one names
-WAYS = {"FASTMAE_MLP": ("fused", "split"), "FASTMAE_ATTN_BWD": ("fused", "split")}
+WAYS = {"FASTMAE_MLP": ("fused", "split"), "FASTMAE_ATTN_BWD": ("fused", "split"),
+        "FASTMAE_PATCH_WGRAD": ("fused", "split")}
 
 
 def triton_internals_problem():

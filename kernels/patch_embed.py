@@ -16,14 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, empty, interpreting, launch_tuned
+from ._common import cdiv, empty, interpreting, launch, launch_tuned, next_pow2
 
 
 _empty = empty  # every output is allocated here (tests patch it to poison them)
-
-
-def _compute_dtype_is_low(dtype: torch.dtype) -> bool:
-    return dtype in (torch.float16, torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -197,7 +193,7 @@ def _patch_embed_bwd_weight(
     M, keep, grid_w, D, rows_per_split,
     s_gm, s_gd, s_in, s_ic, s_ih, s_iw, s_idn, s_idk,
     K: tl.constexpr, P: tl.constexpr,
-    LOW_PRECISION: tl.constexpr,  # operands in g's dtype (fp16 / bf16); else fp32 "ieee"
+    COMPUTE: tl.constexpr,  # matmul operands: 0 fp32 ("ieee"), 1 fp16, 2 bf16
     BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     pid_d = tl.program_id(0).to(tl.int64)
@@ -220,8 +216,10 @@ def _patch_embed_bwd_weight(
                      mask=d_ok[:, None] & row_ok[None, :], other=0.0)  # (BLOCK_D, BLOCK_M) = G^T
         a = tl.load(imgs_ptr + base[:, None] + cols[None, :],
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
-        if LOW_PRECISION:
-            acc = tl.dot(gt, a.to(g_ptr.dtype.element_ty), acc)
+        if COMPUTE == 2:
+            acc = tl.dot(gt.to(tl.bfloat16), a.to(tl.bfloat16), acc)
+        elif COMPUTE == 1:
+            acc = tl.dot(gt.to(tl.float16), a.to(tl.float16), acc)
         else:
             acc = tl.dot(gt.to(tl.float32), a.to(tl.float32), acc, input_precision="ieee")
 
@@ -251,7 +249,7 @@ def _patch_embed_bwd_imgs(
     s_gm, s_gd, s_wd, s_wk, s_idn, s_idk, s_in, s_ic, s_ih, s_iw,
     K: tl.constexpr, P: tl.constexpr,
     ZERO: tl.constexpr,  # True: the ids are the removed patches, write zeros
-    LOW_PRECISION: tl.constexpr,  # operands in g's dtype (fp16 / bf16); else fp32 "ieee"
+    COMPUTE: tl.constexpr,  # matmul operands: 0 fp32 ("ieee"), 1 fp16, 2 bf16
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0).to(tl.int64)
@@ -271,13 +269,65 @@ def _patch_embed_bwd_imgs(
                         mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             w = tl.load(w_ptr + d[:, None] * s_wd + kk[None, :] * s_wk,
                         mask=d_ok[:, None] & k_ok[None, :], other=0.0)
-            if LOW_PRECISION:
-                acc = tl.dot(g, w.to(g_ptr.dtype.element_ty), acc)
+            if COMPUTE == 2:
+                acc = tl.dot(g.to(tl.bfloat16), w.to(tl.bfloat16), acc)
+            elif COMPUTE == 1:
+                acc = tl.dot(g.to(tl.float16), w.to(tl.float16), acc)
             else:
                 acc = tl.dot(g.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
 
     tl.store(dx_ptr + base[:, None] + _patch_cols(kk, s_ic, s_ih, s_iw, P)[None, :],
              acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & k_ok[None, :])
+
+
+# The other way to grad_weight (fastmae.ops picks the faster on a GPU): the visible patches
+# gathered into a contiguous (M, K) matrix in grad_out's dtype, for cuBLAS's G^T @ A. One read
+# of the kept pixels and one write of A, against _patch_embed_bwd_weight's tiles that each
+# gather their own operands.
+
+@triton.jit
+def _gather_patches(
+    imgs_ptr,  # (N, C, H, W) any float dtype, strides (s_in, s_ic, s_ih, s_iw)
+    ids_ptr,  # (N, keep) int64, strides (s_idn, s_idk)
+    out_ptr,  # (M = N * keep, K) contiguous, any float dtype: row m = n * keep + k
+    M, keep, grid_w,
+    s_in, s_ic, s_ih, s_iw, s_idn, s_idk,
+    K: tl.constexpr, P: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_k = tl.program_id(1).to(tl.int64)
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    kk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_ok = m < M
+    k_ok = kk < K
+    _, base = _patch_rows(ids_ptr, m, row_ok, keep, grid_w, s_idn, s_idk, s_in, s_ih, s_iw, P)
+    ok = row_ok[:, None] & k_ok[None, :]
+    a = tl.load(imgs_ptr + base[:, None] + _patch_cols(kk, s_ic, s_ih, s_iw, P)[None, :],
+                mask=ok, other=0.0)
+    tl.store(out_ptr + m[:, None] * K + kk[None, :], a.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+LAUNCH_WORK["_gather_patches"] = lambda a: {
+    "bytes": {"imgs_ptr": _patch_bytes(a, "imgs_ptr"), "out_ptr": _patch_bytes(a, "out_ptr")}}
+
+
+def gather_visible_patches(imgs, ids_keep, p, dtype):
+    """(N, C, H, W), (N, keep) int64 -> the kept patches (N * keep, C * p * p) contiguous in
+    dtype, row n * keep + k patch ids_keep[n, k], columns in the conv weight's (c, i, j) order."""
+    N, C, _, W = imgs.shape
+    keep = ids_keep.shape[1]
+    K = C * p * p
+    M = N * keep
+    out = _empty((M, K), dtype, imgs.device)
+    if M == 0 or K == 0:
+        return out
+    block_m, block_k = (16, 32) if interpreting() else (32, min(256, next_pow2(K)))
+    launch(_gather_patches, (cdiv(M, block_m), cdiv(K, block_k)),
+           imgs, ids_keep, out, M, keep, W // p,
+           *imgs.stride(), *ids_keep.stride(),
+           K=K, P=p, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4)
+    return out
 
 
 def _split_count(M, D, K):
@@ -289,10 +339,13 @@ def _split_count(M, D, K):
     return max(1, min(cdiv(256, tiles), cdiv(M, 256)))
 
 
-def patch_embed_visible_bwd(grad_out, imgs, weight, ids_keep, need_imgs_grad):
-    """-> grad_weight (D, C, p, p) fp32, grad_bias (D,) fp32, grad_imgs (N, C, H, W) contiguous
-    in imgs.dtype (or None when not need_imgs_grad). Operands are cast to grad_out's dtype when
-    it is fp16 / bf16, else fp32 "ieee"; accumulation in fp32."""
+def patch_embed_visible_bwd(grad_out, imgs, weight, ids_keep, need_imgs_grad,
+                            need_weight_grad=True, compute_dtype=None):
+    """-> grad_weight (D, C, p, p) fp32 (None when not need_weight_grad), grad_bias (D,) fp32,
+    grad_imgs (N, C, H, W) contiguous in imgs.dtype (None when not need_imgs_grad). The matmuls'
+    operands are cast to compute_dtype (default: grad_out's dtype) when it is fp16 / bf16 (as
+    autocast's convolution backward reads them), else fp32 "ieee"; accumulation in fp32; the
+    bias gradient sums grad_out as it comes."""
     N, C, H, W = imgs.shape
     D, _, p, _ = weight.shape
     keep = ids_keep.shape[1]
@@ -301,13 +354,15 @@ def patch_embed_visible_bwd(grad_out, imgs, weight, ids_keep, need_imgs_grad):
     L = L_h * grid_w
     M = N * keep
     device = imgs.device
-    low = _compute_dtype_is_low(grad_out.dtype)
+    compute = _COMPUTE_CODES.get(grad_out.dtype if compute_dtype is None else compute_dtype, 0)
     g = grad_out.reshape(M, D)  # a view whenever grad_out's rows are uniformly strided
     w2 = weight.reshape(D, K)
 
     grad_bias = g.sum(dim=0, dtype=torch.float32)
 
-    if M == 0:
+    if not need_weight_grad:
+        grad_weight = None
+    elif M == 0:
         grad_weight = torch.zeros((D, C, p, p), dtype=torch.float32, device=device)
     else:
         split = _split_count(M, D, K)
@@ -319,7 +374,7 @@ def patch_embed_visible_bwd(grad_out, imgs, weight, ids_keep, need_imgs_grad):
                      g, imgs, ids_keep, partials,
                      M, keep, grid_w, D, rows_per_split,
                      *g.stride(), *imgs.stride(), *ids_keep.stride(),
-                     K=K, P=p, LOW_PRECISION=low)
+                     K=K, P=p, COMPUTE=compute)
         grad_weight = (partials[0] if split == 1 else partials.sum(dim=0)).reshape(D, C, p, p)
 
     grad_imgs = None
@@ -347,5 +402,5 @@ def patch_embed_visible_bwd(grad_out, imgs, weight, ids_keep, need_imgs_grad):
                          g, w2, ids, grad_imgs,
                          rows, R, grid_w, D,
                          *g.stride(), *w2.stride(), *ids.stride(), *grad_imgs.stride(),
-                         K=K, P=p, ZERO=zero, LOW_PRECISION=low)
+                         K=K, P=p, ZERO=zero, COMPUTE=compute)
     return grad_weight, grad_bias, grad_imgs

@@ -187,6 +187,8 @@ def _scenarios(name):
     elif name == "patch_embed":
         from fastmae.kernels import patch_embed as pe
         takes_compute = "compute_dtype" in inspect.signature(pe.patch_embed_visible_fwd).parameters
+        bwd_takes_compute = ("compute_dtype" in
+                             inspect.signature(pe.patch_embed_visible_bwd).parameters)
         # (imgs, out, compute): fp32; autocast (fastmae.ops: out = promote(compute, pos_embed)
         # = fp32, the matmul in bf16 / fp16); a bf16 / fp16 model
         combos = ((f32, f32, f32), (f32, f32, bf16), (f32, f32, f16), (f32, bf16, bf16),
@@ -195,16 +197,19 @@ def _scenarios(name):
             side = p * int(L ** 0.5)
             for img_dt, out_dt, comp_dt in combos:
                 extra = {"compute_dtype": comp_dt} if takes_compute else {}
+                bwd_extra = {"compute_dtype": comp_dt} if bwd_takes_compute else {}
 
                 def run(p=p, L=L, keep=keep, D=D, side=side, img_dt=img_dt, out_dt=out_dt,
-                        extra=extra):
+                        comp_dt=comp_dt, extra=extra, bwd_extra=bwd_extra):
                     imgs = empty(B, 3, side, side, dtype=img_dt)
                     weight = empty(D, 3, p, p)
                     ids_keep = ids(B, keep, L)
                     pe.patch_embed_visible_fwd(imgs, weight, empty(D), empty(1, 1 + L, D),
                                                ids_keep, out_dt, **extra)
                     pe.patch_embed_visible_bwd(empty(B, keep, D, dtype=out_dt), imgs, weight,
-                                               ids_keep, need_imgs_grad=True)
+                                               ids_keep, need_imgs_grad=True, **bwd_extra)
+                    if hasattr(pe, "gather_visible_patches") and comp_dt != f32:
+                        pe.gather_visible_patches(imgs, ids_keep, p, comp_dt)
                 yield (f"patch_embed p={p} D={D} imgs={img_dt} out={out_dt} compute={comp_dt}",
                        run)
 

@@ -616,6 +616,8 @@ def test_paths_kept_names_each_timed_choice(monkeypatch):
     monkeypatch.setattr(ops, "_MLP_CHOICE", {("fc1", 12800, 3072, 768, torch.bfloat16, cuda): "fused",
                                              ("fc2_dgrad", 50432, 2048, 512, torch.bfloat16, cuda): "split"})
     monkeypatch.setattr(attention, "_BWD_CHOICE", {(4096, 197, 32, torch.bfloat16, cuda): "split"})
+    monkeypatch.setattr(ops, "_PATCH_WGRAD_CHOICE",
+                        {("patch_embed wgrad", 12544, 768, 768, torch.bfloat16, cuda): "split"})
     from fastmae.kernels import _common
     monkeypatch.setattr(_common, "TIMINGS", {
         ("FASTMAE_MLP", ("fc1", 12800, 3072, 768, torch.bfloat16, cuda)): {"fused": 0.1234, "split": 0.2},
@@ -624,4 +626,5 @@ def test_paths_kept_names_each_timed_choice(monkeypatch):
         "mlp fc1 M=12800 N=3072 K=768 bfloat16": "fused (fused 0.123 ms, split 0.200 ms)",
         "mlp fc2_dgrad M=50432 N=2048 K=512 bfloat16": "split",
         "attention bwd B*H=4096 N=197 d=32 bfloat16": "split (fused failed, split 1.500 ms)",
+        "patch embedding weight grad M=12544 D=768 K=768 bfloat16": "split",
     }

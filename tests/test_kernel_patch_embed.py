@@ -6,6 +6,7 @@ import torch
 from fastmae import reference as ref
 from fastmae import testing as T
 from fastmae.kernels import patch_embed as pe
+from fastmae.kernels._common import interpreting
 
 TOL = 1e-4  # matmul-containing op
 
@@ -101,6 +102,77 @@ def test_patch_embed_bwd_strided_grad_out(device, monkeypatch):
     T.assert_rel_close(gw, r_gw, TOL, "grad_weight")
     T.assert_rel_close(gb, r_gb, TOL, "grad_bias")
     T.assert_rel_close(gi, r_gi, TOL, "grad_imgs")
+
+
+def _patches_by_torch(imgs, ids_keep, p):
+    """The kept patches (N * keep, C * p * p) in the conv weight's (c, i, j) order, by views."""
+    N, C, H, W = imgs.shape
+    gh, gw = H // p, W // p
+    grid = imgs[:, :, :gh * p, :gw * p].reshape(N, C, gh, p, gw, p)
+    patches = grid.permute(0, 2, 4, 1, 3, 5).reshape(N, gh * gw, C * p * p)
+    rows = torch.gather(patches, 1, ids_keep[:, :, None].expand(-1, -1, C * p * p))
+    return rows.reshape(-1, C * p * p)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("N,C,H,W,p,D,keep,layout", CASES)
+def test_gather_visible_patches_is_an_exact_gather(N, C, H, W, p, D, keep, layout, dtype,
+                                                   device, monkeypatch):
+    """The patches the weight gradient's split way hands to cuBLAS: every kept pixel, in the
+    weight's column order, cast to dtype (exactly torch's cast); every element written."""
+    _poison_allocations(monkeypatch)
+    case = _case(N, C, H, W, p, D, keep, layout, device, seed=N + keep)
+    got = pe.gather_visible_patches(case["imgs"], case["ids_keep"], p, dtype)
+    want = _patches_by_torch(case["imgs"], case["ids_keep"], p).to(dtype)
+    assert got.shape == (N * keep, C * p * p) and got.dtype == dtype and got.is_contiguous()
+    if dtype == torch.bfloat16 and interpreting():
+        # the interpreter's fp32 -> bf16 conversion truncates (the GPU's rounds to nearest
+        # even, as torch does): within one bf16 step of torch's, never past it
+        exact = _patches_by_torch(case["imgs"], case["ids_keep"], p).float()
+        step = 2.0 ** (torch.frexp(exact)[1].float() - 8)
+        assert ((got.float() - exact).abs() < step).all()
+        assert ((got.float() - want.float()).abs() <= step).all()
+    else:
+        assert torch.equal(got, want)
+
+
+def test_gather_visible_patches_then_a_matmul_is_the_weight_gradient(device):
+    """grad_out^T @ the gathered patches is the fused kernel's grad_weight, and the launcher
+    without it (need_weight_grad=False) still gives the bias and image gradients."""
+    N, C, H, W, p, D, keep = 3, 3, 20, 28, 4, 40, 13
+    case = _case(N, C, H, W, p, D, keep, "slice", device, seed=4)
+    grad_out = torch.randn(N, keep, D, generator=T._gen(6, "cpu")).to(device)
+    args = (grad_out, case["imgs"], case["weight"], case["ids_keep"])
+    gw, gb, gi = pe.patch_embed_visible_bwd(*args, need_imgs_grad=True)
+    patches = pe.gather_visible_patches(case["imgs"], case["ids_keep"], p, torch.float32)
+    T.assert_rel_close((grad_out.reshape(-1, D).t() @ patches).view(D, C, p, p), gw, TOL,
+                       "grad_weight")
+    none, gb2, gi2 = pe.patch_embed_visible_bwd(*args, need_imgs_grad=True, need_weight_grad=False)
+    assert none is None and torch.equal(gb2, gb) and torch.equal(gi2, gi)
+
+
+def test_bwd_compute_dtype_reads_the_operands_in_it(device, monkeypatch):
+    """An fp32 incoming gradient with compute_dtype fp16 (autocast: the fp32 position add
+    promotes the output) gives the matmuls of an fp16 incoming gradient, bit for bit; the bias
+    gradient sums the fp32 gradient as it came."""
+    _poison_allocations(monkeypatch)
+    N, C, H, W, p, D, keep = 2, 3, 12, 20, 4, 40, 7
+    case = _case(N, C, H, W, p, D, keep, "contiguous", device, seed=8)
+    grad_out = torch.randn(N, keep, D, generator=T._gen(2, "cpu")).to(device)
+    args = (case["imgs"], case["weight"], case["ids_keep"])
+    gw, gb, gi = pe.patch_embed_visible_bwd(grad_out, *args, need_imgs_grad=True,
+                                            compute_dtype=torch.float16)
+    hw, _, hi = pe.patch_embed_visible_bwd(grad_out.half(), *args, need_imgs_grad=True)
+    assert torch.equal(gw, hw) and torch.equal(gi, hi)
+    assert torch.equal(gb, grad_out.reshape(-1, D).sum(0))
+    fw, _, _ = pe.patch_embed_visible_bwd(grad_out, *args, need_imgs_grad=False)
+    assert not torch.equal(gw, fw)  # fp32 "ieee" operands otherwise
+
+
+def test_gather_visible_patches_of_no_rows(device):
+    imgs = torch.randn(2, 3, 8, 8).to(device)
+    ids = torch.empty(2, 0, dtype=torch.int64, device=device)
+    assert pe.gather_visible_patches(imgs, ids, 4, torch.float16).shape == (0, 48)
 
 
 # ----------------------------------------------------------------------------- GPU, low precision

@@ -67,6 +67,45 @@ def test_patch_embed_visible(N, C, H, W, p, D):
     check_grads(out, ref_out, ours, ref, names, 1e-5)
 
 
+def _patch_embed_grads(case, autocast):
+    """The weight, bias and image gradients of ops.patch_embed_visible on ``case``, optionally
+    under fp16 autocast (fp32 leaves)."""
+    ours, _ = leaves(case, ["imgs", "weight", "bias"])
+    with torch.autocast("cpu", dtype=torch.float16, enabled=autocast):
+        out = ops.patch_embed_visible(**ours)
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)))
+    return [ours[n].grad for n in ("weight", "bias", "imgs")]
+
+
+def test_patch_embed_weight_gradient_ways_agree(monkeypatch):
+    """In fp16 the weight gradient runs one fused kernel or the patches gathered for a matmul
+    (FASTMAE_PATCH_WGRAD; on a GPU the faster is kept): the same gradients either way, fp32
+    weight gradient; in fp32 the fused kernel always (no gather)."""
+    from fastmae.kernels import patch_embed
+    gathers = []
+    real = patch_embed.gather_visible_patches
+    monkeypatch.setattr(patch_embed, "gather_visible_patches",
+                        lambda *a, **k: gathers.append(a[-1]) or real(*a, **k))
+    case = patch_embed_case(2, 3, 20, 12, 4, 40, seed=3)
+    grads = {}
+    for way in ("fused", "split"):
+        monkeypatch.setenv("FASTMAE_PATCH_WGRAD", way)
+        grads[way] = _patch_embed_grads(case, autocast=True)
+        assert gathers == ([torch.float16] if way == "split" else []), way
+        assert grads[way][0].dtype == torch.float32
+    for name, a, b in zip(("weight", "bias", "imgs"), grads["fused"], grads["split"]):
+        assert_rel_close(a, b, 1e-3, f"grad of {name}")
+    gathers.clear()
+    _patch_embed_grads(case, autocast=False)
+    assert gathers == [] and ops._PATCH_WGRAD_CHOICE == {}
+
+
+def test_patch_embed_weight_gradient_way_forced_by_an_unknown_name_raises(monkeypatch):
+    monkeypatch.setenv("FASTMAE_PATCH_WGRAD", "cublas")
+    with pytest.raises(ValueError, match="FASTMAE_PATCH_WGRAD must be one of"):
+        _patch_embed_grads(patch_embed_case(1, 3, 8, 8, 4, 16), autocast=True)
+
+
 @pytest.mark.parametrize("N, L, D, ratio", [(1, 1, 8, 0.0), (2, 15, 40, 0.6), (3, 49, 100, 0.75)])
 def test_unshuffle(N, L, D, ratio):
     case = unshuffle_case(N, L, D, ratio, seed=L)

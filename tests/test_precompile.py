@@ -65,15 +65,17 @@ def test_cli_refuses_a_count_below_one(capsys, flag):
 
 
 def test_ways_cover_each_path_unless_forced(monkeypatch):
-    monkeypatch.delenv("FASTMAE_MLP", raising=False)
-    monkeypatch.delenv("FASTMAE_ATTN_BWD", raising=False)
+    names = ("FASTMAE_MLP", "FASTMAE_ATTN_BWD", "FASTMAE_PATCH_WGRAD")
+    assert tuple(precompile.WAYS) == names
+    for name in names:
+        monkeypatch.delenv(name, raising=False)
     ways = precompile._ways()
-    assert len(ways) == 4
-    assert {(w["FASTMAE_MLP"], w["FASTMAE_ATTN_BWD"]) for w in ways} == {
-        ("fused", "fused"), ("fused", "split"), ("split", "fused"), ("split", "split")}
+    both = ("fused", "split")
+    assert sorted(tuple(w[n] for n in names) for w in ways) == [
+        (a, b, c) for a in both for b in both for c in both]
     monkeypatch.setenv("FASTMAE_MLP", "split")
-    assert {(w["FASTMAE_MLP"], w["FASTMAE_ATTN_BWD"]) for w in precompile._ways()} == {
-        ("split", "fused"), ("split", "split")}
+    assert sorted(tuple(w[n] for n in names) for w in precompile._ways()) == [
+        ("split", b, c) for b in both for c in both]
 
 
 def test_environment_is_restored(monkeypatch):
