@@ -54,6 +54,8 @@ def test_bench_cpu_runs_tiny_configuration_and_writes_json(tmp_path, capsys):
     (row,) = data["results"]
     assert row["system"] == "reference" and row["backend"] == "torch"
     assert row["ms_per_step"] > 0 and row["images_per_s"] > 0
+    assert len(row["ms_steps"]) == 2 and min(row["ms_steps"]) == pytest.approx(row["ms_min"],
+                                                                               abs=1e-3)
     assert row["speedup_vs_eager"] == pytest.approx(1.0)
     assert row["mfu"] is None and row["peak_mem_gib"] is None
     par = data["parity"]
