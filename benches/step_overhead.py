@@ -189,8 +189,16 @@ def sync_points(step):
         finally:
             torch.cuda.set_sync_debug_mode(before)
     torch.cuda.synchronize()
+    return sync_warnings(caught)
+
+
+def sync_warnings(caught):
+    """The (message, "file:line") of each synchronizing call among ``caught`` warnings: torch's
+    "called a synchronizing CUDA operation", not the notice that the sync debug mode is a
+    prototype (torch warns that once, on the first switch to it: at db16320 it was counted as
+    one sync of the first system measured)."""
     return [(str(w.message).splitlines()[0][:120], f"{w.filename}:{w.lineno}") for w in caught
-            if "synchroniz" in str(w.message).lower()]
+            if "synchronizing cuda operation" in str(w.message).lower()]
 
 
 def main(argv=None):
