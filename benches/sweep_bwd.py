@@ -58,9 +58,9 @@ def default_config(kernel, D):
     if kernel == "layer_norm":
         block_d = next_pow2(D)
         rows, warps = ln._bwd_launch_config(block_d)
-        return {"stages": ln.BWD_STAGES, "rows": rows, "warps": warps,
+        return {"stages": ln.bwd_stages(block_d), "rows": rows, "warps": warps,
                 "warps_per_sm": ln.bwd_warps_per_sm(block_d)}
-    rows, block_n, warps = bg._tile(D)
+    rows, block_n, warps = bg._bwd_tile(D)
     return {"stages": bg.BWD_STAGES, "rows": rows, "warps": warps, "block_n": block_n,
             "warps_per_sm": bg.BWD_WARPS_PER_SM}
 
@@ -97,23 +97,23 @@ def _configured(kernel, config):
     from fastmae.kernels import bias_gelu as bg
     from fastmae.kernels import layer_norm as ln
     if kernel == "layer_norm":
-        saved = (ln._bwd_launch_config, ln.bwd_warps_per_sm, ln.BWD_STAGES)
+        saved = (ln._bwd_launch_config, ln.bwd_warps_per_sm, ln.bwd_stages)
         ln._bwd_launch_config = lambda block_d: (config["rows"], config["warps"])
         ln.bwd_warps_per_sm = lambda block_d: config["warps_per_sm"]
-        ln.BWD_STAGES = config["stages"]
+        ln.bwd_stages = lambda block_d: config["stages"]
         try:
             yield
         finally:
-            ln._bwd_launch_config, ln.bwd_warps_per_sm, ln.BWD_STAGES = saved
+            ln._bwd_launch_config, ln.bwd_warps_per_sm, ln.bwd_stages = saved
     else:
-        saved = (bg._tile, bg.BWD_WARPS_PER_SM, bg.BWD_STAGES)
-        bg._tile = lambda D: (config["rows"], config["block_n"], config["warps"])
+        saved = (bg._bwd_tile, bg.BWD_WARPS_PER_SM, bg.BWD_STAGES)
+        bg._bwd_tile = lambda D: (config["rows"], config["block_n"], config["warps"])
         bg.BWD_WARPS_PER_SM = config["warps_per_sm"]
         bg.BWD_STAGES = config["stages"]
         try:
             yield
         finally:
-            bg._tile, bg.BWD_WARPS_PER_SM, bg.BWD_STAGES = saved
+            bg._bwd_tile, bg.BWD_WARPS_PER_SM, bg.BWD_STAGES = saved
 
 
 def _inputs(kernel, M, D, device, low):

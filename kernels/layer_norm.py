@@ -170,6 +170,14 @@ _empty = empty  # every output is allocated here (tests patch it to poison them)
 BWD_STAGES = 2
 
 
+def bwd_stages(block_d):
+    """Tiles in flight in the backward's loop: 3 for 1024-column tiles (D = 768, 1024), else
+    BWD_STAGES. On the H200 (benches/results/h200-2026-12-04/sweep_bwd.txt, bf16 autocast, the
+    fused residual-add backward) 3 stages at 8 warps per SM took D=768 from 60.5 to 53.8 us
+    (1.12x); at D=512, 3 stages at 12 warps per SM were 0.94x, so narrower tiles keep 2."""
+    return 3 if block_d == 1024 else BWD_STAGES
+
+
 def fwd_config(block_d):
     """(rows per program, num_warps) of the forward on a GPU: ~2048 elements a tile, 16 a thread
     at 4 warps."""
@@ -189,7 +197,10 @@ def bwd_config(block_d):
 
 def bwd_warps_per_sm(block_d):
     """Warps of the backward's one-wave grid per SM on a GPU: programs of up to 4 warps fill 12
-    (168 registers a thread), larger ones 16 (128 registers a thread)."""
+    (168 registers a thread), larger ones 16 (128 registers a thread); 1024-column tiles 8, with
+    their 3 stages (bwd_stages: measured so)."""
+    if block_d == 1024:
+        return 8
     return 12 if bwd_config(block_d)[1] <= 4 else 16
 
 
@@ -311,7 +322,7 @@ def layer_norm_bwd(dy, s_or_x, weight, mean, rstd, ds=None, dx_dtype=None, dx2_d
            dy.stride(0), dy.stride(1), s_or_x.stride(0), ds_arg.stride(0), ds_arg.stride(1),
            dx.stride(0),
            BLOCK_D=block_d, ROWS=rows, HAS_DS=has_ds, HAS_DX2=dx2 is not None,
-           HAS_DBB=branch_bias_grad, STAGES=BWD_STAGES, num_warps=warps)
+           HAS_DBB=branch_bias_grad, STAGES=bwd_stages(block_d), num_warps=warps)
     # second, deterministic reduction over the per-program partial sums
     dwb = partials.sum(1) if reduce else partials
     if dx2 is not None:
