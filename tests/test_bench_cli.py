@@ -13,21 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from _bench_script import load as load_bench_script
 from fastmae import bench, cli
 
 REPO = Path(__file__).resolve().parent.parent
 HAS_CUDA = torch.cuda.is_available()
 
 
-def _load_writer():
-    spec = importlib.util.spec_from_file_location("write_benchmarks",
-                                                  REPO / "benches" / "write_benchmarks.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-writer = _load_writer()
+writer = load_bench_script("write_benchmarks")
 
 
 # ----------------------------------------------------------------------------- the command

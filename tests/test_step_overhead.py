@@ -1,22 +1,12 @@
 """benches/step_overhead.py's count of the host-device synchronizations in one step: torch's
 sync warnings only (the GPU measurement itself runs in the GPU suite)."""
-import importlib.util
 import warnings
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("step_overhead",
-                                                  REPO / "benches" / "step_overhead.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from _bench_script import load as load_bench_script
 
 
 def test_sync_warnings_counts_synchronizing_calls_not_the_prototype_notice():
-    step_overhead = _load()
+    step_overhead = load_bench_script("step_overhead")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         warnings.warn("Synchronization debug mode is a prototype feature and does not yet detect "

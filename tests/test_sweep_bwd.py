@@ -1,24 +1,14 @@
 """benches/sweep_bwd.py (the backward kernels' launch-configuration sweep) on its CPU smoke
 shapes: every configuration runs, its outputs are compared with the default's, and a wrong one
 is flagged."""
-import importlib.util
 import io
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+from _bench_script import load as load_bench_script
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location("sweep_bwd", REPO / "benches" / "sweep_bwd.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-sweep_bwd = _load()
+sweep_bwd = load_bench_script("sweep_bwd")
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
                                 reason="the smoke shapes run through the interpreter on CPU")
 
