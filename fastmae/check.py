@@ -38,7 +38,7 @@ import torch
 
 from fastmae import ops, reference, testing
 from fastmae._provenance import git_commit, triton_version
-from fastmae.precompile import WAYS
+from fastmae.precompile import WAYS, forced_environment
 from fastmae.backend import interpreter_on, use_backend
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -549,19 +549,9 @@ KERNEL_PATHS = ("fused", "split")
 _PATH_VARIABLES = tuple(WAYS)  # FASTMAE_MLP, FASTMAE_ATTN_BWD, FASTMAE_PATCH_WGRAD
 
 
-@contextlib.contextmanager
 def _forced_paths(name):
     """Every kernel path chosen by timing forced to ``name`` ("fused" or "split") meanwhile."""
-    saved = {v: os.environ.get(v) for v in _PATH_VARIABLES}
-    os.environ.update({v: name for v in _PATH_VARIABLES})
-    try:
-        yield
-    finally:
-        for v, value in saved.items():
-            if value is None:
-                os.environ.pop(v, None)
-            else:
-                os.environ[v] = value
+    return forced_environment({v: name for v in _PATH_VARIABLES})
 
 
 # ============================================================================ the command

@@ -125,7 +125,8 @@ def _ways():
 
 
 @contextlib.contextmanager
-def _environment(values):
+def forced_environment(values):
+    """The environment variables ``values`` (a dict) set meanwhile, each restored after."""
     saved = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
     try:
@@ -152,7 +153,7 @@ def step_every_way(model, batches, amp_dtype, mask_ratio=0.75):
     for batch in batches:
         imgs = torch.randn(batch, model.in_chans, H, W, device=device)
         for ways in _ways():
-            with _environment(ways), fastmae.use_backend("triton"):
+            with forced_environment(ways), fastmae.use_backend("triton"):
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                     loss, _, _ = model(imgs, mask_ratio)
                 loss.backward()

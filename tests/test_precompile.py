@@ -81,7 +81,7 @@ def test_ways_cover_each_path_unless_forced(monkeypatch):
 def test_environment_is_restored(monkeypatch):
     monkeypatch.setenv("FASTMAE_MLP", "fused")
     monkeypatch.delenv("FASTMAE_ATTN_BWD", raising=False)
-    with precompile._environment({"FASTMAE_MLP": "split", "FASTMAE_ATTN_BWD": "split"}):
+    with precompile.forced_environment({"FASTMAE_MLP": "split", "FASTMAE_ATTN_BWD": "split"}):
         assert os.environ["FASTMAE_MLP"] == os.environ["FASTMAE_ATTN_BWD"] == "split"
     assert os.environ["FASTMAE_MLP"] == "fused" and "FASTMAE_ATTN_BWD" not in os.environ
 
