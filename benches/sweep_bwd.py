@@ -1,4 +1,5 @@
-"""Launch configurations of the LayerNorm and bias + GELU backward kernels, timed on this GPU.
+"""Launch configurations of the LayerNorm and bias + GELU backward kernels, and of the partial
+sums' second reduction (kernels/partial_sums.py), timed on this GPU.
 
     python benches/sweep_bwd.py [--batch 256]
     python benches/sweep_bwd.py --smoke        # CPU: tiny shapes through Triton's interpreter
@@ -9,6 +10,10 @@ an SM keeps in flight depends on the loads prefetched ahead of the loop (stages)
 (rows x columns), the warps of a program and how many programs share an SM. On the H200 (at
 017ac2e, no prefetch) they reached about 45% (LayerNorm) and 60% (bias + GELU) of the copy
 bandwidth in a training step, where the one-tile-per-program forwards come close to it.
+
+The partial sums' reduction (on the H200 at db16320 about 0.32 ms a ViT-B/16 step over 20
+launches, 21-34% of its memory floor: each program walks its 32 columns down ~10^3 rows) is
+swept on one decoder block's four buffers: columns a program, rows a tile and warps, then stages.
 
 For each kernel at the ViT-B/16 step's shapes and dtypes (bf16 autocast: encoder D=768 and the
 decoder's D=512 for the fused residual-add LayerNorm backward with its fp32 residual gradient,
@@ -42,19 +47,25 @@ def _cases(batch, smoke):
     """(label, kernel, M, D) of the sweep."""
     if smoke:
         return [("add_layer_norm_bwd small", "layer_norm", 37, 40),
-                ("bias_gelu_bwd small", "bias_gelu", 37, 72)]
-    # the most GPU time of a step first (a run cut short keeps those)
+                ("bias_gelu_bwd small", "bias_gelu", 37, 72),
+                ("sum_partials small", "partial_sums", 37, 40)]
+    # the most GPU time of a step first (a run cut short keeps those); for sum_partials M is
+    # the qkv bias partials' rows: (batch, query blocks of 64)
     return [("add_layer_norm_bwd decoder", "layer_norm", batch * 197, DECODER),
             ("bias_gelu_bwd decoder", "bias_gelu", batch * 197, MLP_DECODER),
             ("add_layer_norm_bwd encoder", "layer_norm", batch * 50, ENCODER),
-            ("bias_gelu_bwd encoder", "bias_gelu", batch * 50, MLP_ENCODER)]
+            ("bias_gelu_bwd encoder", "bias_gelu", batch * 50, MLP_ENCODER),
+            ("sum_partials decoder block", "partial_sums", batch * 4, DECODER)]
 
 
 def default_config(kernel, D):
     """The launcher's own configuration for width D on this machine (GPU or interpreter)."""
     from fastmae.kernels import bias_gelu as bg
     from fastmae.kernels import layer_norm as ln
+    from fastmae.kernels import partial_sums as ps
     from fastmae.kernels._common import next_pow2
+    if kernel == "partial_sums":
+        return dict(zip(("block_c", "rows", "warps", "stages"), ps.launch_config()))
     if kernel == "layer_norm":
         block_d = next_pow2(D)
         rows, warps = ln._bwd_launch_config(block_d)
@@ -73,6 +84,15 @@ def _axes(kernel, D, smoke):
     many of its programs an SM holds, so a tile judged at another tile's count could lose for
     the wrong reason; the count sizes the grid only, so those timings need no compile."""
     from fastmae.kernels._common import next_pow2
+    if kernel == "partial_sums":
+        if smoke:
+            return [[{"stages": s} for s in (1, 2)], [{"rows": r} for r in (4, 8)]]
+        # columns a program by rows a tile by warps (at 8 to 32 elements a thread), then how
+        # many tiles a program has in flight
+        return [[{"block_c": c, "rows": r, "warps": w}
+                 for c in (16, 32, 64) for r in (32, 64, 128) for w in (2, 4, 8)
+                 if 8 <= c * r // (32 * w) <= 32],
+                [{"stages": s} for s in (1, 2, 3, 4)]]
     if smoke:
         return [[{"stages": s} for s in (1, 2)],
                 [{"rows": r, "warps_per_sm": n} for r in (1, 4) for n in (8, 16)]]
@@ -96,7 +116,19 @@ def _configured(kernel, config):
     """The kernel module's launcher with ``config`` in place of its defaults."""
     from fastmae.kernels import bias_gelu as bg
     from fastmae.kernels import layer_norm as ln
-    if kernel == "layer_norm":
+    from fastmae.kernels import partial_sums as ps
+    if kernel == "partial_sums":
+        saved = (ps.launch_config, dict(ps._PLANS))
+        ps.launch_config = lambda: (config["block_c"], config["rows"], config["warps"],
+                                    config["stages"])
+        ps._PLANS.clear()  # a plan holds the columns a program
+        try:
+            yield
+        finally:
+            ps.launch_config = saved[0]
+            ps._PLANS.clear()
+            ps._PLANS.update(saved[1])
+    elif kernel == "layer_norm":
         saved = (ln._bwd_launch_config, ln.bwd_warps_per_sm, ln.bwd_stages)
         ln._bwd_launch_config = lambda block_d: (config["rows"], config["warps"])
         ln.bwd_warps_per_sm = lambda block_d: config["warps_per_sm"]
@@ -122,6 +154,15 @@ def _inputs(kernel, M, D, device, low):
     def rand(*shape, dtype=torch.float32, scale=1.0):
         return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
 
+    if kernel == "partial_sums":
+        # one decoder block's backward: the qkv bias's (M, 3D) partials, fc1's bias's (one
+        # wave of bias + GELU programs, 4D) and the two LayerNorms' (weight, bias and branch
+        # bias sums over a wave of programs, D); the waves as an H200's 132 SMs give them
+        waves = (5, 7) if M < 64 else (132, 792)
+        buffers = [rand(M, 3 * D), rand(waves[0], 4 * D), rand(3, waves[1], D),
+                   rand(3, waves[1], D)]
+        nbytes = sum(b.numel() for b in buffers) * 4  # the partials read (the sums negligible)
+        return {"buffers": buffers}, nbytes
     if kernel == "layer_norm":
         from fastmae.kernels import layer_norm as ln
         x, r = rand(M, D, dtype=low), rand(M, D)
@@ -138,6 +179,9 @@ def _inputs(kernel, M, D, device, low):
 
 
 def _call(kernel, args, low):
+    if kernel == "partial_sums":
+        from fastmae.kernels import partial_sums as ps
+        return ps.sum_partials(args["buffers"])
     if kernel == "layer_norm":
         from fastmae.kernels import layer_norm as ln
         return ln.layer_norm_bwd(args["dy"], args["s"], args["w"], args["mean"], args["rstd"],
