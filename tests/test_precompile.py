@@ -37,9 +37,10 @@ def test_precompiled_kernels_are_what_the_steps_own_compiles_find(tmp_path):
     assert report["environment_error"] is None, report["environment_error"]
     assert report["compile_errors"] == []
     # both ways of each path keep_faster times were recorded: the MLP's fused matmul and its
-    # split bias + GELU kernel
-    assert {"_matmul_bias_gelu", "_bias_gelu_fwd", "_layer_norm_bwd",
-            "_attn_fwd"} <= set(report["kernels"]), report["kernels"]
+    # split bias + GELU kernel, the patch embedding's weight-gradient kernel and its gather
+    assert {"_matmul_bias_gelu", "_bias_gelu_fwd", "_layer_norm_bwd", "_attn_fwd",
+            "_patch_embed_bwd_weight", "_gather_patches"} <= set(report["kernels"]), \
+        report["kernels"]
     assert report["recorded"] >= 20
     # the replayed step compiled the same set, and the listener spoke for every compile
     assert report["replayed_not_recorded"] == [] and report["recorded_not_replayed"] == []
