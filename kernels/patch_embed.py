@@ -281,7 +281,7 @@ def _patch_embed_bwd_imgs(
 
 
 # The other way to grad_weight (fastmae.ops picks the faster on a GPU): the visible patches
-# gathered into a contiguous (M, K) matrix in grad_out's dtype, for cuBLAS's G^T @ A. One read
+# gathered into a contiguous (M, K) matrix in the compute dtype, for cuBLAS's G^T @ A. One read
 # of the kept pixels and one write of A, against _patch_embed_bwd_weight's tiles that each
 # gather their own operands.
 
