@@ -73,6 +73,11 @@ if ! (cd "$REPO" && "$PY" -c "import fastmae.kernels" 2>/dev/null); then
     say "fastmae is not installed: using links in $SHIM (fastmae.kernels -> kernels/)"
 fi
 cd "$RUN_DIR"
+# a FASTMAE_COMMIT that is not a commit would be recorded in every result: refuse it up front
+if ! "$PY" -c "from fastmae._provenance import git_commit; git_commit()"; then
+    say "FASTMAE_COMMIT=${FASTMAE_COMMIT:-} is not a commit: export the sha the tree was copied from"
+    exit 2
+fi
 
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     say "no CUDA GPU here: this script measures GPUs only (try: fastmae bench, which runs a tiny CPU configuration)"

@@ -2,6 +2,7 @@
 and `fastmae check` report. Its imports are the standard library's only (no torch, no fastmae):
 setup.py also runs it, at build time, to record the commit in the built package."""
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -32,9 +33,14 @@ def git_commit():
     tree whose .git is not the one it was copied from: a remote GPU machine); else the short
     commit of the checkout fastmae runs from, "+dirty" when tracked files differ from it; else
     the one setup.py recorded when this installed copy was built (``pip install .``); else
-    "unknown"."""
-    if os.environ.get("FASTMAE_COMMIT"):
-        return os.environ["FASTMAE_COMMIT"]
+    "unknown". A FASTMAE_COMMIT that is not a commit (7-40 hex digits, "+dirty" allowed: not,
+    say, the "ref: refs/heads/main" of a .git/HEAD) raises ValueError: a result would carry it."""
+    override = os.environ.get("FASTMAE_COMMIT")
+    if override:
+        if not re.fullmatch(r"[0-9a-f]{7,40}(\+dirty)?", override):
+            raise ValueError(f"FASTMAE_COMMIT must be a commit (7 to 40 hex digits, optionally "
+                             f"+dirty), got {override!r}")
+        return override
     commit = source_commit(Path(__file__).resolve().parent.parent)
     if commit is None:
         try:

@@ -106,3 +106,13 @@ def test_git_commit_takes_the_environment_then_the_checkout_then_the_build_recor
     monkeypatch.setitem(sys.modules, "fastmae._build_info", None)  # no record: ImportError
     assert git_commit() == "unknown"
 
+
+@pytest.mark.parametrize("value", ["ref: refs/heads/main", "main", "c79d6d3 ", "C79D6D3", "abc12"])
+def test_git_commit_refuses_an_environment_value_that_is_not_a_commit(monkeypatch, value):
+    """What a GPU run's `FASTMAE_COMMIT=$(cat .git/HEAD)` once recorded as its commit."""
+    monkeypatch.setenv("FASTMAE_COMMIT", value)
+    with pytest.raises(ValueError, match="FASTMAE_COMMIT"):
+        git_commit()
+    monkeypatch.setenv("FASTMAE_COMMIT", "c79d6d3c0beeb677d3898812206417905895ba1d+dirty")
+    assert git_commit().startswith("c79d6d3c")
+
