@@ -189,8 +189,12 @@ def bwd_config(block_d):
     """(rows per tile, num_warps) of the backward on a GPU: block_d / 256 warps (up to 16), so
     that 32 threads a warp with 8-wide (16-byte bf16) vectors lay the warps side by side along
     a row; 16 elements a thread up to 1024 columns, 8 above (16 at 2048 took up to 166
-    registers with Triton 3.9, over the 128 of 8-warp programs)."""
-    warps = min(max(block_d // 256, 1), 16)
+    registers with Triton 3.9, over the 128 of 8-warp programs). At 512 columns one warp holds
+    a whole row (its two row sums then cross no warp): on the H200, rows of 1 x 512 at 1 warp
+    and 8 warps per SM took the decoder's fused backward (M=50432) from 131.3 / 132.3 to
+    119.8 / 118.6 us in two runs (benches/results/h200-2026-12-04*/sweep_bwd.txt), 1.10x and
+    1.12x against 2 x 512 at 2 warps."""
+    warps = 1 if block_d == 512 else min(max(block_d // 256, 1), 16)
     per_thread = 16 if block_d <= 1024 else 8
     return max(1, per_thread * 32 * warps // block_d), warps
 
@@ -198,8 +202,8 @@ def bwd_config(block_d):
 def bwd_warps_per_sm(block_d):
     """Warps of the backward's one-wave grid per SM on a GPU: programs of up to 4 warps fill 12
     (168 registers a thread), larger ones 16 (128 registers a thread); 1024-column tiles 8, with
-    their 3 stages (bwd_stages: measured so)."""
-    if block_d == 1024:
+    their 3 stages (bwd_stages), and 512-column one-warp tiles 8 (bwd_config): measured so."""
+    if block_d in (512, 1024):
         return 8
     return 12 if bwd_config(block_d)[1] <= 4 else 16
 

@@ -77,11 +77,13 @@ _empty = empty  # every output is allocated here (tests patch it to poison them)
 def launch_config():
     """(columns a program, rows a tile, num_warps, stages): on a GPU 32 columns (a 128-byte line
     a row) by 64 rows, so that a ViT-B block's ~10^4 columns spread over ~300 programs (two or
-    three an SM), each with its next tile's loads in flight; under the interpreter small tiles,
-    so that the tests' small buffers take several column blocks and row tails."""
+    three an SM), each with its next tile's loads in flight, at 2 warps (one decoder block's
+    partials on the H200, benches/results/h200-2026-12-04-c79d6d3/sweep_bwd.txt: 26.6 us against
+    30.4 at 4 warps); under the interpreter small tiles, so that the tests' small buffers take
+    several column blocks and row tails."""
     if interpreting():
         return 16, 4, 1, 1
-    return 32, 64, 4, 2
+    return 32, 64, 2, 2
 
 
 def sum_partials(buffers):
