@@ -293,6 +293,16 @@ def model_section(card, res, chart_link):
     if kept:
         out += ["", "Kernel paths fastmae kept by timing both ways on the first call of each "
                 "shape (the parity step's batch included):", ""] + kept
+    # the attention configurations Triton's autotuner picked (results after c79d6d3 record them)
+    tuned = []
+    for d in sorted(res.steps[card], key=lambda d: _model_key(d["config"]["model"])):
+        picks = [r["autotuned"] for r in d["results"] if r.get("autotuned")]
+        if picks:
+            tuned += [f"- {MODEL_TITLES.get(d['config']['model'], d['config']['model'])}, {k}: {v}"
+                      for k, v in picks[-1].items()]
+    if tuned:
+        out += ["", "Attention configurations Triton's autotuner picked (fastest of the pruned "
+                "pool, timed on the first call of each shape):", ""] + tuned
     fixes = [f"- {MODEL_TITLES.get(d['config']['model'], d['config']['model'])}: {c}"
              for d in res.steps[card] for c in d.get("corrections", [])]
     if fixes:

@@ -301,6 +301,27 @@ def paths_kept():
     return out
 
 
+def autotuned():
+    """The configuration Triton's autotuner picked for each attention kernel and shape so far in
+    this process: {"attention fwd N=197 d=32 bfloat16": "BLOCK_M=64 BLOCK_N=64, warps=4,
+    stages=2", ...} (the dtype: the first tensor argument's; nothing under the interpreter, whose
+    kernels hold one configuration)."""
+    attention = sys.modules.get("fastmae.kernels.attention")
+    if attention is None:
+        return {}
+    kernels = (("fwd", attention._attn_fwd_tuned), ("bwd fused", attention._attn_bwd_fused_tuned),
+               ("bwd dq", attention._attn_bwd_dq_tuned),
+               ("bwd dkdv", attention._attn_bwd_dkdv_tuned))
+    out = {}
+    for kind, tuned in kernels:
+        for key, config in getattr(tuned, "cache", {}).items():
+            n, d, dtype = key[0], key[1], str(key[2]).replace("torch.", "") if len(key) > 2 else ""
+            blocks = " ".join(f"{k}={v}" for k, v in sorted(config.kwargs.items()))
+            out[f"attention {kind} N={n} d={d} {dtype}".rstrip()] = \
+                f"{blocks}, warps={config.num_warps}, stages={config.num_stages}"
+    return out
+
+
 def _progress(total, desc, enabled):
     if not enabled:
         return None
@@ -927,6 +948,8 @@ def _main_gpu(args):
         if SYSTEMS[key][1] == "triton" and not r.get("error"):
             r["paths_kept"] = paths_kept()
             print("  paths kept by timing: " + "; ".join(f"{k} -> {v}" for k, v in r["paths_kept"].items()))
+            r["autotuned"] = autotuned()
+            print("  autotuned: " + "; ".join(f"{k} -> {v}" for k, v in r["autotuned"].items()))
         save()
     _add_ratios(results, train_flops, floors)
     print(format_results(results, True, "reference_compile" in order))

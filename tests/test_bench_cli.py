@@ -330,6 +330,7 @@ def _fixture_step(card="FIXTURE-GPU-A", ms=(111.0, 55.5, 88.8)):
             row("fastmae", "fastmae (triton kernels)", ms[1]),
             row("reference_compile", "reference, torch.compile", ms[2])]
     rows[1]["paths_kept"] = {"mlp fc1 M=12800 N=3072 K=768 bfloat16": "fused (fused 0.100 ms, split 0.200 ms)"}
+    rows[1]["autotuned"] = {"attention fwd N=197 d=32 bfloat16": "BLOCK_M=64 BLOCK_N=64, warps=4, stages=2"}
     rows[1]["profile"] = bench.kernel_breakdown(
         [("_attn_fwd", 4321.0, "grid 4096 x 4 x 1, block 128"), ("nvjet_tst_fixture", 30000.0, None)],
         1, {"_attn_fwd"}, step_ms=ms[1])
@@ -379,6 +380,7 @@ def test_writer_on_fixture(tmp_path):
                      r"12\.5 \| 2\.00x \| 1\.60x \|", md)
     assert "parity passed" in md
     assert "- ViT-B/16, mlp fc1 M=12800 N=3072 K=768 bfloat16: fused (fused 0.100 ms, split 0.200 ms)" in md
+    assert "- ViT-B/16, attention fwd N=197 d=32 bfloat16: BLOCK_M=64 BLOCK_N=64, warps=4, stages=2" in md
     # profile: the fastmae step's kernel time by category and by kernel
     assert "#### ViT-B/16, batch 256, fastmae (triton kernels)" in md
     assert "GPU busy 34.3 ms per step of a 55.5 ms step" in md
@@ -601,6 +603,24 @@ def test_committed_benchmarks_md_is_the_writers():
         assert "Written by `benches/write_benchmarks.py`" in text
         for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
             assert (REPO / link).exists(), f"BENCHMARKS.md shows {link}, which is not in the repo"
+
+
+def test_autotuned_names_each_attention_kernels_pick(monkeypatch):
+    """The attention configurations the autotuner picked, one line per kernel and shape (its
+    cache key: N, d, then every tensor argument's dtype)."""
+    import triton
+    from fastmae.kernels import attention
+    picks = {"_attn_fwd_tuned": {(197, 32, "torch.bfloat16", "torch.bfloat16"): triton.Config(
+                 {"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)},
+             "_attn_bwd_fused_tuned": {(50, 64, "torch.float16"): triton.Config(
+                 {"BLOCK_M": 32}, num_warps=8, num_stages=1)},
+             "_attn_bwd_dq_tuned": {}, "_attn_bwd_dkdv_tuned": {}}
+    for name, cache in picks.items():
+        monkeypatch.setattr(getattr(attention, name), "cache", cache)
+    assert bench.autotuned() == {
+        "attention fwd N=197 d=32 bfloat16": "BLOCK_M=64 BLOCK_N=64, warps=4, stages=2",
+        "attention bwd fused N=50 d=64 float16": "BLOCK_M=32, warps=8, stages=1",
+    }
 
 
 def test_paths_kept_names_each_timed_choice(monkeypatch):
