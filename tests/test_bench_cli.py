@@ -330,7 +330,8 @@ def _fixture_step(card="FIXTURE-GPU-A", ms=(111.0, 55.5, 88.8)):
             row("fastmae", "fastmae (triton kernels)", ms[1]),
             row("reference_compile", "reference, torch.compile", ms[2])]
     rows[1]["paths_kept"] = {"mlp fc1 M=12800 N=3072 K=768 bfloat16": "fused (fused 0.100 ms, split 0.200 ms)"}
-    rows[1]["autotuned"] = {"attention fwd N=197 d=32 bfloat16": "BLOCK_M=64 BLOCK_N=64, warps=4, stages=2"}
+    rows[1]["autotuned"] = {
+        "attention fwd N=197 d=32 bfloat16": "BLOCK_M=64 BLOCK_N=64, warps=4, stages=2"}
     rows[1]["profile"] = bench.kernel_breakdown(
         [("_attn_fwd", 4321.0, "grid 4096 x 4 x 1, block 128"), ("nvjet_tst_fixture", 30000.0, None)],
         1, {"_attn_fwd"}, step_ms=ms[1])
@@ -380,7 +381,8 @@ def test_writer_on_fixture(tmp_path):
                      r"12\.5 \| 2\.00x \| 1\.60x \|", md)
     assert "parity passed" in md
     assert "- ViT-B/16, mlp fc1 M=12800 N=3072 K=768 bfloat16: fused (fused 0.100 ms, split 0.200 ms)" in md
-    assert "- ViT-B/16, attention fwd N=197 d=32 bfloat16: BLOCK_M=64 BLOCK_N=64, warps=4, stages=2" in md
+    assert ("- ViT-B/16, attention fwd N=197 d=32 bfloat16: BLOCK_M=64 BLOCK_N=64, warps=4, "
+            "stages=2") in md
     # profile: the fastmae step's kernel time by category and by kernel
     assert "#### ViT-B/16, batch 256, fastmae (triton kernels)" in md
     assert "GPU busy 34.3 ms per step of a 55.5 ms step" in md
