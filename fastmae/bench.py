@@ -301,24 +301,55 @@ def paths_kept():
     return out
 
 
-def autotuned():
-    """The configuration Triton's autotuner picked for each attention kernel and shape so far in
-    this process: {"attention fwd N=197 d=32 bfloat16": "BLOCK_M=64 BLOCK_N=64, warps=4,
-    stages=2", ...} (the dtype: the first tensor argument's; nothing under the interpreter, whose
-    kernels hold one configuration)."""
+def _config_text(config):
+    blocks = " ".join(f"{k}={v}" for k, v in sorted(config.kwargs.items()))
+    return f"{blocks}, warps={config.num_warps}, stages={config.num_stages}"
+
+
+def _attention_searches():
+    """[(label, picked Config, {Config: median ms} or {}), ...] of the attention autotuners."""
     attention = sys.modules.get("fastmae.kernels.attention")
     if attention is None:
-        return {}
+        return []
+    from fastmae.kernels import _common
     kernels = (("fwd", attention._attn_fwd_tuned), ("bwd fused", attention._attn_bwd_fused_tuned),
                ("bwd dq", attention._attn_bwd_dq_tuned),
                ("bwd dkdv", attention._attn_bwd_dkdv_tuned))
-    out = {}
+    out = []
     for kind, tuned in kernels:
+        searches = _common.TUNE_TIMINGS.get(id(tuned), {})
         for key, config in getattr(tuned, "cache", {}).items():
-            n, d, dtype = key[0], key[1], str(key[2]).replace("torch.", "") if len(key) > 2 else ""
-            blocks = " ".join(f"{k}={v}" for k, v in sorted(config.kwargs.items()))
-            out[f"attention {kind} N={n} d={d} {dtype}".rstrip()] = \
-                f"{blocks}, warps={config.num_warps}, stages={config.num_stages}"
+            # the key: N, d, (B * H).bit_length(), then every tensor argument's dtype
+            n, d, bh_class = key[:3]
+            dtype = str(key[3]).replace("torch.", "") if len(key) > 3 else ""
+            grid = f"B*H={2 ** (bh_class - 1)}..{2 ** bh_class - 1}"
+            out.append((f"attention {kind} N={n} d={d} {grid} {dtype}".rstrip(), config,
+                        searches.get(key, {})))
+    return out
+
+
+def autotune_timings():
+    """Every configuration each attention search timed: {label: {configuration: median ms}},
+    fastest first (what autotuned() sums up)."""
+    return {label: {_config_text(c): round(ms, 5)
+                    for c, ms in sorted(timed.items(), key=lambda kv: kv[1])}
+            for label, _, timed in _attention_searches() if timed}
+
+
+def autotuned():
+    """The configuration Triton's autotuner picked for each attention kernel and shape so far in
+    this process, with the median ms it timed it at and how many it timed: {"attention fwd N=197
+    d=32 B*H=4096..8191 bfloat16": "BLOCK_M=64 BLOCK_N=64, warps=4, stages=2 (0.195 ms, fastest
+    of 7; next 0.201 ms)", ...} (the dtype: the first tensor argument's; nothing under the
+    interpreter, whose kernels hold one configuration)."""
+    out = {}
+    for label, config, timed in _attention_searches():
+        text = _config_text(config)
+        times = sorted(timed.values())
+        if times:
+            text += f" ({times[0]:.3f} ms, fastest of {len(times)}" + (
+                f"; next {times[1]:.3f} ms)" if len(times) > 1 else ")")
+        out[label] = text
     return out
 
 
@@ -949,6 +980,7 @@ def _main_gpu(args):
             r["paths_kept"] = paths_kept()
             print("  paths kept by timing: " + "; ".join(f"{k} -> {v}" for k, v in r["paths_kept"].items()))
             r["autotuned"] = autotuned()
+            r["autotune_timings"] = autotune_timings()
             print("  autotuned: " + "; ".join(f"{k} -> {v}" for k, v in r["autotuned"].items()))
         save()
     _add_ratios(results, train_flops, floors)

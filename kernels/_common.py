@@ -134,7 +134,13 @@ def launch_tuned(tuned, grid, key_values, *args, **kwargs):
     if config is None or config.pre_hook is not None:
         if OBSERVER is not None:
             OBSERVER(*launch_work(tuned, args, kwargs))
+        searched = tune_key is not None and tune_key not in tuned.cache
         tuned[grid](*args, **kwargs)
+        if searched and tune_key in tuned.cache:
+            # the autotuner keeps only its latest search's timings: keep each key's here
+            timings = getattr(tuned, "configs_timings", None) or {}
+            TUNE_TIMINGS.setdefault(id(tuned), {})[tune_key] = {
+                c: (t[0] if isinstance(t, (list, tuple)) else t) for c, t in timings.items()}
         return
     fn, derived = tuned.fn, {}
     if isinstance(fn, Heuristics):
@@ -171,6 +177,10 @@ def launch_tuned(tuned, grid, key_values, *args, **kwargs):
 DIRECT_LAUNCH = os.environ.get("FASTMAE_TRITON_LAUNCH", "direct").strip().lower() != "triton"
 _DIRECT = {}  # id(JITFunction) -> _DirectLaunch
 _TUNED = {}  # id(Autotuner) -> _TunedDirect
+# id(Autotuner) -> {its cache key: {Config: median ms}}: each search's timings, as the autotuner
+# measured them (its configs_timings holds the latest search's only); empty where it searched
+# nothing (one configuration kept) or found its choice in Triton's on-disk autotune cache
+TUNE_TIMINGS = {}
 _KEY_TYPES = (bool, int, float, str, type(None), torch.dtype, type)
 _MAX_KERNELS = 256  # per kernel; past it, new keys are launched by Triton without being kept
 

@@ -235,6 +235,7 @@ def _attn_fwd(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_on, stride_od,
     H, N_CTX,
+    BH_CLASS,  # _bh_class(B, H): a key of the autotuner only, unused here
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -455,6 +456,7 @@ def _attn_bwd_dkdv(
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_sb, stride_sr, stride_ss, stride_sh,
     H, N_CTX,
+    BH_CLASS,  # _bh_class(B, H): a key of the autotuner only, unused here
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,  # query rows per step of the sweep
     BLOCK_N: tl.constexpr,  # keys owned by this program (all of them when FUSE_DQ)
@@ -594,6 +596,7 @@ def _attn_bwd_dq(
     stride_dqb, stride_dqh, stride_dqn, stride_dqd,
     stride_sb, stride_sr, stride_sh,
     H, N_CTX,
+    BH_CLASS,  # _bh_class(B, H): a key of the autotuner only, unused here
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,  # query rows owned by this program
     BLOCK_N: tl.constexpr,  # keys per step of the sweep
@@ -641,10 +644,10 @@ def _attn_bwd_dq(
 
 
 # ----------------------------------------------------------------------------- autotuning
-# Keyed on (N, d) (and, by the autotuner itself, the dtypes). Each pool is pruned per shape and
-# dtype by register / shared-memory budgets calibrated on sm_90 compiles (triton 3.6, ptxas):
-# the kept configurations compile without spills, or nearly so. fp32 inputs take IEEE dots on
-# CUDA cores (no tensor cores), so they get small tiles only.
+# Keyed on (N, d, _bh_class) (and, by the autotuner itself, the dtypes). Each pool is pruned per
+# shape and dtype by register / shared-memory budgets calibrated on sm_90 compiles (triton 3.6,
+# ptxas): the kept configurations compile without spills, or nearly so. fp32 inputs take IEEE
+# dots on CUDA cores (no tensor cores), so they get small tiles only.
 #
 # Under the interpreter a single small configuration: BLOCK_N = 64 gives the one-tile forward for
 # N <= 64 and the key loop beyond; BLOCK_M = 64 gives several query blocks from N = 65 on.
@@ -783,7 +786,7 @@ def _tail_of(block):
 
 
 _attn_fwd_tuned = triton.autotune(
-    configs=_FWD_CONFIGS, key=["N_CTX", "HEAD_DIM"], prune_configs_by={"early_config_prune": _prune_fwd},
+    configs=_FWD_CONFIGS, key=["N_CTX", "HEAD_DIM", "BH_CLASS"], prune_configs_by={"early_config_prune": _prune_fwd},
 )(triton.heuristics({"ONE_TILE": lambda args: args["BLOCK_N"] >= args["N_CTX"],
                      "TAIL_M": _tail_of("BLOCK_M"), "TAIL_N": _tail_of("BLOCK_N")})(_attn_fwd))
 
@@ -791,17 +794,17 @@ _attn_bwd_dkdv_heuristics = triton.heuristics(
     {"TAIL_M": _tail_of("BLOCK_M"), "TAIL_N": _tail_of("BLOCK_N")})(_attn_bwd_dkdv)
 
 _attn_bwd_fused_tuned = triton.autotune(
-    configs=_BWD_FUSED_CONFIGS, key=["N_CTX", "HEAD_DIM"],
+    configs=_BWD_FUSED_CONFIGS, key=["N_CTX", "HEAD_DIM", "BH_CLASS"],
     prune_configs_by={"early_config_prune": _prune_bwd_fused},
 )(_attn_bwd_dkdv_heuristics)
 
 _attn_bwd_dkdv_tuned = triton.autotune(
-    configs=_BWD_DKDV_CONFIGS, key=["N_CTX", "HEAD_DIM"],
+    configs=_BWD_DKDV_CONFIGS, key=["N_CTX", "HEAD_DIM", "BH_CLASS"],
     prune_configs_by={"early_config_prune": _prune_bwd_dkdv},
 )(_attn_bwd_dkdv_heuristics)
 
 _attn_bwd_dq_tuned = triton.autotune(
-    configs=_BWD_DQ_CONFIGS, key=["N_CTX", "HEAD_DIM"],
+    configs=_BWD_DQ_CONFIGS, key=["N_CTX", "HEAD_DIM", "BH_CLASS"],
     prune_configs_by={"early_config_prune": _prune_bwd_dq},
 )(triton.heuristics({"TAIL_M": _tail_of("BLOCK_M"), "TAIL_N": _tail_of("BLOCK_N")})(_attn_bwd_dq))
 
@@ -842,6 +845,14 @@ def _block_d(d):
     return max(16, next_pow2(d))
 
 
+def _bh_class(B, H):
+    """(B * H).bit_length(), the third key of the attention autotuners: their choice is kept per
+    doubling of the grid, not per (N, d) alone. Before this the bench's parity step (batch 32)
+    chose the tiles that its batch-256 steps then ran with, and a trainer's first batch size
+    chose them for every other (a grid of 512 programs and one of 16384 favour different tiles)."""
+    return (B * H).bit_length()
+
+
 def attention_fwd(q, k, v, scale: float, out=None):
     """o = softmax(q k^T * scale) v for q, k, v (B, H, N, d) of one float dtype, any strides.
 
@@ -861,11 +872,12 @@ def attention_fwd(q, k, v, scale: float, out=None):
     def grid(meta):
         return (B * H, cdiv(N, meta["BLOCK_M"]))
 
+    bh_class = _bh_class(B, H)
     launch_tuned(
-        _attn_fwd_tuned, grid, (N, d),
+        _attn_fwd_tuned, grid, (N, d, bh_class),
         q, k, v, o_view, lse, float(scale) * LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *o_view.stride(),
-        H, N,
+        H, N, bh_class,
         HEAD_DIM=d, BLOCK_D=_block_d(d), DOT_PRECISION=_dot_precision(q.dtype),
         POS_SCALE=float(scale) > 0,
     )
@@ -947,6 +959,7 @@ def attention_bwd(do, q, k, v, o, lse, scale: float, dq=None, dk=None, dv=None, 
     block_d = _block_d(d)
     block_n_all = max(16, next_pow2(N))
     precision = _dot_precision(q.dtype)
+    bh_class = _bh_class(B, H)
     common_strides = (*q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq_w.stride())
     has_sums = dsum is not None
     sum_rows = _sum_rows()
@@ -958,10 +971,10 @@ def attention_bwd(do, q, k, v, o, lse, scale: float, dq=None, dk=None, dv=None, 
     def fused():
         # One program per (batch, head) holds every key: dQ, dK, dV and delta in one pass.
         launch_tuned(
-            _attn_bwd_fused_tuned, (B * H, 1), (N, d),
+            _attn_bwd_fused_tuned, (B * H, 1), (N, d, bh_class),
             q, k, v, o, do, dq_w, dk_w, dv_w, lse, lse, s_arg, sm_scale, qk_scale,
             *common_strides, *dk_w.stride(), *dv_w.stride(), s_b, s_r, s_s, s_h,
-            H, N,
+            H, N, bh_class,
             HEAD_DIM=d, BLOCK_N=block_n_all, BLOCK_D=block_d, FUSE_DQ=True, HAS_SUMS=has_sums,
             SUM_ROWS=sum_rows, DOT_PRECISION=precision,
         )
@@ -969,18 +982,20 @@ def attention_bwd(do, q, k, v, o, lse, scale: float, dq=None, dk=None, dv=None, 
     def split():
         delta = empty((B, H, N), torch.float32, q.device)
         launch_tuned(
-            _attn_bwd_dq_tuned, lambda meta: (B * H, cdiv(N, meta["BLOCK_M"])), (N, d),
+            _attn_bwd_dq_tuned, lambda meta: (B * H, cdiv(N, meta["BLOCK_M"])),
+            (N, d, bh_class),
             q, k, v, o, do, dq_w, lse, delta, s_arg, sm_scale, qk_scale,
             *common_strides, s_b, s_r, s_h,
-            H, N,
+            H, N, bh_class,
             HEAD_DIM=d, BLOCK_D=block_d, HAS_SUMS=has_sums, SUM_ROWS=sum_rows,
             DOT_PRECISION=precision,
         )
         launch_tuned(
-            _attn_bwd_dkdv_tuned, lambda meta: (B * H, cdiv(N, meta["BLOCK_N"])), (N, d),
+            _attn_bwd_dkdv_tuned, lambda meta: (B * H, cdiv(N, meta["BLOCK_N"])),
+            (N, d, bh_class),
             q, k, v, o, do, dq_w, dk_w, dv_w, lse, delta, s_arg, sm_scale, qk_scale,
             *common_strides, *dk_w.stride(), *dv_w.stride(), s_b, s_r, s_s, s_h,
-            H, N,
+            H, N, bh_class,
             HEAD_DIM=d, BLOCK_D=block_d, FUSE_DQ=False, HAS_SUMS=has_sums, SUM_ROWS=sum_rows,
             DOT_PRECISION=precision,
         )

@@ -609,19 +609,25 @@ def test_committed_benchmarks_md_is_the_writers():
 
 def test_autotuned_names_each_attention_kernels_pick(monkeypatch):
     """The attention configurations the autotuner picked, one line per kernel and shape (its
-    cache key: N, d, then every tensor argument's dtype)."""
+    cache key: N, d, (B * H).bit_length(), then every tensor argument's dtype)."""
     import triton
     from fastmae.kernels import attention
-    picks = {"_attn_fwd_tuned": {(197, 32, "torch.bfloat16", "torch.bfloat16"): triton.Config(
+    picks = {"_attn_fwd_tuned": {(197, 32, 13, "torch.bfloat16", "torch.bfloat16"): triton.Config(
                  {"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)},
-             "_attn_bwd_fused_tuned": {(50, 64, "torch.float16"): triton.Config(
+             "_attn_bwd_fused_tuned": {(50, 64, 9, "torch.float16"): triton.Config(
                  {"BLOCK_M": 32}, num_warps=8, num_stages=1)},
              "_attn_bwd_dq_tuned": {}, "_attn_bwd_dkdv_tuned": {}}
     for name, cache in picks.items():
         monkeypatch.setattr(getattr(attention, name), "cache", cache)
+    from fastmae.kernels import _common
+    fwd = attention._attn_fwd_tuned
+    (key, best), = picks["_attn_fwd_tuned"].items()
+    slower = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=2)
+    monkeypatch.setattr(_common, "TUNE_TIMINGS", {id(fwd): {key: {slower: 0.25, best: 0.2}}})
     assert bench.autotuned() == {
-        "attention fwd N=197 d=32 bfloat16": "BLOCK_M=64 BLOCK_N=64, warps=4, stages=2",
-        "attention bwd fused N=50 d=64 float16": "BLOCK_M=32, warps=8, stages=1",
+        "attention fwd N=197 d=32 B*H=4096..8191 bfloat16":
+            "BLOCK_M=64 BLOCK_N=64, warps=4, stages=2 (0.200 ms, fastest of 2; next 0.250 ms)",
+        "attention bwd fused N=50 d=64 B*H=256..511 float16": "BLOCK_M=32, warps=8, stages=1",
     }
 
 

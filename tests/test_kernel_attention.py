@@ -424,8 +424,13 @@ def test_launch_reuses_the_autotuners_choice(monkeypatch, device):
     monkeypatch.setattr(tuned, "_bench", lambda *args, config, **kw: [float(config.kwargs["BLOCK_M"])] * 3)
     case = attention_case(1, 2, 13, 16, "qkv", device=device, seed=3)
     q, k, v = case["q"], case["k"], case["v"]
+    from fastmae.kernels import _common
+    monkeypatch.setattr(_common, "TUNE_TIMINGS", {})
     first, _ = attn.attention_fwd(q, k, v, 0.25)
     assert through_autotuner == [True] and len(tuned.cache) == 1
+    # the search's timings are kept by key (the autotuner keeps its latest search's only)
+    assert _common.TUNE_TIMINGS == {id(tuned): {next(iter(tuned.cache)): {two[0]: 16.0,
+                                                                           two[1]: 32.0}}}
     second, _ = attn.attention_fwd(q, k, v, 0.25)
     assert through_autotuner == [True], "the cached configuration is launched directly"
     assert seen[-1] == seen[-2] and seen[-1]["BLOCK_M"] == 16
@@ -433,3 +438,8 @@ def test_launch_reuses_the_autotuners_choice(monkeypatch, device):
     tuned.cache.clear()
     attn.attention_fwd(q, k, v, 0.25)
     assert through_autotuner == [True, True]
+    # a grid of another size class (B * H = 2 -> 8) is tuned again, under its own key
+    wide = attention_case(4, 2, 13, 16, "qkv", device=device, seed=4)
+    attn.attention_fwd(wide["q"], wide["k"], wide["v"], 0.25)
+    assert through_autotuner == [True, True, True]
+    assert sorted(key[2] for key in tuned.cache) == [(1 * 2).bit_length(), (4 * 2).bit_length()]
