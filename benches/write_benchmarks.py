@@ -303,6 +303,11 @@ def model_section(card, res, chart_link):
     if tuned:
         out += ["", "Attention configurations Triton's autotuner picked (fastest of the pruned "
                 "pool, timed on the first call of each shape):", ""] + tuned
+    notes = [f"- {MODEL_TITLES.get(d['config']['model'], d['config']['model'])}: {n}"
+             for d in res.steps[card] for n in d.get("notes", [])]
+    if notes:
+        out += ["", "Notes added to the result files after the run (no measured value changed):",
+                ""] + notes
     fixes = [f"- {MODEL_TITLES.get(d['config']['model'], d['config']['model'])}: {c}"
              for d in res.steps[card] for c in d.get("corrections", [])]
     if fixes:

@@ -367,6 +367,19 @@ def _write(tmp_path, name, data):
     return str(p)
 
 
+def test_writer_lists_notes_and_corrections_added_after_the_run(tmp_path):
+    step = _fixture_step()
+    step["notes"] = ["fastmae (triton kernels): host-bound on this machine"]
+    step["corrections"] = ["env.commit: set to fixture00000"]
+    md = writer.render(writer.load([_write(tmp_path, "step.json", step)]))
+    assert ("Notes added to the result files after the run (no measured value changed):\n\n"
+            "- ViT-B/16: fastmae (triton kernels): host-bound on this machine") in md
+    assert ("Corrections made to the raw result files after the run (the files say so too):\n\n"
+            "- ViT-B/16: env.commit: set to fixture00000") in md
+    assert "Notes added" not in writer.render(writer.load([_write(tmp_path, "plain.json",
+                                                                  _fixture_step())]))
+
+
 def test_writer_on_fixture(tmp_path):
     files = [_write(tmp_path, "step.json", _fixture_step()), _write(tmp_path, "ops.json", _fixture_ops())]
     chart = tmp_path / "benches" / "images_per_s.png"
