@@ -79,7 +79,8 @@ def launch_config():
     a row) by 64 rows, so that a ViT-B block's ~10^4 columns spread over ~300 programs (two or
     three an SM), each with its next tile's loads in flight, at 2 warps (one decoder block's
     partials on the H200, benches/results/h200-2026-12-04-c79d6d3/sweep_bwd.txt: 26.6 us against
-    30.4 at 4 warps); under the interpreter small tiles, so that the tests' small buffers take
+    30.4 at 4 warps; in the step, 0.32 ms before and 0.33 after, at about a quarter of its
+    memory floor either way); under the interpreter small tiles, so that the tests' small buffers take
     several column blocks and row tails."""
     if interpreting():
         return 16, 4, 1, 1
