@@ -28,9 +28,10 @@
 # machine whose host was slower: torch.compile of the reference 61 s instead of 40, and the
 # attention autotuners now also search at the timed batch, not only at the parity batch); 3c
 # took 33 s; stage 4's 126 tests have never finished inside a device lease: at c79d6d3 one had
-# not reported after 200 s, and at 6c02ddb, cut 100 s in, 123 had passed and
-# test_compiled_vit_b16_has_no_graph_break_on_gpu, test_a_precompiled_step_compiles_nothing_on_gpu
-# and test_cuda_graph_run_equals_an_eager_run_on_gpu had not reported. For every target of the
+# not reported after 200 s, and at 6c02ddb, cut 100 s in, 123 had passed and three had not
+# reported: torch.compile of the whole ViT-B/16 (since cut to two blocks and one),
+# test_a_precompiled_step_compiles_nothing_on_gpu and
+# test_cuda_graph_run_equals_an_eager_run_on_gpu. For every target of the
 # speed issue (ViT-B/16 against eager and torch.compile, ViT-L/16 against eager, each fastmae
 # kernel against its floor, peak memory) and the training test in one command:
 #   SKIP_HOST=1 SKIP_SWEEP=1 SKIP_OPS=1 SKIP_TESTS=1 bash benches/gpu_suite.sh
