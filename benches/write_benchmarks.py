@@ -282,37 +282,34 @@ def model_section(card, res, chart_link):
             f"{p['grad_err_eager']:.1e}; mask {'identical' if p['mask_equal'] else 'differs'}.")
     if lines:
         out += ["", "Parity, checked in the same run:", ""] + lines
-    # the kernel paths fastmae chose by timing in the run (results since ea4a247 record them):
-    # the last fastmae system of each model holds every choice made in its process
-    kept = []
-    for d in sorted(res.steps[card], key=lambda d: _model_key(d["config"]["model"])):
-        paths = [r["paths_kept"] for r in d["results"] if r.get("paths_kept")]
-        if paths:
-            kept += [f"- {MODEL_TITLES.get(d['config']['model'], d['config']['model'])}, {k}: {v}"
-                     for k, v in paths[-1].items()]
-    if kept:
-        out += ["", "Kernel paths fastmae kept by timing both ways on the first call of each "
-                "shape (the parity step's batch included):", ""] + kept
-    # the attention configurations Triton's autotuner picked (results after c79d6d3 record them)
-    tuned = []
-    for d in sorted(res.steps[card], key=lambda d: _model_key(d["config"]["model"])):
-        picks = [r["autotuned"] for r in d["results"] if r.get("autotuned")]
-        if picks:
-            tuned += [f"- {MODEL_TITLES.get(d['config']['model'], d['config']['model'])}, {k}: {v}"
-                      for k, v in picks[-1].items()]
-    if tuned:
-        out += ["", "Attention configurations Triton's autotuner picked (fastest of the pruned "
-                "pool, timed on the first call of each shape):", ""] + tuned
-    notes = [f"- {MODEL_TITLES.get(d['config']['model'], d['config']['model'])}: {n}"
-             for d in res.steps[card] for n in d.get("notes", [])]
-    if notes:
-        out += ["", "Notes added to the result files after the run (no measured value changed):",
-                ""] + notes
-    fixes = [f"- {MODEL_TITLES.get(d['config']['model'], d['config']['model'])}: {c}"
-             for d in res.steps[card] for c in d.get("corrections", [])]
-    if fixes:
-        out += ["", "Corrections made to the raw result files after the run (the files say so too):",
-                ""] + fixes
+    def title(d):
+        return MODEL_TITLES.get(d["config"]["model"], d["config"]["model"])
+
+    def last_choices(field):
+        """'- model, key: value' lines of the last fastmae system of each model that has
+        ``field`` (it holds every choice made in its process)."""
+        lines = []
+        for d in sorted(res.steps[card], key=lambda d: _model_key(d["config"]["model"])):
+            found = [r[field] for r in d["results"] if r.get(field)]
+            if found:
+                lines += [f"- {title(d)}, {k}: {v}" for k, v in found[-1].items()]
+        return lines
+
+    def annotations(field):
+        return [f"- {title(d)}: {text}" for d in res.steps[card] for text in d.get(field, [])]
+
+    # (results since ea4a247 record the kernel paths, since 6c02ddb the autotuners' picks)
+    for lines, heading in (
+            (last_choices("paths_kept"), "Kernel paths fastmae kept by timing both ways on the "
+             "first call of each shape (the parity step's batch included):"),
+            (last_choices("autotuned"), "Attention configurations Triton's autotuner picked "
+             "(fastest of the pruned pool, timed on the first call of each shape):"),
+            (annotations("notes"), "Notes added to the result files after the run (no measured "
+             "value changed):"),
+            (annotations("corrections"), "Corrections made to the raw result files after the run "
+             "(the files say so too):")):
+        if lines:
+            out += ["", heading, ""] + lines
     if chart_link:
         out += ["", f"![images/s per system on {card}]({chart_link})"]
     return "\n".join(out)
