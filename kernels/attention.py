@@ -685,7 +685,7 @@ def _keep_fwd(bm, bn, w, s, n_ctx, n_pow2, bd, fp32):
         budget = 131072 if one_tile and bd <= 64 else 65536
         return w == 4 and bm * bn * bd <= budget and (one_tile or (s == 2 and bn >= min(32, n_pow2)))
     # short key loops (N <= 256) in blocks of at least 64; up to 3 stages: on the H200 the dQ
-    # kernel at the decoder's N = 197 ran 8-16% faster at 3 than at 2 for 3 of its 4 tilings
+    # kernel at the decoder's N = 197 ran 10-19% faster at 3 than at 2 for 5 of its 6 tilings
     # (benches/results/h200-2026-12-04-6c02ddb, autotune_timings)
     if not one_tile and (bn > 128 or (n_ctx <= 256 and bn < 64)):
         return False
