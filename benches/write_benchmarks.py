@@ -230,6 +230,21 @@ def _step_rows(card, res):
     return by_model, configs, parity
 
 
+HOST_BOUND_BUSY = 0.9  # a profiled step whose GPU was busy less than this share is host-bound
+
+
+def _host_bound_lines(by_model):
+    lines = []
+    for m in sorted(by_model, key=_model_key):
+        for s, r in by_model[m].items():
+            prof = r.get("profile") or {}
+            busy, step = prof.get("gpu_busy_ms_per_step"), prof.get("step_ms")
+            if busy and step and busy < HOST_BOUND_BUSY * step:
+                lines.append(f"- {MODEL_TITLES.get(m, m)}, {SYSTEM_LABELS.get(s, s)}: GPU busy "
+                             f"{busy:.1f} ms per step of a {step:.1f} ms step ({busy / step:.0%})")
+    return lines
+
+
 def model_section(card, res, chart_link):
     by_model, configs, parity = _step_rows(card, res)
     if not by_model:
@@ -266,6 +281,11 @@ def model_section(card, res, chart_link):
            "per-launch cost out of the step.", "",
            _table(["model, batch, dtype", "system", "ms/step", "images/s", "MFU", "peak GiB",
                    "vs eager", "vs torch.compile"], rows, ["l", "l"] + ["r"] * 6)]
+    host_bound = _host_bound_lines(by_model)
+    if host_bound:
+        out += ["", "Host-bound rows (in the profiled steps the GPU was busy less than "
+                f"{HOST_BOUND_BUSY:.0%} of a step: the host's launches, not the GPU, set the "
+                "pace, and a slower or busier host shows in them):", ""] + host_bound
     lines = []
     for m in sorted(parity, key=_model_key):
         p = parity[m]

@@ -399,6 +399,9 @@ def test_writer_on_fixture(tmp_path):
     # profile: the fastmae step's kernel time by category and by kernel
     assert "#### ViT-B/16, batch 256, fastmae (triton kernels)" in md
     assert "GPU busy 34.3 ms per step of a 55.5 ms step" in md
+    # 34.3 of 55.5 ms busy (62%): flagged under the table as host-bound
+    assert ("- ViT-B/16, fastmae (triton kernels): GPU busy 34.3 ms per step of a 55.5 ms step "
+            "(62%)") in md
     assert re.search(r"\| `_attn_fwd` \| fastmae kernels \| 4\.32 \| 13% \| 1 \|", md)
     assert "Every fastmae kernel:" in md and re.search(r"\| `_attn_fwd` \| 4\.32 \| 13% \| 1 \|", md)
     assert "Every fastmae kernel by launch shape" in md and re.search(
@@ -664,3 +667,12 @@ def test_paths_kept_names_each_timed_choice(monkeypatch):
         "attention bwd B*H=4096 N=197 d=32 bfloat16": "split (fused failed, split 1.500 ms)",
         "patch embedding weight grad M=12544 D=768 K=768 bfloat16": "split",
     }
+
+
+def test_host_bound_rows_are_those_whose_gpu_idled_a_tenth_of_the_step():
+    def rec(busy, step):
+        return {"profile": {"gpu_busy_ms_per_step": busy, "step_ms": step}}
+    by_model = {"vit_b16": {"fastmae": rec(38.1, 67.9), "reference": rec(70.5, 72.5),
+                            "fastmae_graph": {"profile": None}}}
+    assert writer._host_bound_lines(by_model) == [
+        "- ViT-B/16, fastmae (triton kernels): GPU busy 38.1 ms per step of a 67.9 ms step (56%)"]
