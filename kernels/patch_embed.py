@@ -22,6 +22,18 @@ from ._common import cdiv, empty, interpreting, launch, launch_tuned, next_pow2
 _empty = empty  # every output is allocated here (tests patch it to poison them)
 
 
+@triton.jit
+def _dot_in(a, b, acc, COMPUTE: tl.constexpr):
+    """acc + a @ b with the operands in the compute dtype: 0 fp32 ("ieee" dots), 1 fp16, 2 bf16."""
+    if COMPUTE == 2:
+        acc = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
+    elif COMPUTE == 1:
+        acc = tl.dot(a.to(tl.float16), b.to(tl.float16), acc)
+    else:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return acc
+
+
 # ----------------------------------------------------------------------------- forward
 
 def _fwd_configs():
@@ -91,12 +103,7 @@ def _patch_embed_fwd(
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(w_ptr + kk[:, None] * s_wk + d[None, :] * s_wd,
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        if COMPUTE == 2:
-            acc = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
-        elif COMPUTE == 1:
-            acc = tl.dot(a.to(tl.float16), b.to(tl.float16), acc)
-        else:
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        acc = _dot_in(a, b, acc, COMPUTE)
 
     bias = tl.load(bias_ptr + d * s_b, mask=col_ok, other=0.0).to(tl.float32)
     pos = tl.load(pos_ptr + (1 + l)[:, None] * s_pl + d[None, :] * s_pd,
@@ -216,12 +223,7 @@ def _patch_embed_bwd_weight(
                      mask=d_ok[:, None] & row_ok[None, :], other=0.0)  # (BLOCK_D, BLOCK_M) = G^T
         a = tl.load(imgs_ptr + base[:, None] + cols[None, :],
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
-        if COMPUTE == 2:
-            acc = tl.dot(gt.to(tl.bfloat16), a.to(tl.bfloat16), acc)
-        elif COMPUTE == 1:
-            acc = tl.dot(gt.to(tl.float16), a.to(tl.float16), acc)
-        else:
-            acc = tl.dot(gt.to(tl.float32), a.to(tl.float32), acc, input_precision="ieee")
+        acc = _dot_in(gt, a, acc, COMPUTE)
 
     tl.store(part_ptr + split * D * K + d[:, None] * K + kk[None, :], acc,
              mask=d_ok[:, None] & k_ok[None, :])
@@ -269,12 +271,7 @@ def _patch_embed_bwd_imgs(
                         mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             w = tl.load(w_ptr + d[:, None] * s_wd + kk[None, :] * s_wk,
                         mask=d_ok[:, None] & k_ok[None, :], other=0.0)
-            if COMPUTE == 2:
-                acc = tl.dot(g.to(tl.bfloat16), w.to(tl.bfloat16), acc)
-            elif COMPUTE == 1:
-                acc = tl.dot(g.to(tl.float16), w.to(tl.float16), acc)
-            else:
-                acc = tl.dot(g.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+            acc = _dot_in(g, w, acc, COMPUTE)
 
     tl.store(dx_ptr + base[:, None] + _patch_cols(kk, s_ic, s_ih, s_iw, P)[None, :],
              acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & k_ok[None, :])
