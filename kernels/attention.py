@@ -789,7 +789,8 @@ def _tail_of(block):
 
 
 _attn_fwd_tuned = triton.autotune(
-    configs=_FWD_CONFIGS, key=["N_CTX", "HEAD_DIM", "BH_CLASS"], prune_configs_by={"early_config_prune": _prune_fwd},
+    configs=_FWD_CONFIGS, key=["N_CTX", "HEAD_DIM", "BH_CLASS"],
+    prune_configs_by={"early_config_prune": _prune_fwd},
 )(triton.heuristics({"ONE_TILE": lambda args: args["BLOCK_N"] >= args["N_CTX"],
                      "TAIL_M": _tail_of("BLOCK_M"), "TAIL_N": _tail_of("BLOCK_N")})(_attn_fwd))
 
