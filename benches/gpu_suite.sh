@@ -15,6 +15,8 @@
 # 3b. benches/step_overhead.py: where the host time of an eager step goes -> step_overhead.txt;
 # 3c. benches/sweep_bwd.py: the LayerNorm / bias + GELU backwards' and the partial sums' launch
 #     configs -> sweep_bwd.txt;
+# 3d. (PROFILE=1 only) benches/kernel_profile.py: the attention kernels' hardware counters
+#     under Nsight Compute -> OUTDIR/profile/;
 # 4. the other GPU correctness tests (pytest tests -m cuda; attention autotuning off);
 # 5. the op suites (benches/bench_ops.py) at the ViT-B/16 shapes -> OUTDIR/ops.json;
 # 6. BENCHMARKS.md and benches/images_per_s.png rewritten from those files (copies in OUTDIR);
@@ -43,7 +45,8 @@
 # TEST_WORKERS=8, LAUNCH_TIMEOUT=45, B_TIMEOUT=240, TRAIN_TEST_TIMEOUT=60, L_TIMEOUT=150,
 # TEST_TIMEOUT=300, TEST_CASE_TIMEOUT=200 (one test, with pytest-timeout), OPS_TIMEOUT=90,
 # HOST_TIMEOUT=90, SWEEP_TIMEOUT=120, SKIP_STEP=0 (stage 1), SKIP_TRAIN_TEST=0, SKIP_HOST=0,
-# SKIP_SWEEP=0, SKIP_TESTS=0, SKIP_OPS=0,
+# SKIP_SWEEP=0, SKIP_TESTS=0, SKIP_OPS=0, PROFILE=0 (1: stage 3d), PROFILE_TIMEOUT=300,
+# PROFILE_CASES=decoder (and/or encoder),
 # PYTHON=python3, SUITE_COMMAND (the command BENCHMARKS.md names as the one that reproduces it).
 set -uo pipefail
 
@@ -150,6 +153,19 @@ if [ "${SKIP_SWEEP:-0}" != "1" ]; then
     timeout "${SWEEP_TIMEOUT:-120}" "$PY" "$REPO/benches/sweep_bwd.py" 2>&1 \
         | tee "$OUTDIR/sweep_bwd.txt" >> "$LOG" \
         || { say "sweep_bwd.py failed or timed out"; STATUS=1; }
+fi
+
+# ---------------------------------------------------------------- 3d. hardware counters
+# off unless PROFILE=1: the attention kernels under Nsight Compute (benches/kernel_profile.py ->
+# OUTDIR/profile): occupancy, issue-slot use, eligible warps, stall reasons, and the SASS
+# instructions the stall samples fall on (the decoder's attention ran at 25-37% of its floor,
+# flat across tilings, at 6c02ddb)
+if [ "${PROFILE:-0}" = "1" ]; then
+    say "3d/6 attention kernels under ncu: benches/kernel_profile.py -> profile/"
+    limit="${PROFILE_TIMEOUT:-300}"
+    run timeout "$limit" "$PY" "$REPO/benches/kernel_profile.py" --out "$OUTDIR/profile" \
+        --cases "${PROFILE_CASES:-decoder}" --timeout $((limit - 30)) \
+        || { say "kernel_profile.py failed or timed out (see profile/ncu.log)"; STATUS=1; }
 fi
 
 # ---------------------------------------------------------------- 4. correctness
