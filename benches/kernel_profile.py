@@ -223,18 +223,19 @@ def parse_details(text):
 
 def parse_stalls(text):
     """{result ID: {stall reason: warp cycles per issued instruction}} from ncu's raw page in CSV
-    (one row a result, one column a metric; the row after the heading holds the units)."""
+    (one row a result, one column a metric; a row of units, with no ID, may follow the heading)."""
     rows = _csv_rows(text)
-    if len(rows) < 3 or "ID" not in rows[0]:
+    if len(rows) < 2 or "ID" not in rows[0]:
         return {}
     head = rows[0]
+    id_col = head.index("ID")
     stall_cols = [(i, m.group(1)) for i, name in enumerate(head) if (m := _STALL.match(name))]
     out = {}
-    for row in rows[2:]:
-        if len(row) < len(head):
+    for row in rows[1:]:
+        if len(row) < len(head) or not row[id_col]:
             continue
         stalls = {reason: _number(row[i]) for i, reason in stall_cols}
-        out[row[head.index("ID")]] = {r: v for r, v in stalls.items() if v is not None}
+        out[row[id_col]] = {r: v for r, v in stalls.items() if v is not None}
     return out
 
 

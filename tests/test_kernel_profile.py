@@ -103,6 +103,8 @@ def test_readers_of_ncu_pages():
     stalls = kernel_profile.parse_stalls(RAW_CSV)
     assert stalls["0"] == {"barrier": 0.5, "long_scoreboard": 2.25}
     assert stalls["2"] == {"long_scoreboard": 3.0}  # "n/a" dropped
+    without_units = "\n".join(x for x in RAW_CSV.splitlines() if not x.startswith('"",'))
+    assert kernel_profile.parse_stalls(without_units) == stalls
     top, opcodes = kernel_profile.parse_sass(SASS_CSV, top=2)
     assert top == [(300.0, "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ"),
                    (120.0, "@P0 MUFU.EX2 R4, R4")]
