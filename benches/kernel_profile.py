@@ -190,26 +190,25 @@ def _number(text):
         return None
 
 
-def _csv_rows(text):
-    """The CSV part of ncu's output (it may print ==PROF== / ==WARNING== lines first)."""
-    lines = [line for line in text.splitlines() if line.startswith('"')]
-    return list(csv.reader(io.StringIO("\n".join(lines))))
+def _table(text, *names):
+    """(heading, rows after it) of the CSV table in ncu's output whose heading row holds every
+    one of ``names`` (ncu may print ==PROF== lines or a banner first); (None, []) if none."""
+    rows = list(csv.reader(io.StringIO(text)))
+    at = next((n for n, row in enumerate(rows) if all(name in row for name in names)), None)
+    return (None, []) if at is None else (rows[at], rows[at + 1:])
 
 
 def parse_details(text):
     """{result ID: {"kernel": name, metric name: value}} from ncu's details page in CSV (one row
     a metric: ID, ..., Kernel Name, ..., Section Name, Metric Name, Metric Unit, Metric Value);
     durations in microseconds, numbers as floats."""
-    rows = _csv_rows(text)
-    if not rows:
+    head, rows = _table(text, "ID", "Kernel Name", "Metric Name", "Metric Unit", "Metric Value")
+    if head is None:
         return {}
-    head = rows[0]
     col = {name: head.index(name) for name in
-           ("ID", "Kernel Name", "Metric Name", "Metric Unit", "Metric Value") if name in head}
-    if len(col) < 5:
-        return {}
+           ("ID", "Kernel Name", "Metric Name", "Metric Unit", "Metric Value")}
     out = {}
-    for row in rows[1:]:
+    for row in rows:
         if len(row) < len(head):
             continue
         result = out.setdefault(row[col["ID"]], {"kernel": row[col["Kernel Name"]]})
@@ -224,14 +223,13 @@ def parse_details(text):
 def parse_stalls(text):
     """{result ID: {stall reason: warp cycles per issued instruction}} from ncu's raw page in CSV
     (one row a result, one column a metric; a row of units, with no ID, may follow the heading)."""
-    rows = _csv_rows(text)
-    if len(rows) < 2 or "ID" not in rows[0]:
+    head, rows = _table(text, "ID", "Kernel Name")
+    if head is None:
         return {}
-    head = rows[0]
     id_col = head.index("ID")
     stall_cols = [(i, m.group(1)) for i, name in enumerate(head) if (m := _STALL.match(name))]
     out = {}
-    for row in rows[1:]:
+    for row in rows:
         if len(row) < len(head) or not row[id_col]:
             continue
         stalls = {reason: _number(row[i]) for i, reason in stall_cols}
@@ -240,21 +238,22 @@ def parse_stalls(text):
 
 
 def parse_sass(text, top=8):
-    """(the instructions with the most stall samples [(samples, SASS text)], samples by opcode
-    {opcode: samples}) from ncu's source page of one launch in CSV."""
-    rows = _csv_rows(text)
-    if not rows:
-        return [], {}
-    head = rows[0]
-    source = next((i for i, h in enumerate(head) if h == "Source"), None)
-    samples = next((i for i, h in enumerate(head) if h.startswith("Warp Stall Sampling (All")),
-                   None)
-    if source is None or samples is None:
-        return [], {}
-    per_instruction, per_opcode = [], {}
-    for row in rows[1:]:
+    """From ncu's source page of one launch in CSV (SASS, one row an instruction, under a
+    heading row that may follow a banner): {"top": the instructions with the most stall samples
+    [(samples, SASS text)], "opcodes": {opcode: stall samples}, "reasons": {column: samples}
+    (where the page has a column a stall reason, "stall_..."), most first}."""
+    head, rows = _table(text, "Source")
+    if head is None or not any(h.startswith("Warp Stall Sampling (All") for h in head):
+        return {"top": [], "opcodes": {}, "reasons": {}}
+    source = head.index("Source")
+    samples = next(i for i, h in enumerate(head) if h.startswith("Warp Stall Sampling (All"))
+    reason_cols = [(i, h) for i, h in enumerate(head) if h.startswith("stall_")]
+    per_instruction, per_opcode, per_reason = [], {}, {}
+    for row in rows:
         if len(row) < len(head):
             continue
+        for i, h in reason_cols:
+            per_reason[h] = per_reason.get(h, 0) + (_number(row[i]) or 0)
         count = _number(row[samples])
         if not count:
             continue
@@ -264,7 +263,12 @@ def parse_sass(text, top=8):
         per_opcode[opcode] = per_opcode.get(opcode, 0) + count
         per_instruction.append((count, sass))
     per_instruction.sort(key=lambda item: -item[0])
-    return per_instruction[:top], dict(sorted(per_opcode.items(), key=lambda kv: -kv[1]))
+
+    def most_first(d):
+        return dict(sorted(((k, v) for k, v in d.items() if v), key=lambda kv: -kv[1]))
+
+    return {"top": per_instruction[:top], "opcodes": most_first(per_opcode),
+            "reasons": most_first(per_reason)}
 
 
 def summarize(launches, details, stalls, sass):
@@ -279,8 +283,7 @@ def summarize(launches, details, stalls, sass):
         row = {**launch, "ncu_id": rid,
                "metrics": {name: metrics.get(name) for name, _ in DETAILS},
                "stalls": dict(sorted(stalls.get(rid, {}).items(), key=lambda kv: -kv[1]))}
-        top, opcodes = sass.get(n, ([], {}))
-        row["sass_top"], row["sass_opcodes"] = top, opcodes
+        row["sass"] = sass.get(n, {"top": [], "opcodes": {}, "reasons": {}})
         rows.append(row)
     return rows
 
@@ -297,10 +300,11 @@ def format_table(rows):
         stalls = ", ".join(f"{k} {v:.1f}" for k, v in list(r["stalls"].items())[:5])
         if stalls:
             lines.append(f"    stalls (warp cycles per issued instruction): {stalls}")
-        opcodes = ", ".join(f"{k} {int(v)}" for k, v in list(r["sass_opcodes"].items())[:6])
-        if opcodes:
-            lines.append(f"    stall samples by opcode: {opcodes}")
-        for count, text in r["sass_top"][:3]:
+        for what, counts in (("reason", r["sass"]["reasons"]), ("opcode", r["sass"]["opcodes"])):
+            text = ", ".join(f"{k} {int(v)}" for k, v in list(counts.items())[:6])
+            if text:
+                lines.append(f"    stall samples by {what}: {text}")
+        for count, text in r["sass"]["top"][:3]:
             lines.append(f"    {int(count):8d}  {text}")
     return "\n".join(lines)
 

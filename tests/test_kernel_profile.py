@@ -47,12 +47,13 @@ RAW_CSV = "\n".join([
 ]) + "\n"
 
 SASS_CSV = "\n".join([
+    "Kernel Name: _attn_fwd",  # a banner before the heading
     '"Address","Source","Warp Stall Sampling (All Samples)",'
-    '"Warp Stall Sampling (Not-issued Samples)","Instructions Executed"',
-    '"0x7f0","@P0 MUFU.EX2 R4, R4","120","100","4096"',
-    '"0x800","HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ","300","280","128"',
-    '"0x810","MUFU.EX2 R5, R5","80","60","4096"',
-    '"0x820","FADD R1, R2, R3","0","0","4096"',
+    '"Warp Stall Sampling (Not-issued Samples)","stall_wait","stall_long_sb"',
+    '"0x7f0","@P0 MUFU.EX2 R4, R4","120","100","20","0"',
+    '"0x800","HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ","300","280","0","250"',
+    '"0x810","MUFU.EX2 R5, R5","80","60","50","0"',
+    '"0x820","FADD R1, R2, R3","0","0","0","0"',
 ]) + "\n"
 
 LAUNCHES = [{"label": "decoder fwd", "kernel": "_attn_fwd", "bytes": 1, "flops": 2},
@@ -105,20 +106,23 @@ def test_readers_of_ncu_pages():
     assert stalls["2"] == {"long_scoreboard": 3.0}  # "n/a" dropped
     without_units = "\n".join(x for x in RAW_CSV.splitlines() if not x.startswith('"",'))
     assert kernel_profile.parse_stalls(without_units) == stalls
-    top, opcodes = kernel_profile.parse_sass(SASS_CSV, top=2)
-    assert top == [(300.0, "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ"),
-                   (120.0, "@P0 MUFU.EX2 R4, R4")]
-    assert opcodes == {"HGMMA": 300.0, "MUFU": 200.0}
+    sass = kernel_profile.parse_sass(SASS_CSV, top=2)
+    assert sass["top"] == [(300.0, "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ"),
+                           (120.0, "@P0 MUFU.EX2 R4, R4")]
+    assert sass["opcodes"] == {"HGMMA": 300.0, "MUFU": 200.0}
+    assert list(sass["reasons"].items()) == [("stall_long_sb", 250.0), ("stall_wait", 70.0)]
     assert kernel_profile.parse_details("no csv here") == {}
-    assert kernel_profile.parse_stalls("") == {} and kernel_profile.parse_sass("") == ([], {})
+    assert kernel_profile.parse_stalls("") == {}
+    assert kernel_profile.parse_sass("") == {"top": [], "opcodes": {}, "reasons": {}}
 
-    rows = kernel_profile.summarize(LAUNCHES, details, stalls, {0: (top, opcodes)})
+    rows = kernel_profile.summarize(LAUNCHES, details, stalls, {0: sass})
     assert [r["ncu_id"] for r in rows] == ["0", "1", "2", None]
     assert rows[0]["metrics"]["Duration"] == pytest.approx(184.35)
     assert list(rows[0]["stalls"]) == ["long_scoreboard", "barrier"]  # most first
     assert rows[3]["metrics"]["Duration"] is None  # no result for it
     table = kernel_profile.format_table(rows)
     assert "decoder fwd" in table and "long_scoreboard 2.2" in table and "HGMMA 300" in table
+    assert "stall_long_sb 250" in table
 
 
 def test_results_out_of_launch_order_are_not_matched():
@@ -166,7 +170,7 @@ def test_the_driver_around_a_stand_in_ncu(tmp_path, capsys):
     assert result["cases"] == {"decoder": {"batch": 256, "heads": 16, "tokens": 197,
                                            "head_dim": 32}}
     assert [r["kernel"] for r in result["launches"]] == [x["kernel"] for x in LAUNCHES]
-    assert result["launches"][0]["sass_opcodes"] == {"HGMMA": 300.0, "MUFU": 200.0}
+    assert result["launches"][0]["sass"]["opcodes"] == {"HGMMA": 300.0, "MUFU": 200.0}
     assert "decoder bwd split" in capsys.readouterr().out
 
 
