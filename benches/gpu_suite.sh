@@ -40,6 +40,8 @@
 # and the CUDA tests alone in another (with 300 s they should finish; a test past its own limit
 # is named):
 #   SKIP_STEP=1 SKIP_TRAIN_TEST=1 L_MODEL= SKIP_HOST=1 SKIP_SWEEP=1 SKIP_OPS=1 bash benches/gpu_suite.sh
+# The decoder attention's hardware counters (stage 3d, not yet run on a GPU; its compiles and
+# autotuning, then ncu's replays of four launches) go with the first: PROFILE=1.
 #
 # Knobs (environment): STEPS=10, WARMUP=3, L_MODEL=vit_l16 (empty: skip), OP_MODELS=vit_b16,
 # TEST_WORKERS=8, LAUNCH_TIMEOUT=45, B_TIMEOUT=240, TRAIN_TEST_TIMEOUT=60, L_TIMEOUT=150,
