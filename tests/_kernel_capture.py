@@ -6,7 +6,8 @@ Used by ``tests/test_gpu_compile.py``, which runs it as a script in a subprocess
     python tests/_kernel_capture.py [MODULE ...] [--mode quick|full|capture] [--jobs N] [--verbose]
 
 prints one JSON report per module (default: every module; ``--verbose`` adds every launch with
-its compile time, registers, spilled bytes, shared memory, its SASS instruction count, and the
+its compile time, registers, spilled bytes, shared memory, the warps an SM holds of it (its
+occupancy by those resources), its SASS instruction count, and the
 instructions, barriers, MMAs, cp.async copies and spill accesses of one iteration of each of its
 loops).
 
@@ -517,6 +518,17 @@ def cubin_sass(cubin):
     return len(code), loops
 
 
+def resident_warps(registers, shared, num_warps):
+    """Warps of a kernel's programs an sm_90 SM holds at once, by its registers a thread (a
+    warp's allocated in units of 256), its shared memory (plus the 1 KiB each block reserves)
+    and the SM's limits of 64 warps and 32 blocks: the occupancy its resources allow."""
+    per_warp = -(-registers * 32 // 256) * 256
+    blocks = min(SM90_REGISTERS // (per_warp * num_warps),
+                 SM90_SHARED_PER_SM // (shared + SM90_BLOCK_RESERVED_SHARED),
+                 64 // num_warps, 32)
+    return blocks * num_warps
+
+
 def one_wave_budget(launch):
     """(registers a thread, programs an SM) the launch's grid counts on if it is a kernel whose
     launcher sizes its grid as one wave -- kernel modules declare
@@ -559,6 +571,9 @@ def compile_launch(launch, target, details=None):
     if details is not None:
         details["spill_bytes"] = stack
         details["sass_instructions"], details["loops"] = cubin_sass(asm["cubin"])
+        if registers is not None:
+            details["warps_per_sm"] = resident_warps(registers, shared,
+                                                     launch.options.num_warps)
     budget = one_wave_budget(launch)
     if budget is not None:
         max_registers, programs = budget
@@ -696,7 +711,8 @@ def main(argv=None):
     ap.add_argument("--jobs", type=int, default=1, help="compiler processes")
     ap.add_argument("--verbose", action="store_true",
                     help="add per-launch results and timings, with the bytes a thread spills, the "
-                         "SASS instruction count and each loop's instructions, barriers, MMAs, "
+                         "warps an SM holds (by registers and shared memory), the SASS "
+                         "instruction count and each loop's instructions, barriers, MMAs, "
                          "cp.async copies and spill accesses an iteration")
     a = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):

@@ -128,3 +128,15 @@ def test_kernels_compile_for_sm90(module, tmp_path):
     if any(report[k] for k in ("call_errors", "unlaunched", "one_sided_flags", "failures")):
         pytest.fail(_failure_message(report), pytrace=False)
     assert report["compiled"] > 0, f"no launch of fastmae.kernels.{module} was recorded"
+
+
+def test_resident_warps_follow_the_sm90_limits():
+    """The occupancy the verbose report gives a launch, checked against sm_90's allocation rules
+    (the attention kernels at the decoder's shape, as compiled by Triton 3.6, for the numbers)."""
+    from _kernel_capture import resident_warps
+    assert resident_warps(124, 25088, 4) == 16  # 124 -> 128 a thread: 4 blocks of 4 warps
+    assert resident_warps(76, 24576, 8) == 24  # 76 -> 80: 3 blocks of 8 warps
+    assert resident_warps(74, 20480, 4) == 24  # 74 -> 80: 6 blocks of 4 warps
+    assert resident_warps(32, 0, 4) == 64  # the SM's 64 warps, not the registers, bind
+    assert resident_warps(16, 0, 1) == 32  # at most 32 blocks an SM
+    assert resident_warps(40, 100 * 1024, 4) == 8  # two blocks' shared memory
