@@ -237,6 +237,8 @@ def _host_bound_lines(by_model):
     lines = []
     for m in sorted(by_model, key=_model_key):
         for s, r in by_model[m].items():
+            if s.endswith("_graph"):  # replays: no host in the step (its idle time is gaps)
+                continue
             prof = r.get("profile") or {}
             busy, step = prof.get("gpu_busy_ms_per_step"), prof.get("step_ms")
             if busy and step and busy < HOST_BOUND_BUSY * step:
@@ -370,10 +372,12 @@ def profile_section(card, res):
         m = data["config"]["model"]
         for r in data["results"]:
             b = r.get("profile")
-            if not b or r.get("error"):
-                continue
             title = (f"#### {MODEL_TITLES.get(m, m)}, batch {data['config']['batch']}, "
                      f"{SYSTEM_LABELS.get(r['system'], r['system'])}")
+            if r.get("profile_error") and not r.get("error"):
+                out += ["", title, "", f"The profiler's breakdown failed: {r['profile_error']}"]
+            if not b or r.get("error"):
+                continue
             cat_rows = [[c["name"], f"{c['ms_per_step']:.2f}", _pct(c["share"]),
                          f"{c['launches_per_step']:.0f}"] for c in b["categories"]]
             top_rows = [[f"`{k['name'][:80]}`", k["category"], f"{k['ms_per_step']:.2f}",

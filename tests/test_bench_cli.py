@@ -676,3 +676,17 @@ def test_host_bound_rows_are_those_whose_gpu_idled_a_tenth_of_the_step():
                             "fastmae_graph": {"profile": None}}}
     assert writer._host_bound_lines(by_model) == [
         "- ViT-B/16, fastmae (triton kernels): GPU busy 38.1 ms per step of a 67.9 ms step (56%)"]
+    # a graphed step has no host in it: a GPU idle between its kernels is not host-bound
+    by_model["vit_b16"]["fastmae_graph"] = rec(30.0, 40.3)
+    assert len(writer._host_bound_lines(by_model)) == 1
+
+
+def test_a_failed_profile_is_said_where_its_breakdown_would_be():
+    res = writer.Results()
+    res.steps["NVIDIA H200"] = [{
+        "config": {"model": "vit_b16", "batch": 256},
+        "results": [{"system": "fastmae_graph", "profile": None,
+                     "profile_error": "RuntimeError: no kernels in the trace"}]}]
+    text = writer.profile_section("NVIDIA H200", res)
+    assert "#### ViT-B/16, batch 256, fastmae + CUDA graph" in text
+    assert "The profiler's breakdown failed: RuntimeError: no kernels in the trace" in text
