@@ -661,6 +661,8 @@ def profile_train_step(step, steps=2, step_ms=None, floors=None):
     if not kernels:  # no readable trace: the events, without launch shapes
         kernels = [(e.name, e.time_range.elapsed_us()) for e in prof.events()
                    if e.device_type == torch.autograd.DeviceType.CUDA]
+    if not kernels:  # not a step without GPU work: a profiler that did not see it
+        raise RuntimeError(f"the profiler recorded no GPU kernel in {steps} steps")
     names = fastmae_kernel_names()
     kernels, paired = with_launch_work(kernels, launches, names)
     out = kernel_breakdown(kernels, steps, names, step_ms=step_ms, floors=floors)

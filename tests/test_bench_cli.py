@@ -690,3 +690,20 @@ def test_a_failed_profile_is_said_where_its_breakdown_would_be():
     text = writer.profile_section("NVIDIA H200", res)
     assert "#### ViT-B/16, batch 256, fastmae + CUDA graph" in text
     assert "The profiler's breakdown failed: RuntimeError: no kernels in the trace" in text
+
+
+def test_a_profile_that_saw_no_kernel_is_an_error_not_an_idle_gpu(monkeypatch):
+    """(A CUDA-graph step whose replays the profiler did not see would otherwise read as a GPU
+    busy 0 ms a step.)"""
+    class Blind(contextlib.nullcontext):
+        def __enter__(self):
+            return self
+
+        def events(self):
+            return []
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.profiler, "profile", lambda **kw: Blind())
+    monkeypatch.setattr(bench, "_trace_kernels", lambda prof: [])
+    with pytest.raises(RuntimeError, match="no GPU kernel in 2 steps"):
+        bench.profile_train_step(lambda: None, steps=2)
