@@ -308,7 +308,8 @@ def paths_kept():
 
 def _config_text(config):
     blocks = " ".join(f"{k}={v}" for k, v in sorted(config.kwargs.items()))
-    return f"{blocks}, warps={config.num_warps}, stages={config.num_stages}"
+    cap = f", maxnreg={config.maxnreg}" if getattr(config, "maxnreg", None) else ""
+    return f"{blocks}, warps={config.num_warps}, stages={config.num_stages}{cap}"
 
 
 def _attention_searches():

@@ -25,8 +25,9 @@ Backward (`attention_bwd`), deterministic (no atomics), nothing of size N x N in
   `_bwd_strategy`): ONE fused kernel per batch*head keeps all keys
   and values in registers, sweeps the query blocks once, and computes dQ (complete, since every
   key is in the tile), dK and dV; delta = rowsum(dO * O) is computed inline.
-- otherwise two kernels: `_attn_bwd_dq` over query blocks (sweeps the keys; also writes delta),
-  then `_attn_bwd_dkdv` over key blocks (sweeps the queries, reads delta).
+- otherwise two kernels: `_attn_bwd_dq` over query blocks (sweeps the keys; also writes each
+  row's lse in log2 units and delta, side by side), then `_attn_bwd_dkdv` over key blocks (sweeps
+  the queries, reading both of a row's statistics with one 8-byte load).
 Optionally (``dsum``) each program also writes the fp32 column sums of the gradient rows it owns
 to a small partial buffer: summed over its rows, the qkv projection's bias gradient, without a
 reduction pass over the packed gradient (which costs a read of all of it).
@@ -297,7 +298,8 @@ def _attn_bwd_dkdv_block(
     key_valid,  # (BLOCK_N,) keys < N
     start_m, N_CTX, sm_scale, qk_scale,
     q_bh, do_bh, o_bh, dq_bh,  # pointers to row 0 of this (batch, head)'s Q, dO, O, dQ
-    lse_bh, delta_bh,  # pointers to this (batch, head)'s (N,) lse and delta
+    lse_bh,  # pointer to this (batch, head)'s (N,) lse (read when FUSE_DQ)
+    stats_bh,  # pointer to this (batch, head)'s (N, 2) [lse * log2(e), delta] (when not FUSE_DQ)
     offs_m,  # (ROWS,) query rows of this step, relative to start_m
     offs_d,
     stride_qn, stride_qd, stride_don, stride_dod, stride_on, stride_od, stride_dqn, stride_dqd,
@@ -314,18 +316,24 @@ def _attn_bwd_dkdv_block(
                    HEAD_DIM, BLOCK_D, MASK_M)
     do = _load_tile(do_bh + row0_m * stride_don, offs_m, offs_d, stride_don, stride_dod, rows_left,
                     HEAD_DIM, BLOCK_D, MASK_M)
-    if MASK_M:
-        lse2 = tl.load(lse_bh + start_m + offs_m, mask=row_valid, other=0.0) * 1.4426950408889634
-    else:
-        lse2 = tl.load(lse_bh + start_m + offs_m) * 1.4426950408889634
     if FUSE_DQ:
+        if MASK_M:
+            lse = tl.load(lse_bh + start_m + offs_m, mask=row_valid, other=0.0)
+        else:
+            lse = tl.load(lse_bh + start_m + offs_m)
+        lse2 = lse * 1.4426950408889634
         o = _load_tile(o_bh + row0_m * stride_on, offs_m, offs_d, stride_on, stride_od, rows_left,
                        HEAD_DIM, BLOCK_D, MASK_M)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    elif MASK_M:
-        delta = tl.load(delta_bh + start_m + offs_m, mask=row_valid, other=0.0)
     else:
-        delta = tl.load(delta_bh + start_m + offs_m)
+        # a row's two statistics in one 8-byte load: in the (keys x queries) tiles below each
+        # thread needs them for all of its query columns, one load each (at 64 queries a step,
+        # 4 warps: 32 4-byte copies a thread an iteration before, 16 now)
+        stats = stats_bh + 2 * (start_m + offs_m)[:, None] + tl.arange(0, 2)[None, :]
+        if MASK_M:
+            lse2, delta = tl.split(tl.load(stats, mask=row_valid[:, None], other=0.0))
+        else:
+            lse2, delta = tl.split(tl.load(stats))
 
     # Transposed tiles (keys x queries), so that dK and dV accumulate without transposes.
     qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
@@ -349,7 +357,7 @@ def _attn_bwd_dkdv_block(
 
 @triton.jit
 def _attn_bwd_dkdv_keys(
-    Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, DSUM,  # as _attn_bwd_dkdv's
+    Q, K, V, O, DO, DQ, DK, DV, LSE, STATS, DSUM,  # as _attn_bwd_dkdv's
     pid_bh, b, h, start_n, N_CTX, sm_scale, qk_scale,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -386,7 +394,7 @@ def _attn_bwd_dkdv_keys(
     o_bh = O + b * stride_ob + h * stride_oh
     dq_bh = DQ + b * stride_dqb + h * stride_dqh
     lse_bh = LSE + pid_bh * N_CTX
-    delta_bh = DELTA + pid_bh * N_CTX
+    stats_bh = STATS + pid_bh * N_CTX * 2
     key_valid = offs_n < keys_left
     dq_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
 
@@ -395,20 +403,20 @@ def _attn_bwd_dkdv_keys(
         for start_m in range(0, m_full, BLOCK_M):  # full query blocks: no masks on the rows
             dk, dv, dq_sum = _attn_bwd_dkdv_block(
                 dk, dv, dq_sum, k, v, key_valid, start_m, N_CTX, sm_scale, qk_scale,
-                q_bh, do_bh, o_bh, dq_bh, lse_bh, delta_bh, offs_m, offs_d,
+                q_bh, do_bh, o_bh, dq_bh, lse_bh, stats_bh, offs_m, offs_d,
                 stride_qn, stride_qd, stride_don, stride_dod, stride_on, stride_od,
                 stride_dqn, stride_dqd, HEAD_DIM, BLOCK_D, False, FUSE_DQ, HAS_SUMS, DOT_PRECISION)
         for start_m in range(m_full, N_CTX, TAIL_M):  # the rest, in one block of TAIL_M rows
             dk, dv, dq_sum = _attn_bwd_dkdv_block(
                 dk, dv, dq_sum, k, v, key_valid, start_m, N_CTX, sm_scale, qk_scale,
-                q_bh, do_bh, o_bh, dq_bh, lse_bh, delta_bh, tl.arange(0, TAIL_M), offs_d,
+                q_bh, do_bh, o_bh, dq_bh, lse_bh, stats_bh, tl.arange(0, TAIL_M), offs_d,
                 stride_qn, stride_qd, stride_don, stride_dod, stride_on, stride_od,
                 stride_dqn, stride_dqd, HEAD_DIM, BLOCK_D, True, FUSE_DQ, HAS_SUMS, DOT_PRECISION)
     else:  # no smaller last step to gain: one loop, one copy of its body (fewer registers)
         for start_m in range(0, N_CTX, BLOCK_M):
             dk, dv, dq_sum = _attn_bwd_dkdv_block(
                 dk, dv, dq_sum, k, v, key_valid, start_m, N_CTX, sm_scale, qk_scale,
-                q_bh, do_bh, o_bh, dq_bh, lse_bh, delta_bh, offs_m, offs_d,
+                q_bh, do_bh, o_bh, dq_bh, lse_bh, stats_bh, offs_m, offs_d,
                 stride_qn, stride_qd, stride_don, stride_dod, stride_on, stride_od,
                 stride_dqn, stride_dqd, HEAD_DIM, BLOCK_D, True, FUSE_DQ, HAS_SUMS, DOT_PRECISION)
 
@@ -442,7 +450,7 @@ def _attn_bwd_dkdv(
     DK,  # (B, H, N, d) any strides
     DV,  # (B, H, N, d) any strides
     LSE,  # (B, H, N) fp32 contiguous, natural log (from the forward)
-    DELTA,  # (B, H, N) fp32 contiguous rowsum(dO * O): read only when not FUSE_DQ
+    STATS,  # (B, H, N, 2) fp32 contiguous [lse * log2(e), rowsum(dO * O)] (not FUSE_DQ)
     DSUM,  # (B, R, 3, H, d) fp32, unit last stride: column sums of dQ, dK, dV (when HAS_SUMS)
     sm_scale,  # fp32: the softmax scale
     qk_scale,  # fp32: scale * log2(e)
@@ -478,7 +486,7 @@ def _attn_bwd_dkdv(
     # the same partial rows of DSUM either way. (FUSE_DQ: BLOCK_N >= N, so TAIL_N == BLOCK_N.)
     if TAIL_N == BLOCK_N or N_CTX - start_n >= BLOCK_N:
         _attn_bwd_dkdv_keys(
-            Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, DSUM, pid_bh, b, h, start_n, N_CTX, sm_scale,
+            Q, K, V, O, DO, DQ, DK, DV, LSE, STATS, DSUM, pid_bh, b, h, start_n, N_CTX, sm_scale,
             qk_scale,
             stride_qb, stride_qh, stride_qn, stride_qd,
             stride_kb, stride_kh, stride_kn, stride_kd,
@@ -493,7 +501,7 @@ def _attn_bwd_dkdv(
             DOT_PRECISION)
     else:
         _attn_bwd_dkdv_keys(
-            Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, DSUM, pid_bh, b, h, start_n, N_CTX, sm_scale,
+            Q, K, V, O, DO, DQ, DK, DV, LSE, STATS, DSUM, pid_bh, b, h, start_n, N_CTX, sm_scale,
             qk_scale,
             stride_qb, stride_qh, stride_qn, stride_qd,
             stride_kb, stride_kh, stride_kn, stride_kd,
@@ -536,7 +544,7 @@ def _attn_bwd_dq_block(
 def _attn_bwd_dq_rows(
     Q, DO, O, DQ,  # pointers to row start_m of this (batch, head)'s Q, dO, O, dQ
     k_base, v_base,  # pointers to key / value row 0 of this (batch, head)
-    delta_row, lse_row,  # pointers to this (batch, head)'s delta and lse at row start_m
+    stats_row, lse_row,  # pointers to this (batch, head)'s STATS and lse at row start_m
     dsum_row,  # pointer to [b, start_m // SUM_ROWS, 0, h, 0] of DSUM (HAS_SUMS)
     row_s, rows_left, N_CTX, sm_scale, qk_scale,
     stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd, stride_on, stride_od,
@@ -546,7 +554,7 @@ def _attn_bwd_dq_rows(
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TAIL_N: tl.constexpr,
     HAS_SUMS: tl.constexpr, SUM_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """dQ of ROWS query rows (and delta, and dQ's column sums)."""
+    """dQ of ROWS query rows (and their STATS, and dQ's column sums)."""
     offs_m = tl.arange(0, ROWS)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -555,8 +563,9 @@ def _attn_bwd_dq_rows(
     do = _load_tile(DO, offs_m, offs_d, stride_don, stride_dod, rows_left, HEAD_DIM, BLOCK_D, True)
     o = _load_tile(O, offs_m, offs_d, stride_on, stride_od, rows_left, HEAD_DIM, BLOCK_D, True)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    tl.store(delta_row + offs_m, delta, mask=row_valid)
     lse2 = tl.load(lse_row + offs_m, mask=row_valid, other=0.0) * 1.4426950408889634
+    tl.store(stats_row + 2 * offs_m[:, None] + tl.arange(0, 2)[None, :], tl.join(lse2, delta),
+             mask=row_valid[:, None])
 
     dq = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     n_full = (N_CTX // BLOCK_N) * BLOCK_N
@@ -584,7 +593,8 @@ def _attn_bwd_dq(
     DO,  # (B, H, N, d) q's dtype, any strides (stride 0 allowed)
     DQ,  # (B, H, N, d) any strides
     LSE,  # (B, H, N) fp32 contiguous, natural log (from the forward)
-    DELTA,  # (B, H, N) fp32 contiguous: rowsum(dO * O), written here for _attn_bwd_dkdv
+    STATS,  # (B, H, N, 2) fp32 contiguous: [lse * log2(e), rowsum(dO * O)], written here for
+    # _attn_bwd_dkdv
     DSUM,  # (B, R, 3, H, d) fp32, unit last stride: column sums of dQ in section 0 (HAS_SUMS)
     sm_scale,  # fp32: the softmax scale
     qk_scale,  # fp32: scale * log2(e)
@@ -621,21 +631,21 @@ def _attn_bwd_dq(
     dq_row = DQ + b * stride_dqb + h * stride_dqh + row0 * stride_dqn
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
-    delta_row = DELTA + pid_bh * N_CTX + start_m
+    stats_row = STATS + (pid_bh * N_CTX + start_m) * 2
     lse_row = LSE + pid_bh * N_CTX + start_m
     dsum_row = DSUM + b * stride_sb + row_s * stride_sr + h * stride_sh
     OWN: tl.constexpr = (BLOCK_M + SUM_ROWS - 1) // SUM_ROWS
     # the last query block runs a TAIL_M-row tile, as the forward's (compiled twice only where
     # TAIL_M differs); the program owns the same partial rows of DSUM either way
     if TAIL_M == BLOCK_M or rows_left >= BLOCK_M:
-        _attn_bwd_dq_rows(q_row, do_row, o_row, dq_row, k_base, v_base, delta_row, lse_row,
+        _attn_bwd_dq_rows(q_row, do_row, o_row, dq_row, k_base, v_base, stats_row, lse_row,
                           dsum_row, row_s, rows_left, N_CTX, sm_scale, qk_scale,
                           stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd,
                           stride_on, stride_od, stride_don, stride_dod, stride_dqn, stride_dqd,
                           stride_sr, BLOCK_M, OWN, HEAD_DIM, BLOCK_N, BLOCK_D, TAIL_N, HAS_SUMS,
                           SUM_ROWS, DOT_PRECISION)
     else:
-        _attn_bwd_dq_rows(q_row, do_row, o_row, dq_row, k_base, v_base, delta_row, lse_row,
+        _attn_bwd_dq_rows(q_row, do_row, o_row, dq_row, k_base, v_base, stats_row, lse_row,
                           dsum_row, row_s, rows_left, N_CTX, sm_scale, qk_scale,
                           stride_qn, stride_qd, stride_kn, stride_kd, stride_vn, stride_vd,
                           stride_on, stride_od, stride_don, stride_dod, stride_dqn, stride_dqd,
@@ -718,8 +728,20 @@ def _keep_bwd_dq(bm, bn, w, s, n_pow2, bd, fp32):
     return bm * bd <= 64 * 32 * w and bm * bn <= 64 * 32 * w
 
 
-def _keep_bwd_dkdv(bm, bn, w, s, n_pow2, bd, fp32):
+# dK-dV tilings also tried with their registers capped (ptxas's maxnreg), at the head dimension
+# where the caps were checked: at the decoder's d = 32 (bf16, sm_90, Triton 3.6) ptxas takes
+# 158 registers a thread for the 64 x 64 tiling at 4 warps and 120 for 32 x 64, without needing
+# them (3 and 4 programs an SM), and fits 128 (4 programs, 16 warps an SM) and 96 (5 programs,
+# 20 warps) without spilling; the autotuner times both ways. (BLOCK_M, BLOCK_N, stages, cap);
+# the 64 x 64 tiling at 2 stages spills under 128.
+_CAPPED_DKDV = ((64, 64, 3, 128), (32, 64, 2, 96), (32, 64, 3, 96))
+_CAPPED_HEAD_DIM = 32
+
+
+def _keep_bwd_dkdv(bm, bn, w, s, n_pow2, bd, fp32, maxnreg=None):
     if bm > n_pow2 or bn > n_pow2:
+        return False
+    if maxnreg is not None and (fp32 or bd != _CAPPED_HEAD_DIM):
         return False
     if fp32:
         return bm == 16 and bn == 32 and w == 4
@@ -753,7 +775,7 @@ def _prune_bwd_dq(configs, named_args, **kwargs):
 def _prune_bwd_dkdv(configs, named_args, **kwargs):
     _, n_pow2, bd, fp32 = _shape_args(named_args, kwargs)
     kept = [c for c in configs if _keep_bwd_dkdv(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
-                                                 c.num_stages, n_pow2, bd, fp32)]
+                                                 c.num_stages, n_pow2, bd, fp32, c.maxnreg)]
     return _finish(kept, configs)
 
 
@@ -772,7 +794,9 @@ else:
     _BWD_FUSED_CONFIGS = [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
                           for bm in (16, 32, 64) for w in (4, 8) for s in (1, 2)]
     _BWD_DQ_CONFIGS = _pool((32, 64, 128), (16, 32, 64), (4, 8), (2, 3))
-    _BWD_DKDV_CONFIGS = _pool((16, 32, 64), (32, 64, 128), (4, 8), (2, 3))
+    _BWD_DKDV_CONFIGS = _pool((16, 32, 64), (32, 64, 128), (4, 8), (2, 3)) + [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=s, maxnreg=cap)
+        for bm, bn, s, cap in _CAPPED_DKDV]
 
 
 def _tail(n_ctx, block):
@@ -976,7 +1000,7 @@ def attention_bwd(do, q, k, v, o, lse, scale: float, dq=None, dk=None, dv=None, 
         # One program per (batch, head) holds every key: dQ, dK, dV and delta in one pass.
         launch_tuned(
             _attn_bwd_fused_tuned, (B * H, 1), (N, d, bh_class),
-            q, k, v, o, do, dq_w, dk_w, dv_w, lse, lse, s_arg, sm_scale, qk_scale,
+            q, k, v, o, do, dq_w, dk_w, dv_w, lse, lse, s_arg, sm_scale, qk_scale,  # STATS unused
             *common_strides, *dk_w.stride(), *dv_w.stride(), s_b, s_r, s_s, s_h,
             H, N, bh_class,
             HEAD_DIM=d, BLOCK_N=block_n_all, BLOCK_D=block_d, FUSE_DQ=True, HAS_SUMS=has_sums,
@@ -984,11 +1008,11 @@ def attention_bwd(do, q, k, v, o, lse, scale: float, dq=None, dk=None, dv=None, 
         )
 
     def split():
-        delta = empty((B, H, N), torch.float32, q.device)
+        stats = empty((B, H, N, 2), torch.float32, q.device)
         launch_tuned(
             _attn_bwd_dq_tuned, lambda meta: (B * H, cdiv(N, meta["BLOCK_M"])),
             (N, d, bh_class),
-            q, k, v, o, do, dq_w, lse, delta, s_arg, sm_scale, qk_scale,
+            q, k, v, o, do, dq_w, lse, stats, s_arg, sm_scale, qk_scale,
             *common_strides, s_b, s_r, s_h,
             H, N, bh_class,
             HEAD_DIM=d, BLOCK_D=block_d, HAS_SUMS=has_sums, SUM_ROWS=sum_rows,
@@ -997,7 +1021,7 @@ def attention_bwd(do, q, k, v, o, lse, scale: float, dq=None, dk=None, dv=None, 
         launch_tuned(
             _attn_bwd_dkdv_tuned, lambda meta: (B * H, cdiv(N, meta["BLOCK_N"])),
             (N, d, bh_class),
-            q, k, v, o, do, dq_w, dk_w, dv_w, lse, delta, s_arg, sm_scale, qk_scale,
+            q, k, v, o, do, dq_w, dk_w, dv_w, lse, stats, s_arg, sm_scale, qk_scale,
             *common_strides, *dk_w.stride(), *dv_w.stride(), s_b, s_r, s_s, s_h,
             H, N, bh_class,
             HEAD_DIM=d, BLOCK_D=block_d, FUSE_DQ=False, HAS_SUMS=has_sums, SUM_ROWS=sum_rows,

@@ -632,7 +632,9 @@ def test_autotuned_names_each_attention_kernels_pick(monkeypatch):
                  {"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)},
              "_attn_bwd_fused_tuned": {(50, 64, 9, "torch.float16"): triton.Config(
                  {"BLOCK_M": 32}, num_warps=8, num_stages=1)},
-             "_attn_bwd_dq_tuned": {}, "_attn_bwd_dkdv_tuned": {}}
+             "_attn_bwd_dq_tuned": {},
+             "_attn_bwd_dkdv_tuned": {(197, 32, 13, "torch.bfloat16"): triton.Config(
+                 {"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3, maxnreg=128)}}
     for name, cache in picks.items():
         monkeypatch.setattr(getattr(attention, name), "cache", cache)
     from fastmae.kernels import _common
@@ -644,6 +646,8 @@ def test_autotuned_names_each_attention_kernels_pick(monkeypatch):
         "attention fwd N=197 d=32 B*H=4096..8191 bfloat16":
             "BLOCK_M=64 BLOCK_N=64, warps=4, stages=2 (0.200 ms, fastest of 2; next 0.250 ms)",
         "attention bwd fused N=50 d=64 B*H=256..511 float16": "BLOCK_M=32, warps=8, stages=1",
+        "attention bwd dkdv N=197 d=32 B*H=4096..8191 bfloat16":
+            "BLOCK_M=64 BLOCK_N=64, warps=4, stages=3, maxnreg=128",  # a capped configuration
     }
 
 

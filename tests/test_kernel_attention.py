@@ -343,7 +343,7 @@ def _kept_configs(attn, kind, N, d, dtype):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("N,d,kinds", [(50, 64, ("fwd", "fused")), (197, 32, ("fwd", "fused")),
-                                       (65, 80, ("fwd", "dq", "dkdv"))])
+                                       (197, 32, ("dkdv",)), (65, 80, ("fwd", "dq", "dkdv"))])
 def test_every_autotune_config_mae_shapes(N, d, kinds, no_tf32, monkeypatch):
     """Each configuration the autotuner may pick at MAE's shapes (bf16), run one at a time (the
     other kernels on one configuration)."""
@@ -353,6 +353,8 @@ def test_every_autotune_config_mae_shapes(N, d, kinds, no_tf32, monkeypatch):
     do = _do_like(q)
     plans = [(kind, *_kept_configs(attn, kind, N, d, torch.bfloat16)) for kind in kinds]
     monkeypatch.setattr(attn, "_AUTOTUNE", False)
+    # the backward whose configurations are tried, not the one timing would keep
+    monkeypatch.setenv("FASTMAE_ATTN_BWD", "fused" if "fused" in kinds else "split")
     for kind, tuned, kept in plans:
         for config in kept:
             with _only_config(tuned, config):
@@ -443,3 +445,15 @@ def test_launch_reuses_the_autotuners_choice(monkeypatch, device):
     attn.attention_fwd(wide["q"], wide["k"], wide["v"], 0.25)
     assert through_autotuner == [True, True, True]
     assert sorted(key[2] for key in tuned.cache) == [(1 * 2).bit_length(), (4 * 2).bit_length()]
+
+
+def test_capped_dkdv_configurations_only_where_the_caps_were_checked():
+    """The register-capped dK-dV tilings (see _CAPPED_DKDV) join the pool at the head dimension
+    they were compiled for without spilling, in half precision, next to their uncapped twins."""
+    attn = _kernels()
+    assert attn._CAPPED_DKDV
+    for bm, bn, s, cap in attn._CAPPED_DKDV:
+        assert attn._keep_bwd_dkdv(bm, bn, 4, s, 256, 32, False, cap)
+        assert attn._keep_bwd_dkdv(bm, bn, 4, s, 256, 32, False)  # the twin
+        assert not attn._keep_bwd_dkdv(bm, bn, 4, s, 256, 64, False, cap)  # another head dim
+        assert not attn._keep_bwd_dkdv(bm, bn, 4, s, 256, 32, True, cap)  # fp32
