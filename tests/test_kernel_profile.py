@@ -63,7 +63,8 @@ LAUNCHES = [{"label": "decoder fwd", "kernel": "_attn_fwd", "bytes": 1, "flops":
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the smoke shapes run on the interpreter")
-def test_the_profiled_region_makes_each_call_once_in_order():
+def test_the_profiled_region_makes_each_call_once_in_order(monkeypatch):
+    monkeypatch.delenv("FASTMAE_ATTN_BWD", raising=False)
     launches = kernel_profile.run_cases(["decoder", "encoder"], smoke=True)
     expected = []
     for case in ("decoder", "encoder"):
@@ -73,6 +74,9 @@ def test_the_profiled_region_makes_each_call_once_in_order():
     assert [(x["label"], x["kernel"]) for x in launches] == expected
     assert all(x["bytes"] > 0 and x["flops"] > 0 for x in launches)
     assert "FASTMAE_ATTN_BWD" not in os.environ  # the forced path is not left behind
+    monkeypatch.setenv("FASTMAE_ATTN_BWD", "fused")  # and a user's own setting is put back
+    kernel_profile.run_cases(["encoder"], smoke=True)
+    assert os.environ["FASTMAE_ATTN_BWD"] == "fused"
 
 
 def test_ncu_command_lines():
