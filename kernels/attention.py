@@ -847,13 +847,16 @@ def _score_flops(named):
 
 # The work each launch must do (_common.launch_work): the forward's two products (scores, P V);
 # dQ's three (scores again, dP = dO V^T, dQ = dS K); dK-dV's four (scores, dV = P^T dO, dP,
-# dK = dS^T Q), five with dQ fused, when it also reads O (delta inline) and writes dQ -- the
-# split dK-dV gets both pointers without touching them.
+# dK = dS^T Q), five with dQ fused, when it also reads O (delta inline), LSE, and writes dQ --
+# the split dK-dV gets those three pointers without touching them (it reads STATS instead),
+# and without column sums a placeholder DSUM (lse again) it does not touch either.
 LAUNCH_WORK = {
     "_attn_fwd": lambda a: {"flops": 2 * _score_flops(a)},
     "_attn_bwd_dq": lambda a: {"flops": 3 * _score_flops(a)},
     "_attn_bwd_dkdv": lambda a: ({"flops": 5 * _score_flops(a)} if a["FUSE_DQ"] else
-                                 {"flops": 4 * _score_flops(a), "bytes": {"O": 0, "DQ": 0}}),
+                                 {"flops": 4 * _score_flops(a),
+                                  "bytes": {"O": 0, "DQ": 0, "LSE": 0,
+                                            **({} if a["HAS_SUMS"] else {"DSUM": 0})}}),
 }
 
 

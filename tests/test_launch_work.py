@@ -91,13 +91,13 @@ def test_attention_counts_its_products_and_only_the_tensors_it_touches(
     q, k, v = (torch.randn(B, H, N, d) for _ in range(3))
     o, lse = attention.attention_fwd(q, k, v, 0.25)
     attention.attention_bwd(torch.randn(B, H, N, d), q, k, v, o, lse, 0.25)
-    t, row = F32 * B * H * N * d, F32 * B * H * N  # a (B, H, N, d) tensor; lse or delta
+    t, row = F32 * B * H * N * d, F32 * B * H * N  # a (B, H, N, d) tensor; lse
     product = 2 * B * H * N * N * d
     want = [("_attn_fwd", 4 * t + row, 2 * product)]  # q k v o, lse
-    if strategy == "fused":  # q k v o do dq dk dv, lse (passed again for delta)
+    if strategy == "fused":  # q k v o do dq dk dv, lse (passed again for the unused stats)
         want.append(("_attn_bwd_dkdv", 8 * t + row, 5 * product))
-    else:  # dQ: q k v o do dq, lse delta; dK-dV: q k v do dk dv, lse delta (not o, not dq)
-        want += [("_attn_bwd_dq", 6 * t + 2 * row, 3 * product),
+    else:  # dQ: q k v o do dq, lse, the (lse, delta) stats; dK-dV: q k v do dk dv, the stats
+        want += [("_attn_bwd_dq", 6 * t + 3 * row, 3 * product),
                  ("_attn_bwd_dkdv", 6 * t + 2 * row, 4 * product)]
     assert observed == want
 
