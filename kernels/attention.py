@@ -27,7 +27,7 @@ Backward (`attention_bwd`), deterministic (no atomics), nothing of size N x N in
   key is in the tile), dK and dV; delta = rowsum(dO * O) is computed inline.
 - otherwise two kernels: `_attn_bwd_dq` over query blocks (sweeps the keys; also writes each
   row's lse in log2 units and delta, side by side), then `_attn_bwd_dkdv` over key blocks (sweeps
-  the queries, reading both of a row's statistics with one 8-byte load).
+  the queries, reading a row's two statistics as one pair).
 Optionally (``dsum``) each program also writes the fp32 column sums of the gradient rows it owns
 to a small partial buffer: summed over its rows, the qkv projection's bias gradient, without a
 reduction pass over the packed gradient (which costs a read of all of it).
@@ -326,9 +326,11 @@ def _attn_bwd_dkdv_block(
                        HEAD_DIM, BLOCK_D, MASK_M)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     else:
-        # a row's two statistics in one 8-byte load: in the (keys x queries) tiles below each
-        # thread needs them for all of its query columns, one load each (at 64 queries a step,
-        # 4 warps: 32 4-byte copies a thread an iteration before, 16 now)
+        # a row's two statistics as one pair: the (keys x queries) tiles below need them in
+        # every thread for each of its query columns, which loaded from two arrays took 32
+        # 4-byte cp.async copies a thread an iteration (64 queries a step, 4 warps); the
+        # (ROWS, 2) tile compiles to one copy and a spread through shared memory (5 copies an
+        # iteration in all: sm_90, Triton 3.6)
         stats = stats_bh + 2 * (start_m + offs_m)[:, None] + tl.arange(0, 2)[None, :]
         if MASK_M:
             lse2, delta = tl.split(tl.load(stats, mask=row_valid[:, None], other=0.0))
