@@ -28,6 +28,9 @@ Backward (`attention_bwd`), deterministic (no atomics), nothing of size N x N in
 - otherwise two kernels: `_attn_bwd_dq` over query blocks (sweeps the keys; also writes each
   row's lse in log2 units and delta, side by side), then `_attn_bwd_dkdv` over key blocks (sweeps
   the queries, reading a row's two statistics as one pair).
+Where one step of the query sweep holds every query (BLOCK_M >= N, e.g. the encoder's N = 50), the
+sweep is straight-line code that stores each gradient as soon as it is complete
+(`_attn_bwd_one_step`: far fewer registers than the loop, whose accumulators live to its end).
 Optionally (``dsum``) each program also writes the fp32 column sums of the gradient rows it owns
 to a small partial buffer: summed over its rows, the qkv projection's bias gradient, without a
 reduction pass over the packed gradient (which costs a read of all of it).
@@ -291,24 +294,20 @@ def _attn_fwd(
 # but exp2(0 - lse) may overflow, so P is zeroed there wherever those keys feed dQ.
 
 @triton.jit
-def _attn_bwd_dkdv_block(
-    dk, dv,  # (BLOCK_N, BLOCK_D) fp32 accumulators
-    dq_sum,  # (BLOCK_D,) fp32: column sums of dQ so far (FUSE_DQ and HAS_SUMS)
-    k, v,  # (BLOCK_N, BLOCK_D) this program's keys and values
-    key_valid,  # (BLOCK_N,) keys < N
-    start_m, N_CTX, sm_scale, qk_scale,
-    q_bh, do_bh, o_bh, dq_bh,  # pointers to row 0 of this (batch, head)'s Q, dO, O, dQ
+def _attn_bwd_step_inputs(
+    q_bh, do_bh, o_bh,  # pointers to row 0 of this (batch, head)'s Q, dO, O
     lse_bh,  # pointer to this (batch, head)'s (N,) lse (read when FUSE_DQ)
     stats_bh,  # pointer to this (batch, head)'s (N, 2) [lse * log2(e), delta] (when not FUSE_DQ)
+    start_m, N_CTX,
     offs_m,  # (ROWS,) query rows of this step, relative to start_m
     offs_d,
-    stride_qn, stride_qd, stride_don, stride_dod, stride_on, stride_od, stride_dqn, stride_dqd,
+    stride_qn, stride_qd, stride_don, stride_dod, stride_on, stride_od,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    MASK_M: tl.constexpr,  # rows past N possible in this block
-    FUSE_DQ: tl.constexpr, HAS_SUMS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASK_M: tl.constexpr,  # rows past N possible in this step
+    FUSE_DQ: tl.constexpr,
 ):
-    """One step of the query sweep: the queries [start_m, start_m + ROWS) against this
-    program's keys."""
+    """What a step of the query sweep reads of its ROWS queries: q, dO (ROWS, BLOCK_D), their
+    lse in log2 units and delta (ROWS,) fp32 (0 past N), and which rows are < N."""
     row0_m = tl.cast(start_m, tl.int64)
     rows_left = N_CTX - start_m
     row_valid = offs_m < rows_left
@@ -336,25 +335,103 @@ def _attn_bwd_dkdv_block(
             lse2, delta = tl.split(tl.load(stats, mask=row_valid[:, None], other=0.0))
         else:
             lse2, delta = tl.split(tl.load(stats))
+    return q, do, lse2, delta, row_valid
 
-    # Transposed tiles (keys x queries), so that dK and dV accumulate without transposes.
+
+@triton.jit
+def _attn_bwd_p_t(k, q, lse2, key_valid, qk_scale,
+                  FUSE_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """P^T (keys x queries) of this program's keys and a step's queries, fp32; transposed so
+    that dK and dV accumulate without transposes. Zero at keys past N where they feed dQ."""
     qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
     p_t = tl.math.exp2(qk_t - lse2[None, :])
     if FUSE_DQ:
         p_t = tl.where(key_valid[:, None], p_t, 0.0)
+    return p_t
+
+
+@triton.jit
+def _attn_bwd_dkdv_block(
+    dk, dv,  # (BLOCK_N, BLOCK_D) fp32 accumulators
+    dq_sum,  # (BLOCK_D,) fp32: column sums of dQ so far (FUSE_DQ and HAS_SUMS)
+    k, v,  # (BLOCK_N, BLOCK_D) this program's keys and values
+    key_valid,  # (BLOCK_N,) keys < N
+    start_m, N_CTX, sm_scale, qk_scale,
+    q_bh, do_bh, o_bh, dq_bh,  # pointers to row 0 of this (batch, head)'s Q, dO, O, dQ
+    lse_bh, stats_bh,  # as _attn_bwd_step_inputs's
+    offs_m,  # (ROWS,) query rows of this step, relative to start_m
+    offs_d,
+    stride_qn, stride_qd, stride_don, stride_dod, stride_on, stride_od, stride_dqn, stride_dqd,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    MASK_M: tl.constexpr,  # rows past N possible in this block
+    FUSE_DQ: tl.constexpr, HAS_SUMS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One step of the query sweep: the queries [start_m, start_m + ROWS) against this
+    program's keys."""
+    q, do, lse2, delta, row_valid = _attn_bwd_step_inputs(
+        q_bh, do_bh, o_bh, lse_bh, stats_bh, start_m, N_CTX, offs_m, offs_d,
+        stride_qn, stride_qd, stride_don, stride_dod, stride_on, stride_od,
+        HEAD_DIM, BLOCK_D, MASK_M, FUSE_DQ)
+    p_t = _attn_bwd_p_t(k, q, lse2, key_valid, qk_scale, FUSE_DQ, DOT_PRECISION)
     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
     dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     if FUSE_DQ:
         dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=DOT_PRECISION) * sm_scale
+        row0_m = tl.cast(start_m, tl.int64)
         _store_tile(dq_bh + row0_m * stride_dqn, dq, offs_m, offs_d, stride_dqn, stride_dqd,
-                    rows_left, HEAD_DIM, BLOCK_D)
+                    N_CTX - start_m, HEAD_DIM, BLOCK_D)
         if HAS_SUMS:
             if MASK_M:
                 dq = tl.where(row_valid[:, None], dq, 0.0)
             dq_sum += tl.sum(dq, 0)
     return dk, dv, dq_sum
+
+
+@triton.jit
+def _attn_bwd_one_step(
+    k, v,  # (KEYS, BLOCK_D) this program's keys and values
+    key_valid,  # (KEYS,) keys < N
+    keys_left, N_CTX, sm_scale, qk_scale,
+    q_bh, do_bh, o_bh, dq_bh, lse_bh, stats_bh,  # as _attn_bwd_dkdv_block's
+    dk_row, dv_row,  # pointers to this program's first key row of dK and dV
+    s_base,  # pointer to this program's first partial row of DSUM, section 0 (HAS_SUMS)
+    row_s, n_rows,  # that partial row, and DSUM's rows
+    offs_m, offs_n, offs_d,
+    stride_qn, stride_qd, stride_don, stride_dod, stride_on, stride_od, stride_dqn, stride_dqd,
+    stride_dkn, stride_dkd, stride_dvn, stride_dvd, stride_sr, stride_ss,
+    OWN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    FUSE_DQ: tl.constexpr, HAS_SUMS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Every query against this program's keys in one step (BLOCK_M >= N: the encoder's N = 50
+    in 64 rows): the sweep's one iteration as straight-line code, dV, dK and dQ each stored, with
+    its column sums, as soon as it is complete, so that its registers are free for the next. In
+    the loop every accumulator lives to the end: at N = 50, d = 64 (bf16, sm_90, Triton 3.6) the
+    fused kernel's 64-row step took 255 registers a thread and spilled at 4 warps (2 programs an
+    SM), 208 at 8 (1); straight-line, 140 (3) and 89 (2)."""
+    q, do, lse2, delta, row_valid = _attn_bwd_step_inputs(
+        q_bh, do_bh, o_bh, lse_bh, stats_bh, 0, N_CTX, offs_m, offs_d,
+        stride_qn, stride_qd, stride_don, stride_dod, stride_on, stride_od,
+        HEAD_DIM, BLOCK_D, True, FUSE_DQ)
+    p_t = _attn_bwd_p_t(k, q, lse2, key_valid, qk_scale, FUSE_DQ, DOT_PRECISION)
+    dv = tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+    _store_tile(dv_row, dv, offs_n, offs_d, stride_dvn, stride_dvd, keys_left, HEAD_DIM, BLOCK_D)
+    if HAS_SUMS:
+        _store_col_sums(s_base + 2 * stride_ss, tl.sum(tl.where(key_valid[:, None], dv, 0.0), 0),
+                        row_s, n_rows, stride_sr, offs_d, OWN, HEAD_DIM)
+    ds_t = p_t * (tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION) - delta[None, :])
+    dk = tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION) * sm_scale
+    _store_tile(dk_row, dk, offs_n, offs_d, stride_dkn, stride_dkd, keys_left, HEAD_DIM, BLOCK_D)
+    if HAS_SUMS:
+        _store_col_sums(s_base + stride_ss, tl.sum(tl.where(key_valid[:, None], dk, 0.0), 0),
+                        row_s, n_rows, stride_sr, offs_d, OWN, HEAD_DIM)
+    if FUSE_DQ:
+        dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=DOT_PRECISION) * sm_scale
+        _store_tile(dq_bh, dq, offs_m, offs_d, stride_dqn, stride_dqd, N_CTX, HEAD_DIM, BLOCK_D)
+        if HAS_SUMS:
+            _store_col_sums(s_base, tl.sum(tl.where(row_valid[:, None], dq, 0.0), 0),
+                            row_s, n_rows, stride_sr, offs_d, OWN, HEAD_DIM)
 
 
 @triton.jit
@@ -374,7 +451,7 @@ def _attn_bwd_dkdv_keys(
     OWN: tl.constexpr,  # partial rows of DSUM the program owns (BLOCK_N / SUM_ROWS, rounded up)
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, TAIL_M: tl.constexpr,
     FUSE_DQ: tl.constexpr, HAS_SUMS: tl.constexpr, SUM_ROWS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ONE_STEP: tl.constexpr,
 ):
     """dK and dV of the KEYS keys from start_n, swept over every query (FUSE_DQ: dQ and delta
     too)."""
@@ -388,9 +465,6 @@ def _attn_bwd_dkdv_keys(
                    stride_kn, stride_kd, keys_left, HEAD_DIM, BLOCK_D, True)
     v = _load_tile(V + b * stride_vb + h * stride_vh + row0_n * stride_vn, offs_n, offs_d,
                    stride_vn, stride_vd, keys_left, HEAD_DIM, BLOCK_D, True)
-    dk = tl.zeros([KEYS, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([KEYS, BLOCK_D], dtype=tl.float32)
-
     q_bh = Q + b * stride_qb + h * stride_qh
     do_bh = DO + b * stride_dob + h * stride_doh
     o_bh = O + b * stride_ob + h * stride_oh
@@ -398,47 +472,65 @@ def _attn_bwd_dkdv_keys(
     lse_bh = LSE + pid_bh * N_CTX
     stats_bh = STATS + pid_bh * N_CTX * 2
     key_valid = offs_n < keys_left
-    dq_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
+    # the fp32 gradients' column sums over this program's keys (rows past N can hold garbage
+    # where P was not zeroed: masked), with FUSE_DQ dQ's over every query (HAS_SUMS); these
+    # pointers are formed where they are used, not held through the sweep
+    row_s = start_n // SUM_ROWS
+    n_rows = (N_CTX + SUM_ROWS - 1) // SUM_ROWS
 
-    if TAIL_M < BLOCK_M:
-        m_full = (N_CTX // BLOCK_M) * BLOCK_M
-        for start_m in range(0, m_full, BLOCK_M):  # full query blocks: no masks on the rows
-            dk, dv, dq_sum = _attn_bwd_dkdv_block(
-                dk, dv, dq_sum, k, v, key_valid, start_m, N_CTX, sm_scale, qk_scale,
-                q_bh, do_bh, o_bh, dq_bh, lse_bh, stats_bh, offs_m, offs_d,
-                stride_qn, stride_qd, stride_don, stride_dod, stride_on, stride_od,
-                stride_dqn, stride_dqd, HEAD_DIM, BLOCK_D, False, FUSE_DQ, HAS_SUMS, DOT_PRECISION)
-        for start_m in range(m_full, N_CTX, TAIL_M):  # the rest, in one block of TAIL_M rows
-            dk, dv, dq_sum = _attn_bwd_dkdv_block(
-                dk, dv, dq_sum, k, v, key_valid, start_m, N_CTX, sm_scale, qk_scale,
-                q_bh, do_bh, o_bh, dq_bh, lse_bh, stats_bh, tl.arange(0, TAIL_M), offs_d,
-                stride_qn, stride_qd, stride_don, stride_dod, stride_on, stride_od,
-                stride_dqn, stride_dqd, HEAD_DIM, BLOCK_D, True, FUSE_DQ, HAS_SUMS, DOT_PRECISION)
-    else:  # no smaller last step to gain: one loop, one copy of its body (fewer registers)
-        for start_m in range(0, N_CTX, BLOCK_M):
-            dk, dv, dq_sum = _attn_bwd_dkdv_block(
-                dk, dv, dq_sum, k, v, key_valid, start_m, N_CTX, sm_scale, qk_scale,
-                q_bh, do_bh, o_bh, dq_bh, lse_bh, stats_bh, offs_m, offs_d,
-                stride_qn, stride_qd, stride_don, stride_dod, stride_on, stride_od,
-                stride_dqn, stride_dqd, HEAD_DIM, BLOCK_D, True, FUSE_DQ, HAS_SUMS, DOT_PRECISION)
-
-    dk = dk * sm_scale
-    _store_tile(DK + b * stride_dkb + h * stride_dkh + row0_n * stride_dkn, dk, offs_n, offs_d,
-                stride_dkn, stride_dkd, keys_left, HEAD_DIM, BLOCK_D)
-    _store_tile(DV + b * stride_dvb + h * stride_dvh + row0_n * stride_dvn, dv, offs_n, offs_d,
-                stride_dvn, stride_dvd, keys_left, HEAD_DIM, BLOCK_D)
-    if HAS_SUMS:
-        # the fp32 gradients' column sums over this program's keys (rows past N can hold
-        # garbage where P was not zeroed: masked); with FUSE_DQ, dQ's over every query
-        row_s = start_n // SUM_ROWS
+    if ONE_STEP:
+        dk_row = DK + b * stride_dkb + h * stride_dkh + row0_n * stride_dkn
+        dv_row = DV + b * stride_dvb + h * stride_dvh + row0_n * stride_dvn
         s_base = DSUM + b * stride_sb + row_s * stride_sr + h * stride_sh
-        n_rows = (N_CTX + SUM_ROWS - 1) // SUM_ROWS
-        if FUSE_DQ:
-            _store_col_sums(s_base, dq_sum, row_s, n_rows, stride_sr, offs_d, OWN, HEAD_DIM)
-        _store_col_sums(s_base + stride_ss, tl.sum(tl.where(key_valid[:, None], dk, 0.0), 0),
-                        row_s, n_rows, stride_sr, offs_d, OWN, HEAD_DIM)
-        _store_col_sums(s_base + 2 * stride_ss, tl.sum(tl.where(key_valid[:, None], dv, 0.0), 0),
-                        row_s, n_rows, stride_sr, offs_d, OWN, HEAD_DIM)
+        _attn_bwd_one_step(
+            k, v, key_valid, keys_left, N_CTX, sm_scale, qk_scale,
+            q_bh, do_bh, o_bh, dq_bh, lse_bh, stats_bh, dk_row, dv_row, s_base, row_s, n_rows,
+            offs_m, offs_n, offs_d,
+            stride_qn, stride_qd, stride_don, stride_dod, stride_on, stride_od,
+            stride_dqn, stride_dqd, stride_dkn, stride_dkd, stride_dvn, stride_dvd,
+            stride_sr, stride_ss, OWN, HEAD_DIM, BLOCK_D, FUSE_DQ, HAS_SUMS, DOT_PRECISION)
+    else:
+        dk = tl.zeros([KEYS, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([KEYS, BLOCK_D], dtype=tl.float32)
+        dq_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
+        if TAIL_M < BLOCK_M:
+            m_full = (N_CTX // BLOCK_M) * BLOCK_M
+            for start_m in range(0, m_full, BLOCK_M):  # full query blocks: no masks on the rows
+                dk, dv, dq_sum = _attn_bwd_dkdv_block(
+                    dk, dv, dq_sum, k, v, key_valid, start_m, N_CTX, sm_scale, qk_scale,
+                    q_bh, do_bh, o_bh, dq_bh, lse_bh, stats_bh, offs_m, offs_d,
+                    stride_qn, stride_qd, stride_don, stride_dod, stride_on, stride_od,
+                    stride_dqn, stride_dqd, HEAD_DIM, BLOCK_D, False, FUSE_DQ, HAS_SUMS,
+                    DOT_PRECISION)
+            for start_m in range(m_full, N_CTX, TAIL_M):  # the rest, in one block of TAIL_M rows
+                dk, dv, dq_sum = _attn_bwd_dkdv_block(
+                    dk, dv, dq_sum, k, v, key_valid, start_m, N_CTX, sm_scale, qk_scale,
+                    q_bh, do_bh, o_bh, dq_bh, lse_bh, stats_bh, tl.arange(0, TAIL_M), offs_d,
+                    stride_qn, stride_qd, stride_don, stride_dod, stride_on, stride_od,
+                    stride_dqn, stride_dqd, HEAD_DIM, BLOCK_D, True, FUSE_DQ, HAS_SUMS,
+                    DOT_PRECISION)
+        else:  # no smaller last step to gain: one loop, one copy of its body (fewer registers)
+            for start_m in range(0, N_CTX, BLOCK_M):
+                dk, dv, dq_sum = _attn_bwd_dkdv_block(
+                    dk, dv, dq_sum, k, v, key_valid, start_m, N_CTX, sm_scale, qk_scale,
+                    q_bh, do_bh, o_bh, dq_bh, lse_bh, stats_bh, offs_m, offs_d,
+                    stride_qn, stride_qd, stride_don, stride_dod, stride_on, stride_od,
+                    stride_dqn, stride_dqd, HEAD_DIM, BLOCK_D, True, FUSE_DQ, HAS_SUMS,
+                    DOT_PRECISION)
+        dk = dk * sm_scale
+        _store_tile(DK + b * stride_dkb + h * stride_dkh + row0_n * stride_dkn, dk, offs_n,
+                    offs_d, stride_dkn, stride_dkd, keys_left, HEAD_DIM, BLOCK_D)
+        _store_tile(DV + b * stride_dvb + h * stride_dvh + row0_n * stride_dvn, dv, offs_n,
+                    offs_d, stride_dvn, stride_dvd, keys_left, HEAD_DIM, BLOCK_D)
+        if HAS_SUMS:
+            s_base = DSUM + b * stride_sb + row_s * stride_sr + h * stride_sh
+            if FUSE_DQ:
+                _store_col_sums(s_base, dq_sum, row_s, n_rows, stride_sr, offs_d, OWN, HEAD_DIM)
+            _store_col_sums(s_base + stride_ss, tl.sum(tl.where(key_valid[:, None], dk, 0.0), 0),
+                            row_s, n_rows, stride_sr, offs_d, OWN, HEAD_DIM)
+            _store_col_sums(s_base + 2 * stride_ss,
+                            tl.sum(tl.where(key_valid[:, None], dv, 0.0), 0),
+                            row_s, n_rows, stride_sr, offs_d, OWN, HEAD_DIM)
 
 
 @triton.jit
@@ -477,6 +569,7 @@ def _attn_bwd_dkdv(
     HAS_SUMS: tl.constexpr,  # also write the column sums (the qkv bias gradient's partials)
     SUM_ROWS: tl.constexpr,  # sequence rows per partial row of DSUM
     DOT_PRECISION: tl.constexpr,
+    ONE_STEP: tl.constexpr,  # BLOCK_M >= N: the query sweep is one step (_attn_bwd_one_step)
 ):
     pid_bh = tl.program_id(0).to(tl.int64)
     start_n = tl.program_id(1) * BLOCK_N
@@ -500,7 +593,7 @@ def _attn_bwd_dkdv(
             stride_dvb, stride_dvh, stride_dvn, stride_dvd,
             stride_sb, stride_sr, stride_ss, stride_sh,
             BLOCK_N, OWN, HEAD_DIM, BLOCK_M, BLOCK_D, TAIL_M, FUSE_DQ, HAS_SUMS, SUM_ROWS,
-            DOT_PRECISION)
+            DOT_PRECISION, ONE_STEP)
     else:
         _attn_bwd_dkdv_keys(
             Q, K, V, O, DO, DQ, DK, DV, LSE, STATS, DSUM, pid_bh, b, h, start_n, N_CTX, sm_scale,
@@ -515,7 +608,7 @@ def _attn_bwd_dkdv(
             stride_dvb, stride_dvh, stride_dvn, stride_dvd,
             stride_sb, stride_sr, stride_ss, stride_sh,
             TAIL_N, OWN, HEAD_DIM, BLOCK_M, BLOCK_D, TAIL_M, FUSE_DQ, HAS_SUMS, SUM_ROWS,
-            DOT_PRECISION)
+            DOT_PRECISION, ONE_STEP)
 
 
 @triton.jit
@@ -821,7 +914,8 @@ _attn_fwd_tuned = triton.autotune(
                      "TAIL_M": _tail_of("BLOCK_M"), "TAIL_N": _tail_of("BLOCK_N")})(_attn_fwd))
 
 _attn_bwd_dkdv_heuristics = triton.heuristics(
-    {"TAIL_M": _tail_of("BLOCK_M"), "TAIL_N": _tail_of("BLOCK_N")})(_attn_bwd_dkdv)
+    {"TAIL_M": _tail_of("BLOCK_M"), "TAIL_N": _tail_of("BLOCK_N"),
+     "ONE_STEP": lambda args: args["BLOCK_M"] >= args["N_CTX"]})(_attn_bwd_dkdv)
 
 _attn_bwd_fused_tuned = triton.autotune(
     configs=_BWD_FUSED_CONFIGS, key=["N_CTX", "HEAD_DIM", "BH_CLASS"],
