@@ -359,6 +359,11 @@ def autotuned():
     return out
 
 
+def _error_text(exc):
+    """An exception as one line of at most 300 characters, for a result file and the console."""
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+
+
 def _progress(total, desc, enabled):
     if not enabled:
         return None
@@ -447,7 +452,7 @@ def bench_system(key, model_name, batch, amp_dtype, steps, warmup, device, seed=
                     breakdown = profile_train_step(step, step_ms=statistics.median(t["times_ms"]),
                                                    floors=floors)
                 except Exception as exc:  # noqa: BLE001
-                    profile_error = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+                    profile_error = _error_text(exc)
     finally:
         if bar is not None:
             bar.close()
@@ -966,7 +971,7 @@ def _main_gpu(args):
             parity = step_parity(model_name, pb, amp_dtype, "cuda")
             print(parity_line(parity))
         except Exception as exc:  # noqa: BLE001
-            msg = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+            msg = _error_text(exc)
             parity = {"passed": False, "error": msg}
             print(f"parity [FAIL]: {msg}")
         torch.cuda.empty_cache()
@@ -979,7 +984,7 @@ def _main_gpu(args):
                                         floors=profile_floors))
         except Exception as exc:  # noqa: BLE001 - one failing system is reported, not fatal
             label = SYSTEMS[key][0]
-            msg = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+            msg = _error_text(exc)
             results.append({"system": key, "label": label, "backend": SYSTEMS[key][1],
                             "compiled": SYSTEMS[key][2], "error": msg})
             torch.cuda.empty_cache()
@@ -1049,7 +1054,7 @@ def _main_cpu(args):
             results.append(bench_system(key, model_name, batch, torch.float32, steps, warmup,
                                         "cpu", progress=not args.no_progress))
         except Exception as exc:  # noqa: BLE001
-            msg = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+            msg = _error_text(exc)
             results.append({"system": key, "label": SYSTEMS[key][0], "backend": "torch",
                             "compiled": SYSTEMS[key][2], "error": msg})
     _add_ratios(results, 3 * fwd_flops, None)
@@ -1065,7 +1070,7 @@ def _main_cpu(args):
                 print(parity_line(parity).replace(
                     "parity [", "parity of the triton path through Triton's interpreter [", 1))
             except Exception as exc:  # noqa: BLE001
-                msg = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+                msg = _error_text(exc)
                 parity = {"passed": False, "error": msg}
                 print(f"parity of the triton path through Triton's interpreter [FAIL]: {msg}")
     secs = time.perf_counter() - t_start
