@@ -407,9 +407,10 @@ def _attn_bwd_one_step(
     """Every query against this program's keys in one step (BLOCK_M >= N: the encoder's N = 50
     in 64 rows): the sweep's one iteration as straight-line code, dV, dK and dQ each stored, with
     its column sums, as soon as it is complete, so that its registers are free for the next. In
-    the loop every accumulator lives to the end: at N = 50, d = 64 (bf16, sm_90, Triton 3.6) the
-    fused kernel's 64-row step took 255 registers a thread and spilled at 4 warps (2 programs an
-    SM), 208 at 8 (1); straight-line, 140 (3) and 89 (2)."""
+    the loop every accumulator lives to the end: at N = 50, d = 64 (bf16, column sums on, sm_90,
+    Triton 3.6: tests/_kernel_capture.py attention --mode full --verbose) the fused kernel's
+    64-row step took 255 registers a thread and spilled at 4 warps (2 programs an SM), 222 at 8
+    (1); straight-line, 138 (3) and 126 (2)."""
     q, do, lse2, delta, row_valid = _attn_bwd_step_inputs(
         q_bh, do_bh, o_bh, lse_bh, stats_bh, 0, N_CTX, offs_m, offs_d,
         stride_qn, stride_qd, stride_don, stride_dod, stride_on, stride_od,
@@ -825,10 +826,11 @@ def _keep_bwd_dq(bm, bn, w, s, n_pow2, bd, fp32):
 
 # dK-dV tilings also tried with their registers capped (ptxas's maxnreg), at the head dimension
 # where the caps were checked: at the decoder's d = 32 (bf16, sm_90, Triton 3.6) ptxas takes
-# 158 registers a thread for the 64 x 64 tiling at 4 warps and 120 for 32 x 64, without needing
-# them (3 and 4 programs an SM), and fits 128 (4 programs, 16 warps an SM) and 96 (5 programs,
-# 20 warps) without spilling; the autotuner times both ways. (BLOCK_M, BLOCK_N, stages, cap);
-# the 64 x 64 tiling at 2 stages spills under 128.
+# 156-164 registers a thread for the 64 x 64 tiling at 4 warps and 118-122 for 32 x 64 without
+# needing them (3 and 4 programs an SM), and fits 128 (4 programs, 16 warps an SM) and 96 (5
+# programs, 20 warps) without spilling (tests/_kernel_capture.py attention --verbose); the
+# autotuner times both ways. (BLOCK_M, BLOCK_N, stages, cap); the 64 x 64 tiling at 2 stages
+# spilled under 128 when tried.
 _CAPPED_DKDV = ((64, 64, 3, 128), (32, 64, 2, 96), (32, 64, 3, 96))
 _CAPPED_HEAD_DIM = 32
 
