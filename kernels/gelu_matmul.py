@@ -14,22 +14,27 @@ half dtype first (the unfused path rounds it).
 Whether these beat cuBLAS plus the separate bias + GELU kernels depends on the card: fastmae.ops
 times both on the first call of each shape and keeps the faster (``fastmae.ops._mlp_fused``).
 
-Tiles: one program per (BLOCK_M, BLOCK_N) output tile, grouped GROUP_M tile rows at a time so
-that consecutive programs share A's rows and B's columns in L2. Rows and columns past M and N
-are read wrapped around (in bounds, no masks in the K loop) and never stored or summed.
+Tiles: (BLOCK_M, BLOCK_N) output tiles, grouped GROUP_M tile rows at a time so that consecutive
+tiles share A's rows and B's columns in L2. Rows and columns past M and N are read wrapped around
+(in bounds, no masks in the K loop) and never stored or summed. A configuration either launches
+one program a tile (PROGRAMS_PER_SM = 0) or is persistent: PROGRAMS_PER_SM programs an SM, each
+taking every so-many-th tile in one loop that Triton flattens with the K loop
+(``tl.range(..., flatten=True)``), so that the next tile's first K steps are loaded while the
+current tile's epilogue runs. MAE's K is short (512, 768: 8 to 12 steps of 64), so a tile's
+load latency and epilogue are a large part of it where each program has one tile; the autotuner
+times both kinds.
 """
 import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, empty, interpreting, launch_tuned, next_pow2
+from ._common import cdiv, empty, interpreting, launch_tuned, next_pow2, sm_count
 from .bias_gelu import _normal_cdf
 
 
 @triton.jit
-def _tile_of(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) of this program, GROUP_M tile rows walked column by column."""
-    pid = tl.program_id(0)
+def _tile_of(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of tile number pid, GROUP_M tile rows walked column by column."""
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
     group_size = GROUP_M * tiles_n
@@ -44,16 +49,15 @@ def _tile_of(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.con
 def _matmul_tile(
     A,  # (M, K) any strides
     B,  # (K, N) any strides
+    pid_m, pid_n,  # the output tile
     M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no mask in the loop
     DOT_PRECISION: tl.constexpr,
 ):
-    """This program's fp32 (BLOCK_M, BLOCK_N) tile of A @ B, and its output rows (int64), columns,
-    column mask and element mask (rows >= M and columns >= N hold wrapped-around rows and
-    columns: never to be stored or summed)."""
-    pid_m, pid_n = _tile_of(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    """The fp32 (BLOCK_M, BLOCK_N) tile (pid_m, pid_n) of A @ B; rows >= M and columns >= N
+    hold wrapped-around rows and columns: never to be stored or summed."""
     # wrapped, not masked: every load in bounds (64-bit row offsets: M * K can pass 2**31)
     a_rows = ((pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M).to(tl.int64)
     b_cols = ((pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N).to(tl.int64)
@@ -72,10 +76,32 @@ def _matmul_tile(
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
+    return acc
+
+
+@triton.jit
+def _tile_outputs(pid_m, pid_n, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Tile (pid_m, pid_n)'s output rows (int64), columns, column mask and element mask."""
     rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
-    return acc, pid_m, rows, cols, col_ok, (rows < M)[:, None] & col_ok[None, :]
+    return rows, cols, col_ok, (rows < M)[:, None] & col_ok[None, :]
+
+
+@triton.jit
+def _bias_gelu_epilogue(
+    acc, pid_m, pid_n, BIAS, F, G, M, N, stride_f, stride_g,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """f = acc rounded to F's dtype and g = gelu(f + bias), stored for tile (pid_m, pid_n)."""
+    rows, cols, col_ok, mask = _tile_outputs(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
+    f = acc.to(F.dtype.element_ty)
+    tl.store(F + rows[:, None] * stride_f + cols[None, :], f, mask=mask)
+    # the GELU of the rounded f: what the backward recomputes from the saved f
+    z = f.to(tl.float32) + tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    cdf, _ = _normal_cdf(z)  # Phi(z), as kernels/bias_gelu.py's forward
+    g = z * cdf
+    tl.store(G + rows[:, None] * stride_g + cols[None, :], g.to(G.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -89,36 +115,32 @@ def _matmul_bias_gelu(
     stride_am, stride_ak, stride_bk, stride_bn, stride_f, stride_g,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PROGRAMS_PER_SM: tl.constexpr,  # 0: one program a tile; else persistent (see the top)
+    FLATTEN: tl.constexpr,  # persistent: the tile loop flattened with the K loop
 ):
-    acc, _, rows, cols, col_ok, mask = _matmul_tile(
-        A, B, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
-        BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, DOT_PRECISION)
-    f = acc.to(F.dtype.element_ty)
-    tl.store(F + rows[:, None] * stride_f + cols[None, :], f, mask=mask)
-    # the GELU of the rounded f: what the backward recomputes from the saved f
-    z = f.to(tl.float32) + tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    cdf, _ = _normal_cdf(z)  # Phi(z), as kernels/bias_gelu.py's forward
-    g = z * cdf
-    tl.store(G + rows[:, None] * stride_g + cols[None, :], g.to(G.dtype.element_ty), mask=mask)
+    if PROGRAMS_PER_SM == 0:
+        pid_m, pid_n = _tile_of(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        acc = _matmul_tile(A, B, pid_m, pid_n, M, N, K, stride_am, stride_ak, stride_bk,
+                           stride_bn, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION)
+        _bias_gelu_epilogue(acc, pid_m, pid_n, BIAS, F, G, M, N, stride_f, stride_g,
+                            BLOCK_M, BLOCK_N)
+    else:
+        tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        for tile in tl.range(tl.program_id(0), tiles, tl.num_programs(0), flatten=FLATTEN):
+            pid_m, pid_n = _tile_of(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+            acc = _matmul_tile(A, B, pid_m, pid_n, M, N, K, stride_am, stride_ak, stride_bk,
+                               stride_bn, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION)
+            _bias_gelu_epilogue(acc, pid_m, pid_n, BIAS, F, G, M, N, stride_f, stride_g,
+                                BLOCK_M, BLOCK_N)
 
 
 @triton.jit
-def _matmul_gelu_bwd(
-    A,  # (M, K) any strides: the gradient of fc2's output
-    B,  # (K, N) any strides: fc2's (K, N) weight
-    F,  # (M, N) row stride stride_f, unit column stride: fc1's saved output, without bias
-    BIAS,  # (N,) any float dtype: fc1's bias
-    DF,  # (M, N) out, row stride stride_df, unit column stride: the gradient of F
-    DB_PART,  # (cdiv(M, SUM_ROWS), N) fp32 out, contiguous: column sums of DF, see below
-    M, N, K, M_KEY,
-    stride_am, stride_ak, stride_bk, stride_bn, stride_f, stride_df,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SUM_ROWS: tl.constexpr,  # rows a partial sum row covers: the smallest BLOCK_M of any config
+def _gelu_bwd_epilogue(
+    dg, pid_m, pid_n, F, BIAS, DF, DB_PART, M, N, stride_f, stride_df,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUM_ROWS: tl.constexpr,
 ):
-    dg, pid_m, rows, cols, col_ok, mask = _matmul_tile(
-        A, B, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
-        BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, EVEN_K, DOT_PRECISION)
+    """df = dg * gelu'(f + bias) stored for tile (pid_m, pid_n), and its column sums."""
+    rows, cols, col_ok, mask = _tile_outputs(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
     f = tl.load(F + rows[:, None] * stride_f + cols[None, :], mask=mask, other=0.0)
     z = f.to(tl.float32) + tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     cdf, e = _normal_cdf(z)
@@ -136,6 +158,38 @@ def _matmul_gelu_bwd(
                  mask=col_ok & row_ok)
 
 
+@triton.jit
+def _matmul_gelu_bwd(
+    A,  # (M, K) any strides: the gradient of fc2's output
+    B,  # (K, N) any strides: fc2's (K, N) weight
+    F,  # (M, N) row stride stride_f, unit column stride: fc1's saved output, without bias
+    BIAS,  # (N,) any float dtype: fc1's bias
+    DF,  # (M, N) out, row stride stride_df, unit column stride: the gradient of F
+    DB_PART,  # (cdiv(M, SUM_ROWS), N) fp32 out, contiguous: column sums of DF, see below
+    M, N, K, M_KEY,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_f, stride_df,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SUM_ROWS: tl.constexpr,  # rows a partial sum row covers: the smallest BLOCK_M of any config
+    PROGRAMS_PER_SM: tl.constexpr,  # 0: one program a tile; else persistent (see the top)
+    FLATTEN: tl.constexpr,  # persistent: the tile loop flattened with the K loop
+):
+    if PROGRAMS_PER_SM == 0:
+        pid_m, pid_n = _tile_of(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        dg = _matmul_tile(A, B, pid_m, pid_n, M, N, K, stride_am, stride_ak, stride_bk,
+                          stride_bn, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION)
+        _gelu_bwd_epilogue(dg, pid_m, pid_n, F, BIAS, DF, DB_PART, M, N, stride_f, stride_df,
+                           BLOCK_M, BLOCK_N, SUM_ROWS)
+    else:
+        tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        for tile in tl.range(tl.program_id(0), tiles, tl.num_programs(0), flatten=FLATTEN):
+            pid_m, pid_n = _tile_of(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+            dg = _matmul_tile(A, B, pid_m, pid_n, M, N, K, stride_am, stride_ak, stride_bk,
+                              stride_bn, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION)
+            _gelu_bwd_epilogue(dg, pid_m, pid_n, F, BIAS, DF, DB_PART, M, N, stride_f,
+                               stride_df, BLOCK_M, BLOCK_N, SUM_ROWS)
+
+
 # ----------------------------------------------------------------------------- configurations
 
 GROUP_M = 8
@@ -143,34 +197,49 @@ _SMEM_BUDGET = 200 * 1024  # bytes of pipelined A and B tiles a program may take
 
 
 def _gpu_configs():
-    # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). Compiled for sm_90 (Triton 3.6), each runs its
-    # K loop on wgmma (HGMMA) fed by cp.async, with no spill in the loop. The epilogue's GELU work
-    # (most of the kernel's 2,216 / 2,720 SASS instructions, forward / backward, at 128 x 128 over
-    # 8 warps) overlaps another program's loop only where two programs fit an SM: the 4-warp
-    # tiles (under 200 registers a thread, 96 KiB of shared memory). 128 x 256 is cuBLAS's tile
-    # for these shapes; its backward spills in the epilogue (592 bytes a thread; the forward
-    # none: tests/_kernel_capture.py gelu_matmul --verbose).
-    shapes = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in shapes]
+    # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, programs an SM: 0 one a tile, else persistent).
+    # Compiled for sm_90 (Triton 3.6), each runs its K loop on wgmma (HGMMA) fed by cp.async,
+    # with no spill in the loop. The epilogue's GELU work (most of the kernel's 2,216 / 2,720 SASS
+    # instructions, forward / backward, at 128 x 128 over 8 warps) overlaps another program's
+    # loop only where two programs fit an SM: the 4-warp tiles (under 200 registers a thread, 96
+    # KiB of shared memory). 128 x 256 is cuBLAS's tile for these shapes; its backward spills in
+    # the epilogue (592 bytes a thread; the forward none: tests/_kernel_capture.py gelu_matmul
+    # --verbose). The persistent ones (see the top) at 128 x 128 over 8 warps, one program an SM,
+    # and at 128 x 64 over 4 warps, two, each with the tile loop flattened into the K loop and
+    # not: flattened, the K loop also holds the epilogue (~2,250 instructions, 4 HGMMAs and 8 or
+    # 12 copies), 150 and 178 registers (forward), and the 4-warp backward spills 48 bytes; not
+    # flattened, the K loop is the one-a-tile kernel's (~100 instructions) and the next tile's
+    # first copies are issued after the epilogue, 141 and 139 registers (forward), the 8-warp
+    # backward spilling 32 bytes. Which hides a short K loop's latency best is the autotuner's
+    # measurement, not ours.
+    shapes = [(128, 256, 64, 8, 3, 0, False), (128, 128, 64, 8, 4, 0, False),
+              (128, 64, 64, 4, 4, 0, False), (64, 128, 64, 4, 4, 0, False)]
+    shapes += [(128, 128, 64, 8, 4, 1, flatten) for flatten in (True, False)]
+    shapes += [(128, 64, 64, 4, 4, 2, flatten) for flatten in (True, False)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "PROGRAMS_PER_SM": p,
+                           "FLATTEN": flatten}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s, p, flatten in shapes]
 
 
 if interpreting():
-    # small tiles, so that the tests' small shapes take several tiles, K steps and tails
-    _CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16}, num_warps=4,
-                              num_stages=1)]
+    # small tiles, so that the tests' small shapes take several tiles, K steps and tails (the
+    # tests run the persistent kind too, with a stand-in SM count: _CPU_SMS)
+    _CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "PROGRAMS_PER_SM": 0,
+                               "FLATTEN": False}, num_warps=4, num_stages=1)]
 else:
     _CONFIGS = _gpu_configs()
+_CPU_SMS = 3  # the "SMs" a persistent configuration's grid is sized for off a GPU
 
 
 def _prune(configs, named_args, **kwargs):
     """Configurations whose pipelined tiles fit shared memory (fp32 operands take twice the
-    bytes) and that do not overhang small M or N by more than a tile."""
+    bytes; all of a persistent one's programs an SM) and that do not overhang small M or N by
+    more than a tile."""
     a, M, N = named_args["A"], named_args["M"], named_args["N"]
     size = a.element_size()
     kept = [c for c in configs
             if c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"]
-            * size <= _SMEM_BUDGET
+            * size * max(1, c.kwargs["PROGRAMS_PER_SM"]) <= _SMEM_BUDGET
             and c.kwargs["BLOCK_M"] <= max(64, next_pow2(M))
             and c.kwargs["BLOCK_N"] <= max(64, next_pow2(N))]
     return kept or [min(configs, key=lambda c: c.num_stages * c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
@@ -206,8 +275,16 @@ def _meta(a, K):
                 DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32")
 
 
-def _grid(M, N):
-    return lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
+def _grid(M, N, device):
+    """One program a tile, or a persistent configuration's programs an SM (at most a tile
+    each)."""
+    sms = sm_count(device.index) if device.type == "cuda" else _CPU_SMS
+
+    def grid(meta):
+        tiles = cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])
+        per_sm = meta["PROGRAMS_PER_SM"]
+        return (min(tiles, per_sm * sms) if per_sm else tiles,)
+    return grid
 
 
 def matmul_bias_gelu(a, w, bias, out_dtype: torch.dtype):
@@ -223,7 +300,7 @@ def matmul_bias_gelu(a, w, bias, out_dtype: torch.dtype):
     if M == 0 or N == 0:
         return f, g
     m_key = next_pow2(M)
-    launch_tuned(_matmul_bias_gelu_tuned, _grid(M, N), (m_key, N, K),
+    launch_tuned(_matmul_bias_gelu_tuned, _grid(M, N, a.device), (m_key, N, K),
                  a, b, bias, f, g, M, N, K, m_key,
                  a.stride(0), a.stride(1), b.stride(0), b.stride(1), f.stride(0), g.stride(0),
                  **_meta(a, K))
@@ -249,7 +326,7 @@ def matmul_gelu_bwd(dm, w, f, bias, dx_dtype: torch.dtype, reduce=True):
         return df, torch.zeros(N, dtype=torch.float32, device=dm.device)
     m_key = next_pow2(M)
     db_part = _empty((cdiv(M, _SUM_ROWS), N), torch.float32, dm.device)
-    launch_tuned(_matmul_gelu_bwd_tuned, _grid(M, N), (m_key, N, K),
+    launch_tuned(_matmul_gelu_bwd_tuned, _grid(M, N, dm.device), (m_key, N, K),
                  dm, w, f, bias, df, db_part, M, N, K, m_key,
                  dm.stride(0), dm.stride(1), w.stride(0), w.stride(1), f.stride(0), df.stride(0),
                  **_meta(dm, K), SUM_ROWS=_SUM_ROWS)

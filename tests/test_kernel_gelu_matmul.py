@@ -61,6 +61,43 @@ def test_matmul_bias_gelu_and_its_backward_match_float64(M, N, K, device):
     _check_bwd(dm, w2, f, bias)
 
 
+def _persistent_only(monkeypatch, programs_per_sm=1, flatten=True):
+    """Both kernels tuned over one persistent configuration: the _CPU_SMS programs (times
+    programs_per_sm) off a GPU each take several of the tests' tiles."""
+    config = triton.Config({**gm._CONFIGS[0].kwargs, "PROGRAMS_PER_SM": programs_per_sm,
+                            "FLATTEN": flatten}, num_warps=gm._CONFIGS[0].num_warps, num_stages=1)
+    for tuned in (gm._matmul_bias_gelu_tuned, gm._matmul_gelu_bwd_tuned):
+        monkeypatch.setattr(tuned, "configs", [config])
+        monkeypatch.setattr(tuned, "cache", {})
+
+
+@pytest.mark.parametrize("M,N,K", SHAPES)
+def test_persistent_programs_match_float64(M, N, K, device, monkeypatch):
+    """A persistent configuration: where there are more tiles than programs, each program loops
+    over several; the same checks."""
+    _persistent_only(monkeypatch, programs_per_sm=1 + M % 2, flatten=N % 2 == 0)
+    a, w1, bias, dm, w2 = _case(M, N, K, device, seed=M * 100 + N + 1)
+    f, _ = _check_fwd(a, w1, bias)
+    _check_bwd(dm, w2, f, bias)
+
+
+def test_persistent_programs_give_the_one_a_tile_results(device, monkeypatch):
+    """Each tile's values do not depend on which program computed it: bit-identical."""
+    a, w1, bias, dm, w2 = _case(37, 97, 64, device, seed=9)
+
+    def run():
+        f, g = gm.matmul_bias_gelu(a, w1, bias, a.dtype)
+        return (f, g) + gm.matmul_gelu_bwd(dm, w2, f, bias, a.dtype)
+
+    one_a_tile = run()
+    _persistent_only(monkeypatch)
+    tiles = -(-37 // gm._CONFIGS[0].kwargs["BLOCK_M"]) * -(-97 // gm._CONFIGS[0].kwargs["BLOCK_N"])
+    assert gm._grid(37, 97, torch.device(device))(gm._matmul_bias_gelu_tuned.configs[0].kwargs) \
+        == (gm._CPU_SMS,) and tiles > 2 * gm._CPU_SMS
+    for name, x, y in zip(("f", "g", "df", "dbias"), one_a_tile, run()):
+        assert torch.equal(x, y), name
+
+
 def test_strided_operands(device):
     """a transposed, the weights column slices of wider tensors, dm expanded (stride 0, the
     gradient of a sum), f a row slice: the launchers take any strides."""
@@ -123,8 +160,10 @@ def test_launch_reuses_the_autotuners_choice(device, monkeypatch):
     """Once the autotuner holds a configuration for (next_pow2(M), N, K) and the dtypes, both
     launchers run the kernel with it directly (_common.launch_tuned), with the same result."""
     from triton.runtime.autotuner import Autotuner
-    two = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16}, num_warps=1, num_stages=1),
-           triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1, num_stages=1)]
+    two = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "PROGRAMS_PER_SM": 0,
+                          "FLATTEN": False}, num_warps=1, num_stages=1),
+           triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16, "PROGRAMS_PER_SM": 1,
+                          "FLATTEN": True}, num_warps=1, num_stages=1)]
     tuned = (gm._matmul_bias_gelu_tuned, gm._matmul_gelu_bwd_tuned)
     for t in tuned:
         monkeypatch.setattr(t, "configs", two)
@@ -196,3 +235,34 @@ def test_low_precision_against_cublas_and_the_bias_gelu_kernel(M, N, K, dtype, a
     assert_rel_close(db, df32.sum(0), 2 * rel_err(db_split, df32.sum(0)) + atol, "dbias")
     df2, db2 = gm.matmul_gelu_bwd(dm, w2, f, bias, dtype)
     assert torch.equal(df, df2) and torch.equal(db, db2)
+
+
+@pytest.mark.cuda
+def test_every_gpu_configuration_at_a_decoder_shape(monkeypatch):
+    """Each configuration the autotuner may pick (one a tile and persistent, flattened or not),
+    forced in turn, at the decoder's MLP shape with an odd M, bf16: within the same bounds as
+    the autotuner's pick above."""
+    from fastmae.kernels import bias_gelu as bg
+    M, N, K, dtype, atol = 2 * 197 + 3, 2048, 512, torch.bfloat16, 4e-3
+    a, w1, bias, dm, w2 = _case(M, N, K, "cuda", dtype=dtype, seed=11)
+    f32 = a.float() @ w1.float().t()
+    f_split = a @ w1.t()
+    g_split = bg.bias_gelu_fwd(f_split, bias, dtype)
+    g32 = torch.nn.functional.gelu(f32 + bias)
+    tuned = (gm._matmul_bias_gelu_tuned, gm._matmul_gelu_bwd_tuned)
+    configs = gm._gpu_configs()
+    assert any(c.kwargs["PROGRAMS_PER_SM"] for c in configs)
+    for config in configs:
+        for t in tuned:
+            monkeypatch.setattr(t, "configs", [config])
+            monkeypatch.setattr(t, "cache", {})
+        f, g = gm.matmul_bias_gelu(a, w1, bias, dtype)
+        assert_rel_close(f, f32, 2 * rel_err(f_split, f32) + atol, f"f {config}")
+        assert_rel_close(g, g32, 2 * rel_err(g_split, g32) + atol, f"g {config}")
+        df, db = gm.matmul_gelu_bwd(dm, w2, f, bias, dtype)
+        df_split, db_split = bg.bias_gelu_bwd(dm @ w2, f, bias, dtype)
+        z = (f.float() + bias).requires_grad_()
+        (df32,) = torch.autograd.grad(torch.nn.functional.gelu(z), z, dm.float() @ w2.float())
+        assert_rel_close(df, df32, 2 * rel_err(df_split, df32) + atol, f"df {config}")
+        assert_rel_close(db, df32.sum(0), 2 * rel_err(db_split, df32.sum(0)) + atol,
+                         f"dbias {config}")
