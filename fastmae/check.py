@@ -531,10 +531,11 @@ def _model_rows(device, dtypes):
     if device == "cuda":
         settings += [(DTYPES[d], f"fp32+amp-{d}") for d in dtypes if d != "fp32"]
     for amp, dname in settings:
-        # both ways of each kernel path chosen by timing on a GPU (the MLP's fused matmuls or
-        # cuBLAS + the bias + GELU kernels, attention's fused or two-kernel backward): a run
-        # keeps only the faster, and the check covers the other too
-        for paths in KERNEL_PATHS:
+        # every way of each kernel path chosen by timing on a GPU (the MLP's fused matmuls, by
+        # threads or by TMA, or cuBLAS + the bias + GELU kernels, attention's fused or
+        # two-kernel backward): a run keeps only the fastest, and the check covers the others
+        tma = device != "cuda" or torch.cuda.get_device_capability()[0] >= 9
+        for paths in KERNEL_PATHS if tma else tuple(p for p in KERNEL_PATHS if p != "fused_tma"):
             label = f"{case}, paths {paths}"
             try:
                 with _forced_paths(paths):
@@ -545,13 +546,14 @@ def _model_rows(device, dtypes):
     return rows
 
 
-KERNEL_PATHS = ("fused", "split")
+KERNEL_PATHS = ("fused", "fused_tma", "split")
 _PATH_VARIABLES = tuple(WAYS)  # FASTMAE_MLP, FASTMAE_ATTN_BWD, FASTMAE_PATCH_WGRAD
 
 
 def _forced_paths(name):
-    """Every kernel path chosen by timing forced to ``name`` ("fused" or "split") meanwhile."""
-    return forced_environment({v: name for v in _PATH_VARIABLES})
+    """Every kernel path chosen by timing forced to ``name`` ("fused", "fused_tma" or "split")
+    meanwhile; a path without that way ("fused_tma" is the MLP's only) to "fused"."""
+    return forced_environment({v: name if name in WAYS[v] else "fused" for v in _PATH_VARIABLES})
 
 
 # ============================================================================ the command

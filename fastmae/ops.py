@@ -8,6 +8,7 @@ breaks and ``torch.library.opcheck`` can check them. Kernel modules are imported
 Triton interpreter must be switched on before their first import on a CPU machine.
 """
 import importlib
+import os
 import warnings
 
 import torch
@@ -1063,37 +1064,49 @@ def _linear_grads(dy, x, weight, weight_dtype):
     return dx, dw
 
 
-# The MLP's fc1 forward and fc2's input gradient each run one of two ways: cuBLAS's matmul, then
-# the bias + GELU kernel ("split"), or one fastmae matmul with that work in its epilogue
-# ("fused", kernels/gelu_matmul.py: no second kernel reads the matmul's output back). Which is
-# faster depends on the card and the shapes, so on a GPU both are timed on the first call of
-# each shape and dtype, and the faster is kept (_common.keep_faster; FASTMAE_MLP=fused|split
-# forces one). The interpreter takes the fused one without timing; a GPU call during CUDA-graph
-# capture that finds no choice kept for its shape takes the split one.
+# The MLP's fc1 forward and fc2's input gradient each run one of three ways: cuBLAS's matmul,
+# then the bias + GELU kernel ("split"), or one fastmae matmul with that work in its epilogue
+# (kernels/gelu_matmul.py: no second kernel reads the matmul's output back), its tiles moved by
+# threads ("fused") or, on sm_90 and newer where the operands can be described, by the TMA
+# ("fused_tma"). Which is faster depends on the card and the shapes, so on a GPU each is timed
+# on the first call of each shape and dtype, and the fastest is kept (_common.keep_faster;
+# FASTMAE_MLP=fused|fused_tma|split forces one). The interpreter takes "fused" without timing;
+# a GPU call during CUDA-graph capture that finds no choice kept for its shape takes "split".
 _MLP_CHOICE = {}
 
 
-def _mlp_fused(key, fused, split):
+def _mlp_way(key, ways, tma_ok):
+    """The way ("fused", "fused_tma", "split") to run the MLP product of ``key``; ``ways`` maps
+    each to a zero-argument callable (the TMA one used only where ``tma_ok``)."""
+    if not tma_ok:
+        if os.environ.get("FASTMAE_MLP", "").strip().lower() == "fused_tma":
+            raise ValueError(f"FASTMAE_MLP=fused_tma: the TMA kernels need an sm_90 or newer GPU "
+                             f"(or the interpreter) and 16-byte aligned rows; not so for "
+                             f"{key[:-1]} on {key[-1]}")
+        ways = {k: v for k, v in ways.items() if k != "fused_tma"}
     default = "split" if key[-1].type == "cuda" else "fused"
-    return _kernel("_common").keep_faster(_MLP_CHOICE, key, "FASTMAE_MLP",
-                                          {"fused": fused, "split": split}, default) == "fused"
+    return _kernel("_common").keep_faster(_MLP_CHOICE, key, "FASTMAE_MLP", ways, default)
 
 
 def _fc1_bias_gelu(h, w1, fc1_b, cd):
     """(f, g): f = h @ w1.T (fc1 without its bias) and g = gelu(f + fc1_b), both in cd."""
     *lead, K = h.shape
     N = w1.shape[0]
+    h_rows = h.reshape(-1, K)
+    gm = _kernel("gelu_matmul")
 
-    def fused():
-        f, g = _kernel("gelu_matmul").matmul_bias_gelu(h.reshape(-1, K), w1, fc1_b, cd)
+    def fused(tma=False):
+        f, g = gm.matmul_bias_gelu(h_rows, w1, fc1_b, cd, tma=tma)
         return f.view(*lead, N), g.view(*lead, N)
 
     def split():
         f = F.linear(h, w1)
         return f, _bias_gelu_op.impl(f, fc1_b, cd)
 
-    key = ("fc1", h.numel() // K, N, K, cd, h.device)
-    return fused() if _mlp_fused(key, fused, split) else split()
+    key = ("fc1", h_rows.shape[0], N, K, cd, h.device)
+    way = _mlp_way(key, {"fused": fused, "fused_tma": lambda: fused(tma=True), "split": split},
+                   gm.tma_ok(h.device, cd, N, a=h_rows, w=w1))
+    return split() if way == "split" else fused(tma=way == "fused_tma")
 
 
 def _fc2_gelu_grads(d_m, g, f, w2, fc1_b, fc2_w_dtype):
@@ -1102,10 +1115,11 @@ def _fc2_gelu_grads(d_m, g, f, w2, fc1_b, fc2_w_dtype):
     d_rows = d_m.reshape(-1, d_m.shape[-1])
     d_fc2_w = _weight_grad(d_rows, g.reshape(-1, g.shape[-1]), fc2_w_dtype)
     f_rows = f.reshape(-1, f.shape[-1])
+    gm = _kernel("gelu_matmul")
 
-    def fused():
-        df, db_part = _kernel("gelu_matmul").matmul_gelu_bwd(d_rows, w2, f_rows, fc1_b, f.dtype,
-                                                              reduce=False)
+    def fused(tma=False):
+        df, db_part = gm.matmul_gelu_bwd(d_rows, w2, f_rows, fc1_b, f.dtype, reduce=False,
+                                         tma=tma)
         return df.view_as(f), db_part
 
     def split():
@@ -1114,7 +1128,9 @@ def _fc2_gelu_grads(d_m, g, f, w2, fc1_b, fc2_w_dtype):
         return df.view_as(f), db_part
 
     key = ("fc2_dgrad", d_rows.shape[0], w2.shape[1], d_rows.shape[1], f.dtype, f.device)
-    df, d_fc1_b_part = fused() if _mlp_fused(key, fused, split) else split()
+    way = _mlp_way(key, {"fused": fused, "fused_tma": lambda: fused(tma=True), "split": split},
+                   gm.tma_ok(f.device, f.dtype, w2.shape[1], dm=d_rows, w=w2, f=f_rows))
+    df, d_fc1_b_part = split() if way == "split" else fused(tma=way == "fused_tma")
     return df, d_fc1_b_part, d_fc2_w
 
 

@@ -34,7 +34,7 @@ CompileRequest = namedtuple("CompileRequest",
                             "module name signature constexprs attrs options target")
 
 # the kernel-path environment variables keep_faster reads, and the ways each one names
-WAYS = {"FASTMAE_MLP": ("fused", "split"), "FASTMAE_ATTN_BWD": ("fused", "split"),
+WAYS = {"FASTMAE_MLP": ("fused", "fused_tma", "split"), "FASTMAE_ATTN_BWD": ("fused", "split"),
         "FASTMAE_PATCH_WGRAD": ("fused", "split")}
 
 
@@ -67,7 +67,8 @@ def compiles_recorded(on_compile):
     JITFunction._do_compile by name -- key, signature, device, constexprs, options, attrs,
     warmup; ``config``: the autotuner's triton.Config it is for, or None), and its
     ``JITFunction.run`` returns without launching. An autotuned launch goes down once per
-    configuration the autotuner would time (after its prune_configs_by), untimed."""
+    configuration the autotuner would time (after its prune_configs_by, and its pre-hook run as
+    the autotuner runs it), untimed."""
     from triton.runtime import autotuner as at
     from triton.runtime import jit
 
@@ -86,6 +87,8 @@ def compiles_recorded(on_compile):
         try:
             for config in configs:
                 tuning[0] = config
+                if config.pre_hook is not None:  # e.g. a TMA descriptor's block shape
+                    config.pre_hook({**self.nargs, **kwargs, **config.all_kwargs()})
                 self.fn.run(*args, **kwargs, **config.all_kwargs())
         finally:
             tuning[0] = None
@@ -116,12 +119,16 @@ def request_key(r):
             repr(sorted(r.options.items(), key=repr)), repr(r.target))
 
 
-def _ways():
+def _ways(tma=True):
     """Every combination of the kernel paths keep_faster chooses between, as environment
-    settings; a variable the user has set keeps its one value."""
+    settings; a variable the user has set keeps its one value. tma=False (a device without a
+    TMA): without the MLP's "fused_tma" way."""
     combos = [{}]
     for var, names in WAYS.items():
-        names = (os.environ[var],) if os.environ.get(var, "").strip() else names
+        if os.environ.get(var, "").strip():
+            names = (os.environ[var],)
+        elif not tma:
+            names = tuple(n for n in names if n != "fused_tma")
         combos = [dict(c, **{var: n}) for c in combos for n in names]
     return combos
 
@@ -152,9 +159,10 @@ def step_every_way(model, batches, amp_dtype, mask_ratio=0.75):
     device = next(model.parameters()).device
     H, W = model.patch_embed.img_size
     use_amp = amp_dtype != torch.float32
+    tma = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
     for batch in batches:
         imgs = torch.randn(batch, model.in_chans, H, W, device=device)
-        for ways in _ways():
+        for ways in _ways(tma):
             with forced_environment(ways), fastmae.use_backend("triton"):
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                     loss, _, _ = model(imgs, mask_ratio)

@@ -10,6 +10,7 @@ from triton import knobs
 from triton.runtime.autotuner import Heuristics
 from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 
 @functools.lru_cache(maxsize=None)
@@ -80,7 +81,8 @@ def _distinct_bytes(t):
 
 def launch_work(fn, args, kwargs):
     """(kernel name, bytes, FLOPs) that a launch of ``fn`` with ``args`` and ``kwargs`` must at
-    least move and compute. Bytes: every tensor argument read or written once, its distinct
+    least move and compute. Bytes: every tensor argument (or tensor a descriptor argument
+    describes) read or written once, its distinct
     elements only; a tensor passed again (the placeholder of an unused pointer) counts once.
     A kernel that touches some argument only in part or not at all, or does matmul work, says
     so in its module's ``LAUNCH_WORK[name]``: a function of the named arguments returning
@@ -94,6 +96,8 @@ def launch_work(fn, args, kwargs):
     replaced = work.get("bytes", {})
     total, seen = 0, set()
     for arg, value in named.items():
+        if isinstance(value, TensorDescriptor):
+            value = value.base  # a TMA kernel's operand: the tensor it describes
         if not isinstance(value, torch.Tensor):
             continue
         if arg in replaced:

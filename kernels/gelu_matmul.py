@@ -12,7 +12,8 @@ deterministic second reduction): dg is never written or read back, and it is not
 half dtype first (the unfused path rounds it).
 
 Whether these beat cuBLAS plus the separate bias + GELU kernels depends on the card: fastmae.ops
-times both on the first call of each shape and keeps the faster (``fastmae.ops._mlp_fused``).
+times each way on the first call of each shape and keeps the fastest (``fastmae.ops._mlp_way``;
+the TMA kernels below are a way of their own).
 
 Tiles: (BLOCK_M, BLOCK_N) output tiles, grouped GROUP_M tile rows at a time so that consecutive
 tiles share A's rows and B's columns in L2. Rows and columns past M and N are read wrapped around
@@ -24,9 +25,12 @@ current tile's epilogue runs. MAE's K is short (512, 768: 8 to 12 steps of 64), 
 load latency and epilogue are a large part of it where each program has one tile; the autotuner
 times both kinds.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._common import cdiv, empty, interpreting, launch_tuned, next_pow2, sm_count
 from .bias_gelu import _normal_cdf
@@ -190,6 +194,138 @@ def _matmul_gelu_bwd(
                                stride_df, BLOCK_M, BLOCK_N, SUM_ROWS)
 
 
+# ----------------------------------------------------------------------------- TMA kernels
+#
+# The same two products with every tile moved by the Hopper tensor memory accelerator (TMA):
+# A, B and F loaded and F, G, DF stored through host-built tensor descriptors, one copy
+# instruction a tile instead of a thread's address arithmetic and cp.async copies (what brings
+# Triton's persistent matmul close to cuBLAS on sm_90). Always persistent (PROGRAMS_PER_SM
+# programs an SM, the tile loop flattened into the K loop). Out-of-bounds rows and columns load
+# as zeros and are not stored: the epilogue needs no masks, and zero rows and columns add
+# exactly zero to the bias gradient's column sums (dg is 0 there). The epilogue may run on the
+# tile in SUBTILE column pieces (fewer live registers). The launchers take this path only where
+# the operands can be described (_tma_ok): a contiguous last dimension and 16-byte aligned rows.
+
+@triton.jit
+def _tma_product(a_desc, b_desc, row0, col0, K,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 B_KN: tl.constexpr,  # b_desc describes (K, N); else (N, K), used transposed
+                 DOT_PRECISION: tl.constexpr):
+    """The fp32 (BLOCK_M, BLOCK_N) tile at (row0, col0) of A @ B (zeros past M and N)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        a = a_desc.load([row0, k * BLOCK_K])
+        if B_KN:
+            b = b_desc.load([k * BLOCK_K, col0])
+        else:
+            b = tl.trans(b_desc.load([col0, k * BLOCK_K]))
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _tma_pieces(acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUBTILE: tl.constexpr):
+    """acc's column halves (SUBTILE = 2), or acc and itself (SUBTILE = 1)."""
+    if SUBTILE == 2:
+        halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
+        left, right = tl.split(halves)
+        return left, right
+    else:
+        return acc, acc
+
+
+@triton.jit
+def _tma_bias_gelu_piece(acc, row0, col0, BIAS, f_desc, g_desc, N):
+    """f = acc rounded and g = gelu(f + bias) stored at (row0, col0)."""
+    f = acc.to(f_desc.dtype)
+    f_desc.store([row0, col0], f)
+    cols = col0 + tl.arange(0, acc.shape[1])
+    z = f.to(tl.float32) + tl.load(BIAS + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    cdf, _ = _normal_cdf(z)
+    g_desc.store([row0, col0], (z * cdf).to(g_desc.dtype))
+
+
+@triton.jit
+def _matmul_bias_gelu_tma(
+    a_desc,  # (M, K): fc1's input
+    w_desc,  # (N, K): fc1's weight
+    BIAS,  # (N,) any float dtype
+    f_desc,  # (M, N) out: the matmul output, rounded
+    g_desc,  # (M, N) out: gelu(F + BIAS)
+    M, N, K, M_KEY, ELEM_BYTES,  # next_pow2(M), A's element size: keys only
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SUBTILE: tl.constexpr,
+    PROGRAMS_PER_SM: tl.constexpr,  # the grid's programs an SM (the launcher's; unused here)
+):
+    tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    for tile in tl.range(tl.program_id(0), tiles, tl.num_programs(0), flatten=True):
+        pid_m, pid_n = _tile_of(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        row0 = pid_m * BLOCK_M
+        col0 = pid_n * BLOCK_N
+        acc = _tma_product(a_desc, w_desc, row0, col0, K, BLOCK_M, BLOCK_N, BLOCK_K, False,
+                           DOT_PRECISION)
+        left, right = _tma_pieces(acc, BLOCK_M, BLOCK_N, SUBTILE)
+        _tma_bias_gelu_piece(left, row0, col0, BIAS, f_desc, g_desc, N)
+        if SUBTILE == 2:
+            _tma_bias_gelu_piece(right, row0, col0 + BLOCK_N // 2, BIAS, f_desc, g_desc, N)
+
+
+@triton.jit
+def _tma_gelu_bwd_piece(dg, row0, col0, f_desc, BIAS, df_desc, N):
+    """df = dg * gelu'(f + bias) stored at (row0, col0); its column sums returned."""
+    cols = col0 + tl.arange(0, dg.shape[1])
+    f = f_desc.load([row0, col0])
+    z = f.to(tl.float32) + tl.load(BIAS + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    cdf, e = _normal_cdf(z)
+    df = dg * (cdf + z * (e * 0.3989422804014327))  # pdf: e / sqrt(2 pi)
+    df_desc.store([row0, col0], df.to(df_desc.dtype))
+    return tl.sum(df, axis=0)
+
+
+@triton.jit
+def _store_part_sums(DB_PART, sums, pid_m, col0, M, N,
+                     BLOCK_M: tl.constexpr, SUM_ROWS: tl.constexpr):
+    """A tile's column sums (PIECE_N,) in its first partial row at col0, zeros in the others it
+    covers (every partial row written once whatever BLOCK_M the autotuner picked)."""
+    cols = col0 + tl.arange(0, sums.shape[0])
+    col_ok = cols < N
+    part_row = pid_m * (BLOCK_M // SUM_ROWS)
+    tl.store(DB_PART + part_row * N + cols, sums, mask=col_ok)
+    part_rows = tl.cdiv(M, SUM_ROWS)
+    for r in tl.static_range(1, BLOCK_M // SUM_ROWS):
+        row_ok = tl.full(sums.shape, part_row + r, tl.int32) < part_rows
+        tl.store(DB_PART + (part_row + r) * N + cols, tl.zeros_like(sums), mask=col_ok & row_ok)
+
+
+@triton.jit
+def _matmul_gelu_bwd_tma(
+    a_desc,  # (M, K): the gradient of fc2's output
+    w_desc,  # (K, N): fc2's weight
+    f_desc,  # (M, N): fc1's saved output, without bias
+    BIAS,  # (N,) any float dtype: fc1's bias
+    df_desc,  # (M, N) out: the gradient of F
+    DB_PART,  # (cdiv(M, SUM_ROWS), N) fp32 out, contiguous: column sums of DF
+    M, N, K, M_KEY, ELEM_BYTES,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SUBTILE: tl.constexpr,
+    SUM_ROWS: tl.constexpr,  # rows a partial sum row covers: the smallest BLOCK_M of any config
+    PROGRAMS_PER_SM: tl.constexpr,  # the grid's programs an SM (the launcher's; unused here)
+):
+    tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    for tile in tl.range(tl.program_id(0), tiles, tl.num_programs(0), flatten=True):
+        pid_m, pid_n = _tile_of(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        row0 = pid_m * BLOCK_M
+        col0 = pid_n * BLOCK_N
+        dg = _tma_product(a_desc, w_desc, row0, col0, K, BLOCK_M, BLOCK_N, BLOCK_K, True,
+                          DOT_PRECISION)
+        left, right = _tma_pieces(dg, BLOCK_M, BLOCK_N, SUBTILE)
+        sums = _tma_gelu_bwd_piece(left, row0, col0, f_desc, BIAS, df_desc, N)
+        _store_part_sums(DB_PART, sums, pid_m, col0, M, N, BLOCK_M, SUM_ROWS)
+        if SUBTILE == 2:
+            sums = _tma_gelu_bwd_piece(right, row0, col0 + BLOCK_N // 2, f_desc, BIAS, df_desc, N)
+            _store_part_sums(DB_PART, sums, pid_m, col0 + BLOCK_N // 2, M, N, BLOCK_M, SUM_ROWS)
+
+
 # ----------------------------------------------------------------------------- configurations
 
 GROUP_M = 8
@@ -245,12 +381,61 @@ def _prune(configs, named_args, **kwargs):
     return kept or [min(configs, key=lambda c: c.num_stages * c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
 
-_SUM_ROWS = min(c.kwargs["BLOCK_M"] for c in _CONFIGS)
+def _tma_blocks(a_block, w_block):
+    """The autotuner's pre-hook for a TMA kernel: each descriptor's block shape from the
+    configuration (a descriptor's block shape is part of the kernel's signature)."""
+    def hook(nargs, **kwargs):
+        bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+        dims = {"m": bm, "n": bn, "k": bk}
+        nargs["a_desc"].block_shape = [dims[d] for d in a_block]
+        nargs["w_desc"].block_shape = [dims[d] for d in w_block]
+        for name in ("f_desc", "g_desc", "df_desc"):
+            if name in nargs:
+                nargs[name].block_shape = [bm, bn // nargs["SUBTILE"]]
+    return hook
+
+
+def _tma_configs(hook, backward):
+    # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, programs an SM, epilogue pieces), all
+    # persistent with the tile loop flattened (see the TMA kernels). Compiled for sm_90 (Triton
+    # 3.6, tests/_kernel_capture.py gelu_matmul --verbose) none spills, 128 x 256 included
+    # (178 / 241 registers, forward / backward, in two epilogue pieces); the backward also
+    # stages F's tile in shared memory, so its two-an-SM tilings take one stage fewer than the
+    # forward's to fit twice (112 KiB a program forward, 96 and 104 KiB backward).
+    if interpreting():
+        shapes = [(16, 32, 16, 4, 1, 1, 2)]
+    elif backward:
+        shapes = [(128, 256, 64, 8, 3, 1, 2), (128, 128, 64, 8, 4, 1, 1),
+                  (128, 128, 64, 4, 2, 2, 2), (128, 64, 64, 4, 3, 2, 1)]
+    else:
+        shapes = [(128, 256, 64, 8, 3, 1, 2), (128, 128, 64, 8, 4, 1, 1),
+                  (128, 128, 64, 4, 3, 2, 2), (128, 64, 64, 4, 4, 2, 1)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "PROGRAMS_PER_SM": p,
+                           "SUBTILE": sub}, num_warps=w, num_stages=s, pre_hook=hook)
+            for bm, bn, bk, w, s, p, sub in shapes]
+
+
+def _tma_prune(configs, named_args, **kwargs):
+    """_prune, for the TMA kernels' arguments."""
+    return _prune(configs, {"A": named_args["a_desc"].base, "M": named_args["M"],
+                            "N": named_args["N"]})
+
+
+_TMA_FWD_CONFIGS = _tma_configs(_tma_blocks("mk", "nk"), backward=False)
+_TMA_BWD_CONFIGS = _tma_configs(_tma_blocks("mk", "kn"), backward=True)
+_SUM_ROWS = min(c.kwargs["BLOCK_M"] for c in _CONFIGS + _TMA_BWD_CONFIGS)
 _KEY = ["M_KEY", "N", "K"]
 _matmul_bias_gelu_tuned = triton.autotune(
     configs=_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(_matmul_bias_gelu)
 _matmul_gelu_bwd_tuned = triton.autotune(
     configs=_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(_matmul_gelu_bwd)
+_TMA_KEY = ["M_KEY", "N", "K", "ELEM_BYTES"]  # descriptors carry no dtype the key would see
+_matmul_bias_gelu_tma_tuned = triton.autotune(
+    configs=_TMA_FWD_CONFIGS, key=_TMA_KEY,
+    prune_configs_by={"early_config_prune": _tma_prune})(_matmul_bias_gelu_tma)
+_matmul_gelu_bwd_tma_tuned = triton.autotune(
+    configs=_TMA_BWD_CONFIGS, key=_TMA_KEY,
+    prune_configs_by={"early_config_prune": _tma_prune})(_matmul_gelu_bwd_tma)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -261,7 +446,8 @@ _empty = empty  # every output is allocated here (tests patch it to poison them)
 # The work each launch must do (_common.launch_work): an (M x K) @ (K x N) product, 2 M N K
 # FLOPs; every tensor argument is read or written whole.
 LAUNCH_WORK = {name: lambda a: {"flops": 2 * a["M"] * a["N"] * a["K"]}
-               for name in ("_matmul_bias_gelu", "_matmul_gelu_bwd")}
+               for name in ("_matmul_bias_gelu", "_matmul_gelu_bwd", "_matmul_bias_gelu_tma",
+                            "_matmul_gelu_bwd_tma")}
 
 
 def _check(a, b, name_b):
@@ -287,10 +473,52 @@ def _grid(M, N, device):
     return grid
 
 
-def matmul_bias_gelu(a, w, bias, out_dtype: torch.dtype):
+def _describable(t):
+    """Whether a TMA descriptor can describe 2-D t: unit last stride, 16-byte aligned start and
+    rows."""
+    return (t.dim() == 2 and t.stride(1) == 1 and t.data_ptr() % 16 == 0
+            and (t.stride(0) * t.element_size()) % 16 == 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _tma_device(index):
+    """Whether CUDA device ``index`` has a TMA (sm_90 and newer); asked once a device."""
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def tma_ok(device, out_dtype, N, **operands):
+    """Whether the launchers can take their TMA path (``tma=True``) on ``device`` with these
+    operands (keyword: tensor) and (M, N) outputs of out_dtype: an sm_90 or newer GPU (or the
+    interpreter) and describable operands and output rows."""
+    if device.type == "cuda":
+        if not _tma_device(device.index):
+            return False
+    elif not interpreting():
+        return False
+    return (N * out_dtype.itemsize) % 16 == 0 and all(map(_describable, operands.values()))
+
+
+def _descriptor(t):
+    # the block shape is a placeholder: the autotuner's pre-hook sets the configuration's
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [16, 16])
+
+
+def _check_tma(device, out_dtype, N, **operands):
+    for name, t in operands.items():
+        if not _describable(t):
+            raise ValueError(f"tma=True: {name} must be 2-D with a unit last stride and 16-byte "
+                             f"aligned start and rows, got strides {tuple(t.stride())} of "
+                             f"{t.dtype}")
+    if not tma_ok(device, out_dtype, N, **operands):
+        raise ValueError(f"tma=True needs an sm_90 or newer GPU or the interpreter, and "
+                         f"16-byte output rows; got {device} and N = {N} of {out_dtype}")
+
+
+def matmul_bias_gelu(a, w, bias, out_dtype: torch.dtype, tma=False):
     """(f, g) for a (M, K) and w (N, K) of one dtype (any strides), bias (N,): f = a @ w.T rounded
     to out_dtype, g = gelu_erf(f + bias) in out_dtype (computed in fp32), both (M, N)
-    contiguous. fp32 operands multiply in full fp32 ("ieee"), never TF32."""
+    contiguous. fp32 operands multiply in full fp32 ("ieee"), never TF32. tma=True: the TMA
+    kernel (see there; where tma_ok)."""
     b = w.t()
     _check(a, b, "w.T")
     M, K = a.shape
@@ -300,6 +528,14 @@ def matmul_bias_gelu(a, w, bias, out_dtype: torch.dtype):
     if M == 0 or N == 0:
         return f, g
     m_key = next_pow2(M)
+    if tma:
+        _check_tma(a.device, out_dtype, N, a=a, w=w)
+        size = a.element_size()
+        launch_tuned(_matmul_bias_gelu_tma_tuned, _grid(M, N, a.device), (m_key, N, K, size),
+                     _descriptor(a), _descriptor(w), bias, _descriptor(f), _descriptor(g),
+                     M, N, K, m_key, size, GROUP_M=GROUP_M,
+                     DOT_PRECISION=_meta(a, K)["DOT_PRECISION"])
+        return f, g
     launch_tuned(_matmul_bias_gelu_tuned, _grid(M, N, a.device), (m_key, N, K),
                  a, b, bias, f, g, M, N, K, m_key,
                  a.stride(0), a.stride(1), b.stride(0), b.stride(1), f.stride(0), g.stride(0),
@@ -307,12 +543,12 @@ def matmul_bias_gelu(a, w, bias, out_dtype: torch.dtype):
     return f, g
 
 
-def matmul_gelu_bwd(dm, w, f, bias, dx_dtype: torch.dtype, reduce=True):
+def matmul_gelu_bwd(dm, w, f, bias, dx_dtype: torch.dtype, reduce=True, tma=False):
     """(df, dbias) for dm (M, K) and w (K, N) of one dtype (any strides), f (M, N) fc1's saved
     output and bias (N,) its bias: df = (dm @ w) * gelu'(f + bias) (the product kept in fp32),
     (M, N) contiguous in dx_dtype; dbias (N,) fp32, the column sums of the fp32 df. With
     reduce=False, dbias's partial sums instead, (row blocks, N) fp32, for
-    partial_sums.sum_partials."""
+    partial_sums.sum_partials. tma=True: the TMA kernel (see there; where tma_ok)."""
     _check(dm, w, "w")
     M, K = dm.shape
     N = w.shape[1]
@@ -326,6 +562,14 @@ def matmul_gelu_bwd(dm, w, f, bias, dx_dtype: torch.dtype, reduce=True):
         return df, torch.zeros(N, dtype=torch.float32, device=dm.device)
     m_key = next_pow2(M)
     db_part = _empty((cdiv(M, _SUM_ROWS), N), torch.float32, dm.device)
+    if tma:
+        _check_tma(dm.device, dx_dtype, N, dm=dm, w=w, f=f)
+        size = dm.element_size()
+        launch_tuned(_matmul_gelu_bwd_tma_tuned, _grid(M, N, dm.device), (m_key, N, K, size),
+                     _descriptor(dm), _descriptor(w), _descriptor(f), bias, _descriptor(df),
+                     db_part, M, N, K, m_key, size, GROUP_M=GROUP_M,
+                     DOT_PRECISION=_meta(dm, K)["DOT_PRECISION"], SUM_ROWS=_SUM_ROWS)
+        return df, db_part.sum(0) if reduce else db_part
     launch_tuned(_matmul_gelu_bwd_tuned, _grid(M, N, dm.device), (m_key, N, K),
                  dm, w, f, bias, df, db_part, M, N, K, m_key,
                  dm.stride(0), dm.stride(1), w.stride(0), w.stride(1), f.stride(0), df.stride(0),

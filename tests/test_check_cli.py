@@ -26,8 +26,8 @@ def test_check_passes_and_prints_the_table(capsys):
     for name in check.OPS:
         assert name in out, f"{name} missing from the table"
     assert "model" in out and "grads (" in out
-    # the model under both ways of the kernel paths a GPU chooses by timing
-    assert "paths fused" in out and "paths split" in out
+    # the model under every way of the kernel paths a GPU chooses by timing
+    assert "paths fused" in out and "paths fused_tma" in out and "paths split" in out
     assert rc == 0, out
     assert " 0 failed" in out
 

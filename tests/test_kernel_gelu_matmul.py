@@ -239,9 +239,9 @@ def test_low_precision_against_cublas_and_the_bias_gelu_kernel(M, N, K, dtype, a
 
 @pytest.mark.cuda
 def test_every_gpu_configuration_at_a_decoder_shape(monkeypatch):
-    """Each configuration the autotuner may pick (one a tile and persistent, flattened or not),
-    forced in turn, at the decoder's MLP shape with an odd M, bf16: within the same bounds as
-    the autotuner's pick above."""
+    """Each configuration the autotuners may pick (one a tile and persistent, flattened or not;
+    the TMA kernels' on sm_90 and newer), forced in turn, at the decoder's MLP shape with an odd
+    M, bf16: within the same bounds as the autotuner's pick above."""
     from fastmae.kernels import bias_gelu as bg
     M, N, K, dtype, atol = 2 * 197 + 3, 2048, 512, torch.bfloat16, 4e-3
     a, w1, bias, dm, w2 = _case(M, N, K, "cuda", dtype=dtype, seed=11)
@@ -249,20 +249,97 @@ def test_every_gpu_configuration_at_a_decoder_shape(monkeypatch):
     f_split = a @ w1.t()
     g_split = bg.bias_gelu_fwd(f_split, bias, dtype)
     g32 = torch.nn.functional.gelu(f32 + bias)
-    tuned = (gm._matmul_bias_gelu_tuned, gm._matmul_gelu_bwd_tuned)
-    configs = gm._gpu_configs()
-    assert any(c.kwargs["PROGRAMS_PER_SM"] for c in configs)
-    for config in configs:
-        for t in tuned:
-            monkeypatch.setattr(t, "configs", [config])
-            monkeypatch.setattr(t, "cache", {})
-        f, g = gm.matmul_bias_gelu(a, w1, bias, dtype)
-        assert_rel_close(f, f32, 2 * rel_err(f_split, f32) + atol, f"f {config}")
-        assert_rel_close(g, g32, 2 * rel_err(g_split, g32) + atol, f"g {config}")
-        df, db = gm.matmul_gelu_bwd(dm, w2, f, bias, dtype)
-        df_split, db_split = bg.bias_gelu_bwd(dm @ w2, f, bias, dtype)
-        z = (f.float() + bias).requires_grad_()
-        (df32,) = torch.autograd.grad(torch.nn.functional.gelu(z), z, dm.float() @ w2.float())
-        assert_rel_close(df, df32, 2 * rel_err(df_split, df32) + atol, f"df {config}")
-        assert_rel_close(db, df32.sum(0), 2 * rel_err(db_split, df32.sum(0)) + atol,
-                         f"dbias {config}")
+    runs = [(False, (gm._matmul_bias_gelu_tuned, gm._matmul_gelu_bwd_tuned),
+             list(zip(gm._gpu_configs(), gm._gpu_configs())))]
+    assert any(c.kwargs["PROGRAMS_PER_SM"] for c in gm._gpu_configs())
+    if torch.cuda.get_device_capability()[0] >= 9:
+        assert gm.tma_ok(a.device, dtype, N, a=a, w=w1, dm=dm, w2=w2)
+        runs.append((True, (gm._matmul_bias_gelu_tma_tuned, gm._matmul_gelu_bwd_tma_tuned),
+                     list(zip(gm._TMA_FWD_CONFIGS, gm._TMA_BWD_CONFIGS))))
+    for tma, tuned, pairs in runs:
+        for configs in pairs:
+            for t, config in zip(tuned, configs):
+                monkeypatch.setattr(t, "configs", [config])
+                monkeypatch.setattr(t, "cache", {})
+            name = f"tma={tma} {configs[0]}"
+            f, g = gm.matmul_bias_gelu(a, w1, bias, dtype, tma=tma)
+            assert_rel_close(f, f32, 2 * rel_err(f_split, f32) + atol, f"f {name}")
+            assert_rel_close(g, g32, 2 * rel_err(g_split, g32) + atol, f"g {name}")
+            df, db = gm.matmul_gelu_bwd(dm, w2, f, bias, dtype, tma=tma)
+            df_split, db_split = bg.bias_gelu_bwd(dm @ w2, f, bias, dtype)
+            z = (f.float() + bias).requires_grad_()
+            (df32,) = torch.autograd.grad(torch.nn.functional.gelu(z), z,
+                                          dm.float() @ w2.float())
+            assert_rel_close(df, df32, 2 * rel_err(df_split, df32) + atol, f"df {name}")
+            assert_rel_close(db, df32.sum(0), 2 * rel_err(db_split, df32.sum(0)) + atol,
+                             f"dbias {name}")
+
+
+# ----------------------------------------------------------------------------- TMA kernels
+
+# (M, N, K) whose fp32 rows are whole 16-byte units (what a TMA descriptor needs): 1 and primes
+# in M, N and K off the tile sizes
+TMA_SHAPES = [(1, 8, 8), (7, 40, 12), (37, 96, 64), (33, 64, 40), (100, 36, 4)]
+
+
+def _tma_subtile(monkeypatch, subtile):
+    """The TMA kernels' one interpreter configuration with its epilogue in `subtile` pieces."""
+    for tuned in (gm._matmul_bias_gelu_tma_tuned, gm._matmul_gelu_bwd_tma_tuned):
+        (config,) = tuned.configs
+        monkeypatch.setattr(tuned, "configs", [triton.Config(
+            {**config.kwargs, "SUBTILE": subtile}, num_warps=config.num_warps,
+            num_stages=config.num_stages, pre_hook=config.pre_hook)])
+        monkeypatch.setattr(tuned, "cache", {})
+
+
+@pytest.mark.parametrize("subtile", [1, 2])
+@pytest.mark.parametrize("M,N,K", TMA_SHAPES)
+def test_tma_kernels_match_float64_and_the_pointer_kernels(M, N, K, subtile, device, monkeypatch):
+    """The TMA path (persistent, fewer programs than tiles where there are more; the epilogue
+    whole or in two pieces) against float64, and bit-identical to the pointer kernels."""
+    _tma_subtile(monkeypatch, subtile)
+    a, w1, bias, dm, w2 = _case(M, N, K, device, seed=M * 10 + N + K)
+    assert gm.tma_ok(a.device, a.dtype, N, a=a, w=w1)
+    f, g = gm.matmul_bias_gelu(a, w1, bias, a.dtype, tma=True)
+    assert f.is_contiguous() and g.is_contiguous()
+    assert_rel_close(f, a.double() @ w1.double().t(), TOL, "f")
+    assert_rel_close(g, torch.nn.functional.gelu(f.double() + bias.double()), TOL, "g")
+    df, db = gm.matmul_gelu_bwd(dm, w2, f, bias, f.dtype, tma=True)
+    exp = _gelu_grad64(f, bias, dm.double() @ w2.double())
+    assert_rel_close(df, exp, TOL, "df")
+    assert_rel_close(db, exp.sum(0), TOL, "dbias")
+    f0, g0 = gm.matmul_bias_gelu(a, w1, bias, a.dtype)
+    df0, db0 = gm.matmul_gelu_bwd(dm, w2, f, bias, f.dtype)
+    for name, x, y in zip(("f", "g", "df", "dbias"), (f, g, df, db), (f0, g0, df0, db0)):
+        assert torch.equal(x, y), name
+
+
+def test_tma_half_precision_and_partial_rows_finer_than_the_tile(device, monkeypatch):
+    """fp16 operands through the TMA path, with partial sum rows of a quarter tile (the zeros
+    of the rows a tile covers past its first: the poisoned buffer shows any left out)."""
+    block_m = gm._TMA_BWD_CONFIGS[0].kwargs["BLOCK_M"]
+    monkeypatch.setattr(gm, "_SUM_ROWS", block_m // 4)
+    M, N, K = 3 * block_m + 5, 40, 24
+    a, w1, bias, dm, w2 = _case(M, N, K, device, dtype=torch.float16, seed=12)
+    f, g = gm.matmul_bias_gelu(a, w1, bias, a.dtype, tma=True)
+    assert_rel_close(f, a.double() @ w1.double().t(), 2e-3, "f")
+    df, db = gm.matmul_gelu_bwd(dm, w2, f, bias, f.dtype, reduce=False, tma=True)
+    assert db.shape == (-(-M // (block_m // 4)), N)
+    exp = _gelu_grad64(f, bias, dm.double() @ w2.double())
+    assert_rel_close(df, exp, 2e-3, "df")
+    assert_rel_close(db.sum(0), exp.sum(0), 2e-3, "dbias")
+
+
+def test_tma_path_refuses_what_a_descriptor_cannot_describe(device):
+    """Rows of 13 fp32 (52 bytes) or a transposed operand: tma_ok says no, and tma=True raises
+    naming the operand."""
+    a, w1, bias, dm, w2 = _case(9, 16, 13, device, seed=13)
+    assert not gm.tma_ok(a.device, a.dtype, 16, a=a, w=w1)
+    with pytest.raises(ValueError, match="tma=True: a must be"):
+        gm.matmul_bias_gelu(a, w1, bias, a.dtype, tma=True)
+    a, w1, bias, dm, w2 = _case(9, 16, 16, device, seed=13)
+    f, _ = gm.matmul_bias_gelu(a, w1, bias, a.dtype)
+    with pytest.raises(ValueError, match="tma=True: w must be"):
+        gm.matmul_gelu_bwd(dm, w2.t().contiguous().t(), f, bias, f.dtype, tma=True)
+    with pytest.raises(ValueError, match="16-byte output rows"):
+        gm.matmul_bias_gelu(a, torch.randn(10, 16, device=device), bias[:10], a.dtype, tma=True)

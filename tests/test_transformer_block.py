@@ -62,11 +62,12 @@ def run_block(case, num_heads, node, autocast_dtype=None):
     return [s.detach(), m_out.detach()], [t.grad for t in leaves]
 
 
-@pytest.fixture(params=["fused", "split"])
+@pytest.fixture(params=["fused", "fused_tma", "split"])
 def mlp(request, monkeypatch):
     """The one-node block's fc1 forward and fc2 input gradient: fastmae's matmuls with the bias +
-    GELU work in their epilogue, or torch's matmuls and the bias + GELU kernels (on a GPU the
-    faster is timed and kept; FASTMAE_MLP forces one)."""
+    GELU work in their epilogue (tiles moved by threads, or by TMA descriptors), or torch's
+    matmuls and the bias + GELU kernels (on a GPU the fastest is timed and kept; FASTMAE_MLP
+    forces one)."""
     monkeypatch.setenv("FASTMAE_MLP", request.param)
     return request.param
 
@@ -140,6 +141,23 @@ def test_mlp_path_forced_by_an_unknown_name_raises(monkeypatch):
     case = block_case(1, 5, 64, 64, branch=False)
     with pytest.raises(ValueError, match="FASTMAE_MLP must be one of"):
         run_block(case, 2, True)
+
+
+def test_mlp_path_fused_tma_runs_the_tma_kernels_or_says_why_not(monkeypatch):
+    """FASTMAE_MLP=fused_tma takes the TMA kernels; where the hidden width's rows are not whole
+    16-byte units (66 fp32) it raises naming the variable instead of running another way."""
+    from fastmae.kernels import gelu_matmul
+    monkeypatch.setenv("FASTMAE_MLP", "fused_tma")
+    calls = []
+    for name in ("matmul_bias_gelu", "matmul_gelu_bwd"):
+        real = getattr(gelu_matmul, name)
+        monkeypatch.setattr(gelu_matmul, name,
+                            lambda *a, _real=real, _name=name, **k: calls.append((_name, k["tma"]))
+                            or _real(*a, **k))
+    run_block(block_case(1, 5, 64, 64, branch=False), 2, True)
+    assert calls == [("matmul_bias_gelu", True), ("matmul_gelu_bwd", True)]
+    with pytest.raises(ValueError, match="FASTMAE_MLP=fused_tma: the TMA kernels need"):
+        run_block(block_case(1, 5, 64, 66, branch=False), 2, True)
 
 
 @pytest.mark.cuda
