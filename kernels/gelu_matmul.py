@@ -488,10 +488,13 @@ def _tma_device(index):
 
 def tma_ok(device, out_dtype, N, **operands):
     """Whether the launchers can take their TMA path (``tma=True``) on ``device`` with these
-    operands (keyword: tensor) and (M, N) outputs of out_dtype: an sm_90 or newer GPU (or the
-    interpreter) and describable operands and output rows."""
+    operands (keyword: tensor) and (M, N) outputs of out_dtype: an sm_90 or newer GPU with
+    16-bit operands (the TMA matmuls' usual case; fp32 operands, whose 64-wide tiles are rows
+    wider than TMA's 128-byte swizzle, stay on the pointer kernels there), or the interpreter
+    (any float dtype: the tests check the indexing in fp32), and describable operands and
+    output rows."""
     if device.type == "cuda":
-        if not _tma_device(device.index):
+        if not _tma_device(device.index) or any(t.element_size() != 2 for t in operands.values()):
             return False
     elif not interpreting():
         return False
@@ -510,8 +513,10 @@ def _check_tma(device, out_dtype, N, **operands):
                              f"aligned start and rows, got strides {tuple(t.stride())} of "
                              f"{t.dtype}")
     if not tma_ok(device, out_dtype, N, **operands):
-        raise ValueError(f"tma=True needs an sm_90 or newer GPU or the interpreter, and "
-                         f"16-byte output rows; got {device} and N = {N} of {out_dtype}")
+        dtypes = sorted({str(t.dtype) for t in operands.values()})
+        raise ValueError(f"tma=True needs an sm_90 or newer GPU with 16-bit operands, or the "
+                         f"interpreter, and 16-byte output rows; got {device}, {dtypes} and "
+                         f"N = {N} of {out_dtype}")
 
 
 def matmul_bias_gelu(a, w, bias, out_dtype: torch.dtype, tma=False):

@@ -341,5 +341,5 @@ def test_tma_path_refuses_what_a_descriptor_cannot_describe(device):
     f, _ = gm.matmul_bias_gelu(a, w1, bias, a.dtype)
     with pytest.raises(ValueError, match="tma=True: w must be"):
         gm.matmul_gelu_bwd(dm, w2.t().contiguous().t(), f, bias, f.dtype, tma=True)
-    with pytest.raises(ValueError, match="16-byte output rows"):
+    with pytest.raises(ValueError, match="16-byte output rows; got cpu"):
         gm.matmul_bias_gelu(a, torch.randn(10, 16, device=device), bias[:10], a.dtype, tma=True)
