@@ -320,12 +320,18 @@ def model_section(card, res, chart_link):
     def annotations(field):
         return [f"- {title(d)}: {text}" for d in res.steps[card] for text in d.get(field, [])]
 
-    # (results since ea4a247 record the kernel paths, since 6c02ddb the autotuners' picks)
+    # (results since ea4a247 record the kernel paths, since 6c02ddb the autotuners' picks, since
+    # the fused_tma MLP way the MLP matmuls' picks too, and the MLP's three ways)
+    picks = last_choices("autotuned")
+    mlp = any(", mlp " in line for line in picks)
+    three_ways = any("fused_tma" in line for line in last_choices("paths_kept"))
     for lines, heading in (
-            (last_choices("paths_kept"), "Kernel paths fastmae kept by timing both ways on the "
-             "first call of each shape (the parity step's batch included):"),
-            (last_choices("autotuned"), "Attention configurations Triton's autotuner picked "
-             "(fastest of the pruned pool, timed on the first call of each shape):"),
+            (last_choices("paths_kept"), "Kernel paths fastmae kept by timing "
+             + ("each way" if three_ways else "both ways") + " on the first call of each shape "
+             "(the parity step's batch included):"),
+            (picks, ("Attention and fused MLP matmul" if mlp else "Attention")
+             + " configurations Triton's autotuner picked (fastest of the pruned pool, timed on "
+             "the first call of each shape):"),
             (annotations("notes"), "Notes added to the result files after the run (no measured "
              "value changed):"),
             (annotations("corrections"), "Corrections made to the raw result files after the run "

@@ -312,11 +312,36 @@ def _config_text(config):
     return f"{blocks}, warps={config.num_warps}, stages={config.num_stages}{cap}"
 
 
+def _mlp_searches():
+    """[(label, picked Config, {Config: median ms} or {}), ...] of the fused MLP matmuls'
+    autotuners (kernels/gelu_matmul.py: threads' or TMA's)."""
+    gelu_matmul = sys.modules.get("fastmae.kernels.gelu_matmul")
+    if gelu_matmul is None:
+        return []
+    from fastmae.kernels import _common
+    kernels = (("fc1 fused", gelu_matmul._matmul_bias_gelu_tuned, False),
+               ("fc2_dgrad fused", gelu_matmul._matmul_gelu_bwd_tuned, False),
+               ("fc1 fused_tma", gelu_matmul._matmul_bias_gelu_tma_tuned, True),
+               ("fc2_dgrad fused_tma", gelu_matmul._matmul_gelu_bwd_tma_tuned, True))
+    out = []
+    for kind, tuned, tma in kernels:
+        searches = _common.TUNE_TIMINGS.get(id(tuned), {})
+        for key, config in getattr(tuned, "cache", {}).items():
+            # the key: next_pow2(M), N, K (and A's element bytes for TMA's), then the dtypes of
+            # the tensor arguments (A's first where A is a tensor)
+            m_key, n, k = key[:3]
+            dtype = f"{8 * key[3]}-bit" if tma else str(key[3]).replace("torch.", "")
+            out.append((f"mlp {kind} M<={m_key} N={n} K={k} {dtype}", config,
+                        searches.get(key, {})))
+    return out
+
+
 def _attention_searches():
-    """[(label, picked Config, {Config: median ms} or {}), ...] of the attention autotuners."""
+    """[(label, picked Config, {Config: median ms} or {}), ...] of the attention autotuners, then
+    the fused MLP matmuls' (_mlp_searches)."""
     attention = sys.modules.get("fastmae.kernels.attention")
     if attention is None:
-        return []
+        return _mlp_searches()
     from fastmae.kernels import _common
     kernels = (("fwd", attention._attn_fwd_tuned), ("bwd fused", attention._attn_bwd_fused_tuned),
                ("bwd dq", attention._attn_bwd_dq_tuned),
@@ -331,20 +356,21 @@ def _attention_searches():
             grid = f"B*H={2 ** (bh_class - 1)}..{2 ** bh_class - 1}"
             out.append((f"attention {kind} N={n} d={d} {grid} {dtype}".rstrip(), config,
                         searches.get(key, {})))
-    return out
+    return out + _mlp_searches()
 
 
 def autotune_timings():
-    """Every configuration each attention search timed: {label: {configuration: median ms}},
-    fastest first (what autotuned() sums up)."""
+    """Every configuration each attention (and fused MLP matmul) search timed: {label:
+    {configuration: median ms}}, fastest first (what autotuned() sums up)."""
     return {label: {_config_text(c): round(ms, 5)
                     for c, ms in sorted(timed.items(), key=lambda kv: kv[1])}
             for label, _, timed in _attention_searches() if timed}
 
 
 def autotuned():
-    """The configuration Triton's autotuner picked for each attention kernel and shape so far in
-    this process, with the median ms it timed it at and how many it timed: {"attention fwd N=197
+    """The configuration Triton's autotuner picked for each attention kernel (and fused MLP
+    matmul: "mlp fc1 fused_tma M<=65536 N=2048 K=512 16-bit", ...) and shape so far in this
+    process, with the median ms it timed it at and how many it timed: {"attention fwd N=197
     d=32 B*H=4096..8191 bfloat16": "BLOCK_M=64 BLOCK_N=64, warps=4, stages=2 (0.195 ms, fastest
     of 7; next 0.201 ms)", ...} (the dtype: the first tensor argument's; nothing under the
     interpreter, whose kernels hold one configuration)."""

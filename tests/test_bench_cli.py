@@ -416,6 +416,28 @@ def test_writer_on_fixture(tmp_path):
     assert "FIXTURE-GPU-A" in summary and "2.00x vs eager" in summary
 
 
+def test_writer_headings_follow_what_the_run_recorded(tmp_path):
+    """A run before the MLP's third way: "both ways" and "Attention configurations"; one with
+    it and the MLP matmuls' picks: "each way" and "Attention and fused MLP matmul
+    configurations"."""
+    def render(step):
+        files = [_write(tmp_path, "step.json", step)]
+        return writer.render(writer.load(files), str(tmp_path / "chart.png"), str(tmp_path))
+
+    md = render(_fixture_step())
+    assert "kept by timing both ways" in md and "\nAttention configurations Triton's" in md
+    step = _fixture_step()
+    fastmae_row = step["results"][1]
+    fastmae_row["paths_kept"] = {"mlp fc1 M=12800 N=3072 K=768 bfloat16":
+                                 "fused_tma (fused 0.150 ms, fused_tma 0.100 ms, split 0.200 ms)"}
+    fastmae_row["autotuned"]["mlp fc1 fused_tma M<=16384 N=3072 K=768 16-bit"] = (
+        "BLOCK_K=64 BLOCK_M=128 BLOCK_N=256 PROGRAMS_PER_SM=1 SUBTILE=2, warps=8, stages=3")
+    md = render(step)
+    assert "kept by timing each way" in md
+    assert "Attention and fused MLP matmul configurations Triton's autotuner picked" in md
+    assert "- ViT-B/16, mlp fc1 fused_tma M<=16384 N=3072 K=768 16-bit: BLOCK_K=64" in md
+
+
 def test_writer_sets_fastmae_kernels_against_their_floors(tmp_path):
     """A profile whose fastmae launches carry their work: both fastmae tables get its bytes,
     bandwidth, FLOPs, floor and fraction of floor, and the note saying what they are; one
@@ -637,7 +659,10 @@ def test_autotuned_names_each_attention_kernels_pick(monkeypatch):
                  {"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3, maxnreg=128)}}
     for name, cache in picks.items():
         monkeypatch.setattr(getattr(attention, name), "cache", cache)
-    from fastmae.kernels import _common
+    from fastmae.kernels import _common, gelu_matmul
+    for name in ("_matmul_bias_gelu_tuned", "_matmul_gelu_bwd_tuned", "_matmul_bias_gelu_tma_tuned",
+                 "_matmul_gelu_bwd_tma_tuned"):
+        monkeypatch.setattr(getattr(gelu_matmul, name), "cache", {})  # no MLP picks here
     fwd = attention._attn_fwd_tuned
     (key, best), = picks["_attn_fwd_tuned"].items()
     slower = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=2)
@@ -649,6 +674,35 @@ def test_autotuned_names_each_attention_kernels_pick(monkeypatch):
         "attention bwd dkdv N=197 d=32 B*H=4096..8191 bfloat16":
             "BLOCK_M=64 BLOCK_N=64, warps=4, stages=3, maxnreg=128",  # a capped configuration
     }
+
+
+def test_autotuned_names_each_mlp_matmuls_pick(monkeypatch):
+    """The fused MLP matmuls' picks too: the threads' kernels keyed by (next_pow2(M), N, K, the
+    tensor dtypes), the TMA kernels by (next_pow2(M), N, K, A's element bytes, ...)."""
+    import triton
+    from fastmae.kernels import _common, attention, gelu_matmul
+    for name in ("_attn_fwd_tuned", "_attn_bwd_fused_tuned", "_attn_bwd_dq_tuned",
+                 "_attn_bwd_dkdv_tuned", "_matmul_gelu_bwd_tuned", "_matmul_gelu_bwd_tma_tuned"):
+        module = attention if name.startswith("_attn") else gelu_matmul
+        monkeypatch.setattr(getattr(module, name), "cache", {})
+    persistent = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64,
+                                "PROGRAMS_PER_SM": 2, "FLATTEN": True}, num_warps=4, num_stages=4)
+    tma = triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "PROGRAMS_PER_SM": 1,
+                         "SUBTILE": 2}, num_warps=8, num_stages=3)
+    key = (65536, 2048, 512, "torch.bfloat16", "torch.bfloat16", "torch.float32")
+    tma_key = (65536, 2048, 512, 2, "torch.float32")
+    monkeypatch.setattr(gelu_matmul._matmul_bias_gelu_tuned, "cache", {key: persistent})
+    monkeypatch.setattr(gelu_matmul._matmul_bias_gelu_tma_tuned, "cache", {tma_key: tma})
+    monkeypatch.setattr(_common, "TUNE_TIMINGS",
+                        {id(gelu_matmul._matmul_bias_gelu_tma_tuned): {tma_key: {tma: 0.2}}})
+    assert bench.autotuned() == {
+        "mlp fc1 fused M<=65536 N=2048 K=512 bfloat16":
+            "BLOCK_K=64 BLOCK_M=128 BLOCK_N=64 FLATTEN=True PROGRAMS_PER_SM=2, warps=4, stages=4",
+        "mlp fc1 fused_tma M<=65536 N=2048 K=512 16-bit":
+            "BLOCK_K=64 BLOCK_M=128 BLOCK_N=256 PROGRAMS_PER_SM=1 SUBTILE=2, warps=8, stages=3 "
+            "(0.200 ms, fastest of 1)"}
+    assert bench.autotune_timings() == {"mlp fc1 fused_tma M<=65536 N=2048 K=512 16-bit": {
+        "BLOCK_K=64 BLOCK_M=128 BLOCK_N=256 PROGRAMS_PER_SM=1 SUBTILE=2, warps=8, stages=3": 0.2}}
 
 
 def test_paths_kept_names_each_timed_choice(monkeypatch):
