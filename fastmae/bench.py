@@ -279,9 +279,10 @@ def make_train_step(model, imgs, amp_dtype, compiled=False, mask_ratio=MASK_RATI
 def paths_kept():
     """The kernel paths fastmae chose by timing on this GPU, so far, by shape: the MLP's fused
     matmul epilogues (tiles moved by threads or by TMA) or cuBLAS plus the bias + GELU kernels
-    (fastmae.ops._mlp_way), the patch embedding's weight gradient in one kernel or a gather and cuBLAS, and the attention
-    backward's one fused kernel or two (kernels/attention.py _bwd_strategy); each with
-    the times it was chosen on (ms, "failed" for a way that raised), where it was timed."""
+    (fastmae.ops._mlp_way), the patch embedding's weight gradient in one kernel or a gather and
+    cuBLAS, and the attention backward's one fused kernel or two (kernels/attention.py
+    _bwd_strategy); each with the times it was chosen on (ms, "failed" for a way that raised),
+    where it was timed."""
     from fastmae import ops
 
     def name(dtype):

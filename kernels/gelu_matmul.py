@@ -139,6 +139,22 @@ def _matmul_bias_gelu(
 
 
 @triton.jit
+def _store_part_sums(DB_PART, sums, pid_m, col0, M, N,
+                     BLOCK_M: tl.constexpr, SUM_ROWS: tl.constexpr):
+    """A tile's column sums (from column col0) in its first partial row, zeros in the others it
+    covers: every partial row is written once whatever BLOCK_M the autotuner picked (no
+    clearing, no atomics)."""
+    cols = col0 + tl.arange(0, sums.shape[0])
+    col_ok = cols < N
+    part_row = pid_m * (BLOCK_M // SUM_ROWS)
+    tl.store(DB_PART + part_row * N + cols, sums, mask=col_ok)
+    part_rows = tl.cdiv(M, SUM_ROWS)
+    for r in tl.static_range(1, BLOCK_M // SUM_ROWS):
+        row_ok = tl.full(sums.shape, part_row + r, tl.int32) < part_rows
+        tl.store(DB_PART + (part_row + r) * N + cols, tl.zeros_like(sums), mask=col_ok & row_ok)
+
+
+@triton.jit
 def _gelu_bwd_epilogue(
     dg, pid_m, pid_n, F, BIAS, DF, DB_PART, M, N, stride_f, stride_df,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUM_ROWS: tl.constexpr,
@@ -151,15 +167,7 @@ def _gelu_bwd_epilogue(
     # wrapped rows and columns hold another tile's dg: zeroed before the sums
     df = tl.where(mask, dg * (cdf + z * (e * 0.3989422804014327)), 0.0)  # pdf: e / sqrt(2 pi)
     tl.store(DF + rows[:, None] * stride_df + cols[None, :], df.to(DF.dtype.element_ty), mask=mask)
-    # the tile's sums go to its first partial row, zeros to the others it covers: every partial
-    # row is written once whatever BLOCK_M the autotuner picked (no clearing, no atomics)
-    part_row = pid_m * (BLOCK_M // SUM_ROWS)
-    tl.store(DB_PART + part_row * N + cols, tl.sum(df, axis=0), mask=col_ok)
-    part_rows = tl.cdiv(M, SUM_ROWS)
-    for r in tl.static_range(1, BLOCK_M // SUM_ROWS):
-        row_ok = tl.full([BLOCK_N], part_row + r, tl.int32) < part_rows
-        tl.store(DB_PART + (part_row + r) * N + cols, tl.zeros([BLOCK_N], dtype=tl.float32),
-                 mask=col_ok & row_ok)
+    _store_part_sums(DB_PART, tl.sum(df, axis=0), pid_m, pid_n * BLOCK_N, M, N, BLOCK_M, SUM_ROWS)
 
 
 @triton.jit
@@ -205,6 +213,13 @@ def _matmul_gelu_bwd(
 # exactly zero to the bias gradient's column sums (dg is 0 there). The epilogue may run on the
 # tile in SUBTILE column pieces (fewer live registers). The launchers take this path only where
 # the operands can be described (_tma_ok): a contiguous last dimension and 16-byte aligned rows.
+
+@triton.jit
+def _tile_origin(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, first row, first column) of tile number ``tile`` (see _tile_of)."""
+    pid_m, pid_n = _tile_of(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    return pid_m, pid_m * BLOCK_M, pid_n * BLOCK_N
+
 
 @triton.jit
 def _tma_product(a_desc, b_desc, row0, col0, K,
@@ -259,9 +274,7 @@ def _matmul_bias_gelu_tma(
 ):
     tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     for tile in tl.range(tl.program_id(0), tiles, tl.num_programs(0), flatten=True):
-        pid_m, pid_n = _tile_of(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        row0 = pid_m * BLOCK_M
-        col0 = pid_n * BLOCK_N
+        pid_m, row0, col0 = _tile_origin(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         acc = _tma_product(a_desc, w_desc, row0, col0, K, BLOCK_M, BLOCK_N, BLOCK_K, False,
                            DOT_PRECISION)
         left, right = _tma_pieces(acc, BLOCK_M, BLOCK_N, SUBTILE)
@@ -283,21 +296,6 @@ def _tma_gelu_bwd_piece(dg, row0, col0, f_desc, BIAS, df_desc, N):
 
 
 @triton.jit
-def _store_part_sums(DB_PART, sums, pid_m, col0, M, N,
-                     BLOCK_M: tl.constexpr, SUM_ROWS: tl.constexpr):
-    """A tile's column sums (PIECE_N,) in its first partial row at col0, zeros in the others it
-    covers (every partial row written once whatever BLOCK_M the autotuner picked)."""
-    cols = col0 + tl.arange(0, sums.shape[0])
-    col_ok = cols < N
-    part_row = pid_m * (BLOCK_M // SUM_ROWS)
-    tl.store(DB_PART + part_row * N + cols, sums, mask=col_ok)
-    part_rows = tl.cdiv(M, SUM_ROWS)
-    for r in tl.static_range(1, BLOCK_M // SUM_ROWS):
-        row_ok = tl.full(sums.shape, part_row + r, tl.int32) < part_rows
-        tl.store(DB_PART + (part_row + r) * N + cols, tl.zeros_like(sums), mask=col_ok & row_ok)
-
-
-@triton.jit
 def _matmul_gelu_bwd_tma(
     a_desc,  # (M, K): the gradient of fc2's output
     w_desc,  # (K, N): fc2's weight
@@ -313,9 +311,7 @@ def _matmul_gelu_bwd_tma(
 ):
     tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     for tile in tl.range(tl.program_id(0), tiles, tl.num_programs(0), flatten=True):
-        pid_m, pid_n = _tile_of(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        row0 = pid_m * BLOCK_M
-        col0 = pid_n * BLOCK_N
+        pid_m, row0, col0 = _tile_origin(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         dg = _tma_product(a_desc, w_desc, row0, col0, K, BLOCK_M, BLOCK_N, BLOCK_K, True,
                           DOT_PRECISION)
         left, right = _tma_pieces(dg, BLOCK_M, BLOCK_N, SUBTILE)
