@@ -15,7 +15,8 @@
 # 3b. benches/step_overhead.py: where the host time of an eager step goes -> step_overhead.txt;
 # 3c. benches/sweep_bwd.py: the LayerNorm / bias + GELU backwards' and the partial sums' launch
 #     configs -> sweep_bwd.txt;
-# 3d. (PROFILE=1 only) benches/kernel_profile.py: the attention kernels' hardware counters
+# 3d. (PROFILE=1 only) benches/kernel_profile.py: the attention kernels' (PROFILE_CASES=...,mlp:
+#     and the fused MLP matmuls') hardware counters
 #     under Nsight Compute -> OUTDIR/profile/;
 # 4. the other GPU correctness tests (pytest tests -m cuda; attention autotuning off);
 # 5. the op suites (benches/bench_ops.py) at the ViT-B/16 shapes -> OUTDIR/ops.json;
@@ -48,7 +49,7 @@
 # TEST_TIMEOUT=300, TEST_CASE_TIMEOUT=200 (one test, with pytest-timeout), OPS_TIMEOUT=90,
 # HOST_TIMEOUT=90, SWEEP_TIMEOUT=120, SKIP_STEP=0 (stage 1), SKIP_TRAIN_TEST=0, SKIP_HOST=0,
 # SKIP_SWEEP=0, SKIP_TESTS=0, SKIP_OPS=0, PROFILE=0 (1: stage 3d), PROFILE_TIMEOUT=300,
-# PROFILE_CASES=decoder (and/or encoder),
+# PROFILE_CASES=decoder (and/or encoder, mlp: the decoder MLP's fused matmuls, each way),
 # PYTHON=python3, SUITE_COMMAND (the command BENCHMARKS.md names as the one that reproduces it).
 set -uo pipefail
 

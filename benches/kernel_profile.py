@@ -1,6 +1,7 @@
-"""Hardware counters of the attention kernels at MAE's shapes, read with Nsight Compute (ncu).
+"""Hardware counters of the attention kernels (and the MLP's fused matmuls) at MAE's shapes, read
+with Nsight Compute (ncu).
 
-    python benches/kernel_profile.py [--out DIR] [--cases decoder,encoder] [--ncu PATH]
+    python benches/kernel_profile.py [--out DIR] [--cases decoder,encoder,mlp] [--ncu PATH]
     python benches/kernel_profile.py --smoke     # CPU: the profiled calls through the interpreter
 
 Why: on the H200 the decoder's attention (ViT-B/16: N = 197, d = 32, batch 256 x 16 heads) ran
@@ -16,7 +17,10 @@ cudaProfilerStart and Stop is profiled, after every kernel has been compiled and
 outside it; ``--clock-control none``: the card's clocks as found; ``--set full``). In that region
 each case runs the forward once, the two-kernel backward once (dQ, then dK-dV) and the one-kernel
 backward once, as the model calls them: q, k, v views of a packed (B, N, 3, H, d) bf16 qkv, the
-gradients into one packed buffer, the qkv bias's column sums on. It writes to DIR:
+gradients into one packed buffer, the qkv bias's column sums on. The "mlp" case runs the
+decoder MLP's fc1 with its bias + GELU and fc2's input gradient with the GELU backward each
+way fastmae.ops times (kernels/gelu_matmul.py's threads' and TMA kernels, and the bias + GELU
+kernels of the split way, whose cuBLAS matmuls ncu leaves out). It writes to DIR:
 
 - ``kernels.ncu-rep`` (the report), ``details.csv`` and ``raw.csv`` (ncu's details and raw pages)
   and ``sass_<n>_<kernel>.csv`` (each launch's SASS with its stall samples);
@@ -46,6 +50,11 @@ import torch
 # the encoder over 1 + 49 visible ones at d = 64
 CASES = {"decoder": (256, 16, 197, 32), "encoder": (256, 12, 50, 64)}
 SMOKE_CASES = {"decoder": (2, 2, 37, 32), "encoder": (1, 2, 20, 64)}
+# the decoder MLP's fc1 (M = batch x tokens rows, K = 512 -> N = 2048) and fc2's input gradient
+MLP_CASES = {"mlp": (256 * 197, 2048, 512)}
+SMOKE_MLP_CASES = {"mlp": (37, 64, 32)}
+# the kernels ncu profiles (its --kernel-name): fastmae's attention, fused matmuls, bias + GELU
+KERNELS = "regex:^_(attn|matmul|bias_gelu)"
 WAYS = ("split", "fused")  # the backward's two paths (kernels/attention.py: _bwd_strategy)
 
 # ncu's details page, by section: what the summary table takes (name, the column's heading)
@@ -97,6 +106,32 @@ def _case_calls(B, H, N, d, device, dtype):
         (f"bwd {way}", backward(way)) for way in WAYS]
 
 
+def _mlp_calls(M, N, K, device, dtype):
+    """[(way, zero-argument call)] of the MLP case: fc1 + bias + GELU, then fc2's input gradient
+    through the GELU, each the ways fastmae.ops._mlp_way times (the TMA one where it applies)."""
+    import torch.nn.functional as F
+
+    from fastmae.kernels import bias_gelu, gelu_matmul
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+
+    a, w1, bias = rand(M, K), rand(N, K, scale=K ** -0.5), rand(N).float()
+    dm, w2 = rand(M, K), rand(K, N, scale=N ** -0.5)
+    f, _ = gelu_matmul.matmul_bias_gelu(a, w1, bias, dtype)
+    ways = ["fused"] + (["fused_tma"] if gelu_matmul.tma_ok(
+        a.device, dtype, N, a=a, w=w1, dm=dm, w2=w2, f=f) else [])
+    calls = [(f"fc1 {way}", lambda tma=way == "fused_tma": gelu_matmul.matmul_bias_gelu(
+        a, w1, bias, dtype, tma=tma)) for way in ways]
+    calls.append(("fc1 split", lambda: bias_gelu.bias_gelu_fwd(F.linear(a, w1), bias, dtype)))
+    calls += [(f"fc2_dgrad {way}", lambda tma=way == "fused_tma": gelu_matmul.matmul_gelu_bwd(
+        dm, w2, f, bias, dtype, reduce=False, tma=tma)) for way in ways]
+    calls.append(("fc2_dgrad split", lambda: bias_gelu.bias_gelu_bwd(
+        torch.mm(dm, w2), f, bias, dtype, reduce=False)))
+    return calls
+
+
 @contextlib.contextmanager
 def _recording(launches, label):
     """Every fastmae kernel launch inside, appended to ``launches`` as {label, kernel}."""
@@ -117,9 +152,14 @@ def run_cases(names, smoke=False):
     device = "cuda" if cuda else "cpu"
     dtype = torch.bfloat16 if cuda else torch.float32  # the interpreter has no bf16
     table = SMOKE_CASES if smoke else CASES
+    mlp_table = SMOKE_MLP_CASES if smoke else MLP_CASES
     calls = []
     for name in names:
-        for way, call in _case_calls(*table[name], device=device, dtype=dtype):
+        if name in mlp_table:
+            case_calls = _mlp_calls(*mlp_table[name], device=device, dtype=dtype)
+        else:
+            case_calls = _case_calls(*table[name], device=device, dtype=dtype)
+        for way, call in case_calls:
             calls.append((f"{name} {way}", call))
     for _, call in calls:  # outside the profiled region: every compile and autotuning search
         call()
@@ -167,7 +207,7 @@ def profile_command(ncu, report, inner_args, sections=None):
         arg for name in sections for arg in ("--section", name)]
     return [ncu, "--profile-from-start", "off", "--clock-control", "none",
             "--target-processes", "all", *collect, "--import-source", "yes",
-            "--kernel-name", "regex:^_attn", "--export", report, "--force-overwrite",
+            "--kernel-name", KERNELS, "--export", report, "--force-overwrite",
             sys.executable, os.path.abspath(__file__), "--inner", *inner_args]
 
 
@@ -367,9 +407,11 @@ def profile(out_dir, names, ncu, timeout=400):
                      parse_stalls(texts["raw.csv"]), sass)
     from fastmae.bench import env_info
     with open(os.path.join(out_dir, "kernel_profile.json"), "w") as f:
-        json.dump({"kind": "kernel_profile", "env": env_info(), "cases":
-                   {name: dict(zip(("batch", "heads", "tokens", "head_dim"), CASES[name]))
-                    for name in names}, "autotuned": inner["autotuned"], "launches": rows},
+        json.dump({"kind": "kernel_profile", "env": env_info(), "cases": {
+                   name: dict(zip(("rows", "hidden", "width"), MLP_CASES[name]))
+                   if name in MLP_CASES else
+                   dict(zip(("batch", "heads", "tokens", "head_dim"), CASES[name]))
+                   for name in names}, "autotuned": inner["autotuned"], "launches": rows},
                   f, indent=1)
     print(format_table(rows))
     if not any(r["metrics"].get("Duration") for r in rows):
@@ -382,7 +424,7 @@ def _parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.environ.get("OUT", "out/profile"),
                    help="folder for the report and its text exports (default: $OUT or out/profile)")
-    p.add_argument("--cases", default="decoder", help="comma-separated: decoder, encoder")
+    p.add_argument("--cases", default="decoder", help="comma-separated: decoder, encoder, mlp")
     p.add_argument("--ncu", default=None, help="the ncu executable (default: found)")
     p.add_argument("--timeout", type=int, default=400, help="seconds for the profiled run")
     p.add_argument("--smoke", action="store_true",
@@ -395,9 +437,10 @@ def _parser():
 def main(argv=None):
     args = _parser().parse_args(argv)
     names = [n.strip() for n in args.cases.split(",") if n.strip()]
-    unknown = [n for n in names if n not in CASES]
+    known = {**CASES, **MLP_CASES}
+    unknown = [n for n in names if n not in known]
     if unknown or not names:
-        raise SystemExit(f"--cases: expected some of {sorted(CASES)}, got {args.cases!r}")
+        raise SystemExit(f"--cases: expected some of {sorted(known)}, got {args.cases!r}")
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
     if args.smoke or args.inner:

@@ -1,5 +1,5 @@
-"""benches/kernel_profile.py (the attention kernels under Nsight Compute): its profiled calls on
-the CPU smoke shapes, the ncu command lines it builds, its readers of ncu's CSV pages, and the
+"""benches/kernel_profile.py (the attention kernels and the MLP's fused matmuls under Nsight
+Compute): its profiled calls on the CPU smoke shapes, the ncu command lines it builds, its readers of ncu's CSV pages, and the
 whole driver around a stand-in ncu that answers with those pages."""
 import json
 import os
@@ -79,12 +79,28 @@ def test_the_profiled_region_makes_each_call_once_in_order(monkeypatch):
     assert os.environ["FASTMAE_ATTN_BWD"] == "fused"
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the smoke shapes run on the interpreter")
+def test_the_mlp_case_makes_each_way_once(monkeypatch):
+    """fc1 + bias + GELU and fc2's input gradient through the GELU, each way fastmae.ops times:
+    the threads' and the TMA fused matmuls, and the split way's bias + GELU kernels (its cuBLAS
+    matmuls are no fastmae launch)."""
+    monkeypatch.delenv("FASTMAE_MLP", raising=False)
+    launches = kernel_profile.run_cases(["mlp"], smoke=True)
+    assert [(x["label"], x["kernel"]) for x in launches] == [
+        ("mlp fc1 fused", "_matmul_bias_gelu"), ("mlp fc1 fused_tma", "_matmul_bias_gelu_tma"),
+        ("mlp fc1 split", "_bias_gelu_fwd"), ("mlp fc2_dgrad fused", "_matmul_gelu_bwd"),
+        ("mlp fc2_dgrad fused_tma", "_matmul_gelu_bwd_tma"),
+        ("mlp fc2_dgrad split", "_bias_gelu_bwd")]
+    assert all(x["bytes"] > 0 for x in launches)
+    assert all(x["flops"] > 0 for x in launches if "matmul" in x["kernel"])
+
+
 def test_ncu_command_lines():
     command = kernel_profile.profile_command("/x/ncu", "/o/k.ncu-rep", ["--cases", "decoder"])
     assert command[0] == "/x/ncu"
     text = " ".join(command)
     for flag in ("--profile-from-start off", "--clock-control none", "--set full",
-                 "--kernel-name regex:^_attn", "--export /o/k.ncu-rep"):
+                 "--kernel-name regex:^_(attn|matmul|bias_gelu)", "--export /o/k.ncu-rep"):
         assert flag in text
     assert command[-3:] == ["--inner", "--cases", "decoder"]
     exports = kernel_profile.export_commands("ncu", "k.ncu-rep", LAUNCHES)
@@ -178,6 +194,15 @@ def test_the_driver_around_a_stand_in_ncu(tmp_path, capsys):
     assert "decoder bwd split" in capsys.readouterr().out
 
 
+def test_the_driver_names_the_mlp_cases_shape(tmp_path):
+    """kernel_profile.json describes an MLP case by its rows, hidden width and width."""
+    out = tmp_path / "out"
+    assert kernel_profile.profile(str(out), ["decoder", "mlp"], _stand_in_ncu(tmp_path)) == 0
+    cases = json.loads((out / "kernel_profile.json").read_text())["cases"]
+    assert cases["mlp"] == {"rows": 256 * 197, "hidden": 2048, "width": 512}
+    assert cases["decoder"]["tokens"] == 197
+
+
 def test_a_refused_full_set_is_retried_with_the_named_sections(tmp_path, capsys):
     ncu = _stand_in_ncu(tmp_path, refuse_full_set=True)
     out = tmp_path / "out"
@@ -203,7 +228,7 @@ def test_a_failed_profiled_run_is_reported(tmp_path, capsys):
 def test_without_a_gpu_it_says_so(capsys):
     assert kernel_profile.main(["--out", "unused"]) == 2
     assert "no CUDA GPU" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="--cases"):
+    with pytest.raises(SystemExit, match="--cases: expected some of .'decoder', 'encoder', 'mlp'"):
         kernel_profile.main(["--cases", "decoder,middle"])
 
 
