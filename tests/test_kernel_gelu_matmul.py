@@ -240,10 +240,12 @@ def test_low_precision_against_cublas_and_the_bias_gelu_kernel(M, N, K, dtype, a
 @pytest.mark.cuda
 def test_every_gpu_configuration_at_a_decoder_shape(monkeypatch):
     """Each configuration the autotuners may pick (one a tile and persistent, flattened or not;
-    the TMA kernels' on sm_90 and newer), forced in turn, at the decoder's MLP shape with an odd
-    M, bf16: within the same bounds as the autotuner's pick above."""
+    the TMA kernels' on sm_90 and newer), forced in turn, at the decoder's MLP widths, bf16:
+    within the same bounds as the autotuner's pick above. M = 400 ends in a partial 128-row
+    tile and is 16-divisible like the step's 256 x 197 rows, so the kernels the benchmark
+    compiled serve here from Triton's cache."""
     from fastmae.kernels import bias_gelu as bg
-    M, N, K, dtype, atol = 2 * 197 + 3, 2048, 512, torch.bfloat16, 4e-3
+    M, N, K, dtype, atol = 400, 2048, 512, torch.bfloat16, 4e-3
     a, w1, bias, dm, w2 = _case(M, N, K, "cuda", dtype=dtype, seed=11)
     f32 = a.float() @ w1.float().t()
     f_split = a @ w1.t()
