@@ -26,8 +26,11 @@ def test_check_passes_and_prints_the_table(capsys):
     for name in check.OPS:
         assert name in out, f"{name} missing from the table"
     assert "model" in out and "grads (" in out
-    # the model under every way of the kernel paths a GPU chooses by timing
-    assert "paths fused" in out and "paths fused_tma" in out and "paths split" in out
+    # the model under every way of the kernel paths a GPU chooses by timing (the TMA one where
+    # it applies: under autocast on sm_90 and newer, or the interpreter)
+    assert re.search(r"paths fused(?!_tma)", out) and "paths split" in out
+    tma = not HAS_CUDA or torch.cuda.get_device_capability()[0] >= 9
+    assert ("paths fused_tma" in out) == tma
     assert rc == 0, out
     assert " 0 failed" in out
 
