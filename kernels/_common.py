@@ -122,7 +122,10 @@ def launch_tuned(tuned, grid, key_values, *args, **kwargs):
     it (tensors are passed positionally). A miss (a new key, or a key this function builds
     differently) goes through the autotuner. A triton.heuristics layer under the autotuner is
     evaluated here too, on the key arguments and the meta-parameters (all its functions may
-    read; Heuristics.run would first build a dict of every argument)."""
+    read; Heuristics.run would first build a dict of every argument). A configuration's
+    pre-hook sends the launch through the autotuner, unless the hook says it only sets
+    attributes of the arguments (``hook.arguments_only``, e.g. gelu_matmul's TMA block shapes):
+    then it is applied here and the kernel launched through launch()."""
     direct = _TUNED.get(id(tuned))
     if direct is None or direct.tuned is not tuned:
         direct = _TUNED[id(tuned)] = _TunedDirect(tuned, args, kwargs)
@@ -135,7 +138,8 @@ def launch_tuned(tuned, grid, key_values, *args, **kwargs):
         config = tuned.cache.get(tune_key)
     else:
         tune_key, config = None, tuned.configs[0]
-    if config is None or config.pre_hook is not None:
+    hook = None if config is None else config.pre_hook
+    if config is None or (hook is not None and not getattr(hook, "arguments_only", False)):
         if OBSERVER is not None:
             OBSERVER(*launch_work(tuned, args, kwargs))
         searched = tune_key is not None and tune_key not in tuned.cache
@@ -152,6 +156,9 @@ def launch_tuned(tuned, grid, key_values, *args, **kwargs):
         derived = {name: value(meta) for name, value in fn.values.items()}
         fn = fn.fn
     meta = {**kwargs, **config.all_kwargs(), **derived}
+    if hook is not None:  # it only sets attributes of arguments (arguments_only: e.g. a TMA
+        # descriptor's block shape), before the launch, as the autotuner would
+        hook({**dict(zip(tuned.arg_names, args)), **meta})
     resolved = grid
     if callable(grid):
         try:
@@ -159,7 +166,8 @@ def launch_tuned(tuned, grid, key_values, *args, **kwargs):
         except KeyError:
             pass  # one that reads an argument: Triton calls it with every argument
     launch(fn, resolved, *args, **meta)
-    if DIRECT_LAUNCH and not callable(resolved):
+    if DIRECT_LAUNCH and not callable(resolved) and hook is None:  # (a hooked one: its direct
+        # key would be of the hook's arguments; it goes direct from launch() instead)
         direct.remember(fn, args, kwargs, meta, tune_key, config)
 
 
@@ -219,6 +227,8 @@ def _key_function(args, keywords, passed_keywords=None):
     for name, a in zip(positional, args):
         if isinstance(a, torch.Tensor):
             key += [f"{name}.dtype", f"{name}.data_ptr() & 15"]
+        elif isinstance(a, TensorDescriptor):  # Triton specializes on its dtype and block shape
+            key += [f"{name}.base.dtype", f"str({name}.block_shape)", f"{name}.padding"]
         elif isinstance(a, float):  # any float is one fp32 argument; an int is specialized
             key += [f"{name}.__class__", f"None if {name}.__class__ is float else {name}"]
         else:

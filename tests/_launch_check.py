@@ -18,8 +18,8 @@ argument objects; the direct call passes no launch metadata and no hooks (Triton
 Scenarios: a toy kernel whose arguments take every kind the key distinguishes (tensor dtypes and
 alignment, ints equal to 1, divisible by 16 or not, past 32 bits, int or float in a float's
 place, another option, a None where a tensor was, a callable grid, a launch hook); then tiny MAE
-training steps under "triton" (fp32 and bf16 autocast; the fused and split MLP; the fused and
-two-kernel attention backward; odd shapes), and the launchers the model does not call on CPU
+training steps under "triton" (fp32 and bf16 autocast; the fused, fused_tma (TMA descriptor
+arguments) and split MLP; the fused and two-kernel attention backward; odd shapes), and the launchers the model does not call on CPU
 tensors (token gather / scatter, visible-patch embedding). The third of three identical steps
 must launch every kernel directly. Last, an autotuned kernel's direct launch must stop while its
 autotuner's cache is cleared or its configurations are replaced.
@@ -262,6 +262,13 @@ def main():
     for dtype in (torch.float32, torch.bfloat16):
         for mlp, attn_bwd in (("fused", "fused"), ("split", "split")):
             _model_steps(dtype, 32, mlp, attn_bwd)
+    # the MLP's TMA kernels (descriptor arguments; their autotuner's pre-hook sets the block
+    # shapes): tma_ok's device check (an sm_90 GPU) is what CPU tensors cannot pass, so it is
+    # skipped here, the operands' layout still checked
+    from fastmae.kernels import gelu_matmul
+    gelu_matmul.tma_ok = lambda device, out_dtype, N, **operands: all(
+        map(gelu_matmul._describable, operands.values()))
+    _model_steps(torch.bfloat16, 32, "fused_tma", "split")
     _model_steps(torch.bfloat16, 40, "split", "fused")  # 25 patches, 6 kept: odd row counts
     _other_launchers()
     _autotuner_reset()

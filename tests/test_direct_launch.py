@@ -31,7 +31,8 @@ def test_direct_launch_passes_the_c_launcher_what_triton_would():
     # every kernel module's launches took part, and most launches went direct
     for name in ("_layer_norm_fwd", "_layer_norm_bwd", "_attn_fwd", "_attn_bwd_dkdv",
                  "_attn_bwd_dq", "_matmul_bias_gelu", "_matmul_gelu_bwd", "_bias_gelu_fwd",
-                 "_bias_gelu_bwd", "_masking_indices", "_gather_tokens", "_scatter_tokens",
+                 "_bias_gelu_bwd", "_matmul_bias_gelu_tma", "_matmul_gelu_bwd_tma",
+                 "_masking_indices", "_gather_tokens", "_scatter_tokens",
                  "_patch_embed_fwd", "_patch_embed_bwd_weight", "_patch_embed_bwd_imgs",
                  "_unshuffle_fwd", "_unshuffle_bwd", "_masked_mse_fwd", "_scale_kernel"):
         compared, direct = kernels[name]
