@@ -25,6 +25,7 @@ current tile's epilogue runs. MAE's K is short (512, 768: 8 to 12 steps of 64), 
 load latency and epilogue are a large part of it where each program has one tile; the autotuner
 times both kinds.
 """
+import dataclasses
 import functools
 
 import torch
@@ -498,14 +499,25 @@ def tma_ok(device, out_dtype, N, **operands):
     return (N * out_dtype.itemsize) % 16 == 0 and all(map(_describable, operands.values()))
 
 
+_FIELDS = dataclasses.fields(TensorDescriptor)
+# the fields after base, shape, strides and block_shape (padding, and in Triton 3.9
+# round_f32_to_tf32), all with defaults, or None where one has none (this Triton's own way then)
+_DESCRIPTOR_DEFAULTS = {f.name: f.default for f in _FIELDS[4:]}
+if ([f.name for f in _FIELDS[:4]] != ["base", "shape", "strides", "block_shape"]
+        or dataclasses.MISSING in _DESCRIPTOR_DEFAULTS.values()):
+    _DESCRIPTOR_DEFAULTS = None
+
+
 def _descriptor(t):
     """A TMA descriptor of 2-D t, which _check_tma has found describable. Built without the
     dataclass's __init__, whose checks (the same, and the block shape's) took ~1.3 us a
     descriptor on this project's CPU: four a launch, on the host's critical path in an eager
     step. The block shape is a placeholder: the configuration's pre-hook sets it."""
+    if _DESCRIPTOR_DEFAULTS is None:
+        return TensorDescriptor(t, list(t.shape), list(t.stride()), [16, 16])
     d = TensorDescriptor.__new__(TensorDescriptor)
-    d.base, d.shape, d.strides, d.block_shape, d.padding = (
-        t, list(t.shape), list(t.stride()), [16, 16], "zero")
+    d.__dict__.update(_DESCRIPTOR_DEFAULTS)
+    d.base, d.shape, d.strides, d.block_shape = t, list(t.shape), list(t.stride()), [16, 16]
     return d
 
 

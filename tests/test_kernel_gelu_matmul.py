@@ -332,6 +332,19 @@ def test_tma_half_precision_and_partial_rows_finer_than_the_tile(device, monkeyp
     assert_rel_close(db.sum(0), exp.sum(0), 2e-3, "dbias")
 
 
+def test_descriptors_built_fast_equal_the_dataclasss_own(device, monkeypatch):
+    """_descriptor skips TensorDescriptor's checks (made by _check_tma) but not its fields:
+    equal to the dataclass's own construction, every default field included (this Triton's
+    set); and where a field has no default, it constructs through the dataclass."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    t = torch.randn(24, 40, device=device)
+    fast = gm._descriptor(t)
+    assert fast == TensorDescriptor(t, [24, 40], [40, 1], [16, 16])
+    assert set(vars(fast)) == {f.name for f in gm._FIELDS}
+    monkeypatch.setattr(gm, "_DESCRIPTOR_DEFAULTS", None)
+    assert gm._descriptor(t) == fast
+
+
 def test_tma_path_refuses_what_a_descriptor_cannot_describe(device):
     """Rows of 13 fp32 (52 bytes) or a transposed operand: tma_ok says no, and tma=True raises
     naming the operand."""
