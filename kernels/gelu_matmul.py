@@ -207,13 +207,14 @@ def _matmul_gelu_bwd(
 #
 # The same two products with every tile moved by the Hopper tensor memory accelerator (TMA):
 # A, B and F loaded and F, G, DF stored through host-built tensor descriptors, one copy
-# instruction a tile instead of a thread's address arithmetic and cp.async copies (what brings
-# Triton's persistent matmul close to cuBLAS on sm_90). Always persistent (PROGRAMS_PER_SM
-# programs an SM, the tile loop flattened into the K loop). Out-of-bounds rows and columns load
-# as zeros and are not stored: the epilogue needs no masks, and zero rows and columns add
-# exactly zero to the bias gradient's column sums (dg is 0 there). The epilogue may run on the
-# tile in SUBTILE column pieces (fewer live registers). The launchers take this path only where
-# the operands can be described (_tma_ok): a contiguous last dimension and 16-byte aligned rows.
+# instruction a tile instead of a thread's address arithmetic and cp.async copies (the way
+# Triton's persistent-matmul tutorial approaches cuBLAS on sm_90; not yet measured here).
+# Always persistent (PROGRAMS_PER_SM programs an SM, the tile loop flattened into the K loop).
+# Out-of-bounds rows and columns load as zeros and are not stored: the epilogue needs no masks,
+# and zero rows and columns add exactly zero to the bias gradient's column sums (dg is 0
+# there). The epilogue may run on the tile in SUBTILE column pieces (fewer live registers). The
+# launchers take this path only on request (tma=True) and where tma_ok: 16-bit operands on
+# sm_90 or newer (or the interpreter), a contiguous last dimension and 16-byte aligned rows.
 
 @triton.jit
 def _tile_origin(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
