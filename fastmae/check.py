@@ -534,9 +534,9 @@ def _model_rows(device, dtypes):
         # every way of each kernel path chosen by timing on a GPU (the MLP's fused matmuls, by
         # threads or by TMA, or cuBLAS + the bias + GELU kernels, attention's fused or
         # two-kernel backward): a run keeps only the fastest, and the check covers the others
-        # (the TMA way: 16-bit operands on sm_90 and newer; any dtype under the interpreter)
-        tma = device != "cuda" or (amp is not None
-                                   and torch.cuda.get_device_capability()[0] >= 9)
+        # (the TMA way where it applies: gelu_matmul.tma_applies)
+        from fastmae.kernels import gelu_matmul
+        tma = gelu_matmul.tma_applies(torch.device(device), amp or torch.float32)
         for paths in KERNEL_PATHS if tma else tuple(p for p in KERNEL_PATHS if p != "fused_tma"):
             label = f"{case}, paths {paths}"
             try:

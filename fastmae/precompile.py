@@ -159,9 +159,8 @@ def step_every_way(model, batches, amp_dtype, mask_ratio=0.75):
     device = next(model.parameters()).device
     H, W = model.patch_embed.img_size
     use_amp = amp_dtype != torch.float32
-    # the MLP's TMA way takes 16-bit operands on sm_90 and newer (gelu_matmul.tma_ok)
-    tma = (device.type == "cuda" and amp_dtype in (torch.bfloat16, torch.float16)
-           and torch.cuda.get_device_capability(device)[0] >= 9)
+    from fastmae.kernels import gelu_matmul
+    tma = device.type == "cuda" and gelu_matmul.tma_applies(device, amp_dtype)  # the MLP's way
     for batch in batches:
         imgs = torch.randn(batch, model.in_chans, H, W, device=device)
         for ways in _ways(tma):

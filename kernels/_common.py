@@ -82,8 +82,8 @@ def _distinct_bytes(t):
 def launch_work(fn, args, kwargs):
     """(kernel name, bytes, FLOPs) that a launch of ``fn`` with ``args`` and ``kwargs`` must at
     least move and compute. Bytes: every tensor argument (or tensor a descriptor argument
-    describes) read or written once, its distinct
-    elements only; a tensor passed again (the placeholder of an unused pointer) counts once.
+    describes) read or written once, its distinct elements only; a tensor passed again (the
+    placeholder of an unused pointer) counts once.
     A kernel that touches some argument only in part or not at all, or does matmul work, says
     so in its module's ``LAUNCH_WORK[name]``: a function of the named arguments returning
     {"bytes": {argument: bytes}} (replacing those arguments' counts) and / or {"flops": n}."""

@@ -455,9 +455,13 @@ def _check(a, b, name_b):
     assert a.dtype == b.dtype, f"a and {name_b} must share a dtype, got {a.dtype} and {b.dtype}"
 
 
+def _dot_precision(a):
+    return "ieee" if a.dtype == torch.float32 else "tf32"
+
+
 def _meta(a, K):
     return dict(GROUP_M=GROUP_M, EVEN_K=all(K % c.kwargs["BLOCK_K"] == 0 for c in _CONFIGS),
-                DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32")
+                DOT_PRECISION=_dot_precision(a))
 
 
 def _grid(M, N, device):
@@ -485,19 +489,22 @@ def _tma_device(index):
     return torch.cuda.get_device_capability(index)[0] >= 9
 
 
+def tma_applies(device, dtype):
+    """Whether the TMA path is for operands of ``dtype`` on ``device``: an sm_90 or newer GPU
+    with 16-bit operands (the TMA matmuls' usual case; fp32 operands, whose 64-wide tiles are
+    rows wider than TMA's 128-byte swizzle, stay on the pointer kernels there), or the
+    interpreter (any float dtype: the tests check the indexing in fp32)."""
+    if device.type == "cuda":
+        return _tma_device(device.index) and dtype.itemsize == 2
+    return interpreting()
+
+
 def tma_ok(device, out_dtype, N, **operands):
     """Whether the launchers can take their TMA path (``tma=True``) on ``device`` with these
-    operands (keyword: tensor) and (M, N) outputs of out_dtype: an sm_90 or newer GPU with
-    16-bit operands (the TMA matmuls' usual case; fp32 operands, whose 64-wide tiles are rows
-    wider than TMA's 128-byte swizzle, stay on the pointer kernels there), or the interpreter
-    (any float dtype: the tests check the indexing in fp32), and describable operands and
-    output rows."""
-    if device.type == "cuda":
-        if not _tma_device(device.index) or any(t.element_size() != 2 for t in operands.values()):
-            return False
-    elif not interpreting():
-        return False
-    return (N * out_dtype.itemsize) % 16 == 0 and all(map(_describable, operands.values()))
+    operands (keyword: tensor) and (M, N) outputs of out_dtype: tma_applies to each operand,
+    and describable operands and output rows."""
+    return (N * out_dtype.itemsize) % 16 == 0 and all(
+        tma_applies(device, t.dtype) and _describable(t) for t in operands.values())
 
 
 _FIELDS = dataclasses.fields(TensorDescriptor)
@@ -557,8 +564,7 @@ def matmul_bias_gelu(a, w, bias, out_dtype: torch.dtype, tma=False):
         size = a.element_size()
         launch_tuned(_matmul_bias_gelu_tma_tuned, _grid(M, N, a.device), (m_key, N, K, size),
                      _descriptor(a), _descriptor(w), bias, _descriptor(f), _descriptor(g),
-                     M, N, K, m_key, size, GROUP_M=GROUP_M,
-                     DOT_PRECISION=_meta(a, K)["DOT_PRECISION"])
+                     M, N, K, m_key, size, GROUP_M=GROUP_M, DOT_PRECISION=_dot_precision(a))
         return f, g
     launch_tuned(_matmul_bias_gelu_tuned, _grid(M, N, a.device), (m_key, N, K),
                  a, b, bias, f, g, M, N, K, m_key,
@@ -592,7 +598,7 @@ def matmul_gelu_bwd(dm, w, f, bias, dx_dtype: torch.dtype, reduce=True, tma=Fals
         launch_tuned(_matmul_gelu_bwd_tma_tuned, _grid(M, N, dm.device), (m_key, N, K, size),
                      _descriptor(dm), _descriptor(w), _descriptor(f), bias, _descriptor(df),
                      db_part, M, N, K, m_key, size, GROUP_M=GROUP_M,
-                     DOT_PRECISION=_meta(dm, K)["DOT_PRECISION"], SUM_ROWS=_SUM_ROWS)
+                     DOT_PRECISION=_dot_precision(dm), SUM_ROWS=_SUM_ROWS)
         return df, db_part.sum(0) if reduce else db_part
     launch_tuned(_matmul_gelu_bwd_tuned, _grid(M, N, dm.device), (m_key, N, K),
                  dm, w, f, bias, df, db_part, M, N, K, m_key,
