@@ -518,9 +518,9 @@ if ([f.name for f in _FIELDS[:4]] != ["base", "shape", "strides", "block_shape"]
 
 def _descriptor(t):
     """A TMA descriptor of 2-D t, which _check_tma has found describable. Built without the
-    dataclass's __init__, whose checks (the same, and the block shape's) took ~1.3 us a
-    descriptor on this project's CPU: four a launch, on the host's critical path in an eager
-    step. The block shape is a placeholder: the configuration's pre-hook sets it."""
+    dataclass's __init__, whose checks repeat _check_tma's (and check the placeholder block
+    shape) four times a launch, on the host's critical path in an eager step. The block shape
+    is a placeholder: the configuration's pre-hook sets it."""
     if _DESCRIPTOR_DEFAULTS is None:
         return TensorDescriptor(t, list(t.shape), list(t.stride()), [16, 16])
     d = TensorDescriptor.__new__(TensorDescriptor)
