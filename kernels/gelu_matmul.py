@@ -209,7 +209,8 @@ def _matmul_gelu_bwd(
 # A, B and F loaded and F, G, DF stored through host-built tensor descriptors, one copy
 # instruction a tile instead of a thread's address arithmetic and cp.async copies (the way
 # Triton's persistent-matmul tutorial approaches cuBLAS on sm_90; not yet measured here).
-# Always persistent (PROGRAMS_PER_SM programs an SM, the tile loop flattened into the K loop).
+# Always persistent (PROGRAMS_PER_SM programs an SM, the tile loop flattened into the K loop;
+# or, the forward's WARP_SPECIALIZE configurations, warp-specialized: see _tma_configs).
 # Out-of-bounds rows and columns load as zeros and are not stored: the epilogue needs no masks,
 # and zero rows and columns add exactly zero to the bias gradient's column sums (dg is 0
 # there). The epilogue may run on the tile in SUBTILE column pieces (fewer live registers). The
@@ -269,20 +270,35 @@ def _matmul_bias_gelu_tma(
     BIAS,  # (N,) any float dtype
     f_desc,  # (M, N) out: the matmul output, rounded
     g_desc,  # (M, N) out: gelu(F + BIAS)
+    F,  # (M, N) out, row stride stride_f: f_desc's tensor again (pointer stores: WARP_SPECIALIZE)
+    G,  # (M, N) out, row stride stride_g: g_desc's tensor again, likewise
     M, N, K, M_KEY, ELEM_BYTES,  # next_pow2(M), A's element size: keys only
+    stride_f, stride_g,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr, SUBTILE: tl.constexpr,
     PROGRAMS_PER_SM: tl.constexpr,  # the grid's programs an SM (the launcher's; unused here)
+    WARP_SPECIALIZE: tl.constexpr,  # the tile loop warp-specialized (see _tma_configs)
 ):
     tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
-    for tile in tl.range(tl.program_id(0), tiles, tl.num_programs(0), flatten=True):
-        pid_m, row0, col0 = _tile_origin(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        acc = _tma_product(a_desc, w_desc, row0, col0, K, BLOCK_M, BLOCK_N, BLOCK_K, False,
-                           DOT_PRECISION)
-        left, right = _tma_pieces(acc, BLOCK_M, BLOCK_N, SUBTILE)
-        _tma_bias_gelu_piece(left, row0, col0, BIAS, f_desc, g_desc, N)
-        if SUBTILE == 2:
-            _tma_bias_gelu_piece(right, row0, col0 + BLOCK_N // 2, BIAS, f_desc, g_desc, N)
+    if WARP_SPECIALIZE:
+        # Triton splits this loop into a TMA producer and consumers that share each tile's
+        # rows; its sm_90 partitioning handles the epilogue's pointer stores, not descriptor
+        # stores
+        for tile in tl.range(tl.program_id(0), tiles, tl.num_programs(0), warp_specialize=True):
+            pid_m, pid_n = _tile_of(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+            acc = _tma_product(a_desc, w_desc, pid_m * BLOCK_M, pid_n * BLOCK_N, K, BLOCK_M,
+                               BLOCK_N, BLOCK_K, False, DOT_PRECISION)
+            _bias_gelu_epilogue(acc, pid_m, pid_n, BIAS, F, G, M, N, stride_f, stride_g,
+                                BLOCK_M, BLOCK_N)
+    else:
+        for tile in tl.range(tl.program_id(0), tiles, tl.num_programs(0), flatten=True):
+            pid_m, row0, col0 = _tile_origin(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+            acc = _tma_product(a_desc, w_desc, row0, col0, K, BLOCK_M, BLOCK_N, BLOCK_K, False,
+                               DOT_PRECISION)
+            left, right = _tma_pieces(acc, BLOCK_M, BLOCK_N, SUBTILE)
+            _tma_bias_gelu_piece(left, row0, col0, BIAS, f_desc, g_desc, N)
+            if SUBTILE == 2:
+                _tma_bias_gelu_piece(right, row0, col0 + BLOCK_N // 2, BIAS, f_desc, g_desc, N)
 
 
 @triton.jit
@@ -394,6 +410,17 @@ def _tma_blocks(a_block, w_block):
     return hook
 
 
+# Triton versions whose sm_90 warp specialization compiles the TMA forward's WARP_SPECIALIZE
+# loop (tests/_kernel_capture.py gelu_matmul): 3.6, the GPU machines' Triton. Triton 3.9's
+# NVGPUWarpSpecialization pass fails on it (a descriptor's block against the consumer's half of
+# the tile), so elsewhere those configurations are not offered (the interpreter runs them all).
+_WARP_SPECIALIZE_TRITONS = ("3.6",)
+
+
+def _warp_specialize_offered():
+    return ".".join(triton.__version__.split(".")[:2]) in _WARP_SPECIALIZE_TRITONS
+
+
 def _tma_configs(hook, backward):
     # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, programs an SM, epilogue pieces), all
     # persistent with the tile loop flattened (see the TMA kernels). Compiled for sm_90 (Triton
@@ -401,17 +428,32 @@ def _tma_configs(hook, backward):
     # (178 / 241 registers, forward / backward, in two epilogue pieces); the backward also
     # stages F's tile in shared memory, so its two-an-SM tilings take one stage fewer than the
     # forward's to fit twice (112 KiB a program forward, 96 and 104 KiB backward).
-    if interpreting():
-        shapes = [(16, 32, 16, 4, 1, 1, 2)]
-    elif backward:
-        shapes = [(128, 256, 64, 8, 3, 1, 2), (128, 128, 64, 8, 4, 1, 1),
-                  (128, 128, 64, 4, 2, 2, 2), (128, 64, 64, 4, 3, 2, 1)]
-    else:
-        shapes = [(128, 256, 64, 8, 3, 1, 2), (128, 128, 64, 8, 4, 1, 1),
-                  (128, 128, 64, 4, 3, 2, 2), (128, 64, 64, 4, 4, 2, 1)]
+    # The forward is also warp-specialized (WARP_SPECIALIZE, not flattened): Triton 3.6 makes
+    # the 4 warps' loop a producer warpgroup issuing the TMA loads (40 registers) and two
+    # consumer warpgroups of 64 of the tile's rows each (wgmma and the epilogue, 232 registers:
+    # setmaxnreg), 12 warps, one program an SM: cuBLAS's cooperative structure (the "coopA"
+    # kernels of its H200 profile, BENCHMARKS.md), with the next tile's loads issued while the
+    # consumers run the GELU epilogue. Not the backward: its bias-gradient column sums reduce
+    # over the rows the consumers split, which that partitioning refuses.
+    # (The interpreter has one configuration a kernel, with small tiles; the tests force the
+    # others' kinds, WARP_SPECIALIZE included.)
+    shapes = [(16, 32, 16, 4, 1, 1, 2, False)] if interpreting() else _tma_gpu_shapes(backward)
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "PROGRAMS_PER_SM": p,
-                           "SUBTILE": sub}, num_warps=w, num_stages=s, pre_hook=hook)
-            for bm, bn, bk, w, s, p, sub in shapes]
+                           "SUBTILE": sub, **({} if backward else {"WARP_SPECIALIZE": ws})},
+                          num_warps=w, num_stages=s, pre_hook=hook)
+            for bm, bn, bk, w, s, p, sub, ws in shapes]
+
+
+def _tma_gpu_shapes(backward):
+    """_tma_configs's tuples on a GPU."""
+    if backward:
+        return [(128, 256, 64, 8, 3, 1, 2, False), (128, 128, 64, 8, 4, 1, 1, False),
+                (128, 128, 64, 4, 2, 2, 2, False), (128, 64, 64, 4, 3, 2, 1, False)]
+    shapes = [(128, 256, 64, 8, 3, 1, 2, False), (128, 128, 64, 8, 4, 1, 1, False),
+              (128, 128, 64, 4, 3, 2, 2, False), (128, 64, 64, 4, 4, 2, 1, False)]
+    if _warp_specialize_offered():
+        shapes += [(128, 256, 64, 4, 4, 1, 1, True), (128, 128, 64, 4, 4, 1, 1, True)]
+    return shapes
 
 
 def _tma_prune(configs, named_args, **kwargs):
@@ -563,8 +605,9 @@ def matmul_bias_gelu(a, w, bias, out_dtype: torch.dtype, tma=False):
         _check_tma(a.device, out_dtype, N, a=a, w=w)
         size = a.element_size()
         launch_tuned(_matmul_bias_gelu_tma_tuned, _grid(M, N, a.device), (m_key, N, K, size),
-                     _descriptor(a), _descriptor(w), bias, _descriptor(f), _descriptor(g),
-                     M, N, K, m_key, size, GROUP_M=GROUP_M, DOT_PRECISION=_dot_precision(a))
+                     _descriptor(a), _descriptor(w), bias, _descriptor(f), _descriptor(g), f, g,
+                     M, N, K, m_key, size, f.stride(0), g.stride(0), GROUP_M=GROUP_M,
+                     DOT_PRECISION=_dot_precision(a))
         return f, g
     launch_tuned(_matmul_bias_gelu_tuned, _grid(M, N, a.device), (m_key, N, K),
                  a, b, bias, f, g, M, N, K, m_key,

@@ -284,22 +284,42 @@ def test_every_gpu_configuration_at_a_decoder_shape(monkeypatch):
 TMA_SHAPES = [(1, 8, 8), (7, 40, 12), (37, 96, 64), (33, 64, 40), (100, 36, 4)]
 
 
-def _tma_subtile(monkeypatch, subtile):
-    """The TMA kernels' one interpreter configuration with its epilogue in `subtile` pieces."""
+def _tma_config(monkeypatch, subtile, warp_specialize=False):
+    """The TMA kernels' first interpreter configuration with its epilogue in `subtile` pieces,
+    the forward's tile loop warp-specialized or not (then its pointer-store epilogue)."""
     for tuned in (gm._matmul_bias_gelu_tma_tuned, gm._matmul_gelu_bwd_tma_tuned):
-        (config,) = tuned.configs
+        config = tuned.configs[0]
+        kwargs = {**config.kwargs, "SUBTILE": subtile}
+        if "WARP_SPECIALIZE" in kwargs:
+            kwargs["WARP_SPECIALIZE"] = warp_specialize
         monkeypatch.setattr(tuned, "configs", [triton.Config(
-            {**config.kwargs, "SUBTILE": subtile}, num_warps=config.num_warps,
-            num_stages=config.num_stages, pre_hook=config.pre_hook)])
+            kwargs, num_warps=config.num_warps, num_stages=config.num_stages,
+            pre_hook=config.pre_hook)])
         monkeypatch.setattr(tuned, "cache", {})
 
 
-@pytest.mark.parametrize("subtile", [1, 2])
+@pytest.mark.parametrize("version,offered", [("3.6.0", True), ("3.9.0", False)])
+def test_warp_specialized_configurations_only_where_triton_compiles_them(version, offered,
+                                                                          monkeypatch):
+    """A GPU's TMA forward configurations include warp-specialized ones under Triton 3.6, not
+    under 3.9 (whose sm_90 partitioning fails on that loop); the backward has none."""
+    monkeypatch.setattr(triton, "__version__", version)
+    forward = gm._tma_gpu_shapes(backward=False)
+    assert any(ws for *_, ws in forward) == offered
+    assert not any(ws for *_, ws in gm._tma_gpu_shapes(backward=True))
+    for _, _, _, warps, _, programs, pieces, ws in forward:
+        if ws:  # 4 warps and the partitions' 8 more: one program an SM; the epilogue whole
+            assert (warps, programs, pieces) == (4, 1, 1)
+
+
+@pytest.mark.parametrize("subtile,warp_specialize", [(1, False), (2, False), (1, True)])
 @pytest.mark.parametrize("M,N,K", TMA_SHAPES)
-def test_tma_kernels_match_float64_and_the_pointer_kernels(M, N, K, subtile, device, monkeypatch):
+def test_tma_kernels_match_float64_and_the_pointer_kernels(M, N, K, subtile, warp_specialize,
+                                                           device, monkeypatch):
     """The TMA path (persistent, fewer programs than tiles where there are more; the epilogue
-    whole or in two pieces) against float64, and bit-identical to the pointer kernels."""
-    _tma_subtile(monkeypatch, subtile)
+    whole or in two pieces; the forward's loop warp-specialized or not) against float64, and
+    bit-identical to the pointer kernels."""
+    _tma_config(monkeypatch, subtile, warp_specialize)
     a, w1, bias, dm, w2 = _case(M, N, K, device, seed=M * 10 + N + K)
     assert gm.tma_ok(a.device, a.dtype, N, a=a, w=w1)
     f, g = gm.matmul_bias_gelu(a, w1, bias, a.dtype, tma=True)
