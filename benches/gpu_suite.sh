@@ -6,6 +6,7 @@
 # Most important first, each stage under its own time limit, every stage's output kept in
 # OUTDIR as it is written (a run cut short still leaves what it measured):
 # 0. the direct Triton launch checked against Triton's own (tests/test_direct_launch.py);
+# 0b. the MLP's TMA kernels, each configuration once (a kind that fails is left out of the run);
 # 1. `fastmae bench --compile` for ViT-B/16: fastmae's kernels compiled in parallel processes
 #    (fastmae.precompile), parity on one shared step, then the eager reference, fastmae,
 #    fastmae + CUDA graph and torch.compile of the reference, with the profiler's kernel
@@ -45,7 +46,8 @@
 # autotuning, then ncu's replays of four launches) go with the first: PROFILE=1.
 #
 # Knobs (environment): STEPS=10, WARMUP=3, L_MODEL=vit_l16 (empty: skip), OP_MODELS=vit_b16,
-# TEST_WORKERS=8, LAUNCH_TIMEOUT=45, B_TIMEOUT=240, TRAIN_TEST_TIMEOUT=60, L_TIMEOUT=150,
+# TEST_WORKERS=8, LAUNCH_TIMEOUT=45, TMA_TIMEOUT=90 (each of stage 0b's two), B_TIMEOUT=240,
+# TRAIN_TEST_TIMEOUT=60, L_TIMEOUT=150,
 # TEST_TIMEOUT=300, TEST_CASE_TIMEOUT=200 (one test, with pytest-timeout), OPS_TIMEOUT=90,
 # HOST_TIMEOUT=90, SWEEP_TIMEOUT=120, SKIP_STEP=0 (stage 1), SKIP_TRAIN_TEST=0, SKIP_HOST=0,
 # SKIP_SWEEP=0, SKIP_TESTS=0, SKIP_OPS=0, PROFILE=0 (1: stage 3d), PROFILE_TIMEOUT=300,
@@ -108,6 +110,31 @@ if [ "${FASTMAE_TRITON_LAUNCH:-direct}" != "triton" ]; then
             -q -p no:cacheprovider -rfE --tb=short; then
         say "the direct launch failed here: the rest of the run launches through Triton's own path"
         export FASTMAE_TRITON_LAUNCH=triton
+        STATUS=1
+    fi
+fi
+
+# ---------------------------------------------------------------- 0b. the TMA MLP kernels
+# kernels/gelu_matmul.py's TMA kernels (not yet run on a GPU when this stage came) go next, each
+# configuration once at the decoder's widths, the flattened ones then the warp-specialized
+# forward's (their compiles land in Triton's cache, where stage 1 finds them): a kind that fails
+# or hangs here is left out of the rest of the run (FASTMAE_TMA=0: every TMA kernel;
+# FASTMAE_WARP_SPECIALIZE=0: the warp-specialized ones) rather than faulting its benchmarks.
+tma_check() {  # pytest -k expression
+    run timeout -k 10 "${TMA_TIMEOUT:-90}" "$PY" -m pytest \
+        "$REPO/tests/test_kernel_gelu_matmul.py" -m cuda -k "every_gpu_configuration and $1" \
+        -q -p no:cacheprovider -rfE --tb=short
+}
+if [ "${FASTMAE_TMA:-1}" != "0" ]; then
+    say "0b/6 the TMA MLP kernels on this GPU, each configuration once"
+    if ! tma_check "tma and not warp"; then
+        say "the TMA kernels failed here: the rest of the run leaves them out (FASTMAE_TMA=0)"
+        export FASTMAE_TMA=0
+        STATUS=1
+    elif [ "${FASTMAE_WARP_SPECIALIZE:-1}" != "0" ] && ! tma_check "warp_specialized"; then
+        say "the warp-specialized TMA forward failed here: the rest of the run leaves it out" \
+            "(FASTMAE_WARP_SPECIALIZE=0)"
+        export FASTMAE_WARP_SPECIALIZE=0
         STATUS=1
     fi
 fi

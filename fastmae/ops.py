@@ -1081,8 +1081,8 @@ def _mlp_way(key, ways, tma_ok):
     if not tma_ok:
         if os.environ.get("FASTMAE_MLP", "").strip().lower() == "fused_tma":
             raise ValueError(f"FASTMAE_MLP=fused_tma: the TMA kernels need an sm_90 or newer GPU "
-                             f"with 16-bit operands (or the interpreter) and 16-byte aligned "
-                             f"rows; not so for {key[:-1]} on {key[-1]}")
+                             f"with 16-bit operands (or the interpreter), 16-byte aligned rows "
+                             f"and FASTMAE_TMA not 0; not so for {key[:-1]} on {key[-1]}")
         ways = {k: v for k, v in ways.items() if k != "fused_tma"}
     default = "split" if key[-1].type == "cuda" else "fused"
     return _kernel("_common").keep_faster(_MLP_CHOICE, key, "FASTMAE_MLP", ways, default)

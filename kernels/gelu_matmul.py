@@ -27,6 +27,7 @@ times both kinds.
 """
 import dataclasses
 import functools
+import os
 
 import torch
 import triton
@@ -417,8 +418,17 @@ def _tma_blocks(a_block, w_block):
 _WARP_SPECIALIZE_TRITONS = ("3.6",)
 
 
+# FASTMAE_TMA=0: the TMA kernels are not offered on a GPU (tma_applies says no there);
+# FASTMAE_WARP_SPECIALIZE=0: not their warp-specialized configurations. Read at import;
+# benches/gpu_suite.sh sets them for its run when its first check of those kernels on the GPU
+# fails, so that a fault there does not take the measurements with it.
+_TMA_ON = os.environ.get("FASTMAE_TMA", "1").strip() != "0"
+_WARP_SPECIALIZE_ON = os.environ.get("FASTMAE_WARP_SPECIALIZE", "1").strip() != "0"
+
+
 def _warp_specialize_offered():
-    return ".".join(triton.__version__.split(".")[:2]) in _WARP_SPECIALIZE_TRITONS
+    return (_WARP_SPECIALIZE_ON
+            and ".".join(triton.__version__.split(".")[:2]) in _WARP_SPECIALIZE_TRITONS)
 
 
 def _tma_configs(hook, backward):
@@ -535,9 +545,10 @@ def tma_applies(device, dtype):
     """Whether the TMA path is for operands of ``dtype`` on ``device``: an sm_90 or newer GPU
     with 16-bit operands (the TMA matmuls' usual case; fp32 operands, whose 64-wide tiles are
     rows wider than TMA's 128-byte swizzle, stay on the pointer kernels there), or the
-    interpreter (any float dtype: the tests check the indexing in fp32)."""
+    interpreter (any float dtype: the tests check the indexing in fp32). Not on a GPU where
+    FASTMAE_TMA=0."""
     if device.type == "cuda":
-        return _tma_device(device.index) and dtype.itemsize == 2
+        return _TMA_ON and _tma_device(device.index) and dtype.itemsize == 2
     return interpreting()
 
 

@@ -1,6 +1,10 @@
 """kernels/gelu_matmul.py against float64: fc1's matmul with the bias + GELU in its epilogue (f and
 g), and fc2's input-gradient matmul with the GELU backward and the bias gradient in its epilogue
 (df and dbias)."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import triton
@@ -237,44 +241,77 @@ def test_low_precision_against_cublas_and_the_bias_gelu_kernel(M, N, K, dtype, a
     assert torch.equal(df, df2) and torch.equal(db, db2)
 
 
+def _gpu_configuration_pairs(kind):
+    """(forward, backward) configuration pairs of one kind: the threads' kernels', the TMA
+    kernels' flattened ones, or the TMA forward's warp-specialized ones (the backward's first
+    beside each: it has none)."""
+    if kind == "threads":
+        return list(zip(gm._gpu_configs(), gm._gpu_configs()))
+    fwd = [c for c in gm._TMA_FWD_CONFIGS
+           if c.kwargs["WARP_SPECIALIZE"] == (kind == "tma_warp_specialized")]
+    bwd = gm._TMA_BWD_CONFIGS
+    return list(zip(fwd, bwd)) if kind == "tma" else [(c, bwd[0]) for c in fwd]
+
+
 @pytest.mark.cuda
-def test_every_gpu_configuration_at_a_decoder_shape(monkeypatch):
-    """Each configuration the autotuners may pick (one a tile and persistent, flattened or not;
-    the TMA kernels' on sm_90 and newer), forced in turn, at the decoder's MLP widths, bf16:
-    within the same bounds as the autotuner's pick above. M = 400 ends in a partial 128-row
-    tile and is 16-divisible like the step's 256 x 197 rows, so the kernels the benchmark
-    compiled serve here from Triton's cache."""
+@pytest.mark.parametrize("kind", ["threads", "tma", "tma_warp_specialized"])
+def test_every_gpu_configuration_at_a_decoder_shape(kind, monkeypatch):
+    """Each configuration the autotuners may pick of one kind (one a tile and persistent,
+    flattened or not; the TMA kernels' on sm_90 and newer, warp-specialized or not), forced in
+    turn, at the decoder's MLP widths, bf16: within the same bounds as the autotuner's pick
+    above. M = 400 ends in a partial 128-row tile and is 16-divisible like the step's 256 x 197
+    rows, so the kernels compiled here serve the benchmark from Triton's cache and back.
+    benches/gpu_suite.sh runs the TMA kinds first on a GPU, each on its own, and leaves out of
+    its run a kind that fails (FASTMAE_TMA=0, FASTMAE_WARP_SPECIALIZE=0)."""
     from fastmae.kernels import bias_gelu as bg
     M, N, K, dtype, atol = 400, 2048, 512, torch.bfloat16, 4e-3
     a, w1, bias, dm, w2 = _case(M, N, K, "cuda", dtype=dtype, seed=11)
+    tma = kind != "threads"
+    if tma and not gm.tma_ok(a.device, dtype, N, a=a, w=w1, dm=dm, w2=w2):
+        pytest.skip("the TMA kernels are for sm_90 and newer GPUs (and not with FASTMAE_TMA=0)")
+    pairs = _gpu_configuration_pairs(kind)
+    if not pairs:
+        pytest.skip(f"no {kind} configurations under Triton {triton.__version__} here")
+    if kind == "threads":
+        assert any(c.kwargs["PROGRAMS_PER_SM"] for c, _ in pairs)
+        tuned = (gm._matmul_bias_gelu_tuned, gm._matmul_gelu_bwd_tuned)
+    else:
+        tuned = (gm._matmul_bias_gelu_tma_tuned, gm._matmul_gelu_bwd_tma_tuned)
     f32 = a.float() @ w1.float().t()
     f_split = a @ w1.t()
     g_split = bg.bias_gelu_fwd(f_split, bias, dtype)
     g32 = torch.nn.functional.gelu(f32 + bias)
-    runs = [(False, (gm._matmul_bias_gelu_tuned, gm._matmul_gelu_bwd_tuned),
-             list(zip(gm._gpu_configs(), gm._gpu_configs())))]
-    assert any(c.kwargs["PROGRAMS_PER_SM"] for c in gm._gpu_configs())
-    if torch.cuda.get_device_capability()[0] >= 9:
-        assert gm.tma_ok(a.device, dtype, N, a=a, w=w1, dm=dm, w2=w2)
-        runs.append((True, (gm._matmul_bias_gelu_tma_tuned, gm._matmul_gelu_bwd_tma_tuned),
-                     list(zip(gm._TMA_FWD_CONFIGS, gm._TMA_BWD_CONFIGS))))
-    for tma, tuned, pairs in runs:
-        for configs in pairs:
-            for t, config in zip(tuned, configs):
-                monkeypatch.setattr(t, "configs", [config])
-                monkeypatch.setattr(t, "cache", {})
-            name = f"tma={tma} {configs[0]}"
-            f, g = gm.matmul_bias_gelu(a, w1, bias, dtype, tma=tma)
-            assert_rel_close(f, f32, 2 * rel_err(f_split, f32) + atol, f"f {name}")
-            assert_rel_close(g, g32, 2 * rel_err(g_split, g32) + atol, f"g {name}")
-            df, db = gm.matmul_gelu_bwd(dm, w2, f, bias, dtype, tma=tma)
-            df_split, db_split = bg.bias_gelu_bwd(dm @ w2, f, bias, dtype)
-            z = (f.float() + bias).requires_grad_()
-            (df32,) = torch.autograd.grad(torch.nn.functional.gelu(z), z,
-                                          dm.float() @ w2.float())
-            assert_rel_close(df, df32, 2 * rel_err(df_split, df32) + atol, f"df {name}")
-            assert_rel_close(db, df32.sum(0), 2 * rel_err(db_split, df32.sum(0)) + atol,
-                             f"dbias {name}")
+    for configs in pairs:
+        for t, config in zip(tuned, configs):
+            monkeypatch.setattr(t, "configs", [config])
+            monkeypatch.setattr(t, "cache", {})
+        name = f"{kind} {configs[0]}"
+        f, g = gm.matmul_bias_gelu(a, w1, bias, dtype, tma=tma)
+        assert_rel_close(f, f32, 2 * rel_err(f_split, f32) + atol, f"f {name}")
+        assert_rel_close(g, g32, 2 * rel_err(g_split, g32) + atol, f"g {name}")
+        df, db = gm.matmul_gelu_bwd(dm, w2, f, bias, dtype, tma=tma)
+        df_split, db_split = bg.bias_gelu_bwd(dm @ w2, f, bias, dtype)
+        z = (f.float() + bias).requires_grad_()
+        (df32,) = torch.autograd.grad(torch.nn.functional.gelu(z), z, dm.float() @ w2.float())
+        assert_rel_close(df, df32, 2 * rel_err(df_split, df32) + atol, f"df {name}")
+        assert_rel_close(db, df32.sum(0), 2 * rel_err(db_split, df32.sum(0)) + atol,
+                         f"dbias {name}")
+
+
+def test_configuration_kinds_partition_the_gpu_configurations(monkeypatch):
+    """The CUDA test's three kinds take every GPU configuration of both kernels once (as a GPU
+    under Triton 3.6 has them): the threads' and, between the two TMA kinds, each TMA forward
+    one and every TMA backward one."""
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(gm, "interpreting", lambda: False)
+    for name, backward in (("_TMA_FWD_CONFIGS", False), ("_TMA_BWD_CONFIGS", True)):
+        monkeypatch.setattr(gm, name, gm._tma_configs(None, backward))
+    assert len(_gpu_configuration_pairs("tma_warp_specialized")) == 2
+    threads = _gpu_configuration_pairs("threads")
+    assert [c for c, _ in threads] == gm._gpu_configs()
+    tma = _gpu_configuration_pairs("tma") + _gpu_configuration_pairs("tma_warp_specialized")
+    assert sorted(map(str, (c for c, _ in tma))) == sorted(map(str, gm._TMA_FWD_CONFIGS))
+    assert {str(b) for _, b in tma} == set(map(str, gm._TMA_BWD_CONFIGS))
 
 
 # ----------------------------------------------------------------------------- TMA kernels
@@ -378,3 +415,26 @@ def test_tma_path_refuses_what_a_descriptor_cannot_describe(device):
         gm.matmul_gelu_bwd(dm, w2.t().contiguous().t(), f, bias, f.dtype, tma=True)
     with pytest.raises(ValueError, match="16-byte output rows; got cpu"):
         gm.matmul_bias_gelu(a, torch.randn(10, 16, device=device), bias[:10], a.dtype, tma=True)
+
+
+@pytest.mark.parametrize("env,tma_on,ws_on", [({}, True, True),
+                                              ({"FASTMAE_TMA": "0"}, False, True),
+                                              ({"FASTMAE_WARP_SPECIALIZE": "0"}, True, False)])
+def test_the_environment_leaves_out_the_tma_kernels_or_their_warp_specialization(
+        env, tma_on, ws_on, monkeypatch):
+    """FASTMAE_TMA=0 and FASTMAE_WARP_SPECIALIZE=0, read at import (a fresh process here),
+    leave out the TMA way on a GPU and the warp-specialized configurations."""
+    code = ("from fastmae.kernels import gelu_matmul as gm; "
+            "print(gm._TMA_ON, gm._WARP_SPECIALIZE_ON)")
+    environ = {k: v for k, v in os.environ.items()
+               if k not in ("TRITON_INTERPRET", "FASTMAE_TMA", "FASTMAE_WARP_SPECIALIZE")}
+    out = subprocess.run([sys.executable, "-c", code], env={**environ, **env},
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == [str(tma_on), str(ws_on)]
+    # what each switch does, on a stand-in sm_90 device
+    monkeypatch.setattr(gm, "_tma_device", lambda index: True)
+    monkeypatch.setattr(gm, "_TMA_ON", tma_on)
+    monkeypatch.setattr(gm, "_WARP_SPECIALIZE_ON", ws_on)
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    assert gm.tma_applies(torch.device("cuda", 0), torch.bfloat16) == tma_on
+    assert any(ws for *_, ws in gm._tma_gpu_shapes(backward=False)) == ws_on
