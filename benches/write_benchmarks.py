@@ -191,10 +191,12 @@ def header(card, res):
     for key, what in [("gpu", "card"), ("driver", "driver"), ("cuda", "CUDA (torch build)"),
                       ("torch", "torch"), ("triton", "triton"),
                       ("triton_launch", "Triton launch path"),
+                      ("mlp_tma", "MLP's TMA kernels"),
                       ("commit", "fastmae commit"), ("date", "measured")]:
         vals = _distinct([e.get(key) for _, e in envs if e.get(key)])
-        if key == "triton_launch" and not vals:
-            continue  # runs before fastmae's direct launch (commit 0deb43a) did not record it
+        if key in ("triton_launch", "mlp_tma") and not vals:
+            continue  # runs before fastmae's direct launch (0deb43a) or its TMA kernels'
+            # switches (6f763c3) did not record them
         if len(vals) <= 1:
             rows.append((what, vals[0] if vals else "unknown"))
         else:

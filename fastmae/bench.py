@@ -156,6 +156,23 @@ def _triton_launch():
     return "direct" if _common.DIRECT_LAUNCH else "triton"
 
 
+def _mlp_tma():
+    """The MLP's TMA kernels this process offers on its GPU (kernels/gelu_matmul.py): off, the
+    flattened ones, or those and the warp-specialized forward (gpu_suite.sh's stage 0b may
+    have turned either off for its run)."""
+    from fastmae.kernels import gelu_matmul
+    if not gelu_matmul._TMA_ON:
+        return "off (FASTMAE_TMA=0)"
+    if not gelu_matmul.tma_applies(torch.device("cuda", torch.cuda.current_device()),
+                                   torch.bfloat16):
+        return "off (before sm_90)"
+    if gelu_matmul._warp_specialize_offered():
+        return "flattened and warp-specialized (forward)"
+    why = "FASTMAE_WARP_SPECIALIZE=0" if not gelu_matmul._WARP_SPECIALIZE_ON else \
+        f"not warp-specialized under Triton {triton_version()}"
+    return f"flattened ({why})"
+
+
 @functools.lru_cache(maxsize=None)
 def env_info():
     """The card, driver and software versions, the commit and the date (queried at call time)."""
@@ -176,6 +193,7 @@ def env_info():
     if cuda:
         props = torch.cuda.get_device_properties(0)
         info["gpu_memory_gib"] = round(props.total_memory / 2 ** 30, 1)
+        info["mlp_tma"] = _mlp_tma()
     return info
 
 

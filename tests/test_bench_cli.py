@@ -438,6 +438,38 @@ def test_writer_headings_follow_what_the_run_recorded(tmp_path):
     assert "- ViT-B/16, mlp fc1 fused_tma M<=16384 N=3072 K=768 16-bit: BLOCK_K=64" in md
 
 
+def test_header_names_the_mlps_tma_kernels_where_the_run_recorded_them(tmp_path):
+    """A run that recorded which MLP TMA kernels it offered gets a header row saying so; one
+    from before (no "mlp_tma") gets none."""
+    def render(step):
+        files = [_write(tmp_path, "step.json", step)]
+        return writer.render(writer.load(files), str(tmp_path / "chart.png"), str(tmp_path))
+
+    assert "MLP's TMA kernels" not in render(_fixture_step())
+    step = _fixture_step()
+    step["env"]["mlp_tma"] = "flattened (FASTMAE_WARP_SPECIALIZE=0)"
+    assert "| MLP's TMA kernels | flattened (FASTMAE_WARP_SPECIALIZE=0) |" in render(step)
+
+
+@pytest.mark.parametrize("tma_on,applies,ws_on,version,expected", [
+    (False, True, True, "3.6.0", "off (FASTMAE_TMA=0)"),
+    (True, False, True, "3.6.0", "off (before sm_90)"),
+    (True, True, True, "3.6.0", "flattened and warp-specialized (forward)"),
+    (True, True, False, "3.6.0", "flattened (FASTMAE_WARP_SPECIALIZE=0)"),
+    (True, True, True, "3.9.0", "flattened (not warp-specialized under Triton 3.9.0)")])
+def test_env_says_which_mlp_tma_kernels_the_run_offered(tma_on, applies, ws_on, version,
+                                                        expected, monkeypatch):
+    import triton
+    from fastmae.kernels import gelu_matmul
+    monkeypatch.setattr(gelu_matmul, "_TMA_ON", tma_on)
+    monkeypatch.setattr(gelu_matmul, "_WARP_SPECIALIZE_ON", ws_on)
+    monkeypatch.setattr(gelu_matmul, "tma_applies", lambda device, dtype: applies)
+    monkeypatch.setattr(triton, "__version__", version)
+    monkeypatch.setattr(bench, "triton_version", lambda: version)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert bench._mlp_tma() == expected
+
+
 def test_writer_sets_fastmae_kernels_against_their_floors(tmp_path):
     """A profile whose fastmae launches carry their work: both fastmae tables get its bytes,
     bandwidth, FLOPs, floor and fraction of floor, and the note saying what they are; one
