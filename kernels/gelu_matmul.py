@@ -440,11 +440,13 @@ def _tma_configs(hook, backward):
     # forward's to fit twice (112 KiB a program forward, 96 and 104 KiB backward).
     # The forward is also warp-specialized (WARP_SPECIALIZE, not flattened): Triton 3.6 makes
     # the 4 warps' loop a producer warpgroup issuing the TMA loads (40 registers) and two
-    # consumer warpgroups of 64 of the tile's rows each (wgmma and the epilogue, 232 registers:
+    # consumer warpgroups of half the tile's rows each (wgmma and the epilogue, 232 registers:
     # setmaxnreg), 12 warps, one program an SM: cuBLAS's cooperative structure (the "coopA"
     # kernels of its H200 profile, BENCHMARKS.md), with the next tile's loads issued while the
-    # consumers run the GELU epilogue. Not the backward: its bias-gradient column sums reduce
-    # over the rows the consumers split, which that partitioning refuses.
+    # consumers run the GELU epilogue. 256 x 128 (128 rows a consumer, as cuBLAS's 256 x 128
+    # tiles) compiles too but spills 72 bytes a thread: left out. Not the backward: its
+    # bias-gradient column sums reduce over the rows the consumers split, which that
+    # partitioning refuses.
     # (The interpreter has one configuration a kernel, with small tiles; the tests force the
     # others' kinds, WARP_SPECIALIZE included.)
     shapes = [(16, 32, 16, 4, 1, 1, 2, False)] if interpreting() else _tma_gpu_shapes(backward)
