@@ -117,7 +117,7 @@ fi
 # ---------------------------------------------------------------- 0b. the TMA MLP kernels
 # kernels/gelu_matmul.py's TMA kernels (not yet run on a GPU when this stage came) go next, each
 # configuration once at the decoder's widths, the flattened ones then the warp-specialized
-# forward's (their compiles land in Triton's cache, where stage 1 finds them): a kind that fails
+# ones (their compiles land in Triton's cache, where stage 1 finds them): a kind that fails
 # or hangs here is left out of the rest of the run (FASTMAE_TMA=0: every TMA kernel;
 # FASTMAE_WARP_SPECIALIZE=0: the warp-specialized ones) rather than faulting its benchmarks.
 tma_check() {  # pytest -k expression
@@ -132,7 +132,7 @@ if [ "${FASTMAE_TMA:-1}" != "0" ]; then
         export FASTMAE_TMA=0
         STATUS=1
     elif [ "${FASTMAE_WARP_SPECIALIZE:-1}" != "0" ] && ! tma_check "warp_specialized"; then
-        say "the warp-specialized TMA forward failed here: the rest of the run leaves it out" \
+        say "the warp-specialized TMA kernels failed here: the rest of the run leaves them out" \
             "(FASTMAE_WARP_SPECIALIZE=0)"
         export FASTMAE_WARP_SPECIALIZE=0
         STATUS=1

@@ -158,7 +158,7 @@ def _triton_launch():
 
 def _mlp_tma():
     """The MLP's TMA kernels this process offers on its GPU (kernels/gelu_matmul.py): off, the
-    flattened ones, or those and the warp-specialized forward (gpu_suite.sh's stage 0b may
+    flattened ones, or those and the warp-specialized ones (gpu_suite.sh's stage 0b may
     have turned either off for its run)."""
     from fastmae.kernels import gelu_matmul
     if not gelu_matmul._TMA_ON:
@@ -167,7 +167,7 @@ def _mlp_tma():
                                    torch.bfloat16):
         return "off (before sm_90)"
     if gelu_matmul._warp_specialize_offered():
-        return "flattened and warp-specialized (forward)"
+        return "flattened and warp-specialized"
     why = "FASTMAE_WARP_SPECIALIZE=0" if not gelu_matmul._WARP_SPECIALIZE_ON else \
         f"not warp-specialized under Triton {triton_version()}"
     return f"flattened ({why})"

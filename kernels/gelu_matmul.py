@@ -211,7 +211,7 @@ def _matmul_gelu_bwd(
 # instruction a tile instead of a thread's address arithmetic and cp.async copies (the way
 # Triton's persistent-matmul tutorial approaches cuBLAS on sm_90; not yet measured here).
 # Always persistent (PROGRAMS_PER_SM programs an SM, the tile loop flattened into the K loop;
-# or, the forward's WARP_SPECIALIZE configurations, warp-specialized: see _tma_configs).
+# or, the WARP_SPECIALIZE configurations, warp-specialized: see _tma_configs).
 # Out-of-bounds rows and columns load as zeros and are not stored: the epilogue needs no masks,
 # and zero rows and columns add exactly zero to the bias gradient's column sums (dg is 0
 # there). The epilogue may run on the tile in SUBTILE column pieces (fewer live registers). The
@@ -315,6 +315,38 @@ def _tma_gelu_bwd_piece(dg, row0, col0, f_desc, BIAS, df_desc, N):
 
 
 @triton.jit
+def _tma_product_t(a_desc, w_desc, row0, col0, K,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
+    """The fp32 (BLOCK_N, BLOCK_M) tile of (A @ W)^T = W^T A^T at (col0, row0) for a_desc (M, K)
+    and w_desc (K, N), both used transposed (zeros past M and N)."""
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        w = w_desc.load([k * BLOCK_K, col0])
+        a = a_desc.load([row0, k * BLOCK_K])
+        acc = tl.dot(tl.trans(w), tl.trans(a), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _gelu_bwd_epilogue_t(dg_t, pid_m, row0, col0, F, BIAS, DF, DB_PART, M, N, stride_f,
+                         stride_df, BLOCK_M: tl.constexpr, SUM_ROWS: tl.constexpr):
+    """df = dg * gelu'(f + bias) for the tile whose transpose dg_t (columns col0.., rows
+    row0..) holds dg, stored through pointers, and its column sums (dg_t's row sums). Rows
+    and columns past M and N hold zeros (TMA's): they add nothing to the sums."""
+    cols = col0 + tl.arange(0, dg_t.shape[0])
+    rows = (row0 + tl.arange(0, dg_t.shape[1])).to(tl.int64)
+    col_ok = cols < N
+    mask = col_ok[:, None] & (rows < M)[None, :]
+    f = tl.load(F + rows[None, :] * stride_f + cols[:, None], mask=mask, other=0.0)
+    z = f.to(tl.float32) + tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[:, None]
+    cdf, e = _normal_cdf(z)
+    df = dg_t * (cdf + z * (e * 0.3989422804014327))  # pdf: e / sqrt(2 pi)
+    tl.store(DF + rows[None, :] * stride_df + cols[:, None], df.to(DF.dtype.element_ty), mask=mask)
+    _store_part_sums(DB_PART, tl.sum(df, axis=1), pid_m, col0, M, N, BLOCK_M, SUM_ROWS)
+
+
+@triton.jit
 def _matmul_gelu_bwd_tma(
     a_desc,  # (M, K): the gradient of fc2's output
     w_desc,  # (K, N): fc2's weight
@@ -322,23 +354,40 @@ def _matmul_gelu_bwd_tma(
     BIAS,  # (N,) any float dtype: fc1's bias
     df_desc,  # (M, N) out: the gradient of F
     DB_PART,  # (cdiv(M, SUM_ROWS), N) fp32 out, contiguous: column sums of DF
+    F,  # (M, N), row stride stride_f: f_desc's tensor again (pointer loads: WARP_SPECIALIZE)
+    DF,  # (M, N) out, row stride stride_df: df_desc's tensor again, likewise
     M, N, K, M_KEY, ELEM_BYTES,
+    stride_f, stride_df,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr, SUBTILE: tl.constexpr,
     SUM_ROWS: tl.constexpr,  # rows a partial sum row covers: the smallest BLOCK_M of any config
     PROGRAMS_PER_SM: tl.constexpr,  # the grid's programs an SM (the launcher's; unused here)
+    WARP_SPECIALIZE: tl.constexpr,  # the tile loop warp-specialized on transposed tiles
 ):
     tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
-    for tile in tl.range(tl.program_id(0), tiles, tl.num_programs(0), flatten=True):
-        pid_m, row0, col0 = _tile_origin(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-        dg = _tma_product(a_desc, w_desc, row0, col0, K, BLOCK_M, BLOCK_N, BLOCK_K, True,
-                          DOT_PRECISION)
-        left, right = _tma_pieces(dg, BLOCK_M, BLOCK_N, SUBTILE)
-        sums = _tma_gelu_bwd_piece(left, row0, col0, f_desc, BIAS, df_desc, N)
-        _store_part_sums(DB_PART, sums, pid_m, col0, M, N, BLOCK_M, SUM_ROWS)
-        if SUBTILE == 2:
-            sums = _tma_gelu_bwd_piece(right, row0, col0 + BLOCK_N // 2, f_desc, BIAS, df_desc, N)
-            _store_part_sums(DB_PART, sums, pid_m, col0 + BLOCK_N // 2, M, N, BLOCK_M, SUM_ROWS)
+    if WARP_SPECIALIZE:
+        # Triton's sm_90 partitioning gives each consumer warpgroup part of the tile's rows and
+        # refuses a reduction across them, which the bias gradient's column sums are; on the
+        # transposed tile (N x M) they are row sums, within each consumer's rows
+        for tile in tl.range(tl.program_id(0), tiles, tl.num_programs(0), warp_specialize=True):
+            pid_m, row0, col0 = _tile_origin(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+            dg_t = _tma_product_t(a_desc, w_desc, row0, col0, K, BLOCK_M, BLOCK_N, BLOCK_K,
+                                  DOT_PRECISION)
+            _gelu_bwd_epilogue_t(dg_t, pid_m, row0, col0, F, BIAS, DF, DB_PART, M, N, stride_f,
+                                 stride_df, BLOCK_M, SUM_ROWS)
+    else:
+        for tile in tl.range(tl.program_id(0), tiles, tl.num_programs(0), flatten=True):
+            pid_m, row0, col0 = _tile_origin(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+            dg = _tma_product(a_desc, w_desc, row0, col0, K, BLOCK_M, BLOCK_N, BLOCK_K, True,
+                              DOT_PRECISION)
+            left, right = _tma_pieces(dg, BLOCK_M, BLOCK_N, SUBTILE)
+            sums = _tma_gelu_bwd_piece(left, row0, col0, f_desc, BIAS, df_desc, N)
+            _store_part_sums(DB_PART, sums, pid_m, col0, M, N, BLOCK_M, SUM_ROWS)
+            if SUBTILE == 2:
+                sums = _tma_gelu_bwd_piece(right, row0, col0 + BLOCK_N // 2, f_desc, BIAS,
+                                           df_desc, N)
+                _store_part_sums(DB_PART, sums, pid_m, col0 + BLOCK_N // 2, M, N, BLOCK_M,
+                                 SUM_ROWS)
 
 
 # ----------------------------------------------------------------------------- configurations
@@ -411,10 +460,11 @@ def _tma_blocks(a_block, w_block):
     return hook
 
 
-# Triton versions whose sm_90 warp specialization compiles the TMA forward's WARP_SPECIALIZE
-# loop (tests/_kernel_capture.py gelu_matmul): 3.6, the GPU machines' Triton. Triton 3.9's
-# NVGPUWarpSpecialization pass fails on it (a descriptor's block against the consumer's half of
-# the tile), so elsewhere those configurations are not offered (the interpreter runs them all).
+# Triton versions whose sm_90 warp specialization compiles the TMA kernels' WARP_SPECIALIZE
+# loops (tests/_kernel_capture.py gelu_matmul): 3.6, the GPU machines' Triton. Triton 3.9's
+# NVGPUWarpSpecialization pass fails on the forward's (a descriptor's block against the
+# consumer's half of the tile), so elsewhere those configurations are not offered (the
+# interpreter's tests force them).
 _WARP_SPECIALIZE_TRITONS = ("3.6",)
 
 
@@ -438,20 +488,23 @@ def _tma_configs(hook, backward):
     # (178 / 241 registers, forward / backward, in two epilogue pieces); the backward also
     # stages F's tile in shared memory, so its two-an-SM tilings take one stage fewer than the
     # forward's to fit twice (112 KiB a program forward, 96 and 104 KiB backward).
-    # The forward is also warp-specialized (WARP_SPECIALIZE, not flattened): Triton 3.6 makes
+    # Both are also warp-specialized (WARP_SPECIALIZE, not flattened): Triton 3.6 makes
     # the 4 warps' loop a producer warpgroup issuing the TMA loads (40 registers) and two
     # consumer warpgroups of half the tile's rows each (wgmma and the epilogue, 232 registers:
     # setmaxnreg), 12 warps, one program an SM: cuBLAS's cooperative structure (the "coopA"
     # kernels of its H200 profile, BENCHMARKS.md), with the next tile's loads issued while the
-    # consumers run the GELU epilogue. 256 x 128 (128 rows a consumer, as cuBLAS's 256 x 128
-    # tiles) compiles too but spills 72 bytes a thread: left out. Not the backward: its
-    # bias-gradient column sums reduce over the rows the consumers split, which that
-    # partitioning refuses.
+    # consumers run the GELU epilogue. The forward's 256 x 128 (128 rows a consumer, as
+    # cuBLAS's 256 x 128 tiles) compiles too but spills 72 bytes a thread: left out. The
+    # partitioning refuses a reduction across the consumers' rows, which the backward's
+    # bias-gradient column sums are, so its warp-specialized loop computes transposed tiles
+    # (N x M: the sums are row sums, within each consumer; F is read and DF written through
+    # pointers); of its tilings 128 x 128 and 64 x 256 (M x N) spill 8 and 16-24 bytes a
+    # thread, 256 x 128 and 128 x 256 over 1 KB (left out).
     # (The interpreter has one configuration a kernel, with small tiles; the tests force the
     # others' kinds, WARP_SPECIALIZE included.)
     shapes = [(16, 32, 16, 4, 1, 1, 2, False)] if interpreting() else _tma_gpu_shapes(backward)
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "PROGRAMS_PER_SM": p,
-                           "SUBTILE": sub, **({} if backward else {"WARP_SPECIALIZE": ws})},
+                           "SUBTILE": sub, "WARP_SPECIALIZE": ws},
                           num_warps=w, num_stages=s, pre_hook=hook)
             for bm, bn, bk, w, s, p, sub, ws in shapes]
 
@@ -459,13 +512,15 @@ def _tma_configs(hook, backward):
 def _tma_gpu_shapes(backward):
     """_tma_configs's tuples on a GPU."""
     if backward:
-        return [(128, 256, 64, 8, 3, 1, 2, False), (128, 128, 64, 8, 4, 1, 1, False),
-                (128, 128, 64, 4, 2, 2, 2, False), (128, 64, 64, 4, 3, 2, 1, False)]
-    shapes = [(128, 256, 64, 8, 3, 1, 2, False), (128, 128, 64, 8, 4, 1, 1, False),
-              (128, 128, 64, 4, 3, 2, 2, False), (128, 64, 64, 4, 4, 2, 1, False)]
-    if _warp_specialize_offered():
-        shapes += [(128, 256, 64, 4, 4, 1, 1, True), (128, 128, 64, 4, 4, 1, 1, True)]
-    return shapes
+        shapes = [(128, 256, 64, 8, 3, 1, 2, False), (128, 128, 64, 8, 4, 1, 1, False),
+                  (128, 128, 64, 4, 2, 2, 2, False), (128, 64, 64, 4, 3, 2, 1, False)]
+        # transposed tiles (N x M): BLOCK_N's rows split between the consumers
+        ws_shapes = [(128, 128, 64, 4, 4, 1, 1, True), (64, 256, 64, 4, 4, 1, 1, True)]
+    else:
+        shapes = [(128, 256, 64, 8, 3, 1, 2, False), (128, 128, 64, 8, 4, 1, 1, False),
+                  (128, 128, 64, 4, 3, 2, 2, False), (128, 64, 64, 4, 4, 2, 1, False)]
+        ws_shapes = [(128, 256, 64, 4, 4, 1, 1, True), (128, 128, 64, 4, 4, 1, 1, True)]
+    return shapes + ws_shapes if _warp_specialize_offered() else shapes
 
 
 def _tma_prune(configs, named_args, **kwargs):
@@ -653,8 +708,8 @@ def matmul_gelu_bwd(dm, w, f, bias, dx_dtype: torch.dtype, reduce=True, tma=Fals
         size = dm.element_size()
         launch_tuned(_matmul_gelu_bwd_tma_tuned, _grid(M, N, dm.device), (m_key, N, K, size),
                      _descriptor(dm), _descriptor(w), _descriptor(f), bias, _descriptor(df),
-                     db_part, M, N, K, m_key, size, GROUP_M=GROUP_M,
-                     DOT_PRECISION=_dot_precision(dm), SUM_ROWS=_SUM_ROWS)
+                     db_part, f, df, M, N, K, m_key, size, f.stride(0), df.stride(0),
+                     GROUP_M=GROUP_M, DOT_PRECISION=_dot_precision(dm), SUM_ROWS=_SUM_ROWS)
         return df, db_part.sum(0) if reduce else db_part
     launch_tuned(_matmul_gelu_bwd_tuned, _grid(M, N, dm.device), (m_key, N, K),
                  dm, w, f, bias, df, db_part, M, N, K, m_key,

@@ -403,10 +403,10 @@ ONE_SIDED_FLAGS = set()
 
 def _flags_this_triton_leaves_one_sided():
     """Flags whose other value this Triton is not given: gelu_matmul offers its warp-specialized
-    TMA forward only under the Tritons that compile it (_warp_specialize_offered)."""
+    TMA loops only under the Tritons that compile them (_warp_specialize_offered)."""
     gelu_matmul = sys.modules.get("fastmae.kernels.gelu_matmul")
     if gelu_matmul is not None and not gelu_matmul._warp_specialize_offered():
-        return {"_matmul_bias_gelu_tma.WARP_SPECIALIZE"}
+        return {"_matmul_bias_gelu_tma.WARP_SPECIALIZE", "_matmul_gelu_bwd_tma.WARP_SPECIALIZE"}
     return set()
 
 

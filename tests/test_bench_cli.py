@@ -454,7 +454,7 @@ def test_header_names_the_mlps_tma_kernels_where_the_run_recorded_them(tmp_path)
 @pytest.mark.parametrize("tma_on,applies,ws_on,version,expected", [
     (False, True, True, "3.6.0", "off (FASTMAE_TMA=0)"),
     (True, False, True, "3.6.0", "off (before sm_90)"),
-    (True, True, True, "3.6.0", "flattened and warp-specialized (forward)"),
+    (True, True, True, "3.6.0", "flattened and warp-specialized"),
     (True, True, False, "3.6.0", "flattened (FASTMAE_WARP_SPECIALIZE=0)"),
     (True, True, True, "3.9.0", "flattened (not warp-specialized under Triton 3.9.0)")])
 def test_env_says_which_mlp_tma_kernels_the_run_offered(tma_on, applies, ws_on, version,

@@ -243,14 +243,14 @@ def test_low_precision_against_cublas_and_the_bias_gelu_kernel(M, N, K, dtype, a
 
 def _gpu_configuration_pairs(kind):
     """(forward, backward) configuration pairs of one kind: the threads' kernels', the TMA
-    kernels' flattened ones, or the TMA forward's warp-specialized ones (the backward's first
-    beside each: it has none)."""
+    kernels' flattened ones, or their warp-specialized ones."""
     if kind == "threads":
         return list(zip(gm._gpu_configs(), gm._gpu_configs()))
-    fwd = [c for c in gm._TMA_FWD_CONFIGS
-           if c.kwargs["WARP_SPECIALIZE"] == (kind == "tma_warp_specialized")]
-    bwd = gm._TMA_BWD_CONFIGS
-    return list(zip(fwd, bwd)) if kind == "tma" else [(c, bwd[0]) for c in fwd]
+    ws = kind == "tma_warp_specialized"
+    fwd, bwd = ([c for c in configs if c.kwargs["WARP_SPECIALIZE"] == ws]
+                for configs in (gm._TMA_FWD_CONFIGS, gm._TMA_BWD_CONFIGS))
+    assert len(fwd) == len(bwd), "one of each kernel a pair"
+    return list(zip(fwd, bwd))
 
 
 @pytest.mark.cuda
@@ -300,8 +300,7 @@ def test_every_gpu_configuration_at_a_decoder_shape(kind, monkeypatch):
 
 def test_configuration_kinds_partition_the_gpu_configurations(monkeypatch):
     """The CUDA test's three kinds take every GPU configuration of both kernels once (as a GPU
-    under Triton 3.6 has them): the threads' and, between the two TMA kinds, each TMA forward
-    one and every TMA backward one."""
+    under Triton 3.6 has them): the threads' and, between the two TMA kinds, the TMA ones."""
     monkeypatch.setattr(triton, "__version__", "3.6.0")
     monkeypatch.setattr(gm, "interpreting", lambda: False)
     for name, backward in (("_TMA_FWD_CONFIGS", False), ("_TMA_BWD_CONFIGS", True)):
@@ -311,7 +310,7 @@ def test_configuration_kinds_partition_the_gpu_configurations(monkeypatch):
     assert [c for c, _ in threads] == gm._gpu_configs()
     tma = _gpu_configuration_pairs("tma") + _gpu_configuration_pairs("tma_warp_specialized")
     assert sorted(map(str, (c for c, _ in tma))) == sorted(map(str, gm._TMA_FWD_CONFIGS))
-    assert {str(b) for _, b in tma} == set(map(str, gm._TMA_BWD_CONFIGS))
+    assert sorted(map(str, (b for _, b in tma))) == sorted(map(str, gm._TMA_BWD_CONFIGS))
 
 
 # ----------------------------------------------------------------------------- TMA kernels
@@ -323,7 +322,8 @@ TMA_SHAPES = [(1, 8, 8), (7, 40, 12), (37, 96, 64), (33, 64, 40), (100, 36, 4)]
 
 def _tma_config(monkeypatch, subtile, warp_specialize=False):
     """The TMA kernels' first interpreter configuration with its epilogue in `subtile` pieces,
-    the forward's tile loop warp-specialized or not (then its pointer-store epilogue)."""
+    their tile loops warp-specialized or not (then pointer-store epilogues, the backward's on
+    transposed tiles)."""
     for tuned in (gm._matmul_bias_gelu_tma_tuned, gm._matmul_gelu_bwd_tma_tuned):
         config = tuned.configs[0]
         kwargs = {**config.kwargs, "SUBTILE": subtile}
@@ -338,15 +338,15 @@ def _tma_config(monkeypatch, subtile, warp_specialize=False):
 @pytest.mark.parametrize("version,offered", [("3.6.0", True), ("3.9.0", False)])
 def test_warp_specialized_configurations_only_where_triton_compiles_them(version, offered,
                                                                           monkeypatch):
-    """A GPU's TMA forward configurations include warp-specialized ones under Triton 3.6, not
-    under 3.9 (whose sm_90 partitioning fails on that loop); the backward has none."""
+    """A GPU's TMA configurations include warp-specialized ones under Triton 3.6, not under 3.9
+    (whose sm_90 partitioning fails on those loops)."""
     monkeypatch.setattr(triton, "__version__", version)
-    forward = gm._tma_gpu_shapes(backward=False)
-    assert any(ws for *_, ws in forward) == offered
-    assert not any(ws for *_, ws in gm._tma_gpu_shapes(backward=True))
-    for _, _, _, warps, _, programs, pieces, ws in forward:
-        if ws:  # 4 warps and the partitions' 8 more: one program an SM; the epilogue whole
-            assert (warps, programs, pieces) == (4, 1, 1)
+    for backward in (False, True):
+        shapes = gm._tma_gpu_shapes(backward)
+        assert any(ws for *_, ws in shapes) == offered
+        for _, _, _, warps, _, programs, pieces, ws in shapes:
+            if ws:  # 4 warps and the partitions' 8 more: one program an SM; the epilogue whole
+                assert (warps, programs, pieces) == (4, 1, 1)
 
 
 @pytest.mark.parametrize("subtile,warp_specialize", [(1, False), (2, False), (1, True)])
@@ -354,8 +354,8 @@ def test_warp_specialized_configurations_only_where_triton_compiles_them(version
 def test_tma_kernels_match_float64_and_the_pointer_kernels(M, N, K, subtile, warp_specialize,
                                                            device, monkeypatch):
     """The TMA path (persistent, fewer programs than tiles where there are more; the epilogue
-    whole or in two pieces; the forward's loop warp-specialized or not) against float64, and
-    bit-identical to the pointer kernels."""
+    whole or in two pieces; the loops warp-specialized or not, the backward's then on
+    transposed tiles) against float64, and bit-identical to the pointer kernels."""
     _tma_config(monkeypatch, subtile, warp_specialize)
     a, w1, bias, dm, w2 = _case(M, N, K, device, seed=M * 10 + N + K)
     assert gm.tma_ok(a.device, a.dtype, N, a=a, w=w1)
@@ -369,13 +369,20 @@ def test_tma_kernels_match_float64_and_the_pointer_kernels(M, N, K, subtile, war
     assert_rel_close(db, exp.sum(0), TOL, "dbias")
     f0, g0 = gm.matmul_bias_gelu(a, w1, bias, a.dtype)
     df0, db0 = gm.matmul_gelu_bwd(dm, w2, f, bias, f.dtype)
-    for name, x, y in zip(("f", "g", "df", "dbias"), (f, g, df, db), (f0, g0, df0, db0)):
+    # the warp-specialized backward sums its transposed tiles' rows: the same terms, another
+    # order of adding them (so the bias gradient only to the float64 bound above)
+    pairs = zip(("f", "g", "df", "dbias"), (f, g, df, db), (f0, g0, df0, db0))
+    for name, x, y in list(pairs)[:3 if warp_specialize else 4]:
         assert torch.equal(x, y), name
 
 
-def test_tma_half_precision_and_partial_rows_finer_than_the_tile(device, monkeypatch):
-    """fp16 operands through the TMA path, with partial sum rows of a quarter tile (the zeros
-    of the rows a tile covers past its first: the poisoned buffer shows any left out)."""
+@pytest.mark.parametrize("warp_specialize", [False, True])
+def test_tma_half_precision_and_partial_rows_finer_than_the_tile(warp_specialize, device,
+                                                                 monkeypatch):
+    """fp16 operands through the TMA path (its loops warp-specialized or not), with partial sum
+    rows of a quarter tile (the zeros of the rows a tile covers past its first: the poisoned
+    buffer shows any left out)."""
+    _tma_config(monkeypatch, 1, warp_specialize)
     block_m = gm._TMA_BWD_CONFIGS[0].kwargs["BLOCK_M"]
     monkeypatch.setattr(gm, "_SUM_ROWS", block_m // 4)
     M, N, K = 3 * block_m + 5, 40, 24
