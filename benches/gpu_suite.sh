@@ -43,7 +43,10 @@
 # is named):
 #   SKIP_STEP=1 SKIP_TRAIN_TEST=1 L_MODEL= SKIP_HOST=1 SKIP_SWEEP=1 SKIP_OPS=1 bash benches/gpu_suite.sh
 # The decoder attention's hardware counters (stage 3d, not yet run on a GPU; its compiles and
-# autotuning, then ncu's replays of four launches) go with the first: PROFILE=1.
+# autotuning, then ncu's replays of four launches) go with the first: PROFILE=1. Stages 0 and
+# 0b (two pytest processes of at most TMA_TIMEOUT each, not yet timed on a GPU) run before
+# both; with PROFILE=1 a PROFILE_TIMEOUT of 150 should keep the first inside a 600 s device
+# call (stages 0-3 took 311 s at 6c02ddb, before 0b).
 #
 # Knobs (environment): STEPS=10, WARMUP=3, L_MODEL=vit_l16 (empty: skip), OP_MODELS=vit_b16,
 # TEST_WORKERS=8, LAUNCH_TIMEOUT=45, TMA_TIMEOUT=90 (each of stage 0b's two), B_TIMEOUT=240,
