@@ -461,10 +461,10 @@ def _tma_blocks(a_block, w_block):
 
 
 # Triton versions whose sm_90 warp specialization compiles the TMA kernels' WARP_SPECIALIZE
-# loops (tests/_kernel_capture.py gelu_matmul): 3.6, the GPU machines' Triton. Triton 3.9's
-# NVGPUWarpSpecialization pass fails on the forward's (a descriptor's block against the
-# consumer's half of the tile), so elsewhere those configurations are not offered (the
-# interpreter's tests force them).
+# loops (tests/_kernel_capture.py gelu_matmul): 3.6, the GPU machines' Triton. The
+# NVGPUWarpSpecialization pass of Triton 3.8 (what `pip install .` resolved to on 2026-12-04)
+# and 3.9 fails on these loops (a descriptor's block against the consumer's half of the tile),
+# so elsewhere those configurations are not offered (the interpreter's tests force them).
 _WARP_SPECIALIZE_TRITONS = ("3.6",)
 
 
