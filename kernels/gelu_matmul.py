@@ -482,10 +482,11 @@ def _warp_specialize_offered():
 
 
 def _tma_configs(hook, backward):
-    # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, programs an SM, epilogue pieces), all
-    # persistent with the tile loop flattened (see the TMA kernels). Compiled for sm_90 (Triton
-    # 3.6, tests/_kernel_capture.py gelu_matmul --verbose) none spills, 128 x 256 included
-    # (178 / 241 registers, forward / backward, in two epilogue pieces); the backward also
+    # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, programs an SM, epilogue pieces,
+    # warp-specialized), all persistent; those not warp-specialized with the tile loop flattened
+    # (see the TMA kernels). Compiled for sm_90 (Triton 3.6, tests/_kernel_capture.py
+    # gelu_matmul --verbose) none of those spills, 128 x 256 included (178 / 241 registers,
+    # forward / backward, in two epilogue pieces); the backward also
     # stages F's tile in shared memory, so its two-an-SM tilings take one stage fewer than the
     # forward's to fit twice (112 KiB a program forward, 96 and 104 KiB backward).
     # Both are also warp-specialized (WARP_SPECIALIZE, not flattened): Triton 3.6 makes
