@@ -19,6 +19,10 @@ the two is what Triton's Python costs the host per step. ``--launch-path direct`
 run does: fastmae's direct launch (``kernels/_common.py``: ``launch``), which hands the kernels
 Triton compiled straight to the C launcher, Triton's path only on a new key.
 
+``--mlp fused|fused_tma|split`` sets the MLP's way (off a GPU fastmae takes fused): fused_tma
+runs the TMA kernels' launchers (their descriptors built, the configuration's block shapes set)
+on the CPU tensors, which is the host's part of that way on a GPU.
+
 Timings on a shared machine are noisy; for a deterministic count, run one backend's steps under
 callgrind, collecting only inside the timed steps (they run in itertools.starmap's iterator):
 
@@ -81,6 +85,16 @@ def use_launch_path(path):
         return
     JITFunction.run, Autotuner.run, Heuristics.run = _TRITON_RUN
     use_stand_in_kernels(lambda kernel, call_args: LAUNCHES.update((kernel.name,)))
+
+
+def use_mlp_way(way):
+    """FASTMAE_MLP=way; for fused_tma the TMA launchers also take CPU tensors (their launches are
+    stubbed like every other: what is counted is the host's work of building their descriptors
+    and launching)."""
+    os.environ["FASTMAE_MLP"] = way
+    if way == "fused_tma":
+        from fastmae.kernels import gelu_matmul
+        gelu_matmul.tma_applies = lambda device, dtype: True
 
 
 import fastmae  # noqa: E402
@@ -180,8 +194,14 @@ def main(argv=None):
                         "direct launch, then Triton's C launcher (stubbed), as on a GPU")
     p.add_argument("--call-costs", action="store_true",
                    help="time the call forms fastmae avoids against the ones it uses, and exit")
+    p.add_argument("--mlp", choices=("fused", "fused_tma", "split"),
+                   help="the MLP's way (FASTMAE_MLP; off a GPU fastmae takes fused); fused_tma: "
+                        "the TMA kernels' launchers (descriptors built, the configuration's "
+                        "pre-hook applied) on these CPU tensors, which no TMA would describe")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    if args.mlp:
+        use_mlp_way(args.mlp)
     if args.call_costs:
         print(f"host cost a call, avoided form / used form | torch {torch.__version__} | "
               f"{os.cpu_count()} CPUs")
@@ -209,11 +229,13 @@ def main(argv=None):
     LAUNCHES.clear()
     systems["triton"]()
     launches = sum(LAUNCHES.values())
+    mlp = {k: n for k, n in sorted(LAUNCHES.items()) if "gelu" in k}  # of that one step
     results = host_ms(systems, args.steps)
     print(f"  reference (torch)  {results['torch']:7.2f} ms/step host")
     print(f"  fastmae (triton)   {results['triton']:7.2f} ms/step host, {launches} Triton launches "
           f"per step (not timed)")
     print(f"  fastmae / reference: {results['triton'] / results['torch']:.2f}x the host time")
+    print("  the MLP's kernels a step: " + ", ".join(f"{k} x{n}" for k, n in mlp.items()))
     if args.profile_top:
         model, opt = build()
         step = make_step(model, opt, "triton")

@@ -123,9 +123,10 @@ def launch_tuned(tuned, grid, key_values, *args, **kwargs):
     differently) goes through the autotuner. A triton.heuristics layer under the autotuner is
     evaluated here too, on the key arguments and the meta-parameters (all its functions may
     read; Heuristics.run would first build a dict of every argument). A configuration's
-    pre-hook sends the launch through the autotuner, unless the hook says it only sets
-    attributes of the arguments (``hook.arguments_only``, e.g. gelu_matmul's TMA block shapes):
-    then it is applied here and the kernel launched through launch()."""
+    pre-hook sends the launch through the autotuner, unless the hook says it only sets the block
+    shapes of TensorDescriptor arguments (``hook.arguments_only``: gelu_matmul's TMA kernels):
+    then it is applied here, the kernel launched through launch(), and the block shapes it set
+    kept with the direct entry, which sets them again on a hit instead of calling the hook."""
     direct = _TUNED.get(id(tuned))
     if direct is None or direct.tuned is not tuned:
         direct = _TUNED[id(tuned)] = _TunedDirect(tuned, args, kwargs)
@@ -156,8 +157,10 @@ def launch_tuned(tuned, grid, key_values, *args, **kwargs):
         derived = {name: value(meta) for name, value in fn.values.items()}
         fn = fn.fn
     meta = {**kwargs, **config.all_kwargs(), **derived}
-    if hook is not None:  # it only sets attributes of arguments (arguments_only: e.g. a TMA
-        # descriptor's block shape), before the launch, as the autotuner would
+    key = None
+    if hook is not None:  # it only sets TMA descriptors' block shapes (arguments_only), before
+        # the launch, as the autotuner would; the direct key is of the arguments as passed
+        key = direct.key(args, kwargs) if DIRECT_LAUNCH and isinstance(fn, JITFunction) else None
         hook({**dict(zip(tuned.arg_names, args)), **meta})
     resolved = grid
     if callable(grid):
@@ -166,9 +169,8 @@ def launch_tuned(tuned, grid, key_values, *args, **kwargs):
         except KeyError:
             pass  # one that reads an argument: Triton calls it with every argument
     launch(fn, resolved, *args, **meta)
-    if DIRECT_LAUNCH and not callable(resolved) and hook is None:  # (a hooked one: its direct
-        # key would be of the hook's arguments; it goes direct from launch() instead)
-        direct.remember(fn, args, kwargs, meta, tune_key, config)
+    if DIRECT_LAUNCH and not callable(resolved) and (hook is None or key is not None):
+        direct.remember(fn, args, kwargs, meta, tune_key, config, key)
 
 
 # Triton's own launch of a compiled kernel, JITFunction.run, costs the host more than the rest
@@ -332,6 +334,15 @@ class _TunedDirect:
         self.entries = {}
         self.bind = _key_function(args, list(kwargs))
 
+    def key(self, args, kwargs):
+        """The direct key of a launch_tuned call, or None where it has none."""
+        if self.bind is None:
+            return None
+        try:
+            return self.bind(driver.active.get_current_device(), *args, **kwargs)
+        except (AttributeError, TypeError):
+            return None
+
     def launch(self, grid, args, kwargs):
         """Launch the call directly and return True, or return False where it cannot be."""
         if self.bind is None:
@@ -344,7 +355,7 @@ class _TunedDirect:
             return False
         if entry is None:
             return False
-        kernel, tail, meta, fn, tune_key, config, configs = entry
+        kernel, tail, meta, fn, tune_key, config, configs, shapes = entry
         tuned = self.tuned
         if (tuned.configs is not configs or _hooks_set(fn)
                 or (configs[0] if tune_key is None else tuned.cache.get(tune_key)) is not config):
@@ -354,26 +365,33 @@ class _TunedDirect:
                 grid = grid(meta)
             except KeyError:  # a grid that reads an argument: the full path
                 return False
+        for i, shape in shapes:  # what the configuration's arguments-only pre-hook set
+            args[i].block_shape = shape
         _run_compiled(kernel, grid, active.get_current_stream(device), args + tail)
         return True
 
-    def remember(self, fn, args, kwargs, meta, tune_key, config):
+    def remember(self, fn, args, kwargs, meta, tune_key, config, key=None):
         """After launch_tuned launched ``fn`` with ``args`` and ``meta`` (the configuration's
-        and heuristics' values added to ``kwargs``): keep the kernel that launch compiled."""
+        and heuristics' values added to ``kwargs``): keep the kernel that launch compiled, and
+        the block shapes of the TensorDescriptor arguments, which an arguments-only pre-hook
+        may have set (``key``: the call's key taken before it did)."""
         inner = _DIRECT.get(id(fn))
         if (self.bind is None or len(self.entries) >= _MAX_KERNELS or inner is None
                 or inner.fn is not fn or inner.bind is None):
             return
         device = driver.active.get_current_device()
         try:
-            key = self.bind(device, *args, **kwargs)
+            if key is None:
+                key = self.bind(device, *args, **kwargs)
             inner_key, kernel_args = inner.bind(device, *args, **meta)
             kernel = inner.kernels.get(inner_key)
         except (AttributeError, TypeError):
             return
         if kernel is not None and all(isinstance(k, _KEY_TYPES) for k in key):
+            shapes = tuple((i, a.block_shape) for i, a in enumerate(args)
+                           if isinstance(a, TensorDescriptor))
             self.entries[key] = (kernel, kernel_args[len(args):], meta, fn, tune_key, config,
-                                 self.tuned.configs)
+                                 self.tuned.configs, shapes)
 
 
 # What keep_faster measured, for reports: (forced_env, key) -> {name: ms, or None if it raised}

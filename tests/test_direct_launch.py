@@ -38,10 +38,11 @@ def test_direct_launch_passes_the_c_launcher_what_triton_would():
         compared, direct = kernels[name]
         assert direct >= 1, f"{name}: none of its {compared} launches went direct"
     assert report["direct"] > report["compared"] // 2
-    # the autotuned kernels' launches went direct from launch_tuned itself
+    # the autotuned kernels' launches went direct from launch_tuned itself (the TMA kernels'
+    # too: their pre-hook's block shapes kept with the direct entry)
     for name in ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq", "_matmul_bias_gelu",
-                 "_matmul_gelu_bwd", "_patch_embed_fwd", "_patch_embed_bwd_weight",
-                 "_patch_embed_bwd_imgs"):
+                 "_matmul_gelu_bwd", "_matmul_bias_gelu_tma", "_matmul_gelu_bwd_tma",
+                 "_patch_embed_fwd", "_patch_embed_bwd_weight", "_patch_embed_bwd_imgs"):
         assert report["tuned_direct"].get(name, 0) >= 1, f"{name}: no direct launch_tuned launch"
 
 

@@ -34,3 +34,21 @@ def test_call_costs_times_each_avoided_form_against_the_used_one():
     rows = re.findall(r"^  (.+?)\s+([\d.]+) /\s+([\d.]+) us$", out.stdout, re.M)
     assert len(rows) == 5, out.stdout
     assert all(float(a) > 0 and float(b) > 0 for _, a, b in rows)
+
+
+def test_each_mlp_way_launches_its_own_kernels():
+    """--mlp picks the MLP's way; fused_tma runs the TMA kernels' launchers on the CPU tensors
+    (stubbed like the rest), as the direct launch path would on a GPU."""
+    def mlp_kernels(way):
+        out = subprocess.run([sys.executable, str(SCRIPT), "--steps", "1", "--launch-path",
+                              "direct", "--mlp", way], capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        found = re.search(r"the MLP's kernels a step: (.*)$", out.stdout, re.M)
+        assert found, out.stdout
+        return dict(re.findall(r"(\w+) x(\d+)", found.group(1)))
+
+    blocks = "20"  # 12 encoder and 8 decoder blocks: one MLP each
+    assert mlp_kernels("fused_tma") == {"_matmul_bias_gelu_tma": blocks,
+                                        "_matmul_gelu_bwd_tma": blocks}
+    assert mlp_kernels("fused") == {"_matmul_bias_gelu": blocks, "_matmul_gelu_bwd": blocks}
+    assert mlp_kernels("split") == {"_bias_gelu_fwd": blocks, "_bias_gelu_bwd": blocks}
