@@ -456,7 +456,8 @@ def _tma_blocks(a_block, w_block):
         for name in ("f_desc", "g_desc", "df_desc"):
             if name in nargs:
                 nargs[name].block_shape = [bm, bn // nargs["SUBTILE"]]
-    hook.arguments_only = True  # _common.launch_tuned may apply it and launch directly
+    hook.arguments_only = True  # it sets only descriptors' block shapes: _common.launch_tuned
+    # applies it itself and keeps them for its direct launches
     return hook
 
 
