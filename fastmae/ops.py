@@ -1077,7 +1077,9 @@ _MLP_CHOICE = {}
 
 def _mlp_way(key, ways, tma_ok):
     """The way ("fused", "fused_tma", "split") to run the MLP product of ``key``; ``ways`` maps
-    each to a zero-argument callable (the TMA one used only where ``tma_ok``)."""
+    each to a zero-argument callable (the TMA one used only where ``tma_ok``, which the key
+    holds too: a call whose operands no descriptor describes, e.g. an expanded gradient, is
+    not given a choice made among the ways with TMA's)."""
     if not tma_ok:
         if os.environ.get("FASTMAE_MLP", "").strip().lower() == "fused_tma":
             raise ValueError(f"FASTMAE_MLP=fused_tma: the TMA kernels need an sm_90 or newer GPU "
@@ -1103,9 +1105,10 @@ def _fc1_bias_gelu(h, w1, fc1_b, cd):
         f = F.linear(h, w1)
         return f, _bias_gelu_op.impl(f, fc1_b, cd)
 
-    key = ("fc1", h_rows.shape[0], N, K, cd, h.device)
+    tma_ok = gm.tma_ok(h.device, cd, N, a=h_rows, w=w1)
+    key = ("fc1", h_rows.shape[0], N, K, cd, tma_ok, h.device)
     way = _mlp_way(key, {"fused": fused, "fused_tma": lambda: fused(tma=True), "split": split},
-                   gm.tma_ok(h.device, cd, N, a=h_rows, w=w1))
+                   tma_ok)
     return split() if way == "split" else fused(tma=way == "fused_tma")
 
 
@@ -1127,9 +1130,11 @@ def _fc2_gelu_grads(d_m, g, f, w2, fc1_b, fc2_w_dtype):
                                                          f.dtype, reduce=False)
         return df.view_as(f), db_part
 
-    key = ("fc2_dgrad", d_rows.shape[0], w2.shape[1], d_rows.shape[1], f.dtype, f.device)
+    tma_ok = gm.tma_ok(f.device, f.dtype, w2.shape[1], dm=d_rows, w=w2, f=f_rows)
+    key = ("fc2_dgrad", d_rows.shape[0], w2.shape[1], d_rows.shape[1], f.dtype, tma_ok,
+           f.device)
     way = _mlp_way(key, {"fused": fused, "fused_tma": lambda: fused(tma=True), "split": split},
-                   gm.tma_ok(f.device, f.dtype, w2.shape[1], dm=d_rows, w=w2, f=f_rows))
+                   tma_ok)
     df, d_fc1_b_part = split() if way == "split" else fused(tma=way == "fused_tma")
     return df, d_fc1_b_part, d_fc2_w
 

@@ -589,8 +589,9 @@ def _grid(M, N, device):
 
 def _describable(t):
     """Whether a TMA descriptor can describe 2-D t: unit last stride, 16-byte aligned start and
-    rows."""
-    return (t.dim() == 2 and t.stride(1) == 1 and t.data_ptr() % 16 == 0
+    rows. An expanded t (row stride 0, e.g. the gradient of a sum) is left to the pointer
+    kernels: no GPU run has checked a descriptor of rows at one address."""
+    return (t.dim() == 2 and t.stride(1) == 1 and t.stride(0) > 0 and t.data_ptr() % 16 == 0
             and (t.stride(0) * t.element_size()) % 16 == 0)
 
 

@@ -742,14 +742,14 @@ def test_paths_kept_names_each_timed_choice(monkeypatch):
     from fastmae import ops
     from fastmae.kernels import attention
     cuda = torch.device("cuda", 0)
-    monkeypatch.setattr(ops, "_MLP_CHOICE", {("fc1", 12800, 3072, 768, torch.bfloat16, cuda): "fused",
-                                             ("fc2_dgrad", 50432, 2048, 512, torch.bfloat16, cuda): "split"})
+    monkeypatch.setattr(ops, "_MLP_CHOICE", {("fc1", 12800, 3072, 768, torch.bfloat16, True, cuda): "fused",
+                                             ("fc2_dgrad", 50432, 2048, 512, torch.bfloat16, True, cuda): "split"})
     monkeypatch.setattr(attention, "_BWD_CHOICE", {(4096, 197, 32, torch.bfloat16, cuda): "split"})
     monkeypatch.setattr(ops, "_PATCH_WGRAD_CHOICE",
                         {("patch_embed wgrad", 12544, 768, 768, torch.bfloat16, cuda): "split"})
     from fastmae.kernels import _common
     monkeypatch.setattr(_common, "TIMINGS", {
-        ("FASTMAE_MLP", ("fc1", 12800, 3072, 768, torch.bfloat16, cuda)): {"fused": 0.1234, "split": 0.2},
+        ("FASTMAE_MLP", ("fc1", 12800, 3072, 768, torch.bfloat16, True, cuda)): {"fused": 0.1234, "split": 0.2},
         ("FASTMAE_ATTN_BWD", (4096, 197, 32, torch.bfloat16, cuda)): {"fused": None, "split": 1.5}})
     assert bench.paths_kept() == {
         "mlp fc1 M=12800 N=3072 K=768 bfloat16": "fused (fused 0.123 ms, split 0.200 ms)",

@@ -410,10 +410,13 @@ def test_descriptors_built_fast_equal_the_dataclasss_own(device, monkeypatch):
 
 
 def test_tma_path_refuses_what_a_descriptor_cannot_describe(device):
-    """Rows of 13 fp32 (52 bytes) or a transposed operand: tma_ok says no, and tma=True raises
-    naming the operand."""
+    """Rows of 13 fp32 (52 bytes), a transposed operand or an expanded one (row stride 0):
+    tma_ok says no, and tma=True raises naming the operand."""
     a, w1, bias, dm, w2 = _case(9, 16, 13, device, seed=13)
     assert not gm.tma_ok(a.device, a.dtype, 16, a=a, w=w1)
+    a16, w16 = _case(9, 16, 16, device, seed=13)[:2]
+    assert gm.tma_ok(a16.device, a16.dtype, 16, a=a16, w=w16)
+    assert not gm.tma_ok(a16.device, a16.dtype, 16, a=a16[:1].expand(9, 16), w=w16)
     with pytest.raises(ValueError, match="tma=True: a must be"):
         gm.matmul_bias_gelu(a, w1, bias, a.dtype, tma=True)
     a, w1, bias, dm, w2 = _case(9, 16, 16, device, seed=13)

@@ -191,6 +191,39 @@ def test_the_interpreter_takes_the_fused_mlp_path_by_default(monkeypatch):
     assert ops._MLP_CHOICE == {}
 
 
+def test_a_way_kept_with_tma_is_not_given_operands_no_descriptor_describes(monkeypatch):
+    """The MLP's choices are kept per key with tma_ok in it: after the TMA way was kept for a
+    shape (a stand-in for keep_faster keeps it, as a GPU whose timing it won would), a call of
+    that shape whose gradient rows no TMA descriptor describes (a column slice: 68-byte rows)
+    gets a way of its own instead of the kept one, which would raise; the same results."""
+    from fastmae.kernels import _common
+    from fastmae.kernels import gelu_matmul as gm
+    M, N, K = 7, 32, 16
+    g = torch.Generator().manual_seed(21)
+    f = torch.randn(M, N, generator=g)
+    fc1_b = torch.randn(N, generator=g)
+    gelu_out = torch.nn.functional.gelu(f + fc1_b)
+    w2 = torch.randn(K, N, generator=g) / N ** 0.5
+    d_m = torch.randn(M, K + 1, generator=g)[:, :K]
+    cpu = torch.device("cpu")
+    assert gm.tma_ok(cpu, torch.float32, N, dm=d_m.contiguous(), w=w2, f=f)
+    assert not gm.tma_ok(cpu, torch.float32, N, dm=d_m, w=w2, f=f)
+
+    def keep_tma_where_offered(choices, key, forced_env, runs, default):
+        if key not in choices:
+            choices[key] = "fused_tma" if "fused_tma" in runs else "fused"
+        return choices[key]
+
+    monkeypatch.setattr(_common, "keep_faster", keep_tma_where_offered)
+    monkeypatch.setattr(ops, "_MLP_CHOICE", {})
+    monkeypatch.delenv("FASTMAE_MLP", raising=False)
+    kept_tma = ops._fc2_gelu_grads(d_m.contiguous(), gelu_out, f, w2, fc1_b, torch.float32)
+    sliced = ops._fc2_gelu_grads(d_m, gelu_out, f, w2, fc1_b, torch.float32)
+    assert sorted(ops._MLP_CHOICE.values()) == ["fused", "fused_tma"]
+    for name, x, y in zip(("df", "fc1 bias partial sums", "fc2 weight grad"), sliced, kept_tma):
+        assert torch.equal(x, y), name
+
+
 def _cast_inputs(device):
     g = torch.Generator().manual_seed(5)
     special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-40, 65520.0,
