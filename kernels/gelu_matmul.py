@@ -491,11 +491,11 @@ def _tma_configs(hook, backward):
     # stages F's tile in shared memory, so its two-an-SM tilings take one stage fewer than the
     # forward's to fit twice (112 KiB a program forward, 96 and 104 KiB backward).
     # Both are also warp-specialized (WARP_SPECIALIZE, not flattened): Triton 3.6 makes
-    # the 4 warps' loop a producer warpgroup issuing the TMA loads (40 registers) and two
-    # consumer warpgroups of half the tile's rows each (wgmma and the epilogue, 232 registers:
-    # setmaxnreg), 12 warps, one program an SM: cuBLAS's cooperative structure (the "coopA"
-    # kernels of its H200 profile, BENCHMARKS.md), with the next tile's loads issued while the
-    # consumers run the GELU epilogue. The forward's 256 x 128 (128 rows a consumer, as
+    # the 4 warps' loop a producer warpgroup issuing the TMA loads and two consumer warpgroups
+    # of half the tile's rows each (wgmma and the epilogue), their registers moved to 40 and
+    # 232 (setmaxnreg; --verbose lists the PTX's), 12 warps, one program an SM: cuBLAS's
+    # cooperative structure (the "coopA" kernels of its H200 profile, BENCHMARKS.md), with the
+    # next tile's loads issued while the consumers run the GELU epilogue. The forward's 256 x 128 (128 rows a consumer, as
     # cuBLAS's 256 x 128 tiles) compiles too but spills 72 bytes a thread: left out. The
     # partitioning refuses a reduction across the consumers' rows, which the backward's
     # bias-gradient column sums are, so its warp-specialized loop computes transposed tiles

@@ -7,9 +7,9 @@ Used by ``tests/test_gpu_compile.py``, which runs it as a script in a subprocess
 
 prints one JSON report per module (default: every module; ``--verbose`` adds every launch with
 its compile time, registers, spilled bytes, shared memory, the warps an SM holds of it (its
-occupancy by those resources), its SASS instruction count, and the
+occupancy by those resources), its SASS instruction count, the
 instructions, barriers, MMAs, cp.async copies and spill accesses of one iteration of each of its
-loops).
+loops, and from its PTX its wgmma shapes and a warp-specialized kernel's setmaxnreg counts).
 
 The subprocess must run WITHOUT ``TRITON_INTERPRET``: then ``@triton.jit`` gives real
 ``JITFunction`` objects, ``triton.autotune`` the GPU configuration lists, and the launchers'
@@ -537,6 +537,18 @@ def cubin_sass(cubin):
     return len(code), loops
 
 
+def ptx_facts(ptx):
+    """From a kernel's PTX: its wgmma shapes ("m64n256k16", ...) and, where it is
+    warp-specialized, the register counts its warp groups move to (setmaxnreg: "dec 40",
+    "inc 232", ...), each distinct one once."""
+    import re
+    wgmma = r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)"
+    return {"wgmma_shapes": sorted(set(re.findall(wgmma, ptx))),
+            "setmaxnreg": sorted({f"{d} {n}" for d, n in
+                                  re.findall(r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+(\d+)",
+                                             ptx)})}
+
+
 def resident_warps(registers, shared, num_warps):
     """Warps of a kernel's programs an sm_90 SM holds at once, by its registers a thread (a
     warp's allocated in units of 256), its shared memory (plus the 1 KiB each block reserves)
@@ -590,6 +602,7 @@ def compile_launch(launch, target, details=None):
     if details is not None:
         details["spill_bytes"] = stack
         details["sass_instructions"], details["loops"] = cubin_sass(asm["cubin"])
+        details.update(ptx_facts(asm["ptx"]))
         if registers is not None:
             # the compiled kernel's warps: warp specialization adds its partitions' warps to
             # the num_warps asked for (gelu_matmul's WARP_SPECIALIZE: 4 asked, 12 launched)
