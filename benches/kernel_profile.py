@@ -15,8 +15,9 @@ fall on.
 How: the script runs itself under ncu (``--profile-from-start off``: only the region between
 cudaProfilerStart and Stop is profiled, after every kernel has been compiled and autotuned
 outside it; ``--clock-control none``: the card's clocks as found; ``--set full``). In that region
-each case runs the forward once, the two-kernel backward once (dQ, then dK-dV) and the one-kernel
-backward once, as the model calls them: q, k, v views of a packed (B, N, 3, H, d) bf16 qkv, the
+each case runs the forward once, the two-kernel backward once (dQ, then dK-dV) and each
+one-kernel backward (every key, then every query, in a program's tile) once, as the model calls
+them: q, k, v views of a packed (B, N, 3, H, d) bf16 qkv, the
 gradients into one packed buffer, the qkv bias's column sums on. The "mlp" case runs the
 decoder MLP's fc1 with its bias + GELU and fc2's input gradient with the GELU backward each
 way fastmae.ops times (kernels/gelu_matmul.py's threads' and TMA kernels, and the bias + GELU
@@ -55,7 +56,7 @@ MLP_CASES = {"mlp": (256 * 197, 2048, 512)}
 SMOKE_MLP_CASES = {"mlp": (37, 64, 32)}
 # the kernels ncu profiles (its --kernel-name): fastmae's attention, fused matmuls, bias + GELU
 KERNELS = "regex:^_(attn|matmul|bias_gelu)"
-WAYS = ("split", "fused")  # the backward's two paths (kernels/attention.py: _bwd_strategy)
+WAYS = ("split", "fused", "fused_q")  # the backward's ways (kernels/attention.py: _bwd_strategy)
 
 # ncu's details page, by section: what the summary table takes (name, the column's heading)
 DETAILS = [("Duration", "us"), ("Registers Per Thread", "regs"),

@@ -298,8 +298,8 @@ def paths_kept():
     """The kernel paths fastmae chose by timing on this GPU, so far, by shape: the MLP's fused
     matmul epilogues (tiles moved by threads or by TMA) or cuBLAS plus the bias + GELU kernels
     (fastmae.ops._mlp_way), the patch embedding's weight gradient in one kernel or a gather and
-    cuBLAS, and the attention backward's one fused kernel or two (kernels/attention.py
-    _bwd_strategy); each with the times it was chosen on (ms, "failed" for a way that raised),
+    cuBLAS, and the attention backward's one fused kernel (every key, or every query, in one
+    program's tile) or two (kernels/attention.py _bwd_strategy); each with the times it was chosen on (ms, "failed" for a way that raised),
     where it was timed."""
     from fastmae import ops
 
@@ -363,6 +363,7 @@ def _attention_searches():
         return _mlp_searches()
     from fastmae.kernels import _common
     kernels = (("fwd", attention._attn_fwd_tuned), ("bwd fused", attention._attn_bwd_fused_tuned),
+               ("bwd fused_q", attention._attn_bwd_fused_q_tuned),
                ("bwd dq", attention._attn_bwd_dq_tuned),
                ("bwd dkdv", attention._attn_bwd_dkdv_tuned))
     out = []

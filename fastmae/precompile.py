@@ -34,8 +34,8 @@ CompileRequest = namedtuple("CompileRequest",
                             "module name signature constexprs attrs options target")
 
 # the kernel-path environment variables keep_faster reads, and the ways each one names
-WAYS = {"FASTMAE_MLP": ("fused", "fused_tma", "split"), "FASTMAE_ATTN_BWD": ("fused", "split"),
-        "FASTMAE_PATCH_WGRAD": ("fused", "split")}
+WAYS = {"FASTMAE_MLP": ("fused", "fused_tma", "split"),
+        "FASTMAE_ATTN_BWD": ("fused", "fused_q", "split"), "FASTMAE_PATCH_WGRAD": ("fused", "split")}
 
 
 def triton_internals_problem():

@@ -398,14 +398,15 @@ class _TunedDirect:
 TIMINGS = {}
 
 
-def keep_faster(choices, key, forced_env, runs, default):
-    """The name of the faster of ``runs`` ({name: zero-argument callable doing the whole
+def keep_faster(choices, key, forced_env, runs, default, timed=None):
+    """The name of the fastest of ``runs`` ({name: zero-argument callable doing the whole
     computation one way}) for ``key``, whose last item is the device: each is timed on the
-    first call of a key on a CUDA device and the winner is kept in ``choices`` (a dict). The
-    environment variable ``forced_env`` (one of the names) forces one; the interpreter, CPU
-    devices and a call during CUDA-graph capture (nothing may be timed then) get ``default``
-    without timing. A way that raises while it is timed is not kept (a warning says why), as long
-    as another one runs."""
+    first call of a key on a CUDA device and the winner is kept in ``choices`` (a dict). Only the
+    names in ``timed`` (default: all) are timed -- the others run only when forced: the
+    environment variable ``forced_env`` (one of the names in ``runs``) forces one. The
+    interpreter, CPU devices and a call during CUDA-graph capture (nothing may be timed then) get
+    ``default`` without timing. A way that raises while it is timed is not kept (a warning says
+    why), as long as another one runs."""
     forced = os.environ.get(forced_env, "").strip().lower()
     if forced:
         if forced not in runs:
@@ -419,13 +420,16 @@ def keep_faster(choices, key, forced_env, runs, default):
     from triton.testing import do_bench
     times, errors = {}, {}
     for name, run in runs.items():
+        if timed is not None and name not in timed:
+            continue
         try:
             times[name] = do_bench(run, warmup=5, rep=20)
         except Exception as exc:  # noqa: BLE001 -- the other way is kept; re-raised if none runs
             errors[name] = exc
     if not times:
         raise next(iter(errors.values()))
-    TIMINGS[(forced_env, key)] = {name: times.get(name) for name in runs}
+    TIMINGS[(forced_env, key)] = {name: times.get(name) for name in runs
+                                  if timed is None or name in timed}
     for name, exc in errors.items():
         warnings.warn(f"{forced_env}: the {name!r} way failed on {key[:-1]} and is not used: "
                       f"{type(exc).__name__}: {exc}")

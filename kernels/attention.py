@@ -25,6 +25,9 @@ Backward (`attention_bwd`), deterministic (no atomics), nothing of size N x N in
   `_bwd_strategy`): ONE fused kernel per batch*head keeps all keys
   and values in registers, sweeps the query blocks once, and computes dQ (complete, since every
   key is in the tile), dK and dV; delta = rowsum(dO * O) is computed inline.
+- short sequences whose queries fit one tile likewise (`_attn_bwd_fused_q`, timed where N > 64):
+  ONE kernel per batch*head keeps every query, dO and the dQ accumulator, sweeps the key
+  blocks once, and stores each block's dK and dV when its step ends.
 - otherwise two kernels: `_attn_bwd_dq` over query blocks (sweeps the keys; also writes each
   row's lse in log2 units and delta, side by side), then `_attn_bwd_dkdv` over key blocks (sweeps
   the queries, reading a row's two statistics as one pair).
@@ -749,6 +752,146 @@ def _attn_bwd_dq(
                           SUM_ROWS, DOT_PRECISION)
 
 
+# The fused_q backward: one program per (batch, head) holds every query (BLOCK_M >= N) and
+# sweeps the keys in blocks, each step computing that block's dK and dV whole (stored at once)
+# and adding its share of dQ to an fp32 accumulator in registers. Against the two-kernel
+# backward it computes the scores and dP once instead of twice (5 products and one exp a score,
+# not 7 and two) and needs no STATS pass; against the fused one (every key held, queries swept)
+# it keeps one fp32 accumulator through the loop instead of two. The scores are laid out
+# (queries x keys), as in dQ's sweep, so a row's lse and delta are per-row values held once.
+# Rows past N load as zeros with lse = delta = 0: their P is 1 times a zero dO and their dS
+# 1 * (0 - 0), so they add nothing to dV or dK; keys past N (the last step only) are zeroed in P,
+# so they add nothing to dQ and their dK, dV rows come out zero (and are not stored).
+
+@triton.jit
+def _attn_bwd_fused_q_step(
+    dq,  # (BLOCK_M, BLOCK_D) fp32 accumulator
+    q, do,  # (BLOCK_M, BLOCK_D) input dtype: every query of this (batch, head)
+    lse2, delta,  # (BLOCK_M,) fp32: lse in log2 units, rowsum(dO * O); 0 past N
+    k_row, v_row, dk_row, dv_row,  # pointers to row start_n of this (batch, head)'s K, V, dK, dV
+    keys_left,  # N_CTX - start_n: keys at or past it are padding
+    sm_scale, qk_scale,
+    offs_n,  # (KEYS,) key rows of this step, relative to start_n
+    offs_d,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_dkn, stride_dkd, stride_dvn, stride_dvd,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    MASK_N: tl.constexpr,  # keys past N possible in this step
+    DOT_PRECISION: tl.constexpr,
+):
+    """One step of the key sweep: dK and dV of its KEYS keys stored, dQ's share added.
+    Returns (dq, dK's column sums, dV's column sums over these keys)."""
+    k = _load_tile(k_row, offs_n, offs_d, stride_kn, stride_kd, keys_left, HEAD_DIM, BLOCK_D,
+                   MASK_N)
+    v = _load_tile(v_row, offs_n, offs_d, stride_vn, stride_vd, keys_left, HEAD_DIM, BLOCK_D,
+                   MASK_N)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    p = tl.math.exp2(qk - lse2[:, None])
+    if MASK_N:  # a padding key's exp2(0 - lse) may be anything: zero, as it feeds dQ and dV
+        p = tl.where(offs_n[None, :] < keys_left, p, 0.0)
+    dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+    _store_tile(dv_row, dv, offs_n, offs_d, stride_dvn, stride_dvd, keys_left, HEAD_DIM, BLOCK_D)
+    ds = p * (tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION) - delta[:, None])
+    dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION) * sm_scale
+    _store_tile(dk_row, dk, offs_n, offs_d, stride_dkn, stride_dkd, keys_left, HEAD_DIM, BLOCK_D)
+    dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    return dq, tl.sum(dk, 0), tl.sum(dv, 0)
+
+
+@triton.jit
+def _attn_bwd_fused_q(
+    Q,  # (B, H, N, d) fp32 | fp16 | bf16, any strides
+    K,  # (B, H, N, d) any strides
+    V,  # (B, H, N, d) any strides
+    O,  # (B, H, N, d) any strides (delta = rowsum(dO * O) computed here)
+    DO,  # (B, H, N, d) q's dtype, any strides (stride 0 allowed)
+    DQ,  # (B, H, N, d) any strides
+    DK,  # (B, H, N, d) any strides
+    DV,  # (B, H, N, d) any strides
+    LSE,  # (B, H, N) fp32 contiguous, natural log (from the forward)
+    DSUM,  # (B, R, 3, H, d) fp32, unit last stride: column sums of dQ, dK, dV (when HAS_SUMS)
+    sm_scale,  # fp32: the softmax scale
+    qk_scale,  # fp32: scale * log2(e)
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_dqb, stride_dqh, stride_dqn, stride_dqd,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_sb, stride_sr, stride_ss, stride_sh,
+    H, N_CTX,
+    N_SUM_ROWS,  # R, DSUM's partial rows (HAS_SUMS)
+    BH_CLASS,  # _bh_class(B, H): a key of the autotuner only, unused here
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # >= N: every query in one tile
+    BLOCK_N: tl.constexpr,  # keys per step of the sweep
+    BLOCK_D: tl.constexpr,
+    TAIL_N: tl.constexpr,  # keys of the sweep's last step when N % BLOCK_N (see _tail)
+    HAS_SUMS: tl.constexpr,  # also write the column sums (the qkv bias gradient's partials)
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_bh = tl.program_id(0).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_valid = offs_m < N_CTX
+    q = _load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qn, stride_qd, N_CTX,
+                   HEAD_DIM, BLOCK_D, True)
+    do = _load_tile(DO + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_don, stride_dod,
+                    N_CTX, HEAD_DIM, BLOCK_D, True)
+    o = _load_tile(O + b * stride_ob + h * stride_oh, offs_m, offs_d, stride_on, stride_od, N_CTX,
+                   HEAD_DIM, BLOCK_D, True)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    lse2 = tl.load(LSE + pid_bh * N_CTX + offs_m, mask=row_valid, other=0.0) * 1.4426950408889634
+    k_bh = K + b * stride_kb + h * stride_kh
+    v_bh = V + b * stride_vb + h * stride_vh
+    dk_bh = DK + b * stride_dkb + h * stride_dkh
+    dv_bh = DV + b * stride_dvb + h * stride_dvh
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dk_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dv_sum = tl.zeros([BLOCK_D], dtype=tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+    n_full = (N_CTX // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):  # full key blocks: no masks on the keys
+        row0 = tl.cast(start_n, tl.int64)
+        dq, dk_step, dv_step = _attn_bwd_fused_q_step(
+            dq, q, do, lse2, delta, k_bh + row0 * stride_kn, v_bh + row0 * stride_vn,
+            dk_bh + row0 * stride_dkn, dv_bh + row0 * stride_dvn, N_CTX - start_n,
+            sm_scale, qk_scale, offs_n, offs_d,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_dkn, stride_dkd, stride_dvn,
+            stride_dvd, HEAD_DIM, BLOCK_D, False, DOT_PRECISION)
+        dk_sum += dk_step
+        dv_sum += dv_step
+    for start_n in range(n_full, N_CTX, TAIL_N):  # the rest, in one block of TAIL_N keys
+        row0 = tl.cast(start_n, tl.int64)
+        dq, dk_step, dv_step = _attn_bwd_fused_q_step(
+            dq, q, do, lse2, delta, k_bh + row0 * stride_kn, v_bh + row0 * stride_vn,
+            dk_bh + row0 * stride_dkn, dv_bh + row0 * stride_dvn, N_CTX - start_n,
+            sm_scale, qk_scale, tl.arange(0, TAIL_N), offs_d,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_dkn, stride_dkd, stride_dvn,
+            stride_dvd, HEAD_DIM, BLOCK_D, True, DOT_PRECISION)
+        dk_sum += dk_step
+        dv_sum += dv_step
+    dq = dq * sm_scale
+    _store_tile(DQ + b * stride_dqb + h * stride_dqh, dq, offs_m, offs_d, stride_dqn, stride_dqd,
+                N_CTX, HEAD_DIM, BLOCK_D)
+    if HAS_SUMS:
+        # the program owns every partial row of its (batch, head): the sums go in row 0, zeros
+        # in the others
+        s_bh = DSUM + b * stride_sb + h * stride_sh
+        d_ok = offs_d < HEAD_DIM
+        tl.store(s_bh + offs_d, tl.sum(tl.where(row_valid[:, None], dq, 0.0), 0), mask=d_ok)
+        tl.store(s_bh + stride_ss + offs_d, dk_sum, mask=d_ok)
+        tl.store(s_bh + 2 * stride_ss + offs_d, dv_sum, mask=d_ok)
+        zeros = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for r in range(1, N_SUM_ROWS):
+            for s in tl.static_range(3):
+                tl.store(s_bh + r * stride_sr + s * stride_ss + offs_d, zeros, mask=d_ok)
+
+
 # ----------------------------------------------------------------------------- autotuning
 # Keyed on (N, d, _bh_class) (and, by the autotuner itself, the dtypes). Each pool is pruned per
 # shape and dtype by register / shared-memory budgets calibrated on sm_90 compiles (triton 3.6,
@@ -770,7 +913,7 @@ def _finish(kept, configs):
         return configs[:1]
     if not _AUTOTUNE:
         def tile(c):
-            return c.kwargs["BLOCK_M"] * c.kwargs.get("BLOCK_N", 1)
+            return c.kwargs.get("BLOCK_M", 1) * c.kwargs.get("BLOCK_N", 1)
         kept = sorted(kept, key=lambda c: (-tile(c), -c.num_warps, c.num_stages))[:1]
     return kept
 
@@ -824,6 +967,27 @@ def _keep_bwd_dq(bm, bn, w, s, n_pow2, bd, fp32):
     return bm * bd <= 64 * 32 * w and bm * bn <= 64 * 32 * w
 
 
+def _keep_bwd_fused_q(bm, bn, w, s, n_ctx, bd, fp32):
+    """bm: every query (the launcher's next_pow2(N)); bn: keys a step."""
+    if bn > bm or (s == 1) != (bn >= n_ctx):  # one step: nothing to pipeline; a loop: pipelined
+        return False
+    if fp32:  # CUDA-core dots: small steps
+        return bn == 16 and w == 8
+    # Steps of 64 keys or all of them: dV = P^T dO and dK = dS^T Q have a step's keys as their
+    # rows, and below 64 they compile to mma.sync, not wgmma. At the decoder's N = 197, d = 32
+    # (bf16, sm_90, Triton 3.6; tests/_kernel_capture.py attention --verbose), 8 warps: steps of
+    # 16 and 32 keys issue 0.70 and 0.74 warp instructions a score (360 and 756 a warp an
+    # iteration), more than dK-dV's and dQ's loops together (0.28 + 0.31 at their 64 x 64 and
+    # 64 x 32 tilings, 4 warps); steps of 64 keys 0.38 (778), in 219 registers, no spill.
+    # 4 warps spill: at the encoder's N = 50, d = 64 the one step took 255 registers and spilled
+    # 112 bytes a thread (8 warps: 242, none).
+    if bn < min(64, bm) or w != 8:
+        return False
+    # fp32 registers a thread: the scores and dP (bm x bn each), the dQ accumulator, and q and
+    # dO as 16-bit operands (bm x bd each, half a register an element)
+    return (2 * bm * bn + 2 * bm * bd) / (32 * w) <= 192
+
+
 # dK-dV tilings also tried with their registers capped (ptxas's maxnreg), at the head dimension
 # where the caps were checked: at the decoder's d = 32 (bf16, sm_90, Triton 3.6) ptxas takes
 # 156-164 registers a thread for the 64 x 64 tiling at 4 warps and 118-122 for 32 x 64 without
@@ -862,6 +1026,14 @@ def _prune_bwd_fused(configs, named_args, **kwargs):
     return _finish(kept, configs)
 
 
+def _prune_bwd_fused_q(configs, named_args, **kwargs):
+    n_ctx, _, bd, fp32 = _shape_args(named_args, kwargs)
+    bm = kwargs["BLOCK_M"]
+    kept = [c for c in configs if _keep_bwd_fused_q(bm, c.kwargs["BLOCK_N"], c.num_warps,
+                                                    c.num_stages, n_ctx, bd, fp32)]
+    return _finish(kept, configs)
+
+
 def _prune_bwd_dq(configs, named_args, **kwargs):
     _, n_pow2, bd, fp32 = _shape_args(named_args, kwargs)
     kept = [c for c in configs if _keep_bwd_dq(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
@@ -884,12 +1056,15 @@ def _pool(blocks_m, blocks_n, warps, stages):
 if interpreting():
     _FWD_CONFIGS = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
     _BWD_FUSED_CONFIGS = [triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=1)]
+    _BWD_FUSED_Q_CONFIGS = [triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=1)]
     _BWD_DQ_CONFIGS = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
     _BWD_DKDV_CONFIGS = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
 else:
     _FWD_CONFIGS = _pool((16, 32, 64, 128), (16, 32, 64, 128, 256), (4, 8), (1, 2, 3))
     _BWD_FUSED_CONFIGS = [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
                           for bm in (16, 32, 64) for w in (4, 8) for s in (1, 2)]
+    _BWD_FUSED_Q_CONFIGS = [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
+                            for bn in (16, 32, 64) for w in (4, 8) for s in (1, 2, 3)]
     _BWD_DQ_CONFIGS = _pool((32, 64, 128), (16, 32, 64), (4, 8), (2, 3))
     _BWD_DKDV_CONFIGS = _pool((16, 32, 64), (32, 64, 128), (4, 8), (2, 3)) + [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=s, maxnreg=cap)
@@ -924,6 +1099,11 @@ _attn_bwd_fused_tuned = triton.autotune(
     prune_configs_by={"early_config_prune": _prune_bwd_fused},
 )(_attn_bwd_dkdv_heuristics)
 
+_attn_bwd_fused_q_tuned = triton.autotune(
+    configs=_BWD_FUSED_Q_CONFIGS, key=["N_CTX", "HEAD_DIM", "BH_CLASS"],
+    prune_configs_by={"early_config_prune": _prune_bwd_fused_q},
+)(triton.heuristics({"TAIL_N": _tail_of("BLOCK_N")})(_attn_bwd_fused_q))
+
 _attn_bwd_dkdv_tuned = triton.autotune(
     configs=_BWD_DKDV_CONFIGS, key=["N_CTX", "HEAD_DIM", "BH_CLASS"],
     prune_configs_by={"early_config_prune": _prune_bwd_dkdv},
@@ -947,10 +1127,12 @@ def _score_flops(named):
 # dQ's three (scores again, dP = dO V^T, dQ = dS K); dK-dV's four (scores, dV = P^T dO, dP,
 # dK = dS^T Q), five with dQ fused, when it also reads O (delta inline), LSE, and writes dQ --
 # the split dK-dV gets those three pointers without touching them (it reads STATS instead),
-# and without column sums a placeholder DSUM (lse again) it does not touch either.
+# and without column sums a placeholder DSUM (lse again) it does not touch either; fused_q's
+# five, every tensor it is passed read or written once.
 LAUNCH_WORK = {
     "_attn_fwd": lambda a: {"flops": 2 * _score_flops(a)},
     "_attn_bwd_dq": lambda a: {"flops": 3 * _score_flops(a)},
+    "_attn_bwd_fused_q": lambda a: {"flops": 5 * _score_flops(a)},
     "_attn_bwd_dkdv": lambda a: ({"flops": 5 * _score_flops(a)} if a["FUSE_DQ"] else
                                  {"flops": 4 * _score_flops(a),
                                   "bytes": {"O": 0, "DQ": 0, "LSE": 0,
@@ -1027,16 +1209,19 @@ def _grad_buffers(q, k, v, dq, dk, dv):
         for g, t in ((dq, q), (dk, k), (dv, v)))
 
 
-# Where the fused backward is possible, it and the two-kernel one are both timed on the first
-# call of each (B*H, N, d, dtype, device) and the faster is kept (each is deterministic on its
-# own). FASTMAE_ATTN_BWD=fused|split forces one; the interpreter and a call during CUDA-graph
-# capture take the fused one without timing.
+# Where the fused backwards are possible (one tile holds every key, or every query), they and
+# the two-kernel one are timed on the first call of each (B*H, N, d, dtype, device) and the
+# fastest is kept (each is deterministic on its own). fused_q is timed only where N > 64: up to
+# 64 the fused way's query sweep is one step, the same products in straight-line code (see
+# _attn_bwd_one_step), where fused_q compiles a loop and a tail. FASTMAE_ATTN_BWD=fused|fused_q|
+# split forces one; the interpreter and a call during CUDA-graph capture take "fused" untimed.
 _BWD_CHOICE = {}
 
 
-def _bwd_strategy(key, fused, split):
-    return keep_faster(_BWD_CHOICE, key, "FASTMAE_ATTN_BWD", {"fused": fused, "split": split},
-                       "fused")
+def _bwd_strategy(key, ways):
+    n_ctx = key[1]
+    timed = None if n_ctx > 64 else [w for w in ways if w != "fused_q"]
+    return keep_faster(_BWD_CHOICE, key, "FASTMAE_ATTN_BWD", ways, "fused", timed)
 
 
 # The optional column sums of dQ, dK, dV (the qkv projection's bias gradient, without a pass
@@ -1108,6 +1293,17 @@ def attention_bwd(do, q, k, v, o, lse, scale: float, dq=None, dk=None, dv=None, 
             SUM_ROWS=sum_rows, DOT_PRECISION=precision,
         )
 
+    def fused_q():
+        # One program per (batch, head) holds every query and sweeps the keys: dQ, dK, dV.
+        launch_tuned(
+            _attn_bwd_fused_q_tuned, (B * H, 1), (N, d, bh_class),
+            q, k, v, o, do, dq_w, dk_w, dv_w, lse, s_arg, sm_scale, qk_scale,
+            *common_strides, *dk_w.stride(), *dv_w.stride(), s_b, s_r, s_s, s_h,
+            H, N, cdiv(N, sum_rows), bh_class,
+            HEAD_DIM=d, BLOCK_M=block_n_all, BLOCK_D=block_d, HAS_SUMS=has_sums,
+            DOT_PRECISION=precision,
+        )
+
     def split():
         stats = empty((B, H, N, 2), torch.float32, q.device)
         launch_tuned(
@@ -1131,8 +1327,9 @@ def attention_bwd(do, q, k, v, o, lse, scale: float, dq=None, dk=None, dv=None, 
 
     fused_limit = _FUSED_BWD_MAX_TILE // (2 if q.dtype == torch.float32 else 1)  # fp32: CUDA-core dots
     can_fuse = block_n_all <= _MAX_TILE_ROWS and block_n_all * block_d <= fused_limit
-    if can_fuse and _bwd_strategy((B * H, N, d, q.dtype, q.device), fused, split) == "fused":
-        fused()
+    if can_fuse:
+        ways = {"fused": fused, "fused_q": fused_q, "split": split}
+        ways[_bwd_strategy((B * H, N, d, q.dtype, q.device), ways)]()
     else:
         split()
     for w, g in ((dq_w, dq), (dk_w, dk), (dv_w, dv)):

@@ -248,12 +248,12 @@ def _scenarios(name):
                         at.attention_fwd(q, k, v, -d ** -0.5, out=out)
                     do = empty(B, N, H, d, dtype=dt).transpose(1, 2)
                     dq, dk, dv = empty(B, N, 3, H, d, dtype=dt).permute(2, 0, 3, 1, 4).unbind(0)
-                    # both backward strategies (on a GPU the faster is chosen by timing), each
+                    # every backward strategy (on a GPU the fastest is chosen by timing), each
                     # with and without the column sums (the transformer block's qkv bias)
                     dsum = empty(*at.grad_sum_shape(B, H, N, d))
                     saved = os.environ.get("FASTMAE_ATTN_BWD")
                     try:
-                        for strategy in ("fused", "split"):
+                        for strategy in ("fused", "fused_q", "split"):
                             os.environ["FASTMAE_ATTN_BWD"] = strategy
                             for sums in (None, dsum):
                                 at.attention_bwd(do, q, k, v, o, lse, d ** -0.5, dq=dq, dk=dk,

@@ -141,11 +141,12 @@ def test_strided_layouts(layout, N, d, device):
     _check(case["q"], case["k"], case["v"], _do_like(case["q"]), d ** -0.5)
 
 
-@pytest.mark.parametrize("strategy", ["fused", "split"])
+@pytest.mark.parametrize("strategy", ["fused", "fused_q", "split"])
 @pytest.mark.parametrize("N,d", [(7, 64), (50, 32), (197, 32)])
-def test_backward_strategies_both_correct(strategy, N, d, device, monkeypatch):
-    """Where the fused backward applies, the two-kernel one is also timed and may be the one
-    kept: both are checked on the shapes that allow either (FASTMAE_ATTN_BWD forces one)."""
+def test_backward_strategies_all_correct(strategy, N, d, device, monkeypatch):
+    """Where the fused backwards apply, the two-kernel one is also timed and any of the three
+    may be the one kept: each is checked on the shapes that allow all (FASTMAE_ATTN_BWD forces
+    one). fused_q at N = 197 in steps of 64 keys: three full steps and a 16-key tail."""
     monkeypatch.setenv("FASTMAE_ATTN_BWD", strategy)
     B, H = (2, 3) if N < 197 else (1, 2)
     case = attention_case(B, H, N, d, "qkv", device=device, seed=N + d)
@@ -157,6 +158,20 @@ def test_backward_strategy_env_is_checked(device, monkeypatch):
     case = attention_case(1, 1, 7, 32, "contiguous", device=device, seed=0)
     with pytest.raises(ValueError, match="FASTMAE_ATTN_BWD must be one of"):
         _run(case["q"], case["k"], case["v"], _do_like(case["q"]), 32 ** -0.5)
+
+
+@pytest.mark.parametrize("N,timed", [(50, ["fused", "split"]), (64, ["fused", "split"]),
+                                     (65, None), (197, None)])
+def test_fused_q_timed_only_past_one_query_step(N, timed, monkeypatch):
+    """Up to N = 64 the fused way's query sweep is one step (the same products, straight-line);
+    fused_q is timed only past it, but any of the three may be forced anywhere."""
+    attn = _kernels()
+    calls = []
+    monkeypatch.setattr(attn, "keep_faster", lambda *args: calls.append(args) or "split")
+    ways = {"fused": None, "fused_q": None, "split": None}
+    assert attn._bwd_strategy((6, N, 32, torch.float32, torch.device("cpu")), ways) == "split"
+    (choices, key, env, runs, default, asked), = calls
+    assert (env, runs, default, asked) == ("FASTMAE_ATTN_BWD", ways, "fused", timed)
 
 
 def test_long_sequence_multi_key_blocks(device):
@@ -173,16 +188,18 @@ def test_two_kernel_backward_on_short_sequences(N, d, device, monkeypatch):
     _check(case["q"], case["k"], case["v"], _do_like(case["q"]), d ** -0.5)
 
 
-@pytest.mark.parametrize("N,d,fused", [(50, 32, True), (50, 32, False)])
-def test_other_tilings(N, d, fused, device, monkeypatch):
+@pytest.mark.parametrize("strategy", ["fused", "fused_q", "split"])
+@pytest.mark.parametrize("N,d", [(50, 32), (64, 32)])
+def test_other_tilings(N, d, strategy, device, monkeypatch):
     """Smaller tiles than the default configuration: several key blocks in the forward, several
-    query blocks in the fused sweep, uneven dQ / dK-dV blocks."""
+    query blocks in the fused sweep, several key steps in fused_q's (N = 50 in 16s ends with a
+    16-key step of 2 keys; N = 64 has no partial step), uneven dQ / dK-dV blocks."""
     attn = _kernels()
-    if not fused:
-        monkeypatch.setattr(attn, "_FUSED_BWD_MAX_TILE", 0)
+    monkeypatch.setenv("FASTMAE_ATTN_BWD", strategy)
     case = attention_case(1, 2, N, d, "qkv", device=device, seed=31)
     with _only_config(attn._attn_fwd_tuned, triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=2)), \
             _only_config(attn._attn_bwd_fused_tuned, triton.Config({"BLOCK_M": 16}, num_warps=4, num_stages=2)), \
+            _only_config(attn._attn_bwd_fused_q_tuned, triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=2)), \
             _only_config(attn._attn_bwd_dq_tuned, triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=2)), \
             _only_config(attn._attn_bwd_dkdv_tuned, triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=2)):
         _check(case["q"], case["k"], case["v"], _do_like(case["q"]), d ** -0.5)
@@ -199,16 +216,20 @@ def test_non_default_scale(N, scale, device):
     _check(q, case["k"], case["v"], _do_like(q), scale)
 
 
-def test_expanded_grad_output(device):
+@pytest.mark.parametrize("strategy", ["fused", "fused_q", "split"])
+def test_expanded_grad_output(strategy, device, monkeypatch):
     """An incoming gradient with stride 0, as autograd hands over for o.sum()."""
+    monkeypatch.setenv("FASTMAE_ATTN_BWD", strategy)
     case = attention_case(2, 3, 65, 32, "qkv", device=device, seed=9)
     do = _do_like(case["q"])[:1, :1, :1].expand_as(case["q"])
     assert do.stride()[:3] == (0, 0, 0)
     _check(case["q"], case["k"], case["v"], do, 32 ** -0.5)
 
 
-@pytest.mark.parametrize("N,d", [(50, 64), (65, 80)])  # fused backward; two-kernel backward
-def test_bit_identical_runs(N, d, device):
+@pytest.mark.parametrize("N,d,strategy", [(50, 64, "fused"), (197, 32, "fused_q"),
+                                            (65, 80, "split")])  # (65, 80): only split applies
+def test_bit_identical_runs(N, d, strategy, device, monkeypatch):
+    monkeypatch.setenv("FASTMAE_ATTN_BWD", strategy)
     case = attention_case(2, 3, N, d, "qkv", device=device, seed=13)
     q, k, v = case["q"], case["k"], case["v"]
     do = _do_like(q)
@@ -220,20 +241,23 @@ def test_bit_identical_runs(N, d, device):
         assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("strategy", ["fused", "split"])
+@pytest.mark.parametrize("strategy", ["fused", "fused_q", "split"])
 @pytest.mark.parametrize("N", [1, 50, 65])
 def test_column_sums_on_finer_partial_rows(strategy, N, device, monkeypatch):
     """Partial rows of 16 sequence rows: each program of 64 rows writes its sums into the first
-    of the 4 partial rows it owns and zeros into the others (only those below cdiv(N, 16)); the
-    NaN-filled buffer must come back fully written and sum to the float64 column sums."""
+    of the 4 partial rows it owns and zeros into the others (only those below cdiv(N, 16));
+    fused_q's program owns every partial row of its (batch, head). The NaN-filled buffer must
+    come back fully written and sum to the float64 column sums."""
     monkeypatch.setenv("FASTMAE_ATTN_BWD", strategy)
     monkeypatch.setattr(_kernels(), "_sum_rows", lambda: 16)
     case = attention_case(2, 3, N, 32, "qkv", device=device, seed=N + 3)
     _check(case["q"], case["k"], case["v"], _do_like(case["q"]), 32 ** -0.5)
 
 
-def test_without_column_sums(device):
+@pytest.mark.parametrize("strategy", ["fused", "fused_q", "split"])
+def test_without_column_sums(strategy, device, monkeypatch):
     """No dsum: the same gradients, bit for bit, as with it."""
+    monkeypatch.setenv("FASTMAE_ATTN_BWD", strategy)
     case = attention_case(2, 3, 65, 32, "qkv", device=device, seed=19)
     q, k, v = case["q"], case["k"], case["v"]
     do = _do_like(q)
@@ -334,6 +358,8 @@ def _kept_configs(attn, kind, N, d, dtype):
     pools = {
         "fwd": (attn._attn_fwd_tuned, attn._FWD_CONFIGS, attn._prune_fwd, {}),
         "fused": (attn._attn_bwd_fused_tuned, attn._BWD_FUSED_CONFIGS, attn._prune_bwd_fused, {"BLOCK_N": n_all}),
+        "fused_q": (attn._attn_bwd_fused_q_tuned, attn._BWD_FUSED_Q_CONFIGS, attn._prune_bwd_fused_q,
+                    {"BLOCK_M": n_all}),
         "dq": (attn._attn_bwd_dq_tuned, attn._BWD_DQ_CONFIGS, attn._prune_bwd_dq, {}),
         "dkdv": (attn._attn_bwd_dkdv_tuned, attn._BWD_DKDV_CONFIGS, attn._prune_bwd_dkdv, {}),
     }
@@ -343,7 +369,8 @@ def _kept_configs(attn, kind, N, d, dtype):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("N,d,kinds", [(50, 64, ("fwd", "fused")), (197, 32, ("fwd", "fused")),
-                                       (197, 32, ("dkdv",)), (65, 80, ("fwd", "dq", "dkdv"))])
+                                       (197, 32, ("dkdv",)), (65, 80, ("fwd", "dq", "dkdv")),
+                                       (50, 64, ("fused_q",)), (197, 32, ("fused_q",))])
 def test_every_autotune_config_mae_shapes(N, d, kinds, no_tf32, monkeypatch):
     """Each configuration the autotuner may pick at MAE's shapes (bf16), run one at a time (the
     other kernels on one configuration)."""
@@ -354,7 +381,7 @@ def test_every_autotune_config_mae_shapes(N, d, kinds, no_tf32, monkeypatch):
     plans = [(kind, *_kept_configs(attn, kind, N, d, torch.bfloat16)) for kind in kinds]
     monkeypatch.setattr(attn, "_AUTOTUNE", False)
     # the backward whose configurations are tried, not the one timing would keep
-    monkeypatch.setenv("FASTMAE_ATTN_BWD", "fused" if "fused" in kinds else "split")
+    monkeypatch.setenv("FASTMAE_ATTN_BWD", next((k for k in kinds if k.startswith("fused")), "split"))
     for kind, tuned, kept in plans:
         for config in kept:
             with _only_config(tuned, config):
@@ -369,8 +396,8 @@ def test_every_autotune_config_mae_shapes(N, d, kinds, no_tf32, monkeypatch):
 def test_autotuned_mae_shapes(N, d, no_tf32):
     """The full autotuning search at MAE's encoder and decoder shapes (bf16, batch 8)."""
     attn = _kernels()
-    for tuned in (attn._attn_fwd_tuned, attn._attn_bwd_fused_tuned, attn._attn_bwd_dq_tuned,
-                  attn._attn_bwd_dkdv_tuned):
+    for tuned in (attn._attn_fwd_tuned, attn._attn_bwd_fused_tuned, attn._attn_bwd_fused_q_tuned,
+                  attn._attn_bwd_dq_tuned, attn._attn_bwd_dkdv_tuned):
         tuned.cache.clear()  # forget choices made with autotuning off by earlier tests
     case = attention_case(8, 12, N, d, "qkv", dtype=torch.bfloat16, device="cuda", seed=29)
     _assert_within_sdpa_error(torch.bfloat16, case["q"], case["k"], case["v"], _do_like(case["q"]), d ** -0.5)
@@ -457,3 +484,23 @@ def test_capped_dkdv_configurations_only_where_the_caps_were_checked():
         assert attn._keep_bwd_dkdv(bm, bn, 4, s, 256, 32, False)  # the twin
         assert not attn._keep_bwd_dkdv(bm, bn, 4, s, 256, 64, False, cap)  # another head dim
         assert not attn._keep_bwd_dkdv(bm, bn, 4, s, 256, 32, True, cap)  # fp32
+
+
+def test_fused_q_pool_at_mae_shapes():
+    """fused_q's pruning over its GPU pool's candidates (the sm_90 compiles its comments cite):
+    half precision, at the decoder's N = 197, d = 32 (256 queries a program) pipelined steps of
+    64 keys at 8 warps; at the encoder's N = 50, d = 64 one step of 64 keys at 8 warps (4
+    spilled); fp32 steps of 16 keys at 8 warps."""
+    attn = _kernels()
+    grid = [(bn, w, s) for bn in (16, 32, 64) for w in (4, 8) for s in (1, 2, 3)]
+
+    def kept(N, bd, fp32=False):
+        bm = max(16, triton.next_power_of_2(N))
+        return {(bn, w, s) for bn, w, s in grid if attn._keep_bwd_fused_q(bm, bn, w, s, N, bd, fp32)}
+
+    assert kept(197, 32) == {(64, 8, 2), (64, 8, 3)}
+    assert kept(50, 64) == {(64, 8, 1)}
+    assert kept(50, 64, fp32=True) == {(16, 8, 2), (16, 8, 3)}
+    assert kept(13, 64) == {(16, 8, 1)}  # the smallest tile, one step
+    assert {(c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in attn._BWD_FUSED_Q_CONFIGS} \
+        <= set(grid)

@@ -1,5 +1,5 @@
 """The launchers' host-side helpers: integer helpers that agree with Triton's own (which cost
-~3 us a call), and keep_faster, which times two ways of a computation once per key on a GPU."""
+~3 us a call), and keep_faster, which times the ways of a computation once per key on a GPU."""
 
 import pytest
 import torch
@@ -66,6 +66,22 @@ def test_keep_faster_forced_by_the_environment(on_a_gpu, monkeypatch):
     with pytest.raises(ValueError, match="FASTMAE_TEST_PATH must be one of"):
         _common.keep_faster(choices, CUDA_KEY, "FASTMAE_TEST_PATH", RUNS, "fused")
     assert timed == []
+
+
+def test_keep_faster_times_only_the_ways_asked(on_a_gpu, monkeypatch):
+    """A way outside ``timed`` is neither timed nor kept, however fast; forced, it runs."""
+    times, timed = on_a_gpu
+    times["quick"] = 0.5
+    runs = dict(RUNS, quick=lambda: "quick")
+    choices = {}
+    assert _common.keep_faster(choices, CUDA_KEY, "FASTMAE_TEST_PATH", runs, "split",
+                               timed=("fused", "split")) == "fused"
+    assert timed == ["fused", "split"]
+    assert _common.TIMINGS[("FASTMAE_TEST_PATH", CUDA_KEY)] == {"fused": 1.0, "split": 2.0}
+    assert _common.keep_faster({}, CUDA_KEY, "FASTMAE_TEST_PATH", runs, "split") == "quick"
+    monkeypatch.setenv("FASTMAE_TEST_PATH", "quick")
+    assert _common.keep_faster(choices, CUDA_KEY, "FASTMAE_TEST_PATH", runs, "split",
+                               timed=("fused", "split")) == "quick"
 
 
 def test_keep_faster_takes_the_default_without_timing(on_a_gpu, monkeypatch):

@@ -70,7 +70,8 @@ def test_the_profiled_region_makes_each_call_once_in_order(monkeypatch):
     for case in ("decoder", "encoder"):
         expected += [(f"{case} fwd", "_attn_fwd"), (f"{case} bwd split", "_attn_bwd_dq"),
                      (f"{case} bwd split", "_attn_bwd_dkdv"),
-                     (f"{case} bwd fused", "_attn_bwd_dkdv")]
+                     (f"{case} bwd fused", "_attn_bwd_dkdv"),
+                     (f"{case} bwd fused_q", "_attn_bwd_fused_q")]
     assert [(x["label"], x["kernel"]) for x in launches] == expected
     assert all(x["bytes"] > 0 and x["flops"] > 0 for x in launches)
     assert "FASTMAE_ATTN_BWD" not in os.environ  # the forced path is not left behind

@@ -83,7 +83,7 @@ def test_layer_norm_backward_counts_an_expanded_gradient_by_its_distinct_element
     assert observed == [("_layer_norm_bwd", want, 0)]
 
 
-@pytest.mark.parametrize("strategy", ["fused", "split"])
+@pytest.mark.parametrize("strategy", ["fused", "fused_q", "split"])
 def test_attention_counts_its_products_and_only_the_tensors_it_touches(
         observed, monkeypatch, strategy):
     monkeypatch.setenv("FASTMAE_ATTN_BWD", strategy)
@@ -96,6 +96,8 @@ def test_attention_counts_its_products_and_only_the_tensors_it_touches(
     want = [("_attn_fwd", 4 * t + row, 2 * product)]  # q k v o, lse
     if strategy == "fused":  # q k v o do dq dk dv, lse (passed again for the unused stats)
         want.append(("_attn_bwd_dkdv", 8 * t + row, 5 * product))
+    elif strategy == "fused_q":  # q k v o do dq dk dv, lse (passed again for the unused sums)
+        want.append(("_attn_bwd_fused_q", 8 * t + row, 5 * product))
     else:  # dQ: q k v o do dq, lse, the (lse, delta) stats; dK-dV: q k v do dk dv, the stats
         want += [("_attn_bwd_dq", 6 * t + 3 * row, 3 * product),
                  ("_attn_bwd_dkdv", 6 * t + 2 * row, 4 * product)]

@@ -73,13 +73,14 @@ def test_ways_cover_each_path_unless_forced(monkeypatch):
     ways = precompile._ways()
     both = ("fused", "split")
     mlp = ("fused", "fused_tma", "split")
+    attn = ("fused", "fused_q", "split")
     assert sorted(tuple(w[n] for n in names) for w in ways) == [
-        (a, b, c) for a in mlp for b in both for c in both]
+        (a, b, c) for a in mlp for b in attn for c in both]
     assert sorted(tuple(w[n] for n in names) for w in precompile._ways(tma=False)) == [
-        (a, b, c) for a in both for b in both for c in both]
+        (a, b, c) for a in both for b in attn for c in both]
     monkeypatch.setenv("FASTMAE_MLP", "split")
     assert sorted(tuple(w[n] for n in names) for w in precompile._ways()) == [
-        ("split", b, c) for b in both for c in both]
+        ("split", b, c) for b in attn for c in both]
 
 
 def test_environment_is_restored(monkeypatch):
