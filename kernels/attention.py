@@ -967,8 +967,8 @@ def _keep_bwd_dq(bm, bn, w, s, n_pow2, bd, fp32):
     return bm * bd <= 64 * 32 * w and bm * bn <= 64 * 32 * w
 
 
-def _keep_bwd_fused_q(bm, bn, w, s, n_ctx, bd, fp32):
-    """bm: every query (the launcher's next_pow2(N)); bn: keys a step."""
+def _keep_bwd_fused_q(bm, bn, w, s, n_ctx, bd, fp32, sums=True):
+    """bm: every query (the launcher's next_pow2(N)); bn: keys a step; sums: HAS_SUMS."""
     if bn > bm or (s == 1) != (bn >= n_ctx):  # one step: nothing to pipeline; a loop: pipelined
         return False
     if fp32:  # CUDA-core dots: small steps
@@ -980,12 +980,17 @@ def _keep_bwd_fused_q(bm, bn, w, s, n_ctx, bd, fp32):
     # iteration), more than dK-dV's and dQ's loops together (0.28 + 0.31 at their 64 x 64 and
     # 64 x 32 tilings, 4 warps); steps of 64 keys 0.38 (778), in 219 registers, no spill.
     # 4 warps spill: at the encoder's N = 50, d = 64 the one step took 255 registers and spilled
-    # 112 bytes a thread (8 warps: 242, none).
-    if bn < min(64, bm) or w != 8:
+    # 112 bytes a thread (8 warps: 242, none). 16 warps (4 warpgroups of 64 query rows: 256 rows
+    # at least) fit ptxas's 128 registers at N = 197 with steps of 64 keys and the column sums
+    # on (the transformer block's way), no spill, 16 warps an SM instead of 8, for 0.52 warp
+    # instructions a score (536 a warp an iteration); without the sums the same tiling spilled
+    # 112-120 bytes (44 local accesses an iteration at 3 stages), steps of 128 keys 424.
+    if bn < min(64, bm) or w not in (8, 16) or (w == 16 and (bm < 256 or not sums)):
         return False
     # fp32 registers a thread: the scores and dP (bm x bn each), the dQ accumulator, and q and
-    # dO as 16-bit operands (bm x bd each, half a register an element)
-    return (2 * bm * bn + 2 * bm * bd) / (32 * w) <= 192
+    # dO as 16-bit operands (bm x bd each, half a register an element); at 16 warps the
+    # register file holds 128 a thread
+    return (2 * bm * bn + 2 * bm * bd) / (32 * w) <= (192 if w == 8 else 96)
 
 
 # dK-dV tilings also tried with their registers capped (ptxas's maxnreg), at the head dimension
@@ -1028,9 +1033,9 @@ def _prune_bwd_fused(configs, named_args, **kwargs):
 
 def _prune_bwd_fused_q(configs, named_args, **kwargs):
     n_ctx, _, bd, fp32 = _shape_args(named_args, kwargs)
-    bm = kwargs["BLOCK_M"]
+    bm, sums = kwargs["BLOCK_M"], kwargs["HAS_SUMS"]
     kept = [c for c in configs if _keep_bwd_fused_q(bm, c.kwargs["BLOCK_N"], c.num_warps,
-                                                    c.num_stages, n_ctx, bd, fp32)]
+                                                    c.num_stages, n_ctx, bd, fp32, sums)]
     return _finish(kept, configs)
 
 
@@ -1064,7 +1069,7 @@ else:
     _BWD_FUSED_CONFIGS = [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
                           for bm in (16, 32, 64) for w in (4, 8) for s in (1, 2)]
     _BWD_FUSED_Q_CONFIGS = [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-                            for bn in (16, 32, 64) for w in (4, 8) for s in (1, 2, 3)]
+                            for bn in (16, 32, 64) for w in (4, 8, 16) for s in (1, 2, 3)]
     _BWD_DQ_CONFIGS = _pool((32, 64, 128), (16, 32, 64), (4, 8), (2, 3))
     _BWD_DKDV_CONFIGS = _pool((16, 32, 64), (32, 64, 128), (4, 8), (2, 3)) + [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=s, maxnreg=cap)

@@ -489,16 +489,19 @@ def test_capped_dkdv_configurations_only_where_the_caps_were_checked():
 def test_fused_q_pool_at_mae_shapes():
     """fused_q's pruning over its GPU pool's candidates (the sm_90 compiles its comments cite):
     half precision, at the decoder's N = 197, d = 32 (256 queries a program) pipelined steps of
-    64 keys at 8 warps; at the encoder's N = 50, d = 64 one step of 64 keys at 8 warps (4
-    spilled); fp32 steps of 16 keys at 8 warps."""
+    64 keys at 8 or 16 warps (16 only with the column sums: without, they spilled); at the
+    encoder's N = 50, d = 64 one step of 64 keys at 8 warps (4 spilled; 16 take 256 rows); fp32
+    steps of 16 keys at 8 warps."""
     attn = _kernels()
-    grid = [(bn, w, s) for bn in (16, 32, 64) for w in (4, 8) for s in (1, 2, 3)]
+    grid = [(bn, w, s) for bn in (16, 32, 64, 128) for w in (4, 8, 16) for s in (1, 2, 3)]
 
-    def kept(N, bd, fp32=False):
+    def kept(N, bd, fp32=False, sums=True):
         bm = max(16, triton.next_power_of_2(N))
-        return {(bn, w, s) for bn, w, s in grid if attn._keep_bwd_fused_q(bm, bn, w, s, N, bd, fp32)}
+        return {(bn, w, s) for bn, w, s in grid
+                if attn._keep_bwd_fused_q(bm, bn, w, s, N, bd, fp32, sums)}
 
-    assert kept(197, 32) == {(64, 8, 2), (64, 8, 3)}
+    assert kept(197, 32) == {(64, w, s) for w in (8, 16) for s in (2, 3)}
+    assert kept(197, 32, sums=False) == {(64, 8, 2), (64, 8, 3)}
     assert kept(50, 64) == {(64, 8, 1)}
     assert kept(50, 64, fp32=True) == {(16, 8, 2), (16, 8, 3)}
     assert kept(13, 64) == {(16, 8, 1)}  # the smallest tile, one step
