@@ -933,6 +933,14 @@ def _keep_fwd(bm, bn, w, s, n_ctx, n_pow2, bd, fp32):
     if fp32:  # CUDA-core dots: the three tiles q, k, v and the scores stay small
         budget = 131072 if one_tile and bd <= 64 else 65536
         return w == 4 and bm * bn * bd <= budget and (one_tile or (s == 2 and bn >= min(32, n_pow2)))
+    # a tile of 256 query rows (MAE's decoder, N = 197: one program a head, which loads the
+    # head's keys and values once instead of once per 128 rows) at 16 warps, 4 warpgroups of 64
+    # rows, at the head dimension where it was compiled (sm_90, Triton 3.6; tests/
+    # _kernel_capture.py attention --verbose): at d = 32 steps of 64 keys took 98-104
+    # registers, 252-262 instructions a warp an iteration, no spill; steps of 128 keys spilled
+    # 8-40 bytes at N = 257 (where the 256 rows are followed by a 16-row tail tile)
+    if (bm == 256 or w == 16) and not (bm == 256 and w == 16 and bd <= 32 and bn == 64):
+        return False
     # short key loops (N <= 256) in blocks of at least 64; up to 3 stages: on the H200 the dQ
     # kernel at the decoder's N = 197 ran 10-19% faster at 3 than at 2 for 5 of its 6 tilings
     # (benches/results/h200-2026-12-04-6c02ddb, autotune_timings)
@@ -1065,7 +1073,8 @@ if interpreting():
     _BWD_DQ_CONFIGS = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
     _BWD_DKDV_CONFIGS = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
 else:
-    _FWD_CONFIGS = _pool((16, 32, 64, 128), (16, 32, 64, 128, 256), (4, 8), (1, 2, 3))
+    _FWD_CONFIGS = (_pool((16, 32, 64, 128), (16, 32, 64, 128, 256), (4, 8), (1, 2, 3))
+                    + _pool((256,), (64,), (16,), (2, 3)))
     _BWD_FUSED_CONFIGS = [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
                           for bm in (16, 32, 64) for w in (4, 8) for s in (1, 2)]
     _BWD_FUSED_Q_CONFIGS = [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)

@@ -205,6 +205,15 @@ def test_other_tilings(N, d, strategy, device, monkeypatch):
         _check(case["q"], case["k"], case["v"], _do_like(case["q"]), d ** -0.5)
 
 
+def test_forward_one_query_tile_a_head(device):
+    """The forward's 256-row tiling at the decoder's N = 197: one program a head, its rows past
+    N masked, the keys in three 64-key steps and a 16-key tail."""
+    attn = _kernels()
+    case = attention_case(1, 2, 197, 32, "qkv", device=device, seed=37)
+    with _only_config(attn._attn_fwd_tuned, triton.Config({"BLOCK_M": 256, "BLOCK_N": 64}, num_warps=16, num_stages=2)):
+        _check(case["q"], case["k"], case["v"], _do_like(case["q"]), 32 ** -0.5)
+
+
 @pytest.mark.parametrize("N", [50, 197])  # one key tile; the online softmax over key blocks
 @pytest.mark.parametrize("scale", [0.37, -0.37, 0.0])
 def test_non_default_scale(N, scale, device):
@@ -507,3 +516,19 @@ def test_fused_q_pool_at_mae_shapes():
     assert kept(13, 64) == {(16, 8, 1)}  # the smallest tile, one step
     assert {(c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in attn._BWD_FUSED_Q_CONFIGS} \
         <= set(grid)
+
+
+def test_forward_pool_takes_256_row_tiles_at_16_warps_only_where_compiled():
+    """The forward's 256-row tiling (one program a head at N = 197) is kept at 16 warps, in
+    64-key steps at d = 32, pipelined; not at other head dimensions, nor in fp32."""
+    attn = _kernels()
+    grid = [(bm, bn, w, s) for bm in (16, 32, 64, 128, 256) for bn in (16, 32, 64, 128, 256)
+            for w in (4, 8, 16) for s in (1, 2, 3)]
+
+    def wide(N, bd, fp32=False):
+        n_pow2 = max(16, triton.next_power_of_2(N))
+        return {c for c in grid if (c[0] == 256 or c[2] == 16)
+                and attn._keep_fwd(*c, N, n_pow2, bd, fp32)}
+
+    assert wide(197, 32) == wide(4096, 32) == {(256, 64, 16, 2), (256, 64, 16, 3)}
+    assert wide(197, 64) == wide(197, 32, fp32=True) == wide(50, 32) == set()
