@@ -7,6 +7,8 @@
 # OUTDIR as it is written (a run cut short still leaves what it measured):
 # 0. the direct Triton launch checked against Triton's own (tests/test_direct_launch.py);
 # 0b. the MLP's TMA kernels, each configuration once (a kind that fails is left out of the run);
+# 0c. attention's head tilings (fused_q, the forward's 256-row tiles), each configuration once
+#     (left out of the run if they fail);
 # 1. `fastmae bench --compile` for ViT-B/16: fastmae's kernels compiled in parallel processes
 #    (fastmae.precompile), parity on one shared step, then the eager reference, fastmae,
 #    fastmae + CUDA graph and torch.compile of the reference, with the profiler's kernel
@@ -45,8 +47,9 @@
 # The decoder attention's hardware counters (stage 3d, not yet run on a GPU; its compiles and
 # autotuning, then ncu's replays of four launches) go with the first: PROFILE=1. Stages 0 and
 # 0b (two pytest processes of at most TMA_TIMEOUT each, not yet timed on a GPU) run before
-# both; with PROFILE=1 a PROFILE_TIMEOUT of 150 should keep the first inside a 600 s device
-# call (stages 0-3 took 311 s at 6c02ddb, before 0b).
+# both, then stage 0c (one of at most HEAD_TIMEOUT, compiling about 8 kernels); with PROFILE=1
+# a PROFILE_TIMEOUT of 150 should keep the first inside a 600 s device call (stages 0-3 took
+# 311 s at 6c02ddb, before 0b and 0c).
 #
 # Knobs (environment): STEPS=10, WARMUP=3, L_MODEL=vit_l16 (empty: skip), OP_MODELS=vit_b16,
 # TEST_WORKERS=8, LAUNCH_TIMEOUT=45, TMA_TIMEOUT=90 (each of stage 0b's two), B_TIMEOUT=240,
@@ -55,6 +58,7 @@
 # HOST_TIMEOUT=90, SWEEP_TIMEOUT=120, SKIP_STEP=0 (stage 1), SKIP_TRAIN_TEST=0, SKIP_HOST=0,
 # SKIP_SWEEP=0, SKIP_TESTS=0, SKIP_OPS=0, PROFILE=0 (1: stage 3d), PROFILE_TIMEOUT=300,
 # PROFILE_CASES=decoder (and/or encoder, mlp: the decoder MLP's fused matmuls, each way),
+# HEAD_TIMEOUT=90 (stage 0c),
 # PYTHON=python3, SUITE_COMMAND (the command BENCHMARKS.md names as the one that reproduces it).
 set -uo pipefail
 
@@ -138,6 +142,22 @@ if [ "${FASTMAE_TMA:-1}" != "0" ]; then
         say "the warp-specialized TMA kernels failed here: the rest of the run leaves them out" \
             "(FASTMAE_WARP_SPECIALIZE=0)"
         export FASTMAE_WARP_SPECIALIZE=0
+        STATUS=1
+    fi
+fi
+
+# ---------------------------------------------------------------- 0c. attention's head tilings
+# the attention tilings whose one program holds every query of a head (kernels/attention.py:
+# the fused_q backward and the forward's 256-row tiles; not yet run on a GPU when this stage
+# came), each configuration once at MAE's shapes: if they fail or hang, the rest of the run
+# leaves them out (FASTMAE_ATTN_HEAD_TILES=0) rather than faulting its benchmarks.
+if [ "${FASTMAE_ATTN_HEAD_TILES:-1}" != "0" ]; then
+    say "0c/6 attention's head tilings on this GPU, each configuration once"
+    if ! run timeout -k 10 "${HEAD_TIMEOUT:-90}" "$PY" -m pytest "$REPO/tests/test_kernel_attention.py" \
+            -m cuda -k "every_autotune_config and fused_q" -q -p no:cacheprovider -rfE --tb=short; then
+        say "attention's head tilings failed here: the rest of the run leaves them out" \
+            "(FASTMAE_ATTN_HEAD_TILES=0)"
+        export FASTMAE_ATTN_HEAD_TILES=0
         STATUS=1
     fi
 fi

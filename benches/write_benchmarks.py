@@ -192,11 +192,12 @@ def header(card, res):
                       ("torch", "torch"), ("triton", "triton"),
                       ("triton_launch", "Triton launch path"),
                       ("mlp_tma", "MLP's TMA kernels"),
+                      ("attn_head_tiles", "attention's head tilings"),
                       ("commit", "fastmae commit"), ("date", "measured")]:
         vals = _distinct([e.get(key) for _, e in envs if e.get(key)])
-        if key in ("triton_launch", "mlp_tma") and not vals:
-            continue  # runs before fastmae's direct launch (0deb43a) or its TMA kernels'
-            # switches (6f763c3) did not record them
+        if key in ("triton_launch", "mlp_tma", "attn_head_tiles") and not vals:
+            continue  # runs before fastmae's direct launch (0deb43a), its TMA kernels'
+            # switches (6f763c3) or attention's head tilings did not record them
         if len(vals) <= 1:
             rows.append((what, vals[0] if vals else "unknown"))
         else:

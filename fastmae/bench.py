@@ -173,6 +173,14 @@ def _mlp_tma():
     return f"flattened ({why})"
 
 
+def _attn_head_tiles():
+    """Whether this process offers attention's head tilings (kernels/attention.py: the fused_q
+    backward and the forward's 256-row tiles; gpu_suite.sh's stage 0c may have turned them off
+    for its run)."""
+    from fastmae.kernels import attention
+    return "on" if attention._HEAD_TILES else "off (FASTMAE_ATTN_HEAD_TILES=0)"
+
+
 @functools.lru_cache(maxsize=None)
 def env_info():
     """The card, driver and software versions, the commit and the date (queried at call time)."""
@@ -194,6 +202,7 @@ def env_info():
         props = torch.cuda.get_device_properties(0)
         info["gpu_memory_gib"] = round(props.total_memory / 2 ** 30, 1)
         info["mlp_tma"] = _mlp_tma()
+        info["attn_head_tiles"] = _attn_head_tiles()
     return info
 
 

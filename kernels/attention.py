@@ -903,6 +903,11 @@ def _attn_bwd_fused_q(
 
 _SMEM_BUDGET = 200 * 1024  # bytes, under the 227 KiB an H100 block may use
 
+# FASTMAE_ATTN_HEAD_TILES=0 (read at import): leave out the tilings whose one program holds every
+# query of a head (the fused_q backward and the forward's 256-row tiles) -- what benches/
+# gpu_suite.sh sets for the rest of its run when their first GPU check (stage 0c) fails.
+_HEAD_TILES = os.environ.get("FASTMAE_ATTN_HEAD_TILES", "1").strip() != "0"
+
 # FASTMAE_ATTN_AUTOTUNE=0: skip the search and take one configuration per shape (the largest
 # tile kept by the pruning, more warps first): quick compiles for tests and short runs.
 _AUTOTUNE = os.environ.get("FASTMAE_ATTN_AUTOTUNE", "1") not in ("0", "")
@@ -939,7 +944,8 @@ def _keep_fwd(bm, bn, w, s, n_ctx, n_pow2, bd, fp32):
     # _kernel_capture.py attention --verbose): at d = 32 steps of 64 keys took 98-104
     # registers, 252-262 instructions a warp an iteration, no spill; steps of 128 keys spilled
     # 8-40 bytes at N = 257 (where the 256 rows are followed by a 16-row tail tile)
-    if (bm == 256 or w == 16) and not (bm == 256 and w == 16 and bd <= 32 and bn == 64):
+    if (bm == 256 or w == 16) and not (
+            bm == 256 and w == 16 and bd <= 32 and bn == 64 and _HEAD_TILES):
         return False
     # short key loops (N <= 256) in blocks of at least 64; up to 3 stages: on the H200 the dQ
     # kernel at the decoder's N = 197 ran 10-19% faster at 3 than at 2 for 5 of its 6 tilings
@@ -1225,7 +1231,8 @@ def _grad_buffers(q, k, v, dq, dk, dv):
 
 # Where the fused backwards are possible (one tile holds every key, or every query), they and
 # the two-kernel one are timed on the first call of each (B*H, N, d, dtype, device) and the
-# fastest is kept (each is deterministic on its own). fused_q is timed only where N > 64: up to
+# fastest is kept (each is deterministic on its own). fused_q is timed only where N > 64 (and
+# FASTMAE_ATTN_HEAD_TILES is not 0): up to
 # 64 the fused way's query sweep is one step, the same products in straight-line code (see
 # _attn_bwd_one_step), where fused_q compiles a loop and a tail. FASTMAE_ATTN_BWD=fused|fused_q|
 # split forces one; the interpreter and a call during CUDA-graph capture take "fused" untimed.
@@ -1234,7 +1241,7 @@ _BWD_CHOICE = {}
 
 def _bwd_strategy(key, ways):
     n_ctx = key[1]
-    timed = None if n_ctx > 64 else [w for w in ways if w != "fused_q"]
+    timed = None if n_ctx > 64 and _HEAD_TILES else [w for w in ways if w != "fused_q"]
     return keep_faster(_BWD_CHOICE, key, "FASTMAE_ATTN_BWD", ways, "fused", timed)
 
 

@@ -449,6 +449,16 @@ def test_header_names_the_mlps_tma_kernels_where_the_run_recorded_them(tmp_path)
     step = _fixture_step()
     step["env"]["mlp_tma"] = "flattened (FASTMAE_WARP_SPECIALIZE=0)"
     assert "| MLP's TMA kernels | flattened (FASTMAE_WARP_SPECIALIZE=0) |" in render(step)
+    assert "head tilings" not in render(step)
+    step["env"]["attn_head_tiles"] = "off (FASTMAE_ATTN_HEAD_TILES=0)"
+    assert "| attention's head tilings | off (FASTMAE_ATTN_HEAD_TILES=0) |" in render(step)
+
+
+@pytest.mark.parametrize("on,expected", [(True, "on"), (False, "off (FASTMAE_ATTN_HEAD_TILES=0)")])
+def test_env_says_whether_the_run_offered_attentions_head_tilings(on, expected, monkeypatch):
+    from fastmae.kernels import attention
+    monkeypatch.setattr(attention, "_HEAD_TILES", on)
+    assert bench._attn_head_tiles() == expected
 
 
 @pytest.mark.parametrize("tma_on,applies,ws_on,version,expected", [

@@ -174,6 +174,30 @@ def test_fused_q_timed_only_past_one_query_step(N, timed, monkeypatch):
     assert (env, runs, default, asked) == ("FASTMAE_ATTN_BWD", ways, "fused", timed)
 
 
+@pytest.mark.parametrize("env,on", [({}, True), ({"FASTMAE_ATTN_HEAD_TILES": "0"}, False)])
+def test_the_environment_leaves_out_the_head_tilings(env, on, monkeypatch):
+    """FASTMAE_ATTN_HEAD_TILES=0, read at import (a fresh process here), leaves out the tilings
+    whose one program holds a head's every query: fused_q is not timed, the forward's 256-row
+    tiles are pruned (a forced fused_q still runs)."""
+    import os
+    import subprocess
+    import sys
+    code = "from fastmae.kernels import attention as at; print(at._HEAD_TILES)"
+    environ = {k: v for k, v in os.environ.items()
+               if k not in ("TRITON_INTERPRET", "FASTMAE_ATTN_HEAD_TILES")}
+    out = subprocess.run([sys.executable, "-c", code], env={**environ, **env},
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == [str(on)]
+    attn = _kernels()
+    monkeypatch.setattr(attn, "_HEAD_TILES", on)
+    assert attn._keep_fwd(256, 64, 16, 2, 197, 256, 32, False) == on
+    calls = []
+    monkeypatch.setattr(attn, "keep_faster", lambda *args: calls.append(args) or "fused_q")
+    ways = {"fused": None, "fused_q": None, "split": None}
+    assert attn._bwd_strategy((6, 197, 32, torch.float32, torch.device("cpu")), ways) == "fused_q"
+    assert calls[0][-1] == (None if on else ["fused", "split"])
+
+
 def test_long_sequence_multi_key_blocks(device):
     """N = 300 > 256: the forward loops over key blocks, the backward runs the two-kernel path."""
     case = attention_case(1, 2, 300, 32, "qkv", device=device, seed=3)
@@ -366,6 +390,8 @@ def _kept_configs(attn, kind, N, d, dtype):
     n_all = max(16, triton.next_power_of_2(N))
     pools = {
         "fwd": (attn._attn_fwd_tuned, attn._FWD_CONFIGS, attn._prune_fwd, {}),
+        "fwd_head": (attn._attn_fwd_tuned, [c for c in attn._FWD_CONFIGS if c.kwargs["BLOCK_M"] == 256],
+                     attn._prune_fwd, {}),
         "fused": (attn._attn_bwd_fused_tuned, attn._BWD_FUSED_CONFIGS, attn._prune_bwd_fused, {"BLOCK_N": n_all}),
         "fused_q": (attn._attn_bwd_fused_q_tuned, attn._BWD_FUSED_Q_CONFIGS, attn._prune_bwd_fused_q,
                     {"BLOCK_M": n_all}),
@@ -379,7 +405,8 @@ def _kept_configs(attn, kind, N, d, dtype):
 @pytest.mark.cuda
 @pytest.mark.parametrize("N,d,kinds", [(50, 64, ("fwd", "fused")), (197, 32, ("fwd", "fused")),
                                        (197, 32, ("dkdv",)), (65, 80, ("fwd", "dq", "dkdv")),
-                                       (50, 64, ("fused_q",)), (197, 32, ("fused_q",))])
+                                       (50, 64, ("fused_q",)), (197, 32, ("fwd_head", "fused_q"))],
+                         ids=lambda v: "+".join(v) if isinstance(v, tuple) else str(v))
 def test_every_autotune_config_mae_shapes(N, d, kinds, no_tf32, monkeypatch):
     """Each configuration the autotuner may pick at MAE's shapes (bf16), run one at a time (the
     other kernels on one configuration)."""
