@@ -985,8 +985,8 @@ def _keep_bwd_fused_q(bm, bn, w, s, n_ctx, bd, fp32, sums=True):
     """bm: every query (the launcher's next_pow2(N)); bn: keys a step; sums: HAS_SUMS."""
     if bn > bm or (s == 1) != (bn >= n_ctx):  # one step: nothing to pipeline; a loop: pipelined
         return False
-    if fp32:  # CUDA-core dots: small steps
-        return bn == 16 and w == 8
+    if fp32:  # CUDA-core dots: small steps (at 3 stages Triton 3.8 spilled 8 bytes, N = 50, d = 64)
+        return bn == 16 and w == 8 and s == 2
     # Steps of 64 keys or all of them: dV = P^T dO and dK = dS^T Q have a step's keys as their
     # rows, and below 64 they compile to mma.sync, not wgmma. At the decoder's N = 197, d = 32
     # (bf16, sm_90, Triton 3.6; tests/_kernel_capture.py attention --verbose), 8 warps: steps of

@@ -4,6 +4,7 @@ compile each recorded launch for an H100 / H200 (CUDA sm_90) on this CPU-only ma
 Used by ``tests/test_gpu_compile.py``, which runs it as a script in a subprocess::
 
     python tests/_kernel_capture.py [MODULE ...] [--mode quick|full|capture] [--jobs N] [--verbose]
+                                    [--kernels NAME,...]   (only those kernels' launches)
 
 prints one JSON report per module (default: every module; ``--verbose`` adds every launch with
 its compile time, registers, spilled bytes, shared memory, the warps an SM holds of it (its
@@ -672,8 +673,9 @@ def _compile_one(i):
     return i, err, shared, registers, details, round(_cpu_s() - c0, 2)
 
 
-def check_module(name, mode="quick", jobs=1, verbose=False):
-    """The report (a dict, JSON-ready) of module ``name``: capture, select, compile."""
+def check_module(name, mode="quick", jobs=1, verbose=False, only=None):
+    """The report (a dict, JSON-ready) of module ``name``: capture, select, compile (with
+    ``only``, a set of kernel names, only those kernels' launches are selected)."""
     global _LAUNCHES, _TARGET, _DETAILS
     import triton
     from triton.backends.compiler import GPUTarget
@@ -697,6 +699,8 @@ def check_module(name, mode="quick", jobs=1, verbose=False):
     if not call_errors:
         report["unlaunched"] = unlaunched_kernels(name, launches)
         report["one_sided_flags"] = one_sided_flags(launches)
+    if only:
+        launches = [launch for launch in launches if launch.name in only]
     selected = select_quick(launches) if mode == "quick" else launches
     _LAUNCHES, _DETAILS = selected, verbose
     t1, c1 = time.time(), _cpu_s()
@@ -748,11 +752,14 @@ def main(argv=None):
                          "warps an SM holds (by registers and shared memory), the SASS "
                          "instruction count and each loop's instructions, barriers, MMAs, "
                          "cp.async copies and spill accesses an iteration")
+    ap.add_argument("--kernels", default="",
+                    help="comma-separated kernel names: select only their launches")
     a = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("run without TRITON_INTERPRET: the interpreter replaces the compiler")
     for name in a.modules:
-        print(json.dumps(check_module(name, a.mode, a.jobs, a.verbose)), flush=True)
+        only = set(filter(None, a.kernels.split(",")))
+        print(json.dumps(check_module(name, a.mode, a.jobs, a.verbose, only)), flush=True)
 
 
 if __name__ == "__main__":

@@ -140,3 +140,16 @@ def test_resident_warps_follow_the_sm90_limits():
     assert resident_warps(32, 0, 4) == 64  # the SM's 64 warps, not the registers, bind
     assert resident_warps(16, 0, 1) == 32  # at most 32 blocks an SM
     assert resident_warps(40, 100 * 1024, 4) == 8  # two blocks' shared memory
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="records on CPU tensors")
+def test_capture_selects_only_the_kernels_named():
+    """--kernels NAME,...: only those kernels' launches are selected (recorded here, not
+    compiled), the whole module still captured for the unlaunched-kernel check."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, str(CAPTURE), "attention", "--mode", "capture",
+           "--kernels", "_attn_bwd_fused_q,_attn_fwd"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    report = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+    assert set(report["kernels"]) == {"_attn_bwd_fused_q", "_attn_fwd"}, report["kernels"]
+    assert report["unlaunched"] == [] and report["compiled"] == 0

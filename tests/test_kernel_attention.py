@@ -527,7 +527,7 @@ def test_fused_q_pool_at_mae_shapes():
     half precision, at the decoder's N = 197, d = 32 (256 queries a program) pipelined steps of
     64 keys at 8 or 16 warps (16 only with the column sums: without, they spilled); at the
     encoder's N = 50, d = 64 one step of 64 keys at 8 warps (4 spilled; 16 take 256 rows); fp32
-    steps of 16 keys at 8 warps."""
+    steps of 16 keys at 8 warps, 2 stages."""
     attn = _kernels()
     grid = [(bn, w, s) for bn in (16, 32, 64, 128) for w in (4, 8, 16) for s in (1, 2, 3)]
 
@@ -539,7 +539,7 @@ def test_fused_q_pool_at_mae_shapes():
     assert kept(197, 32) == {(64, w, s) for w in (8, 16) for s in (2, 3)}
     assert kept(197, 32, sums=False) == {(64, 8, 2), (64, 8, 3)}
     assert kept(50, 64) == {(64, 8, 1)}
-    assert kept(50, 64, fp32=True) == {(16, 8, 2), (16, 8, 3)}
+    assert kept(50, 64, fp32=True) == {(16, 8, 2)}
     assert kept(13, 64) == {(16, 8, 1)}  # the smallest tile, one step
     assert {(c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in attn._BWD_FUSED_Q_CONFIGS} \
         <= set(grid)
