@@ -153,6 +153,24 @@ def test_backward_strategies_all_correct(strategy, N, d, device, monkeypatch):
     _check(case["q"], case["k"], case["v"], _do_like(case["q"]), d ** -0.5)
 
 
+@pytest.mark.parametrize("strategy", ["fused", "fused_q", "split"])
+@pytest.mark.parametrize("N,d", [(50, 64), (197, 32)])
+def test_half_precision_ways_within_rounding(strategy, N, d, device, monkeypatch):
+    """fp16 inputs (the interpreter's 16-bit dots; bf16 it does not emulate): each way's
+    gradients and column sums within 1e-3 of float64's, relative to their size: fp16's rounding
+    of P, dS and the outputs (3.5e-4 to 5.7e-4 here), not a cast in the wrong place (fused_q's
+    scores rounded to fp16 before their exp gave 0.9e-3 to 1.3e-3 at N = 50)."""
+    monkeypatch.setenv("FASTMAE_ATTN_BWD", strategy)
+    case = attention_case(1, 2, N, d, "qkv", device=device, seed=N + d + 1)
+    q, k, v = (case[n].to(torch.float16) for n in ("q", "k", "v"))
+    do = _do_like(q)
+    _, _, grads, sums = _run(q, k, v, do, d ** -0.5)
+    _, _, grads64 = _reference64(q, k, v, do, d ** -0.5)
+    for name, g, g64 in zip(("dq", "dk", "dv"), grads, grads64):
+        assert g.dtype == torch.float16 and rel_err(g, g64) <= 1e-3, name
+    assert rel_err(sums, _column_sums(grads64)) <= 1e-3
+
+
 def test_backward_strategy_env_is_checked(device, monkeypatch):
     monkeypatch.setenv("FASTMAE_ATTN_BWD", "fastest")
     case = attention_case(1, 1, 7, 32, "contiguous", device=device, seed=0)
