@@ -412,12 +412,22 @@ def _kept_configs(attn, kind, N, d, dtype):
                      attn._prune_fwd, {}),
         "fused": (attn._attn_bwd_fused_tuned, attn._BWD_FUSED_CONFIGS, attn._prune_bwd_fused, {"BLOCK_N": n_all}),
         "fused_q": (attn._attn_bwd_fused_q_tuned, attn._BWD_FUSED_Q_CONFIGS, attn._prune_bwd_fused_q,
-                    {"BLOCK_M": n_all}),
+                    {"BLOCK_M": n_all, "HAS_SUMS": True}),  # _run passes the column sums
         "dq": (attn._attn_bwd_dq_tuned, attn._BWD_DQ_CONFIGS, attn._prune_bwd_dq, {}),
         "dkdv": (attn._attn_bwd_dkdv_tuned, attn._BWD_DKDV_CONFIGS, attn._prune_bwd_dkdv, {}),
     }
     tuned, pool, prune, extra = pools[kind]
     return tuned, prune(pool, named, BLOCK_D=bd, **extra)
+
+
+@pytest.mark.parametrize("kind", ["fwd", "fwd_head", "fused", "fused_q", "dq", "dkdv"])
+def test_kept_configs_prunes_each_kind(kind):
+    """The CUDA test below prunes each kind's pool as its autotuner would (here the pools of
+    this process: the interpreter's single configurations)."""
+    attn = _kernels()
+    for N, d in ((50, 64), (197, 32)):
+        tuned, kept = _kept_configs(attn, kind, N, d, torch.bfloat16)
+        assert isinstance(kept, list) and all(isinstance(c, triton.Config) for c in kept)
 
 
 @pytest.mark.cuda
