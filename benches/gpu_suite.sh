@@ -127,10 +127,12 @@ fi
 # ones (their compiles land in Triton's cache, where stage 1 finds them): a kind that fails
 # or hangs here is left out of the rest of the run (FASTMAE_TMA=0: every TMA kernel;
 # FASTMAE_WARP_SPECIALIZE=0: the warp-specialized ones) rather than faulting its benchmarks.
-tma_check() {  # pytest -k expression
-    run timeout -k 10 "${TMA_TIMEOUT:-90}" "$PY" -m pytest \
-        "$REPO/tests/test_kernel_gelu_matmul.py" -m cuda -k "every_gpu_configuration and $1" \
+first_check() {  # time limit, test file, pytest -k expression: a kind's CUDA test, on its own
+    run timeout -k 10 "$1" "$PY" -m pytest "$REPO/tests/$2" -m cuda -k "$3" \
         -q -p no:cacheprovider -rfE --tb=short
+}
+tma_check() {  # pytest -k expression, after the CUDA test's name
+    first_check "${TMA_TIMEOUT:-90}" test_kernel_gelu_matmul.py "every_gpu_configuration and $1"
 }
 if [ "${FASTMAE_TMA:-1}" != "0" ]; then
     say "0b/6 the TMA MLP kernels on this GPU, each configuration once"
@@ -153,8 +155,8 @@ fi
 # leaves them out (FASTMAE_ATTN_HEAD_TILES=0) rather than faulting its benchmarks.
 if [ "${FASTMAE_ATTN_HEAD_TILES:-1}" != "0" ]; then
     say "0c/6 attention's head tilings on this GPU, each configuration once"
-    if ! run timeout -k 10 "${HEAD_TIMEOUT:-90}" "$PY" -m pytest "$REPO/tests/test_kernel_attention.py" \
-            -m cuda -k "every_autotune_config and fused_q" -q -p no:cacheprovider -rfE --tb=short; then
+    if ! first_check "${HEAD_TIMEOUT:-90}" test_kernel_attention.py \
+            "every_autotune_config and fused_q"; then
         say "attention's head tilings failed here: the rest of the run leaves them out" \
             "(FASTMAE_ATTN_HEAD_TILES=0)"
         export FASTMAE_ATTN_HEAD_TILES=0

@@ -308,8 +308,8 @@ def paths_kept():
     matmul epilogues (tiles moved by threads or by TMA) or cuBLAS plus the bias + GELU kernels
     (fastmae.ops._mlp_way), the patch embedding's weight gradient in one kernel or a gather and
     cuBLAS, and the attention backward's one fused kernel (every key, or every query, in one
-    program's tile) or two (kernels/attention.py _bwd_strategy); each with the times it was chosen on (ms, "failed" for a way that raised),
-    where it was timed."""
+    program's tile) or two (kernels/attention.py _bwd_strategy); each with the times it was
+    chosen on (ms, "failed" for a way that raised), where it was timed."""
     from fastmae import ops
 
     def name(dtype):

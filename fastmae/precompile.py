@@ -35,7 +35,8 @@ CompileRequest = namedtuple("CompileRequest",
 
 # the kernel-path environment variables keep_faster reads, and the ways each one names
 WAYS = {"FASTMAE_MLP": ("fused", "fused_tma", "split"),
-        "FASTMAE_ATTN_BWD": ("fused", "fused_q", "split"), "FASTMAE_PATCH_WGRAD": ("fused", "split")}
+        "FASTMAE_ATTN_BWD": ("fused", "fused_q", "split"),
+        "FASTMAE_PATCH_WGRAD": ("fused", "split")}
 
 
 def triton_internals_problem():

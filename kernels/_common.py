@@ -26,6 +26,12 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def dot_precision(dtype) -> str:
+    """tl.dot's input_precision for operands of ``dtype``: IEEE fp32 for fp32 (no TF32, which
+    the float64-checked results could not meet), else "tf32" (ignored by 16-bit dots)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 def next_pow2(n: int) -> int:
     """The smallest power of two >= n (1 for n <= 1)."""
     n = int(n)

@@ -44,7 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cdiv, empty, interpreting, keep_faster, launch_tuned, next_pow2
+from ._common import (cdiv, dot_precision, empty, interpreting, keep_faster, launch_tuned,
+                      next_pow2)
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
 LN2 = 0.6931471805599453  # ln(2): ln(x) = log2(x) * LN2
@@ -1160,10 +1161,6 @@ LAUNCH_WORK = {
 }
 
 
-def _dot_precision(dtype):
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _fit(t):
     """In-tile offsets are int32 (row * stride within one tile); a tensor whose row or column
     stride would overflow that is copied (never the case for MAE's layouts)."""
@@ -1209,7 +1206,7 @@ def attention_fwd(q, k, v, scale: float, out=None):
         q, k, v, o_view, lse, float(scale) * LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *o_view.stride(),
         H, N, bh_class,
-        HEAD_DIM=d, BLOCK_D=_block_d(d), DOT_PRECISION=_dot_precision(q.dtype),
+        HEAD_DIM=d, BLOCK_D=_block_d(d), DOT_PRECISION=dot_precision(q.dtype),
         POS_SCALE=float(scale) > 0,
     )
     if o_view is not out:
@@ -1293,7 +1290,7 @@ def attention_bwd(do, q, k, v, o, lse, scale: float, dq=None, dk=None, dv=None, 
     qk_scale = sm_scale * LOG2E
     block_d = _block_d(d)
     block_n_all = max(16, next_pow2(N))
-    precision = _dot_precision(q.dtype)
+    precision = dot_precision(q.dtype)
     bh_class = _bh_class(B, H)
     common_strides = (*q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq_w.stride())
     has_sums = dsum is not None

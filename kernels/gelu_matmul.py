@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._common import cdiv, empty, interpreting, launch_tuned, next_pow2, sm_count
+from ._common import cdiv, dot_precision, empty, interpreting, launch_tuned, next_pow2, sm_count
 from .bias_gelu import _normal_cdf
 
 
@@ -495,8 +495,9 @@ def _tma_configs(hook, backward):
     # of half the tile's rows each (wgmma and the epilogue), their registers moved to 40 and
     # 232 (setmaxnreg; --verbose lists the PTX's), 12 warps, one program an SM: cuBLAS's
     # cooperative structure (the "coopA" kernels of its H200 profile, BENCHMARKS.md), with the
-    # next tile's loads issued while the consumers run the GELU epilogue. The forward's 256 x 128 (128 rows a consumer, as
-    # cuBLAS's 256 x 128 tiles) compiles too but spills 72 bytes a thread: left out. The
+    # next tile's loads issued while the consumers run the GELU epilogue. The forward's
+    # 256 x 128 (128 rows a consumer, as cuBLAS's 256 x 128 tiles) compiles too but spills 72
+    # bytes a thread: left out. The
     # partitioning refuses a reduction across the consumers' rows, which the backward's
     # bias-gradient column sums are, so its warp-specialized loop computes transposed tiles
     # (N x M: the sums are row sums, within each consumer; F is read and DF written through
@@ -566,13 +567,9 @@ def _check(a, b, name_b):
     assert a.dtype == b.dtype, f"a and {name_b} must share a dtype, got {a.dtype} and {b.dtype}"
 
 
-def _dot_precision(a):
-    return "ieee" if a.dtype == torch.float32 else "tf32"
-
-
 def _meta(a, K):
     return dict(GROUP_M=GROUP_M, EVEN_K=all(K % c.kwargs["BLOCK_K"] == 0 for c in _CONFIGS),
-                DOT_PRECISION=_dot_precision(a))
+                DOT_PRECISION=dot_precision(a.dtype))
 
 
 def _grid(M, N, device):
@@ -678,7 +675,7 @@ def matmul_bias_gelu(a, w, bias, out_dtype: torch.dtype, tma=False):
         launch_tuned(_matmul_bias_gelu_tma_tuned, _grid(M, N, a.device), (m_key, N, K, size),
                      _descriptor(a), _descriptor(w), bias, _descriptor(f), _descriptor(g), f, g,
                      M, N, K, m_key, size, f.stride(0), g.stride(0), GROUP_M=GROUP_M,
-                     DOT_PRECISION=_dot_precision(a))
+                     DOT_PRECISION=dot_precision(a.dtype))
         return f, g
     launch_tuned(_matmul_bias_gelu_tuned, _grid(M, N, a.device), (m_key, N, K),
                  a, b, bias, f, g, M, N, K, m_key,
@@ -712,7 +709,7 @@ def matmul_gelu_bwd(dm, w, f, bias, dx_dtype: torch.dtype, reduce=True, tma=Fals
         launch_tuned(_matmul_gelu_bwd_tma_tuned, _grid(M, N, dm.device), (m_key, N, K, size),
                      _descriptor(dm), _descriptor(w), _descriptor(f), bias, _descriptor(df),
                      db_part, f, df, M, N, K, m_key, size, f.stride(0), df.stride(0),
-                     GROUP_M=GROUP_M, DOT_PRECISION=_dot_precision(dm), SUM_ROWS=_SUM_ROWS)
+                     GROUP_M=GROUP_M, DOT_PRECISION=dot_precision(dm.dtype), SUM_ROWS=_SUM_ROWS)
         return df, db_part.sum(0) if reduce else db_part
     launch_tuned(_matmul_gelu_bwd_tuned, _grid(M, N, dm.device), (m_key, N, K),
                  dm, w, f, bias, df, db_part, M, N, K, m_key,

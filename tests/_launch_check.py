@@ -19,8 +19,9 @@ Scenarios: a toy kernel whose arguments take every kind the key distinguishes (t
 alignment, ints equal to 1, divisible by 16 or not, past 32 bits, int or float in a float's
 place, another option, a None where a tensor was, a callable grid, a launch hook); then tiny MAE
 training steps under "triton" (fp32 and bf16 autocast; the fused, fused_tma (TMA descriptor
-arguments) and split MLP; the attention backward's fused, fused_q and two-kernel ways; odd shapes), and the launchers the model does not call on CPU
-tensors (token gather / scatter, visible-patch embedding). The third of three identical steps
+arguments) and split MLP; the attention backward's fused, fused_q and two-kernel ways; odd
+shapes), and the launchers the model does not call on CPU tensors (token gather / scatter,
+visible-patch embedding). The third of three identical steps
 must launch every kernel directly. Last, an autotuned kernel's direct launch must stop while its
 autotuner's cache is cleared or its configurations are replaced.
 
