@@ -975,7 +975,7 @@ def bias_gelu(x, bias):
 
 # ============================================================================ transformer block
 
-def transformer_block(x, branch, params, num_heads, scale, eps):
+def transformer_block(x, branch, params, num_heads, scale, eps, cast_weights=None):
     """One pre-norm transformer block (timm's Block: x + attn(norm1(x)), then + mlp(norm2(.)))
     on the residual stream x (B, N, C), in the hand-off form the "triton" model runs it.
 
@@ -983,7 +983,9 @@ def transformer_block(x, branch, params, num_heads, scale, eps):
     whose add into x is fused into this block's first LayerNorm (and the bias gradient produced
     there). ``params`` = (norm1.weight, norm1.bias, qkv.weight, qkv.bias or None, proj.weight,
     proj.bias, norm2.weight, norm2.bias, fc1.weight, fc1.bias, fc2.weight, fc2.bias);
-    ``eps`` = (norm1.eps, norm2.eps). Returns (x, (m, fc2.bias)): the caller adds the branch.
+    ``eps`` = (norm1.eps, norm2.eps). ``cast_weights``: this block's entry of
+    ``cast_block_weights`` (its matmul weights already in the matmul dtype), or None. Returns
+    (x, (m, fc2.bias)): the caller adds the branch.
 
     A plain eager call that needs gradients runs as one autograd node (``_Block``): the same
     kernels and matmuls as the op-by-op composition, without the per-op autograd nodes, whose
@@ -995,10 +997,36 @@ def transformer_block(x, branch, params, num_heads, scale, eps):
     cd = _block_node_dtype(x, branch, params, num_heads, tensors)
     if cd is not None:
         m_bias = params[11]
+        if cast_weights is not None and cast_weights[0].dtype != cd:
+            cast_weights = None  # cast for another matmul dtype: the block casts its own
         s, m = _Block.apply(x, *(branch if branch is not None else (None, None)), *params,
-                            (eps[0], eps[1], num_heads, float(scale), cd))
+                            (eps[0], eps[1], num_heads, float(scale), cd, cast_weights))
         return s, (m, m_bias)
     return _block_by_op(x, branch, params, num_heads, scale, eps)
+
+
+def cast_block_weights(x, blocks_params):
+    """For a run of transformer blocks on the residual stream x (one ``transformer_block``
+    params tuple a block): each block's matmul weights and qkv bias (qkv.weight, proj.weight,
+    fc1.weight, fc2.weight, qkv.bias) in the autocast dtype its one-node block would cast them
+    to, all the blocks' cast by one torch._foreach_copy_ (on CUDA a few multi-tensor launches
+    for a whole encoder or decoder, instead of one launch of a few chunks a block); a None
+    entry a block where no cast applies (autocast off, no gradient, a traced call). The copies
+    are what each block keeps for its backward anyway, so the cast moves earlier, not the peak
+    of memory."""
+    nothing = [None] * len(blocks_params)
+    if not (torch.is_grad_enabled() and _uses_triton(x) and x.device.type != "meta"
+            and torch.is_autocast_enabled(x.device.type)):
+        return nothing
+    cd = _compute_dtype(x)
+    flat = [t for p in blocks_params for t in (p[2], p[4], p[8], p[10], p[3])]
+    tensors = [t for t in flat if t is not None]
+    if (not _plain_eager(tensors) or all(t.dtype == cd for t in tensors)
+            or not (x.requires_grad or any(t.requires_grad for t in tensors))):
+        return nothing
+    with torch.no_grad():  # plain copies, as a block's own cast inside its autograd node
+        cast = _cast_together(flat, cd)
+    return [tuple(cast[5 * i:5 * i + 5]) for i in range(len(blocks_params))]
 
 
 def _block_by_op(x, branch, params, num_heads, scale, eps):
@@ -1161,7 +1189,7 @@ class _Block(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, branch, branch_bias, n1w, n1b, qkv_w, qkv_b, proj_w, proj_b, n2w, n2b,
                 fc1_w, fc1_b, fc2_w, fc2_b, config):
-        eps1, eps2, num_heads, scale, cd = config
+        eps1, eps2, num_heads, scale, cd, cast_weights = config
         if branch is None:
             s1 = x
             h1, mean1, rstd1 = _layer_norm_op.impl(x, n1w, n1b, eps1, cd)
@@ -1169,8 +1197,9 @@ class _Block(torch.autograd.Function):
             s1, h1, mean1, rstd1 = _add_layer_norm_op.impl(branch, x, n1w, n1b, eps1, cd,
                                                            branch_bias)
         # the weights (and qkv bias) in the matmul dtype, cast once (autocast's casts, kept for
-        # the backward), in one launch
-        wq, wp, w1, w2, bq = _cast_together((qkv_w, proj_w, fc1_w, fc2_w, qkv_b), cd)
+        # the backward), in one launch, or already cast with the other blocks' (cast_block_weights)
+        wq, wp, w1, w2, bq = cast_weights or _cast_together((qkv_w, proj_w, fc1_w, fc2_w, qkv_b),
+                                                            cd)
         qkv = F.linear(h1, wq, bq)
         a, lse = _packed_attention_op.impl(qkv, num_heads, scale)
         s2, h2, mean2, rstd2 = _add_layer_norm_op.impl(F.linear(a, wp), s1, n2w, n2b, eps2, cd,
@@ -1179,7 +1208,7 @@ class _Block(torch.autograd.Function):
         m = F.linear(g, w2)
         ctx.save_for_backward(s1, h1, qkv, a, lse, s2, h2, f, g, wq, wp, w1, w2, n1w, n2w, fc1_b,
                               mean1, rstd1, mean2, rstd2)
-        ctx.config = config
+        ctx.config = config[:5]
         ctx.dtypes = tuple(None if t is None else t.dtype
                            for t in (x, branch, branch_bias, n1w, n1b, qkv_w, qkv_b, proj_w,
                                      proj_b, n2w, n2b, fc1_w, fc1_b, fc2_w, fc2_b))

@@ -226,3 +226,34 @@ def test_triton_model_under_fp16_autocast_is_as_accurate_as_the_reference():
     for name in truth[3]:
         assert fast[3][name].dtype == eager[3][name].dtype, name
         assert rel_err(fast[3][name], truth[3][name]) <= 2 * rel_err(eager[3][name], truth[3][name]) + atol, name
+
+
+def test_autocast_model_casts_each_stack_of_blocks_weights_at_once(monkeypatch):
+    """Under autocast the encoder's and the decoder's blocks get their matmul weights and qkv
+    biases cast by one torch._foreach_copy_ a stack (ops.cast_block_weights), not one a block:
+    the same bits in the loss, pred and every gradient as the blocks casting their own."""
+    m = tiny(seed=5, depth=3, decoder_depth=2)
+    g = torch.Generator().manual_seed(5)
+    imgs = torch.randn(2, 3, 16, 24, generator=g)
+    noise = torch.rand(2, 24, generator=g)
+    real_copy = torch._foreach_copy_
+
+    def run_counting():
+        calls = []
+        monkeypatch.setattr(torch, "_foreach_copy_",
+                            lambda dst, src, *a: calls.append(len(src)) or real_copy(dst, src, *a))
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = run(m, "triton", imgs, noise)
+        monkeypatch.setattr(torch, "_foreach_copy_", real_copy)
+        return out, calls
+
+    together, calls = run_counting()
+    assert calls == [5 * 3, 5 * 2]  # qkv, proj, fc1, fc2 weights and qkv bias of each block
+    monkeypatch.setattr(fastmae.ops, "cast_block_weights", lambda x, ps: [None] * len(ps))
+    each, calls = run_counting()
+    assert calls == [5] * 5
+    for a, b in zip(together[:3], each[:3]):
+        assert torch.equal(a, b)
+    assert together[3].keys() == each[3].keys()
+    for name in each[3]:
+        assert torch.equal(together[3][name], each[3][name]), name

@@ -264,6 +264,68 @@ def test_block_node_casts_its_weights_in_one_foreach_copy(monkeypatch):
     assert calls == [5]
 
 
+def test_cast_block_weights_applies_only_where_a_block_node_casts():
+    """ops.cast_block_weights: under autocast with gradients, every block's (qkv, proj, fc1, fc2
+    weights, qkv bias) in the autocast dtype, bit for bit Tensor.to, None kept for a missing
+    bias; None for every block without autocast, without gradients or without a tensor that
+    needs one."""
+    cases = [block_case(1, 3, 64, 32, qkv_bias=b, seed=i) for i, b in enumerate((True, False))]
+    x = cases[0][0].clone().requires_grad_(True)
+    params = [tuple(None if p is None else p.clone().requires_grad_(True) for p in c[2])
+              for c in cases]
+    with torch.autocast("cpu", dtype=torch.float16):
+        casts = ops.cast_block_weights(x, params)
+        with torch.no_grad():
+            assert ops.cast_block_weights(x, params) == [None, None]
+        frozen = [tuple(None if p is None else p.detach() for p in ps) for ps in params]
+        assert ops.cast_block_weights(x.detach(), frozen) == [None, None]
+    assert ops.cast_block_weights(x, params) == [None, None]  # no autocast: nothing to cast
+    for ps, cast in zip(params, casts):
+        assert len(cast) == 5
+        for src, out in zip((ps[2], ps[4], ps[8], ps[10], ps[3]), cast):
+            if src is None:
+                assert out is None
+                continue
+            assert out.dtype == torch.float16 and not out.requires_grad
+            assert torch.equal(out, src.detach().to(torch.float16))
+
+
+def test_block_node_takes_cast_weights_of_its_dtype_only(monkeypatch):
+    """transformer_block(cast_weights=...) runs on the copies it is handed (no cast of its own)
+    and gives the same bits as casting itself; copies in another dtype than the block's matmul
+    dtype are not used: the block casts its own."""
+    case = block_case(2, 5, 64, 64, branch=True, seed=3)
+    x, br, params, (gs, gm) = case
+    calls = []
+    real = torch._foreach_copy_
+    monkeypatch.setattr(torch, "_foreach_copy_",
+                        lambda dst, src, *a: calls.append(len(src)) or real(dst, src, *a))
+
+    def run_with(cast_dtype):
+        calls.clear()
+        xl = x.clone().requires_grad_(True)
+        ps = tuple(p.clone().requires_grad_(True) for p in params)
+        cast = None
+        if cast_dtype is not None:
+            cast = tuple(t.detach().to(cast_dtype) for t in (ps[2], ps[4], ps[8], ps[10], ps[3]))
+        with torch.autocast("cpu", dtype=torch.float16):
+            s, (m_out, _) = ops.transformer_block(xl, (br[0].half(), br[1]), ps, 2, 0.25,
+                                                  (1e-6, 1e-6), cast_weights=cast)
+        assert type(s.grad_fn).__name__ == "_BlockBackward"
+        torch.autograd.backward((s, m_out), (gs, gm))
+        return [s.detach(), m_out.detach(), xl.grad] + [p.grad for p in ps], list(calls)
+
+    own, own_calls = run_with(None)
+    handed, handed_calls = run_with(torch.float16)
+    other, other_calls = run_with(torch.bfloat16)
+    assert own_calls == [5] and handed_calls == [] and other_calls == [5]
+    for a, b, c in zip(own, handed, other):
+        if a is None:  # fc2.bias: the caller adds it, and differentiates it
+            assert b is None and c is None
+            continue
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
 @pytest.mark.parametrize("branch, qkv_bias", [(True, True), (False, False)])
 def test_block_node_sums_its_partials_in_one_launch(monkeypatch, branch, qkv_bias, mlp):
     """The block's backward hands its kernels' partial-sum buffers (fc1 bias, norm2 with the
