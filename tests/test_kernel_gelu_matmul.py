@@ -9,6 +9,7 @@ import pytest
 import torch
 import triton
 
+from fastmae.kernels import _common
 from fastmae.kernels import gelu_matmul as gm
 from fastmae.testing import assert_rel_close, poisoned_empty, rel_err
 
@@ -296,6 +297,23 @@ def test_every_gpu_configuration_at_a_decoder_shape(kind, monkeypatch):
         assert_rel_close(df, df32, 2 * rel_err(df_split, df32) + atol, f"df {name}")
         assert_rel_close(db, df32.sum(0), 2 * rel_err(db_split, df32.sum(0)) + atol,
                          f"dbias {name}")
+        # a second call launches the kept kernel straight through Triton's C launcher (the
+        # step's way from its second call of a shape on), descriptors included: the same bits
+        went = []
+        real_launch = _common._TunedDirect.launch
+
+        def counted(self, grid, args, kwargs):
+            went.append((self.tuned, real_launch(self, grid, args, kwargs)))
+            return went[-1][1]
+
+        monkeypatch.setattr(_common._TunedDirect, "launch", counted)
+        f2, g2 = gm.matmul_bias_gelu(a, w1, bias, dtype, tma=tma)
+        df2, db2 = gm.matmul_gelu_bwd(dm, w2, f, bias, dtype, tma=tma)
+        monkeypatch.setattr(_common._TunedDirect, "launch", real_launch)
+        if _common.DIRECT_LAUNCH:
+            assert all((t, True) in went for t in tuned), f"direct launch of {name}"
+        for what, x, y in (("f", f, f2), ("g", g, g2), ("df", df, df2), ("dbias", db, db2)):
+            assert torch.equal(x, y), f"{what} of the direct launch, {name}"
 
 
 def test_configuration_kinds_partition_the_gpu_configurations(monkeypatch):
@@ -320,10 +338,15 @@ def test_configuration_kinds_partition_the_gpu_configurations(monkeypatch):
 TMA_SHAPES = [(1, 8, 8), (7, 40, 12), (37, 96, 64), (33, 64, 40), (100, 36, 4)]
 
 
-def _tma_config(monkeypatch, subtile, warp_specialize=False):
+def _tma_config(monkeypatch, subtile, warp_specialize=False, device="cpu"):
     """The TMA kernels' first interpreter configuration with its epilogue in `subtile` pieces,
     their tile loops warp-specialized or not (then pointer-store epilogues, the backward's on
-    transposed tiles)."""
+    transposed tiles). Through the interpreter only: a GPU's TMA path takes 16-bit operands and
+    its own configurations (per Triton version), each of which
+    test_every_gpu_configuration_at_a_decoder_shape[tma*] checks there."""
+    if device == "cuda":
+        pytest.skip("the TMA kernels' interpreter configuration (on a GPU: "
+                    "test_every_gpu_configuration_at_a_decoder_shape[tma*])")
     for tuned in (gm._matmul_bias_gelu_tma_tuned, gm._matmul_gelu_bwd_tma_tuned):
         config = tuned.configs[0]
         kwargs = {**config.kwargs, "SUBTILE": subtile}
@@ -356,7 +379,7 @@ def test_tma_kernels_match_float64_and_the_pointer_kernels(M, N, K, subtile, war
     """The TMA path (persistent, fewer programs than tiles where there are more; the epilogue
     whole or in two pieces; the loops warp-specialized or not, the backward's then on
     transposed tiles) against float64, and bit-identical to the pointer kernels."""
-    _tma_config(monkeypatch, subtile, warp_specialize)
+    _tma_config(monkeypatch, subtile, warp_specialize, device)
     a, w1, bias, dm, w2 = _case(M, N, K, device, seed=M * 10 + N + K)
     assert gm.tma_ok(a.device, a.dtype, N, a=a, w=w1)
     f, g = gm.matmul_bias_gelu(a, w1, bias, a.dtype, tma=True)
@@ -382,7 +405,7 @@ def test_tma_half_precision_and_partial_rows_finer_than_the_tile(warp_specialize
     """fp16 operands through the TMA path (its loops warp-specialized or not), with partial sum
     rows of a quarter tile (the zeros of the rows a tile covers past its first: the poisoned
     buffer shows any left out)."""
-    _tma_config(monkeypatch, 1, warp_specialize)
+    _tma_config(monkeypatch, 1, warp_specialize, device)
     block_m = gm._TMA_BWD_CONFIGS[0].kwargs["BLOCK_M"]
     monkeypatch.setattr(gm, "_SUM_ROWS", block_m // 4)
     M, N, K = 3 * block_m + 5, 40, 24
@@ -414,7 +437,11 @@ def test_tma_path_refuses_what_a_descriptor_cannot_describe(device):
     tma_ok says no, and tma=True raises naming the operand."""
     a, w1, bias, dm, w2 = _case(9, 16, 13, device, seed=13)
     assert not gm.tma_ok(a.device, a.dtype, 16, a=a, w=w1)
-    a16, w16 = _case(9, 16, 16, device, seed=13)[:2]
+    # describable operands: fp32 through the interpreter, 16-bit on a GPU (its TMA path's only)
+    half = torch.bfloat16 if device == "cuda" else torch.float32
+    if not gm.tma_applies(a.device, half):
+        pytest.skip("no TMA path on this GPU (sm_90 and newer, and not with FASTMAE_TMA=0)")
+    a16, w16 = (t.to(half) for t in _case(9, 16, 16, device, seed=13)[:2])
     assert gm.tma_ok(a16.device, a16.dtype, 16, a=a16, w=w16)
     assert not gm.tma_ok(a16.device, a16.dtype, 16, a=a16[:1].expand(9, 16), w=w16)
     with pytest.raises(ValueError, match="tma=True: a must be"):
@@ -423,8 +450,9 @@ def test_tma_path_refuses_what_a_descriptor_cannot_describe(device):
     f, _ = gm.matmul_bias_gelu(a, w1, bias, a.dtype)
     with pytest.raises(ValueError, match="tma=True: w must be"):
         gm.matmul_gelu_bwd(dm, w2.t().contiguous().t(), f, bias, f.dtype, tma=True)
-    with pytest.raises(ValueError, match="16-byte output rows; got cpu"):
-        gm.matmul_bias_gelu(a, torch.randn(10, 16, device=device), bias[:10], a.dtype, tma=True)
+    with pytest.raises(ValueError, match=f"16-byte output rows; got {device}"):  # 10 x 2 bytes
+        gm.matmul_bias_gelu(a16, torch.randn(10, 16, device=device).to(half), bias[:10], half,
+                            tma=True)
 
 
 @pytest.mark.parametrize("env,tma_on,ws_on", [({}, True, True),
