@@ -379,11 +379,17 @@ def _attention_searches():
     for kind, tuned in kernels:
         searches = _common.TUNE_TIMINGS.get(id(tuned), {})
         for key, config in getattr(tuned, "cache", {}).items():
-            # the key: N, d, (B * H).bit_length(), then every tensor argument's dtype
+            # the key: N, d, (B * H).bit_length() (fused_q's: and HAS_SUMS), then every tensor
+            # argument's dtype
             n, d, bh_class = key[:3]
-            dtype = str(key[3]).replace("torch.", "") if len(key) > 3 else ""
+            rest = key[3:]
+            sums = rest[0] if rest and isinstance(rest[0], bool) else None
+            dtypes = rest[1:] if sums is not None else rest
+            dtype = str(dtypes[0]).replace("torch.", "") if dtypes else ""
             grid = f"B*H={2 ** (bh_class - 1)}..{2 ** bh_class - 1}"
-            out.append((f"attention {kind} N={n} d={d} {grid} {dtype}".rstrip(), config,
+            label = f"attention {kind} N={n} d={d} {grid} {dtype}".rstrip()
+            # the step's blocks run with the column sums: those keep the label other runs have
+            out.append((label + (" without column sums" if sums is False else ""), config,
                         searches.get(key, {})))
     return out + _mlp_searches()
 

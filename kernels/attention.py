@@ -1120,8 +1120,10 @@ _attn_bwd_fused_tuned = triton.autotune(
     prune_configs_by={"early_config_prune": _prune_bwd_fused},
 )(_attn_bwd_dkdv_heuristics)
 
+# HAS_SUMS keys the search too: its pruning keeps 16 warps only with the column sums on (without
+# them that tiling spilled), so a choice made with them must not serve a call without
 _attn_bwd_fused_q_tuned = triton.autotune(
-    configs=_BWD_FUSED_Q_CONFIGS, key=["N_CTX", "HEAD_DIM", "BH_CLASS"],
+    configs=_BWD_FUSED_Q_CONFIGS, key=["N_CTX", "HEAD_DIM", "BH_CLASS", "HAS_SUMS"],
     prune_configs_by={"early_config_prune": _prune_bwd_fused_q},
 )(triton.heuristics({"TAIL_N": _tail_of("BLOCK_N")})(_attn_bwd_fused_q))
 
@@ -1314,7 +1316,7 @@ def attention_bwd(do, q, k, v, o, lse, scale: float, dq=None, dk=None, dv=None, 
     def fused_q():
         # One program per (batch, head) holds every query and sweeps the keys: dQ, dK, dV.
         launch_tuned(
-            _attn_bwd_fused_q_tuned, (B * H, 1), (N, d, bh_class),
+            _attn_bwd_fused_q_tuned, (B * H, 1), (N, d, bh_class, has_sums),
             q, k, v, o, do, dq_w, dk_w, dv_w, lse, s_arg, sm_scale, qk_scale,
             *common_strides, *dk_w.stride(), *dv_w.stride(), s_b, s_r, s_s, s_h,
             H, N, cdiv(N, sum_rows), bh_class,

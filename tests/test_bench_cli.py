@@ -689,13 +689,19 @@ def test_committed_benchmarks_md_is_the_writers():
 
 def test_autotuned_names_each_attention_kernels_pick(monkeypatch):
     """The attention configurations the autotuner picked, one line per kernel and shape (its
-    cache key: N, d, (B * H).bit_length(), then every tensor argument's dtype)."""
+    cache key: N, d, (B * H).bit_length(), fused_q's HAS_SUMS, then every tensor argument's
+    dtype; a fused_q search without the column sums says so)."""
     import triton
     from fastmae.kernels import attention
     picks = {"_attn_fwd_tuned": {(197, 32, 13, "torch.bfloat16", "torch.bfloat16"): triton.Config(
                  {"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)},
              "_attn_bwd_fused_tuned": {(50, 64, 9, "torch.float16"): triton.Config(
                  {"BLOCK_M": 32}, num_warps=8, num_stages=1)},
+             "_attn_bwd_fused_q_tuned": {
+                 (197, 32, 13, True, "torch.bfloat16"): triton.Config(
+                     {"BLOCK_N": 64}, num_warps=16, num_stages=2),
+                 (197, 32, 13, False, "torch.bfloat16"): triton.Config(
+                     {"BLOCK_N": 64}, num_warps=8, num_stages=2)},
              "_attn_bwd_dq_tuned": {},
              "_attn_bwd_dkdv_tuned": {(197, 32, 13, "torch.bfloat16"): triton.Config(
                  {"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3, maxnreg=128)}}
@@ -713,6 +719,9 @@ def test_autotuned_names_each_attention_kernels_pick(monkeypatch):
         "attention fwd N=197 d=32 B*H=4096..8191 bfloat16":
             "BLOCK_M=64 BLOCK_N=64, warps=4, stages=2 (0.200 ms, fastest of 2; next 0.250 ms)",
         "attention bwd fused N=50 d=64 B*H=256..511 float16": "BLOCK_M=32, warps=8, stages=1",
+        "attention bwd fused_q N=197 d=32 B*H=4096..8191 bfloat16": "BLOCK_N=64, warps=16, stages=2",
+        "attention bwd fused_q N=197 d=32 B*H=4096..8191 bfloat16 without column sums":
+            "BLOCK_N=64, warps=8, stages=2",
         "attention bwd dkdv N=197 d=32 B*H=4096..8191 bfloat16":
             "BLOCK_M=64 BLOCK_N=64, warps=4, stages=3, maxnreg=128",  # a capped configuration
     }
@@ -723,8 +732,9 @@ def test_autotuned_names_each_mlp_matmuls_pick(monkeypatch):
     tensor dtypes), the TMA kernels by (next_pow2(M), N, K, A's element bytes, ...)."""
     import triton
     from fastmae.kernels import _common, attention, gelu_matmul
-    for name in ("_attn_fwd_tuned", "_attn_bwd_fused_tuned", "_attn_bwd_dq_tuned",
-                 "_attn_bwd_dkdv_tuned", "_matmul_gelu_bwd_tuned", "_matmul_gelu_bwd_tma_tuned"):
+    for name in ("_attn_fwd_tuned", "_attn_bwd_fused_tuned", "_attn_bwd_fused_q_tuned",
+                 "_attn_bwd_dq_tuned", "_attn_bwd_dkdv_tuned", "_matmul_gelu_bwd_tuned",
+                 "_matmul_gelu_bwd_tma_tuned"):
         module = attention if name.startswith("_attn") else gelu_matmul
         monkeypatch.setattr(getattr(module, name), "cache", {})
     persistent = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64,
