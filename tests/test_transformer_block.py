@@ -368,3 +368,22 @@ def test_cast_together_gives_tensor_to_bits_on_cuda(dtype):
     out = ops._cast_together(ws, dtype)
     for w, o in zip(ws, out):
         assert torch.equal(o.view(torch.int16), w.to(dtype=dtype).view(torch.int16))
+
+
+@pytest.mark.cuda
+def test_cast_block_weights_on_cuda_gives_tensor_to_bits():
+    """A ViT-B encoder's twelve blocks' weights through one multi-tensor cast on the GPU (many
+    chunks, several launches): each copy bit for bit Tensor.to, as each block's own cast."""
+    params = []
+    for i in range(12):
+        ps = block_case(1, 3, 768, 3072, seed=i)[2]
+        params.append(tuple(p.cuda().requires_grad_(True) for p in ps))
+    x = torch.randn(2, 50, 768, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        casts = ops.cast_block_weights(x, params)
+    assert len(casts) == 12
+    for ps, cast in zip(params, casts):
+        for src, out in zip((ps[2], ps[4], ps[8], ps[10], ps[3]), cast):
+            expected = src.detach().to(dtype=torch.bfloat16)
+            assert out.dtype == torch.bfloat16 and out.shape == src.shape
+            assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
