@@ -19,6 +19,10 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU; skipped without one")
+    config.addinivalue_line(
+        "markers", "interpreter(covered_by): runs fastmae's kernels on CPU tensors through "
+        "Triton's interpreter, which is off where a GPU is present: skipped there unless also "
+        "marked cuda (covered_by names the GPU tests that check the same)")
 
 
 # The sm_90 compile checks take about half the suite's CPU time, minutes a test (attention's the
@@ -30,6 +34,12 @@ FIRST_FILES = ("test_gpu_compile.py",)
 def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: item.path.name not in FIRST_FILES)  # a stable sort
     if HAS_CUDA:
+        for item in items:
+            mark = item.get_closest_marker("interpreter")
+            if mark is not None and "cuda" not in item.keywords:
+                item.add_marker(pytest.mark.skip(
+                    reason="CPU tensors through Triton's interpreter, which is off on a machine "
+                           f"with a GPU; there: {mark.kwargs.get('covered_by', 'the cuda tests')}"))
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
     for item in items:

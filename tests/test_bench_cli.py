@@ -223,6 +223,7 @@ def test_launch_work_is_paired_with_the_profiles_kernels_in_order():
         assert bench.with_launch_work(kernels, other, names) == (kernels, False)
 
 
+@pytest.mark.interpreter(covered_by="test_profiled_fastmae_step_pairs_every_launch_with_its_work")
 def test_profile_train_step_sets_the_observer_for_the_profiled_steps_only(monkeypatch):
     """On a CPU (the interpreter; the trace made up from the launches a like step made):
     profile_train_step reports each launch's work while its steps run, pairs it with the

@@ -86,6 +86,7 @@ def test_persistent_programs_match_float64(M, N, K, device, monkeypatch):
     _check_bwd(dm, w2, f, bias)
 
 
+@pytest.mark.interpreter(covered_by="test_every_gpu_configuration_at_a_decoder_shape[threads]")
 def test_persistent_programs_give_the_one_a_tile_results(device, monkeypatch):
     """Each tile's values do not depend on which program computed it: bit-identical."""
     a, w1, bias, dm, w2 = _case(37, 97, 64, device, seed=9)

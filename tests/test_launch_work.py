@@ -14,6 +14,10 @@ import torch
 from fastmae.kernels import _common, attention, gelu_matmul, layer_norm, masking, patch_embed
 
 F32 = 4
+# the counts are made on CPU tensors through the interpreter; a GPU run pairs each launch of a
+# profiled step with its count (tests/test_bench_cli.py, cuda)
+INTERPRETED = pytest.mark.interpreter(
+    covered_by="test_profiled_fastmae_step_pairs_every_launch_with_its_work")
 
 
 @pytest.fixture
@@ -37,6 +41,7 @@ def allocations(monkeypatch):
     return shapes
 
 
+@INTERPRETED
 def test_partial_sums_count_each_buffer_and_the_sums_once(observed):
     """The buffers a launch sums (the first passed again for the unused ones) and its sums; six
     buffers take two launches, each reporting its own."""
@@ -55,6 +60,7 @@ def test_no_observer_by_default():
     assert _common.OBSERVER is None
 
 
+@INTERPRETED
 def test_layer_norm_forward_counts_a_placeholder_once(observed):
     M, D = 7, 40
     x, w, b = torch.randn(M, D), torch.randn(D), torch.randn(D)
@@ -67,6 +73,7 @@ def test_layer_norm_forward_counts_a_placeholder_once(observed):
     assert observed == [("_layer_norm_fwd", F32 * (4 * M * D + 3 * D + 2 * M), 0)]
 
 
+@INTERPRETED
 def test_layer_norm_backward_counts_an_expanded_gradient_by_its_distinct_elements(
         observed, allocations):
     M, D = 13, 40
@@ -83,6 +90,7 @@ def test_layer_norm_backward_counts_an_expanded_gradient_by_its_distinct_element
     assert observed == [("_layer_norm_bwd", want, 0)]
 
 
+@INTERPRETED
 @pytest.mark.parametrize("strategy", ["fused", "fused_q", "split"])
 def test_attention_counts_its_products_and_only_the_tensors_it_touches(
         observed, monkeypatch, strategy):
@@ -104,6 +112,7 @@ def test_attention_counts_its_products_and_only_the_tensors_it_touches(
     assert observed == want
 
 
+@INTERPRETED
 def test_patch_embedding_reads_the_visible_patches_only(observed):
     N, C, Hi, W, p, D = 2, 3, 24, 16, 8, 40
     L, keep = (Hi // p) * (W // p), 2
@@ -130,6 +139,7 @@ def test_patch_embedding_reads_the_visible_patches_only(observed):
         ("_patch_embed_bwd_imgs", 8 * removed + F32 * removed * K, 0)]
 
 
+@INTERPRETED
 def test_fused_mlp_matmuls_count_their_products(observed):
     M, N, K = 13, 24, 40
     a, w, bias = torch.randn(M, K), torch.randn(N, K), torch.randn(N)
@@ -144,6 +154,7 @@ def test_fused_mlp_matmuls_count_their_products(observed):
     assert parts > 0 and parts % (F32 * N) == 0
 
 
+@INTERPRETED
 def test_token_gather_reads_the_kept_rows_only(observed):
     N, L, D, keep = 2, 9, 40, 3
     x = torch.randn(N, L, D)

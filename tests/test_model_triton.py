@@ -9,6 +9,10 @@ import torch.nn as nn
 import fastmae
 from fastmae.testing import rel_err
 
+pytestmark = pytest.mark.interpreter(
+    covered_by="this file's cuda tests (20 AdamW steps of ViT-B/16 against the reference, "
+               "torch.compile without graph breaks)")
+
 
 def tiny(seed=0, **kw):
     torch.manual_seed(seed)

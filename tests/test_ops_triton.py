@@ -8,6 +8,10 @@ from fastmae import ops, reference
 from fastmae.testing import (assert_rel_close, attention_case, bias_gelu_case, layer_norm_case,
                              loss_case, masking_case, patch_embed_case, unshuffle_case)
 
+pytestmark = pytest.mark.interpreter(
+    covered_by="fastmae check, every op and gradient against the reference on the GPU "
+               "(tests/test_check_cli.py), and the kernel tests' cuda cases")
+
 
 def leaves(case, names):
     """Fresh leaf copies of the named tensors, requiring grad, and float64 twins of them (every

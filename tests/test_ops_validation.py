@@ -64,8 +64,8 @@ def test_attention_checks(backend):
         ops.attention(case["q"][0], case["k"][0], case["v"][0])
 
 
-def test_attention_unsupported_head_dim_is_named():
-    case = attention_case(1, 2, 5, 24)
+def test_attention_unsupported_head_dim_is_named(device):
+    case = attention_case(1, 2, 5, 24, device=device)
     with fastmae.use_backend("triton"):
         with pytest.raises(ValueError, match="head dims"):
             ops.attention(**case)

@@ -9,6 +9,10 @@ import fastmae
 from fastmae import ops
 from fastmae.testing import assert_rel_close
 
+pytestmark = pytest.mark.interpreter(
+    covered_by="this file's cuda tests, the GPU training test (tests/test_model_triton.py) and "
+               "fastmae check's model runs")
+
 PARAM_NAMES = ("norm1.weight", "norm1.bias", "qkv.weight", "qkv.bias", "proj.weight", "proj.bias",
                "norm2.weight", "norm2.bias", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
 
