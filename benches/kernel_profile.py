@@ -21,17 +21,31 @@ them: q, k, v views of a packed (B, N, 3, H, d) bf16 qkv, the
 gradients into one packed buffer, the qkv bias's column sums on. The "mlp" case runs the
 decoder MLP's fc1 with its bias + GELU and fc2's input gradient with the GELU backward each
 way fastmae.ops times (kernels/gelu_matmul.py's threads' and TMA kernels, and the bias + GELU
-kernels of the split way, whose cuBLAS matmuls ncu leaves out). It writes to DIR:
+kernels of the split way, whose cuBLAS matmuls ncu leaves out). The fused_q backward is
+profiled only where attention's head tilings are on (gpu_suite.sh's stage 0c turns them off,
+FASTMAE_ATTN_HEAD_TILES=0, where they failed on the GPU). It writes to DIR:
 
-- ``kernels.ncu-rep`` (the report), ``details.csv`` and ``raw.csv`` (ncu's details and raw pages)
-  and ``sass_<n>_<kernel>.csv`` (each launch's SASS with its stall samples);
+- ``kernels.ncu-rep`` (the report; a newer ncu may give it another extension, ``.ncu-repz``),
+  ``details.csv`` and ``raw.csv`` (ncu's details and raw pages, in base units), ``ncu.log``
+  (``ncu --version`` and the profiled run's output) and ``sass_<n>_<kernel>.csv`` (each launch's
+  SASS with its stall samples);
 - ``launches.json``: what was launched in the region, in order, with the configurations the
   autotuners picked and timed;
 - ``kernel_profile.json`` and, printed last, a table: per launch its time, registers,
   occupancy, issue-slot use, eligible warps, the top stall reasons, and the instructions with
   the most stall samples.
 
-ncu must be on PATH, in /opt/nvidia/nsight-compute/*/ or /usr/local/cuda/bin, or given with --ncu.
+Time: --timeout is one deadline for everything: the profiled run, a second one with fewer
+sections where the first could not collect a section or metric (only then: a run that cannot
+profile, that raised or that profiled nothing is not repeated), and the exports, which keep the
+last EXPORT_SHARE_S of it. At the deadline (or when this process is told to stop) ncu's whole
+process group goes, the profiled Python process with it. Under gpu_suite.sh (PROFILE_TIMEOUT,
+150 s) the kernels' compiles come from Triton's cache, where stage 1 left them: the profiled run
+loads them and autotunes (printing how long that took), so with stage 1 skipped the compiles run
+under ncu and need a longer PROFILE_TIMEOUT. ncu's output is written to ncu.log as it comes.
+
+ncu must be on PATH, in /opt/nvidia/nsight-compute/*/ or /usr/local/cuda*/bin, or given with
+--ncu; where it is none of these the script says so and exits with SKIPPED (3).
 """
 import argparse
 import contextlib
@@ -42,8 +56,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -56,7 +72,14 @@ MLP_CASES = {"mlp": (256 * 197, 2048, 512)}
 SMOKE_MLP_CASES = {"mlp": (37, 64, 32)}
 # the kernels ncu profiles (its --kernel-name): fastmae's attention, fused matmuls, bias + GELU
 KERNELS = "regex:^_(attn|matmul|bias_gelu)"
-WAYS = ("split", "fused", "fused_q")  # the backward's ways (kernels/attention.py: _bwd_strategy)
+REPORT = "kernels"  # the report's name in DIR: ncu adds its extension
+# exit status where no ncu is found: gpu_suite.sh says the stage was skipped, not that it failed
+SKIPPED = 3
+TIMED_OUT = 124  # the exit status _run gives a command it stopped at its deadline, as timeout(1)
+# of --timeout, what the exports keep (ncu --import: two pages, then one SASS page a launch, a
+# few seconds each; an estimate, not yet timed) and the least time worth a second profiled run
+EXPORT_SHARE_S = 30
+MIN_RUN_S = 30
 
 # ncu's details page, by section: what the summary table takes (name, the column's heading)
 DETAILS = [("Duration", "us"), ("Registers Per Thread", "regs"),
@@ -65,12 +88,21 @@ DETAILS = [("Duration", "us"), ("Registers Per Thread", "regs"),
            ("Issue Slots Busy", "issue %"), ("Eligible Warps Per Scheduler", "eligible"),
            ("Warp Cycles Per Issued Instruction", "cyc/issue"),
            ("Compute (SM) Throughput", "SM %"), ("DRAM Throughput", "DRAM %")]
-_TIME_UNITS = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6}
+# durations to microseconds: current ncu names the units ns, us, ms, s; older ones nsecond, ...
+_TIME_UNITS = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3,
+               "s": 1e6, "second": 1e6}
 # the warp-state section's stall breakdown, in warp cycles per issued instruction
 _STALL = re.compile(r"^smsp__average_warps?_issue_stalled_(\w+?)_per_issue_active\.ratio$")
 
 
 # ----------------------------------------------------------------------------- the profiled run
+
+def bwd_ways():
+    """The backward's ways profiled (kernels/attention.py: _bwd_strategy): fused_q only where
+    attention's head tilings are on (FASTMAE_ATTN_HEAD_TILES, read when the kernels import)."""
+    from fastmae.kernels import attention
+    return ("split", "fused") + (("fused_q",) if attention._HEAD_TILES else ())
+
 
 def _case_calls(B, H, N, d, device, dtype):
     """[(way, zero-argument call)] of one attention case, laid out as fastmae.ops calls it."""
@@ -104,7 +136,7 @@ def _case_calls(B, H, N, d, device, dtype):
         return call
 
     return [("fwd", lambda: attention.attention_fwd(q, k, v, scale, out=o))] + [
-        (f"bwd {way}", backward(way)) for way in WAYS]
+        (f"bwd {way}", backward(way)) for way in bwd_ways()]
 
 
 def _mlp_calls(M, N, K, device, dtype):
@@ -162,9 +194,12 @@ def run_cases(names, smoke=False):
             case_calls = _case_calls(*table[name], device=device, dtype=dtype)
         for way, call in case_calls:
             calls.append((f"{name} {way}", call))
+    started = time.monotonic()
     for _, call in calls:  # outside the profiled region: every compile and autotuning search
         call()
         call()
+    print(f"{len(calls)} calls compiled and autotuned in {time.monotonic() - started:.0f} s",
+          flush=True)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.profiler.start()
@@ -183,9 +218,10 @@ def run_cases(names, smoke=False):
 # ----------------------------------------------------------------------------- ncu and its output
 
 def find_ncu(given=None):
-    """The ncu executable: ``given``, else on PATH, else the newest under the usual folders."""
+    """The ncu executable: ``given`` (None if it is none), else on PATH, else the newest under
+    the usual folders."""
     if given:
-        return given
+        return shutil.which(given)
     found = shutil.which("ncu")
     if found:
         return found
@@ -213,10 +249,11 @@ def profile_command(ncu, report, inner_args, sections=None):
 
 
 def export_commands(ncu, report, launches):
-    """{file name: ncu command} exporting the report as text: the details and raw pages, and
-    each launch's SASS with its stall samples (picked by kernel name and occurrence)."""
-    out = {"details.csv": [ncu, "--import", report, "--csv", "--page", "details"],
-           "raw.csv": [ncu, "--import", report, "--csv", "--page", "raw"]}
+    """{file name: ncu command} exporting the report as text: the details and raw pages (in base
+    units: ncu otherwise picks a unit a value), and each launch's SASS with its stall samples
+    (picked by kernel name and occurrence). The pages first: the summary reads them."""
+    page = [ncu, "--import", report, "--csv", "--print-units", "base", "--page"]
+    out = {"details.csv": [*page, "details"], "raw.csv": [*page, "raw"]}
     seen = {}
     for n, launch in enumerate(launches):
         kernel = launch["kernel"]
@@ -245,16 +282,18 @@ def _table(text, *names):
 
 def parse_details(text):
     """{result ID: {"kernel": name, metric name: value}} from ncu's details page in CSV (one row
-    a metric: ID, ..., Kernel Name, ..., Section Name, Metric Name, Metric Unit, Metric Value);
-    durations in microseconds, numbers as floats."""
+    a metric: ID, ..., Kernel Name, ..., Section Name, Metric Name, Metric Unit, Metric Value,
+    and in current ncu the rules' columns after it, which a metric's row may leave out and a
+    rule's row fills, its metric's empty); durations in microseconds, numbers as floats."""
     head, rows = _table(text, "ID", "Kernel Name", "Metric Name", "Metric Unit", "Metric Value")
     if head is None:
         return {}
     col = {name: head.index(name) for name in
            ("ID", "Kernel Name", "Metric Name", "Metric Unit", "Metric Value")}
+    last = max(col.values())
     out = {}
     for row in rows:
-        if len(row) < len(head):
+        if len(row) <= last or not row[col["Metric Name"]]:
             continue
         result = out.setdefault(row[col["ID"]], {"kernel": row[col["Kernel Name"]]})
         value = _number(row[col["Metric Value"]])
@@ -267,7 +306,8 @@ def parse_details(text):
 
 def parse_stalls(text):
     """{result ID: {stall reason: warp cycles per issued instruction}} from ncu's raw page in CSV
-    (one row a result, one column a metric; a row of units, with no ID, may follow the heading)."""
+    (one row a result, one column a metric; a row of units, with no ID, may follow the heading;
+    a row may end before the heading does)."""
     head, rows = _table(text, "ID", "Kernel Name")
     if head is None:
         return {}
@@ -275,9 +315,9 @@ def parse_stalls(text):
     stall_cols = [(i, m.group(1)) for i, name in enumerate(head) if (m := _STALL.match(name))]
     out = {}
     for row in rows:
-        if len(row) < len(head) or not row[id_col]:
+        if len(row) <= id_col or not row[id_col]:
             continue
-        stalls = {reason: _number(row[i]) for i, reason in stall_cols}
+        stalls = {reason: _number(row[i]) for i, reason in stall_cols if i < len(row)}
         out[row[id_col]] = {r: v for r, v in stalls.items() if v is not None}
     return out
 
@@ -295,10 +335,11 @@ def parse_sass(text, top=8):
     reason_cols = [(i, h) for i, h in enumerate(head) if h.startswith("stall_")]
     per_instruction, per_opcode, per_reason = [], {}, {}
     for row in rows:
-        if len(row) < len(head):
+        if len(row) <= max(source, samples):
             continue
         for i, h in reason_cols:
-            per_reason[h] = per_reason.get(h, 0) + (_number(row[i]) or 0)
+            if i < len(row):
+                per_reason[h] = per_reason.get(h, 0) + (_number(row[i]) or 0)
         count = _number(row[samples])
         if not count:
             continue
@@ -356,51 +397,154 @@ def format_table(rows):
 
 # ----------------------------------------------------------------------------- driver
 
-def _run(command, path, timeout, with_stderr=False):
-    """Run ``command``, its stdout (and with_stderr, its stderr) to ``path``; (return code,
-    stderr tail)."""
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        out, err, rc = exc.stdout or "", f"timed out after {timeout} s", 124
-        out = out.decode(errors="replace") if isinstance(out, bytes) else out
-    else:
-        out, err, rc = done.stdout, done.stderr, done.returncode
-    with open(path, "w") as f:
-        f.write(out + (err if with_stderr else ""))
-    return rc, err[-2000:]
+def _stop_session(proc, grace=5):
+    """End ``proc`` and every process of its session (ncu and the process it profiles): SIGTERM,
+    then after ``grace`` seconds SIGKILL for whatever is left."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(grace)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
-def profile(out_dir, names, ncu, timeout=400):
-    """Run the cases under ncu, export its report as text and summarize it. Returns the exit
-    status (0: every step worked)."""
-    os.makedirs(out_dir, exist_ok=True)
-    report = os.path.join(out_dir, "kernels.ncu-rep")
+def _run(command, path, deadline, append=False, merge_stderr=False):
+    """Run ``command`` in a session of its own until ``deadline`` (time.monotonic()), its stdout
+    written to ``path`` as it comes (appended, append; with its stderr, merge_stderr), so that a
+    run cut short leaves what it printed. At the deadline, or where this process is stopped
+    meanwhile, the whole session goes (a profiled process ncu started with it). Returns (exit
+    status, TIMED_OUT at the deadline; the tail of stderr where it is not merged)."""
+    with open(path, "a" if append else "w") as out:
+        proc = subprocess.Popen(command, stdout=out, text=True, start_new_session=True,
+                                stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE)
+        try:
+            _, err = proc.communicate(timeout=max(0.0, deadline - time.monotonic()))
+            rc = proc.returncode
+        except subprocess.TimeoutExpired:
+            err, rc = "timed out", TIMED_OUT
+        finally:
+            _stop_session(proc)
+    return rc, (err or "")[-2000:]
+
+
+_TRACEBACK = "Traceback (most recent call last):"
+# ncu's report of a section or metric it could not collect: the named sections may do without it
+_COLLECTION_FAILED = re.compile(r"^==ERROR==.*\b(section|metric|failed to profile).*$",
+                                re.I | re.M)
+
+
+def _exception_line(log):
+    """The exception of the last Python traceback in ``log``: its first unindented line."""
+    after = log[log.rindex(_TRACEBACK) + len(_TRACEBACK):].splitlines()
+    return next((line.strip() for line in after
+                 if line.strip() and not line[0].isspace() and not line.startswith("==")),
+                "an exception")
+
+
+def run_failure(rc, log, produced):
+    """Whether the profiled run failed, from its exit status ``rc``, its output ``log`` and
+    whether it ``produced`` the report and the launches file: None where it worked, else
+    (retry, one-line reason). A retry (the named sections) is a whole second run: only where
+    ncu could not collect a section or metric, never where it cannot profile here, profiled no
+    kernel, or the profiled process raised."""
+    if rc == 0 and produced:
+        return None
+    if "ERR_NVGPUCTRPERM" in log:
+        return False, "ncu may not read this GPU's performance counters (ERR_NVGPUCTRPERM)"
+    if _TRACEBACK in log:
+        return False, f"the profiled process raised {_exception_line(log)}"
+    if "No kernels were profiled" in log:
+        return False, "ncu profiled no kernel (\"No kernels were profiled\")"
+    if rc == TIMED_OUT:
+        return False, "timed out"
+    collection = _COLLECTION_FAILED.search(log)
+    if collection:
+        return True, collection.group(0).strip()
+    errors = [line.strip() for line in log.splitlines() if line.startswith("==ERROR==")]
+    if errors:
+        return False, errors[-1]
+    return False, "no report or launches file" if rc == 0 else "no ==ERROR== line in its output"
+
+
+def reports(out_dir):
+    """The reports ncu wrote in ``out_dir``: kernels.ncu-rep, or kernels with the extension a
+    newer ncu gives it (.ncu-repz)."""
+    return sorted(glob.glob(os.path.join(glob.escape(out_dir), REPORT + ".ncu-rep*")))
+
+
+def _profiled_run(out_dir, ncu, inner_args, deadline):
+    """Run the cases under ncu until ``deadline``: the "full" set, then, only where that could
+    not collect a section or metric and time is left, the named sections. True if a run
+    worked."""
     launches_path = os.path.join(out_dir, "launches.json")
-    inner_args = ["--cases", ",".join(names), "--launches", launches_path]
     for attempt, sections in enumerate((None, SECTIONS)):
-        command = profile_command(ncu, report, inner_args, sections)
+        for stale in reports(out_dir) + [launches_path]:  # a run that fails leaves none behind
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(stale)
+        command = profile_command(ncu, os.path.join(out_dir, REPORT), inner_args, sections)
         print("$ " + " ".join(command), flush=True)
         log = os.path.join(out_dir, f"ncu{'' if sections is None else '_sections'}.log")
-        rc, err = _run(command, log, timeout, with_stderr=True)
-        if rc == 0 and os.path.exists(launches_path):
-            break
-        print(f"the profiled run failed (exit {rc}): see {os.path.basename(log)}\n{err}",
+        with open(log, "a" if attempt == 0 else "w") as f:
+            f.write("$ " + " ".join(command) + "\n")
+        rc, _ = _run(command, log, deadline, append=True, merge_stderr=True)
+        with open(log, errors="replace") as f:
+            failure = run_failure(rc, f.read(), bool(reports(out_dir))
+                                  and os.path.exists(launches_path))
+        if failure is None:
+            return True
+        retry, why = failure
+        print(f"the profiled run failed (exit {rc}): {why} (see {os.path.basename(log)})",
               file=sys.stderr)
-        if rc == 124 or attempt == 1:  # a second run would not fit, or has failed too
-            return 1
-    with open(launches_path) as f:
-        inner = json.load(f)
-    launches = inner["launches"]
-    status = 0
-    texts = {}
+        if not retry or attempt == 1:
+            return False
+        if deadline - time.monotonic() < MIN_RUN_S:
+            print("no time left for a run with the named sections", file=sys.stderr)
+            return False
+
+
+def _export(ncu, report, launches, out_dir, deadline):
+    """Export the report as text, one ncu --import at a time until ``deadline``. Returns
+    ({file name: its text, "" where not exported}, exit status: 0 if every export worked)."""
+    texts, status, left_out = {}, 0, []
     for name, export in export_commands(ncu, report, launches).items():
-        rc, err = _run(export, os.path.join(out_dir, name), 120)
+        path = os.path.join(out_dir, name)
+        texts[name] = ""
+        if time.monotonic() >= deadline:
+            left_out.append(name)
+            continue
+        rc, err = _run(export, path, deadline)
         if rc != 0:
             print(f"ncu export {name} failed (exit {rc}): {err}", file=sys.stderr)
             status = 1
-        with open(os.path.join(out_dir, name)) as f:
+        with open(path, errors="replace") as f:
             texts[name] = f.read()
+    if left_out:
+        print(f"no time left to export {', '.join(left_out)}", file=sys.stderr)
+        status = 1
+    return texts, status
+
+
+def profile(out_dir, names, ncu, timeout=400):
+    """Run the cases under ncu, export its report as text and summarize it, all inside
+    ``timeout`` seconds (the exports keep the last EXPORT_SHARE_S, at most a quarter). Returns the
+    exit status (0: every step worked)."""
+    deadline = time.monotonic() + timeout
+    os.makedirs(out_dir, exist_ok=True)
+    launches_path = os.path.join(out_dir, "launches.json")
+    log = os.path.join(out_dir, "ncu.log")
+    with open(log, "w") as f:
+        f.write(f"$ {ncu} --version\n")
+    _run([ncu, "--version"], log, min(deadline, time.monotonic() + 20), append=True,
+         merge_stderr=True)
+    inner_args = ["--cases", ",".join(names), "--launches", launches_path]
+    if not _profiled_run(out_dir, ncu, inner_args, deadline - min(EXPORT_SHARE_S, timeout / 4)):
+        return 1
+    with open(launches_path) as f:
+        inner = json.load(f)
+    launches = inner["launches"]
+    texts, status = _export(ncu, reports(out_dir)[0], launches, out_dir, deadline)
     sass = {}
     for n, launch in enumerate(launches):
         sass[n] = parse_sass(texts.get(f"sass_{n}_{launch['kernel']}.csv", ""))
@@ -421,13 +565,19 @@ def profile(out_dir, names, ncu, timeout=400):
     return status
 
 
+def _stop(signum, frame):
+    """SIGTERM (gpu_suite.sh's timeout) as an exit, so that ncu's session is ended on the way."""
+    raise SystemExit(128 + signum)
+
+
 def _parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.environ.get("OUT", "out/profile"),
                    help="folder for the report and its text exports (default: $OUT or out/profile)")
     p.add_argument("--cases", default="decoder", help="comma-separated: decoder, encoder, mlp")
     p.add_argument("--ncu", default=None, help="the ncu executable (default: found)")
-    p.add_argument("--timeout", type=int, default=400, help="seconds for the profiled run")
+    p.add_argument("--timeout", type=int, default=400,
+                   help="seconds for everything: the profiled run(s) and the exports")
     p.add_argument("--smoke", action="store_true",
                    help="CPU: run the profiled calls at tiny shapes through the interpreter")
     p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
@@ -459,9 +609,15 @@ def main(argv=None):
         return 2
     ncu = find_ncu(args.ncu)
     if ncu is None:
-        print("ncu (Nsight Compute) not found: give it with --ncu", file=sys.stderr)
-        return 2
-    return profile(args.out, names, ncu, args.timeout)
+        where = args.ncu or "on PATH, in /opt/nvidia/nsight-compute/*/ or /usr/local/cuda*/bin"
+        print(f"skipped: ncu (Nsight Compute) not found ({where}): give it with --ncu",
+              file=sys.stderr)
+        return SKIPPED
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        return profile(args.out, names, ncu, args.timeout)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
