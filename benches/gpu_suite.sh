@@ -7,8 +7,8 @@
 # OUTDIR as it is written (a run cut short still leaves what it measured):
 # 0. the direct Triton launch checked against Triton's own (tests/test_direct_launch.py);
 # 0b. the MLP's TMA kernels, each configuration once (a kind that fails is left out of the run);
-# 0c. attention's head tilings (fused_q, the forward's 256-row tiles), each configuration once
-#     (left out of the run if they fail);
+# 0c. attention's head tilings (fused_q, the forward's 256-row tiles), each configuration once,
+#     beside 0b (left out of the run if they fail);
 # 1. `fastmae bench --compile` for ViT-B/16: fastmae's kernels compiled in parallel processes
 #    (fastmae.precompile), parity on one shared step, then the eager reference, fastmae,
 #    fastmae + CUDA graph and torch.compile of the reference, with the profiler's kernel
@@ -48,8 +48,8 @@
 # compiles loaded from Triton's cache where stage 1 left them, then ncu's replays of five
 # launches, four where stage 0c turned the head tilings off) go with the first: PROFILE=1.
 # Stages 0 and 0b (two pytest processes of at most TMA_TIMEOUT each, not yet timed on a GPU)
-# run before both, then stage 0c (one of at most HEAD_TIMEOUT, compiling about 12 kernels);
-# with PROFILE=1 the PROFILE_TIMEOUT of 150 should keep the first inside a 600 s device call
+# run before both, and beside 0b stage 0c (one of at most HEAD_TIMEOUT, compiling about 12
+# kernels); with PROFILE=1 the PROFILE_TIMEOUT of 150 should keep the first inside a 600 s device call
 # (stages 0-3 took 311 s at 6c02ddb, before 0b and 0c). With SKIP_STEP=1 stage 3d compiles
 # under ncu: give it more.
 #
@@ -123,21 +123,57 @@ if [ "${FASTMAE_TRITON_LAUNCH:-direct}" != "triton" ]; then
     fi
 fi
 
-# ---------------------------------------------------------------- 0b. the TMA MLP kernels
-# kernels/gelu_matmul.py's TMA kernels (not yet run on a GPU when this stage came) go next, each
-# configuration once at the decoder's widths, the flattened ones then the warp-specialized
-# ones (their compiles land in Triton's cache, where stage 1 finds them): a kind that fails
-# or hangs here is left out of the rest of the run (FASTMAE_TMA=0: every TMA kernel;
-# FASTMAE_WARP_SPECIALIZE=0: the warp-specialized ones) rather than faulting its benchmarks.
-first_check() {  # time limit, test file, pytest -k expression: a kind's CUDA test, on its own
-    run timeout -k 10 "$1" "$PY" -m pytest "$REPO/tests/$2" -m cuda -k "$3" \
+# ---------------------------------------------------------------- 0b and 0c: the newest kernels
+# Each kind of kernel not yet run on a GPU when its stage came is run once a configuration, in a
+# CUDA test of its own, before anything is measured; a kind that fails or hangs is left out of
+# the rest of the run rather than faulting its benchmarks. Their compiles land in Triton's
+# cache, where stage 1 finds them.
+check_command() {  # time limit, test file, pytest -k expression: a kind's CUDA test, on its own
+    timeout -k 10 "$1" "$PY" -m pytest "$REPO/tests/$2" -m cuda -k "$3" \
         -q -p no:cacheprovider -rfE --tb=short
-    local rc=$?
-    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
-        say "timed out after $1 s (not a failed check: its compiles may need longer)"
+}
+said_timeout() {  # exit status, time limit: say so where a check timed out (124; 137: killed)
+    if [ "$1" -eq 124 ] || [ "$1" -eq 137 ]; then
+        say "timed out after $2 s (not a failed check: its compiles may need longer)"
     fi
+}
+first_check() {  # as check_command, its output in the log
+    run check_command "$@"
+    local rc=$?
+    said_timeout "$rc" "$1"
     return "$rc"
 }
+
+# 0c. attention's head tilings (kernels/attention.py: the fused_q backward and the forward's
+# 256-row tiles), each configuration once at MAE's shapes; left out where they fail
+# (FASTMAE_ATTN_HEAD_TILES=0). It runs beside stage 0b, in a process of its own (a fault in one
+# does not reach the other; their compiles, a CPU core each, overlap), its output in
+# OUTDIR/head_tilings.log, copied into the log when it ends.
+HEAD_PID=""
+if [ "${FASTMAE_ATTN_HEAD_TILES:-1}" != "0" ]; then
+    say "0c/6 attention's head tilings on this GPU, each configuration once (beside 0b)"
+    check_command "${HEAD_TIMEOUT:-150}" test_kernel_attention.py \
+        "every_autotune_config and (fused_q or fwd_head)" > "$OUTDIR/head_tilings.log" 2>&1 &
+    HEAD_PID=$!
+fi
+head_tilings_result() {  # after stage 0b: wait for 0c, log its output, act on its exit status
+    [ -n "$HEAD_PID" ] || return 0
+    wait "$HEAD_PID"
+    local rc=$?
+    say "0c/6 attention's head tilings: exit $rc"
+    tee -a "$LOG" < "$OUTDIR/head_tilings.log"
+    said_timeout "$rc" "${HEAD_TIMEOUT:-150}"
+    if [ "$rc" -ne 0 ]; then
+        say "attention's head tilings failed here: the rest of the run leaves them out" \
+            "(FASTMAE_ATTN_HEAD_TILES=0)"
+        export FASTMAE_ATTN_HEAD_TILES=0
+        STATUS=1
+    fi
+}
+
+# 0b. kernels/gelu_matmul.py's TMA kernels at the decoder's widths, the flattened ones then the
+# warp-specialized ones; left out where they fail (FASTMAE_TMA=0: every TMA kernel;
+# FASTMAE_WARP_SPECIALIZE=0: the warp-specialized ones).
 tma_check() {  # pytest -k expression, after the CUDA test's name
     first_check "${TMA_TIMEOUT:-90}" test_kernel_gelu_matmul.py "every_gpu_configuration and $1"
 }
@@ -154,22 +190,7 @@ if [ "${FASTMAE_TMA:-1}" != "0" ]; then
         STATUS=1
     fi
 fi
-
-# ---------------------------------------------------------------- 0c. attention's head tilings
-# the attention tilings whose one program holds every query of a head (kernels/attention.py:
-# the fused_q backward and the forward's 256-row tiles; not yet run on a GPU when this stage
-# came), each configuration once at MAE's shapes: if they fail or hang, the rest of the run
-# leaves them out (FASTMAE_ATTN_HEAD_TILES=0) rather than faulting its benchmarks.
-if [ "${FASTMAE_ATTN_HEAD_TILES:-1}" != "0" ]; then
-    say "0c/6 attention's head tilings on this GPU, each configuration once"
-    if ! first_check "${HEAD_TIMEOUT:-150}" test_kernel_attention.py \
-            "every_autotune_config and (fused_q or fwd_head)"; then
-        say "attention's head tilings failed here: the rest of the run leaves them out" \
-            "(FASTMAE_ATTN_HEAD_TILES=0)"
-        export FASTMAE_ATTN_HEAD_TILES=0
-        STATUS=1
-    fi
-fi
+head_tilings_result
 
 # ---------------------------------------------------------------- 1-3. training step
 step_bench() {  # model timeout extra-args...
