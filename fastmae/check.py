@@ -532,9 +532,9 @@ def _model_rows(device, dtypes):
         settings += [(DTYPES[d], f"fp32+amp-{d}") for d in dtypes if d != "fp32"]
     for amp, dname in settings:
         # every way of each kernel path chosen by timing on a GPU (the MLP's fused matmuls, by
-        # threads or by TMA, or cuBLAS + the bias + GELU kernels, attention's fused or
-        # two-kernel backward): a run keeps only the fastest, and the check covers the others
-        # (the TMA way where it applies: gelu_matmul.tma_applies)
+        # threads or by TMA, or cuBLAS + the bias + GELU kernels, attention's backward holding a
+        # head's keys or its queries, or two kernels): a run keeps only the fastest, and the
+        # check covers the others (the TMA way where it applies: gelu_matmul.tma_applies)
         from fastmae.kernels import gelu_matmul
         tma = gelu_matmul.tma_applies(torch.device(device), amp or torch.float32)
         for paths in KERNEL_PATHS if tma else tuple(p for p in KERNEL_PATHS if p != "fused_tma"):
@@ -548,13 +548,17 @@ def _model_rows(device, dtypes):
     return rows
 
 
-KERNEL_PATHS = ("fused", "fused_tma", "split")
+# one model run a way: "fused_q" forces attention's backward that holds a head's queries (the MLP
+# and the patch embedding's weight gradient then run fused), which timing keeps only where N > 64
+# and a small model would otherwise never run
+KERNEL_PATHS = ("fused", "fused_q", "fused_tma", "split")
 _PATH_VARIABLES = tuple(WAYS)  # FASTMAE_MLP, FASTMAE_ATTN_BWD, FASTMAE_PATCH_WGRAD
 
 
 def _forced_paths(name):
-    """Every kernel path chosen by timing forced to ``name`` ("fused", "fused_tma" or "split")
-    meanwhile; a path without that way ("fused_tma" is the MLP's only) to "fused"."""
+    """Every kernel path chosen by timing forced to ``name`` ("fused", "fused_q", "fused_tma" or
+    "split") meanwhile; a path without that way ("fused_q" is attention's only, "fused_tma" the
+    MLP's) to "fused"."""
     return forced_environment({v: name if name in WAYS[v] else "fused" for v in _PATH_VARIABLES})
 
 
