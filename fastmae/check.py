@@ -548,9 +548,9 @@ def _model_rows(device, dtypes):
     return rows
 
 
-# one model run a way: "fused_q" forces attention's backward that holds a head's queries (the MLP
-# and the patch embedding's weight gradient then run fused), which timing keeps only where N > 64
-# and a small model would otherwise never run
+# one model run a way, each forcing every timed path ("fused_q": attention's backward that holds
+# a head's queries, the MLP and the patch embedding's weight gradient then fused; without its
+# run no model run would reach fused_q, as every run forces attention's way)
 KERNEL_PATHS = ("fused", "fused_q", "fused_tma", "split")
 _PATH_VARIABLES = tuple(WAYS)  # FASTMAE_MLP, FASTMAE_ATTN_BWD, FASTMAE_PATCH_WGRAD
 
