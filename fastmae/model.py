@@ -113,16 +113,14 @@ class Block(nn.Module):
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
-    def forward_fused(self, x, branch=None, cast_weights=None):
+    def forward_fused(self, x, branch=None):
         """One block on the residual stream ``x`` with the previous block's MLP output ``branch``
         = (fc2 output without its bias, fc2.bias) not yet added: that add is fused into this
         block's first LayerNorm, and this block's own MLP output is handed on the same way.
         The attention and MLP output projections run without their biases: each bias is added in
         the fused residual add + LayerNorm, whose backward produces its gradient in the same
-        pass. ``cast_weights``: this block's entry of ``ops.cast_block_weights`` or None.
-        Returns (x, branch); the caller adds the last branch (``ops.transformer_block``)."""
-        params, num_heads, scale, eps = self._fused_args()
-        return ops.transformer_block(x, branch, params, num_heads, scale, eps, cast_weights)
+        pass. Returns (x, branch); the caller adds the last branch (``ops.transformer_block``)."""
+        return ops.transformer_block(x, branch, *self._fused_args())
 
     def _fused_args(self):
         """ops.transformer_block's (params, num_heads, scale, eps) for this block, read with
@@ -140,11 +138,13 @@ def _run_blocks(blocks, norm, x):
     """blocks then the final norm; under the "triton" backend each residual add is fused into the
     LayerNorm that follows it."""
     if ops.backend_for(x) == "triton" and _fusable_norm(norm) and all(b.fusable() for b in blocks):
-        # under autocast every block's weights cast at once (ops.cast_block_weights)
-        casts = ops.cast_block_weights(x, [blk._fused_args()[0] for blk in blocks])
+        # each block's arguments read once: for the weight casts, under autocast every block's
+        # at once (ops.cast_block_weights), and for the block (as Block.forward_fused passes them)
+        args = [blk._fused_args() for blk in blocks]
+        casts = ops.cast_block_weights(x, [params for params, *_ in args])
         branch = None
-        for blk, cast in zip(blocks, casts):
-            x, branch = blk.forward_fused(x, branch, cast)
+        for (params, num_heads, scale, eps), cast in zip(args, casts):
+            x, branch = ops.transformer_block(x, branch, params, num_heads, scale, eps, cast)
         if branch is None:
             return ops.layer_norm(x, norm.weight, norm.bias, norm.eps)
         return ops.add_layer_norm(branch[0], x, norm.weight, norm.bias, norm.eps, branch[1])[1]

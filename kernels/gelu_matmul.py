@@ -497,12 +497,11 @@ def _tma_configs(hook, backward):
     # cooperative structure (the "coopA" kernels of its H200 profile, BENCHMARKS.md), with the
     # next tile's loads issued while the consumers run the GELU epilogue. The forward's
     # 256 x 128 (128 rows a consumer, as cuBLAS's 256 x 128 tiles) compiles too but spills 72
-    # bytes a thread: left out. The
-    # partitioning refuses a reduction across the consumers' rows, which the backward's
-    # bias-gradient column sums are, so its warp-specialized loop computes transposed tiles
-    # (N x M: the sums are row sums, within each consumer; F is read and DF written through
-    # pointers); of its tilings 128 x 128 and 64 x 256 (M x N) spill 8 and 16-24 bytes a
-    # thread, 256 x 128 and 128 x 256 over 1 KB (left out).
+    # bytes a thread: left out. The partitioning refuses a reduction across the consumers'
+    # rows, which the backward's bias-gradient column sums are, so its warp-specialized loop
+    # computes transposed tiles (N x M: the sums are row sums, within each consumer; F is read
+    # and DF written through pointers); of its tilings 128 x 128 and 64 x 256 (M x N) spill 8
+    # and 16-24 bytes a thread, 256 x 128 and 128 x 256 over 1 KB (left out).
     # (The interpreter has one configuration a kernel, with small tiles; the tests force the
     # others' kinds, WARP_SPECIALIZE included.)
     shapes = [(16, 32, 16, 4, 1, 1, 2, False)] if interpreting() else _tma_gpu_shapes(backward)

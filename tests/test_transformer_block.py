@@ -257,15 +257,21 @@ def test_cast_together_gives_tensor_to_bits(dtype):
     assert ops._cast_together([ws[2]], dtype)[0].dtype == dtype  # a group of one
 
 
-def test_block_node_casts_its_weights_in_one_foreach_copy(monkeypatch):
-    """Under autocast the block's four weights and qkv bias reach the matmul dtype through one
-    torch._foreach_copy_ (one kernel on CUDA) instead of five casts."""
+@pytest.fixture
+def foreach_copies(monkeypatch):
+    """The torch._foreach_copy_ calls made while a test runs: how many tensors each copied."""
     calls = []
     real = torch._foreach_copy_
     monkeypatch.setattr(torch, "_foreach_copy_",
                         lambda dst, src, *a: calls.append(len(src)) or real(dst, src, *a))
+    return calls
+
+
+def test_block_node_casts_its_weights_in_one_foreach_copy(foreach_copies):
+    """Under autocast the block's four weights and qkv bias reach the matmul dtype through one
+    torch._foreach_copy_ (one kernel on CUDA) instead of five casts."""
     run_block(block_case(1, 5, 64, 64, branch=True), 2, True, torch.float16)
-    assert calls == [5]
+    assert foreach_copies == [5]
 
 
 def test_cast_block_weights_applies_only_where_a_block_node_casts():
@@ -294,19 +300,15 @@ def test_cast_block_weights_applies_only_where_a_block_node_casts():
             assert torch.equal(out, src.detach().to(torch.float16))
 
 
-def test_block_node_takes_cast_weights_of_its_dtype_only(monkeypatch):
+def test_block_node_takes_cast_weights_of_its_dtype_only(foreach_copies):
     """transformer_block(cast_weights=...) runs on the copies it is handed (no cast of its own)
     and gives the same bits as casting itself; copies in another dtype than the block's matmul
     dtype are not used: the block casts its own."""
     case = block_case(2, 5, 64, 64, branch=True, seed=3)
     x, br, params, (gs, gm) = case
-    calls = []
-    real = torch._foreach_copy_
-    monkeypatch.setattr(torch, "_foreach_copy_",
-                        lambda dst, src, *a: calls.append(len(src)) or real(dst, src, *a))
 
     def run_with(cast_dtype):
-        calls.clear()
+        foreach_copies.clear()
         xl = x.clone().requires_grad_(True)
         ps = tuple(p.clone().requires_grad_(True) for p in params)
         cast = None
@@ -317,7 +319,8 @@ def test_block_node_takes_cast_weights_of_its_dtype_only(monkeypatch):
                                                   (1e-6, 1e-6), cast_weights=cast)
         assert type(s.grad_fn).__name__ == "_BlockBackward"
         torch.autograd.backward((s, m_out), (gs, gm))
-        return [s.detach(), m_out.detach(), xl.grad] + [p.grad for p in ps], list(calls)
+        grads = [s.detach(), m_out.detach(), xl.grad] + [p.grad for p in ps]
+        return grads, list(foreach_copies)
 
     own, own_calls = run_with(None)
     handed, handed_calls = run_with(torch.float16)
