@@ -1231,10 +1231,10 @@ def _grad_buffers(q, k, v, dq, dk, dv):
 # Where the fused backwards are possible (one tile holds every key, or every query), they and
 # the two-kernel one are timed on the first call of each (B*H, N, d, dtype, device) and the
 # fastest is kept (each is deterministic on its own). fused_q is timed only where N > 64 (and
-# FASTMAE_ATTN_HEAD_TILES is not 0): up to
-# 64 the fused way's query sweep is one step, the same products in straight-line code (see
-# _attn_bwd_one_step), where fused_q compiles a loop and a tail. FASTMAE_ATTN_BWD=fused|fused_q|
-# split forces one; the interpreter and a call during CUDA-graph capture take "fused" untimed.
+# FASTMAE_ATTN_HEAD_TILES is not 0): up to 64 the fused way's query sweep is one step, the same
+# products in straight-line code (see _attn_bwd_one_step), where fused_q compiles a loop and a
+# tail. FASTMAE_ATTN_BWD=fused|fused_q|split forces one; the interpreter and a call during
+# CUDA-graph capture take "fused" untimed.
 _BWD_CHOICE = {}
 
 
