@@ -60,6 +60,20 @@ _MAX_TILE_ROWS = 256
 # ----------------------------------------------------------------------------- helpers
 
 @triton.jit
+def _head_and_start(N_CTX, BLOCK: tl.constexpr):
+    """(batch x head index as int64, first row of this program's block) of a 1-D grid of
+    B * H * cdiv(N, BLOCK) programs, a head's blocks adjacent in launch order. What they all read
+    (the forward's and dQ's keys and values, dK-dV's queries and output gradients) is then read
+    from memory by the first and from L2 by the rest: on a (B * H, blocks) grid a head's blocks ran
+    B * H programs apart, the MAE decoder's other heads reading about 100 MB of keys and values in
+    between at batch 256 (our arithmetic), more than the 50 MB of an H100's or H200's L2."""
+    n_blocks = tl.cdiv(N_CTX, BLOCK)
+    pid = tl.program_id(0)
+    pid_bh = pid // n_blocks
+    return pid_bh.to(tl.int64), (pid - pid_bh * n_blocks) * BLOCK
+
+
+@triton.jit
 def _load_tile(
     base,  # pointer to row 0 of the tile, (rows, d) any strides
     offs_r,  # (ROWS,) int32 row indices relative to base
@@ -254,8 +268,7 @@ def _attn_fwd(
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs
     POS_SCALE: tl.constexpr,  # qk_scale > 0: the softmax takes unscaled scores (see _scores)
 ):
-    pid_bh = tl.program_id(0).to(tl.int64)
-    start_m = tl.program_id(1) * BLOCK_M
+    pid_bh, start_m = _head_and_start(N_CTX, BLOCK_M)
     b = pid_bh // H
     h = pid_bh % H
     q_base = Q + b * stride_qb + h * stride_qh + tl.cast(start_m, tl.int64) * stride_qn
@@ -576,8 +589,7 @@ def _attn_bwd_dkdv(
     DOT_PRECISION: tl.constexpr,
     ONE_STEP: tl.constexpr,  # BLOCK_M >= N: the query sweep is one step (_attn_bwd_one_step)
 ):
-    pid_bh = tl.program_id(0).to(tl.int64)
-    start_n = tl.program_id(1) * BLOCK_N
+    pid_bh, start_n = _head_and_start(N_CTX, BLOCK_N)
     b = pid_bh // H
     h = pid_bh % H
     OWN: tl.constexpr = (BLOCK_N + SUM_ROWS - 1) // SUM_ROWS
@@ -718,8 +730,7 @@ def _attn_bwd_dq(
     DOT_PRECISION: tl.constexpr,
 ):
     # The math is written above _attn_bwd_dkdv: here dQ = scale * sum over key blocks of dS K.
-    pid_bh = tl.program_id(0).to(tl.int64)
-    start_m = tl.program_id(1) * BLOCK_M
+    pid_bh, start_m = _head_and_start(N_CTX, BLOCK_M)
     b = pid_bh // H
     h = pid_bh % H
     rows_left = N_CTX - start_m
@@ -1200,7 +1211,7 @@ def attention_fwd(q, k, v, scale: float, out=None):
     o_view = _fit(out)  # a copy only for absurd strides; then written back below
 
     def grid(meta):
-        return (B * H, cdiv(N, meta["BLOCK_M"]))
+        return (B * H * cdiv(N, meta["BLOCK_M"]),)
 
     bh_class = _bh_class(B, H)
     launch_tuned(
@@ -1305,7 +1316,7 @@ def attention_bwd(do, q, k, v, o, lse, scale: float, dq=None, dk=None, dv=None, 
     def fused():
         # One program per (batch, head) holds every key: dQ, dK, dV and delta in one pass.
         launch_tuned(
-            _attn_bwd_fused_tuned, (B * H, 1), (N, d, bh_class),
+            _attn_bwd_fused_tuned, (B * H,), (N, d, bh_class),
             q, k, v, o, do, dq_w, dk_w, dv_w, lse, lse, s_arg, sm_scale, qk_scale,  # STATS unused
             *common_strides, *dk_w.stride(), *dv_w.stride(), s_b, s_r, s_s, s_h,
             H, N, bh_class,
@@ -1327,7 +1338,7 @@ def attention_bwd(do, q, k, v, o, lse, scale: float, dq=None, dk=None, dv=None, 
     def split():
         stats = empty((B, H, N, 2), torch.float32, q.device)
         launch_tuned(
-            _attn_bwd_dq_tuned, lambda meta: (B * H, cdiv(N, meta["BLOCK_M"])),
+            _attn_bwd_dq_tuned, lambda meta: (B * H * cdiv(N, meta["BLOCK_M"]),),
             (N, d, bh_class),
             q, k, v, o, do, dq_w, lse, stats, s_arg, sm_scale, qk_scale,
             *common_strides, s_b, s_r, s_h,
@@ -1336,7 +1347,7 @@ def attention_bwd(do, q, k, v, o, lse, scale: float, dq=None, dk=None, dv=None, 
             DOT_PRECISION=precision,
         )
         launch_tuned(
-            _attn_bwd_dkdv_tuned, lambda meta: (B * H, cdiv(N, meta["BLOCK_N"])),
+            _attn_bwd_dkdv_tuned, lambda meta: (B * H * cdiv(N, meta["BLOCK_N"]),),
             (N, d, bh_class),
             q, k, v, o, do, dq_w, dk_w, dv_w, lse, stats, s_arg, sm_scale, qk_scale,
             *common_strides, *dk_w.stride(), *dv_w.stride(), s_b, s_r, s_s, s_h,
