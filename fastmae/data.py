@@ -184,25 +184,32 @@ class _RandomResizedCropFlip:
         self.size, self.scale, self.ratio = size, scale, ratio
 
     def _crop_box(self, width, height):
-        area = width * height
-        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        """(top, left, height, width) of the crop: torchvision's ``RandomResizedCrop.get_params``
+        step for step, so a seed gives the same box and leaves the generator in the same state.
+        Its log-ratio and exp are float32 tensor ops, not math.log/math.exp: in float64 a box now
+        and then comes out a pixel off, and every draw after it differs."""
+        area = height * width
+        log_ratio = torch.log(torch.tensor(self.ratio))
         for _ in range(10):
             target_area = area * torch.empty(1).uniform_(self.scale[0], self.scale[1]).item()
-            aspect = math.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1]).item())
-            w = int(round(math.sqrt(target_area * aspect)))
-            h = int(round(math.sqrt(target_area / aspect)))
+            aspect_ratio = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
+            w = int(round(math.sqrt(target_area * aspect_ratio)))
+            h = int(round(math.sqrt(target_area / aspect_ratio)))
             if 0 < w <= width and 0 < h <= height:
                 i = torch.randint(0, height - h + 1, size=(1,)).item()
                 j = torch.randint(0, width - w + 1, size=(1,)).item()
                 return i, j, h, w
-        # fall back to a central crop of the allowed aspect ratio
-        in_ratio = width / height
+        # ten misses (a very long or tall image): a central crop of the nearest allowed ratio
+        in_ratio = float(width) / float(height)
         if in_ratio < min(self.ratio):
-            w, h = width, int(round(width / min(self.ratio)))
+            w = width
+            h = int(round(w / min(self.ratio)))
         elif in_ratio > max(self.ratio):
-            w, h = int(round(height * max(self.ratio))), height
-        else:
-            w, h = width, height
+            h = height
+            w = int(round(h * max(self.ratio)))
+        else:  # the whole image
+            w = width
+            h = height
         return (height - h) // 2, (width - w) // 2, h, w
 
     def __call__(self, img):
@@ -258,11 +265,11 @@ class ImageFolderImages(Dataset):
 
 
 def training_root(data: str) -> str:
-    """``data``, or ``data/train`` when ``data`` has ImageNet's layout (``train/`` and ``val/``
-    side by side), as the official code reads ``--data_path/train``: searching the whole tree
-    would quietly train on the validation images too."""
-    train, val = os.path.join(data, "train"), os.path.join(data, "val")
-    return train if os.path.isdir(train) and os.path.isdir(val) else data
+    """``data/train`` when ``data`` holds a ``train/`` folder, as the official code always reads
+    ``--data_path/train`` (searching the whole tree would train on ``val/`` or ``test/`` too);
+    otherwise ``data`` itself, searched whole (class subfolders or a flat folder of images)."""
+    train = os.path.join(data, "train")
+    return train if os.path.isdir(train) else data
 
 
 def build_dataset(data: str, img_size: int, seed: int = 0, synthetic_size: int = 10_000) -> Dataset:

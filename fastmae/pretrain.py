@@ -84,6 +84,11 @@ def _non_negative_float(text):
     return value
 
 
+def _resume_arg(text):
+    """``--resume``'s value; '' (main_pretrain.py's default spelling) means no resume."""
+    return text or None
+
+
 def _mask_ratio(text):
     value = _non_negative_float(text)
     if value >= 1:
@@ -91,18 +96,38 @@ def _mask_ratio(text):
     return value
 
 
+# main_pretrain.py's options that fastmae pretrain takes as they are spelled there, and those it
+# refuses: the launcher sets the distributed ones, and fastmae has no TensorBoard log and starts
+# a run at an epoch only from a checkpoint (--resume).
+OFFICIAL_SPELLINGS = ("--batch_size", "--epochs", "--accum_iter", "--model", "--input_size",
+                      "--mask_ratio", "--norm_pix_loss", "--weight_decay", "--lr", "--blr",
+                      "--min_lr", "--warmup_epochs", "--data_path", "--output_dir", "--device",
+                      "--seed", "--resume", "--num_workers", "--pin_mem", "--no_pin_mem")
+OFFICIAL_REFUSED = ("--log_dir", "--start_epoch", "--world_size", "--local_rank", "--dist_on_itp",
+                    "--dist_url")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fastmae pretrain",
         description="Pretrain a Masked Autoencoder with the official recipe. Run it under "
-                    "`torchrun --nproc_per_node N` for data-parallel training. The official "
-                    "main_pretrain.py spellings (--batch_size, --output_dir, ...) work too.")
+                    "`torchrun --nproc_per_node N` for data-parallel training. These "
+                    "main_pretrain.py spellings work as they do there: "
+                    f"{', '.join(OFFICIAL_SPELLINGS)} (--resume '' is no resume; --output_dir "
+                    f"'', no saving there, is refused); these are refused: "
+                    f"{', '.join(OFFICIAL_REFUSED)}.",
+        epilog="Defaults that differ from main_pretrain.py's: --epochs 800 (400 there) and "
+               "--blr 1.5e-4 (1e-3 there), as in the commands its PRETRAIN.md recommends; "
+               "--model has none (mae_vit_large_patch16 there); --num-workers is min(8, CPUs "
+               "per process) (10 there); --dtype is bf16 on CUDA (fp16 with a GradScaler "
+               "there); --data is synthetic (a path there).")
     a = p.add_argument
     a("--model", required=True, choices=sorted(MODELS), metavar="NAME",
       help=f"model factory: {', '.join(sorted(MODELS))}")
-    a("--data", default="synthetic", metavar="DIR|synthetic",
-      help="an image folder, searched recursively (class subfolders or flat; DIR/train when DIR "
-           "holds train/ and val/), or 'synthetic': procedurally generated images (default)")
+    a("--data", "--data_path", dest="data", default="synthetic", metavar="DIR|synthetic",
+      help="an image folder, searched recursively (class subfolders or flat; only DIR/train "
+           "when DIR holds a train/ folder, as main_pretrain.py reads), or 'synthetic': "
+           "procedurally generated images (default)")
     a("--img-size", "--input_size", dest="img_size", type=_positive_int, default=None, metavar="PX",
       help="image side (default: the model's: 224, or 32 for mae_vit_tiny_patch4)")
     a("--epochs", type=_positive_int, default=800, metavar="N", help="default: %(default)s")
@@ -135,12 +160,17 @@ def build_parser() -> argparse.ArgumentParser:
     a("--device", default=None, metavar="cuda|cpu", help="default: cuda when there is one")
     a("--output-dir", "--output_dir", dest="output_dir", default="output_dir", metavar="DIR",
       help="checkpoint, log and pictures (default: %(default)s)")
-    a("--resume", default=None, metavar="PATH|auto",
+    a("--resume", type=_resume_arg, default=None, metavar="PATH|auto",
       help="continue from a checkpoint; 'auto': OUTPUT_DIR/checkpoint-last.pth when there is "
-           "one, else start afresh")
+           "one, else start afresh; '': start afresh")
     a("--seed", type=int, default=0, help="default: %(default)s")
     a("--num-workers", "--num_workers", dest="num_workers", type=_non_negative_int, default=None,
       metavar="N", help="DataLoader workers per process (default: min(8, CPUs per process))")
+    a("--pin-mem", "--pin_mem", dest="pin_mem", action="store_true",
+      help="the DataLoader pins its batches in page-locked memory on CUDA (the default)")
+    a("--no-pin-mem", "--no_pin_mem", dest="pin_mem", action="store_false",
+      help="do not pin the DataLoader's batches")
+    p.set_defaults(pin_mem=True)
     a("--steps-per-epoch", dest="steps_per_epoch", type=_positive_int, default=None, metavar="N",
       help="cap the iterations per epoch (the lr schedule counts this many)")
     a("--synthetic-size", dest="synthetic_size", type=_positive_int, default=10_000, metavar="N",
@@ -546,6 +576,9 @@ def _resolve_defaults(args, rt):
     if args.num_workers is None:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         args.num_workers = min(8, max(1, cpus // max(1, rt.local_world_size)))
+    if not args.output_dir:  # main_pretrain.py's '' for "save nothing"
+        raise _UsageError("--output-dir '': fastmae pretrain always writes its checkpoint and "
+                          "log; give a folder")
     if args.warmup_epochs > args.epochs:
         raise _UsageError(f"--warmup-epochs {args.warmup_epochs} is more than --epochs {args.epochs}")
     args.world_size = rt.world_size
@@ -556,6 +589,12 @@ def _resolve_defaults(args, rt):
         problem = _cuda_graph_problem(args, rt)
         if problem:
             raise _UsageError(f"--cuda-graph {problem}")
+
+
+def _pin_memory(args, device) -> bool:
+    """Whether the DataLoader pins its batches: asked for (--pin-mem, the default) and feeding a
+    GPU; pinned memory only speeds host-to-GPU copies."""
+    return bool(args.pin_mem) and device.type == "cuda"
 
 
 _CUDA_GRAPH_DEVICES = ("cuda",)  # the tests add "cpu", with torch.cuda's stream and graph stubbed
@@ -676,7 +715,7 @@ class _Job:
                                           shuffle=True, seed=args.seed, drop_last=True)
         self.loader = DataLoader(self.dataset, batch_size=args.batch_size, sampler=self.sampler,
                                  drop_last=True, num_workers=args.num_workers,
-                                 pin_memory=rt.device.type == "cuda")
+                                 pin_memory=_pin_memory(args, rt.device))
         if len(self.loader) == 0:
             raise DataError(f"{args.data!r} has {len(self.dataset)} images, fewer than one global "
                             f"batch of {args.batch_size * rt.world_size} (--batch-size "
@@ -765,6 +804,7 @@ class _Job:
         self.optimizer.zero_grad(set_to_none=True)
         global_batch = args.batch_size * rt.world_size
         points, lr = [], args.lr
+        iteration_lrs = []  # each iteration's lr, averaged into the log as official's lr meter
         bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not rt.is_main,
                    dynamic_ncols=True)
         first_step = step
@@ -789,6 +829,7 @@ class _Job:
                 break
             if it % args.accum_iter == 0:
                 lr = adjust_learning_rate(self.optimizer, epoch + it / steps, args)
+            iteration_lrs.append(lr)
             noise = masking_noise(args.seed, epoch, indices.tolist(), self.num_patches)
             step += 1
             if self.graphed is not None:
@@ -819,7 +860,8 @@ class _Job:
         bar.close()
         seconds = time.perf_counter() - t0
         record = {"epoch": epoch, "train_loss": sum(p[1] for p in points) / len(points),
-                  "train_lr": lr, "step": step, "iterations": len(points),
+                  "train_lr": sum(iteration_lrs) / len(iteration_lrs), "step": step,
+                  "iterations": len(points),
                   "images_per_s": len(points) * global_batch / seconds, "epoch_time_s": seconds,
                   "loss_curve": _curve_points(points)}
         return record, step
@@ -840,10 +882,12 @@ class _Job:
             for group in optim_sd["param_groups"]:  # plain numbers, as an eager run writes them
                 if isinstance(group.get("lr"), torch.Tensor):
                     group["lr"] = group["lr"].item()
-            state = {"model": model_sd, "optimizer": optim_sd,
-                     "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                     "epoch": epoch, "step": step, "rng": _rng_state(), "args": dict(vars(args)),
-                     "software": self.software}
+            state = {"model": model_sd, "optimizer": optim_sd, "epoch": epoch, "step": step,
+                     "rng": _rng_state(), "args": dict(vars(args)), "software": self.software}
+            # only with a scaler: official load_model loads 'scaler' whenever the key is there,
+            # and a GradScaler refuses None or the empty state of a disabled one
+            if self.scaler is not None:
+                state["scaler"] = self.scaler.state_dict()
             pause = float(os.environ.get(_CHECKPOINT_PAUSE_ENV, "0") or 0)
             _atomic_write(self.checkpoint_path, lambda f: torch.save(state, f), pause=pause)
         rt.barrier()  # no rank runs ahead of a checkpoint that may yet fail
@@ -904,10 +948,24 @@ class _Job:
                            optim_state_dict=optim_sd, options=_state_dict_options())
         except (RuntimeError, KeyError, ValueError) as e:
             raise _UsageError(f"{path} does not fit {args.model}: {e}") from e
-        if self.scaler is not None and ckpt.get("scaler"):
-            self.scaler.load_state_dict(ckpt["scaler"])
+        if self.scaler is not None:
+            self._resume_scaler(ckpt.get("scaler"), path)
         if ckpt.get("rng"):
             _set_rng_state(ckpt["rng"])
         epoch, step = int(ckpt["epoch"]), int(ckpt.get("step", 0))
         _say(rt, f"resumed from {path}: epoch {epoch + 1} done, global step {step}")
         return epoch + 1, step, f"{path} (after epoch {epoch + 1})"
+
+    def _resume_scaler(self, state, path):
+        """An fp16 run's GradScaler from the checkpoint's 'scaler' state. A checkpoint without one
+        (a bf16 or fp32 run's; None or {} from older or official CPU runs) gets a fresh scaler:
+        its scale starts high and halves at each overflowing step, which it skips, so it settles
+        within a few steps -- no reason to refuse the checkpoint. bf16 and fp32 runs ignore it."""
+        if not state:
+            _say(self.rt, f"note: {path} holds no GradScaler state (it was not trained in fp16): "
+                          f"fp16 starts a fresh one at scale {self.scaler.get_scale():g}")
+            return
+        try:
+            self.scaler.load_state_dict(state)
+        except (RuntimeError, KeyError, TypeError, AttributeError) as e:
+            raise _UsageError(f"{path}: its 'scaler' entry is not a GradScaler state: {e}") from e

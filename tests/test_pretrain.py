@@ -5,8 +5,11 @@ Runs are tiny (16x16 images, batches of 4-8, 2-3 iterations per epoch) and in-pr
 where they can be, so the file stays fast on a two-core machine.
 """
 import contextlib
+import importlib.util
 import json
+import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -21,7 +24,8 @@ from PIL import Image
 import fastmae
 from fastmae import pretrain
 from fastmae._provenance import git_commit
-from fastmae.data import ImageFolderImages, build_dataset, synthetic_image
+from fastmae import data as fastmae_data
+from fastmae.data import ImageFolderImages, _RandomResizedCropFlip, build_dataset, synthetic_image
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,7 +86,9 @@ def _assert_outputs(out, epochs):
     assert [r["epoch"] for r in _log(out)] == list(range(epochs))
     ckpt = _checkpoint(out)
     assert ckpt["epoch"] == epochs - 1
-    assert {"model", "optimizer", "scaler", "epoch", "step", "rng", "args", "software"} <= set(ckpt)
+    assert {"model", "optimizer", "epoch", "step", "rng", "args", "software"} <= set(ckpt)
+    # these runs have no GradScaler, so no 'scaler' entry: official load_model loads one if there
+    assert "scaler" not in ckpt
     # what trained it: the fastmae commit and the torch and Triton versions
     assert ckpt["software"] == {"fastmae": git_commit(), "torch": torch.__version__,
                                 "triton": triton.__version__}
@@ -140,6 +146,116 @@ def test_imagenet_layout_reads_train_only(tmp_path):
     _write_image_folder(tmp_path / "imagenet" / "val", n=2)
     ds = build_dataset(str(tmp_path / "imagenet"), 16)
     assert len(ds) == 3 and all(os.sep + "train" + os.sep in p for p in ds.paths)
+
+
+@pytest.mark.parametrize("sibling", ["val", "test", None])
+def test_a_train_folder_is_all_that_is_read(tmp_path, capsys, sibling):
+    """DIR/train whenever DIR holds train/, whatever lies beside it (official: always
+    --data_path/train), through --data_path; the images of test/ or val/ are never trained on."""
+    root = tmp_path / "data"
+    n_train = random.randint(4, 6)
+    _write_image_folder(root / "train", n=n_train)
+    if sibling is not None:
+        _write_image_folder(root / sibling, n=3)
+    ds = build_dataset(str(root), 16)
+    assert len(ds) == n_train
+    assert all(p.startswith(str(root / "train") + os.sep) for p in ds.paths)
+    out = tmp_path / "out"
+    assert pretrain.main(TINY + ["--data_path", str(root), "--img-size", "16", "--epochs", "1",
+                                 "--batch-size", "4", "--output-dir", str(out)]) == 0
+    assert f"{n_train} images from {root / 'train'}" in capsys.readouterr().out
+    assert _log(out)[0]["iterations"] == 1
+
+
+def test_a_folder_without_train_is_read_whole(tmp_path):
+    """No train/: every image under DIR, class subfolders or flat (the documented feature)."""
+    root = _write_image_folder(tmp_path / "classes", n=5)
+    for i in range(2):  # and flat files beside the class folders
+        Image.new("RGB", (20, 24), (i * 90, 30, 200)).save(root / f"flat{i}.png")
+    ds = build_dataset(str(root), 16)
+    assert ds.root == str(root) and len(ds) == 7
+
+
+def _torchvision_get_params(width, height, scale, ratio):
+    """torchvision.transforms.RandomResizedCrop.get_params (torchvision 0.28), transcribed from
+    its source for a ``width`` x ``height`` image."""
+    area = height * width
+
+    log_ratio = torch.log(torch.tensor(ratio))
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
+        aspect_ratio = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
+
+        w = int(round(math.sqrt(target_area * aspect_ratio)))
+        h = int(round(math.sqrt(target_area / aspect_ratio)))
+
+        if 0 < w <= width and 0 < h <= height:
+            i = torch.randint(0, height - h + 1, size=(1,)).item()
+            j = torch.randint(0, width - w + 1, size=(1,)).item()
+            return i, j, h, w
+
+    # Fallback to central crop
+    in_ratio = float(width) / float(height)
+    if in_ratio < min(ratio):
+        w = width
+        h = int(round(w / min(ratio)))
+    elif in_ratio > max(ratio):
+        h = height
+        w = int(round(h * max(ratio)))
+    else:  # whole image
+        w = width
+        h = height
+    i = (height - h) // 2
+    j = (width - w) // 2
+    return i, j, h, w
+
+
+def test_fallback_crop_box_is_torchvisions():
+    """The Pillow + torch fallback draws torchvision's crop box from the same seed and leaves the
+    generator in the same state: over fresh random seeds and image sizes, squat, tall and tiny
+    ones (whose ten tries all miss: the central-crop branch), and the two seeds of 200k at which
+    float64 log/exp once came out a pixel off (500x375: seeds 115555, 159071)."""
+    crop = _RandomResizedCropFlip(16)
+    rng = random.Random()
+    sizes = [(500, 375), (375, 500), (40, 28), (33, 33), (1, 1), (2, 3), (200, 10), (10, 200),
+             (7, 300), (300, 7)] + [(rng.randint(1, 600), rng.randint(1, 600)) for _ in range(10)]
+    cases = [(500, 375, 115555), (500, 375, 159071)]
+    cases += [(w, h, rng.randrange(2 ** 63)) for w, h in sizes for _ in range(100)]
+    with torch.random.fork_rng(devices=[]):
+        for w, h, seed in cases:
+            torch.manual_seed(seed)
+            want = _torchvision_get_params(w, h, crop.scale, crop.ratio)
+            after_want = torch.get_rng_state()
+            torch.manual_seed(seed)
+            assert crop._crop_box(w, h) == want, (w, h, seed)
+            assert torch.equal(torch.get_rng_state(), after_want), (w, h, seed)
+            i, j, ch, cw = want
+            assert 0 <= i <= h - ch and 0 <= j <= w - cw and ch >= 1 and cw >= 1
+        # the fallback branch, by hand: 200x10 is too flat for any try (h >= 17 > 10), so the
+        # box is the central 13x10 (ratio 4/3 of its height)
+        torch.manual_seed(rng.randrange(2 ** 63))
+        assert crop._crop_box(200, 10) == (0, (200 - 13) // 2, 10, 13)
+        torch.manual_seed(rng.randrange(2 ** 63))
+        assert crop._crop_box(10, 200) == ((200 - 13) // 2, 0, 13, 10)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchvision") is None,
+                    reason="torchvision is not installed")
+def test_fallback_transform_equals_torchvisions_pixels(tmp_path, monkeypatch):
+    """Where torchvision is installed: an image folder read with the fallback gives torchvision's
+    tensors exactly (crop, bicubic resize, flip, normalization), sample by sample and epoch by
+    epoch."""
+    data = _write_image_folder(tmp_path / "data", n=8)
+    seed = random.randrange(2 ** 31)
+    with_torchvision = ImageFolderImages(str(data), 16, seed=seed)
+    assert not isinstance(with_torchvision.transform, _RandomResizedCropFlip)
+    monkeypatch.setattr(fastmae_data, "_torchvision_transforms", lambda: None)
+    without = ImageFolderImages(str(data), 16, seed=seed)
+    assert isinstance(without.transform, _RandomResizedCropFlip)
+    for epoch in range(3):
+        for index in range(len(without)):
+            assert torch.equal(without.image(index, epoch), with_torchvision.image(index, epoch)), \
+                (index, epoch)
 
 
 def test_loss_curve_chart_draws_any_points():
@@ -243,6 +359,164 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, caps
             or "loss is inf at iteration 2/3 of epoch 2/2" in err), err
     assert f"{pretrain.CHECKPOINT} (after epoch 1)" in err, err
     assert _checkpoint(out)["epoch"] == 0
+
+
+# --------------------------------------------------------------------------- the log's lr
+
+@pytest.mark.parametrize("accum_iter", [1, 2])
+def test_logged_lr_is_the_mean_of_the_epochs_iteration_lrs(tmp_path, accum_iter):
+    """Official train_one_epoch logs its lr meter's global_avg: param_groups[0]["lr"] averaged
+    over the epoch's iterations (set every accum_iter iterations from the fractional epoch), not
+    the last iteration's lr. Epoch 1 warms up, epoch 2 is the cosine."""
+    steps, batch, epochs = 2 * random.randint(2, 3), 4, 2
+    blr = random.uniform(5e-3, 3e-2)
+    out = tmp_path / "out"
+    assert pretrain.main(TINY + ["--data", "synthetic", "--img-size", "16", "--epochs", str(epochs),
+                                 "--warmup-epochs", "1", "--blr", repr(blr), "--batch-size",
+                                 str(batch), "--accum-iter", str(accum_iter), "--steps-per-epoch",
+                                 str(steps), "--output-dir", str(out)]) == 0
+    peak = blr * batch * accum_iter / 256
+
+    def schedule(e):  # util/lr_sched.py with warmup 1, min_lr 0
+        return peak * e if e < 1 else peak * 0.5 * (1 + math.cos(math.pi * (e - 1) / (epochs - 1)))
+
+    for record in _log(out):
+        epoch = record["epoch"]
+        lrs = [schedule(epoch + (it - it % accum_iter) / steps) for it in range(steps)]
+        assert record["iterations"] == steps
+        assert record["train_lr"] == pytest.approx(sum(lrs) / steps, rel=1e-12, abs=0)
+        assert record["train_lr"] != pytest.approx(lrs[-1], rel=1e-3)  # not the last lr
+
+
+# --------------------------------------------------------------------------- official spellings
+
+# Every option of main_pretrain.py's get_args_parser (facebookresearch/mae).
+MAIN_PRETRAIN_OPTIONS = {
+    "--batch_size", "--epochs", "--accum_iter", "--model", "--input_size", "--mask_ratio",
+    "--norm_pix_loss", "--weight_decay", "--lr", "--blr", "--min_lr", "--warmup_epochs",
+    "--data_path", "--output_dir", "--log_dir", "--device", "--seed", "--resume", "--start_epoch",
+    "--num_workers", "--pin_mem", "--no_pin_mem", "--world_size", "--local_rank", "--dist_on_itp",
+    "--dist_url"}
+
+
+def test_official_command_line_parses():
+    """The main_pretrain.py arguments of the official PRETRAIN.md's ViT-L command (its submitit
+    flags left out), with the rest of main_pretrain.py's options spelled its way."""
+    data = f"/datasets/imagenet{random.randint(0, 999)}"
+    args = pretrain.build_parser().parse_args([
+        "--batch_size", "64", "--model", "mae_vit_large_patch16", "--norm_pix_loss",
+        "--mask_ratio", "0.75", "--epochs", "800", "--warmup_epochs", "40", "--blr", "1.5e-4",
+        "--weight_decay", "0.05", "--data_path", data,
+        "--accum_iter", "2", "--input_size", "224", "--min_lr", "1e-6", "--output_dir", "./od",
+        "--device", "cuda", "--seed", "3", "--resume", "", "--num_workers", "10", "--no_pin_mem"])
+    assert (args.batch_size, args.model, args.norm_pix_loss, args.mask_ratio) == \
+        (64, "mae_vit_large_patch16", True, 0.75)
+    assert (args.epochs, args.warmup_epochs, args.blr, args.lr, args.weight_decay) == \
+        (800, 40, 1.5e-4, None, 0.05)
+    assert (args.data, args.accum_iter, args.img_size, args.min_lr, args.output_dir) == \
+        (data, 2, 224, 1e-6, "./od")
+    assert (args.device, args.seed, args.num_workers) == ("cuda", 3, 10)
+    assert args.resume is None and args.pin_mem is False
+    parse = pretrain.build_parser().parse_args
+    assert parse(["--model", "mae_vit_tiny_patch4"]).pin_mem is True  # official default
+    assert parse(["--model", "mae_vit_tiny_patch4", "--no_pin_mem", "--pin_mem"]).pin_mem is True
+    assert parse(["--model", "mae_vit_tiny_patch4", "--no-pin-mem"]).pin_mem is False
+    assert parse(["--model", "mae_vit_tiny_patch4", "--resume", "auto"]).resume == "auto"
+
+
+def test_help_names_the_official_spellings_it_takes_and_refuses(capsys):
+    accepted, refused = set(pretrain.OFFICIAL_SPELLINGS), set(pretrain.OFFICIAL_REFUSED)
+    assert accepted | refused == MAIN_PRETRAIN_OPTIONS and not accepted & refused
+    options = pretrain.build_parser()._option_string_actions
+    assert accepted <= set(options) and not refused & set(options)
+    assert pretrain.main(["--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert ("main_pretrain.py spellings work as they do there: "
+            + ", ".join(pretrain.OFFICIAL_SPELLINGS)) in help_text
+    assert "these are refused: " + ", ".join(pretrain.OFFICIAL_REFUSED) in help_text
+    assert ("--epochs 800 (400 there) and --blr 1.5e-4 (1e-3 there)" in help_text
+            and "(10 there)" in help_text)
+
+
+@pytest.mark.parametrize("flag", sorted(pretrain.OFFICIAL_REFUSED))
+def test_refused_official_flags_are_named(tmp_path, capsys, flag):
+    value = [] if flag == "--dist_on_itp" else ["1"]
+    rc = pretrain.main(TINY + ["--epochs", "1", "--output-dir", str(tmp_path), flag, *value])
+    assert rc == 2
+    assert "unrecognized arguments: " + flag in capsys.readouterr().err
+
+
+def test_pin_memory_when_asked_and_on_cuda(tmp_path):
+    parse = pretrain.build_parser().parse_args
+    pin, no_pin = parse(["--model", "mae_vit_tiny_patch4"]), parse(
+        ["--model", "mae_vit_tiny_patch4", "--no_pin_mem"])
+    assert pretrain._pin_memory(pin, torch.device("cuda", 0)) is True
+    assert pretrain._pin_memory(no_pin, torch.device("cuda", 0)) is False
+    assert pretrain._pin_memory(pin, torch.device("cpu")) is False
+    # the DataLoader gets it (a CPU run: nothing to pin for)
+    args = parse(TINY + ["--data", "synthetic", "--synthetic-size", "8", "--img-size", "16",
+                         "--batch-size", "4", "--output-dir", str(tmp_path), "--pin_mem"])
+    rt = pretrain._Runtime(args)
+    assert pretrain._Job(args, rt).loader.pin_memory is False
+
+
+def test_resume_empty_string_starts_afresh(tmp_path, capsys):
+    out = tmp_path / "out"
+    run = TINY + ["--data", "synthetic", "--img-size", "16", "--batch-size", "4",
+                  "--steps-per-epoch", "2", "--output-dir", str(out)]
+    assert pretrain.main(run + ["--epochs", "1"]) == 0
+    first = _checkpoint(out)
+    capsys.readouterr()
+    assert pretrain.main(run + ["--epochs", "1", "--resume", ""]) == 0  # no resume: epoch 1 anew
+    assert "resumed from" not in capsys.readouterr().out
+    again = _checkpoint(out)
+    assert again["epoch"] == 0 and again["step"] == 2
+    for key, value in first["model"].items():  # the same seeded run, done again
+        assert torch.equal(value, again["model"][key]), key
+
+
+# --------------------------------------------------------------------------- GradScaler state
+
+def test_scaler_state_only_with_fp16_and_resumes_either_way(tmp_path, capsys):
+    """fp32 writes no 'scaler' entry (official load_model loads any it finds, and a GradScaler
+    refuses None); fp16 resuming from such a checkpoint starts a fresh scaler and says so; fp16
+    resuming from an fp16 checkpoint continues its scaler; a bad 'scaler' entry is a clear
+    error."""
+    out = tmp_path / "out"
+    run = TINY + ["--data", "synthetic", "--img-size", "16", "--batch-size", "4",
+                  "--steps-per-epoch", "2", "--output-dir", str(out), "--resume", "auto"]
+    assert pretrain.main(run + ["--epochs", "1"]) == 0
+    assert "scaler" not in _checkpoint(out)
+    capsys.readouterr()
+
+    assert pretrain.main(run + ["--epochs", "2", "--dtype", "fp16"]) == 0
+    assert "holds no GradScaler state" in capsys.readouterr().out
+    ckpt = _checkpoint(out)
+    assert ckpt["scaler"]["scale"] >= 65536.0 / 4  # fresh: 2 ** 16, halved at most twice
+    assert ckpt["scaler"]["_growth_tracker"] + math.log2(65536.0 / ckpt["scaler"]["scale"]) <= 2
+    official = torch.amp.GradScaler("cpu")  # what official load_model does with the entry
+    official.load_state_dict(ckpt["scaler"])
+    assert official.get_scale() == ckpt["scaler"]["scale"]
+
+    # an fp16 resume continues the saved scaler: a scale set low stays low (it would grow only
+    # after 2000 good steps), where a fresh one starts at 65536
+    low = float(2 ** random.randint(3, 10))
+    ckpt["scaler"]["scale"] = low
+    torch.save(ckpt, out / pretrain.CHECKPOINT)
+    assert pretrain.main(run + ["--epochs", "3", "--dtype", "fp16"]) == 0
+    assert "holds no GradScaler state" not in capsys.readouterr().out
+    assert 0 < _checkpoint(out)["scaler"]["scale"] <= low
+
+    # fp32 resuming from it drops the entry
+    assert pretrain.main(run + ["--epochs", "4"]) == 0
+    assert "scaler" not in _checkpoint(out)
+
+    ckpt = _checkpoint(out)
+    ckpt["scaler"] = {"not": "a scaler state"}
+    torch.save(ckpt, out / pretrain.CHECKPOINT)
+    capsys.readouterr()
+    assert pretrain.main(run + ["--epochs", "5", "--dtype", "fp16"]) == 2
+    assert "its 'scaler' entry is not a GradScaler state" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- --cuda-graph
@@ -441,7 +715,7 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, mode, single_process_run
 # --------------------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("case", ["empty folder", "unreadable image", "too few images", "unknown model",
-                                  "batch size 0"])
+                                  "batch size 0", "empty output dir"])
 def test_bad_input_is_a_clear_error(tmp_path, capsys, case):
     args = TINY + ["--epochs", "1", "--batch-size", "4", "--img-size", "16",
                    "--output-dir", str(tmp_path / "out")]
@@ -461,6 +735,9 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys, case):
     elif case == "unknown model":
         args += ["--model", "mae_vit_gigantic_patch1"]
         expected = ["--model", "mae_vit_gigantic_patch1"]
+    elif case == "empty output dir":  # main_pretrain.py's "save nothing"
+        args += ["--output_dir", ""]
+        expected = ["--output-dir ''", "give a folder"]
     else:
         args += ["--batch-size", "0"]
         expected = ["--batch-size", "positive integer"]
