@@ -112,16 +112,42 @@ def sincos_by_hand(dim, gh, gw):
     return table
 
 
-@pytest.mark.parametrize("dim, gh, gw", [(16, 4, 4), (32, 3, 5), (8, 1, 7)])
+def official_sincos(embed_dim, grid_size):
+    """facebookresearch/mae util/pos_embed.py's get_2d_sincos_pos_embed(..., cls_token=True),
+    transcribed: float32 all the way, as it computes."""
+    def one_d(dim, pos):
+        omega = np.arange(dim // 2, dtype=np.float32)
+        omega /= dim / 2.
+        omega = 1. / 10000 ** omega
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    grid_h = np.arange(grid_size, dtype=np.float32)
+    grid_w = np.arange(grid_size, dtype=np.float32)
+    grid = np.stack(np.meshgrid(grid_w, grid_h), axis=0).reshape([2, 1, grid_size, grid_size])
+    emb = np.concatenate([one_d(embed_dim // 2, grid[0]), one_d(embed_dim // 2, grid[1])], axis=1)
+    return np.concatenate([np.zeros([1, embed_dim]), emb], axis=0)
+
+
+@pytest.mark.parametrize("dim, gh, gw", [(16, 4, 4), (32, 3, 5), (8, 1, 7), (1024, 13, 11)])
 def test_sincos_table_matches_independent_formula(dim, gh, gw):
+    """Against the formula in float64: the float32 rounding of the official computation only."""
     np.testing.assert_allclose(sincos_2d(dim, (gh, gw), cls_token=True), sincos_by_hand(dim, gh, gw),
-                               rtol=0, atol=1e-12)
+                               rtol=0, atol=3e-6)
+
+
+@pytest.mark.parametrize("dim, grid", [(512, 14), (768, 14), (1024, 14), (1280, 16), (24, 5)])
+def test_sincos_table_is_officials_bits(dim, grid):
+    want = official_sincos(dim, grid).astype(np.float32)
+    np.testing.assert_array_equal(sincos_2d(dim, grid, cls_token=True), want)
 
 
 def test_model_position_tables_are_the_sincos_tables():
     m = tiny(img_size=(24, 40))
-    np.testing.assert_allclose(m.pos_embed[0].numpy(), sincos_by_hand(32, 3, 5), atol=1e-6)
-    np.testing.assert_allclose(m.decoder_pos_embed[0].numpy(), sincos_by_hand(24, 3, 5), atol=1e-6)
+    np.testing.assert_allclose(m.pos_embed[0].numpy(), sincos_by_hand(32, 3, 5), atol=3e-6)
+    np.testing.assert_allclose(m.decoder_pos_embed[0].numpy(), sincos_by_hand(24, 3, 5), atol=3e-6)
+    m = tiny(img_size=40)  # a 5 x 5 grid of 8-pixel patches
+    np.testing.assert_array_equal(m.pos_embed[0].numpy(), official_sincos(32, 5).astype(np.float32))
 
 
 @pytest.mark.parametrize("norm_pix", [True, False])
