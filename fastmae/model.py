@@ -12,6 +12,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.nn.modules.module as _nn_module
 
 from fastmae import ops
 from fastmae.pos_embed import sincos_2d
@@ -43,6 +44,30 @@ def _member(module, name):
 def _fusable_norm(norm):
     return (isinstance(norm, nn.LayerNorm) and norm.elementwise_affine
             and _member(norm, "bias") is not None)
+
+
+def _unhooked(module):
+    """No forward or backward hook of the module's own."""
+    return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def _global_hooks():
+    """A module hook registered for every module (torch.nn.modules.module.register_module_*)."""
+    g = _nn_module
+    return bool(g._global_forward_hooks or g._global_forward_pre_hooks
+                or g._global_backward_hooks or g._global_backward_pre_hooks)
+
+
+def _as_built(module, kind):
+    """``module`` is exactly a ``kind`` and unhooked: running its computation from its parameter
+    tables (the fused path) does what calling it would. A subclass (FSDP2's, a LoRA layer's), a
+    wrapper (activation checkpointing) or a hook is left to be called."""
+    return type(module) is kind and _unhooked(module)
+
+
+def _exact_gelu(act):
+    return _as_built(act, nn.GELU) and act.approximate == "none"
 
 
 class PatchEmbed(nn.Module):
@@ -88,7 +113,8 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_features, in_features)
 
     def forward(self, x):
-        if ops.backend_for(x) == "triton":
+        if (ops.backend_for(x) == "triton" and _as_built(self.fc1, nn.Linear)
+                and _exact_gelu(self.act) and not _global_hooks()):
             return self.fc2(ops.bias_gelu(F.linear(x, self.fc1.weight), self.fc1.bias))
         return self.fc2(self.act(self.fc1(x)))
 
@@ -104,11 +130,15 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def fusable(self):
-        return _fusable_norm(_member(self, "norm1")) and _fusable_norm(_member(self, "norm2"))
+        """Whether ``forward_fused`` computes what calling the block's submodules would: each is
+        the kind the block built, unhooked (no module hook is global either), its LayerNorms
+        with weight and bias and its GELU exact."""
+        return self._fused_args() is not None
 
     def forward(self, x):
-        if ops.backend_for(x) == "triton" and self.fusable():
-            x, (out, out_bias) = self.forward_fused(x)
+        args = self._fused_args() if ops.backend_for(x) == "triton" else None
+        if args is not None:
+            x, (out, out_bias) = ops.transformer_block(x, None, *args)
             return x + (out if out_bias is None else out + out_bias)
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
@@ -119,28 +149,57 @@ class Block(nn.Module):
         block's first LayerNorm, and this block's own MLP output is handed on the same way.
         The attention and MLP output projections run without their biases: each bias is added in
         the fused residual add + LayerNorm, whose backward produces its gradient in the same
-        pass. Returns (x, branch); the caller adds the last branch (``ops.transformer_block``)."""
-        return ops.transformer_block(x, branch, *self._fused_args())
+        pass. Returns (x, branch); the caller adds the last branch (``ops.transformer_block``).
+        Only for a block that is ``fusable()``: it reads the parameters, calling no submodule."""
+        args = self._fused_args()
+        if args is None:
+            raise ValueError("forward_fused: this block's submodules are replaced or hooked, or "
+                             "its norms are not affine LayerNorms: call the block instead")
+        return ops.transformer_block(x, branch, *args)
 
     def _fused_args(self):
         """ops.transformer_block's (params, num_heads, scale, eps) for this block, read with
-        _member."""
+        _member; None unless the block is ``fusable()``."""
         m = _member
         attn, mlp, norm1, norm2 = m(self, "attn"), m(self, "mlp"), m(self, "norm1"), m(self, "norm2")
+        if not (_as_built(attn, Attention) and _as_built(mlp, Mlp) and _as_built(norm1, nn.LayerNorm)
+                and _as_built(norm2, nn.LayerNorm) and _fusable_norm(norm1)
+                and _fusable_norm(norm2)):
+            return None
         qkv, proj, fc1, fc2 = m(attn, "qkv"), m(attn, "proj"), m(mlp, "fc1"), m(mlp, "fc2")
+        if not (_as_built(qkv, nn.Linear) and _as_built(proj, nn.Linear)
+                and _as_built(fc1, nn.Linear) and _as_built(fc2, nn.Linear)
+                and _exact_gelu(m(mlp, "act")) and not _global_hooks()):
+            return None
         params = (m(norm1, "weight"), m(norm1, "bias"), m(qkv, "weight"), m(qkv, "bias"),
                   m(proj, "weight"), m(proj, "bias"), m(norm2, "weight"), m(norm2, "bias"),
                   m(fc1, "weight"), m(fc1, "bias"), m(fc2, "weight"), m(fc2, "bias"))
         return params, attn.num_heads, attn.scale, (norm1.eps, norm2.eps)
 
 
+def _stack_args(blocks, norm):
+    """Every block's ``_fused_args()`` where the stack may run as fused blocks, reading their
+    parameters without calling them: each block a plain, unhooked, fusable Block and the norm a
+    plain affine LayerNorm. Else None: a block wrapped (activation checkpointing), sharded by
+    FSDP2 (whose hooks gather its parameters when it is called), subclassed or hooked is called."""
+    if not (_as_built(norm, nn.LayerNorm) and _fusable_norm(norm)):
+        return None
+    args = []
+    for blk in blocks:
+        a = blk._fused_args() if _as_built(blk, Block) else None
+        if a is None:
+            return None
+        args.append(a)
+    return args
+
+
 def _run_blocks(blocks, norm, x):
     """blocks then the final norm; under the "triton" backend each residual add is fused into the
     LayerNorm that follows it."""
-    if ops.backend_for(x) == "triton" and _fusable_norm(norm) and all(b.fusable() for b in blocks):
+    args = _stack_args(blocks, norm) if ops.backend_for(x) == "triton" else None
+    if args is not None:
         # each block's arguments read once: for the weight casts, under autocast every block's
         # at once (ops.cast_block_weights), and for the block (as Block.forward_fused passes them)
-        args = [blk._fused_args() for blk in blocks]
         casts = ops.cast_block_weights(x, [params for params, *_ in args])
         branch = None
         for (params, num_heads, scale, eps), cast in zip(args, casts):
@@ -251,7 +310,7 @@ class MaskedAutoencoderViT(nn.Module):
         elif noise.device != imgs.device:
             raise ValueError(f"noise is on {noise.device} but imgs are on {imgs.device}")
 
-        if ops.backend_for(imgs) == "triton":
+        if ops.backend_for(imgs) == "triton" and self._embeds_as_built():
             # mask first, then embed only the kept patches straight from the image
             ids_keep, mask, ids_restore = ops.masking_indices(noise, len_keep)
             x = ops.patch_embed_visible(imgs, self.patch_embed.proj.weight,
@@ -283,6 +342,15 @@ class MaskedAutoencoderViT(nn.Module):
         pred = self.forward_decoder(latent, ids_restore)  # (N, L, p*p*C)
         loss = self.forward_loss(imgs, pred, mask)
         return loss, pred, mask
+
+    def _embeds_as_built(self):
+        """Whether embedding only the kept patches (the fused path, which calls neither
+        patch_embed nor random_masking) computes what calling them would: patch_embed as built
+        and unhooked, random_masking not overridden."""
+        pe = self.patch_embed
+        return (_as_built(pe, PatchEmbed) and _as_built(_member(pe, "proj"), nn.Conv2d)
+                and type(self).random_masking is MaskedAutoencoderViT.random_masking
+                and "random_masking" not in self.__dict__ and not _global_hooks())
 
     def _check_imgs(self, imgs):
         if not isinstance(imgs, torch.Tensor):

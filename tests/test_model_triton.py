@@ -14,13 +14,13 @@ pytestmark = pytest.mark.interpreter(
                "torch.compile without graph breaks)")
 
 
-def tiny(seed=0, **kw):
+def tiny(seed=0, cls=fastmae.MaskedAutoencoderViT, **kw):
     torch.manual_seed(seed)
     args = dict(img_size=(16, 24), patch_size=4, in_chans=3, embed_dim=64, depth=2, num_heads=2,
                 decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=1, mlp_ratio=2.0,
                 norm_layer=partial(nn.LayerNorm, eps=1e-6), norm_pix_loss=True)
     args.update(kw)
-    return fastmae.MaskedAutoencoderViT(**args)
+    return cls(**args)
 
 
 def run(model, backend, imgs, noise, ratio=0.75):
@@ -126,16 +126,25 @@ def test_fused_block_reads_parametrized_and_swapped_weights():
 
 
 def test_compiled_model_has_no_graph_break():
-    """torch.compile traces the fastmae ops as custom ops: fullgraph=True must succeed."""
+    """torch.compile traces the fastmae ops as custom ops: fullgraph=True must succeed, and the
+    traced graph holds the fused path's ops (the checks of which modules may run fused are
+    read at trace time, not turned into a fallback)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
     m = tiny()
     imgs = torch.randn(2, 3, 16, 24)
     noise = torch.rand(2, 24)
+    counter = CompileCounterWithBackend("aot_eager")
     with fastmae.use_backend("triton"):
         eager = m(imgs, noise=noise)[0]
-        compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+        compiled = torch.compile(m, fullgraph=True, backend=counter)
         loss = compiled(imgs, noise=noise)[0]
         loss.backward()
     assert rel_err(loss, eager) < 1e-5
+    text = "\n".join(g.print_readable(print_output=False) for g in counter.graphs)
+    for op in ("patch_embed_visible", "add_layer_norm", "packed_attention", "unshuffle",
+               "masked_mse"):
+        assert f"fastmae.{op}" in text, op
     assert m.blocks[0].attn.qkv.weight.grad is not None
 
 
@@ -261,3 +270,156 @@ def test_autocast_model_casts_each_stack_of_blocks_weights_at_once(monkeypatch):
     assert together[3].keys() == each[3].keys()
     for name in each[3]:
         assert torch.equal(together[3][name], each[3][name]), name
+
+
+def _inputs(seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 3, 16, 24, generator=g), torch.rand(2, 24, generator=g)
+
+
+class _Wrapped(nn.Module):
+    """A block behind a wrapper, as activation checkpointing puts it: the wrapper must run."""
+
+    def __init__(self, block, calls):
+        super().__init__()
+        self.block, self.calls = block, calls
+
+    def forward(self, x):
+        self.calls.append("wrapper")
+        return self.block(x)
+
+
+class _ScaledLinear(nn.Linear):
+    """A Linear subclass with its own forward (a LoRA layer, say)."""
+
+    def forward(self, x):
+        return 1.5 * super().forward(x)
+
+
+def _stack_runs(monkeypatch):
+    """Counts the stacks that ran as fused blocks (each calls ops.cast_block_weights once)."""
+    calls, real = [], fastmae.ops.cast_block_weights
+    monkeypatch.setattr(fastmae.ops, "cast_block_weights",
+                        lambda x, ps: calls.append(len(ps)) or real(x, ps))
+    return calls
+
+
+def test_fused_path_calls_hooked_wrapped_subclassed_and_replaced_modules(monkeypatch):
+    """Under "triton" the model runs blocks, the patch embedding and random_masking from their
+    parameter tables only where that computes what calling them would. A hook (the module's own
+    or a global one), a wrapper, a subclass or a replaced submodule is called, and the result is
+    the "torch" backend's."""
+    imgs, noise = _inputs(11)
+    stacks = _stack_runs(monkeypatch)
+    base = tiny(seed=11, depth=3)
+    with fastmae.use_backend("triton"):
+        plain = base(imgs, noise=noise)[0]
+    assert stacks == [3, 1]  # as built: both stacks fused
+
+    def check(m, expect_stacks, differs=True):
+        """m under "triton" equals m under "torch" (and, if differs, not the plain model)."""
+        stacks.clear()
+        fired.clear()
+        a = run(m, "triton", imgs, noise)
+        assert stacks == expect_stacks
+        b = run(m, "torch", imgs, noise)
+        assert rel_err(a[0], b[0]) < 1e-5 and rel_err(a[1], b[1]) < 1e-5
+        assert torch.equal(a[2], b[2])
+        for name in b[3]:
+            assert rel_err(a[3][name], b[3][name]) < 1e-4, name
+        if differs:
+            assert rel_err(a[0], plain) > 1e-3
+        return a
+
+    fired = []
+    m = tiny(seed=11, depth=3)
+    names = ("patch_embed", "blocks.1", "blocks.2.attn", "decoder_blocks.0.mlp.fc1", "norm")
+    for name in names:
+        m.get_submodule(name).register_forward_hook(lambda mod, i, o, n=name: fired.append(n))
+    check(m, [], differs=False)
+    assert sorted(fired) == sorted(names * 2)  # once a forward, under each backend
+
+    m = tiny(seed=11, depth=3)
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda mod, i, o: fired.append(type(mod).__name__))
+    try:
+        check(m, [], differs=False)
+    finally:
+        handle.remove()
+    assert fired.count("Attention") == 2 * 4 and fired.count("PatchEmbed") == 2
+
+    calls = []
+
+    class Masking(fastmae.MaskedAutoencoderViT):
+        def random_masking(self, x, mask_ratio, noise=None):
+            calls.append(mask_ratio)
+            return super().random_masking(x, mask_ratio, noise)
+
+    m = tiny(seed=11, depth=3, cls=Masking)
+    check(m, [3, 1], differs=False)
+    assert calls == [0.75, 0.75]
+
+    m = tiny(seed=11, depth=3)
+    m.blocks[1] = _Wrapped(m.blocks[1], calls)
+    calls.clear()
+    check(m, [1], differs=False)
+    assert calls == ["wrapper", "wrapper"]
+
+    m = tiny(seed=11, depth=3)
+    m.decoder_blocks[0].mlp.act = nn.ReLU()
+    check(m, [3])
+    m = tiny(seed=11, depth=3)
+    qkv = m.blocks[0].attn.qkv
+    m.blocks[0].attn.qkv = _ScaledLinear(qkv.in_features, qkv.out_features)
+    m.blocks[0].attn.qkv.load_state_dict(qkv.state_dict())
+    check(m, [1])
+
+
+def test_mlp_with_tanh_gelu_runs_it_under_triton():
+    """A block whose GELU was swapped for the tanh approximation computes that, not erf GELU."""
+    blk = tiny(seed=12).blocks[0]
+    x = 3 * torch.randn(2, 7, 64)
+    with fastmae.use_backend("triton"):
+        exact = blk(x)
+    blk.mlp.act = nn.GELU(approximate="tanh")
+    assert not blk.fusable()
+    with fastmae.use_backend("triton"):
+        a = blk(x)
+        with pytest.raises(ValueError, match="forward_fused"):
+            blk.forward_fused(x)
+    with fastmae.use_backend("torch"):
+        b = blk(x)
+    assert rel_err(a, b) < 1e-6
+    assert rel_err(a, exact) > 1e-5
+
+
+def test_fsdp2_sharded_blocks_run_under_triton(monkeypatch):
+    """fully_shard on each block and the root (what `fastmae pretrain --fsdp` does): the blocks'
+    parameters are sharded DTensors until FSDP2's hooks gather them, so the stacks must call
+    the blocks. One gloo rank: the loss and every gradient equal the unsharded model's."""
+    import socket
+
+    import torch.distributed as dist
+    fsdp = pytest.importorskip("torch.distributed.fsdp")
+    if not hasattr(fsdp, "fully_shard") or not dist.is_gloo_available():
+        pytest.skip("needs torch.distributed.fsdp.fully_shard and gloo")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    imgs, noise = _inputs(13)
+    plain = run(tiny(seed=13), "triton", imgs, noise)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        m = tiny(seed=13)
+        for blk in list(m.blocks) + list(m.decoder_blocks):
+            fsdp.fully_shard(blk)
+        fsdp.fully_shard(m)
+        sharded = run(m, "triton", imgs, noise)
+    finally:
+        dist.destroy_process_group()
+    assert rel_err(sharded[0], plain[0]) < 1e-6
+    assert torch.equal(sharded[2], plain[2])
+    assert sharded[3].keys() == plain[3].keys()
+    for name, g in sharded[3].items():
+        g = g.full_tensor() if hasattr(g, "full_tensor") else g
+        assert rel_err(g, plain[3][name]) < 1e-5, name
