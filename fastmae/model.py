@@ -7,6 +7,7 @@ kept patches embedded straight from the image, blocks whose LayerNorm, residual 
 GELU and attention are fused kernels (matmuls stay with torch), a one-pass decoder unshuffle and
 a one-pass loss. All of it goes through ``fastmae.ops``.
 """
+import math
 from functools import partial
 
 import torch
@@ -285,13 +286,20 @@ class MaskedAutoencoderViT(nn.Module):
         return self.patch_embed.proj.in_channels
 
     def patchify(self, imgs):
-        """imgs (N, C, H, W) -> (N, L, p**2 * C)."""
-        self._check_imgs(imgs)
+        """imgs (N, C, H, W) -> (N, L, p**2 * C): any H and W the patch size divides, as
+        official (which patchifies images of other sizes than the model's too)."""
+        self._check_imgs(imgs, model_size=False)
         return ops.patchify(imgs, self.patch_size)
 
     def unpatchify(self, x):
-        """(N, L, p**2 * C) -> imgs (N, C, H, W)."""
-        return ops.unpatchify(x, self.patch_size, self.patch_embed.grid_size, self.in_chans)
+        """(N, L, p**2 * C) -> imgs (N, C, H, W), on the model's patch grid when L is its patch
+        count, else on a square grid of L patches (as official, which takes h = w = sqrt(L))."""
+        grid = self.patch_embed.grid_size
+        if isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[1] != grid[0] * grid[1]:
+            side = math.isqrt(x.shape[1])
+            if side * side == x.shape[1]:
+                grid = (side, side)
+        return ops.unpatchify(x, self.patch_size, grid, self.in_chans)
 
     def random_masking(self, x, mask_ratio, noise=None):
         """Per-sample random masking by argsort of noise (N, L) -> x_masked, mask, ids_restore."""
@@ -352,7 +360,7 @@ class MaskedAutoencoderViT(nn.Module):
                 and type(self).random_masking is MaskedAutoencoderViT.random_masking
                 and "random_masking" not in self.__dict__ and not _global_hooks())
 
-    def _check_imgs(self, imgs):
+    def _check_imgs(self, imgs, model_size=True):
         if not isinstance(imgs, torch.Tensor):
             raise TypeError(f"imgs must be a torch.Tensor, got {type(imgs).__name__}")
         if imgs.dim() != 4:
@@ -365,7 +373,7 @@ class MaskedAutoencoderViT(nn.Module):
         p = self.patch_size
         if H % p or W % p:
             raise ValueError(f"imgs height and width must be divisible by patch_size {p}, got {H}x{W}")
-        if (H, W) != self.patch_embed.img_size:
+        if model_size and (H, W) != self.patch_embed.img_size:
             raise ValueError(f"imgs must be {self.patch_embed.img_size[0]}x{self.patch_embed.img_size[1]} "
                              f"(the model's img_size), got {H}x{W}")
 

@@ -8,6 +8,7 @@ breaks and ``torch.library.opcheck`` can check them. Kernel modules are imported
 Triton interpreter must be switched on before their first import on a CPU machine.
 """
 import importlib
+import numbers
 import os
 import warnings
 
@@ -160,9 +161,13 @@ def _check_same_device(ref_name, ref, **others):
 
 
 def keep_count(L, mask_ratio):
-    """Patches kept by ``mask_ratio`` (official ``int(L * (1 - mask_ratio))``), checked."""
-    if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float)):
+    """Patches kept by ``mask_ratio`` (official ``int(L * (1 - mask_ratio))``), checked. Any real
+    number is taken, a NumPy scalar or a 0-d tensor too, as official's arithmetic takes them."""
+    if isinstance(mask_ratio, torch.Tensor) and mask_ratio.dim() == 0:
+        mask_ratio = mask_ratio.item()
+    if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, numbers.Real):
         raise TypeError(f"mask_ratio must be a number in [0, 1), got {mask_ratio!r}")
+    mask_ratio = float(mask_ratio)
     if not 0.0 <= mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
     len_keep = int(L * (1 - mask_ratio))
@@ -244,9 +249,15 @@ def masking_indices(noise, len_keep):
     _check_tensor(noise, "noise", ndim=2)
     if not 1 <= len_keep <= noise.shape[1]:
         raise ValueError(f"len_keep must be in [1, L={noise.shape[1]}], got {len_keep}")
-    if _uses_triton(noise):
+    if _uses_triton(noise) and _sorts_exactly(noise):
         return _masking_indices_op(noise, len_keep)
     return reference.masking_indices(noise, len_keep)
+
+
+def _sorts_exactly(noise):
+    """The masking kernel sorts fp32 keys: fp16, bf16 and fp32 noise converts to them exactly,
+    fp64 noise can round two values to one (a tie the fp64 sort would not have): torch sorts it."""
+    return noise.dtype != torch.float64
 
 
 @_op("fastmae::gather_tokens")
@@ -294,7 +305,7 @@ def random_masking(x, mask_ratio, noise=None):
     if noise is None:
         noise = torch.rand(N, L, device=x.device)
     _check_noise(noise, N, L, x.device)
-    if not _uses_triton(x):
+    if not (_uses_triton(x) and _sorts_exactly(noise)):
         return reference.random_masking(x, mask_ratio, noise)
     ids_keep, mask, ids_restore = _masking_indices_op(noise, len_keep)
     return _gather_tokens_op(x, ids_keep, ids_restore), mask, ids_restore
@@ -541,9 +552,11 @@ def masked_mse_loss(imgs, pred, mask, patch_size, norm_pix=True):
     _check_tensor(pred, "pred", ndim=3)
     if tuple(pred.shape) != (N, L, K):
         raise ValueError(f"pred must have shape (N, L, p*p*C) = ({N}, {L}, {K}), got {tuple(pred.shape)}")
-    _check_tensor(mask, "mask", ndim=2)
+    _check_tensor(mask, "mask", ndim=2, floating=False)
     if tuple(mask.shape) != (N, L):
         raise ValueError(f"mask must have shape (N, L) = ({N}, {L}), got {tuple(mask.shape)}")
+    if not mask.dtype.is_floating_point:  # a bool or integer 0/1 mask, as official takes
+        mask = mask.to(torch.float32)
     _check_same_device("imgs", imgs, pred=pred, mask=mask)
     if not _uses_triton(pred) or imgs.requires_grad or mask.requires_grad:
         # gradients reaching the images or the mask come from the reference

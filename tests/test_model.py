@@ -216,6 +216,33 @@ def test_patchify_unpatchify_round_trip_rectangular_and_any_channels():
     assert torch.equal(m.unpatchify(x), imgs)
 
 
+def test_patchify_and_unpatchify_take_other_sizes_as_official():
+    """Official patchify takes any square image the patch size divides, and unpatchify a square
+    grid of sqrt(L) patches: images of another size than the model's round-trip too."""
+    m = tiny()  # 32 x 32 images, 8-pixel patches
+    imgs = torch.randn(3, 3, 48, 48)
+    x = m.patchify(imgs)
+    want = imgs.reshape(3, 3, 6, 8, 6, 8).permute(0, 2, 4, 3, 5, 1).reshape(3, 36, 8 * 8 * 3)
+    assert torch.equal(x, want)
+    assert torch.equal(m.unpatchify(x), imgs)
+    with pytest.raises(ValueError, match="channels"):
+        m.patchify(torch.randn(1, 2, 48, 48))
+    with pytest.raises(ValueError, match="divisible"):
+        m.patchify(torch.randn(1, 3, 44, 48))
+    with pytest.raises(ValueError, match="x must have shape"):
+        m.unpatchify(torch.randn(1, 35, 8 * 8 * 3))  # neither the model's 16 nor a square
+
+
+def test_forward_loss_takes_a_bool_or_integer_mask():
+    m = tiny()
+    imgs = torch.randn(2, 3, 32, 32)
+    pred = torch.randn(2, 16, 8 * 8 * 3)
+    mask = torch.rand(2, 16) < 0.75
+    want = m.forward_loss(imgs, pred, mask.float())
+    assert torch.equal(m.forward_loss(imgs, pred, mask), want)
+    assert torch.equal(m.forward_loss(imgs, pred, mask.long()), want)
+
+
 @pytest.mark.parametrize("bad, err, words", [
     (lambda: torch.randn(3, 32, 32), ValueError, "4-D"),
     (lambda: torch.randint(0, 255, (2, 3, 32, 32)), TypeError, "floating"),

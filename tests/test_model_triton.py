@@ -2,6 +2,7 @@
 gradient, a few AdamW steps; torch.compile without graph breaks; GPU-only training parity."""
 from functools import partial
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -423,3 +424,38 @@ def test_fsdp2_sharded_blocks_run_under_triton(monkeypatch):
     for name, g in sharded[3].items():
         g = g.full_tensor() if hasattr(g, "full_tensor") else g
         assert rel_err(g, plain[3][name]) < 1e-5, name
+
+
+def test_float64_noise_sorts_as_torch_does_under_triton():
+    """fp64 noise that fp32 would tie (two values 1e-12 apart, the larger first): the "triton"
+    masking orders them as torch's fp64 argsort does, in the model and in random_masking."""
+    import fastmae.ops as ops
+
+    g = torch.Generator().manual_seed(14)
+    noise = torch.rand(2, 24, generator=g, dtype=torch.float64)
+    noise[0, 3], noise[0, 7] = 0.5 + 1e-12, 0.5
+    noise[1, 0], noise[1, 23] = 0.25 + 1e-12, 0.25
+    assert noise.float()[0, 3] == noise.float()[0, 7]
+    x = torch.randn(2, 24, 8)
+    with fastmae.use_backend("torch"):
+        want = ops.random_masking(x, 0.5, noise)
+    with fastmae.use_backend("triton"):
+        got = ops.random_masking(x, 0.5, noise)
+        ids = ops.masking_indices(noise, 12)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    assert torch.equal(ids[2], want[2])
+    imgs = torch.randn(2, 3, 16, 24, generator=g)
+    a = run(tiny(seed=14), "triton", imgs, noise, ratio=0.5)
+    b = run(tiny(seed=14), "torch", imgs, noise, ratio=0.5)
+    assert torch.equal(a[2], b[2]) and rel_err(a[0], b[0]) < 1e-5
+
+
+@pytest.mark.parametrize("ratio", [np.float32(0.75), np.float64(0.75), torch.tensor(0.75)],
+                         ids=["np.float32", "np.float64", "0-d tensor"])
+def test_mask_ratio_of_numpy_or_tensor_type(ratio):
+    imgs, noise = _inputs(15)
+    m = tiny(seed=15)
+    want = run(m, "triton", imgs, noise, ratio=0.75)
+    got = run(m, "triton", imgs, noise, ratio=ratio)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])
