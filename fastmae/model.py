@@ -8,6 +8,7 @@ GELU and attention are fused kernels (matmuls stay with torch), a one-pass decod
 a one-pass loss. All of it goes through ``fastmae.ops``.
 """
 import math
+import numbers
 from functools import partial
 
 import torch
@@ -223,6 +224,15 @@ class MaskedAutoencoderViT(nn.Module):
                  mlp_ratio=4.0, norm_layer=nn.LayerNorm, norm_pix_loss=False):
         super().__init__()
         img_hw = _pair(img_size, "img_size")
+        if isinstance(patch_size, bool) or not isinstance(patch_size, numbers.Integral) \
+                or patch_size < 1:
+            raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
+        patch_size = int(patch_size)
+        for dim, heads, names in ((embed_dim, num_heads, "embed_dim and num_heads"),
+                                  (decoder_embed_dim, decoder_num_heads,
+                                   "decoder_embed_dim and decoder_num_heads")):
+            if heads < 1 or dim % heads:
+                raise ValueError(f"{names}: {dim} must be divisible by {heads} heads")
         if img_hw[0] % patch_size or img_hw[1] % patch_size:
             raise ValueError(f"img_size {img_hw} must be divisible by patch_size {patch_size}")
         if in_chans < 1:

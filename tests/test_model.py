@@ -279,3 +279,8 @@ def test_bad_constructor_arguments():
         tiny(img_size=30)
     with pytest.raises(ValueError, match="num_heads"):
         tiny(embed_dim=30, num_heads=4)
+    with pytest.raises(ValueError, match="decoder_embed_dim and decoder_num_heads"):
+        tiny(decoder_embed_dim=24, decoder_num_heads=5)
+    for bad in (0, -8, 8.0):
+        with pytest.raises(ValueError, match="patch_size"):
+            tiny(patch_size=bad)
