@@ -214,16 +214,23 @@ def adjust_learning_rate(optimizer, epoch: float, args) -> float:
     return lr
 
 
-def param_groups_weight_decay(model, weight_decay: float):
-    """Official (timm ``add_weight_decay``): no decay for biases, norms and other 1-D parameters;
-    frozen parameters (the sin-cos position tables) are left out."""
+def named_param_groups(model):
+    """([(name, parameter)] without weight decay, [(name, parameter)] with it): timm
+    ``add_weight_decay``'s two groups in its order, each in ``named_parameters`` order."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
-    return [{"params": no_decay, "weight_decay": 0.0},
-            {"params": decay, "weight_decay": weight_decay}]
+        (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append((name, param))
+    return no_decay, decay
+
+
+def param_groups_weight_decay(model, weight_decay: float):
+    """Official (timm ``add_weight_decay``): no decay for biases, norms and other 1-D parameters;
+    frozen parameters (the sin-cos position tables) are left out."""
+    no_decay, decay = named_param_groups(model)
+    return [{"params": [p for _, p in no_decay], "weight_decay": 0.0},
+            {"params": [p for _, p in decay], "weight_decay": weight_decay}]
 
 
 def masking_noise(seed: int, epoch: int, indices, num_patches: int) -> torch.Tensor:
@@ -433,9 +440,77 @@ def _with_this_runs_optimizer(optim_sd, optimizer):
 
 def _load_checkpoint(path):
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # main_pretrain.py saves its argparse.Namespace as 'args'; building one only sets
+        # attributes, so allowing it (and nothing else) keeps the load unable to run code
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise _UsageError(f"cannot load checkpoint {path!r}: {e}") from e
+
+
+# main_pretrain.py's names for the arguments fastmae spells otherwise
+_OFFICIAL_ARG_NAMES = {"input_size": "img_size", "data_path": "data"}
+
+
+def _saved_args(ckpt):
+    """The checkpoint's 'args' as a dict in fastmae's names: fastmae saves a dict, main_pretrain.py
+    its argparse.Namespace."""
+    saved = ckpt.get("args")
+    if isinstance(saved, argparse.Namespace):
+        return {_OFFICIAL_ARG_NAMES.get(k, k): v for k, v in vars(saved).items()}
+    return saved if isinstance(saved, dict) else {}
+
+
+def _is_index_keyed(optim_sd) -> bool:
+    """Whether ``optim_sd`` is a plain ``optimizer.state_dict()`` (main_pretrain.py's): state and
+    param groups refer to parameters by index, where fastmae's name them."""
+    groups = optim_sd.get("param_groups") if isinstance(optim_sd, dict) else None
+    if not isinstance(groups, list) or not groups:
+        return False
+    params = [i for g in groups if isinstance(g, dict) for i in g.get("params", ())]
+    return bool(params) and all(isinstance(i, int) and not isinstance(i, bool) for i in params)
+
+
+def _name_keyed_optimizer_state(optim_sd, model, path):
+    """main_pretrain.py's index-keyed optimizer state, keyed by parameter name as fastmae's is.
+    Its groups are timm add_weight_decay's over the same modules in the same order (no decay,
+    then decay, each in named_parameters order), as fastmae's are: the j-th index of a group is
+    the j-th parameter of fastmae's group. The group sizes and every state tensor's shape must
+    fit, or the checkpoint's model is not this one."""
+    own = named_param_groups(model)
+    saved = optim_sd["param_groups"]
+    saved_sizes = [len(g.get("params", ())) if isinstance(g, dict) else 0 for g in saved]
+    own_sizes = [len(group) for group in own]
+    if saved_sizes != own_sizes:
+        raise _UsageError(
+            f"{path}: its optimizer state (main_pretrain.py's index-keyed layout) has param "
+            f"groups of {saved_sizes} parameters where this model's are {own_sizes} (no weight "
+            f"decay, then weight decay): it was not saved from this model")
+    named = {}  # index -> (name, parameter)
+    for group, own_group in zip(saved, own):
+        named.update(zip(group["params"], own_group))
+    if len(named) != sum(own_sizes):
+        raise _UsageError(f"{path}: its optimizer's param groups list a parameter index twice")
+    state = {}
+    for index, entry in optim_sd.get("state", {}).items():
+        if index not in named:
+            raise _UsageError(f"{path}: its optimizer holds state for parameter {index!r}, "
+                              f"which none of its param groups lists")
+        name, param = named[index]
+        if not isinstance(entry, dict):
+            raise _UsageError(f"{path}: its optimizer's state for parameter {index} is a "
+                              f"{type(entry).__name__}, not a dict of tensors")
+        for key, value in entry.items():
+            # 'step' is a count; every other AdamW state tensor has its parameter's shape
+            if key != "step" and isinstance(value, torch.Tensor) and value.shape != param.shape:
+                raise _UsageError(
+                    f"{path}: its optimizer's {key!r} for parameter {index} has shape "
+                    f"{tuple(value.shape)}, but parameter {index} is {name}, of shape "
+                    f"{tuple(param.shape)}: it was not saved from this model")
+        state[name] = entry
+    groups = [{**group, "params": [name for name, _ in own_group]}
+              for group, own_group in zip(saved, own)]
+    return {"state": state, "param_groups": groups}
 
 
 def _resume_path(args):
@@ -936,14 +1011,18 @@ class _Job:
         if not isinstance(ckpt, dict) or not {"model", "optimizer", "epoch"} <= set(ckpt):
             raise _UsageError(f"{path} is not a fastmae pretrain checkpoint (it needs model, "
                               f"optimizer and epoch entries)")
-        saved = ckpt.get("args") or {}
+        saved = _saved_args(ckpt)
         changed = [f"{k} {saved[k]!r} -> {getattr(args, k)!r}" for k in _RUN_DEFINING
                    if k in saved and saved[k] != getattr(args, k)]
         if changed:
             _say(rt, "warning: resuming with different settings, so this does not continue the "
                      "same run: " + "; ".join(changed))
+        optim_sd = ckpt["optimizer"]
+        official = _is_index_keyed(optim_sd)
+        if official:
+            optim_sd = _name_keyed_optimizer_state(optim_sd, self.model, path)
         try:
-            optim_sd = _with_this_runs_optimizer(ckpt["optimizer"], self.optimizer)
+            optim_sd = _with_this_runs_optimizer(optim_sd, self.optimizer)
             set_state_dict(self.model, self.optimizer, model_state_dict=ckpt["model"],
                            optim_state_dict=optim_sd, options=_state_dict_options())
         except (RuntimeError, KeyError, ValueError) as e:
@@ -952,8 +1031,14 @@ class _Job:
             self._resume_scaler(ckpt.get("scaler"), path)
         if ckpt.get("rng"):
             _set_rng_state(ckpt["rng"])
-        epoch, step = int(ckpt["epoch"]), int(ckpt.get("step", 0))
-        _say(rt, f"resumed from {path}: epoch {epoch + 1} done, global step {step}")
+        # 'epoch' is the last finished one, in fastmae's checkpoints as in main_pretrain.py's
+        # (whose load_model starts at checkpoint['epoch'] + 1)
+        epoch = int(ckpt["epoch"])
+        # main_pretrain.py counts no global step: take the iterations its epochs ran to be this
+        # run's (the same data and batch)
+        step = int(ckpt["step"]) if "step" in ckpt else (epoch + 1) * self.steps
+        source = " (a main_pretrain.py checkpoint)" if official else ""
+        _say(rt, f"resumed from {path}{source}: epoch {epoch + 1} done, global step {step}")
         return epoch + 1, step, f"{path} (after epoch {epoch + 1})"
 
     def _resume_scaler(self, state, path):

@@ -4,7 +4,9 @@ torchrun (DDP and FSDP2 on gloo) against one process, and clear errors for bad i
 Runs are tiny (16x16 images, batches of 4-8, 2-3 iterations per epoch) and in-process
 where they can be, so the file stays fast on a two-core machine.
 """
+import argparse
 import contextlib
+import functools
 import importlib.util
 import json
 import math
@@ -14,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -388,6 +391,190 @@ def test_logged_lr_is_the_mean_of_the_epochs_iteration_lrs(tmp_path, accum_iter)
         assert record["train_lr"] != pytest.approx(lrs[-1], rel=1e-3)  # not the last lr
 
 
+# --------------------------------------------------------------------------- the recipe
+
+def _official_adjust_learning_rate(optimizer, epoch, args):
+    """util/lr_sched.py's adjust_learning_rate (facebookresearch/mae), transcribed."""
+    if epoch < args.warmup_epochs:
+        lr = args.lr * epoch / args.warmup_epochs
+    else:
+        lr = args.min_lr + (args.lr - args.min_lr) * 0.5 * \
+            (1. + math.cos(math.pi * (epoch - args.warmup_epochs)
+                           / (args.epochs - args.warmup_epochs)))
+    for param_group in optimizer.param_groups:
+        if "lr_scale" in param_group:
+            param_group["lr"] = lr * param_group["lr_scale"]
+        else:
+            param_group["lr"] = lr
+    return lr
+
+
+def _timm_add_weight_decay(model, weight_decay=1e-5, skip_list=()):
+    """timm 0.3.2's optim_factory.add_weight_decay, transcribed: main_pretrain.py's groups."""
+    decay = []
+    no_decay = []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue  # frozen weights
+        if len(param.shape) == 1 or name.endswith(".bias") or name in skip_list:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [
+        {'params': no_decay, 'weight_decay': 0.},
+        {'params': decay, 'weight_decay': weight_decay}]
+
+
+def _three_group_optimizer(lr_scale):
+    """An AdamW with a plain group, one carrying ``lr_scale`` and one whose lr is a tensor (as
+    --cuda-graph's are)."""
+    params = [torch.nn.Parameter(torch.randn(3)) for _ in range(3)]
+    optimizer = torch.optim.AdamW([{"params": [params[0]]},
+                                   {"params": [params[1]], "lr_scale": lr_scale},
+                                   {"params": [params[2]]}], lr=1.0)
+    optimizer.param_groups[2]["lr"] = torch.tensor(1.0)
+    return optimizer
+
+
+def test_adjust_learning_rate_is_lr_scheds():
+    """At epoch 0, mid-warmup, the warmup's end, mid-cosine, near and at the end: the lr of
+    util/lr_sched.py (min_lr > 0), the lr_scale group scaled, a tensor lr filled in place."""
+    warmup = random.randint(2, 10)
+    args = argparse.Namespace(lr=random.uniform(1e-4, 5e-3), min_lr=random.uniform(1e-7, 1e-5),
+                                       warmup_epochs=warmup, epochs=warmup + random.randint(10, 50))
+    lr_scale = random.uniform(0.1, 0.9)
+    ours, official = _three_group_optimizer(lr_scale), _three_group_optimizer(lr_scale)
+    tensor_lr = ours.param_groups[2]["lr"]
+    mid_cosine = (args.warmup_epochs + args.epochs) / 2 + random.random()
+    for epoch in (0.0, random.uniform(0.5, warmup - 0.5), float(warmup), mid_cosine,
+                  args.epochs - 0.25, float(args.epochs)):
+        want = _official_adjust_learning_rate(official, epoch, args)
+        got = pretrain.adjust_learning_rate(ours, epoch, args)
+        assert got == pytest.approx(want, rel=1e-12, abs=0), epoch
+        assert ours.param_groups[0]["lr"] == got
+        assert ours.param_groups[1]["lr"] == pytest.approx(got * lr_scale, rel=1e-15)
+        assert ours.param_groups[1]["lr"] == pytest.approx(official.param_groups[1]["lr"],
+                                                           rel=1e-12)
+        assert ours.param_groups[2]["lr"] is tensor_lr  # a captured graph's lr stays that tensor
+        assert tensor_lr.item() == pytest.approx(got, rel=1e-6)
+    # the schedule's anchors, without the transcription
+    lr_at = functools.partial(pretrain.adjust_learning_rate, ours, args=args)
+    assert lr_at(0.0) == 0.0
+    assert lr_at(warmup / 2) == pytest.approx(args.lr / 2, rel=1e-15)
+    assert lr_at(warmup) == pytest.approx(args.lr, rel=1e-15)
+    assert lr_at(args.epochs) == pytest.approx(args.min_lr, rel=1e-9)
+
+
+def _tiny_job(tmp_path, *extra):
+    args = pretrain.build_parser().parse_args(
+        TINY + ["--data", "synthetic", "--synthetic-size", "8", "--img-size", "16",
+                "--batch-size", "4", "--output-dir", str(tmp_path), *extra])
+    return pretrain._Job(args, pretrain._Runtime(args))
+
+
+def test_optimizer_groups_are_timms_add_weight_decay(tmp_path):
+    """No decay for biases, norms and other 1-D parameters, decay for the rest (cls_token and
+    mask_token too), frozen position tables in no group: timm's rule applied independently;
+    AdamW betas (0.9, 0.95)."""
+    weight_decay = random.uniform(0.01, 0.3)
+    job = _tiny_job(tmp_path, "--weight-decay", repr(weight_decay))
+    name_of = {id(p): n for n, p in job.model.named_parameters()}
+    groups = [[name_of[id(p)] for p in g["params"]] for g in job.optimizer.param_groups]
+    want = [[name_of[id(p)] for p in g["params"]]
+            for g in _timm_add_weight_decay(job.model, weight_decay)]
+    assert groups == want
+    no_decay, decay = groups
+    assert [g["weight_decay"] for g in job.optimizer.param_groups] == [0.0, weight_decay]
+    assert all(g["betas"] == (0.9, 0.95) for g in job.optimizer.param_groups)
+    assert {"cls_token", "mask_token", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight",
+            "decoder_blocks.0.mlp.fc2.weight", "decoder_pred.weight"} <= set(decay)
+    assert {"patch_embed.proj.bias", "blocks.0.norm1.weight", "blocks.0.attn.qkv.bias",
+            "norm.weight", "norm.bias", "decoder_norm.weight", "decoder_pred.bias"} <= set(no_decay)
+    assert all(not n.endswith(".bias") for n in decay)
+    trainable = [n for n, p in job.model.named_parameters() if p.requires_grad]
+    assert sorted(no_decay + decay) == sorted(trainable)  # each once
+    assert not {"pos_embed", "decoder_pos_embed"} & set(no_decay + decay)
+
+
+def test_lr_is_blr_times_effective_batch_over_256():
+    """lr = blr x batch x accum_iter x world size / 256 (main_pretrain.py), unless --lr is
+    given."""
+    blr, batch, accum, world = random.uniform(1e-4, 1e-2), random.randint(1, 64), \
+        random.randint(1, 8), random.randint(1, 16)
+    rt = types.SimpleNamespace(device=torch.device("cpu"), world_size=world, local_world_size=world)
+    parse = pretrain.build_parser().parse_args
+    base = ["--model", "mae_vit_tiny_patch4", "--batch-size", str(batch), "--accum-iter",
+            str(accum), "--blr", repr(blr)]
+    args = parse(base)
+    pretrain._resolve_defaults(args, rt)
+    assert args.effective_batch == batch * accum * world
+    assert args.lr == pytest.approx(blr * batch * accum * world / 256, rel=1e-15)
+    lr = random.uniform(1e-5, 1e-3)
+    args = parse(base + ["--lr", repr(lr)])
+    pretrain._resolve_defaults(args, rt)
+    assert args.lr == lr
+
+
+def test_accum_iter_2_equals_a_batch_twice_as_large(tmp_path):
+    """--accum-iter 2 with batch 4 takes the step --accum-iter 1 with batch 8 takes (the same
+    samples and masks, the loss averaged over the two halves): the same lr, the same losses
+    pairwise averaged, two AdamW steps with the same moments (which, unlike Adam's weights, scale
+    with the gradient: a sum of the halves' gradients would show) and the same weights, up to
+    rounding."""
+    run = TINY + ["--data", "synthetic", "--img-size", "16", "--epochs", "1",
+                  "--blr", repr(random.uniform(5e-3, 3e-2))]
+    big, accumulated = tmp_path / "big", tmp_path / "accumulated"
+    assert pretrain.main(run + ["--batch-size", "8", "--steps-per-epoch", "2",
+                                "--output-dir", str(big)]) == 0
+    assert pretrain.main(run + ["--batch-size", "4", "--accum-iter", "2", "--steps-per-epoch", "4",
+                                "--output-dir", str(accumulated)]) == 0
+    whole, halves = _step_losses(big), _step_losses(accumulated)
+    assert len(whole) == 2 and len(halves) == 4
+    # the second pair is after the first update: the steps matched
+    pair_means = [(a + b) / 2 for a, b in zip(halves[::2], halves[1::2])]
+    assert pair_means == pytest.approx(whole, rel=1e-5)
+    # the mean of each step's lr logged once per iteration: 4 terms against 2
+    assert _log(accumulated)[0]["train_lr"] == pytest.approx(_log(big)[0]["train_lr"], rel=1e-14)
+    a, b = _checkpoint(big), _checkpoint(accumulated)
+    assert a["args"]["lr"] == b["args"]["lr"]
+    for name, want in a["optimizer"]["state"].items():
+        got = b["optimizer"]["state"][name]
+        assert got["step"].item() == want["step"].item() == 2, name
+        for key in ("exp_avg", "exp_avg_sq"):  # measured within 1e-6 of the largest entry
+            assert (got[key] - want[key]).abs().max() <= 1e-5 * want[key].abs().max(), (name, key)
+    # Adam divides a gradient by its own size, so rounding noise in a near-zero gradient moves a
+    # weight by up to ~1% of lr a step (measured): compared to 5% of lr
+    lr = a["args"]["lr"]
+    _assert_weights_close(a["model"], b["model"], lr, 2, 0.05 * lr)
+
+
+def test_mask_ratio_reaches_the_models_forward(tmp_path, monkeypatch):
+    """--mask-ratio is what every training forward gets, and it masks that many patches."""
+    ratio = random.choice([0.25, 0.5, 0.6, 0.9])
+    seen = []
+
+    def record(module, args, kwargs, output):
+        if module.training:
+            seen.append((kwargs.get("mask_ratio"), output[2].sum(dim=1)))
+
+    build = pretrain.MODELS["mae_vit_tiny_patch4"]
+
+    def build_recorded(**kwargs):
+        model = build(**kwargs)
+        model.register_forward_hook(record, with_kwargs=True)
+        return model
+
+    monkeypatch.setitem(pretrain.MODELS, "mae_vit_tiny_patch4", build_recorded)
+    assert pretrain.main(TINY + ["--data", "synthetic", "--img-size", "16", "--epochs", "1",
+                                 "--batch-size", "4", "--steps-per-epoch", "2",
+                                 "--mask-ratio", str(ratio), "--output-dir", str(tmp_path)]) == 0
+    patches = (16 // 4) ** 2
+    assert len(seen) == 2
+    for mask_ratio, masked in seen:
+        assert mask_ratio == ratio
+        assert masked.tolist() == [patches - int(patches * (1 - ratio))] * 4
+
+
 # --------------------------------------------------------------------------- official spellings
 
 # Every option of main_pretrain.py's get_args_parser (facebookresearch/mae).
@@ -517,6 +704,134 @@ def test_scaler_state_only_with_fp16_and_resumes_either_way(tmp_path, capsys):
     capsys.readouterr()
     assert pretrain.main(run + ["--epochs", "5", "--dtype", "fp16"]) == 2
     assert "its 'scaler' entry is not a GradScaler state" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- official checkpoints
+
+def _official_checkpoint(path, epoch, run_args, optimizer_groups=_timm_add_weight_decay):
+    """Write what main_pretrain.py's misc.save_model writes after ``epoch``: the weights of a model
+    trained two AdamW steps (a fastmae model: models_mae's modules, keys and order), the plain
+    optimizer.state_dict() over timm's groups, the NativeScaler's GradScaler state and the
+    argparse.Namespace. Returns (checkpoint, {official parameter index: name})."""
+    torch.manual_seed(random.randrange(2 ** 31))
+    model = fastmae.mae_vit_tiny_patch4(img_size=16)
+    args = argparse.Namespace(
+        batch_size=4, epochs=400, accum_iter=1, model="mae_vit_tiny_patch4", input_size=16,
+        mask_ratio=0.75, norm_pix_loss=False, weight_decay=0.05, lr=run_args["lr"], blr=2e-2,
+        min_lr=0.0, warmup_epochs=0, data_path="/datasets/imagenet", output_dir="./output_dir",
+        log_dir="./output_dir", device="cuda", seed=0, resume="", start_epoch=0, num_workers=10,
+        pin_mem=True, distributed=False, world_size=1, local_rank=-1, dist_on_itp=False,
+        dist_url="env://")
+    groups = optimizer_groups(model, args.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
+    for _ in range(2):
+        loss, _, _ = model(torch.rand(4, 3, 16, 16), mask_ratio=args.mask_ratio)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    # a CUDA run's NativeScaler (torch.cuda.amp.GradScaler), in a scale it reached
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** random.randint(8, 14))
+    ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+            "scaler": scaler.state_dict(), "args": args}
+    torch.save(ckpt, path)
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    index_to_name = dict(enumerate(name_of[id(p)] for g in groups for p in g["params"]))
+    return ckpt, index_to_name
+
+
+def test_resumes_a_main_pretrain_checkpoint_where_official_would(tmp_path, monkeypatch, capsys):
+    """An official main_pretrain.py checkpoint of epoch e (argparse.Namespace args, index-keyed
+    AdamW state, GradScaler state) resumes at epoch e + 1 with its weights, its AdamW state
+    under the right parameter names and its GradScaler scale, and trains on."""
+    epoch = random.randint(0, 5)
+    steps, lr = 2, 2e-2 * 4 / 256  # TINY's blr at batch 4, as fastmae resolves it
+    path = tmp_path / f"checkpoint-{epoch}.pth"
+    official, index_to_name = _official_checkpoint(path, epoch, {"lr": lr})
+    seen = {}
+    resume = pretrain._Job._resume
+
+    def recording_resume(job):
+        before = job.model.state_dict()
+        assert not all(torch.equal(v, official["model"][k]) for k, v in before.items())
+        seen["start"] = resume(job)
+        seen["model"] = {k: v.clone() for k, v in job.model.state_dict().items()}
+        params = dict(job.model.named_parameters())
+        seen["optimizer"] = {name: {k: v.clone() for k, v in job.optimizer.state[p].items()}
+                             for name, p in params.items() if p in job.optimizer.state}
+        seen["scale"] = job.scaler.get_scale()
+        return seen["start"]
+
+    monkeypatch.setattr(pretrain._Job, "_resume", recording_resume)
+    out = tmp_path / "out"
+    assert pretrain.main(TINY + ["--data", "synthetic", "--img-size", "16", "--batch-size", "4",
+                                 "--steps-per-epoch", str(steps), "--epochs", str(epoch + 2),
+                                 "--dtype", "fp16", "--resume", str(path),
+                                 "--output-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert (f"resumed from {path} (a main_pretrain.py checkpoint): epoch {epoch + 1} done, "
+            f"global step {(epoch + 1) * steps}") in printed
+    # its args were read (in fastmae's names): only what differs is named
+    warning = next(line for line in printed.splitlines() if line.startswith("warning: resuming"))
+    assert warning.endswith(
+        f": data '/datasets/imagenet' -> 'synthetic'; epochs 400 -> {epoch + 2}"), warning
+
+    assert seen["start"][0] == epoch + 1            # official: start_epoch = epoch + 1
+    for key, value in official["model"].items():
+        assert torch.equal(seen["model"][key], value), key
+    state = official["optimizer"]["state"]
+    assert len(seen["optimizer"]) == len(state) == len(index_to_name)
+    for index, name in index_to_name.items():
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(seen["optimizer"][name][key], state[index][key]), (name, key)
+    for name in ("cls_token", "mask_token", "blocks.0.attn.qkv.weight", "decoder_pred.bias"):
+        assert seen["optimizer"][name]["step"].item() == 2
+    assert seen["scale"] == official["scaler"]["scale"]
+
+    ckpt = _checkpoint(out)                         # and it trained on, one epoch
+    assert ckpt["epoch"] == epoch + 1 and ckpt["step"] == (epoch + 2) * steps
+    assert [r["epoch"] for r in _log(out)] == [epoch + 1]
+    assert next(iter(ckpt["optimizer"]["state"].values()))["step"].item() == 2 + steps
+
+
+def _one_weight_left_out(model, weight_decay):
+    groups = _timm_add_weight_decay(model, weight_decay)
+    groups[1]["params"] = groups[1]["params"][:-1]
+    return groups
+
+
+def _decay_group_reversed(model, weight_decay):
+    groups = _timm_add_weight_decay(model, weight_decay)
+    groups[1]["params"] = groups[1]["params"][::-1]
+    return groups
+
+
+@pytest.mark.parametrize("groups", [_one_weight_left_out, _decay_group_reversed],
+                         ids=["count", "order"])
+def test_a_main_pretrain_optimizer_of_another_model_is_a_clear_error(tmp_path, capsys, groups):
+    """An official optimizer state whose groups hold a different number of parameters, or whose
+    state tensors do not have the shapes of the parameters they map to, is refused by name."""
+    path = tmp_path / "checkpoint-3.pth"
+    _official_checkpoint(path, 3, {"lr": 2e-2 * 4 / 256}, optimizer_groups=groups)
+    model = fastmae.mae_vit_tiny_patch4(img_size=16)
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    no_decay, decay = ([name_of[id(p)] for p in g["params"]]
+                       for g in _timm_add_weight_decay(model, 0.05))
+    rc = pretrain.main(TINY + ["--data", "synthetic", "--img-size", "16", "--batch-size", "4",
+                               "--epochs", "5", "--resume", str(path),
+                               "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert f"fastmae pretrain: error: {path}: its optimizer" in err
+    if groups is _one_weight_left_out:
+        assert (f"param groups of [{len(no_decay)}, {len(decay) - 1}] parameters where this "
+                f"model's are [{len(no_decay)}, {len(decay)}]") in err, err
+    else:  # the first decay index holds the last weight's state, and maps to the first weight
+        first, last = (dict(model.named_parameters())[n] for n in (decay[0], decay[-1]))
+        assert first.shape != last.shape
+        index = len(no_decay)
+        assert (f"'exp_avg' for parameter {index} has shape {tuple(last.shape)}, but parameter "
+                f"{index} is {decay[0]}, of shape {tuple(first.shape)}") in err, err
+    assert not (tmp_path / "out" / pretrain.CHECKPOINT).exists()
 
 
 # --------------------------------------------------------------------------- --cuda-graph
