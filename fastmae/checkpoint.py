@@ -10,13 +10,19 @@ Layouts ``load`` reads (``detect_layout`` names them):
   "official"           facebookresearch/mae keys (``blocks.N.attn.qkv``, ``decoder_blocks.N``, ...),
                        a bare state_dict or ``{"model": state_dict, ...}`` as ``main_pretrain.py`` saves
   "official-encoder"   the same without a decoder: the released ``mae_pretrain_*`` files, timm's ViT
+                       without a head (``num_classes=0``, ``global_pool="token"``)
   "hf-5.x"             transformers >= 5 ``ViTMAEForPreTraining``: ``vit.layers.N.attention.q_proj``,
                        ``mlp.fc1``, ... (``vit.`` prefix optional: ``ViTMAEModel`` has none)
   "hf-4.x"             transformers 4.x: ``vit.encoder.layer.N.attention.attention.query``,
                        ``attention.output.dense``, ``intermediate.dense``, ``output.dense``, ...;
-                       also what transformers 5's ``save_pretrained`` writes to disk (it converts
-                       back to these names, its decoder layers as ``decoder.decoder_encoder.layer.N``)
+                       also what transformers 5's ``save_pretrained`` writes for a model built
+                       in memory (it converts back to these names, its decoder layers as
+                       ``decoder.decoder_encoder.layer.N``; one loaded from 5.x names keeps them)
   ("hf-*-encoder" when an HF state_dict holds no decoder.)
+
+A state_dict may come wrapped as ``{"model": ...}`` or ``{"state_dict": ...}`` (timm's training
+files), its keys prefixed by a wrapper's ``module.`` (DDP) or ``_orig_mod.`` (torch.compile), and
+``load_into`` takes such a wrapped model too.
 
 Files are a ``torch.save`` pickle (``.pth``, ``.bin``), read with ``weights_only=True``, or a
 safetensors file (recognised by its content, whatever its name): a checkpoint never runs code.
@@ -163,8 +169,10 @@ def _state_dict_of(obj, source):
     if not isinstance(obj, dict):
         raise TypeError(f"{source}: expected a state_dict (a dict of tensors) or {{'model': state_dict}}, "
                         f"got {type(obj).__name__}")
-    if "model" in obj and isinstance(obj["model"], dict):
-        obj = obj["model"]
+    for wrapper in ("model", "state_dict"):  # official and fastmae; timm's training checkpoints
+        if wrapper in obj and isinstance(obj[wrapper], dict):
+            obj = obj[wrapper]
+    obj = _without_wrapper_prefix(obj)
     bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
         raise ValueError(f"{source}: expected {_EXPECTED}, but these entries are not named tensors: "
@@ -172,6 +180,22 @@ def _state_dict_of(obj, source):
     if not obj:
         raise ValueError(f"{source}: the state_dict is empty; expected {_EXPECTED}")
     return obj
+
+
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / FSDP1 and torch.compile's key prefixes
+
+
+def _without_wrapper_prefix(sd):
+    """``sd`` with the prefix every key shares taken off when it is a wrapper's (a state_dict saved
+    from a DDP or torch.compile'd model)."""
+    stripped = True
+    while stripped and sd:
+        stripped = False
+        for prefix in _WRAPPER_PREFIXES:
+            if all(isinstance(k, str) and k.startswith(prefix) for k in sd):
+                sd = {k[len(prefix):]: v for k, v in sd.items()}
+                stripped = True
+    return sd
 
 
 # --------------------------------------------------------------------------- layouts
@@ -378,19 +402,47 @@ def _square_grid(n, key, source):
     return g
 
 
-def _resize_pos_table(table, grid_hw, key, source):
-    """Fit a (1, 1 + g*g, D) position table to the model's (h, w) grid -> (new table, what was done).
+def _sincos_table(dim, grid_hw):
+    return torch.from_numpy(sincos_2d(dim, grid_hw, cls_token=True)).to(torch.float32)
 
-    The tables MAE trains with are fixed 2-D sin-cos; one that is such a table is recomputed for the
-    new grid, exactly what a model built at that size holds. Any other (learned) table is resized as
-    the official ``interpolate_pos_embed``: bicubic, align_corners=False, cls row kept."""
+
+def _sincos_grid(table, first_try):
+    """The (h, w) patch grid whose fixed sin-cos table the (1, 1 + n, D) ``table`` is, or None (a
+    learned table). The grids of n patches are tried, ``first_try`` and the square one first; a
+    table stored in fp16 or bf16 is within its dtype's rounding of the fp32 one."""
     n, dim = table.shape[1] - 1, table.shape[2]
-    g = _square_grid(n, key, source)
+    if dim % 4 or n < 1 or not table.dtype.is_floating_point:
+        return None
+    atol = max(1e-5, torch.finfo(table.dtype).eps)
+    g = int(round(n ** 0.5))
+    grids = [first_try, (g, g)] + [(h, n // h) for h in range(1, n + 1) if n % h == 0]
+    values = table[0].float()
+    for h, w in dict.fromkeys(grid for grid in grids if grid[0] * grid[1] == n):
+        if torch.allclose(values, _sincos_table(dim, (h, w)), rtol=0, atol=atol):
+            return (h, w)
+    return None
+
+
+def _resize_pos_table(table, grid_hw, key, source):
+    """Fit a (1, 1 + n, D) position table to the model's (h, w) grid -> (new table, what was done),
+    or None when it fits as it is.
+
+    The tables MAE trains with are fixed 2-D sin-cos; one that is such a table for another grid
+    (another patch count, or the same count in another shape, 4x16 for 8x8) is recomputed for the
+    model's grid, exactly what a model built at that size holds. Any other (learned) table of
+    another patch count is resized as the official ``interpolate_pos_embed``: bicubic,
+    align_corners=False, cls row kept; one of the model's patch count loads as it is."""
+    n, dim = table.shape[1] - 1, table.shape[2]
     h, w = grid_hw
-    sincos = torch.from_numpy(sincos_2d(dim, (g, g), cls_token=True)).to(torch.float32)
-    if dim % 4 == 0 and torch.allclose(table[0].float(), sincos, rtol=0, atol=1e-5):
-        new = torch.from_numpy(sincos_2d(dim, (h, w), cls_token=True)).to(table.dtype).unsqueeze(0)
-        return new, f"{key}: fixed sin-cos table recomputed for a {g}x{g} -> {h}x{w} patch grid"
+    src = _sincos_grid(table, (h, w))
+    if src is not None:
+        if src == (h, w):
+            return None
+        return (_sincos_table(dim, (h, w)).unsqueeze(0),
+                f"{key}: fixed sin-cos table recomputed for a {src[0]}x{src[1]} -> {h}x{w} patch grid")
+    if n == h * w:
+        return None
+    g = _square_grid(n, key, source)
     extra, tokens = table[:, :1], table[:, 1:]
     tokens = tokens.float().reshape(1, g, g, dim).permute(0, 3, 1, 2)
     tokens = F.interpolate(tokens, size=(h, w), mode="bicubic", align_corners=False)
@@ -398,6 +450,19 @@ def _resize_pos_table(table, grid_hw, key, source):
     return (torch.cat((extra, tokens), dim=1),
             f"{key}: learned table interpolated bicubic from a {g}x{g} to a {h}x{w} patch grid "
             "(as the official interpolate_pos_embed)")
+
+
+def _unwrapped(model):
+    """The MAE inside torch.compile's OptimizedModule (``_orig_mod``) or a DDP-style ``module``
+    wrapper: its own state_dict keys are the checkpoint's."""
+    while True:
+        # an OptimizedModule forwards attribute reads to its model, so look in its own tables
+        inner = model._modules.get("_orig_mod")
+        if inner is None and not hasattr(model, "patch_embed"):
+            inner = model._modules.get("module")
+        if not isinstance(inner, torch.nn.Module):
+            return model
+        model = inner
 
 
 def load_into(model, checkpoint, allow_missing_decoder=False) -> LoadReport:
@@ -410,14 +475,17 @@ def load_into(model, checkpoint, allow_missing_decoder=False) -> LoadReport:
     encoder and leaves the model's decoder as it is."""
     obj, source = _read(checkpoint)
     sd, layout = _to_official(_state_dict_of(obj, source), source)
+    model = _unwrapped(model)
     own = model.state_dict()
 
     resized = []
     for key in ("pos_embed", "decoder_pos_embed"):
-        if key in sd and key in own and sd[key].shape != own[key].shape \
-                and sd[key].dim() == 3 and sd[key].shape[-1] == own[key].shape[-1]:
-            sd[key], note = _resize_pos_table(sd[key], model.patch_embed.grid_size, key, source)
-            resized.append(note)
+        if key in sd and key in own and sd[key].dim() == 3 \
+                and sd[key].shape[-1] == own[key].shape[-1]:
+            fitted = _resize_pos_table(sd[key], model.patch_embed.grid_size, key, source)
+            if fitted is not None:
+                sd[key], note = fitted
+                resized.append(note)
 
     unexpected = [k for k in sd if k not in own]
     if unexpected:

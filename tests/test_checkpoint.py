@@ -338,14 +338,71 @@ def test_learned_position_tables_are_interpolated_as_official(new_hw):
                                rtol=0, atol=0)
 
 
-def test_non_square_table_cannot_be_resized():
-    source = fastmae.MaskedAutoencoderViT(img_size=(32, 48), patch_size=8, embed_dim=32, depth=1,
-                                          num_heads=2, decoder_embed_dim=32, decoder_depth=1,
-                                          decoder_num_heads=2)
-    target = fastmae.MaskedAutoencoderViT(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2,
-                                          decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
+def _small_mae(img_size):
+    return fastmae.MaskedAutoencoderViT(img_size=img_size, patch_size=8, embed_dim=32, depth=1,
+                                        num_heads=2, decoder_embed_dim=32, decoder_depth=1,
+                                        decoder_num_heads=2)
+
+
+def test_non_square_learned_table_cannot_be_resized():
+    source, target = _small_mae((32, 48)), _small_mae(32)
+    with torch.no_grad():
+        source.pos_embed.add_(0.1 * torch.randn_like(source.pos_embed))
     with pytest.raises(ValueError, match="not a square grid"):
         ckpt.load_into(target, source.state_dict())
+
+
+@pytest.mark.parametrize("src_hw, dst_hw", [((32, 48), 32), ((32, 128), 64), ((32, 128), (128, 32))],
+                         ids=["4x6->4x4", "4x16->8x8", "4x16->16x4"])
+def test_sincos_tables_of_another_grid_shape_are_recomputed(src_hw, dst_hw):
+    """A fixed table of a non-square grid, or of the model's patch count in another shape (4 x 16
+    patches for 8 x 8): recomputed for the model's grid, not loaded as it is."""
+    source, target = _small_mae(src_hw), _small_mae(dst_hw)
+    with torch.no_grad():
+        target.pos_embed.zero_()
+    h, w = target.patch_embed.grid_size
+    with pytest.warns(UserWarning, match=rf"recomputed for a \d+x\d+ -> {h}x{w} patch grid"):
+        report = ckpt.load_into(target, source.state_dict())
+    assert len(report.resized) == 2
+    want = torch.from_numpy(sincos_2d(32, (h, w), cls_token=True)).float().unsqueeze(0)
+    assert torch.equal(target.pos_embed, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_sincos_tables_are_recomputed_not_interpolated(dtype):
+    """A checkpoint saved in fp16 or bf16 holds its sin-cos tables rounded (up to 2e-3 off in
+    bf16): still recognised as fixed tables, recomputed in fp32 for the new grid."""
+    source = tiny_mae(img_size=224, patch_size=16)
+    target = tiny_mae(img_size=256, patch_size=16, seed=1)
+    half = {k: v.to(dtype) for k, v in source.state_dict().items()}
+    with pytest.warns(UserWarning, match=r"sin-cos table recomputed for a 14x14 -> 16x16"):
+        ckpt.load_into(target, half)
+    want = torch.from_numpy(sincos_2d(32, 16, cls_token=True)).float().unsqueeze(0)
+    assert torch.equal(target.pos_embed, want)
+    assert torch.equal(target.decoder_pos_embed, want)
+
+
+def test_wrapped_checkpoints_and_models_load():
+    """Keys saved from a DDP or torch.compile'd model (module., _orig_mod.), a timm-style
+    {'state_dict': ...} file, and a compiled or DDP-style wrapped model to load into."""
+    source = tiny_mae(seed=3)
+    sd = source.state_dict()
+    for wrapped in ({"module." + k: v for k, v in sd.items()},
+                    {"_orig_mod." + k: v for k, v in sd.items()},
+                    {"module._orig_mod." + k: v for k, v in sd.items()},
+                    {"state_dict": sd, "epoch": 3, "arch": "mae"}):
+        got = ckpt.load(wrapped)
+        assert got.keys() == sd.keys() and all(torch.equal(got[k], sd[k]) for k in sd)
+
+    class Wrapper(torch.nn.Module):  # as DistributedDataParallel holds its model
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    for make in (lambda m: torch.compile(m, backend="eager"), Wrapper):
+        target = tiny_mae(seed=4)
+        ckpt.load_into(make(target), sd)
+        assert torch.equal(target.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
 
 
 # --------------------------------------------------------------------------- what must not load
