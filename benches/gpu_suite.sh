@@ -84,8 +84,13 @@ run() { "$@" 2>&1 | tee -a "$LOG"; return "${PIPESTATUS[0]}"; }
 # fastmae's kernels live in kernels/ and are installed as fastmae.kernels (setup.py's
 # package_dir). Where fastmae is not installed, a folder of links maps them, installing nothing.
 RUN_DIR="$REPO"
+if ! "$PY" -c "import torch" 2>/dev/null; then
+    say "$PY cannot import torch: run this with the Python that has torch and triton (PYTHON=...)"
+    exit 2
+fi
 if ! (cd "$REPO" && "$PY" -c "import fastmae.kernels" 2>/dev/null); then
     SHIM="$(mktemp -d)"
+    trap 'rm -rf "$SHIM"' EXIT  # links only: the run's files are all in OUTDIR
     mkdir -p "$SHIM/fastmae"
     ln -s "$REPO"/fastmae/*.py "$SHIM/fastmae/"
     ln -s "$REPO/kernels" "$SHIM/fastmae/kernels"
