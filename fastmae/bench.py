@@ -50,7 +50,7 @@ import torch
 
 from fastmae._provenance import git_commit, triton_version
 from fastmae.backend import use_backend
-from fastmae.cli import int_at_least
+from fastmae.cli import int_at_least, output_file_error
 
 SCHEMA = "fastmae-bench/1"
 MASK_RATIO = 0.75
@@ -915,8 +915,14 @@ def _systems_list(text):
 
 
 def _parse(argv):
+    parser = _parser()
     try:
-        return _parser().parse_args(argv), 0
+        args = parser.parse_args(argv)
+        # before the run, not after it: a bad --json path would otherwise waste it
+        why = args.json and output_file_error("--json", args.json)
+        if why:
+            parser.error(why)
+        return args, 0
     except SystemExit as e:
         return None, (e.code if isinstance(e.code, int) else 2)
 

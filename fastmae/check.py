@@ -40,6 +40,7 @@ from fastmae import ops, reference, testing
 from fastmae._provenance import git_commit, triton_version
 from fastmae.precompile import WAYS, forced_environment
 from fastmae.backend import interpreter_on, use_backend
+from fastmae.cli import output_file_error
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -621,6 +622,12 @@ def _parse(argv):
                   f"{', '.join(allowed)}", file=sys.stderr)
             return None, 2
         setattr(args, attr, names)
+    # before the checks, not after them: a bad --json path would otherwise waste the run
+    why = args.json and output_file_error("--json", args.json)
+    if why:
+        parser.print_usage(sys.stderr)
+        print(f"fastmae check: error: {why}", file=sys.stderr)
+        return None, 2
     return args, 0
 
 
@@ -687,6 +694,7 @@ def main(argv=None):
     print(f"{len(rows)} checks, {len(rows) - len(failed)} passed, {len(failed)} failed "
           f"({secs:.1f} s)")
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)  # as bench does
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"device": gpu or "cpu", "where": where, "dtypes": dtypes,
                        "env": {"torch": torch.__version__, "triton": triton_version(),

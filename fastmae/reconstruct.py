@@ -9,8 +9,10 @@ import unittest.mock
 import warnings
 
 import torch
+from PIL import Image
 
 from fastmae import checkpoint as ckpt
+from fastmae.cli import output_file_error
 from fastmae.model import MODELS, MaskedAutoencoderViT
 from fastmae.visualize import PANELS, UNNORMALIZE_PIX, load_images, reconstruction_image
 
@@ -38,8 +40,10 @@ def _parser():
                    help="how a norm_pix_loss model's prediction is turned back into pixels (default: "
                         "'patch' for a norm_pix_loss model, else 'none'): "
                         + "; ".join(f"{k}: {v}" for k, v in UNNORMALIZE_PIX.items()))
-    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    p.add_argument("--out", default="recon.png", help="PNG to write (recon.png)")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    p.add_argument("--out", default="recon.png",
+                   help="PNG file to write, ending in .png; missing folders are made (recon.png)")
     return p
 
 
@@ -80,9 +84,57 @@ def main(argv=None) -> int:
         return 1
 
 
+def _device(text):
+    """The torch device ``--device`` names (default: cuda when available, else cpu), checked
+    before any work; a ValueError naming --device otherwise."""
+    if text is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {text!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {text}: no CUDA device is available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {text}: only {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def _check_out(out):
+    """--out must be a file path ending in .png (a PNG is what is written), checked before any
+    work."""
+    why = output_file_error("--out", out)
+    if why:
+        raise ValueError(why)
+    if os.path.splitext(out)[1].lower() != ".png":
+        raise ValueError(f"--out {out}: must end in .png (the view is written as a PNG)")
+
+
+def _check_images(paths):
+    """Every image exists and Pillow can identify it (its header only), before the checkpoint is
+    read: the same messages as fastmae.visualize.load_images."""
+    for path in paths:
+        try:
+            with Image.open(path):
+                pass
+        except FileNotFoundError:
+            raise FileNotFoundError(f"image not found: {path}") from None
+        except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
+            raise ValueError(f"{path} is not an image Pillow can read (expected e.g. PNG or "
+                             f"JPEG): {e}") from None
+
+
 def _run(args):
+    # the arguments and inputs first: reading a checkpoint (up to GBs) and running the model
+    # come after
     if not 0 <= args.mask_ratio < 1:
         raise ValueError(f"--mask-ratio must be in [0, 1), got {args.mask_ratio}")
+    _check_out(args.out)
+    device = _device(args.device)
+    _check_images(args.images)
     raw, source = ckpt._read(args.checkpoint)
     sd = ckpt.load(raw)
     layout = ckpt.detect_layout(raw)
@@ -118,7 +170,6 @@ def _run(args):
     for note in report.resized:
         print(f"resized {note}")
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
     imgs = load_images(args.images, (h, w))
     gen = torch.Generator().manual_seed(args.seed)

@@ -79,6 +79,33 @@ def test_bench_bad_flags(capsys, argv, message):
     assert message in err
 
 
+@pytest.mark.parametrize("where, message", [
+    ("dir", "fastmae bench: error: --json {tmp}: is a directory; give a file path"),
+    ("below a file", "--json {tmp}/afile/b.json: {tmp}/afile is not a directory"),
+])
+def test_bench_bad_json_path_is_refused_before_the_run(tmp_path, capsys, monkeypatch, where,
+                                                       message):
+    def no_run(args):
+        raise AssertionError("the benchmark ran before --json was checked")
+    monkeypatch.setattr(bench, "_main_cpu", no_run)
+    monkeypatch.setattr(bench, "_main_gpu", no_run)
+    path = tmp_path
+    if where == "below a file":
+        (tmp_path / "afile").write_text("x")
+        path = tmp_path / "afile" / "b.json"
+    assert cli.main(["bench", "--json", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "usage: fastmae bench" in err
+    assert message.format(tmp=tmp_path) in err
+
+
+def test_fastmae_version(capsys):
+    import fastmae
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"fastmae {fastmae.__version__}"
+    assert "--version" in (cli.main([]), capsys.readouterr().out)[1]
+
+
 def test_bench_help(capsys):
     assert cli.main(["bench", "--help"]) == 0
     out = capsys.readouterr().out

@@ -115,3 +115,29 @@ def test_check_console_script_turns_the_interpreter_on(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "switched on in-process" in proc.stdout
     assert "0 failed" in proc.stdout
+
+
+@pytest.mark.parametrize("where, message", [
+    ("dir", "--json {tmp}: is a directory; give a file path"),
+    ("below a file", "--json {tmp}/afile/c.json: {tmp}/afile is not a directory"),
+])
+def test_check_bad_json_path_is_refused_before_the_checks(tmp_path, capsys, monkeypatch, where,
+                                                          message):
+    def no_checks(*a, **k):
+        raise AssertionError("the checks ran before --json was checked")
+    monkeypatch.setattr(check, "run_checks", no_checks)
+    path = tmp_path
+    if where == "below a file":
+        (tmp_path / "afile").write_text("x")
+        path = tmp_path / "afile" / "c.json"
+    assert cli.main(["check", "--quick", "--no-model", "--json", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "usage: fastmae check" in err
+    assert f"fastmae check: error: {message.format(tmp=tmp_path)}" in err
+
+
+def test_check_json_makes_missing_parent_folders(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(check, "run_checks", lambda *a, **k: [])
+    path = tmp_path / "sub" / "deeper" / "check.json"
+    assert cli.main(["check", "--quick", "--no-model", "--json", str(path)]) == 0
+    assert json.loads(path.read_text())["rows"] == []

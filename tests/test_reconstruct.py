@@ -212,3 +212,61 @@ def test_load_images_resizes_the_shorter_side_and_center_crops(files, tmp_path):
         load_images([tmp_path / "nope.png"], SIZE)
     with pytest.raises(ValueError, match="at least one"):
         load_images([], SIZE)
+
+
+# ------------------------------------------------------------------ bad arguments, before any work
+
+@pytest.mark.parametrize("case, message", [
+    ("out is a directory", "--out {tmp}: is a directory; give a file path"),
+    ("out ends with a slash", "names a folder"),
+    ("out below a file", "is not a directory"),
+    ("out not .png", "--out {tmp}/recon.jpg: must end in .png"),
+    ("unknown device", "--device must be cpu, cuda or cuda:N, got 'foo'"),
+    ("cuda without a GPU", "--device cuda: no CUDA device is available"),
+    ("missing image", "image not found: {tmp}/nope.png"),
+    ("not an image", "is not an image Pillow can read"),
+])
+def test_reconstruct_checks_arguments_and_images_before_reading_the_checkpoint(
+        files, tmp_path, capsys, monkeypatch, case, message):
+    if case == "cuda without a GPU" and torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    ckpt, images = files
+
+    def no_work(*a, **k):
+        raise AssertionError("the checkpoint was read before the arguments were checked")
+    monkeypatch.setattr(fastmae.checkpoint, "_read", no_work)
+    out, extra = tmp_path / "o.png", []
+    if case == "out is a directory":
+        out = tmp_path
+    elif case == "out ends with a slash":
+        out = f"{tmp_path}/new/"
+    elif case == "out below a file":
+        (tmp_path / "afile").write_text("x")
+        out = tmp_path / "afile" / "o.png"
+    elif case == "out not .png":
+        out = tmp_path / "recon.jpg"
+    elif case == "unknown device":
+        extra = ["--device", "foo"]
+    elif case == "cuda without a GPU":
+        extra = ["--device", "cuda"]
+    elif case == "missing image":
+        images = [images[0], str(tmp_path / "nope.png")]
+    else:
+        (tmp_path / "notes.png").write_text("not an image")
+        images = [str(tmp_path / "notes.png")]
+    rc = cli.main(["reconstruct", "--checkpoint", str(ckpt), *images, "--out", str(out), *extra])
+    err = capsys.readouterr().err
+    assert rc == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fastmae reconstruct: error: "), err
+    assert message.format(tmp=tmp_path) in lines[0]
+    assert not (tmp_path / "o.png").exists() and not (tmp_path / "recon.jpg").exists()
+
+
+def test_reconstruct_device_cpu_and_out_case(files, tmp_path, capsys):
+    ckpt, images = files
+    out = tmp_path / "new" / "R.PNG"
+    rc = cli.main(["reconstruct", "--checkpoint", str(ckpt), images[0], "--out", str(out),
+                   "--device", "cpu"])
+    assert rc == 0, capsys.readouterr().err
+    assert Image.open(out).format == "PNG"
