@@ -28,7 +28,9 @@ import glob
 import json
 import math
 import os
+import pickle
 import random
+import re
 import sys
 import tempfile
 import time
@@ -105,6 +107,28 @@ OFFICIAL_SPELLINGS = ("--batch_size", "--epochs", "--accum_iter", "--model", "--
                       "--seed", "--resume", "--num_workers", "--pin_mem", "--no_pin_mem")
 OFFICIAL_REFUSED = ("--log_dir", "--start_epoch", "--world_size", "--local_rank", "--dist_on_itp",
                     "--dist_url")
+_LAUNCHER = "torchrun sets it (`torchrun --nproc_per_node N -m fastmae.cli pretrain ...`)"
+_REFUSED_WHY = {
+    "--log_dir": "fastmae writes no TensorBoard log: its log.jsonl is in --output-dir",
+    "--start_epoch": "a run starts at a later epoch only from its checkpoint: use --resume",
+    "--world_size": _LAUNCHER,
+    "--local_rank": _LAUNCHER,
+    "--dist_on_itp": "fastmae runs distributed under torchrun, not on ITP",
+    "--dist_url": _LAUNCHER,
+}
+
+
+def _refused_flag(argv):
+    """The first of main_pretrain.py's refused options in ``argv`` (also spelled with hyphens or
+    as --flag=value), or None."""
+    for arg in argv:
+        if arg == "--":
+            break
+        if arg.startswith("--"):
+            name = "--" + arg[2:].split("=", 1)[0].replace("-", "_")
+            if name in OFFICIAL_REFUSED:
+                return name
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """Run ``fastmae pretrain`` with ``argv`` (the arguments after the command name)."""
+    refused = _refused_flag(sys.argv[1:] if argv is None else argv)
+    if refused:
+        print(f"fastmae pretrain: error: {refused} is main_pretrain.py's option, refused here: "
+              f"{_REFUSED_WHY[refused]}", file=sys.stderr)
+        return 2
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # argparse reports bad arguments (2) and --help (0) by exiting
@@ -439,13 +468,33 @@ def _with_this_runs_optimizer(optim_sd, optimizer):
 
 
 def _load_checkpoint(path):
+    """The checkpoint at ``path``, loaded safely; a file that is none is a clear error."""
+    not_one = (f"--resume {path!r} is not a checkpoint: expected a file written by torch.save "
+               f"(.pth) or a fastmae/main_pretrain.py checkpoint")
+    try:
+        empty = os.path.getsize(path) == 0
+    except OSError as e:
+        raise _UsageError(f"--resume {path!r}: cannot read it: {e.strerror or e}") from e
+    if empty:
+        raise _UsageError(f"--resume {path!r} is an empty file, not a checkpoint")
     try:
         # main_pretrain.py saves its argparse.Namespace as 'args'; building one only sets
         # attributes, so allowing it (and nothing else) keeps the load unable to run code
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if found:  # a pickle of Python objects, which a safe load does not build
+            raise _UsageError(f"--resume {path!r} holds a {found.group(1)} object, which a "
+                              f"checkpoint does not: fastmae loads tensors, numbers, strings "
+                              f"and containers of them") from None
+        raise _UsageError(not_one) from None
     except Exception as e:
-        raise _UsageError(f"cannot load checkpoint {path!r}: {e}") from e
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        reason = lines[0] if lines else type(e).__name__
+        if "zip archive" in reason or "magic number" in reason:
+            raise _UsageError(f"{not_one} (or it is cut short: {reason})") from None
+        raise _UsageError(f"--resume {path!r}: cannot load the checkpoint: {reason}") from e
 
 
 # main_pretrain.py's names for the arguments fastmae spells otherwise
@@ -519,9 +568,82 @@ def _resume_path(args):
     if args.resume == "auto":
         path = os.path.join(args.output_dir, CHECKPOINT)
         return path if os.path.exists(path) else None
+    if os.path.isdir(args.resume):  # a run's folder: its checkpoint
+        path = os.path.join(args.resume, CHECKPOINT)
+        if not os.path.isfile(path):
+            raise _UsageError(f"--resume {args.resume!r} is a folder without {CHECKPOINT}: give "
+                              f"a checkpoint file or a run's folder")
+        return path
     if not os.path.isfile(args.resume):
         raise _UsageError(f"--resume {args.resume!r}: no such file")
     return args.resume
+
+
+def _last_logged_epoch(output_dir):
+    """The last epoch (counted from 1) that ``output_dir``'s log records, from its tail; None
+    when there is none."""
+    try:
+        with open(os.path.join(output_dir, LOG), "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 65536))
+            lines = f.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("epoch"), int):
+            return record["epoch"] + 1
+    return None
+
+
+def _check_output_dir(args):
+    """--output-dir must be a folder this run can make or write, and, unless it resumes, not
+    hold another run: starting afresh there would overwrite its checkpoint and log."""
+    out = args.output_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise _UsageError(f"--output-dir {out!r} is a file, not a folder")
+    if not os.path.isdir(out):
+        parent = os.path.dirname(os.path.abspath(out))
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            raise _UsageError(f"--output-dir {out!r}: {parent!r} is a file, not a folder")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise _UsageError(f"--output-dir {out!r}: no permission to create it in {parent!r}")
+        return
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise _UsageError(f"--output-dir {out!r}: no permission to write in it")
+    if args.resume is None and os.path.exists(os.path.join(out, CHECKPOINT)):
+        epoch = _last_logged_epoch(out)
+        done = f", its log through epoch {epoch}" if epoch else ""
+        raise _UsageError(f"--output-dir {out!r} holds a run ({CHECKPOINT}{done}): pass "
+                          f"--resume auto to continue it, or choose another folder")
+
+
+def _model_state_problem(model_sd, model):
+    """What keeps the checkpoint's model state from loading into ``model``, or None."""
+    if not isinstance(model_sd, dict):
+        return f"its 'model' entry is a {type(model_sd).__name__}, not a state dict"
+    own = model.state_dict()
+
+    def few(names):
+        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+        return ", ".join(names[:3]) + more
+    missing = [k for k in own if k not in model_sd]
+    unexpected = [k for k in model_sd if k not in own]
+    shapes = [f"{k} is {tuple(model_sd[k].shape)} there, {tuple(own[k].shape)} here"
+              for k in own if isinstance(model_sd.get(k), torch.Tensor)
+              and tuple(model_sd[k].shape) != tuple(own[k].shape)]
+    problems = []
+    if missing:
+        problems.append(f"it lacks {len(missing)} of this model's weights ({few(missing)})")
+    if unexpected:
+        problems.append(f"it has {len(unexpected)} weights this model lacks ({few(unexpected)})")
+    if shapes:
+        problems.append(f"{len(shapes)} weights differ in shape ({few(shapes)})")
+    return "; ".join(problems) or None
 
 
 # Arguments that shape the lr schedule, the data order or the masks: a resumed run that changes
@@ -654,6 +776,7 @@ def _resolve_defaults(args, rt):
     if not args.output_dir:  # main_pretrain.py's '' for "save nothing"
         raise _UsageError("--output-dir '': fastmae pretrain always writes its checkpoint and "
                           "log; give a folder")
+    _check_output_dir(args)
     if args.warmup_epochs > args.epochs:
         raise _UsageError(f"--warmup-epochs {args.warmup_epochs} is more than --epochs {args.epochs}")
     args.world_size = rt.world_size
@@ -835,12 +958,11 @@ class _Job:
     # ------------------------------------------------------------------ the run
     def train(self) -> int:
         args, rt = self.args, self.rt
-        os.makedirs(args.output_dir, exist_ok=True)
         start_epoch, step, resumed_from = self._resume()
+        # the end of each epoch rewrites the log with these records (dropping those of epochs
+        # the checkpoint lacks) and is the first write: a run that fails before it leaves no new
+        # folder and the files of an existing one as they were
         history = _read_log(self.log_path, start_epoch) if resumed_from else []
-        if rt.is_main:
-            _remove_stale_temporaries(args.output_dir)
-            _write_log(self.log_path, history)  # drops records of epochs the checkpoint lacks
         self._describe()
         if start_epoch >= args.epochs:
             _say(rt, f"nothing to do: the checkpoint has finished all {args.epochs} epochs")
@@ -850,6 +972,8 @@ class _Job:
         view_idx = _view_indices(len(self.dataset))
         self.view_imgs = torch.stack([self.dataset.image(i, 0) for i in view_idx]).to(rt.device)
         self.view_noise = masking_noise(args.seed, _VIEW_EPOCH, view_idx, self.num_patches).to(rt.device)
+        if rt.is_main:
+            _remove_stale_temporaries(args.output_dir)
 
         last_good = resumed_from
         for epoch in range(start_epoch, args.epochs):
@@ -946,6 +1070,7 @@ class _Job:
         epoch the checkpoint lacks, which the resumed run drops and redoes."""
         args, rt = self.args, self.rt
         if rt.is_main:
+            os.makedirs(args.output_dir, exist_ok=True)
             _write_log(self.log_path, history)
             curve = [tuple(p) for r in history for p in r["loss_curve"]]
             _save_png(draw_loss_curve(curve), os.path.join(args.output_dir, LOSS_CURVE))
@@ -1017,6 +1142,12 @@ class _Job:
         if changed:
             _say(rt, "warning: resuming with different settings, so this does not continue the "
                      "same run: " + "; ".join(changed))
+        problem = _model_state_problem(ckpt["model"], self.model)
+        if problem:
+            was = saved.get("model")
+            was = f" (saved from {was})" if isinstance(was, str) and was != args.model else ""
+            raise _UsageError(f"--resume {path!r}{was} does not fit --model {args.model}: "
+                              f"{problem}")
         optim_sd = ckpt["optimizer"]
         official = _is_index_keyed(optim_sd)
         if official:
@@ -1026,7 +1157,12 @@ class _Job:
             set_state_dict(self.model, self.optimizer, model_state_dict=ckpt["model"],
                            optim_state_dict=optim_sd, options=_state_dict_options())
         except (RuntimeError, KeyError, ValueError) as e:
-            raise _UsageError(f"{path} does not fit {args.model}: {e}") from e
+            # torch's text may advise options (StateDictOptions) this command does not have
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            reason = re.split(r"[.,;]?\s*(?:please\s+)?use StateDictOptions", lines[0] if lines
+                              else type(e).__name__, flags=re.IGNORECASE)[0]
+            raise _UsageError(f"--resume {path!r} does not fit --model {args.model}: its "
+                              f"optimizer state does not: {reason}") from e
         if self.scaler is not None:
             self._resume_scaler(ckpt.get("scaler"), path)
         if ckpt.get("rng"):

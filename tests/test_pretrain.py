@@ -630,7 +630,13 @@ def test_refused_official_flags_are_named(tmp_path, capsys, flag):
     value = [] if flag == "--dist_on_itp" else ["1"]
     rc = pretrain.main(TINY + ["--epochs", "1", "--output-dir", str(tmp_path), flag, *value])
     assert rc == 2
-    assert "unrecognized arguments: " + flag in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"error: {flag} is main_pretrain.py's option, refused here: " in err, err
+    assert pretrain._REFUSED_WHY[flag] in err and len(err.strip().splitlines()) == 1, err
+    assert not tmp_path.joinpath(pretrain.CHECKPOINT).exists()
+    # hyphenated and --flag=value spellings too; after '--' nothing is an option
+    assert pretrain._refused_flag(["--start-epoch=3"]) == "--start_epoch"
+    assert pretrain._refused_flag(["--", "--start_epoch"]) is None
 
 
 def test_pin_memory_when_asked_and_on_cuda(tmp_path):
@@ -654,9 +660,13 @@ def test_resume_empty_string_starts_afresh(tmp_path, capsys):
     assert pretrain.main(run + ["--epochs", "1"]) == 0
     first = _checkpoint(out)
     capsys.readouterr()
-    assert pretrain.main(run + ["--epochs", "1", "--resume", ""]) == 0  # no resume: epoch 1 anew
+    # no resume: refused in the folder of a run, epoch 1 anew in another
+    assert pretrain.main(run + ["--epochs", "1", "--resume", ""]) == 2
+    assert "holds a run" in capsys.readouterr().err
+    other = tmp_path / "other"
+    assert pretrain.main(run + ["--epochs", "1", "--resume", "", "--output-dir", str(other)]) == 0
     assert "resumed from" not in capsys.readouterr().out
-    again = _checkpoint(out)
+    again = _checkpoint(other)
     assert again["epoch"] == 0 and again["step"] == 2
     for key, value in first["model"].items():  # the same seeded run, done again
         assert torch.equal(value, again["model"][key]), key
@@ -1061,4 +1071,116 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys, case):
     assert rc == 2
     for text in expected:
         assert text in err, err
-    assert not (tmp_path / "out" / pretrain.CHECKPOINT).exists()
+    assert not (tmp_path / "out").exists()  # a run that fails before training leaves no folder
+
+
+# --------------------------------------------------------------------------- the output folder
+
+_SMALL_RUN = TINY + ["--data", "synthetic", "--img-size", "16", "--batch-size", "4",
+                     "--epochs", "1", "--warmup-epochs", "0", "--steps-per-epoch", "2"]
+
+
+def _files(folder):
+    """Every file of ``folder`` with its bytes and modification time."""
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in Path(folder).iterdir()}
+
+
+@pytest.fixture
+def finished_run(tmp_path):
+    out = tmp_path / "run"
+    assert pretrain.main(_SMALL_RUN + ["--output-dir", str(out)]) == 0
+    return out
+
+
+def test_a_fresh_run_into_a_folder_holding_a_run_is_refused(tmp_path, capsys, finished_run):
+    before = _files(finished_run)
+    capsys.readouterr()
+    for resume in ([], ["--resume", ""]):  # '' is main_pretrain.py's "no resume"
+        rc = pretrain.main(_SMALL_RUN + ["--output-dir", str(finished_run), *resume])
+        err = capsys.readouterr().err
+        assert rc == 2
+        assert err == (f"fastmae pretrain: error: --output-dir {str(finished_run)!r} holds a run "
+                       f"({pretrain.CHECKPOINT}, its log through epoch 1): pass --resume auto to "
+                       f"continue it, or choose another folder\n")
+        assert _files(finished_run) == before
+    # --resume auto continues it (here: nothing left to do), and starts afresh in a new folder
+    assert pretrain.main(_SMALL_RUN + ["--output-dir", str(finished_run), "--resume", "auto"]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    new = tmp_path / "new"
+    assert pretrain.main(_SMALL_RUN + ["--output-dir", str(new), "--resume", "auto"]) == 0
+    assert "starting afresh" in capsys.readouterr().out
+    assert _checkpoint(new)["epoch"] == 0 and [r["epoch"] for r in _log(new)] == [0]
+
+
+def test_a_run_that_fails_before_training_leaves_no_folder_and_no_change(
+        tmp_path, capsys, finished_run):
+    data = _write_image_folder(tmp_path / "data", n=8)
+    (data / "class0" / "broken.jpg").write_bytes(b"this is not a JPEG")
+    bad_data = _SMALL_RUN + ["--data", str(data)]
+    # a fresh run: no folder left behind
+    assert pretrain.main(bad_data + ["--output-dir", str(tmp_path / "fresh")]) == 2
+    assert "broken.jpg" in capsys.readouterr().err
+    assert not (tmp_path / "fresh").exists()
+    # a resumed run (whose log it would rewrite) and a bad --resume: the run's files untouched
+    before = _files(finished_run)
+    jpeg = tmp_path / "photo.jpg"
+    jpeg.write_bytes((data / "class0" / "img0.jpg").read_bytes())
+    for extra in (["--resume", "auto", "--epochs", "2"], ["--resume", str(jpeg)]):
+        args = (bad_data if "auto" in extra else _SMALL_RUN) + ["--output-dir", str(finished_run)]
+        assert pretrain.main(args + extra) == 2
+        assert "error: " in capsys.readouterr().err
+        assert _files(finished_run) == before
+        assert [r["epoch"] for r in _log(finished_run)] == [0]
+
+
+def test_an_output_dir_that_is_a_file_is_a_clear_error(tmp_path, capsys):
+    path = tmp_path / "a-file"
+    path.write_text("not a folder")
+    assert pretrain.main(_SMALL_RUN + ["--output-dir", str(path)]) == 2
+    assert capsys.readouterr().err == \
+        f"fastmae pretrain: error: --output-dir {str(path)!r} is a file, not a folder\n"
+    assert pretrain.main(_SMALL_RUN + ["--output-dir", str(path / "sub")]) == 2
+    assert f"--output-dir {str(path / 'sub')!r}: {str(path)!r} is a file" in capsys.readouterr().err
+    assert path.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("case", ["empty file", "jpeg", "pickle of objects", "folder", "run folder",
+                                  "another model"])
+def test_resume_says_what_is_wrong_with_the_checkpoint(tmp_path, capsys, finished_run, case):
+    capsys.readouterr()
+    out = tmp_path / "out"
+    run = _SMALL_RUN + ["--output-dir", str(out)]
+    path = tmp_path / "ckpt.pth"
+    if case == "empty file":
+        path.write_bytes(b"")
+        expected = f"--resume {str(path)!r} is an empty file, not a checkpoint"
+    elif case == "jpeg":
+        path = tmp_path / "photo.jpg"
+        Image.new("RGB", (8, 8)).save(path)
+        expected = (f"--resume {str(path)!r} is not a checkpoint: expected a file written by "
+                    f"torch.save (.pth) or a fastmae/main_pretrain.py checkpoint")
+    elif case == "pickle of objects":
+        torch.save({"model": types.SimpleNamespace()}, path)
+        expected = f"--resume {str(path)!r} holds a types.SimpleNamespace object"
+    elif case == "folder":
+        path = tmp_path / "empty-folder"
+        path.mkdir()
+        expected = f"--resume {str(path)!r} is a folder without {pretrain.CHECKPOINT}"
+    elif case == "run folder":  # its checkpoint-last.pth: resumed, and nothing is left to do
+        rc = pretrain.main(run + ["--resume", str(finished_run)])
+        captured = capsys.readouterr()
+        assert rc == 0, captured.err
+        assert f"resumed from {finished_run / pretrain.CHECKPOINT}: epoch 1 done" in captured.out
+        return
+    else:
+        path = finished_run
+        run = [a if a != "mae_vit_tiny_patch4" else "mae_vit_base_patch16" for a in run]
+        run += ["--img-size", "32"]
+        expected = (f"--resume {str(path / pretrain.CHECKPOINT)!r} (saved from "
+                    f"mae_vit_tiny_patch4) does not fit --model mae_vit_base_patch16: it lacks ")
+    assert pretrain.main(run + ["--resume", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastmae pretrain: error: " + expected), err
+    assert len(err.splitlines()) == 1 and "weights_only" not in err
+    assert "StateDictOptions" not in err and "strict" not in err
+    assert not out.exists()
