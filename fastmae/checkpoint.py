@@ -3,6 +3,7 @@
     sd = fastmae.checkpoint.load("mae_visualize_vit_large.pth")    # -> state_dict in official keys
     fastmae.checkpoint.load_into(model, "model.safetensors")      # strict; resizes position tables
     hf_sd = fastmae.checkpoint.to_hf(sd)                          # transformers 5.x ViTMAEForPreTraining
+    hub_sd = fastmae.checkpoint.to_hf(sd, names="4.x")            # 4.x names: both versions read them
     timm_sd = fastmae.checkpoint.to_timm_encoder(sd)              # timm VisionTransformer encoder
 
 Layouts ``load`` reads (``detect_layout`` names them):
@@ -314,11 +315,15 @@ def _training_args(checkpoint_object):
 
 # --------------------------------------------------------------------------- writing
 
-def to_hf(checkpoint) -> dict:
+def to_hf(checkpoint, names="5.x") -> dict:
     """``checkpoint`` (a state_dict or file in any layout ``load`` reads) in transformers 5.x
     ``ViTMAEForPreTraining`` keys, loadable with ``strict=True`` into
     ``ViTMAEForPreTraining(hf_config(model))``. An encoder-only checkpoint gives only the ``vit.*``
-    keys (strip ``vit.`` for ``ViTMAEModel``)."""
+    keys (strip ``vit.`` for ``ViTMAEModel``). ``names="4.x"``: transformers 4.x keys instead,
+    the names of the files on the Hub, which ``from_pretrained`` of either version reads."""
+    if names not in ("5.x", "4.x"):
+        raise ValueError(f"names must be '5.x' or '4.x', got {names!r}")
+    v = 0 if names == "5.x" else 1
     sd = load(checkpoint)
     official_to_hf = {v: k for k, v in _HF_TOP.items()}
     out = {}
@@ -329,12 +334,13 @@ def to_hf(checkpoint) -> dict:
             continue
         container, i, rest = key.split(".", 2)
         module, param = rest.rsplit(".", 1)
-        prefix = f"vit.layers.{i}" if container == "blocks" else f"decoder.decoder_layers.{i}"
+        encoder_layers = ("vit.layers", "vit.encoder.layer")[v]
+        prefix = f"{encoder_layers}.{i}" if container == "blocks" else f"decoder.decoder_layers.{i}"
         if module == "attn.qkv":
-            for name, part in zip(_HF_QKV[0], t.chunk(3, dim=0)):
+            for name, part in zip(_HF_QKV[v], t.chunk(3, dim=0)):
                 out[f"{prefix}.{name}.{param}"] = part.clone()  # own storage: safetensors rejects views
         else:
-            out[f"{prefix}.{_HF_LAYER_MODULES[module][0]}.{param}"] = t
+            out[f"{prefix}.{_HF_LAYER_MODULES[module][v]}.{param}"] = t
     return out
 
 

@@ -169,6 +169,26 @@ def test_official_to_hf_to_official_is_exact(hf):
     assert_same_tensors(ckpt.load(hf_4x_keys(hf_sd)), sd)
 
 
+def test_to_hf_in_4x_names_loads_with_from_pretrained(hf, tmp_path):
+    """names="4.x": the keys transformers 4.x modules have (renamed independently here), which
+    transformers 5's from_pretrained reads back to the same weights."""
+    model = tiny_mae(seed=6)
+    sd = model.state_dict()
+    hub_sd = ckpt.to_hf(sd, names="4.x")
+    assert hub_sd.keys() == hf_4x_keys(ckpt.to_hf(sd)).keys()
+    assert ckpt.detect_layout(hub_sd) == "hf-4.x"
+    assert_same_tensors(ckpt.load(hub_sd), sd)
+    from safetensors.torch import save_file
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    ckpt.hf_config(model).save_pretrained(folder)
+    save_file(hub_sd, folder / "model.safetensors", metadata={"format": "pt"})
+    loaded = hf.ViTMAEForPreTraining.from_pretrained(folder)
+    assert_same_tensors(ckpt.load(loaded.state_dict()), sd)
+    with pytest.raises(ValueError, match="names"):
+        ckpt.to_hf(sd, names="6.x")
+
+
 def test_to_hf_encoder_only_gives_the_vit_keys(hf):
     model = tiny_mae()
     hf_sd = ckpt.to_hf(encoder_only(model.state_dict()))
