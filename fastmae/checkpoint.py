@@ -429,7 +429,7 @@ def _sincos_grid(table, first_try):
     return None
 
 
-def _resize_pos_table(table, grid_hw, key, source):
+def _resize_pos_table(table, grid_hw, key, source, pos_embed="recompute"):
     """Fit a (1, 1 + n, D) position table to the model's (h, w) grid -> (new table, what was done),
     or None when it fits as it is.
 
@@ -437,10 +437,15 @@ def _resize_pos_table(table, grid_hw, key, source):
     (another patch count, or the same count in another shape, 4x16 for 8x8) is recomputed for the
     model's grid, exactly what a model built at that size holds. Any other (learned) table of
     another patch count is resized as the official ``interpolate_pos_embed``: bicubic,
-    align_corners=False, cls row kept; one of the model's patch count loads as it is."""
+    align_corners=False, cls row kept; one of the model's patch count loads as it is. With
+    ``pos_embed="interpolate"`` every table of another patch count is interpolated so, as
+    official ``main_finetune.py`` does (a fixed table then holds what it would hold there)."""
     n, dim = table.shape[1] - 1, table.shape[2]
     h, w = grid_hw
-    src = _sincos_grid(table, (h, w))
+    if pos_embed == "interpolate" and n != h * w:
+        src = None
+    else:
+        src = _sincos_grid(table, (h, w))
     if src is not None:
         if src == (h, w):
             return None
@@ -454,7 +459,8 @@ def _resize_pos_table(table, grid_hw, key, source):
     tokens = F.interpolate(tokens, size=(h, w), mode="bicubic", align_corners=False)
     tokens = tokens.permute(0, 2, 3, 1).flatten(1, 2).to(table.dtype)
     return (torch.cat((extra, tokens), dim=1),
-            f"{key}: learned table interpolated bicubic from a {g}x{g} to a {h}x{w} patch grid "
+            f"{key}: {'table' if pos_embed == 'interpolate' else 'learned table'} interpolated "
+            f"bicubic from a {g}x{g} to a {h}x{w} patch grid "
             "(as the official interpolate_pos_embed)")
 
 
@@ -471,14 +477,20 @@ def _unwrapped(model):
         model = inner
 
 
-def load_into(model, checkpoint, allow_missing_decoder=False) -> LoadReport:
+def load_into(model, checkpoint, allow_missing_decoder=False, pos_embed="recompute") -> LoadReport:
     """Load ``checkpoint`` (anything ``load`` reads) into a fastmae ``MaskedAutoencoderViT``.
 
     Strict: every model key must be in the checkpoint with the model's shape, and the checkpoint may
     hold nothing else. Two exceptions, each announced with a warning and listed in the returned
     ``LoadReport``: position tables of another image size are resized to the model's patch grid; and
     with ``allow_missing_decoder=True`` an encoder-only checkpoint (``mae_pretrain_*``) loads the
-    encoder and leaves the model's decoder as it is."""
+    encoder and leaves the model's decoder as it is.
+
+    ``pos_embed``: "recompute" (the default) gives a fixed sin-cos table of another grid the
+    model's own sin-cos table; "interpolate" resizes every table of another patch count bicubic,
+    as official ``main_finetune.py`` (``interpolate_pos_embed``), for its numbers."""
+    if pos_embed not in ("recompute", "interpolate"):
+        raise ValueError(f"pos_embed must be 'recompute' or 'interpolate', got {pos_embed!r}")
     obj, source = _read(checkpoint)
     sd, layout = _to_official(_state_dict_of(obj, source), source)
     model = _unwrapped(model)
@@ -488,7 +500,8 @@ def load_into(model, checkpoint, allow_missing_decoder=False) -> LoadReport:
     for key in ("pos_embed", "decoder_pos_embed"):
         if key in sd and key in own and sd[key].dim() == 3 \
                 and sd[key].shape[-1] == own[key].shape[-1]:
-            fitted = _resize_pos_table(sd[key], model.patch_embed.grid_size, key, source)
+            fitted = _resize_pos_table(sd[key], model.patch_embed.grid_size, key, source,
+                                       pos_embed)
             if fitted is not None:
                 sd[key], note = fitted
                 resized.append(note)

@@ -358,6 +358,25 @@ def test_learned_position_tables_are_interpolated_as_official(new_hw):
                                rtol=0, atol=0)
 
 
+def test_fixed_tables_interpolated_on_request_as_official_finetuning():
+    """pos_embed="interpolate": the fixed sin-cos tables resized bicubic as main_finetune.py's
+    interpolate_pos_embed does, not recomputed; a table of the model's size loads as it is."""
+    source = tiny_mae(img_size=224, patch_size=16)
+    target = tiny_mae(img_size=256, patch_size=16, seed=1)
+    with pytest.warns(UserWarning, match="pos_embed: table interpolated bicubic from a 14x14"):
+        report = ckpt.load_into(target, source.state_dict(), pos_embed="interpolate")
+    assert len(report.resized) == 2
+    for key in ("pos_embed", "decoder_pos_embed"):
+        want = official_interpolate_pos_embed(source.state_dict()[key], (16, 16))
+        torch.testing.assert_close(target.state_dict()[key], want, rtol=0, atol=0)
+        recomputed = torch.from_numpy(sincos_2d(32, 16, cls_token=True)).float().unsqueeze(0)
+        assert not torch.equal(target.state_dict()[key], recomputed)
+    same = tiny_mae(img_size=224, patch_size=16, seed=2)
+    assert ckpt.load_into(same, source.state_dict(), pos_embed="interpolate").resized == []
+    with pytest.raises(ValueError, match="pos_embed"):
+        ckpt.load_into(same, source.state_dict(), pos_embed="bicubic")
+
+
 def _small_mae(img_size):
     return fastmae.MaskedAutoencoderViT(img_size=img_size, patch_size=8, embed_dim=32, depth=1,
                                         num_heads=2, decoder_embed_dim=32, decoder_depth=1,
