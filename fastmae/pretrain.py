@@ -195,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--no-pin-mem", "--no_pin_mem", dest="pin_mem", action="store_false",
       help="do not pin the DataLoader's batches")
     p.set_defaults(pin_mem=True)
+    a("--no-progress", dest="no_progress", action="store_true",
+      help="no progress bar (the epoch lines and the log stay)")
     a("--steps-per-epoch", dest="steps_per_epoch", type=_positive_int, default=None, metavar="N",
       help="cap the iterations per epoch (the lr schedule counts this many)")
     a("--synthetic-size", dest="synthetic_size", type=_positive_int, default=10_000, metavar="N",
@@ -1004,8 +1006,8 @@ class _Job:
         global_batch = args.batch_size * rt.world_size
         points, lr = [], args.lr
         iteration_lrs = []  # each iteration's lr, averaged into the log as official's lr meter
-        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not rt.is_main,
-                   dynamic_ncols=True)
+        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{args.epochs}",
+                   disable=not rt.is_main or args.no_progress, dynamic_ncols=True)
         first_step = step
         t0 = time.perf_counter()
 

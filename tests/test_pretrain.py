@@ -100,6 +100,20 @@ def _assert_outputs(out, epochs):
     model.load_state_dict(ckpt["model"], strict=True)
 
 
+def test_no_progress_leaves_out_the_bar_only(tmp_path, capsys):
+    """--no-progress: no tqdm bar on stderr; the run and its epoch lines are the same."""
+    outs = {}
+    for flag in ([], ["--no-progress"]):
+        out = tmp_path / ("bar" if not flag else "quiet")
+        rc = pretrain.main(TINY + ["--data", "synthetic", "--img-size", "16", "--epochs", "1",
+                                   "--warmup-epochs", "0", "--batch-size", "8",
+                                   "--steps-per-epoch", "2", "--output-dir", str(out)] + flag)
+        assert rc == 0
+        outs[bool(flag)] = capsys.readouterr()
+    assert "epoch 1/1" in outs[False].err and "epoch 1/1" not in outs[True].err
+    assert _log(tmp_path / "bar")[0]["train_loss"] == _log(tmp_path / "quiet")[0]["train_loss"]
+
+
 def _assert_learns(losses):
     first, last = sum(losses[:2]) / 2, sum(losses[-2:]) / 2
     assert last < 0.8 * first, f"loss did not decrease: {losses}"
