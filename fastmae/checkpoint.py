@@ -30,6 +30,7 @@ safetensors file (recognised by its content, whatever its name): a checkpoint ne
 """
 import argparse
 import os
+import pickle
 import re
 import warnings
 from typing import NamedTuple
@@ -118,6 +119,30 @@ def _some(keys, n=5):
 
 # --------------------------------------------------------------------------- reading
 
+class RefusedObject(ValueError):
+    """A pickle that would have the unpickler build a Python object other than tensors, numbers,
+    strings and containers (or argparse.Namespace): ``name`` is its class or function."""
+
+    def __init__(self, name):
+        super().__init__(f"Unsupported global: GLOBAL {name}")
+        self.name = name
+
+
+def torch_load_safely(path):
+    """``torch.load(path, map_location="cpu", weights_only=True)`` with argparse.Namespace
+    allowed: main_pretrain.py saves its arguments beside the weights, and building one only
+    sets attributes, so a checkpoint still cannot run code. A pickle of any other Python object
+    raises RefusedObject; other failures are torch's."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if refused:
+            raise RefusedObject(refused.group(1)) from None
+        raise
+
+
 def _read(checkpoint):
     """A path, or an object already loaded -> (object, description of where it came from)."""
     if isinstance(checkpoint, dict):
@@ -148,17 +173,13 @@ def _read(checkpoint):
         except (SafetensorError, OSError, ValueError) as e:
             raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
     try:
-        # argparse.Namespace: main_pretrain.py saves its arguments beside the weights; building one
-        # only sets attributes, so allowing it cannot run code
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True), path
+        return torch_load_safely(path), path
+    except RefusedObject as e:  # a class or function the file would have had the unpickler call
+        raise ValueError(
+            f"{path}: refused to load: it holds Python objects other than tensors and plain "
+            "containers, and fastmae reads checkpoints with torch.load(weights_only=True) so that "
+            f"a checkpoint can never run code ({e})") from None
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, KeyError, EOFError, ...
-        refused = re.search(r"Unsupported global: GLOBAL [\w.]+", str(e))
-        if refused:  # a class or function the file would have had the unpickler call
-            raise ValueError(
-                f"{path}: refused to load: it holds Python objects other than tensors and plain "
-                "containers, and fastmae reads checkpoints with torch.load(weights_only=True) so that "
-                f"a checkpoint can never run code ({refused.group(0)})") from None
         msg = next((line.strip() for line in str(e).splitlines() if "Unsupported" in line),
                    str(e).strip().splitlines()[0] if str(e).strip() else "")
         raise ValueError(f"{path} is not a checkpoint: expected a file written by torch.save "

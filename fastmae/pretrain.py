@@ -42,6 +42,7 @@ import torch.distributed as dist
 
 from fastmae import graphs
 from fastmae._provenance import git_commit, triton_version
+from fastmae.checkpoint import RefusedObject, torch_load_safely
 from fastmae.cli import int_at_least
 from fastmae.data import DataError, build_dataset, derive_seed
 from fastmae.model import MODELS
@@ -480,16 +481,12 @@ def _load_checkpoint(path):
     if empty:
         raise _UsageError(f"--resume {path!r} is an empty file, not a checkpoint")
     try:
-        # main_pretrain.py saves its argparse.Namespace as 'args'; building one only sets
-        # attributes, so allowing it (and nothing else) keeps the load unable to run code
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-        if found:  # a pickle of Python objects, which a safe load does not build
-            raise _UsageError(f"--resume {path!r} holds a {found.group(1)} object, which a "
-                              f"checkpoint does not: fastmae loads tensors, numbers, strings "
-                              f"and containers of them") from None
+        return torch_load_safely(path)  # main_pretrain.py's argparse.Namespace 'args' allowed
+    except RefusedObject as e:  # a pickle of Python objects, which a safe load does not build
+        raise _UsageError(f"--resume {path!r} holds a {e.name} object, which a "
+                          f"checkpoint does not: fastmae loads tensors, numbers, strings "
+                          f"and containers of them") from None
+    except pickle.UnpicklingError:
         raise _UsageError(not_one) from None
     except Exception as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
