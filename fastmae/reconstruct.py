@@ -9,12 +9,12 @@ import unittest.mock
 import warnings
 
 import torch
-from PIL import Image
 
 from fastmae import checkpoint as ckpt
 from fastmae.cli import output_file_error
 from fastmae.model import MODELS, MaskedAutoencoderViT
-from fastmae.visualize import PANELS, UNNORMALIZE_PIX, load_images, reconstruction_image
+from fastmae.visualize import (PANELS, UNNORMALIZE_PIX, load_images, open_image,
+                               reconstruction_image)
 
 DEFAULT_MODEL = "mae_vit_base_patch16"
 
@@ -115,16 +115,10 @@ def _check_out(out):
 
 def _check_images(paths):
     """Every image exists and Pillow can identify it (its header only), before the checkpoint is
-    read: the same messages as fastmae.visualize.load_images."""
+    read, with load_images' messages."""
     for path in paths:
-        try:
-            with Image.open(path):
-                pass
-        except FileNotFoundError:
-            raise FileNotFoundError(f"image not found: {path}") from None
-        except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
-            raise ValueError(f"{path} is not an image Pillow can read (expected e.g. PNG or "
-                             f"JPEG): {e}") from None
+        with open_image(path):
+            pass
 
 
 def _run(args):

@@ -35,6 +35,21 @@ def _unnormalize_mode(model, unnormalize_pix):
     return unnormalize_pix
 
 
+def _unreadable(path, e):
+    return ValueError(f"{path} is not an image Pillow can read (expected e.g. PNG or JPEG): {e}")
+
+
+def open_image(path):
+    """``Image.open(path)`` (lazy: the header only until the pixels are asked for), a missing
+    file or one Pillow cannot read raising an error that names the path."""
+    try:
+        return Image.open(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image not found: {path}") from None
+    except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
+        raise _unreadable(path, e) from None
+
+
 def load_images(paths, size) -> torch.Tensor:
     """Read images with Pillow -> (N, 3, H, W) float32, ImageNet-normalized as the official code.
 
@@ -49,13 +64,11 @@ def load_images(paths, size) -> torch.Tensor:
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     out = []
     for path in paths:
-        try:
-            with Image.open(path) as im:
+        with open_image(path) as im:
+            try:
                 im = im.convert("RGB")
-        except FileNotFoundError:
-            raise FileNotFoundError(f"image not found: {path}") from None
-        except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
-            raise ValueError(f"{path} is not an image Pillow can read (expected e.g. PNG or JPEG): {e}") from None
+            except (OSError, ValueError) as e:  # a header Pillow reads, pixels it cannot
+                raise _unreadable(path, e) from None
         scale = max(h / im.height, w / im.width)
         rw, rh = max(w, round(im.width * scale)), max(h, round(im.height * scale))
         im = im.resize((rw, rh), Image.Resampling.BICUBIC)
