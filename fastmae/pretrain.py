@@ -579,22 +579,14 @@ def _resume_path(args):
 
 
 def _last_logged_epoch(output_dir):
-    """The last epoch (counted from 1) that ``output_dir``'s log records, from its tail; None
-    when there is none."""
+    """The last epoch (counted from 1) that ``output_dir``'s log records; None when there is
+    none or the log cannot be read."""
     try:
-        with open(os.path.join(output_dir, LOG), "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - 65536))
-            lines = f.read().decode("utf-8", "replace").splitlines()
-    except OSError:
+        records = _read_log(os.path.join(output_dir, LOG), math.inf)
+    except (OSError, UnicodeDecodeError):
         return None
-    for line in reversed(lines):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("epoch"), int):
-            return record["epoch"] + 1
-    return None
+    epochs = [r["epoch"] for r in records if isinstance(r.get("epoch"), int)]
+    return epochs[-1] + 1 if epochs else None
 
 
 def _check_output_dir(args):
