@@ -590,8 +590,9 @@ def _last_logged_epoch(output_dir):
 
 
 def _check_output_dir(args):
-    """--output-dir must be a folder this run can make or write, and, unless it resumes, not
-    hold another run: starting afresh there would overwrite its checkpoint and log."""
+    """--output-dir must be a folder this run can make or write, and, unless it resumes the run
+    it holds, not hold one: starting afresh there, or from another checkpoint, would overwrite
+    its checkpoint and log."""
     out = args.output_dir
     if os.path.exists(out) and not os.path.isdir(out):
         raise _UsageError(f"--output-dir {out!r} is a file, not a folder")
@@ -606,11 +607,20 @@ def _check_output_dir(args):
         return
     if not os.access(out, os.W_OK | os.X_OK):
         raise _UsageError(f"--output-dir {out!r}: no permission to write in it")
-    if args.resume is None and os.path.exists(os.path.join(out, CHECKPOINT)):
-        epoch = _last_logged_epoch(out)
-        done = f", its log through epoch {epoch}" if epoch else ""
-        raise _UsageError(f"--output-dir {out!r} holds a run ({CHECKPOINT}{done}): pass "
-                          f"--resume auto to continue it, or choose another folder")
+    own = os.path.join(out, CHECKPOINT)
+    if not os.path.exists(own) or args.resume == "auto":
+        return
+    epoch = _last_logged_epoch(out)
+    held = f"--output-dir {out!r} holds a run ({CHECKPOINT}" + \
+        (f", its log through epoch {epoch})" if epoch else ")")
+    if args.resume is None:
+        raise _UsageError(f"{held}: pass --resume auto to continue it, or choose another folder")
+    # an explicit --resume of another run's checkpoint would overwrite this folder's run
+    named = os.path.join(args.resume, CHECKPOINT) if os.path.isdir(args.resume) else args.resume
+    if os.path.exists(named) and not os.path.samefile(named, own):
+        raise _UsageError(f"{held}, and --resume {args.resume!r} is another checkpoint: "
+                          f"continuing from it here would overwrite that run; choose another "
+                          f"folder, or pass --resume auto to continue the folder's own run")
 
 
 def _model_state_problem(model_sd, model):

@@ -1126,6 +1126,31 @@ def test_a_fresh_run_into_a_folder_holding_a_run_is_refused(tmp_path, capsys, fi
     assert _checkpoint(new)["epoch"] == 0 and [r["epoch"] for r in _log(new)] == [0]
 
 
+def test_resuming_another_checkpoint_into_a_folder_holding_a_run_is_refused(
+        tmp_path, capsys, finished_run):
+    other = tmp_path / "other"
+    assert pretrain.main(_SMALL_RUN + ["--output-dir", str(other)]) == 0
+    before = _files(finished_run)
+    capsys.readouterr()
+    for resume in (other, other / pretrain.CHECKPOINT):  # a run's folder or its checkpoint
+        rc = pretrain.main(_SMALL_RUN + ["--output-dir", str(finished_run), "--epochs", "2",
+                                         "--resume", str(resume)])
+        assert rc == 2
+        assert capsys.readouterr().err == (
+            f"fastmae pretrain: error: --output-dir {str(finished_run)!r} holds a run "
+            f"({pretrain.CHECKPOINT}, its log through epoch 1), and --resume {str(resume)!r} is "
+            f"another checkpoint: continuing from it here would overwrite that run; choose "
+            f"another folder, or pass --resume auto to continue the folder's own run\n")
+        assert _files(finished_run) == before
+    # the folder's own checkpoint, named explicitly, continues it; another checkpoint goes on in
+    # a new folder
+    for resume, out, logged in ((finished_run / pretrain.CHECKPOINT, finished_run, [0, 1]),
+                                (other / pretrain.CHECKPOINT, tmp_path / "continued", [1])):
+        assert pretrain.main(_SMALL_RUN + ["--output-dir", str(out), "--epochs", "2",
+                                           "--resume", str(resume)]) == 0
+        assert [r["epoch"] for r in _log(out)] == logged
+
+
 def test_a_run_that_fails_before_training_leaves_no_folder_and_no_change(
         tmp_path, capsys, finished_run):
     data = _write_image_folder(tmp_path / "data", n=8)
