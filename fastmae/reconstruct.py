@@ -76,12 +76,17 @@ def _infer_model_name(sd):
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # argparse reports bad arguments (2) and --help (0) by exiting
+        return e.code if isinstance(e.code, int) else 2
     try:
         return _run(args)
     except (ValueError, TypeError, FileNotFoundError) as e:
+        # each is a bad argument or input (a checkpoint, an image): 2, as argparse's and the
+        # other commands' usage errors
         print(f"fastmae reconstruct: error: {e}", file=sys.stderr)
-        return 1
+        return 2
 
 
 def _device(text):

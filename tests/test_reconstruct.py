@@ -142,7 +142,7 @@ def test_reconstruct_errors(files, tmp_path, capsys, case, message):
         ckpt = tmp_path / "mae_pretrain.pth"
         torch.save({"model": {k: v for k, v in sd.items() if not k.startswith(("decoder", "mask_token"))}}, ckpt)
     rc = cli.main(["reconstruct", "--checkpoint", str(ckpt), *images, "--out", str(tmp_path / "o.png")])
-    assert rc == 1
+    assert rc == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o.png").exists()
 
@@ -256,7 +256,7 @@ def test_reconstruct_checks_arguments_and_images_before_reading_the_checkpoint(
         images = [str(tmp_path / "notes.png")]
     rc = cli.main(["reconstruct", "--checkpoint", str(ckpt), *images, "--out", str(out), *extra])
     err = capsys.readouterr().err
-    assert rc == 1
+    assert rc == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("fastmae reconstruct: error: "), err
     assert message.format(tmp=tmp_path) in lines[0]
@@ -270,3 +270,13 @@ def test_reconstruct_device_cpu_and_out_case(files, tmp_path, capsys):
                    "--device", "cpu"])
     assert rc == 0, capsys.readouterr().err
     assert Image.open(out).format == "PNG"
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], "the following arguments are required"),
+    (["x.png", "--checkpoint", "c.pth", "--mask-ratio", "half"], "--mask-ratio: invalid float"),
+])
+def test_reconstruct_argument_errors_return_2_like_the_other_commands(capsys, argv, expected):
+    assert cli.main(["reconstruct", *argv]) == 2
+    assert expected in capsys.readouterr().err
+    assert cli.main(["reconstruct", "--help"]) == 0
