@@ -402,8 +402,8 @@ def hf_config(model, **overrides):
         decoder_num_attention_heads=dec.attn.num_heads if dec else 1,
         decoder_intermediate_size=dec.mlp.fc1.out_features if dec else 4 * model.mask_token.shape[-1],
         image_size=img_h,
-        patch_size=model.patch_size,
-        num_channels=model.in_chans,
+        patch_size=model.patch_embed.patch_size[0],
+        num_channels=model.patch_embed.proj.in_channels,
         norm_pix_loss=bool(model.norm_pix_loss),
         layer_norm_eps=eps.pop(),
         hidden_act="gelu",  # exact (erf) GELU, as the official

@@ -31,6 +31,17 @@ def _pair(v, name):
 _MISSING = object()
 
 
+class _Derived:
+    """A read-only view of the model's own state that an instance may still set, as any plain
+    attribute (a non-data descriptor: an instance's own value, once set, is the one read)."""
+
+    def __init__(self, read):
+        self.read = read
+
+    def __get__(self, obj, owner=None):
+        return self if obj is None else self.read(obj)
+
+
 def _member(module, name):
     """``module.<name>`` for a parameter or submodule, read from the module's own tables. The
     plain attribute read misses the instance dict first, raising (and formatting) an
@@ -84,7 +95,8 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x):
-        return F.conv2d(x, self.proj.weight, self.proj.bias, stride=self.patch_size).flatten(2).transpose(1, 2)
+        # through self.proj, as timm's: its hooks run, and a replaced proj is what computes
+        return self.proj(x).flatten(2).transpose(1, 2)
 
 
 class Attention(nn.Module):
@@ -287,19 +299,22 @@ class MaskedAutoencoderViT(nn.Module):
             nn.init.constant_(m.weight, 1.0)
 
     # ------------------------------------------------------------------ official methods
-    @property
-    def patch_size(self):
+    # conveniences the official model lacks; an instance (a subclass's __init__, say) may set its
+    # own, which fastmae does not read: it reads patch_embed's, as the official methods do
+    patch_size = _Derived(lambda self: self._patch())
+    in_chans = _Derived(lambda self: self._chans())
+
+    def _patch(self):
         return self.patch_embed.patch_size[0]
 
-    @property
-    def in_chans(self):
+    def _chans(self):
         return self.patch_embed.proj.in_channels
 
     def patchify(self, imgs):
         """imgs (N, C, H, W) -> (N, L, p**2 * C): any H and W the patch size divides, as
         official (which patchifies images of other sizes than the model's too)."""
         self._check_imgs(imgs, model_size=False)
-        return ops.patchify(imgs, self.patch_size)
+        return ops.patchify(imgs, self._patch())
 
     def unpatchify(self, x):
         """(N, L, p**2 * C) -> imgs (N, C, H, W), on the model's patch grid when L is its patch
@@ -309,7 +324,7 @@ class MaskedAutoencoderViT(nn.Module):
             side = math.isqrt(x.shape[1])
             if side * side == x.shape[1]:
                 grid = (side, side)
-        return ops.unpatchify(x, self.patch_size, grid, self.in_chans)
+        return ops.unpatchify(x, self._patch(), grid, self._chans())
 
     def random_masking(self, x, mask_ratio, noise=None):
         """Per-sample random masking by argsort of noise (N, L) -> x_masked, mask, ids_restore."""
@@ -320,23 +335,28 @@ class MaskedAutoencoderViT(nn.Module):
         self._check_imgs(imgs)
         N, L = imgs.shape[0], self.patch_embed.num_patches
         len_keep = ops.keep_count(L, mask_ratio)
-        if noise is None:
-            noise = torch.rand(N, L, device=imgs.device)
-        elif not isinstance(noise, torch.Tensor) or tuple(noise.shape) != (N, L):
-            raise ValueError(f"noise must be a tensor of shape (N, L) = ({N}, {L}), got "
-                             f"{tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__}")
-        elif noise.device != imgs.device:
-            raise ValueError(f"noise is on {noise.device} but imgs are on {imgs.device}")
+        if noise is not None:
+            if not isinstance(noise, torch.Tensor) or tuple(noise.shape) != (N, L):
+                got = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
+                raise ValueError(f"noise must be a tensor of shape (N, L) = ({N}, {L}), got {got}")
+            if noise.device != imgs.device:
+                raise ValueError(f"noise is on {noise.device} but imgs are on {imgs.device}")
 
         if ops.backend_for(imgs) == "triton" and self._embeds_as_built():
-            # mask first, then embed only the kept patches straight from the image
+            # mask first, then embed only the kept patches straight from the image (the noise
+            # drawn as official random_masking draws it: no random number is drawn in between)
+            if noise is None:
+                noise = torch.rand(N, L, device=imgs.device)
             ids_keep, mask, ids_restore = ops.masking_indices(noise, len_keep)
             x = ops.patch_embed_visible(imgs, self.patch_embed.proj.weight,
                                         self.patch_embed.proj.bias, self.pos_embed, ids_keep)
         else:
             x = self.patch_embed(imgs)
             x = x + self.pos_embed[:, 1:, :]
-            x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)
+            # noise passed only when given: an override with the official signature
+            # random_masking(self, x, mask_ratio) is called as official calls it
+            x, mask, ids_restore = (self.random_masking(x, mask_ratio) if noise is None
+                                    else self.random_masking(x, mask_ratio, noise))
 
         cls_token = self.cls_token + self.pos_embed[:, :1, :]
         cls_tokens = cls_token.expand(x.shape[0], -1, -1)
@@ -353,10 +373,13 @@ class MaskedAutoencoderViT(nn.Module):
 
     def forward_loss(self, imgs, pred, mask):
         """imgs (N, C, H, W), pred (N, L, p*p*C), mask (N, L) with 0 = keep, 1 = remove."""
-        return ops.masked_mse_loss(imgs, pred, mask, self.patch_size, norm_pix=self.norm_pix_loss)
+        return ops.masked_mse_loss(imgs, pred, mask, self._patch(), norm_pix=self.norm_pix_loss)
 
     def forward(self, imgs, mask_ratio=0.75, noise=None):
-        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
+        # noise passed only when given, for an override of forward_encoder with the official
+        # signature (self, x, mask_ratio)
+        latent, mask, ids_restore = (self.forward_encoder(imgs, mask_ratio) if noise is None
+                                     else self.forward_encoder(imgs, mask_ratio, noise))
         pred = self.forward_decoder(latent, ids_restore)  # (N, L, p*p*C)
         loss = self.forward_loss(imgs, pred, mask)
         return loss, pred, mask
@@ -378,9 +401,9 @@ class MaskedAutoencoderViT(nn.Module):
         if not imgs.dtype.is_floating_point:
             raise TypeError(f"imgs must be floating point, got {imgs.dtype}")
         C, H, W = imgs.shape[1:]
-        if C != self.in_chans:
-            raise ValueError(f"imgs must have in_chans={self.in_chans} channels, got {C}")
-        p = self.patch_size
+        if C != self._chans():
+            raise ValueError(f"imgs must have in_chans={self._chans()} channels, got {C}")
+        p = self._patch()
         if H % p or W % p:
             raise ValueError(f"imgs height and width must be divisible by patch_size {p}, got {H}x{W}")
         if model_size and (H, W) != self.patch_embed.img_size:

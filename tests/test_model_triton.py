@@ -376,6 +376,83 @@ def test_fused_path_calls_hooked_wrapped_subclassed_and_replaced_modules(monkeyp
     check(m, [1])
 
 
+class _ScaledConv(nn.Conv2d):
+    """A Conv2d subclass with its own forward, in place of patch_embed.proj."""
+
+    def forward(self, x):
+        return 0.5 * super().forward(x)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_patch_embed_calls_its_proj(backend):
+    """patch_embed runs through patch_embed.proj, as timm's PatchEmbed: a hook on proj fires and
+    a replaced proj is what computes, under either backend."""
+    imgs, noise = _inputs(12)
+    plain = tiny(seed=12)
+    with fastmae.use_backend(backend):
+        base = plain(imgs, noise=noise)[0]
+    m = tiny(seed=12)
+    fired = []
+    m.patch_embed.proj.register_forward_hook(lambda mod, i, o: fired.append(o.shape))
+    with fastmae.use_backend(backend):
+        assert rel_err(m(imgs, noise=noise)[0], base) < 1e-5
+    assert fired == [torch.Size([2, 64, 4, 6])]
+    m = tiny(seed=12)
+    proj = m.patch_embed.proj
+    m.patch_embed.proj = _ScaledConv(3, 64, kernel_size=4, stride=4)
+    m.patch_embed.proj.load_state_dict(proj.state_dict())
+    ref = tiny(seed=12)
+    ref.patch_embed.proj.weight.data.mul_(0.5)
+    ref.patch_embed.proj.bias.data.mul_(0.5)
+    with fastmae.use_backend(backend):
+        assert rel_err(m(imgs, noise=noise)[0], ref(imgs, noise=noise)[0]) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_overrides_with_the_official_signatures_are_called_as_official(backend):
+    """A subclass's random_masking(self, x, mask_ratio) and forward_encoder(self, x,
+    mask_ratio), the official signatures (no noise), are called without noise when none is
+    given, and draw the mask the plain model draws from the same seed."""
+    imgs, _ = _inputs(13)
+    calls = []
+
+    class Masking(fastmae.MaskedAutoencoderViT):
+        def random_masking(self, x, mask_ratio):
+            calls.append("random_masking")
+            return super().random_masking(x, mask_ratio)
+
+    class Encoder(fastmae.MaskedAutoencoderViT):
+        def forward_encoder(self, x, mask_ratio):
+            calls.append("forward_encoder")
+            return super().forward_encoder(x, mask_ratio)
+
+    def loss_and_mask(m):
+        torch.manual_seed(99)
+        with fastmae.use_backend(backend):
+            loss, _, mask = m(imgs, mask_ratio=0.5)
+        return loss, mask
+
+    loss, mask = loss_and_mask(tiny(seed=13))
+    for cls in (Masking, Encoder):
+        other_loss, other_mask = loss_and_mask(tiny(seed=13, cls=cls))
+        assert torch.equal(other_mask, mask) and rel_err(other_loss, loss) < 1e-5
+    assert calls == ["random_masking", "forward_encoder"]
+
+
+def test_patch_size_and_in_chans_may_be_set_as_plain_attributes():
+    """model.patch_size and model.in_chans (conveniences the official model lacks) read the
+    patch embedding, and an instance may set its own, as any attribute; the model goes on
+    reading its patch embedding."""
+    m = tiny(seed=14)
+    assert (m.patch_size, m.in_chans) == (4, 3)
+    imgs, noise = _inputs(14)
+    loss = m(imgs, noise=noise)[0]
+    m.patch_size, m.in_chans = 8, "rgb"
+    assert (m.patch_size, m.in_chans) == (8, "rgb")
+    assert torch.equal(m(imgs, noise=noise)[0], loss)
+    assert m.patchify(imgs).shape == (2, 24, 48)
+
+
 def test_mlp_with_tanh_gelu_runs_it_under_triton():
     """A block whose GELU was swapped for the tanh approximation computes that, not erf GELU."""
     blk = tiny(seed=12).blocks[0]
