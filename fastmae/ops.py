@@ -193,8 +193,60 @@ def _compute_dtype(t):
     return t.dtype
 
 
+_functorch_active = torch._C._are_functorch_transforms_active
+
+
 def _uses_triton(t):
-    return backend_for(t) == "triton"
+    """Whether the kernels may run for an op whose main input is t: backend "triton", and no
+    functorch transform (vmap, grad, jvp, ...) active, whose wrapped tensors have no storage for
+    a kernel to read -- the reference runs under them."""
+    return backend_for(t) == "triton" and not _functorch_active()
+
+
+def _has_fp64(*tensors):
+    """Any float64 tensor among these (None skipped): the kernels compute in fp32, so a
+    float64 op runs the reference, float64-exact (and torch.autograd.gradcheck passes)."""
+    for t in tensors:  # a plain loop: this runs on every op call
+        if t is not None and t.dtype == torch.float64:
+            return True
+    return False
+
+
+def _interpreted_bf16_dot(*tensors, compute_dtype=None):
+    """Whether bf16 operands (a bf16 tensor among these, None skipped, or a bf16 compute dtype,
+    e.g. autocast's) would reach a kernel's tl.dot under Triton's interpreter, whose bf16 dot
+    returns garbage (fp16 and fp32 ones are right): such an op runs the reference instead.
+    The first tensor is never None: on a GPU this is one attribute read (the interpreter runs
+    CPU tensors only)."""
+    if tensors[0].is_cuda:
+        return False
+    if compute_dtype == torch.bfloat16:
+        return _kernel("_common").interpreting()
+    for t in tensors:
+        if t is not None and t.dtype == torch.bfloat16:
+            return _kernel("_common").interpreting()
+    return False
+
+
+def _contiguous(t):
+    """t (None stays None) in a contiguous layout: a parameter the kernels read with unit
+    stride (a (D,) weight or bias). t itself when already contiguous; else a copy through
+    autograd, so the gradient still reaches t."""
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
+def _check_ids_in_range(ids, name, L):
+    """ids (int64) in [0, L), checked on the host where that costs nothing: CPU tensors under
+    Triton's interpreter, a plain eager call. On a GPU nothing is checked (no sync): the kernels
+    make the rows of an index outside [0, L) NaN instead."""
+    if ids.is_cuda or ids.numel() == 0 or not _plain_eager((ids,)):
+        return
+    if not _kernel("_common").interpreting():
+        return
+    lo, hi = torch.aminmax(ids)
+    if lo.item() < 0 or hi.item() >= L:
+        raise ValueError(f"{name} must hold indices in [0, {L}), got values in "
+                         f"[{lo.item()}, {hi.item()}]")
 
 
 # ============================================================================ patchify
@@ -305,7 +357,7 @@ def random_masking(x, mask_ratio, noise=None):
     if noise is None:
         noise = torch.rand(N, L, device=x.device)
     _check_noise(noise, N, L, x.device)
-    if not (_uses_triton(x) and _sorts_exactly(noise)):
+    if not (_uses_triton(x) and _sorts_exactly(noise)) or x.dtype == torch.float64:
         return reference.random_masking(x, mask_ratio, noise)
     ids_keep, mask, ids_restore = _masking_indices_op(noise, len_keep)
     return _gather_tokens_op(x, ids_keep, ids_restore), mask, ids_restore
@@ -399,7 +451,11 @@ def patch_embed_visible(imgs, weight, bias, pos_embed, ids_keep):
 
     imgs (N, C, H, W), weight (D, C, p, p), bias (D,), pos_embed (1, 1 + L, D),
     ids_keep (N, keep) -> (N, keep, D). Under autocast the projection runs in the autocast
-    dtype and the result, like the official fp32 position add, is in pos_embed's dtype."""
+    dtype and the result, like the official fp32 position add, is in pos_embed's dtype.
+
+    Under the "triton" backend an index outside [0, L) gives NaN rows, where torch's gather
+    raises (a GPU is not synchronized to check; CPU tensors raise a ValueError). float64, and
+    bf16 under Triton's interpreter, run the reference."""
     _check_tensor(weight, "weight", ndim=4)
     D, C, p, q = weight.shape
     if p != q:
@@ -416,10 +472,13 @@ def patch_embed_visible(imgs, weight, bias, pos_embed, ids_keep):
         raise ValueError(f"ids_keep must be (N={N}, keep) int64")
     _check_index(ids_keep, "ids_keep", ids_keep.shape)
     _check_same_device("imgs", imgs, weight=weight, bias=bias, pos_embed=pos_embed, ids_keep=ids_keep)
-    if not _uses_triton(imgs) or pos_embed.requires_grad:
+    compute_dtype = _compute_dtype(imgs)
+    if (not _uses_triton(imgs) or pos_embed.requires_grad
+            or _has_fp64(imgs, weight, bias, pos_embed)
+            or _interpreted_bf16_dot(imgs, weight, bias, pos_embed, compute_dtype=compute_dtype)):
         # a trainable position table has no kernel gradient: the reference gives it one
         return reference.patch_embed_visible(imgs, weight, bias, pos_embed, ids_keep)
-    compute_dtype = _compute_dtype(imgs)
+    _check_ids_in_range(ids_keep, "ids_keep", L)
     out_dtype = torch.promote_types(compute_dtype, pos_embed.dtype)
     return _patch_embed_visible_op(imgs, weight, bias, pos_embed, ids_keep, out_dtype, compute_dtype)
 
@@ -473,7 +532,11 @@ def unshuffle(x, mask_token, ids_restore, pos_embed):
     original patch order, re-attach the cls token and add positions.
 
     x (N, 1 + keep, D) cls first, mask_token (1, 1, D), ids_restore (N, L), pos_embed
-    (1, 1 + L, D) -> (N, 1 + L, D)."""
+    (1, 1 + L, D) -> (N, 1 + L, D).
+
+    Under the "triton" backend an index outside [0, L) gives NaN rows, where torch's gather
+    raises (a GPU is not synchronized to check; CPU tensors raise a ValueError). float64 runs
+    the reference."""
     _check_tensor(x, "x", ndim=3)
     N, T, D = x.shape
     if not isinstance(ids_restore, torch.Tensor) or ids_restore.dim() != 2 or ids_restore.shape[0] != N:
@@ -490,8 +553,9 @@ def unshuffle(x, mask_token, ids_restore, pos_embed):
     if tuple(pos_embed.shape) != (1, 1 + L, D):
         raise ValueError(f"pos_embed must have shape (1, {1 + L}, {D}), got {tuple(pos_embed.shape)}")
     _check_same_device("x", x, mask_token=mask_token, ids_restore=ids_restore, pos_embed=pos_embed)
-    if not _uses_triton(x) or pos_embed.requires_grad:
+    if not _uses_triton(x) or pos_embed.requires_grad or _has_fp64(x, mask_token, pos_embed):
         return reference.unshuffle(x, mask_token, ids_restore, pos_embed)
+    _check_ids_in_range(ids_restore, "ids_restore", L)
     return _unshuffle_op(x, mask_token, ids_restore, pos_embed)
 
 
@@ -558,8 +622,9 @@ def masked_mse_loss(imgs, pred, mask, patch_size, norm_pix=True):
     if not mask.dtype.is_floating_point:  # a bool or integer 0/1 mask, as official takes
         mask = mask.to(torch.float32)
     _check_same_device("imgs", imgs, pred=pred, mask=mask)
-    if not _uses_triton(pred) or imgs.requires_grad or mask.requires_grad:
-        # gradients reaching the images or the mask come from the reference
+    if (not _uses_triton(pred) or imgs.requires_grad or mask.requires_grad
+            or _has_fp64(imgs, pred, mask)):
+        # gradients reaching the images or the mask come from the reference, and float64
         return reference.masked_mse_loss(imgs, pred, mask, patch_size, norm_pix)
     need_grad = pred.requires_grad and torch.is_grad_enabled()
     loss, _ = _masked_mse_op(imgs, pred, mask, patch_size, bool(norm_pix), need_grad)
@@ -569,6 +634,7 @@ def masked_mse_loss(imgs, pred, mask, patch_size, norm_pix=True):
 # ============================================================================ attention
 
 _HEAD_DIMS = (32, 64, 80, 96, 128)
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the attention kernel's
 
 
 @_op("fastmae::attention")
@@ -629,17 +695,15 @@ def _check_attention(q, k, v):
 
 def attention(q, k, v, scale=None):
     """softmax(q k^T * scale) v for (B, H, N, d) tensors of any strides: SDPA's non-causal
-    semantics, ``scale`` defaulting to d ** -0.5."""
+    semantics, ``scale`` defaulting to d ** -0.5. The kernel serves head dims
+    {32, 64, 80, 96, 128} in fp32, fp16 and bf16 (not bf16 under Triton's interpreter); others,
+    and float64, run the reference (SDPA)."""
     _check_attention(q, k, v)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    if not _uses_triton(q):
+    if (not _uses_triton(q) or q.shape[-1] not in _HEAD_DIMS or q.dtype not in _KERNEL_DTYPES
+            or _interpreted_bf16_dot(q)):
         return reference.attention(q, k, v, scale=scale)
-    if q.shape[-1] not in _HEAD_DIMS:
-        raise ValueError(f"the triton attention serves head dims {_HEAD_DIMS}, got d={q.shape[-1]}; "
-                         "use the 'torch' backend for others")
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"the triton attention takes fp32, fp16 or bf16 inputs, got {q.dtype}")
     o, _ = _attention_op(q, k, v, float(scale))
     return o
 
@@ -723,8 +787,8 @@ def packed_attention(qkv, num_heads, scale=None):
     d = C3 // (3 * num_heads)
     if scale is None:
         scale = d ** -0.5
-    use_kernel = _uses_triton(qkv) and d in _HEAD_DIMS and qkv.dtype in (
-        torch.float32, torch.float16, torch.bfloat16)
+    use_kernel = (_uses_triton(qkv) and d in _HEAD_DIMS and qkv.dtype in _KERNEL_DTYPES
+                  and not _interpreted_bf16_dot(qkv))
     if not use_kernel:
         q, k, v = qkv.reshape(B, N, 3, num_heads, d).permute(2, 0, 3, 1, 4).unbind(0)
         return reference.attention(q, k, v, scale=scale).transpose(1, 2).reshape(B, N, C3 // 3)
@@ -901,11 +965,12 @@ def _rows(x):
 
 def layer_norm(x, weight, bias, eps):
     """LayerNorm over the last dim (fp32 statistics); under autocast the output is written in the
-    autocast dtype, ready for the next matmul."""
+    autocast dtype, ready for the next matmul. float64 runs the reference."""
     _check_norm(x, weight, bias, eps)
-    if not _uses_triton(x):
+    if not _uses_triton(x) or _has_fp64(x, weight, bias):
         return reference.layer_norm(x, weight, bias, eps)
-    y, _, _ = _layer_norm_op(x, weight, bias, float(eps), _compute_dtype(x))
+    y, _, _ = _layer_norm_op(x, _contiguous(weight), _contiguous(bias), float(eps),
+                             _compute_dtype(x))
     return y
 
 
@@ -913,7 +978,8 @@ def add_layer_norm(x, residual, weight, bias, eps, branch_bias=None):
     """The pre-norm block's hand-off in one pass: s = residual + x (+ branch_bias, the (D,) bias
     of the linear layer that produced x, when that layer ran without it: its gradient then comes
     from this op's backward pass, with no separate reduction); returns (s, layer_norm(s)).
-    s keeps residual's dtype (fp32 under autocast, as the official residual stream)."""
+    s keeps residual's dtype (fp32 under autocast, as the official residual stream). float64
+    runs the reference."""
     _check_norm(x, weight, bias, eps)
     _check_tensor(residual, "residual")
     if residual.shape != x.shape:
@@ -924,11 +990,12 @@ def add_layer_norm(x, residual, weight, bias, eps, branch_bias=None):
         if branch_bias.shape[0] != x.shape[-1]:
             raise ValueError(f"branch_bias must have shape ({x.shape[-1]},), got {tuple(branch_bias.shape)}")
         _check_same_device("x", x, branch_bias=branch_bias)
-    if not _uses_triton(x):
+    if not _uses_triton(x) or _has_fp64(x, residual, weight, bias, branch_bias):
         return reference.add_layer_norm(x, residual, weight, bias, eps, branch_bias)
     r_dtype = torch.promote_types(x.dtype, residual.dtype)
-    s, y, _, _ = _add_layer_norm_op(x, _cast(residual, r_dtype), weight, bias, float(eps),
-                                    _compute_dtype(x), branch_bias)
+    s, y, _, _ = _add_layer_norm_op(x, _cast(residual, r_dtype), _contiguous(weight),
+                                    _contiguous(bias), float(eps), _compute_dtype(x),
+                                    _contiguous(branch_bias))
     return s, y
 
 
@@ -975,15 +1042,16 @@ _bias_gelu_op.register_autograd(_bias_gelu_backward, setup_context=_bias_gelu_se
 
 
 def bias_gelu(x, bias):
-    """Exact (erf) GELU of x + bias, the MLP's activation with fc1's bias folded in."""
+    """Exact (erf) GELU of x + bias, the MLP's activation with fc1's bias folded in. float64
+    runs the reference."""
     _check_tensor(x, "x")
     _check_tensor(bias, "bias", ndim=1)
     if bias.shape[0] != x.shape[-1]:
         raise ValueError(f"bias must have shape ({x.shape[-1]},), got {tuple(bias.shape)}")
     _check_same_device("x", x, bias=bias)
-    if not _uses_triton(x):
+    if not _uses_triton(x) or _has_fp64(x, bias):
         return reference.bias_gelu(x, bias)
-    return _bias_gelu_op(x, bias, _compute_dtype(x))
+    return _bias_gelu_op(x, _contiguous(bias), _compute_dtype(x))
 
 
 # ============================================================================ transformer block
@@ -1003,13 +1071,18 @@ def transformer_block(x, branch, params, num_heads, scale, eps, cast_weights=Non
     A plain eager call that needs gradients runs as one autograd node (``_Block``): the same
     kernels and matmuls as the op-by-op composition, without the per-op autograd nodes, whose
     host cost made an eager step host-bound. Anything else (torch.compile, fake tensors, no
-    gradients, shapes the attention kernel does not serve) runs op by op."""
+    gradients, shapes the attention kernel does not serve, float64, bf16 matmuls under Triton's
+    interpreter) runs op by op. Strided (D,) parameters are fine: the kernels get contiguous
+    copies (through autograd)."""
     if len(params) != 12:
         raise ValueError(f"params must hold the block's 12 parameters, got {len(params)}")
     tensors = (x,) + tuple(t for t in params if t is not None) + (() if branch is None else branch)
     cd = _block_node_dtype(x, branch, params, num_heads, tensors)
     if cd is not None:
         m_bias = params[11]
+        params = _contiguous_vectors(params)
+        if branch is not None and not branch[1].is_contiguous():
+            branch = (branch[0], branch[1].contiguous())
         if cast_weights is not None and cast_weights[0].dtype != cd:
             cast_weights = None  # cast for another matmul dtype: the block casts its own
         s, m = _Block.apply(x, *(branch if branch is not None else (None, None)), *params,
@@ -1042,6 +1115,20 @@ def cast_block_weights(x, blocks_params):
     return [tuple(cast[5 * i:5 * i + 5]) for i in range(len(blocks_params))]
 
 
+_VECTOR_PARAMS = (0, 1, 3, 5, 6, 7, 9, 11)  # the (D,) entries of transformer_block's params
+
+
+def _contiguous_vectors(params):
+    """params with its (D,) entries contiguous, as the kernels read them (the matmul weights go
+    to torch's matmuls and to kernels that take any strides): params itself when they are."""
+    for i in _VECTOR_PARAMS:
+        t = params[i]
+        if t is not None and not t.is_contiguous():
+            return tuple(_contiguous(p) if j in _VECTOR_PARAMS else p
+                         for j, p in enumerate(params))
+    return params
+
+
 def _block_by_op(x, branch, params, num_heads, scale, eps):
     n1w, n1b, qkv_w, qkv_b, proj_w, proj_b, n2w, n2b, fc1_w, fc1_b, fc2_w, fc2_b = params
     if branch is None:
@@ -1064,6 +1151,10 @@ def _block_node_dtype(x, branch, params, num_heads, tensors):
     C = x.shape[-1]
     if cd not in (torch.float32, torch.float16, torch.bfloat16) or C % num_heads \
             or C // num_heads not in _HEAD_DIMS:
+        return None
+    # float64 anywhere runs the reference op by op; so do bf16 matmul operands under Triton's
+    # interpreter (its bf16 tl.dot is wrong): attention and the fused MLP matmuls use it
+    if _has_fp64(*tensors) or _interpreted_bf16_dot(*tensors, compute_dtype=cd):
         return None
     if torch.promote_types(cd, x.dtype) != x.dtype or any(t.device != x.device for t in tensors):
         return None

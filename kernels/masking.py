@@ -7,8 +7,9 @@ mask[ids_shuffle[j]] = (j >= keep) with 0 = kept, 1 = removed.
 
 The sort runs inside one program per row: each noise value becomes an order-preserving int32
 key, packed with its column index as ``key << 32 | index`` into int64 and sorted with
-``tl.sort``; the low 32 bits of the sorted keys are ids_shuffle. Equal noise values sort by
-index (a stable argsort); for distinct noise this equals ``torch.argsort`` exactly.
+``tl.sort``; the low 32 bits of the sorted keys are ids_shuffle. Equal noise values (-0.0 and
++0.0 among them) sort by index (a stable argsort); for distinct noise this equals
+``torch.argsort`` exactly.
 """
 import torch
 import triton
@@ -33,6 +34,8 @@ def _masking_indices(
     j = tl.arange(0, BLOCK_L)
     in_row = j < L
     noise = tl.load(noise_ptr + n * s_nn + j * s_nl, mask=in_row, other=0.0)
+    # -0.0 as +0.0: torch's sort holds them equal (a tie, broken by index), their bits do not
+    noise = tl.where(noise == 0.0, 0.0, noise)
     # order-preserving int32 key of an fp32: positives keep their bits, negatives flip all bits
     # but the sign; padding gets the largest key (and an index >= L) so it sorts last
     bits = noise.to(tl.int32, bitcast=True)

@@ -11,6 +11,12 @@ the image.
 The full-sequence embedding is never built: the forward does keep / L of the convolution's FLOPs.
 
 Rows of every matmul here are the M = N * keep visible patches, m = n * keep + k.
+
+An id of ids_keep outside [0, L) (torch's gather would raise) is not followed -- no load or
+store goes through it, and no host check syncs: its output row is NaN. The backward leaves its
+row out (no image gradient written, nothing added to the weight gradient; a loss that reads the
+NaN row hands it a NaN gradient, which makes the weight gradient NaN). Flagging it in the
+weight-gradient kernel itself cost sm_90 registers and occupancy (Triton 3.6, our compiles).
 """
 import torch
 import triton
@@ -49,16 +55,21 @@ def _fwd_configs():
 
 
 @triton.jit
-def _patch_rows(ids_ptr, m, row_ok, keep, grid_w, s_idn, s_idk, s_in, s_ih, s_iw, P: tl.constexpr):
-    """For rows m = n * keep + k: the patch index l = ids_keep[n, k] and the image offset of the
-    patch's top-left pixel (int64)."""
+def _patch_rows(ids_ptr, m, row_ok, keep, grid_w, L, s_idn, s_idk, s_in, s_ih, s_iw,
+                P: tl.constexpr):
+    """For rows m = n * keep + k: the patch index l = ids_keep[n, k], the image offset of the
+    patch's top-left pixel (int64), and ok = row_ok with l in [0, L). The offset of an l
+    outside [0, L) points outside the image: the callers mask every load and store through it
+    (and through l) with ok."""
     n = m // keep
     k = m - n * keep
     l = tl.load(ids_ptr + n * s_idn + k * s_idk, mask=row_ok, other=0).to(tl.int64)
+    # one unsigned compare: a negative id is a huge unsigned one
+    ok = row_ok & (l.to(tl.uint64, bitcast=True) < L)
     gh = l // grid_w
     gw = l - gh * grid_w
     base = n * s_in + (gh * P) * s_ih + (gw * P) * s_iw
-    return l, base
+    return l, base, ok
 
 
 @triton.jit
@@ -79,7 +90,7 @@ def _patch_embed_fwd(
     pos_ptr,  # (1, 1 + L, D) any float dtype, strides (s_pl, s_pd) over its last two dims
     ids_ptr,  # (N, keep) int64, strides (s_idn, s_idk)
     out_ptr,  # (M = N * keep, D) contiguous, out_dtype
-    M, keep, grid_w, D,
+    M, keep, grid_w, L, D,
     s_in, s_ic, s_ih, s_iw,
     s_wd, s_wk, s_b, s_pl, s_pd, s_idn, s_idk,
     K: tl.constexpr,  # C * P * P
@@ -99,22 +110,24 @@ def _patch_embed_fwd(
     d = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = m < M
     col_ok = d < D
-    l, base = _patch_rows(ids_ptr, m, row_ok, keep, grid_w, s_idn, s_idk, s_in, s_ih, s_iw, P)
+    l, base, ok = _patch_rows(ids_ptr, m, row_ok, keep, grid_w, L, s_idn, s_idk, s_in, s_ih,
+                              s_iw, P)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         k_ok = kk < K
         a = tl.load(imgs_ptr + base[:, None] + _patch_cols(kk, s_ic, s_ih, s_iw, P)[None, :],
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                    mask=ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(w_ptr + kk[:, None] * s_wk + d[None, :] * s_wd,
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = _dot_in(a, b, acc, COMPUTE)
 
     bias = tl.load(bias_ptr + d * s_b, mask=col_ok, other=0.0).to(tl.float32)
     pos = tl.load(pos_ptr + (1 + l)[:, None] * s_pl + d[None, :] * s_pd,
-                  mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+                  mask=ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
     acc = acc + bias[None, :] + pos
+    acc = tl.where(ok[:, None], acc, float("nan"))  # an id outside [0, L): a NaN row
     tl.store(out_ptr + m[:, None] * D + d[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 
@@ -146,7 +159,8 @@ def patch_embed_visible_fwd(imgs, weight, bias, pos_embed, ids_keep, out_dtype, 
     """(N, C, H, W), (D, C, p, p), (D,), (1, 1 + L, D), (N, keep) int64 -> (N, keep, D) contiguous
     in out_dtype. The matmul's operands are cast to compute_dtype (default: out_dtype) when it is
     fp16 / bf16, else fp32. Under autocast the model asks for bf16 operands and an fp32 result,
-    as the official fp32 position add promotes the bf16 convolution output."""
+    as the official fp32 position add promotes the bf16 convolution output. An id outside
+    [0, L) gives a NaN row."""
     if compute_dtype is None:
         compute_dtype = out_dtype
     N, C, H, W = imgs.shape
@@ -163,7 +177,7 @@ def patch_embed_visible_fwd(imgs, weight, bias, pos_embed, ids_keep, out_dtype, 
     grid = lambda META: (cdiv(M, META["BLOCK_M"]) * cdiv(D, META["BLOCK_N"]),)
     launch_tuned(_patch_embed_fwd, grid, (K, D),
                  imgs, w2, bias, pos, ids_keep, out,
-                 M, keep, grid_w, D,
+                 M, keep, grid_w, (H // p) * grid_w, D,
                  *imgs.stride(), *w2.stride(), bias.stride(0), *pos.stride(), *ids_keep.stride(),
                  K=K, P=p, COMPUTE=_COMPUTE_CODES.get(compute_dtype, 0))
     return out
@@ -203,7 +217,7 @@ def _patch_embed_bwd_weight(
     imgs_ptr,  # (N, C, H, W) any float dtype, strides (s_in, s_ic, s_ih, s_iw)
     ids_ptr,  # (N, keep) int64, strides (s_idn, s_idk)
     part_ptr,  # (SPLIT, D, K) fp32 contiguous: per-split partials of grad_weight
-    M, keep, grid_w, D, rows_per_split,
+    M, keep, grid_w, L, D, rows_per_split,
     s_gm, s_gd, s_in, s_ic, s_ih, s_iw, s_idn, s_idk,
     K: tl.constexpr, P: tl.constexpr,
     COMPUTE: tl.constexpr,  # matmul operands: 0 fp32 ("ieee"), 1 fp16, 2 bf16
@@ -224,11 +238,12 @@ def _patch_embed_bwd_weight(
     for m0 in range(0, rows_per_split, BLOCK_M):
         m = m_start + m0 + tl.arange(0, BLOCK_M)
         row_ok = m < m_end
-        _, base = _patch_rows(ids_ptr, m, row_ok, keep, grid_w, s_idn, s_idk, s_in, s_ih, s_iw, P)
+        _, base, ok = _patch_rows(ids_ptr, m, row_ok, keep, grid_w, L, s_idn, s_idk, s_in, s_ih,
+                                  s_iw, P)
         gt = tl.load(g_ptr + m[None, :] * s_gm + d[:, None] * s_gd,
                      mask=d_ok[:, None] & row_ok[None, :], other=0.0)  # (BLOCK_D, BLOCK_M) = G^T
         a = tl.load(imgs_ptr + base[:, None] + cols[None, :],
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
+                    mask=ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
         acc = _dot_in(gt, a, acc, COMPUTE)
 
     tl.store(part_ptr + split * D * K + d[:, None] * K + kk[None, :], acc,
@@ -253,7 +268,7 @@ def _patch_embed_bwd_imgs(
     w_ptr,  # (D, K) the conv weight viewed (D, C*p*p), strides (s_wd, s_wk); unread when ZERO
     ids_ptr,  # (N, R) int64, strides (s_idn, s_idk): the patches this launch writes
     dx_ptr,  # (N, C, H, W) grad_imgs, imgs' dtype, strides (s_in, s_ic, s_ih, s_iw)
-    M, R, grid_w, D,
+    M, R, grid_w, L, D,
     s_gm, s_gd, s_wd, s_wk, s_idn, s_idk, s_in, s_ic, s_ih, s_iw,
     K: tl.constexpr, P: tl.constexpr,
     ZERO: tl.constexpr,  # True: the ids are the removed patches, write zeros
@@ -266,7 +281,9 @@ def _patch_embed_bwd_imgs(
     kk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     row_ok = m < M
     k_ok = kk < K
-    _, base = _patch_rows(ids_ptr, m, row_ok, R, grid_w, s_idn, s_idk, s_in, s_ih, s_iw, P)
+    # an id outside [0, L) writes nothing (its gradient has no pixel to go to)
+    _, base, ok = _patch_rows(ids_ptr, m, row_ok, R, grid_w, L, s_idn, s_idk, s_in, s_ih, s_iw,
+                              P)
 
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     if not ZERO:
@@ -280,7 +297,7 @@ def _patch_embed_bwd_imgs(
             acc = _dot_in(g, w, acc, COMPUTE)
 
     tl.store(dx_ptr + base[:, None] + _patch_cols(kk, s_ic, s_ih, s_iw, P)[None, :],
-             acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & k_ok[None, :])
+             acc.to(dx_ptr.dtype.element_ty), mask=ok[:, None] & k_ok[None, :])
 
 
 # The other way to grad_weight (fastmae.ops picks the faster on a GPU): the visible patches
@@ -293,7 +310,7 @@ def _gather_patches(
     imgs_ptr,  # (N, C, H, W) any float dtype, strides (s_in, s_ic, s_ih, s_iw)
     ids_ptr,  # (N, keep) int64, strides (s_idn, s_idk)
     out_ptr,  # (M = N * keep, K) contiguous, any float dtype: row m = n * keep + k
-    M, keep, grid_w,
+    M, keep, grid_w, L,
     s_in, s_ic, s_ih, s_iw, s_idn, s_idk,
     K: tl.constexpr, P: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -304,11 +321,13 @@ def _gather_patches(
     kk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     row_ok = m < M
     k_ok = kk < K
-    _, base = _patch_rows(ids_ptr, m, row_ok, keep, grid_w, s_idn, s_idk, s_in, s_ih, s_iw, P)
-    ok = row_ok[:, None] & k_ok[None, :]
+    _, base, ok = _patch_rows(ids_ptr, m, row_ok, keep, grid_w, L, s_idn, s_idk, s_in, s_ih,
+                              s_iw, P)
+    # an id outside [0, L): a row of zeros, left out of G^T @ A as the fused kernel leaves it
     a = tl.load(imgs_ptr + base[:, None] + _patch_cols(kk, s_ic, s_ih, s_iw, P)[None, :],
-                mask=ok, other=0.0)
-    tl.store(out_ptr + m[:, None] * K + kk[None, :], a.to(out_ptr.dtype.element_ty), mask=ok)
+                mask=ok[:, None] & k_ok[None, :], other=0.0)
+    tl.store(out_ptr + m[:, None] * K + kk[None, :], a.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & k_ok[None, :])
 
 
 LAUNCH_WORK["_gather_patches"] = lambda a: {
@@ -317,8 +336,9 @@ LAUNCH_WORK["_gather_patches"] = lambda a: {
 
 def gather_visible_patches(imgs, ids_keep, p, dtype):
     """(N, C, H, W), (N, keep) int64 -> the kept patches (N * keep, C * p * p) contiguous in
-    dtype, row n * keep + k patch ids_keep[n, k], columns in the conv weight's (c, i, j) order."""
-    N, C, _, W = imgs.shape
+    dtype, row n * keep + k patch ids_keep[n, k], columns in the conv weight's (c, i, j) order
+    (zeros for an id outside [0, L))."""
+    N, C, H, W = imgs.shape
     keep = ids_keep.shape[1]
     K = C * p * p
     M = N * keep
@@ -327,7 +347,7 @@ def gather_visible_patches(imgs, ids_keep, p, dtype):
         return out
     block_m, block_k = (16, 32) if interpreting() else (32, min(256, next_pow2(K)))
     launch(_gather_patches, (cdiv(M, block_m), cdiv(K, block_k)),
-           imgs, ids_keep, out, M, keep, W // p,
+           imgs, ids_keep, out, M, keep, W // p, (H // p) * (W // p),
            *imgs.stride(), *ids_keep.stride(),
            K=K, P=p, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4)
     return out
@@ -375,7 +395,7 @@ def patch_embed_visible_bwd(grad_out, imgs, weight, ids_keep, need_imgs_grad,
         grid = lambda META: (cdiv(D, META["BLOCK_D"]), cdiv(K, META["BLOCK_K"]), split)
         launch_tuned(_patch_embed_bwd_weight, grid, (K, D),
                      g, imgs, ids_keep, partials,
-                     M, keep, grid_w, D, rows_per_split,
+                     M, keep, grid_w, L, D, rows_per_split,
                      *g.stride(), *imgs.stride(), *ids_keep.stride(),
                      K=K, P=p, COMPUTE=compute)
         grad_weight = (partials[0] if split == 1 else partials.sum(dim=0)).reshape(D, C, p, p)
@@ -403,7 +423,7 @@ def patch_embed_visible_bwd(grad_out, imgs, weight, ids_keep, need_imgs_grad,
             grid = lambda META: (cdiv(rows, META["BLOCK_M"]), cdiv(K, META["BLOCK_K"]))
             launch_tuned(_patch_embed_bwd_imgs, grid, (K, D, zero),
                          g, w2, ids, grad_imgs,
-                         rows, R, grid_w, D,
+                         rows, R, grid_w, L, D,
                          *g.stride(), *w2.stride(), *ids.stride(), *grad_imgs.stride(),
                          K=K, P=p, ZERO=zero, COMPUTE=compute)
     return grad_weight, grad_bias, grad_imgs

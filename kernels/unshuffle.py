@@ -7,6 +7,10 @@ position table (official ``forward_decoder``; spec: ``fastmae.reference.unshuffl
 Rows of the output are flattened to N * (1 + L) and tiled [ROWS, BLOCK_D]; each output element
 is written exactly once, sums are done in fp32.
 
+An id r outside [0, L) (ids_restore is a permutation of 0..L-1; torch's gather would raise) is
+not followed: its output row is NaN, nothing is read through it, and in the backward it writes
+no gradient of x and makes the mask token's gradient NaN (no host check: no sync, no launch).
+
 The backward returns the gradients of x and mask_token only: the position tables of MAE are
 fixed sin-cos buffers held as parameters with requires_grad=False, so no gradient of pos_embed
 is computed (d pos_embed would be grad_out summed over n).
@@ -52,7 +56,8 @@ def _unshuffle_fwd(
     n = rows // (L + 1)
     t = rows - n * (L + 1)  # 0 = cls, 1 + l = patch l
     r = tl.load(ids_ptr + n * s_in + (t - 1) * s_il, mask=row_ok & (t > 0), other=0)
-    from_x = row_ok & ((t == 0) | (r < keep))
+    bad = (t > 0) & ((r < 0) | (r >= L))  # an id outside [0, L): its row is NaN, nothing read
+    from_x = row_ok & ((t == 0) | ((r >= 0) & (r < keep)))
     src = tl.where(t == 0, 0, r + 1)
     io_ok = row_ok[:, None] & d_ok[None, :]
     xv = tl.load(x_ptr + (n * s_xn + src * s_xt)[:, None] + (d.to(tl.int64) * s_xd)[None, :],
@@ -61,6 +66,7 @@ def _unshuffle_fwd(
     pv = tl.load(pos_ptr + (t * s_pt)[:, None] + (d.to(tl.int64) * s_pd)[None, :], mask=io_ok,
                  other=0.0).to(tl.float32)
     v = tl.where(from_x[:, None], xv, mt[None, :]) + pv
+    v = tl.where(bad[:, None], float("nan"), v)
     tl.store(out_ptr + (rows * D)[:, None] + d[None, :], v.to(out_ptr.dtype.element_ty), mask=io_ok)
 
 
@@ -101,14 +107,16 @@ def _unshuffle_bwd(
         t = rows - n * (L + 1)
         is_tok = row_ok & (t > 0)
         r = tl.load(ids_ptr + n * s_in + (t - 1) * s_il, mask=is_tok, other=0)
-        to_x = row_ok & ((t == 0) | (r < keep))
-        to_mt = is_tok & (r >= keep)
+        bad = is_tok & ((r < 0) | (r >= L))  # an id outside [0, L): no store, a NaN gradient
+        to_x = row_ok & ((t == 0) | ((r >= 0) & (r < keep)))
+        to_mt = is_tok & (r >= keep) & (r < L)
         g = tl.load(g_ptr + (n * s_gn + t * s_gt)[:, None] + (d.to(tl.int64) * s_gd)[None, :],
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
         dst = n * (keep + 1) + tl.where(t == 0, 0, r + 1)
         tl.store(gx_ptr + (dst * D)[:, None] + d[None, :], g.to(gx_ptr.dtype.element_ty),
                  mask=to_x[:, None] & d_ok[None, :])
         acc += tl.where(to_mt[:, None], g, 0.0)
+        acc += tl.where(bad[:, None], float("nan"), 0.0)
     tl.store(part_ptr + pid * D + d, tl.sum(acc, axis=0), mask=d_ok)
 
 
@@ -121,7 +129,8 @@ def unshuffle_fwd(x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.
                   pos_embed: torch.Tensor) -> torch.Tensor:
     """x (N, 1 + keep, D) any strides, mask_token (1, 1, D), ids_restore (N, L) int64,
     pos_embed (1, 1 + L, D) -> out (N, 1 + L, D) contiguous, dtype
-    promote(promote(x, mask_token), pos_embed); the sum is done in fp32."""
+    promote(promote(x, mask_token), pos_embed); the sum is done in fp32. An id outside [0, L)
+    gives a NaN row (torch's gather raises)."""
     N, keep1, D = x.shape
     L = ids_restore.shape[1]
     assert keep1 >= 1 and ids_restore.shape[0] == N
@@ -146,7 +155,8 @@ def unshuffle_bwd(grad_out: torch.Tensor, ids_restore: torch.Tensor, len_keep: i
                   x_dtype: torch.dtype, mask_token_dtype: torch.dtype):
     """grad_out (N, 1 + L, D) any strides (expanded / stride 0 is fine), ids_restore (N, L)
     int64 -> grad_x (N, 1 + len_keep, D) contiguous in x_dtype, grad_mask_token (1, 1, D) in
-    mask_token_dtype (fp32 sum over the masked positions, deterministic). No pos_embed grad."""
+    mask_token_dtype (fp32 sum over the masked positions, deterministic). No pos_embed grad.
+    An id outside [0, L) writes nothing and makes grad_mask_token NaN."""
     N, L1, D = grad_out.shape
     L = ids_restore.shape[1]
     len_keep = int(len_keep)

@@ -58,6 +58,36 @@ def test_masking_indices_any_sign_and_strides(kmask, device):
     _assert_indices_equal(got, ref.masking_indices(noise, 11))
 
 
+def _stable_masking_indices(noise, keep):
+    """The reference's masking_indices with a stable argsort: ties broken by index."""
+    ids_shuffle = torch.argsort(noise, dim=1, stable=True)
+    ids_restore = torch.argsort(ids_shuffle, dim=1, stable=True)
+    mask = (ids_restore >= keep).to(torch.float32)
+    return ids_shuffle[:, :keep].contiguous(), mask, ids_restore
+
+
+@pytest.mark.parametrize("L", [2, 13, 16, 37])
+def test_masking_indices_signed_zeros_tie_as_torch_sorts_them(kmask, device, L):
+    """-0.0 and +0.0 are equal to torch's sort (a tie, broken by index): the kernel's key must
+    not order -0.0 first. Rows mix both zeros with other duplicated values, negatives and
+    random ones; every keep is checked exactly against a stable argsort, and for L <= 16 (where
+    torch's CPU sort is stable) against the reference itself."""
+    g = _gen(L, device)
+    pool = torch.tensor([0.0, -0.0, 0.0, -0.0, 0.25, -0.5], device=device)
+    N = 4
+    noise = pool[torch.randint(0, len(pool), (N, L), generator=g, device=device)]
+    noise[0] = torch.where(torch.arange(L, device=device) % 2 == 0, -0.0, 0.0)  # -0, +0, ...
+    noise[1, :2] = torch.tensor([0.0, -0.0], device=device)
+    noise[3] = torch.where(torch.rand(L, generator=g, device=device) < 0.5, noise[3],
+                           torch.rand(L, generator=g, device=device))
+    assert (noise.signbit() & (noise == 0)).any() and (~noise.signbit() & (noise == 0)).any()
+    for keep in sorted({1, L // 2, L - 1, L}):
+        got = kmask.masking_indices(noise, keep)
+        _assert_indices_equal(got, _stable_masking_indices(noise, keep))
+        if L <= 16 and noise.device.type == "cpu":
+            _assert_indices_equal(got, ref.masking_indices(noise, keep))
+
+
 @pytest.mark.parametrize("N, L, D, ratio", [
     (1, 1, 8, 0.0),
     (2, 7, 40, 0.75),

@@ -202,3 +202,110 @@ def test_patch_embed_low_precision_cuda(N, C, H, W, p, D, keep, dtype, atol):
     assert T.rel_err(gw, r_gw) <= 2 * T.rel_err(low["weight"].grad, r_gw) + atol
     assert T.rel_err(gb, r_gb) <= 2 * T.rel_err(low["bias"].grad, r_gb) + atol
     assert T.rel_err(gi, r_gi) <= 2 * T.rel_err(low["imgs"].grad, r_gi) + atol
+
+
+# ----------------------------------------------------------------------------- invalid ids
+
+_GUARD = 4096  # elements of sentinel on each side of a guarded buffer
+_SENTINEL = 12345.0
+
+
+def _guarded_empty(buffers):
+    """An ``_empty`` whose buffers start poisoned (NaN) and sit inside a larger one filled with
+    a sentinel on both sides: a store out of the buffer's bounds changes the sentinel."""
+    def alloc(shape, dtype, device):
+        n = 1
+        for s in shape:
+            n *= s
+        big = torch.full((n + 2 * _GUARD,), _SENTINEL, dtype=dtype, device=device)
+        t = big[_GUARD:_GUARD + n].view(*shape).fill_(float("nan"))
+        buffers.append((big, n))
+        return t
+    return alloc
+
+
+def _bad_id_case(device, N=2, C=3, H=8, W=12, p=2, D=24, seed=31):
+    """A case whose imgs and pos_embed are windows of larger tensors (a read past them, as the
+    old kernels made, lands in memory, not in a crash)."""
+    case = _case(N, C, H, W, p, D, 1, "contiguous", device, seed=seed)
+    L = (H // p) * (W // p)
+    g = T._gen(seed + 3, "cpu")
+    big = torch.randn(N + 2, C, H, W, generator=g).to(device)
+    big[1:N + 1] = case["imgs"]
+    pos_big = torch.randn(1, 1 + 2 * L, D, generator=g).to(device)
+    pos_big[:, :1 + L] = case["pos_embed"]
+    case["imgs"], case["pos_embed"] = big[1:N + 1], pos_big[:, :1 + L]
+    return case, L
+
+
+def test_patch_embed_ids_outside_range_give_nan_rows(device, monkeypatch):
+    """An id of ids_keep outside [0, L) (-1, L, L + 3) is not followed: its output row is NaN
+    (the old kernel read past the image and the position table), every other row is the
+    reference's; the patches gathered for the split weight gradient have a zero row there."""
+    _poison_allocations(monkeypatch)
+    case, L = _bad_id_case(device)
+    N = case["imgs"].shape[0]
+    g = T._gen(4, "cpu")
+    ids = torch.stack([torch.randperm(L, generator=g)[:5] for _ in range(N)]).to(device)
+    bad = {(0, 1): -1, (1, 3): L, (1, 0): L + 3}
+    twin = ids.clone()
+    for (n, k), v in bad.items():
+        ids[n, k] = v
+    nan_rows = torch.zeros(ids.shape, dtype=torch.bool)
+    for n, k in bad:
+        nan_rows[n, k] = True
+    out = pe.patch_embed_visible_fwd(**dict(case, ids_keep=ids), out_dtype=torch.float32).cpu()
+    want = ref.patch_embed_visible(**{k: (v.double() if v.is_floating_point() else v)
+                                      for k, v in dict(case, ids_keep=twin).items()}).cpu()
+    assert out[nan_rows].isnan().all(), "an invalid id's row is not NaN"
+    T.assert_rel_close(out[~nan_rows], want[~nan_rows], TOL, "the valid rows")
+    p = case["weight"].shape[-1]
+    patches = pe.gather_visible_patches(case["imgs"], ids, p, torch.float32).cpu()
+    flat = nan_rows.reshape(-1)
+    assert (patches[flat] == 0).all()
+    assert torch.equal(patches[~flat], _patches_by_torch(case["imgs"], twin, p).cpu()[~flat])
+
+
+def test_patch_embed_bwd_ids_outside_range_write_nothing_and_give_nan(device, monkeypatch):
+    """In the backward an id outside [0, L) writes no image gradient (the old kernel wrote past
+    the buffer) and adds nothing to the weight gradient (nothing is read through it): the
+    weight gradient is the reference's with that row's incoming gradient zero, and NaN when
+    that gradient is NaN (a loss reading the NaN output row); the bias gradient and the image
+    gradient of every patch a valid id names are the reference's."""
+    buffers = []
+    monkeypatch.setattr(pe, "_empty", _guarded_empty(buffers))
+    case, L = _bad_id_case(device)
+    N, C, H, W = case["imgs"].shape
+    D, _, p, _ = case["weight"].shape
+    g = T._gen(5, "cpu")
+    twin = torch.stack([torch.randperm(L, generator=g) for _ in range(N)]).to(device)
+    ids = twin.clone()
+    # past the end of the last image, before the start of the first; every patch kept (no
+    # removed-patch launch, whose torch scatter would raise on the ids first)
+    ids[1, 2], ids[0, L - 1] = L + 50, -60
+    grad_out = torch.randn(N, L, D, generator=T._gen(6, "cpu")).to(device)
+    gw, gb, gi = pe.patch_embed_visible_bwd(grad_out, case["imgs"], case["weight"], ids,
+                                            need_imgs_grad=True)
+    for big, n in buffers:
+        assert (big[:_GUARD] == _SENTINEL).all() and (big[_GUARD + n:] == _SENTINEL).all(), \
+            "a kernel wrote outside its output buffer"
+    _, _, r_gb, r_gi = _reference(dict(case, ids_keep=twin), grad_out)
+    T.assert_rel_close(gb, r_gb, TOL, "grad_bias")
+    left_out = grad_out.clone()
+    left_out[1, 2] = 0
+    left_out[0, L - 1] = 0
+    T.assert_rel_close(gw, _reference(dict(case, ids_keep=twin), left_out)[1], TOL,
+                       "grad_weight without the invalid rows")
+    nan_rows = grad_out.clone()
+    nan_rows[1, 2] = float("nan")
+    gw_nan, _, _ = pe.patch_embed_visible_bwd(nan_rows, case["imgs"], case["weight"], ids,
+                                              need_imgs_grad=False)
+    assert gw_nan.isnan().all()
+    named = torch.zeros(N, C, H, W, dtype=torch.bool)  # pixels of the patches valid ids name
+    grid_w = W // p
+    for n in range(N):
+        for l in ids[n].tolist():
+            if 0 <= l < L:
+                r, c = l // grid_w, l % grid_w
+                named[n, :, r * p:(r + 1) * p, c * p:(c + 1) * p] = True
+    T.assert_rel_close(gi.cpu()[named], r_gi.cpu()[named], TOL, "grad_imgs (named patches)")

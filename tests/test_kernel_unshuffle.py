@@ -150,3 +150,79 @@ def test_unshuffle_bit_identical_cuda(kun):
     for _ in range(3):
         for a, b in zip(first, _run(kun, case, grad_out)):
             assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------- invalid ids
+
+_GUARD = 4096  # elements of sentinel on each side of a guarded buffer
+_SENTINEL = 12345.0
+
+
+def _guarded_empty(buffers):
+    """An ``_empty`` whose buffers start poisoned (NaN) and sit inside a larger one filled with
+    a sentinel on both sides: a store out of the buffer's bounds changes the sentinel."""
+    def alloc(shape, dtype, device):
+        n = 1
+        for s in shape:
+            n *= s
+        big = torch.full((n + 2 * _GUARD,), _SENTINEL, dtype=dtype, device=device)
+        t = big[_GUARD:_GUARD + n].view(*shape).fill_(float("nan"))
+        buffers.append((big, n))
+        return t
+    return alloc
+
+
+def _assert_guards_intact(buffers):
+    for big, n in buffers:
+        assert (big[:_GUARD] == _SENTINEL).all() and (big[_GUARD + n:] == _SENTINEL).all(), \
+            "a kernel wrote outside its output buffer"
+
+
+def _with_invalid_ids(case, bad):
+    """A copy of the case's ids_restore with the id at each (n, l) of ``bad`` replaced."""
+    ids = case["ids_restore"].clone()
+    for (n, l), v in bad.items():
+        ids[n, l] = v
+    return ids
+
+
+def test_unshuffle_ids_outside_range_give_nan_rows(kun, device):
+    """An id outside [0, L) (-1, L, L + 7) is not followed: its output row is NaN (the old
+    kernel copied the cls token for -1 and the mask token for >= L), every other row is the
+    reference's, and nothing is read through it."""
+    N, L, D = 2, 9, 8
+    case = unshuffle_case(N, L, D, 0.5, device=device, seed=21)
+    bad = {(0, 1): -1, (1, 4): L, (1, 0): L + 7}
+    ids = _with_invalid_ids(case, bad)
+    out = kun.unshuffle_fwd(case["x"], case["mask_token"], ids, case["pos_embed"])
+    want = ref.unshuffle(case["x"].double(), case["mask_token"].double(), case["ids_restore"],
+                         case["pos_embed"].double())
+    nan_rows = torch.zeros(N, 1 + L, dtype=torch.bool)
+    for n, l in bad:
+        nan_rows[n, 1 + l] = True
+    out, want = out.cpu(), want.cpu()
+    assert out[nan_rows].isnan().all(), "an invalid id's row is not NaN"
+    assert_rel_close(out[~nan_rows], want[~nan_rows], TOL, "the valid rows")
+
+
+def test_unshuffle_bwd_ids_outside_range_write_nothing_and_give_nan(kun, device, monkeypatch):
+    """In the backward an id outside [0, L) writes no gradient of x (the old kernel wrote the
+    row at x[n, 1 + id], before the buffer for a large negative id, over the cls gradient for
+    -1) and makes the mask token's gradient NaN; the other gradients are the reference's."""
+    buffers = []
+    monkeypatch.setattr(kun, "_empty", _guarded_empty(buffers))
+    N, L, D, ratio = 2, 9, 8, 0.5
+    case = unshuffle_case(N, L, D, ratio, device=device, seed=22)
+    keep = case["x"].shape[1] - 1
+    ids = case["ids_restore"].clone()
+    # replace ids of masked positions (>= keep): every row of x still has its one source
+    masked = [(n, l) for n in range(N) for l in range(L) if ids[n, l] >= keep]
+    bad = dict(zip(masked[:1] + masked[-2:], (-100, -1, L + 7)))
+    assert {n for n, _ in bad} == {0, 1}
+    ids = _with_invalid_ids(case, bad)
+    grad_out = torch.randn(N, 1 + L, D, device=device) + 0.5
+    gx, gmt = kun.unshuffle_bwd(grad_out, ids, keep, torch.float32, torch.float32)
+    _assert_guards_intact(buffers)
+    _, want_gx, _ = _reference_float64(case, grad_out)
+    assert_rel_close(gx, want_gx, TOL, "grad_x")  # cls rows included
+    assert gmt.isnan().all(), "the mask token's gradient is not NaN"

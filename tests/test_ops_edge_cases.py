@@ -1,0 +1,406 @@
+"""The public ops' edge cases under the "triton" backend: parameters in strided layouts, float64
+(the reference runs: float64-exact, gradcheck passes), bf16 matmul operands under Triton's
+interpreter (whose bf16 tl.dot is wrong: the reference runs), head dims the attention kernel
+does not serve, functorch transforms (the reference runs) and indices outside [0, L) (a
+ValueError on CPU tensors; the kernels' NaN rows are tested in the kernel tests)."""
+import pytest
+import torch
+
+import fastmae
+from fastmae import ops, reference
+from fastmae.testing import (assert_rel_close, attention_case, bias_gelu_case, layer_norm_case,
+                             loss_case, patch_embed_case, unshuffle_case)
+
+pytestmark = pytest.mark.interpreter(
+    covered_by="the kernel tests' cuda cases and fastmae check on the GPU")
+
+
+@pytest.fixture(autouse=True)
+def triton_backend():
+    with fastmae.use_backend("triton"):
+        yield
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _strided(t, seed):
+    """A leaf twice t's size along its last dim and t as its view [..., ::2] (values of t)."""
+    big = torch.randn(*t.shape[:-1], 2 * t.shape[-1], generator=_gen(seed), dtype=t.dtype)
+    big[..., ::2] = t
+    return big.requires_grad_(True)
+
+
+def _backward(outs, seed=0):
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    g = _gen(seed)
+    torch.autograd.backward(outs, [torch.randn(o.shape, generator=g).to(o.dtype) for o in outs])
+
+
+# ----------------------------------------------------------------------------- strided params
+
+def _vector_op_cases():
+    ln = layer_norm_case(5, 24, residual=True, seed=1)
+    bb = torch.randn(24, generator=_gen(2))
+    bg = bias_gelu_case(7, 40, seed=3)
+    return {
+        "layer_norm": (lambda x, w, b: ops.layer_norm(x, w, b, 1e-6),
+                       lambda x, w, b: reference.layer_norm(x, w, b, 1e-6),
+                       (ln["x"], ln["weight"], ln["bias"]), (1, 2)),
+        "add_layer_norm": (
+            lambda x, r, w, b, bb: ops.add_layer_norm(x, r, w, b, 1e-6, bb),
+            lambda x, r, w, b, bb: reference.add_layer_norm(x, r, w, b, 1e-6, bb),
+            (ln["x"], ln["residual"], ln["weight"], ln["bias"], bb), (2, 3, 4)),
+        "bias_gelu": (ops.bias_gelu, reference.bias_gelu, (bg["x"], bg["bias"]), (1,)),
+    }
+
+
+@pytest.mark.parametrize("name", ["layer_norm", "add_layer_norm", "bias_gelu"])
+def test_strided_vector_parameters(name):
+    """(D,) weights and biases that are views with stride 2 (legal parameters) give the
+    reference's outputs, and their gradients reach the tensors they view."""
+    op, ref_op, inputs, strided = _vector_op_cases()[name]
+
+    def run(fn, dtype):
+        leaves, args = [], []
+        for i, t in enumerate(inputs):
+            if i in strided:
+                big = _strided(t.to(dtype), seed=10 + i)
+                leaves.append(big)
+                args.append(big[..., ::2])
+            else:
+                leaves.append(t.to(dtype).clone().requires_grad_(True))
+                args.append(leaves[-1])
+        outs = fn(*args)
+        _backward(outs)
+        return outs if isinstance(outs, tuple) else (outs,), [t.grad for t in leaves]
+
+    outs, grads = run(op, torch.float32)
+    ref_outs, ref_grads = run(ref_op, torch.float64)
+    for o, r in zip(outs, ref_outs):
+        assert_rel_close(o, r, 1e-5, f"{name} output")
+    for i, (g, r) in enumerate(zip(grads, ref_grads)):
+        assert_rel_close(g, r, 1e-5, f"{name} gradient of input {i}")
+
+
+def _block_params(C, hidden, seed):
+    g = _gen(seed)
+    shapes = ((C,), (C,), (3 * C, C), (3 * C,), (C, C), (C,), (C,), (C,), (hidden, C),
+              (hidden,), (C, hidden), (C,))
+    params = [torch.randn(s, generator=g) * (0.3 if len(s) == 2 else 0.5) for s in shapes]
+    params[0] += 1.0
+    params[6] += 1.0
+    return params
+
+
+def _run_block(x, branch, params, num_heads, dtype, backend, strided, autocast=None):
+    """Outputs, the gradients of every leaf, and the name of s's grad_fn, of one
+    transformer_block call in ``dtype``; with ``strided`` the (D,) parameters (and the branch
+    bias) are [::2] views of their leaves and qkv.weight a transposed view."""
+    leaves, args = [], []
+    for i, p in enumerate(params):
+        if strided and p.dim() == 1:
+            big = _strided(p.to(dtype), seed=20 + i)
+            leaves.append(big)
+            args.append(big[::2])
+        elif strided and i == 2:
+            t = p.to(dtype).t().contiguous().requires_grad_(True)
+            leaves.append(t)
+            args.append(t.t())
+        else:
+            leaves.append(p.to(dtype).clone().requires_grad_(True))
+            args.append(leaves[-1])
+    xl = x.to(dtype).clone().requires_grad_(True)
+    m = branch[0].to(dtype).clone().requires_grad_(True)
+    if strided:
+        bias = _strided(branch[1].to(dtype), seed=40)
+        br = (m, bias[::2])
+    else:
+        bias = branch[1].to(dtype).clone().requires_grad_(True)
+        br = (m, bias)
+    C = x.shape[-1]
+    with fastmae.use_backend(backend), torch.autocast("cpu", dtype=autocast or torch.float16,
+                                                      enabled=autocast is not None):
+        s, (m_out, m_bias) = ops.transformer_block(xl, br, tuple(args), num_heads,
+                                                   (C // num_heads) ** -0.5, (1e-6, 1e-5))
+    out = (s, m_out + m_bias)
+    _backward(out, seed=5)
+    return out, [t.grad for t in [xl, m, bias] + leaves], type(s.grad_fn).__name__
+
+
+def test_strided_block_parameters():
+    """transformer_block (the one-node path) with every (D,) parameter and the branch bias a
+    stride-2 view, qkv.weight a transposed view: the reference's outputs and gradients."""
+    B, N, C, H, hidden = 2, 5, 64, 2, 48
+    g = _gen(7)
+    x = torch.randn(B, N, C, generator=g)
+    branch = (torch.randn(B, N, C, generator=g), torch.randn(C, generator=g))
+    params = _block_params(C, hidden, seed=8)
+    outs, grads, node = _run_block(x, branch, params, H, torch.float32, "triton", strided=True)
+    assert node == "_BlockBackward"  # the one-node block is what ran
+    ref_outs, ref_grads, _ = _run_block(x, branch, params, H, torch.float64, "torch",
+                                        strided=True)
+    for o, r in zip(outs, ref_outs):
+        assert_rel_close(o, r, 1e-4, "block output")
+    for i, (a, r) in enumerate(zip(grads, ref_grads)):
+        assert_rel_close(a, r, 1e-4, f"block gradient {i}")
+
+
+def test_strided_patch_embed_parameters():
+    """A channels-last conv weight and a stride-2 bias give the reference's embedding and
+    gradients."""
+    case = patch_embed_case(2, 3, 12, 8, 4, 16, seed=5)
+
+    def run(dtype, backend):
+        w = case["weight"].to(dtype).contiguous(memory_format=torch.channels_last)
+        w = w.detach().requires_grad_(True)
+        assert not w.is_contiguous()
+        big = _strided(case["bias"].to(dtype), seed=6)
+        imgs = case["imgs"].to(dtype).detach().clone().requires_grad_(True)
+        with fastmae.use_backend(backend):
+            out = ops.patch_embed_visible(imgs, w, big[::2], case["pos_embed"].to(dtype),
+                                          case["ids_keep"])
+        _backward(out)
+        return out, [imgs.grad, w.grad, big.grad]
+
+    out, grads = run(torch.float32, "triton")
+    ref_out, ref_grads = run(torch.float64, "torch")
+    assert_rel_close(out, ref_out, 1e-5, "embedding")
+    for name, a, r in zip(("imgs", "weight", "bias"), grads, ref_grads):
+        assert_rel_close(a, r, 1e-5, f"gradient of {name}")
+
+
+# ----------------------------------------------------------------------------- float64
+
+def _fp64_cases():
+    d = torch.float64
+    ln = {k: (v.to(d) if isinstance(v, torch.Tensor) else v)
+          for k, v in layer_norm_case(3, 8, residual=True, seed=1).items()}
+    un = unshuffle_case(2, 5, 6, 0.6, seed=2)
+    lo = loss_case(2, 3, 8, 8, 4, seed=3)
+    pe = patch_embed_case(2, 2, 8, 8, 4, 6, seed=4)
+    at = attention_case(1, 2, 3, 32, seed=5)
+    bb = torch.randn(8, generator=_gen(6), dtype=d)
+    qkv = torch.randn(1, 3, 3 * 2 * 32, generator=_gen(7), dtype=d)
+    mx = torch.randn(2, 5, 6, generator=_gen(8), dtype=d)
+    noise = torch.rand(2, 5, generator=_gen(9))
+    # (op, positional args, indices of the args to differentiate)
+    return {
+        "layer_norm": (lambda x, w, b: ops.layer_norm(x, w, b, 1e-6),
+                       (ln["x"], ln["weight"], ln["bias"]), (0, 1, 2)),
+        "add_layer_norm": (lambda x, r, w, b, bb: ops.add_layer_norm(x, r, w, b, 1e-6, bb),
+                           (ln["x"], ln["residual"], ln["weight"], ln["bias"], bb),
+                           (0, 1, 2, 3, 4)),
+        "bias_gelu": (ops.bias_gelu, (ln["x"], bb), (0, 1)),
+        "unshuffle": (ops.unshuffle, (un["x"].to(d), un["mask_token"].to(d), un["ids_restore"],
+                                      un["pos_embed"].to(d)), (0, 1)),
+        "masked_mse_loss": (lambda i, p, m: ops.masked_mse_loss(i, p, m, 4),
+                            (lo["imgs"].to(d), lo["pred"].to(d), lo["mask"].to(d)), (1,)),
+        "masked_mse_loss_fp32_mask": (lambda i, p, m: ops.masked_mse_loss(i, p, m, 4),
+                                      (lo["imgs"].to(d), lo["pred"].to(d), lo["mask"]), (1,)),
+        "patch_embed_visible": (ops.patch_embed_visible,
+                                (pe["imgs"].to(d), pe["weight"].to(d), pe["bias"].to(d),
+                                 pe["pos_embed"].to(d), pe["ids_keep"]), (0, 1, 2)),
+        "attention": (ops.attention, (at["q"].to(d), at["k"].to(d), at["v"].to(d)), (0, 1, 2)),
+        "packed_attention": (lambda t: ops.packed_attention(t, 2), (qkv,), (0,)),
+        "random_masking": (lambda x: ops.random_masking(x, 0.4, noise)[0], (mx,), (0,)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_fp64_cases()))
+def test_float64_runs_the_reference_exactly(name):
+    """float64 inputs give float64 results equal to the reference's (the "torch" backend on the
+    same inputs; the kernels would compute in fp32), gradients too, and gradcheck passes."""
+    op, args, diff = _fp64_cases()[name]
+
+    def run(backend):
+        a = [t.detach().clone().requires_grad_(i in diff) if isinstance(t, torch.Tensor)
+             and t.is_floating_point() else t for i, t in enumerate(args)]
+        with fastmae.use_backend(backend):
+            outs = op(*a)
+        _backward(outs)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        return outs, [a[i].grad for i in diff]
+
+    outs, grads = run("triton")
+    ref_outs, ref_grads = run("torch")
+    for o, r in zip(outs, ref_outs):
+        assert o.dtype == r.dtype == torch.float64
+        assert torch.equal(o, r), f"{name}: output differs from the reference"
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == torch.float64 and torch.equal(g, r), f"{name}: gradient differs"
+
+    def f(*d):
+        a = list(args)
+        for i, t in zip(diff, d):
+            a[i] = t
+        return op(*a)
+
+    inputs = tuple(args[i].detach().clone().requires_grad_(True) for i in diff)
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+def test_float64_block_runs_the_reference_exactly():
+    """transformer_block in float64: the reference's outputs and every gradient, bit for bit."""
+    B, N, C, H, hidden = 1, 4, 64, 2, 24
+    g = _gen(11)
+    x = torch.randn(B, N, C, generator=g)
+    branch = (torch.randn(B, N, C, generator=g), torch.randn(C, generator=g))
+    params = _block_params(C, hidden, seed=12)
+    outs, grads, _ = _run_block(x, branch, params, H, torch.float64, "triton", strided=False)
+    ref_outs, ref_grads, _ = _run_block(x, branch, params, H, torch.float64, "torch",
+                                        strided=False)
+    for o, r in zip(outs, ref_outs):
+        assert o.dtype == torch.float64 and torch.equal(o, r)
+    for a, r in zip(grads, ref_grads):
+        assert torch.equal(a, r)
+
+
+# ----------------------------------------------------------------------------- bf16, interpreter
+
+def _bf16(t, grad=True):
+    return t.detach().to(torch.bfloat16).clone().requires_grad_(grad)
+
+
+@pytest.mark.parametrize("name", ["attention", "packed_attention", "patch_embed_visible"])
+def test_bf16_matmul_ops_run_the_reference_under_the_interpreter(name):
+    """The interpreter's bf16 tl.dot is garbage: bf16 operands of a matmul kernel give the
+    reference's results (bit for bit) and gradients, not the kernel's."""
+    if name == "attention":
+        case = attention_case(1, 2, 9, 32, seed=3)
+        args = [_bf16(case[n]) for n in "qkv"]
+        op = ops.attention
+    elif name == "packed_attention":
+        args = [_bf16(torch.randn(2, 7, 3 * 64, generator=_gen(4)))]
+        op = lambda t: ops.packed_attention(t, 2)  # noqa: E731
+    else:
+        case = patch_embed_case(2, 3, 8, 8, 4, 16, seed=5)
+        args = [_bf16(case["imgs"]), _bf16(case["weight"]), _bf16(case["bias"]),
+                _bf16(case["pos_embed"], grad=False), case["ids_keep"]]
+        op = ops.patch_embed_visible
+
+    def run(backend):
+        a = [t.detach().clone().requires_grad_(t.requires_grad) for t in args]
+        with fastmae.use_backend(backend):
+            out = op(*a)
+        _backward(out)
+        return out, [t.grad for t in a if t.requires_grad]
+
+    out, grads = run("triton")
+    ref_out, ref_grads = run("torch")
+    assert out.dtype == ref_out.dtype and torch.equal(out, ref_out)
+    for g, r in zip(grads, ref_grads):
+        assert torch.equal(g, r)
+
+
+def test_bf16_autocast_patch_embed_and_block_under_the_interpreter():
+    """Under CPU bf16 autocast the patch embedding and the transformer block (whose attention
+    and MLP matmuls are fastmae kernels) stay within bf16 rounding of float64, where the
+    interpreted bf16 dots gave garbage; the elementwise kernels still run in bf16."""
+    case = patch_embed_case(2, 3, 8, 8, 4, 16, seed=6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ops.patch_embed_visible(**case)
+        ref_out = reference.patch_embed_visible(**case)
+    assert out.dtype == ref_out.dtype and torch.equal(out, ref_out)
+
+    B, N, C, H, hidden = 2, 5, 64, 2, 48
+    g = _gen(13)
+    x = torch.randn(B, N, C, generator=g)
+    branch = (torch.randn(B, N, C, generator=g), torch.randn(C, generator=g))
+    params = _block_params(C, hidden, seed=14)
+    outs, grads, _ = _run_block(x, branch, params, H, torch.float32, "triton", strided=False,
+                                autocast=torch.bfloat16)
+    ref_outs, ref_grads, _ = _run_block(x, branch, params, H, torch.float64, "torch",
+                                        strided=False)
+    for o, r in zip(outs, ref_outs):
+        assert_rel_close(o.float(), r, 5e-2, "block output under bf16 autocast")
+    for i, (a, r) in enumerate(zip(grads, ref_grads)):
+        assert_rel_close(a.float(), r, 5e-2, f"block gradient {i} under bf16 autocast")
+
+    # an elementwise kernel keeps running in bf16 (its own autograd node, not the reference's)
+    xb = _bf16(torch.randn(3, 40, generator=g))
+    y = ops.layer_norm(xb, torch.ones(40), torch.zeros(40), 1e-6)
+    assert type(y.grad_fn).__name__ == "layer_norm_functionBackward"
+
+
+# ----------------------------------------------------------------------------- head dims
+
+@pytest.mark.parametrize("d", [8, 16, 40, 48, 200])
+def test_attention_other_head_dims_run_the_reference(d):
+    """Head dims the kernel does not serve run the reference, like SDPA, no error."""
+    case = attention_case(1, 2, 7, d, seed=d)
+    ours = {n: case[n].clone().requires_grad_(True) for n in "qkv"}
+    ref = {n: case[n].double().requires_grad_(True) for n in "qkv"}
+    out = ops.attention(**ours, scale=0.3)
+    ref_out = reference.attention(**ref, scale=0.3)
+    assert_rel_close(out, ref_out, 1e-5, "attention")
+    _backward(out)
+    _backward(ref_out)
+    for n in "qkv":
+        assert_rel_close(ours[n].grad, ref[n].grad, 1e-5, f"grad of {n}")
+
+
+# ----------------------------------------------------------------------------- functorch
+
+def _vmap_cases():
+    ln = layer_norm_case(4, 8, residual=True, seed=1)
+    ln3 = {k: (v.reshape(2, 2, 8) if isinstance(v, torch.Tensor) and v.dim() == 2 else v)
+           for k, v in ln.items()}
+    un = unshuffle_case(3, 5, 6, 0.6, seed=2)
+    q = torch.randn(3, 1, 2, 5, 32, generator=_gen(3))  # vmapped over dim 0
+    return {
+        "layer_norm": (lambda x: ops.layer_norm(x, ln["weight"], ln["bias"], 1e-6), ln3["x"]),
+        "add_layer_norm": (lambda x: ops.add_layer_norm(x, ln3["residual"][0], ln["weight"],
+                                                        ln["bias"], 1e-6)[1], ln3["x"]),
+        "bias_gelu": (lambda x: ops.bias_gelu(x, ln["bias"]), ln3["x"]),
+        "attention": (lambda q: ops.attention(q, q, q), q),
+        "unshuffle": (lambda x: ops.unshuffle(x[None], un["mask_token"], un["ids_restore"][:1],
+                                              un["pos_embed"])[0], un["x"]),
+    }
+
+
+@pytest.mark.parametrize("name", list(_vmap_cases()))
+def test_vmap_runs_the_reference(name):
+    """Under torch.vmap (batched tensors have no storage for a kernel) the ops run the
+    reference: the "torch" backend's results."""
+    fn, x = _vmap_cases()[name]
+    out = torch.vmap(fn)(x)
+    with fastmae.use_backend("torch"):
+        ref_out = torch.vmap(fn)(x)
+    assert torch.equal(out, ref_out)
+
+
+def test_functorch_grad_and_jvp_run_the_reference():
+    case = layer_norm_case(3, 8, seed=4)
+    w, b = case["weight"], case["bias"]
+    f = lambda x: ops.layer_norm(x, w, b, 1e-6).pow(2).sum()  # noqa: E731
+    with fastmae.use_backend("torch"):
+        want = torch.func.grad(f)(case["x"])
+    assert torch.equal(torch.func.grad(f)(case["x"]), want)
+    t = torch.randn(case["x"].shape, generator=_gen(5))
+    _, got = torch.func.jvp(lambda x: ops.bias_gelu(x, b), (case["x"],), (t,))
+    assert_rel_close(got, torch.func.jvp(lambda x: reference.bias_gelu(x, b),
+                                         (case["x"],), (t,))[1], 0.0, "jvp")
+
+
+# ----------------------------------------------------------------------------- indices
+
+@pytest.mark.parametrize("bad", [-1, 5, 50])
+def test_unshuffle_index_outside_range_raises_on_cpu(bad):
+    """CPU tensors: an id outside [0, L) raises a ValueError naming ids_restore (the old
+    kernel copied the cls token for -1 and the mask token for >= L, silently)."""
+    case = unshuffle_case(2, 5, 6, 0.6, seed=6)
+    ids = case["ids_restore"].clone()
+    ids[1, 2] = bad
+    with pytest.raises(ValueError, match=r"ids_restore must hold indices in \[0, 5\)"):
+        ops.unshuffle(**dict(case, ids_restore=ids))
+
+
+@pytest.mark.parametrize("bad", [-1, 4, 40])
+def test_patch_embed_index_outside_range_raises_on_cpu(bad):
+    case = patch_embed_case(2, 3, 8, 8, 4, 16, seed=7)  # L = 4
+    ids = case["ids_keep"].clone()
+    ids[0, -1] = bad
+    with pytest.raises(ValueError, match=r"ids_keep must hold indices in \[0, 4\)"):
+        ops.patch_embed_visible(**dict(case, ids_keep=ids))
