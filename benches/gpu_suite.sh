@@ -10,11 +10,13 @@
 # 0c. attention's head tilings (fused_q, the forward's 256-row tiles), each configuration once,
 #     beside 0b (left out of the run if they fail);
 # 1. `fastmae bench --compile` for ViT-B/16: fastmae's kernels compiled in parallel processes
-#    (fastmae.precompile), parity on one shared step, then the eager reference, fastmae,
-#    fastmae + CUDA graph and torch.compile of the reference, with the profiler's kernel
-#    breakdown -> OUTDIR/step_vit_b16.json;
+#    (fastmae.precompile), then the eager reference, fastmae, fastmae + CUDA graph, reference +
+#    CUDA graph and torch.compile of the reference, with the profiler's kernel breakdown, then
+#    parity on one shared step at the timed batch and each CUDA graph's replays checked against
+#    eager steps -> OUTDIR/step_vit_b16.json;
 # 2. the GPU training test: 20 AdamW steps of ViT-B/16 against the eager reference;
-# 3. `fastmae bench` for ViT-L/16 (reference, fastmae, fastmae + CUDA graph) -> step_vit_l16.json;
+# 3. `fastmae bench` for ViT-L/16 (reference, fastmae, fastmae + CUDA graph, reference + CUDA
+#    graph; then the same checks) -> step_vit_l16.json;
 # 3b. benches/step_overhead.py: where the host time of an eager step goes -> step_overhead.txt;
 # 3c. benches/sweep_bwd.py: the LayerNorm / bias + GELU backwards' and the partial sums' launch
 #     configs -> sweep_bwd.txt;
@@ -54,8 +56,12 @@
 # under ncu: give it more.
 #
 # Knobs (environment): STEPS=10, WARMUP=3, L_MODEL=vit_l16 (empty: skip), OP_MODELS=vit_b16,
-# TEST_WORKERS=8, LAUNCH_TIMEOUT=45, TMA_TIMEOUT=90 (each of stage 0b's two), B_TIMEOUT=240,
-# TRAIN_TEST_TIMEOUT=60, L_TIMEOUT=150,
+# TEST_WORKERS=8, LAUNCH_TIMEOUT=45, TMA_TIMEOUT=90 (each of stage 0b's two), B_TIMEOUT=270,
+# TRAIN_TEST_TIMEOUT=60, L_TIMEOUT=180 (stages 1 and 3 took 151 s and 86 s at 6c02ddb, before
+# the graphed reference and the graph checks were added),
+# B_SYSTEMS=reference,fastmae,fastmae_graph,reference_graph,reference_compile,
+# L_SYSTEMS=reference,fastmae,fastmae_graph,reference_graph (fastmae bench --systems; the
+# graphed reference: what fastmae + CUDA graph is also set against, host cost out of both),
 # TEST_TIMEOUT=300, TEST_CASE_TIMEOUT=200 (one test, with pytest-timeout), OPS_TIMEOUT=90,
 # HOST_TIMEOUT=90, SWEEP_TIMEOUT=120, SKIP_STEP=0 (stage 1), SKIP_TRAIN_TEST=0, SKIP_HOST=0,
 # SKIP_SWEEP=0, SKIP_TESTS=0, SKIP_OPS=0, PROFILE=0 (1: stage 3d), PROFILE_TIMEOUT=150,
@@ -206,9 +212,11 @@ step_bench() {  # model timeout extra-args...
         --steps "$STEPS" --warmup "$WARMUP" --no-progress --json "$OUTDIR/step_$m.json" \
         || { say "fastmae bench --model $m failed or timed out"; STATUS=1; }
 }
+B_SYSTEMS="${B_SYSTEMS:-reference,fastmae,fastmae_graph,reference_graph,reference_compile}"
+L_SYSTEMS="${L_SYSTEMS:-reference,fastmae,fastmae_graph,reference_graph}"
 if [ "${SKIP_STEP:-0}" != "1" ]; then
     say "1/6 training step, ViT-B/16"
-    step_bench vit_b16 "${B_TIMEOUT:-240}" --compile
+    step_bench vit_b16 "${B_TIMEOUT:-270}" --compile --systems "$B_SYSTEMS"
 fi
 
 # ---------------------------------------------------------------- 2. the training test
@@ -221,7 +229,7 @@ fi
 
 if [ -n "${L_MODEL-vit_l16}" ]; then
     say "3/6 training step, ${L_MODEL-vit_l16}"
-    step_bench "${L_MODEL-vit_l16}" "${L_TIMEOUT:-150}" --systems reference,fastmae,fastmae_graph
+    step_bench "${L_MODEL-vit_l16}" "${L_TIMEOUT:-180}" --systems "$L_SYSTEMS"
 fi
 
 # ---------------------------------------------------------------- 3b. host cost

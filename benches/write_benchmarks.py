@@ -236,6 +236,44 @@ def _step_rows(card, res):
 HOST_BOUND_BUSY = 0.9  # a profiled step whose GPU was busy less than this share is host-bound
 
 
+def _parity_batch(p):
+    """Where a run's parity step ran relative to the timing (runs since it ran after the timing
+    record it; earlier ones, before the timing at a batch of their own, say nothing)."""
+    if p.get("retried"):
+        return (f", after the timing; out of memory at the timed batch "
+                f"{p['retried']['batch']}, so not the timed kernel paths")
+    if not p.get("after_timing"):
+        return ""
+    if p.get("batch") == p.get("timed_batch"):
+        return ", the timed batch, after the timing"
+    return f", after the timing; not the timed batch {p.get('timed_batch')}"
+
+
+def _graph_check_lines(by_model):
+    """One line per graphed row whose run checked its replays against eager steps."""
+    lines = []
+    for m in sorted(by_model, key=_model_key):
+        for s in SYSTEM_ORDER + sorted(set(by_model[m]) - set(SYSTEM_ORDER)):
+            c = (by_model[m].get(s) or {}).get("graph_check")
+            if not c:
+                continue
+            who = f"- {MODEL_TITLES.get(m, m)}, {SYSTEM_LABELS.get(s, s)}: graph check"
+            if c.get("error"):
+                lines.append(f"{who} FAILED: {c['error']}")
+                continue
+            of_moved = c.get("param_diff_of_moved")
+            lines.append(
+                f"{who} {'passed' if c.get('passed') else 'FAILED'}: {c['steps']} replays against "
+                f"{c['steps']} eager steps from the same weights (batch {c['batch']}, "
+                f"{c['dtype']}, fixed mask noise): worst loss error {c['loss_err']:.1e}; worst "
+                f"parameter {c['param_worst']} off the eager one by {c['param_diff']:.1e}"
+                + (f" ({100 * of_moved:.3g}% of how far the steps moved it)"
+                   if of_moved is not None else "")
+                + (f"; over the limit: {', '.join(c['params_failed'][:5])}"
+                   if c.get("params_failed") else "") + ".")
+    return lines
+
+
 def _host_bound_lines(by_model):
     lines = []
     for m in sorted(by_model, key=_model_key):
@@ -250,32 +288,60 @@ def _host_bound_lines(by_model):
     return lines
 
 
+def _ok(record):
+    return bool(record) and not record.get("error")
+
+
+def failed_checks(system, record, parity):
+    """The checks behind a row's numbers that failed in its run: the run's parity step (fastmae
+    against the reference) for a fastmae row, the row's own graph check (its CUDA graph's
+    replays against eager steps) for a graphed one. [] where none failed or none ran."""
+    out = []
+    if system.startswith("fastmae") and parity and not parity.get("passed"):
+        out.append("parity FAILED")
+    check = record.get("graph_check")
+    if check and not check.get("passed"):
+        out.append("graph check FAILED")
+    return out
+
+
+def _speedup(base, r, failed):
+    """A speed-up cell: ``r``'s images/s over ``base``'s, marked where a check failed."""
+    cell = _x(base["ms_per_step"] / r["ms_per_step"]) if _ok(base) else "-"
+    return cell + (f" ({', '.join(failed)})" if failed else "")
+
+
 def model_section(card, res, chart_link):
     by_model, configs, parity = _step_rows(card, res)
     if not by_model:
         return None
+    # a graphed reference timed: its column too (runs before it have none: no column)
+    with_graph_ref = any(_ok(recs.get("reference_graph")) for recs in by_model.values())
     rows = []
     for m in sorted(by_model, key=_model_key):
         cfg = configs.get(m) or configs.get(m + "#suite") or {}
         recs = by_model[m]
-        eager = recs.get("reference")
-        comp = recs.get("reference_compile")
+        bases = [recs.get("reference"), recs.get("reference_compile")]
+        if with_graph_ref:
+            bases.append(recs.get("reference_graph"))
         for s in SYSTEM_ORDER + sorted(set(recs) - set(SYSTEM_ORDER)):
             r = recs.get(s)
             if r is None:
                 continue
             name = f"{MODEL_TITLES.get(m, m)}, {cfg.get('batch', '?')}, {cfg.get('dtype', '?')}"
             if r.get("error"):
-                rows.append([name, SYSTEM_LABELS.get(s, s), "failed", "", "", "", "", ""])
+                rows.append([name, SYSTEM_LABELS.get(s, s), "failed", "", "", ""]
+                            + [""] * len(bases))
                 continue
-            ok = lambda o: o and not o.get("error")  # noqa: E731
+            failed = failed_checks(s, r, parity.get(m))
             rows.append([
                 name, SYSTEM_LABELS.get(s, s), f"{r['ms_per_step']:.1f}", f"{r['images_per_s']:.0f}",
                 _pct(r.get("mfu")),
                 f"{r['peak_mem_gib']:.1f}" if r.get("peak_mem_gib") is not None else "-",
-                _x(eager["ms_per_step"] / r["ms_per_step"]) if ok(eager) else "-",
-                _x(comp["ms_per_step"] / r["ms_per_step"]) if ok(comp) else "-",
-            ])
+            ] + [_speedup(base, r, failed) for base in bases])
+    head = ["model, batch, dtype", "system", "ms/step", "images/s", "MFU", "peak GiB",
+            "vs eager", "vs torch.compile"] + (["vs reference + CUDA graph"] if with_graph_ref
+                                               else [])
     out = ["### Training step", "",
            "Forward + backward + fused AdamW, autocast, norm_pix_loss, mask ratio 0.75, random "
            "224 px images. Median step time over the timed steps (CUDA events), after warm-up. "
@@ -283,9 +349,15 @@ def model_section(card, res, chart_link):
            "measured bf16 matmul rate. Speed-ups are this row's images/s over that system's. "
            "\"+ CUDA graph\": the same step captured once into a CUDA graph and replayed "
            "(`fastmae.bench.make_train_step(..., cuda_graph=True)`), which takes the host's "
-           "per-launch cost out of the step.", "",
-           _table(["model, batch, dtype", "system", "ms/step", "images/s", "MFU", "peak GiB",
-                   "vs eager", "vs torch.compile"], rows, ["l", "l"] + ["r"] * 6)]
+           "per-launch cost out of the step."
+           + (" \"vs reference + CUDA graph\": against the reference captured and replayed "
+              "the same way, which has no host cost in its step either." if with_graph_ref
+              else "")
+           + (" A speed-up marked FAILED is one whose run's check of that row failed (below): "
+              "its numbers are not a result." if any(
+                  failed_checks(s, r, parity.get(m)) for m, recs in by_model.items()
+                  for s, r in recs.items() if _ok(r)) else ""), "",
+           _table(head, rows, ["l", "l"] + ["r"] * (len(head) - 2))]
     host_bound = _host_bound_lines(by_model)
     if host_bound:
         out += ["", "Host-bound rows (in the profiled steps the GPU was busy less than "
@@ -301,10 +373,12 @@ def model_section(card, res, chart_link):
             continue
         lines.append(
             f"- {MODEL_TITLES.get(m, m)}: parity {'passed' if p.get('passed') else 'FAILED'} on one "
-            f"shared step (batch {p['batch']}, {p['dtype']}; errors against the {p['exact']}): loss "
+            f"shared step (batch {p['batch']}{_parity_batch(p)}, {p['dtype']}; errors against the "
+            f"{p['exact']}): loss "
             f"{p['loss_fastmae']:.5f} vs {p['loss_reference']:.5f}, worst gradient error "
             f"{p['grad_err']:.1e} ({p['grad_worst']}) where the eager reference's own is "
             f"{p['grad_err_eager']:.1e}; mask {'identical' if p['mask_equal'] else 'differs'}.")
+    lines += _graph_check_lines(by_model)
     if lines:
         out += ["", "Parity, checked in the same run:", ""] + lines
     def title(d):
@@ -328,10 +402,13 @@ def model_section(card, res, chart_link):
     picks = last_choices("autotuned")
     mlp = any(", mlp " in line for line in picks)
     three_ways = any("fused_tma" in line for line in last_choices("paths_kept"))
+    # runs whose parity step came before the timing, at a batch of its own, chose its paths too
+    parity_first = any(d.get("parity") and not d["parity"].get("after_timing")
+                       for d in res.steps[card])
     for lines, heading in (
             (last_choices("paths_kept"), "Kernel paths fastmae kept by timing "
-             + ("each way" if three_ways else "both ways") + " on the first call of each shape "
-             "(the parity step's batch included):"),
+             + ("each way" if three_ways else "both ways") + " on the first call of each shape"
+             + (" (the parity step's batch included):" if parity_first else ":")),
             (picks, ("Attention and fused MLP matmul" if mlp else "Attention")
              + " configurations Triton's autotuner picked (fastest of the pruned pool, timed on "
              "the first call of each shape):"),
@@ -601,6 +678,7 @@ def summary(res):
         lines.append(f"{card}:")
         for m in sorted(by_model, key=_model_key):
             eager = by_model[m].get("reference")
+            graph_ref = by_model[m].get("reference_graph")
             for s in SYSTEM_ORDER:
                 r = by_model[m].get(s)
                 if not r:
@@ -609,12 +687,21 @@ def summary(res):
                     lines.append(f"  {MODEL_TITLES.get(m, m):<9} {SYSTEM_LABELS[s]:<26} FAILED")
                     continue
                 sp = (eager["ms_per_step"] / r["ms_per_step"]) if eager and not eager.get("error") else None
+                failed = failed_checks(s, r, parity.get(m))
                 lines.append(f"  {MODEL_TITLES.get(m, m):<9} {SYSTEM_LABELS[s]:<26} "
                              f"{r['ms_per_step']:7.1f} ms/step {r['images_per_s']:7.0f} img/s  "
-                             f"MFU {_pct(r.get('mfu')):>4}  {_x(sp):>6} vs eager")
+                             f"MFU {_pct(r.get('mfu')):>4}  {_x(sp):>6} vs eager"
+                             + (f"  {_x(graph_ref['ms_per_step'] / r['ms_per_step']):>6} vs "
+                                "reference + CUDA graph" if _ok(graph_ref) else "")
+                             + (f"  ({', '.join(failed)})" if failed else ""))
                 floor = _floor_line(r.get("profile"))
                 if floor:
                     lines.append(f"  {'':<9} {floor}")
+            for s in SYSTEM_ORDER:
+                c = (by_model[m].get(s) or {}).get("graph_check")
+                if c:
+                    lines.append(f"  {MODEL_TITLES.get(m, m):<9} {SYSTEM_LABELS[s]}: graph check "
+                                 f"{'passed' if c.get('passed') else 'FAILED'}")
             p = parity.get(m)
             if p:
                 lines.append(f"  {MODEL_TITLES.get(m, m):<9} parity "

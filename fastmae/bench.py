@@ -1,5 +1,7 @@
-"""``fastmae bench``: check parity on one shared step, then time a training step of fastmae
-against the eager reference (and ``torch.compile`` of it).
+"""``fastmae bench``: time a training step of fastmae against the eager reference (and
+``torch.compile`` of it, and either captured in a CUDA graph), then check what was timed: parity
+of fastmae against the reference on one shared step, and each CUDA graph's replays against the
+same steps run eagerly.
 
     fastmae bench [--model vit_b16|vit_l16|vit_h14|tiny] [--batch N] [--dtype bf16|fp16|fp32]
                   [--compile] [--systems a,b,...] [--steps N] [--warmup N] [--json PATH]
@@ -20,13 +22,24 @@ processes into Triton's cache (``fastmae.precompile``; ``--no-precompile`` leave
 steps, one kernel after another). Timing: warm-up steps first (what compiling and autotuning is
 left happens there and is reported as the first step's wall time), then ``--steps`` steps
 timed with CUDA events between consecutive steps; the median step time gives ms/step and
-images/s. Peak memory is ``torch.cuda.max_memory_allocated`` over the timed steps (over the
-capture and the timed replays for a CUDA graph). MFU is the model's training FLOPs per image
-(3 x the forward matmul and attention FLOPs, counted from the model as the official code
-computes it) times images/s over the bf16 matmul rate measured on this GPU. The kernel time of
-the eager systems and of fastmae's CUDA-graph step is then broken down with the profiler
-(fastmae kernels, cuBLAS matmuls, optimizer, other torch kernels); for the graphed step, its GPU
-busy time against its step time is what the gaps between its kernels cost.
+images/s. Peak memory ("peak GiB", defined here only) is ``torch.cuda.max_memory_allocated``
+from the end of the eager warm-up on: for an eager system over its timed steps, for a CUDA graph
+over its capture (which allocates the graph's memory pool) and its timed replays (its eager
+warm-up steps, which ``fastmae.cuda_graph_step`` undoes, come before the reset), so that both
+count what a step holds once warm, not what the warm-up's compiling and autotuning held. MFU is
+the model's training FLOPs per image (3 x the forward matmul and attention FLOPs, counted from
+the model as the official code computes it) times images/s over the bf16 matmul rate measured
+on this GPU. The kernel time of the eager systems and of fastmae's CUDA-graph step is then
+broken down with the profiler (fastmae kernels, cuBLAS matmuls, optimizer, other torch
+kernels); for the graphed step, its GPU busy time against its step time is what the gaps
+between its kernels cost.
+
+After the timing, on a GPU, what was timed is checked, at the timed batch so that the kernel
+paths fastmae chose by timing and the autotuned configurations are the timed ones: parity, one
+shared step of fastmae against the reference (same weights, images and noise; retried at batch
+32 if the timed batch runs out of memory, and said so), and each timed CUDA graph's check
+(``graph_check``): 3 replays against 3 eager steps of the same step from the same weights, images and mask
+noise, each loss and every parameter after them compared. A failed check makes the exit status 1.
 
 Without a GPU nothing about fastmae's speed can be measured: the command times the reference on
 the CPU on a tiny configuration, and checks the triton path's parity through Triton's
@@ -36,6 +49,7 @@ import argparse
 import datetime
 import functools
 import json
+import math
 import os
 import platform
 import shlex
@@ -263,14 +277,16 @@ def _param_groups(model, weight_decay=0.05):
 
 
 def make_train_step(model, imgs, amp_dtype, compiled=False, mask_ratio=MASK_RATIO, noise=None,
-                    compile_backend="inductor", cuda_graph=False, backend=None):
+                    compile_backend="inductor", cuda_graph=False, backend=None,
+                    before_capture=None):
     """A closure running one training step (forward + backward + AdamW) on ``imgs``: fused AdamW
     on CUDA, a GradScaler under fp16 autocast, no autocast for fp32. ``noise`` fixes the mask
     (default: fresh torch.rand noise each step, as in training). ``compiled`` wraps the model in
     ``torch.compile(backend=compile_backend)``. ``cuda_graph`` (CUDA, bf16/fp32): the whole step
     is captured once into a CUDA graph and each call replays it (``fastmae.cuda_graph_step``);
-    ``backend`` is the fastmae backend it is captured under. Returns (step, optimizer, the
-    module called)."""
+    ``backend`` is the fastmae backend it is captured under; ``before_capture``, a function
+    called after its (undone) warm-up and just before the capture. Returns (step, optimizer,
+    the module called)."""
     device = imgs.device
     lr = 1.5e-4 * imgs.shape[0] / 256
     opt_kw = {"fused": True} if device.type == "cuda" else {}
@@ -299,7 +315,8 @@ def make_train_step(model, imgs, amp_dtype, compiled=False, mask_ratio=MASK_RATI
 
     if cuda_graph:
         from fastmae.graphs import cuda_graph_step
-        return cuda_graph_step(step, opt, backend=backend), opt, fwd
+        return (cuda_graph_step(step, opt, backend=backend, _before_capture=before_capture),
+                opt, fwd)
     return step, opt, fwd
 
 
@@ -439,8 +456,9 @@ def _progress(total, desc, enabled):
 def time_train_step(step, device, steps, warmup, progress=None, reset_peak=True):
     """Run ``warmup`` steps, then ``steps`` timed ones. Returns a dict of per-step ms (CUDA events
     between consecutive steps on a GPU, wall clock on a CPU), the first step's wall time and the
-    peak memory over the timed steps (GPU only; with ``reset_peak=False`` since the caller's
-    last reset instead: a CUDA-graph step's memory is allocated when it is captured)."""
+    peak memory (GPU only; the module docstring defines it): reset after the warm-up, or with
+    ``reset_peak=False`` since the caller's last reset (a CUDA graph's, after its eager warm-up
+    and before its capture, which allocates its memory)."""
     cuda = device.type == "cuda"
 
     def sync():
@@ -496,11 +514,12 @@ def bench_system(key, model_name, batch, amp_dtype, steps, warmup, device, seed=
     H, W = model.patch_embed.img_size
     imgs = torch.randn(batch, model.in_chans, H, W, device=device, generator=g)
     graphed = key in GPU_ONLY_SYSTEMS
-    if graphed:  # its memory is allocated when it is captured, and held by the graph after
-        torch.cuda.reset_peak_memory_stats()
     t_make = time.perf_counter()
-    step, opt, _ = make_train_step(model, imgs, amp_dtype, compiled=compiled,
-                                   cuda_graph=graphed, backend=backend)
+    # a graph's memory is allocated when it is captured, and held by the graph after: the peak
+    # is reset after its eager warm-up, before the capture (as after an eager system's warm-up)
+    step, opt, _ = make_train_step(
+        model, imgs, amp_dtype, compiled=compiled, cuda_graph=graphed, backend=backend,
+        before_capture=torch.cuda.reset_peak_memory_stats if graphed else None)
     t_make = time.perf_counter() - t_make  # a graphed step compiles and captures here
     bar = _progress(warmup + steps, label, progress)
     try:
@@ -800,6 +819,114 @@ def step_parity(model_name, batch, amp_dtype, device, seed=0, model_kwargs=None)
     return out
 
 
+GRAPH_CHECK_STEPS = 3
+GRAPH_CHECK_PARAM_TOL = 0.05  # of how far the eager steps moved the parameter
+GRAPH_CHECK_LOSS_RTOL = 1e-4
+GRAPH_CHECK_RULE = (
+    f"each replay's loss within max({GRAPH_CHECK_LOSS_RTOL:g}, 2 x a repeated eager run's) "
+    f"relative of the eager step's; each parameter after them: |graph - eager| (L2) <= "
+    f"max({GRAPH_CHECK_PARAM_TOL:g} x |eager - initial|, 2 x |repeated eager - eager|) + fp32 "
+    f"rounding of its values")
+
+
+def graph_check(key, model_name, batch, amp_dtype, device="cuda", steps=GRAPH_CHECK_STEPS,
+                seed=0, model_kwargs=None):
+    """A graphed system (``key``, e.g. "fastmae_graph") checked against the same step run
+    eagerly: from the same weights, images and fixed mask noise, ``steps`` eager steps and
+    ``steps`` replays of the CUDA graph (whose warm-up ``fastmae.cuda_graph_step`` undoes, so
+    replay i is step i), at the batch given (the timed one: the kernel paths and tiles timed).
+    Each replay's loss is compared with the eager step's, and every parameter after them: its
+    difference from the eager one must be small against how far the eager steps moved it, so a
+    graph that skips the update, reads stale state or produces NaN fails. Where the step's
+    kernels are not deterministic (atomics), a second eager run's difference from the first is
+    the scale of an acceptable one (``GRAPH_CHECK_RULE``). Returns a dict; "passed" says."""
+    import copy
+    from fastmae import testing
+    label, backend, _ = SYSTEMS[key]
+    if key not in GPU_ONLY_SYSTEMS:
+        raise ValueError(f"graph_check: {key!r} is not a CUDA-graph system "
+                         f"({', '.join(GPU_ONLY_SYSTEMS)})")
+    start = build_model(model_name, device, seed=seed, **(model_kwargs or {}))
+    g = torch.Generator(device=device)
+    g.manual_seed(seed + 3)
+    H, W = start.patch_embed.img_size
+    imgs = torch.randn(batch, start.in_chans, H, W, device=device, generator=g)
+    noise = testing.distinct_noise(batch, start.patch_embed.num_patches, g, device)
+    names = [n for n, p in start.named_parameters() if p.requires_grad]
+
+    def run(cuda_graph):
+        model = copy.deepcopy(start)
+        step, opt, _ = make_train_step(model, imgs, amp_dtype, noise=noise,
+                                       cuda_graph=cuda_graph, backend=backend)
+        losses = []
+        with use_backend(backend):
+            for _ in range(steps):
+                losses.append(step().detach().item())  # a replay's is overwritten by the next
+        params = dict(model.named_parameters())
+        out = [params[n].detach().clone() for n in names]
+        del step, opt, model, params
+        torch.cuda.empty_cache()
+        return losses, out
+
+    eager_losses, eager = run(False)
+    repeat_losses, repeat = run(False)
+    repeat_diff = [(r - e).float().norm().item() for r, e in zip(repeat, eager)]
+    del repeat
+    graph_losses, graphed = run(True)
+    initial = dict(start.named_parameters())
+
+    def rel(a, b):
+        return abs(a - b) / max(abs(b), 1e-30)
+    loss_errs = [rel(x, e) for x, e in zip(graph_losses, eager_losses)]
+    loss_limits = [max(GRAPH_CHECK_LOSS_RTOL, 2 * rel(r, e))
+                   for r, e in zip(repeat_losses, eager_losses)]
+    losses_ok = all(err <= lim for err, lim in zip(loss_errs, loss_limits))
+    failed, worst, worst_ratio = [], None, -1.0
+    for n, e, q, noise_diff in zip(names, eager, graphed, repeat_diff):
+        moved = (e - initial[n]).float().norm().item()
+        diff = (q - e).float().norm().item()
+        rounding = torch.finfo(torch.float32).eps * e.float().norm().item()
+        limit = max(GRAPH_CHECK_PARAM_TOL * moved, 2 * noise_diff) + rounding
+        if not diff <= limit:  # NaN fails too
+            failed.append(n)
+        ratio = diff / limit if limit > 0 else (0.0 if diff == 0 else math.inf)
+        if not ratio <= worst_ratio:  # the first NaN or the largest
+            worst_ratio, worst = (math.inf if ratio != ratio else ratio), (n, diff, moved, limit)
+    del start, initial, eager, graphed, imgs, noise
+    torch.cuda.empty_cache()
+    n, diff, moved, limit = worst
+    return {
+        "system": key, "label": label, "batch": batch, "dtype": _dtype_name(amp_dtype),
+        "steps": steps, "mask_noise": "fixed",
+        "losses_eager": eager_losses, "losses_graph": graph_losses,
+        "losses_eager_repeat": repeat_losses,
+        "loss_err": max(loss_errs), "loss_limit": min(loss_limits),
+        "param_worst": n, "param_diff": diff, "param_moved": moved, "param_limit": limit,
+        "param_diff_of_moved": diff / moved if moved else None,
+        "params_failed": failed, "n_params": len(names),
+        "rule": GRAPH_CHECK_RULE,
+        "passed": bool(losses_ok and not failed),
+    }
+
+
+def graph_check_line(c):
+    """One line saying how a graph check went (``graph_check``'s dict, or one with "error")."""
+    label = c.get("label", c.get("system"))
+    if c.get("error"):
+        return f"graph check [FAIL] {label}: {c['error']}"
+    losses = " ".join(f"{x:.6f}" for x in c["losses_graph"])
+    eager = " ".join(f"{x:.6f}" for x in c["losses_eager"])
+    of_moved = c.get("param_diff_of_moved")
+    share = f" ({100 * of_moved:.3g}% of it)" if of_moved is not None else ""
+    return (f"graph check [{'PASS' if c['passed'] else 'FAIL'}] {label}: {c['steps']} replays "
+            f"against {c['steps']} eager steps from the same weights (batch {c['batch']}, "
+            f"{c['dtype']}, fixed mask noise): losses {losses} vs {eager} (worst relative error "
+            f"{c['loss_err']:.1e}); worst parameter {c['param_worst']}: |graph - eager| "
+            f"{c['param_diff']:.2e} where the eager steps moved it {c['param_moved']:.2e}{share}, "
+            f"limit {c['param_limit']:.2e}"
+            + (f"; over the limit: {_names(c['params_failed'])}" if c["params_failed"] else ""))
+
+
 def _dtype_name(dt):
     return {v: k for k, v in DTYPES.items()}[dt]
 
@@ -815,7 +942,50 @@ def parity_line(p):
             f"{p['grad_err']:.1e} (reference's {p['grad_err_eager']:.1e}; reference's worst "
             f"{p['grad_err_eager_max']:.1e}); mask {'identical' if p['mask_equal'] else 'DIFFERS'}"
             + (f"; over the limit: {_names(p['grad_failed'])}" if p["grad_failed"] else "")
-            + (f"; missing gradients: {_names(p['missing_grads'])}" if p["missing_grads"] else ""))
+            + (f"; missing gradients: {_names(p['missing_grads'])}" if p["missing_grads"] else "")
+            + _parity_batch_note(p))
+
+
+def _parity_batch_note(p):
+    """Where a GPU parity step ran (after the timing): at the timed batch, or, out of memory
+    there, at a smaller one; nothing for a parity dict without it (a CPU run, earlier runs)."""
+    if p.get("retried"):
+        r = p["retried"]
+        return (f"; out of memory at the timed batch {r['batch']} ({r['error']}): checked at batch "
+                f"{p['batch']} instead, whose kernel paths and tiles are chosen for it, not the "
+                f"timed ones")
+    timed = p.get("timed_batch")
+    if timed is None:
+        return ""
+    if p.get("batch") == timed:
+        return "; after the timing, at the timed batch: the kernel paths and tiles timed"
+    return (f"; after the timing, at batch {p.get('batch')} (--parity-batch), not the timed "
+            f"batch {timed}")
+
+
+def _out_of_memory(exc):
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def gpu_parity(model_name, batch, amp_dtype, timed_batch, fallback=PARITY_BATCH_GPU):
+    """``step_parity`` on the GPU after the systems were timed, at ``batch`` (by default the
+    timed one); if that runs out of memory and ``batch`` > ``fallback``, memory is freed and it
+    runs at ``fallback`` instead, the dict's "retried" saying so. Other errors propagate."""
+    import gc
+    why = None
+    try:
+        out = step_parity(model_name, batch, amp_dtype, "cuda")
+    except Exception as exc:  # noqa: BLE001 - out of memory is retried, the rest raised
+        if not (_out_of_memory(exc) and batch > fallback):
+            raise
+        why = _error_text(exc)
+    if why is not None:  # outside the except block: its traceback no longer holds the tensors
+        gc.collect()
+        torch.cuda.empty_cache()
+        out = step_parity(model_name, fallback, amp_dtype, "cuda")
+        out["retried"] = {"batch": batch, "error": why}
+    out.update(timed_batch=timed_batch, after_timing=True)
+    return out
 
 
 def _names(names, most=5):
@@ -871,9 +1041,9 @@ def _parser():
         prog="fastmae bench",
         description="Time an MAE training step (forward + backward + fused AdamW, autocast, "
                     "norm_pix_loss, mask ratio 0.75, random 224 px images) with fastmae's kernels "
-                    "against the eager reference (and torch.compile of it), and check parity "
-                    "on one shared step. Without a GPU it runs a tiny CPU configuration instead "
-                    "and says so.")
+                    "against the eager reference (and torch.compile of it), then check parity "
+                    "on one shared step and each CUDA graph's replays against eager steps. "
+                    "Without a GPU it runs a tiny CPU configuration instead and says so.")
     p.add_argument("--model", choices=list(MODELS), default="vit_b16",
                    help="model size (default vit_b16); 'tiny' (32 px) and 'micro' (16 px) are for quick runs. "
                         "Without a GPU the tiny CPU configuration runs whatever this says")
@@ -888,8 +1058,11 @@ def _parser():
     p.add_argument("--warmup", type=int_at_least(0, "--warmup"), default=None,
                    help=f"untimed steps first, the compiling one included (default 5; {CPU_WARMUP} on a CPU)")
     p.add_argument("--parity-batch", type=int_at_least(0, "--parity-batch"), default=None,
-                   help=f"batch of the parity step (default min(batch, {PARITY_BATCH_GPU}); "
-                        f"{PARITY_BATCH_CPU} on a CPU; 0 skips it)")
+                   help="batch of the parity step, which on a GPU runs after the systems are "
+                        "timed (default: the timed batch, so that it checks the kernel paths "
+                        "and tiles chosen for it; if that runs out of memory, "
+                        f"{PARITY_BATCH_GPU}, and it says so; a larger N: the timed batch); "
+                        f"{PARITY_BATCH_CPU} on a CPU; 0 skips it")
     p.add_argument("--systems", type=_systems_list, default=None,
                    help="comma-separated systems to time on a GPU, of " + ",".join(SYSTEMS)
                         + " (default: reference,fastmae,fastmae_graph, and reference_compile "
@@ -997,7 +1170,9 @@ def _main_gpu(args):
           f"{env['date']}")
     order = args.systems or (["reference", "fastmae", "fastmae_graph"]
                              + (["reference_compile"] if args.compile else []))
-    pb = min(batch, PARITY_BATCH_GPU if args.parity_batch is None else args.parity_batch)
+    # parity after the timing, at the timed batch by default: the kernel paths and autotuned
+    # tiles it checks are the timed ones
+    pb = batch if args.parity_batch is None else min(batch, args.parity_batch)
     precompiled = None
     if not args.no_precompile and (pb > 0 or any(SYSTEMS[k][1] == "triton" for k in order)):
         precompiled = precompile(model_name, [batch] + ([pb] if 0 < pb != batch else []),
@@ -1012,6 +1187,12 @@ def _main_gpu(args):
                           if amp_dtype in (torch.bfloat16, torch.float16) else None)
     print(f"timing: {warmup} warm-up steps (compiling/autotuning included, not timed), then "
           f"{steps} steps timed with CUDA events; median step")
+    checks = [f"parity of fastmae against the reference on one shared step at batch {pb}"
+              + (" (the timed batch)" if pb == batch else "")] if pb > 0 else []
+    if any(k in GPU_ONLY_SYSTEMS for k in order):
+        checks.append(f"each CUDA graph's {GRAPH_CHECK_STEPS} replays against as many eager "
+                      f"steps at batch {batch}")
+    print("then checked: " + ("; ".join(checks) if checks else "nothing (--parity-batch 0)"))
     print()
     config = {"model": model_name, "title": MODEL_TITLES[model_name],
               "factory": MODELS[model_name][0], "batch": batch, "dtype": args.dtype,
@@ -1033,15 +1214,6 @@ def _main_gpu(args):
             "command": args.command,
         })
 
-    if pb > 0:
-        try:
-            parity = step_parity(model_name, pb, amp_dtype, "cuda")
-            print(parity_line(parity))
-        except Exception as exc:  # noqa: BLE001
-            msg = _error_text(exc)
-            parity = {"passed": False, "error": msg}
-            print(f"parity [FAIL]: {msg}")
-        torch.cuda.empty_cache()
     save()
     for key in order:
         try:
@@ -1067,6 +1239,30 @@ def _main_gpu(args):
             r["autotune_timings"] = autotune_timings()
             print("  autotuned: " + "; ".join(f"{k} -> {v}" for k, v in r["autotuned"].items()))
         save()
+    print()
+    if pb > 0:
+        try:
+            parity = gpu_parity(model_name, pb, amp_dtype, batch)
+            print(parity_line(parity))
+        except Exception as exc:  # noqa: BLE001
+            msg = _error_text(exc)
+            parity = {"passed": False, "error": msg, "batch": pb, "timed_batch": batch,
+                      "after_timing": True}
+            print(f"parity [FAIL] (batch {pb}): {msg}")
+        torch.cuda.empty_cache()
+        save()
+    for r in results:  # each timed CUDA graph's replays against eager steps
+        if r["system"] not in GPU_ONLY_SYSTEMS or r.get("error"):
+            continue
+        try:
+            r["graph_check"] = graph_check(r["system"], model_name, batch, amp_dtype, "cuda")
+        except Exception as exc:  # noqa: BLE001
+            r["graph_check"] = {"system": r["system"], "label": r["label"], "batch": batch,
+                                "passed": False, "error": _error_text(exc)}
+        print(graph_check_line(r["graph_check"]), flush=True)
+        torch.cuda.empty_cache()
+        save()
+    print()
     _add_ratios(results, train_flops, floors)
     print(format_results(results, True, "reference_compile" in order))
     for r in results:
@@ -1079,8 +1275,14 @@ def _main_gpu(args):
     save()
     if args.json:
         print(f"wrote {args.json}")
-    failed = any(r.get("error") for r in results) or (parity is not None and not parity.get("passed"))
-    return 1 if failed else 0
+    return 1 if run_failed(results, parity) else 0
+
+
+def run_failed(results, parity):
+    """A system that failed, a failed parity step or a failed graph check."""
+    return (any(r.get("error") for r in results)
+            or (parity is not None and not parity.get("passed"))
+            or any(r.get("graph_check") and not r["graph_check"].get("passed") for r in results))
 
 
 def _main_cpu(args):
@@ -1161,8 +1363,7 @@ def _main_cpu(args):
     if args.json:
         _write_json(args.json, data)
         print(f"wrote {args.json}")
-    failed = any(r.get("error") for r in results) or (parity is not None and not parity.get("passed"))
-    return 1 if failed else 0
+    return 1 if run_failed(results, parity) else 0
 
 
 if __name__ == "__main__":

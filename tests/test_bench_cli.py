@@ -7,6 +7,7 @@ a FIXTURE: synthetic numbers made up below for the test, not measurements of any
 import contextlib
 import importlib.util
 import json
+import os
 import re
 from pathlib import Path
 
@@ -338,6 +339,266 @@ def test_graphed_step_refuses_what_it_cannot_capture():
         bench.make_train_step(model, imgs, torch.float32, cuda_graph=True)
 
 
+def test_graphed_step_takes_the_before_capture_hook_to_cuda_graph_step(monkeypatch):
+    """make_train_step hands ``before_capture`` to cuda_graph_step (the bench resets the peak
+    memory there). Nothing runs: imgs only says it is on a GPU."""
+    from types import SimpleNamespace
+    from fastmae import graphs
+    seen = {}
+    monkeypatch.setattr(graphs, "cuda_graph_step", lambda step, opt, **kw: seen.update(kw) or step)
+    hook = object()
+    bench.make_train_step(bench.build_model("micro", "cpu"),
+                          SimpleNamespace(device=torch.device("cuda"), shape=(2,)),
+                          torch.bfloat16, cuda_graph=True, backend="torch", before_capture=hook)
+    assert seen == {"backend": "torch", "_before_capture": hook}
+
+
+@pytest.mark.parametrize("key", ["fastmae_graph", "reference"])
+def test_peak_memory_is_reset_after_the_warm_up_for_graphs_as_for_eager_steps(monkeypatch, key):
+    """A graphed system's peak is reset after its eager warm-up and before its capture (whose
+    memory it counts), not before the warm-up; an eager one's after its warm-up steps."""
+    events = []
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: events.append("reset"))
+
+    def make(model, imgs, amp_dtype, cuda_graph=False, before_capture=None, **kw):
+        if cuda_graph:  # as cuda_graph_step: warm-up, then the hook, then the capture
+            events.append("warm-up")
+            before_capture()
+            events.append("capture")
+        return (lambda: None), None, model
+
+    def timed(step, device, steps, warmup, progress=None, reset_peak=True):
+        events.append("warm-up and timed steps, peak " + ("reset" if reset_peak else "kept"))
+        return {"times_ms": [1.0], "first_step_s": 0.0, "peak_mem_gib": 1.0}
+    monkeypatch.setattr(bench, "make_train_step", make)
+    monkeypatch.setattr(bench, "time_train_step", timed)
+    bench.bench_system(key, "micro", 2, torch.float32, 1, 1, "cpu", progress=False)
+    if key == "fastmae_graph":
+        assert events == ["warm-up", "reset", "capture", "warm-up and timed steps, peak kept"]
+    else:
+        assert events == ["warm-up and timed steps, peak reset"]
+
+
+def _fake_graph(monkeypatch, bug=None):
+    """make_train_step whose "CUDA graph" replays the eager step on the CPU, with ``bug``: "no
+    update" (the forward only), "warm-up kept" (3 real steps before the first replay, as
+    cuda_graph_step's warm-up was), "nan" (a parameter turned NaN)."""
+    real = bench.make_train_step
+
+    def make(model, imgs, amp_dtype, cuda_graph=False, **kw):
+        step, opt, fwd = real(model, imgs, amp_dtype, **kw)
+        if not cuda_graph:
+            return step, opt, fwd
+        if bug == "warm-up kept":
+            for _ in range(3):
+                step()
+
+        def replay():
+            if bug == "no update":
+                with torch.no_grad():
+                    return fwd(imgs, noise=kw["noise"])[0]
+            loss = step()
+            if bug == "nan":
+                with torch.no_grad():
+                    model.decoder_pred.bias[0] = float("nan")
+            return loss
+        return replay, opt, fwd
+    monkeypatch.setattr(bench, "make_train_step", make)
+
+
+@pytest.mark.parametrize("bug", [None, "no update", "warm-up kept", "nan"])
+def test_graph_check_fails_a_graph_that_does_not_train_as_the_eager_steps(monkeypatch, bug):
+    """graph_check on the CPU (the reference's step, its "graph" the eager step replayed):
+    passes where the replays are the eager steps, fails a graph that skips the update, trains
+    from a state 3 steps on, or produces NaN."""
+    _fake_graph(monkeypatch, bug)
+    c = bench.graph_check("reference_graph", "micro", 2, torch.float32, "cpu")
+    assert c["system"] == "reference_graph" and c["steps"] == 3 and c["batch"] == 2
+    assert len(c["losses_graph"]) == len(c["losses_eager"]) == 3
+    assert c["n_params"] == sum(p.requires_grad for p in
+                                bench.build_model("micro", "cpu").parameters())
+    line = bench.graph_check_line(c)
+    if bug is None:
+        assert c["passed"] and c["param_diff"] == 0 and c["loss_err"] == 0
+        assert line.startswith("graph check [PASS] reference + CUDA graph: 3 replays against 3 ")
+    else:
+        assert not c["passed"] and c["params_failed"], c
+        assert line.startswith("graph check [FAIL]") and "over the limit:" in line
+    if bug == "nan":
+        assert c["param_worst"] == "decoder_pred.bias"
+    json.dumps(c)  # goes into the result file
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("key", bench.GPU_ONLY_SYSTEMS)
+def test_graph_check_passes_the_graphed_steps_on_gpu(key):
+    """On a GPU, the real graphs (cuda_graph_step, its warm-up undone): their replays are the
+    eager steps, within the check's limits, and the eager steps did move every parameter."""
+    c = bench.graph_check(key, "tiny", 8, torch.bfloat16, "cuda")
+    assert c["passed"], bench.graph_check_line(c)
+    assert c["param_moved"] > 0 and c["loss_err"] <= c["loss_limit"]
+    assert c["losses_eager"][0] != c["losses_eager"][-1]  # the steps trained
+
+
+FIXTURE_PARITY_KEYS = {
+    "loss_fastmae": 1.25, "loss_reference": 1.25, "loss_err": 1e-5, "loss_err_eager": 1e-5,
+    "pred_err": 1e-3, "pred_err_eager": 1e-3, "grad_err": 3e-3,
+    "grad_worst": "blocks.0.norm1.weight",
+    "grad_err_eager": 4e-3, "grad_err_eager_max": 5e-3, "grad_failed": [], "n_grads": 10,
+    "mask_equal": True, "missing_grads": [], "exact": "reference in fp32", "dtype": "bf16"}
+
+
+def _fake_gpu_run(monkeypatch, tmp_path, argv, parity=None, graph=None):
+    """`fastmae bench` on a "GPU" whose systems, parity step and graph checks are recorders
+    (FIXTURE: made-up numbers). ``parity(batch)`` / ``graph(key)``: what they return or raise.
+    Returns (exit status, the events in order, the JSON written)."""
+    events = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench, "env_info", lambda: dict(FIXTURE_ENV, triton_launch="direct"))
+    monkeypatch.setattr(bench, "measure_floors", lambda: FIXTURE_FLOORS)
+    monkeypatch.setattr(bench, "precompile", lambda m, batches, dt: events.append(
+        ("precompile", batches)) or {})
+    for name in ("paths_kept", "autotuned", "autotune_timings"):
+        monkeypatch.setattr(bench, name, lambda: {})
+
+    def system(key, model_name, batch, *args, **kw):
+        events.append(("time", key, batch))
+        label, backend, compiled = bench.SYSTEMS[key]
+        return {"system": key, "label": label, "backend": backend, "compiled": compiled,
+                "ms_per_step": 10.0, "images_per_s": batch / 0.01, "peak_mem_gib": 1.0,
+                "first_step_s": 1.0, "profile": None}
+
+    def step_parity(model_name, batch, amp_dtype, device, **kw):
+        events.append(("parity", batch))
+        if parity:
+            parity(batch)
+        return dict(FIXTURE_PARITY_KEYS, batch=batch, passed=True)
+
+    def graph_check(key, model_name, batch, amp_dtype, device="cuda", **kw):
+        events.append(("graph check", key, batch))
+        passed = graph(key) if graph else True
+        return {"system": key, "label": bench.SYSTEMS[key][0], "batch": batch, "dtype": "bf16",
+                "steps": 3, "losses_eager": [1.0, 0.9, 0.8], "losses_graph": [1.0, 0.9, 0.8],
+                "loss_err": 0.0, "param_worst": "blocks.0.norm1.weight", "param_diff": 0.0,
+                "param_moved": 1e-3, "param_diff_of_moved": 0.0, "param_limit": 5e-5,
+                "params_failed": [] if passed else ["blocks.0.norm1.weight"], "passed": passed}
+    monkeypatch.setattr(bench, "bench_system", system)
+    monkeypatch.setattr(bench, "step_parity", step_parity)
+    monkeypatch.setattr(bench, "graph_check", graph_check, raising=False)
+    out = tmp_path / "run.json"
+    rc = cli.main(["bench", "--model", "tiny", "--no-progress", "--json", str(out), *argv])
+    return rc, events, json.loads(out.read_text())
+
+
+GRAPHED = ["--systems", "reference,fastmae,fastmae_graph,reference_graph"]
+
+
+def test_gpu_run_checks_what_it_timed_after_timing_it(monkeypatch, tmp_path, capsys):
+    """Parity after the systems are timed, at the timed batch (the kernel paths and tiles fastmae
+    chose by timing are the ones checked), then each timed CUDA graph's replays against eager
+    steps; both recorded in the JSON and said."""
+    rc, events, data = _fake_gpu_run(monkeypatch, tmp_path, GRAPHED)
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert events == [("precompile", [64]), ("time", "reference", 64), ("time", "fastmae", 64),
+                      ("time", "fastmae_graph", 64), ("time", "reference_graph", 64),
+                      ("parity", 64), ("graph check", "fastmae_graph", 64),
+                      ("graph check", "reference_graph", 64)]
+    par = data["parity"]
+    assert par["batch"] == 64 and par["timed_batch"] == 64 and par["after_timing"] is True
+    assert "after the timing, at the timed batch: the kernel paths and tiles timed" in text
+    rows = {r["system"]: r for r in data["results"]}
+    assert rows["fastmae_graph"]["graph_check"]["passed"] is True
+    assert rows["reference_graph"]["graph_check"]["batch"] == 64
+    assert "graph_check" not in rows["fastmae"] and "graph_check" not in rows["reference"]
+    assert "graph check [PASS] fastmae + CUDA graph: 3 replays" in text
+    assert "graph check [PASS] reference + CUDA graph" in text
+
+
+@pytest.mark.parametrize("argv, batch", [(["--parity-batch", "0"], None),
+                                         (["--parity-batch", "16"], 16),
+                                         (["--parity-batch", "1000"], 64)])
+def test_gpu_parity_batch_flag(monkeypatch, tmp_path, capsys, argv, batch):
+    rc, events, data = _fake_gpu_run(monkeypatch, tmp_path, GRAPHED + argv)
+    text = capsys.readouterr().out
+    assert rc == 0
+    parities = [e for e in events if e[0] == "parity"]
+    if batch is None:
+        assert parities == [] and data["parity"] is None
+        return
+    assert parities == [("parity", batch)]
+    assert events.index(parities[0]) > events.index(("time", "reference_graph", 64))
+    if batch != 64:
+        assert "after the timing, at batch 16 (--parity-batch), not the timed batch 64" in text
+
+
+def test_gpu_parity_out_of_memory_at_the_timed_batch_retries_smaller(monkeypatch, tmp_path,
+                                                                       capsys):
+    def parity(batch):
+        if batch > bench.PARITY_BATCH_GPU:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9 GiB")
+    rc, events, data = _fake_gpu_run(monkeypatch, tmp_path, GRAPHED, parity=parity)
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert [e for e in events if e[0] == "parity"] == [("parity", 64), ("parity", 32)]
+    par = data["parity"]
+    assert par["passed"] and par["batch"] == 32 and par["timed_batch"] == 64
+    assert par["retried"]["batch"] == 64 and "out of memory" in par["retried"]["error"]
+    assert ("out of memory at the timed batch 64 (OutOfMemoryError: CUDA out of memory. Tried "
+            "to allocate 9 GiB): checked at batch 32 instead") in text
+
+
+def test_gpu_parity_error_other_than_memory_fails_the_run(monkeypatch, tmp_path, capsys):
+    def parity(batch):
+        raise RuntimeError("illegal memory access")
+    rc, events, data = _fake_gpu_run(monkeypatch, tmp_path, GRAPHED, parity=parity)
+    assert rc == 1 and [e for e in events if e[0] == "parity"] == [("parity", 64)]
+    assert data["parity"]["passed"] is False and "illegal memory access" in data["parity"]["error"]
+    text = capsys.readouterr().out
+    assert "parity [FAIL] (batch 64): RuntimeError: illegal memory access" in text
+
+
+def test_gpu_run_fails_when_a_graph_check_fails(monkeypatch, tmp_path, capsys):
+    def graph(key):
+        if key == "reference_graph":
+            raise RuntimeError("capture failed")
+        return False
+    rc, _, data = _fake_gpu_run(monkeypatch, tmp_path, GRAPHED, graph=graph)
+    text = capsys.readouterr().out
+    assert rc == 1
+    rows = {r["system"]: r for r in data["results"]}
+    assert rows["fastmae_graph"]["graph_check"]["passed"] is False
+    assert rows["reference_graph"]["graph_check"] == {
+        "system": "reference_graph", "label": "reference + CUDA graph", "batch": 64,
+        "passed": False, "error": "RuntimeError: capture failed"}
+    assert "graph check [FAIL] fastmae + CUDA graph" in text
+    assert "over the limit: blocks.0.norm1.weight" in text
+    assert "graph check [FAIL] reference + CUDA graph: RuntimeError: capture failed" in text
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the CPU smoke run of bench_step.py")
+def test_bench_step_records_parity_only_for_the_systems_it_checked(tmp_path):
+    """benches/bench_step.py's records: "pass" for fastmae (checked against the reference before
+    timing), "not checked" for the eager reference (the specification, never checked)."""
+    import subprocess
+    import sys
+    out = tmp_path / "step.json"
+    ids = [f"benches/bench_step.py::test_train_step[micro-{s}]" for s in ("fastmae", "reference")]
+    # not as an xdist worker (the suite's -n 2 sets these), where pytest-benchmark disables itself
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    proc = subprocess.run([sys.executable, "-m", "pytest", *ids, "-q", "-p", "no:cacheprovider",
+                           f"--benchmark-json={out}"], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert out.exists(), proc.stdout + proc.stderr
+    info = {b["extra_info"]["system"]: b["extra_info"] for b in json.loads(out.read_text())[
+        "benchmarks"]}
+    assert info["fastmae"]["parity"] == "pass"
+    assert info["fastmae"]["parity_checked"] == "fastmae against the reference on one shared step"
+    assert info["reference"]["parity"] == "not checked"
+    assert "parity_checked" not in info["reference"]
+
+
 # ----------------------------------------------------------------------------- BENCHMARKS.md writer
 
 FIXTURE_ENV = {"device": "cuda", "gpu": "FIXTURE-GPU-A", "driver": "0.0-fixture", "cuda": "0.0",
@@ -442,6 +703,85 @@ def test_writer_on_fixture(tmp_path):
         assert "](benches/images_per_s.png)" in md
     summary = writer.summary(writer.load(files))
     assert "FIXTURE-GPU-A" in summary and "2.00x vs eager" in summary
+
+
+def _graphed_fixture(ref_graph_ms=50.0, graph_ms=40.0, graph_check_passed=True):
+    """FIXTURE: _fixture_step with both graphed systems, each with its graph check, and a parity
+    step that ran after the timing, at the timed batch."""
+    step = _fixture_step()
+
+    def row(system, label, ms, passed):
+        return {"system": system, "label": label, "ms_per_step": ms,
+                "images_per_s": 256 / (ms / 1e3), "peak_mem_gib": 12.0, "first_step_s": 1.0,
+                "mfu": 0.4, "graph_check": {
+                    "system": system, "label": label, "batch": 256, "dtype": "bf16", "steps": 3,
+                    "losses_eager": [1.0, 0.9, 0.8], "losses_graph": [1.0, 0.9, 0.8],
+                    "loss_err": 0.0, "param_worst": "blocks.0.norm1.weight",
+                    "param_diff": 0.0 if passed else 2e-3, "param_moved": 2e-3,
+                    "param_diff_of_moved": 0.0 if passed else 1.0, "param_limit": 1e-4,
+                    "params_failed": [] if passed else ["blocks.0.norm1.weight"],
+                    "passed": passed}}
+    step["results"] += [row("fastmae_graph", "fastmae + CUDA graph", graph_ms, graph_check_passed),
+                        row("reference_graph", "reference + CUDA graph", ref_graph_ms, True)]
+    step["parity"].update(batch=256, timed_batch=256, after_timing=True)
+    return step
+
+
+def test_writer_sets_fastmae_graphed_against_the_graphed_reference(tmp_path):
+    """A run that timed the reference in a CUDA graph too: its row, a "vs reference + CUDA
+    graph" column (fastmae + CUDA graph's speed-up over it), the graph checks and where the
+    parity step ran; a run without it keeps its columns."""
+    files = [_write(tmp_path, "step.json", _graphed_fixture())]
+    md = writer.render(writer.load(files), None, str(tmp_path))
+    assert ("| model, batch, dtype | system | ms/step | images/s | MFU | peak GiB | vs eager | "
+            "vs torch.compile | vs reference + CUDA graph |") in md
+    # 111.0 / 40.0, 88.8 / 40.0, 50.0 / 40.0
+    assert "| ViT-B/16, 256, bf16 | fastmae + CUDA graph | 40.0 | 6400 | 40% | 12.0 | 2.77x | " \
+           "2.22x | 1.25x |" in md
+    assert "| ViT-B/16, 256, bf16 | reference + CUDA graph | 50.0 | 5120 | 40% | 12.0 | 2.22x | " \
+           "1.78x | 1.00x |" in md
+    assert "against the reference captured and replayed the same way" in md
+    assert ("- ViT-B/16, fastmae + CUDA graph: graph check passed: 3 replays against 3 eager "
+            "steps from the same weights (batch 256, bf16, fixed mask noise)") in md
+    assert "parity passed on one shared step (batch 256, the timed batch, after the timing, " \
+           "bf16;" in md
+    assert "kept by timing both ways on the first call of each shape:\n" in md
+    text = writer.summary(writer.load(files))
+    assert re.search(r"fastmae \+ CUDA graph .* 2\.77x vs eager\s+1\.25x vs reference \+ CUDA "
+                     r"graph", text)
+    assert "fastmae + CUDA graph: graph check passed" in text
+    plain = writer.render(writer.load([_write(tmp_path, "plain.json", _fixture_step())]), None,
+                          str(tmp_path))
+    assert "vs reference + CUDA graph" not in plain and "graph check" not in plain
+    assert "(the parity step's batch included):" in plain  # before the timing, at batch 32
+
+
+def test_writer_marks_the_speedups_of_rows_whose_checks_failed(tmp_path):
+    """A failed parity step marks every fastmae row's speed-ups, a failed graph check its row's:
+    in the table (not only in a footnote) and in the summary; the reference's rows stay."""
+    step = _graphed_fixture(graph_check_passed=False)
+    step["parity"]["passed"] = False
+    files = [_write(tmp_path, "step.json", step)]
+    md = writer.render(writer.load(files), None, str(tmp_path))
+    assert "| fastmae (triton kernels) | 55.5 | 4613 | 30% | 12.5 | 2.00x (parity FAILED) | " \
+           "1.60x (parity FAILED) | 0.90x (parity FAILED) |" in md
+    assert "| fastmae + CUDA graph | 40.0 | 6400 | 40% | 12.0 | 2.77x (parity FAILED, graph " \
+           "check FAILED) |" in md
+    assert "| reference, eager | 111.0 | 2306 | 30% | 12.5 | 1.00x | 0.80x | 0.45x |" in md
+    assert "A speed-up marked FAILED is one whose run's check of that row failed" in md
+    assert "- ViT-B/16, fastmae + CUDA graph: graph check FAILED:" in md
+    assert "over the limit: blocks.0.norm1.weight." in md
+    text = writer.summary(writer.load(files))
+    assert "vs reference + CUDA graph  (parity FAILED, graph check FAILED)" in text
+    assert re.search(r"reference, eager .* vs reference \+ CUDA graph\n", text)
+    # a parity step that raised: failed too
+    step = _fixture_step()
+    step["parity"] = {"passed": False, "error": "RuntimeError: boom"}
+    md = writer.render(writer.load([_write(tmp_path, "err.json", step)]), None, str(tmp_path))
+    assert "| 2.00x (parity FAILED) | 1.60x (parity FAILED) |" in md
+    assert "- ViT-B/16: parity FAILED: RuntimeError: boom" in md
+    assert "A speed-up marked FAILED" not in writer.render(
+        writer.load([_write(tmp_path, "ok.json", _fixture_step())]), None, str(tmp_path))
 
 
 def test_writer_headings_follow_what_the_run_recorded(tmp_path):

@@ -43,3 +43,53 @@ def test_each_failed_first_check_switches_its_kernels_off(tmp_path):
         assert said in log, said
     assert (out / "head_tilings.log").exists()
     assert [(REPO / name).read_bytes() for name in UNTOUCHED] == before  # no result: no page
+
+
+def _bench_commands(tmp_path, **switches):
+    """The `fastmae bench` commands the suite runs (PYTHON a wrapper that logs them instead of
+    running them), the checks before them off, the stages after them skipped."""
+    site = tmp_path / "site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(
+        "import torch\ntorch.cuda.is_available = lambda: True\n")
+    log = tmp_path / "bench_commands.log"
+    log.write_text("")
+    wrapper = tmp_path / "python"
+    wrapper.write_text(
+        "#!/usr/bin/env bash\n"
+        'if [ "$1" = "-m" ] && [ "$2" = "fastmae.cli" ]; then\n'
+        f'    echo "${{*:3}}" >> "{log}"; exit 0\n'
+        "fi\n"
+        f'exec "{sys.executable}" "$@"\n')
+    wrapper.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")])),
+               PYTHON=str(wrapper), FASTMAE_TRITON_LAUNCH="triton", FASTMAE_TMA="0",
+               FASTMAE_ATTN_HEAD_TILES="0", SKIP_TRAIN_TEST="1", SKIP_HOST="1",
+               SKIP_SWEEP="1", SKIP_OPS="1", SKIP_TESTS="1", **switches)
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", str(REPO / "benches" / "gpu_suite.sh"), str(out)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (out / "suite.log").read_text()
+    return [line.split() for line in log.read_text().splitlines()]
+
+
+def _systems(command):
+    return command[command.index("--systems") + 1].split(",")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="fakes a GPU on a CPU machine; where there is one, the script runs")
+def test_the_graphed_reference_is_timed_beside_fastmae_graphed(tmp_path):
+    """Both training-step stages time "reference + CUDA graph", the system the graphed fastmae
+    is set against without the host's cost in either; SKIP_STEP and L_MODEL still pick them."""
+    b16, l16 = _bench_commands(tmp_path)
+    assert b16[:3] == ["bench", "--model", "vit_b16"] and "--compile" in b16
+    assert _systems(b16) == ["reference", "fastmae", "fastmae_graph", "reference_graph",
+                             "reference_compile"]
+    assert l16[:3] == ["bench", "--model", "vit_l16"]
+    assert _systems(l16) == ["reference", "fastmae", "fastmae_graph", "reference_graph"]
+    for command in (b16, l16):
+        assert command[command.index("--json") + 1].endswith(f"step_{command[2]}.json")
+    (tiny,) = _bench_commands(tmp_path, SKIP_STEP="1", L_MODEL="tiny")
+    assert tiny[:3] == ["bench", "--model", "tiny"] and "reference_graph" in _systems(tiny)
