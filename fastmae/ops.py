@@ -631,6 +631,22 @@ def masked_mse_loss(imgs, pred, mask, patch_size, norm_pix=True):
     return loss
 
 
+def patch_mse_loss(target, pred, mask, norm_pix=True):
+    """Official forward_loss on a given target (N, L, K) -- what a model whose patchify is
+    overridden computes: the reference's arithmetic (no kernel: the fused loss patchifies the
+    images itself). mask as masked_mse_loss takes it."""
+    _check_tensor(target, "target", ndim=3)
+    _check_tensor(pred, "pred", ndim=3)
+    if target.shape != pred.shape:
+        raise ValueError(f"target and pred must have one shape, got {tuple(target.shape)} and "
+                         f"{tuple(pred.shape)}")
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(pred.shape[:2]):
+        raise ValueError(f"mask must be a tensor of shape {tuple(pred.shape[:2])}")
+    if not mask.dtype.is_floating_point:
+        mask = mask.to(torch.float32)
+    return reference.patch_mse_loss(target, pred, mask, norm_pix)
+
+
 # ============================================================================ attention
 
 _HEAD_DIMS = (32, 64, 80, 96, 128)

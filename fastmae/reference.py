@@ -90,7 +90,11 @@ def unshuffle(x, mask_token, ids_restore, pos_embed):
 def masked_mse_loss(imgs, pred, mask, patch_size, norm_pix=True):
     """Official forward_loss: per-patch MSE against the (optionally normalized) patchified image,
     averaged over removed patches (mask == 1)."""
-    target = patchify(imgs, patch_size)
+    return patch_mse_loss(patchify(imgs, patch_size), pred, mask, norm_pix)
+
+
+def patch_mse_loss(target, pred, mask, norm_pix=True):
+    """Official forward_loss from its target on: target and pred (N, L, K), mask (N, L)."""
     if norm_pix:
         mean = target.mean(dim=-1, keepdim=True)
         var = target.var(dim=-1, keepdim=True)  # unbiased, as official

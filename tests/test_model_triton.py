@@ -439,6 +439,34 @@ def test_overrides_with_the_official_signatures_are_called_as_official(backend):
     assert calls == ["random_masking", "forward_encoder"]
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_forward_loss_takes_its_target_from_an_overridden_patchify(backend, norm_pix):
+    """forward_loss's target is self.patchify(imgs), as official: a subclass's patchify makes it
+    (here the official target with each patch's values reversed), under either backend."""
+    class Reversed(fastmae.MaskedAutoencoderViT):
+        def patchify(self, imgs):
+            return super().patchify(imgs).flip(-1)
+
+    imgs, noise = _inputs(15)
+    m = tiny(seed=15, cls=Reversed, norm_pix_loss=norm_pix)
+    with fastmae.use_backend(backend):
+        loss, pred, mask = m(imgs, noise=noise)
+    target = fastmae.reference.patchify(imgs.double(), 4).flip(-1)
+    if norm_pix:
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True)
+                                                             + 1e-6) ** 0.5
+    expected = (((pred.double() - target) ** 2).mean(-1) * mask).sum() / mask.sum()
+    assert rel_err(loss, expected) < 1e-5
+    plain = tiny(seed=15, norm_pix_loss=norm_pix)
+    with fastmae.use_backend(backend):
+        assert rel_err(plain(imgs, noise=noise)[0], loss) > 1e-3
+    with pytest.raises(ValueError, match="target and pred must have one shape"):
+        fastmae.ops.patch_mse_loss(target[..., 1:], pred, mask)
+    with pytest.raises(ValueError, match=r"mask must be a tensor of shape \(2, 24\)"):
+        fastmae.ops.patch_mse_loss(target, pred, mask[:1])
+
+
 def test_patch_size_and_in_chans_may_be_set_as_plain_attributes():
     """model.patch_size and model.in_chans (conveniences the official model lacks) read the
     patch embedding, and an instance may set its own, as any attribute; the model goes on
