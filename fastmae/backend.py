@@ -6,6 +6,7 @@ environment variable, then the default: "triton" for CUDA tensors, "torch" for C
 on with ``TRITON_INTERPRET=1`` before fastmae's kernels are first imported.
 """
 import contextlib
+import functools
 import os
 import threading
 
@@ -45,7 +46,29 @@ def requested_backend():
 
 
 def interpreter_on() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether TRITON_INTERPRET asks for Triton's interpreter; a RuntimeError where it was set
+    after triton was imported (half the kernels' machinery would then be the compiler's)."""
+    on = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if on and not _triton_imported_for_the_interpreter():
+        raise RuntimeError(
+            "TRITON_INTERPRET=1 was set after triton was imported: Triton's own @triton.jit "
+            "functions (tl.sum's, tl.sigmoid's, ...) were then made for the compiler, and a "
+            "kernel run through the interpreter fails calling them (\"Cannot call @triton.jit'd "
+            "outside of the scope of a kernel\"). Set TRITON_INTERPRET=1 before anything "
+            "imports triton (in the environment, or first thing in the script)")
+    return on
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_imported_for_the_interpreter():
+    """Whether triton's standard library was decorated for the interpreter (Triton decides at
+    its import, by TRITON_INTERPRET then). Read once: it cannot change afterwards."""
+    import triton.language.standard as standard
+    for value in vars(standard).values():
+        kind = type(value).__name__
+        if kind in ("InterpretedFunction", "JITFunction"):
+            return kind == "InterpretedFunction"
+    return True  # no @jit function found: nothing to tell by
 
 
 def backend_for(tensor: torch.Tensor) -> str:

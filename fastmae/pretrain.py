@@ -985,7 +985,8 @@ class _Job:
                      f"{record['epoch_time_s']:.1f} s")
             self._end_epoch(epoch, step, history)
             last_good = f"{self.checkpoint_path} (after epoch {epoch + 1}/{args.epochs})"
-        _say(rt, f"done: {args.epochs} epochs; checkpoint {self.checkpoint_path}")
+        epochs = f"{args.epochs} epoch" + ("s" if args.epochs != 1 else "")
+        _say(rt, f"done: {epochs}; checkpoint {self.checkpoint_path}")
         return 0
 
     def _train_one_epoch(self, epoch, step, last_good):

@@ -53,6 +53,21 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
             backend_for(torch.zeros(1))
 
 
+def test_interpreter_switched_on_after_triton_was_imported_is_a_clear_error():
+    """TRITON_INTERPRET=1 set after `import triton` leaves Triton's own @jit functions made for
+    the compiler, and an interpreted kernel fails calling them with an obscure error: fastmae
+    says what happened instead."""
+    code = ("import os, triton; os.environ['TRITON_INTERPRET'] = '1'; import torch, fastmae; "
+            "x = torch.randn(3, 8)\n"
+            "with fastmae.use_backend('triton'):\n"
+            "    fastmae.ops.layer_norm(x, torch.ones(8), torch.zeros(8), 1e-6)")
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert "RuntimeError: TRITON_INTERPRET=1 was set after triton was imported" in proc.stderr
+
+
 def test_import_touches_no_gpu():
     """Importing fastmae (and constructing a model) must not initialize CUDA."""
     code = ("import torch, fastmae; m = fastmae.mae_vit_tiny_patch4(); "
