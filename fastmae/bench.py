@@ -794,20 +794,28 @@ def _work_text(r):
 
 # ============================================================================ parity
 
+def _shared_step_inputs(model_name, batch, device, seed, data_seed, model_kwargs):
+    """(model from ``seed``, random images and distinct mask noise from ``data_seed``): what a
+    check's systems all start from."""
+    from fastmae import testing
+    model = build_model(model_name, device, seed=seed, **(model_kwargs or {}))
+    g = torch.Generator(device=device)
+    g.manual_seed(data_seed)
+    H, W = model.patch_embed.img_size
+    imgs = torch.randn(batch, model.in_chans, H, W, device=device, generator=g)
+    noise = testing.distinct_noise(batch, model.patch_embed.num_patches, g, device)
+    return model, imgs, noise
+
+
 def step_parity(model_name, batch, amp_dtype, device, seed=0, model_kwargs=None):
     """fastmae against the reference on one shared step: same weights, images and noise.
 
     Under autocast both run in ``amp_dtype`` and errors are measured against the reference in
     fp32 (float64 for an fp32 run or on a CPU); the eager reference's own error in the same
     precision is the scale of an acceptable one."""
-    from fastmae import testing
     from fastmae.check import model_parity
-    model = build_model(model_name, device, seed=seed, **(model_kwargs or {}))
-    g = torch.Generator(device=device)
-    g.manual_seed(seed + 2)
-    H, W = model.patch_embed.img_size
-    imgs = torch.randn(batch, model.in_chans, H, W, device=device, generator=g)
-    noise = testing.distinct_noise(batch, model.patch_embed.num_patches, g, device)
+    model, imgs, noise = _shared_step_inputs(model_name, batch, device, seed, seed + 2,
+                                             model_kwargs)
     amp = None if amp_dtype == torch.float32 else amp_dtype
     exact = torch.float64 if (amp is None or str(device) == "cpu") else torch.float32
     par = model_parity(model, imgs, noise, autocast=amp, exact_dtype=exact)
@@ -841,17 +849,12 @@ def graph_check(key, model_name, batch, amp_dtype, device="cuda", steps=GRAPH_CH
     kernels are not deterministic (atomics), a second eager run's difference from the first is
     the scale of an acceptable one (``GRAPH_CHECK_RULE``). Returns a dict; "passed" says."""
     import copy
-    from fastmae import testing
     label, backend, _ = SYSTEMS[key]
     if key not in GPU_ONLY_SYSTEMS:
         raise ValueError(f"graph_check: {key!r} is not a CUDA-graph system "
                          f"({', '.join(GPU_ONLY_SYSTEMS)})")
-    start = build_model(model_name, device, seed=seed, **(model_kwargs or {}))
-    g = torch.Generator(device=device)
-    g.manual_seed(seed + 3)
-    H, W = start.patch_embed.img_size
-    imgs = torch.randn(batch, start.in_chans, H, W, device=device, generator=g)
-    noise = testing.distinct_noise(batch, start.patch_embed.num_patches, g, device)
+    start, imgs, noise = _shared_step_inputs(model_name, batch, device, seed, seed + 3,
+                                             model_kwargs)
     names = [n for n, p in start.named_parameters() if p.requires_grad]
 
     def run(cuda_graph):

@@ -50,6 +50,28 @@ def poisoned_empty(shape, dtype, device):
     return poison_(torch.empty(shape, dtype=dtype, device=device))
 
 
+GUARD = 4096  # elements of sentinel on each side of a guarded buffer
+SENTINEL = 12345.0
+
+
+def guarded_empty(buffers):
+    """An ``_empty`` drop-in whose buffers start poisoned (NaN) and sit inside larger ones filled
+    with a sentinel on both sides, each appended to ``buffers``: a store out of the buffer's
+    bounds changes the sentinel (``assert_guards_intact``)."""
+    def alloc(shape, dtype, device):
+        n = math.prod(shape)
+        big = torch.full((n + 2 * GUARD,), SENTINEL, dtype=dtype, device=device)
+        buffers.append((big, n))
+        return big[GUARD:GUARD + n].view(*shape).fill_(float("nan"))
+    return alloc
+
+
+def assert_guards_intact(buffers):
+    for big, n in buffers:
+        assert (big[:GUARD] == SENTINEL).all() and (big[GUARD + n:] == SENTINEL).all(), \
+            "a kernel wrote outside its output buffer"
+
+
 def grad_with_layout(shape, layout, device="cpu", seed=0):
     """An incoming (M, D) gradient laid out as autograd may hand it over: "contiguous",
     "expanded" (stride 0, as the gradient of a .sum()) or "transposed"."""

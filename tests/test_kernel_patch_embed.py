@@ -206,24 +206,6 @@ def test_patch_embed_low_precision_cuda(N, C, H, W, p, D, keep, dtype, atol):
 
 # ----------------------------------------------------------------------------- invalid ids
 
-_GUARD = 4096  # elements of sentinel on each side of a guarded buffer
-_SENTINEL = 12345.0
-
-
-def _guarded_empty(buffers):
-    """An ``_empty`` whose buffers start poisoned (NaN) and sit inside a larger one filled with
-    a sentinel on both sides: a store out of the buffer's bounds changes the sentinel."""
-    def alloc(shape, dtype, device):
-        n = 1
-        for s in shape:
-            n *= s
-        big = torch.full((n + 2 * _GUARD,), _SENTINEL, dtype=dtype, device=device)
-        t = big[_GUARD:_GUARD + n].view(*shape).fill_(float("nan"))
-        buffers.append((big, n))
-        return t
-    return alloc
-
-
 def _bad_id_case(device, N=2, C=3, H=8, W=12, p=2, D=24, seed=31):
     """A case whose imgs and pos_embed are windows of larger tensors (a read past them, as the
     old kernels made, lands in memory, not in a crash)."""
@@ -273,7 +255,7 @@ def test_patch_embed_bwd_ids_outside_range_write_nothing_and_give_nan(device, mo
     that gradient is NaN (a loss reading the NaN output row); the bias gradient and the image
     gradient of every patch a valid id names are the reference's."""
     buffers = []
-    monkeypatch.setattr(pe, "_empty", _guarded_empty(buffers))
+    monkeypatch.setattr(pe, "_empty", T.guarded_empty(buffers))
     case, L = _bad_id_case(device)
     N, C, H, W = case["imgs"].shape
     D, _, p, _ = case["weight"].shape
@@ -286,9 +268,7 @@ def test_patch_embed_bwd_ids_outside_range_write_nothing_and_give_nan(device, mo
     grad_out = torch.randn(N, L, D, generator=T._gen(6, "cpu")).to(device)
     gw, gb, gi = pe.patch_embed_visible_bwd(grad_out, case["imgs"], case["weight"], ids,
                                             need_imgs_grad=True)
-    for big, n in buffers:
-        assert (big[:_GUARD] == _SENTINEL).all() and (big[_GUARD + n:] == _SENTINEL).all(), \
-            "a kernel wrote outside its output buffer"
+    T.assert_guards_intact(buffers)
     _, _, r_gb, r_gi = _reference(dict(case, ids_keep=twin), grad_out)
     T.assert_rel_close(gb, r_gb, TOL, "grad_bias")
     left_out = grad_out.clone()

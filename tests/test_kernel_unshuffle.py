@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from fastmae import reference as ref
-from fastmae.testing import assert_rel_close, poisoned_empty, rel_err, unshuffle_case
+from fastmae.testing import (assert_guards_intact, assert_rel_close, guarded_empty, poisoned_empty,
+                             rel_err, unshuffle_case)
 
 TOL = 1e-5
 
@@ -154,30 +155,6 @@ def test_unshuffle_bit_identical_cuda(kun):
 
 # ----------------------------------------------------------------------------- invalid ids
 
-_GUARD = 4096  # elements of sentinel on each side of a guarded buffer
-_SENTINEL = 12345.0
-
-
-def _guarded_empty(buffers):
-    """An ``_empty`` whose buffers start poisoned (NaN) and sit inside a larger one filled with
-    a sentinel on both sides: a store out of the buffer's bounds changes the sentinel."""
-    def alloc(shape, dtype, device):
-        n = 1
-        for s in shape:
-            n *= s
-        big = torch.full((n + 2 * _GUARD,), _SENTINEL, dtype=dtype, device=device)
-        t = big[_GUARD:_GUARD + n].view(*shape).fill_(float("nan"))
-        buffers.append((big, n))
-        return t
-    return alloc
-
-
-def _assert_guards_intact(buffers):
-    for big, n in buffers:
-        assert (big[:_GUARD] == _SENTINEL).all() and (big[_GUARD + n:] == _SENTINEL).all(), \
-            "a kernel wrote outside its output buffer"
-
-
 def _with_invalid_ids(case, bad):
     """A copy of the case's ids_restore with the id at each (n, l) of ``bad`` replaced."""
     ids = case["ids_restore"].clone()
@@ -210,7 +187,7 @@ def test_unshuffle_bwd_ids_outside_range_write_nothing_and_give_nan(kun, device,
     row at x[n, 1 + id], before the buffer for a large negative id, over the cls gradient for
     -1) and makes the mask token's gradient NaN; the other gradients are the reference's."""
     buffers = []
-    monkeypatch.setattr(kun, "_empty", _guarded_empty(buffers))
+    monkeypatch.setattr(kun, "_empty", guarded_empty(buffers))
     N, L, D, ratio = 2, 9, 8, 0.5
     case = unshuffle_case(N, L, D, ratio, device=device, seed=22)
     keep = case["x"].shape[1] - 1
@@ -222,7 +199,7 @@ def test_unshuffle_bwd_ids_outside_range_write_nothing_and_give_nan(kun, device,
     ids = _with_invalid_ids(case, bad)
     grad_out = torch.randn(N, 1 + L, D, device=device) + 0.5
     gx, gmt = kun.unshuffle_bwd(grad_out, ids, keep, torch.float32, torch.float32)
-    _assert_guards_intact(buffers)
+    assert_guards_intact(buffers)
     _, want_gx, _ = _reference_float64(case, grad_out)
     assert_rel_close(gx, want_gx, TOL, "grad_x")  # cls rows included
     assert gmt.isnan().all(), "the mask token's gradient is not NaN"
