@@ -66,7 +66,7 @@
 # HOST_TIMEOUT=90, SWEEP_TIMEOUT=120, SKIP_STEP=0 (stage 1), SKIP_TRAIN_TEST=0, SKIP_HOST=0,
 # SKIP_SWEEP=0, SKIP_TESTS=0, SKIP_OPS=0, PROFILE=0 (1: stage 3d), PROFILE_TIMEOUT=150,
 # PROFILE_CASES=decoder (and/or encoder, mlp: the decoder MLP's fused matmuls, each way),
-# HEAD_TIMEOUT=150 (stage 0c),
+# HEAD_TIMEOUT=150 (stage 0c), SUITE_BUDGET=560 (s; every stage from 1 on fits in what is left),
 # PYTHON=python3, SUITE_COMMAND (the command BENCHMARKS.md names as the one that reproduces it).
 set -uo pipefail
 
@@ -86,6 +86,19 @@ STATUS=0
 
 say() { echo "[gpu_suite +$((SECONDS - T0))s] $*" | tee -a "$LOG"; }
 run() { "$@" 2>&1 | tee -a "$LOG"; return "${PIPESTATUS[0]}"; }
+# SUITE_BUDGET seconds (one device call is at most 600 s): each stage from 1 on gets at most
+# what is left of it, less 25 s for stage 6 and the summary, and is skipped, said, with under
+# 20 s left; a stage's own limit applies where it is smaller. A killed stage keeps what it wrote
+# (fastmae bench saves its JSON after each system).
+BUDGET="${SUITE_BUDGET:-560}"
+limit_now() {  # requested limit (s) -> the limit a stage gets now; 0: no time left for it
+    local left=$((BUDGET - (SECONDS - T0) - 25))
+    if [ "$left" -lt 20 ]; then echo 0; elif [ "$1" -lt "$left" ]; then echo "$1"; else echo "$left"; fi
+}
+out_of_budget() {  # stage name: say it is skipped for want of time
+    say "$1 skipped: under 20 s of SUITE_BUDGET=$BUDGET s left"
+    STATUS=1
+}
 
 # fastmae's kernels live in kernels/ and are installed as fastmae.kernels (setup.py's
 # package_dir). Where fastmae is not installed, a folder of links maps them, installing nothing.
@@ -205,8 +218,10 @@ head_tilings_result
 
 # ---------------------------------------------------------------- 1-3. training step
 step_bench() {  # model timeout extra-args...
-    local m=$1 limit=$2
+    local m=$1 limit
+    limit=$(limit_now "$2")
     shift 2
+    [ "$limit" -eq 0 ] && { out_of_budget "fastmae bench --model $m"; return; }
     say "fastmae bench --model $m $* --steps $STEPS --warmup $WARMUP"
     run timeout "$limit" "$PY" -m fastmae.cli bench --model "$m" "$@" \
         --steps "$STEPS" --warmup "$WARMUP" --no-progress --json "$OUTDIR/step_$m.json" \
@@ -222,7 +237,9 @@ fi
 # ---------------------------------------------------------------- 2. the training test
 if [ "${SKIP_TRAIN_TEST:-0}" != "1" ]; then
     say "2/6 GPU training test: 20 AdamW steps of ViT-B/16, fastmae against the eager reference"
-    run timeout "${TRAIN_TEST_TIMEOUT:-60}" "$PY" -m pytest "$REPO/tests/test_model_triton.py" -m cuda \
+    limit=$(limit_now "${TRAIN_TEST_TIMEOUT:-60}")
+    [ "$limit" -eq 0 ] && out_of_budget "the training test" || \
+    run timeout "$limit" "$PY" -m pytest "$REPO/tests/test_model_triton.py" -m cuda \
         -k trains_like_the_reference -q -p no:cacheprovider -rfE --tb=short \
         || { say "GPU training test failed or timed out"; STATUS=1; }
 fi
@@ -236,7 +253,9 @@ fi
 # where the host time of an eager step goes (the eager fastmae step was host-bound at 017ac2e)
 if [ "${SKIP_HOST:-0}" != "1" ]; then
     say "3b/6 host cost of an eager step: benches/step_overhead.py -> step_overhead.txt"
-    timeout "${HOST_TIMEOUT:-90}" "$PY" "$REPO/benches/step_overhead.py" --model vit_b16 \
+    limit=$(limit_now "${HOST_TIMEOUT:-90}")
+    [ "$limit" -eq 0 ] && out_of_budget "3b" || \
+    timeout "$limit" "$PY" "$REPO/benches/step_overhead.py" --model vit_b16 \
         --batch 256 --profile-top 25 2>&1 | tee "$OUTDIR/step_overhead.txt" >> "$LOG" \
         || { say "step_overhead.py failed or timed out"; STATUS=1; }
 fi
@@ -246,7 +265,9 @@ fi
 # ~45% / ~60% of the copy bandwidth at 017ac2e)
 if [ "${SKIP_SWEEP:-0}" != "1" ]; then
     say "3c/6 backward launch configurations: benches/sweep_bwd.py -> sweep_bwd.txt"
-    timeout "${SWEEP_TIMEOUT:-120}" "$PY" "$REPO/benches/sweep_bwd.py" 2>&1 \
+    limit=$(limit_now "${SWEEP_TIMEOUT:-120}")
+    [ "$limit" -eq 0 ] && out_of_budget "3c" || \
+    timeout "$limit" "$PY" "$REPO/benches/sweep_bwd.py" 2>&1 \
         | tee "$OUTDIR/sweep_bwd.txt" >> "$LOG" \
         || { say "sweep_bwd.py failed or timed out"; STATUS=1; }
 fi
@@ -260,7 +281,8 @@ fi
 # this timeout stops it (-k 10: SIGKILL 10 s later). Exit 3: no ncu here, a skip.
 if [ "${PROFILE:-0}" = "1" ]; then
     say "3d/6 attention kernels under ncu: benches/kernel_profile.py -> profile/"
-    limit="${PROFILE_TIMEOUT:-150}"
+    limit=$(limit_now "${PROFILE_TIMEOUT:-150}")
+    [ "$limit" -lt 40 ] && limit=40  # its own deadline is 20 s inside: under 40, nothing profiles
     run timeout -k 10 "$limit" "$PY" "$REPO/benches/kernel_profile.py" --out "$OUTDIR/profile" \
         --cases "${PROFILE_CASES:-decoder}" --timeout $((limit - 20))
     rc=$?
@@ -285,7 +307,8 @@ if [ "${SKIP_TESTS:-0}" != "1" ]; then
     # (the thread method ends the worker; xdist names the test it crashed in). At db16320 and
     # c79d6d3 one of the tests had not finished when the stage's limit came, unnamed; -v names
     # each result, and the ids that got none are listed below.
-    STAGE_LIMIT="${TEST_TIMEOUT:-300}"
+    STAGE_LIMIT=$(limit_now "${TEST_TIMEOUT:-300}")
+    [ "$STAGE_LIMIT" -lt 60 ] && STAGE_LIMIT=60  # the workers alone take ~20 s to start
     CASE_LIMIT="${TEST_CASE_TIMEOUT:-200}"
     [ "$CASE_LIMIT" -gt $((STAGE_LIMIT - 45)) ] && CASE_LIMIT=$((STAGE_LIMIT - 45))
     PER_TEST=()
@@ -325,7 +348,9 @@ fi
 # ---------------------------------------------------------------- 5. op suites
 if [ "${SKIP_OPS:-0}" != "1" ]; then
     say "5/6 op suites at $OP_MODELS shapes"
-    run timeout "${OPS_TIMEOUT:-90}" "$PY" -m pytest "$REPO/benches/bench_ops.py" -q -p no:cacheprovider \
+    limit=$(limit_now "${OPS_TIMEOUT:-90}")
+    [ "$limit" -eq 0 ] && out_of_budget "5" || \
+    run timeout "$limit" "$PY" -m pytest "$REPO/benches/bench_ops.py" -q -p no:cacheprovider \
         --mae-models "$OP_MODELS" --benchmark-json "$OUTDIR/ops.json" \
         --benchmark-columns=median,iqr,rounds --benchmark-group-by=group --benchmark-sort=name \
         || { say "op suites: some benchmarks failed or timed out (see above)"; STATUS=1; }

@@ -1107,9 +1107,12 @@ def _write_json(path, data):
     path = Path(path)
     if path.parent and not path.parent.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
+    # written whole, then renamed over the old: a run killed mid-write keeps the last save
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=1, default=str)
         f.write("\n")
+    os.replace(tmp, path)
 
 
 def main(argv=None):

@@ -113,10 +113,11 @@ def _tensor_lrs(optimizer):
         where = group["params"][0].device if group["params"] else device
         lr = group["lr"]
         if isinstance(lr, torch.Tensor):
-            if lr.device != where or lr.dim() != 0:
-                raise ValueError(f"param group {i}'s lr is a tensor of shape {tuple(lr.shape)} "
-                                 f"on {lr.device}: give a float or a 0-d tensor on its "
-                                 f"parameters' device ({where})")
+            # torch's fused CUDA kernels read a tensor lr as float32
+            if lr.device != where or lr.dim() != 0 or lr.dtype != torch.float32:
+                raise ValueError(f"param group {i}'s lr is a {lr.dtype} tensor of shape "
+                                 f"{tuple(lr.shape)} on {lr.device}: give a float or a 0-d "
+                                 f"float32 tensor on its parameters' device ({where})")
             continue
         if isinstance(lr, bool) or not isinstance(lr, (int, float)):
             raise ValueError(f"param group {i}'s lr must be a float or a 0-d tensor, got {lr!r}")

@@ -410,10 +410,13 @@ def patch_embed_visible_bwd(grad_out, imgs, weight, ids_keep, need_imgs_grad,
             grad_imgs[:, :, : L_h * p, grid_w * p:].zero_()
         launches = [(ids_keep, False)]
         if keep < L:
-            # the removed patches, in increasing order: no host sync
-            removed = torch.ones((N, L), dtype=torch.int32, device=device)
-            removed.scatter_(1, ids_keep, 0)
-            ids_removed = torch.argsort(removed, dim=1, stable=True)[:, keep:]
+            # the removed patches, in increasing order: no host sync. An id outside [0, L) is
+            # scattered into a spare column (on a GPU scatter_ would stop the process with a
+            # device-side assert): its output row is NaN already
+            removed = torch.ones((N, L + 1), dtype=torch.int32, device=device)
+            valid = (ids_keep >= 0) & (ids_keep < L)
+            removed.scatter_(1, torch.where(valid, ids_keep, L), 0)
+            ids_removed = torch.argsort(removed[:, :L], dim=1, stable=True)[:, keep:]
             launches.append((ids_removed, True))
         for ids, zero in launches:
             R = ids.shape[1]

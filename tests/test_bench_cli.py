@@ -1185,3 +1185,19 @@ def test_a_profile_that_saw_no_kernel_is_an_error_not_an_idle_gpu(monkeypatch):
     monkeypatch.setattr(bench, "_trace_kernels", lambda prof: [])
     with pytest.raises(RuntimeError, match="no GPU kernel in 2 steps"):
         bench.profile_train_step(lambda: None, steps=2)
+
+
+def test_a_result_file_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """fastmae bench saves its JSON after each system: a save stopped part-way (a killed run)
+    leaves the previous save, not half a file."""
+    path = tmp_path / "step.json"
+    bench._write_json(path, {"results": [1]})
+
+    def dies_midway(data, f, **kw):
+        f.write('{"results": [1, 2')
+        raise KeyboardInterrupt
+    monkeypatch.setattr(bench.json, "dump", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        bench._write_json(path, {"results": [1, 2]})
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"results": [1]}

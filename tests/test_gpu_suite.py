@@ -45,9 +45,10 @@ def test_each_failed_first_check_switches_its_kernels_off(tmp_path):
     assert [(REPO / name).read_bytes() for name in UNTOUCHED] == before  # no result: no page
 
 
-def _bench_commands(tmp_path, **switches):
+def _bench_commands(tmp_path, returncode=0, **switches):
     """The `fastmae bench` commands the suite runs (PYTHON a wrapper that logs them instead of
-    running them), the checks before them off, the stages after them skipped."""
+    running them), the checks before them off, the stages after them skipped; the suite's
+    exit status must be ``returncode``."""
     site = tmp_path / "site"
     site.mkdir(exist_ok=True)
     (site / "sitecustomize.py").write_text(
@@ -70,7 +71,7 @@ def _bench_commands(tmp_path, **switches):
     out = tmp_path / "out"
     proc = subprocess.run(["bash", str(REPO / "benches" / "gpu_suite.sh"), str(out)], env=env,
                           capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, (out / "suite.log").read_text()
+    assert proc.returncode == returncode, (out / "suite.log").read_text()
     return [line.split() for line in log.read_text().splitlines()]
 
 
@@ -93,3 +94,15 @@ def test_the_graphed_reference_is_timed_beside_fastmae_graphed(tmp_path):
         assert command[command.index("--json") + 1].endswith(f"step_{command[2]}.json")
     (tiny,) = _bench_commands(tmp_path, SKIP_STEP="1", L_MODEL="tiny")
     assert tiny[:3] == ["bench", "--model", "tiny"] and "reference_graph" in _systems(tiny)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="fakes a GPU on a CPU machine; where there is one, the script runs")
+def test_stages_past_the_budget_are_skipped_and_said(tmp_path):
+    """With SUITE_BUDGET spent (stage 6 keeps 25 s, a stage needs 20), the training-step stages
+    are skipped, each said, the run fails (STATUS=1) and still ends with its summary."""
+    assert _bench_commands(tmp_path, returncode=1, SUITE_BUDGET="30") == []
+    log = (tmp_path / "out" / "suite.log").read_text()
+    for model in ("vit_b16", "vit_l16"):
+        assert f"fastmae bench --model {model} skipped: under 20 s of SUITE_BUDGET=30 s left" in log
+    assert "done in" in log

@@ -295,12 +295,18 @@ def test_a_tensor_lr_is_kept_and_one_elsewhere_refused(fake_cuda):
     assert opt.param_groups[0]["lr"] is lr
     opt = _adamw(_params())
     opt.param_groups[0]["lr"] = torch.tensor(0.01, device="meta")
-    with pytest.raises(ValueError, match=r"param group 0's lr is a tensor of shape \(\) on "
-                                         r"meta: give a float or a 0-d tensor on its "
-                                         r"parameters' device \(cpu\)"):
+    with pytest.raises(ValueError, match=r"param group 0's lr is a torch.float32 tensor of "
+                                         r"shape \(\) on meta: give a float or a 0-d float32 "
+                                         r"tensor on its parameters' device \(cpu\)"):
         fastmae.cuda_graph_step(lambda: None, opt, warmup=1)
     opt = _adamw(_params(), lr=torch.tensor([0.01]))
-    with pytest.raises(ValueError, match=r"param group 0's lr is a tensor of shape \(1,\)"):
+    with pytest.raises(ValueError, match=r"param group 0's lr is a torch.float32 tensor of "
+                                         r"shape \(1,\)"):
+        fastmae.cuda_graph_step(lambda: None, opt, warmup=1)
+    # torch's fused CUDA kernels read a tensor lr as float32
+    opt = _adamw(_params())
+    opt.param_groups[0]["lr"] = torch.tensor(0.01, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"param group 0's lr is a torch.float64 tensor"):
         fastmae.cuda_graph_step(lambda: None, opt, warmup=1)
 
 

@@ -289,3 +289,32 @@ def test_patch_embed_bwd_ids_outside_range_write_nothing_and_give_nan(device, mo
                 r, c = l // grid_w, l % grid_w
                 named[n, :, r * p:(r + 1) * p, c * p:(c + 1) * p] = True
     T.assert_rel_close(gi.cpu()[named], r_gi.cpu()[named], TOL, "grad_imgs (named patches)")
+
+
+def test_patch_embed_bwd_invalid_ids_with_removed_patches_stop_nothing(device, monkeypatch):
+    """Some patches removed (keep < L) and an id outside [0, L): the image gradient's
+    removed-patch pass does not index with it (torch's scatter raised on a CPU, and on a GPU
+    would stop the process with a device-side assert); nothing is written out of bounds, and
+    every patch a valid id keeps gets the reference's gradient."""
+    buffers = []
+    monkeypatch.setattr(pe, "_empty", T.guarded_empty(buffers))
+    case, L = _bad_id_case(device)
+    N, C, H, W = case["imgs"].shape
+    D, _, p, _ = case["weight"].shape
+    g = T._gen(7, "cpu")
+    twin = torch.stack([torch.randperm(L, generator=g)[:5] for _ in range(N)]).to(device)
+    ids = twin.clone()
+    ids[0, 1], ids[1, 4] = -1, L + 9
+    grad_out = torch.randn(N, 5, D, generator=T._gen(8, "cpu")).to(device)
+    _, _, gi = pe.patch_embed_visible_bwd(grad_out, case["imgs"], case["weight"], ids,
+                                          need_imgs_grad=True)
+    T.assert_guards_intact(buffers)
+    _, _, _, r_gi = _reference(dict(case, ids_keep=twin), grad_out)
+    kept = torch.zeros(N, C, H, W, dtype=torch.bool)
+    grid_w = W // p
+    for n in range(N):
+        for l in ids[n].tolist():
+            if 0 <= l < L:
+                r, c = l // grid_w, l % grid_w
+                kept[n, :, r * p:(r + 1) * p, c * p:(c + 1) * p] = True
+    T.assert_rel_close(gi.cpu()[kept], r_gi.cpu()[kept], TOL, "grad_imgs (kept patches)")
