@@ -601,3 +601,13 @@ def test_forward_pool_takes_256_row_tiles_at_16_warps_only_where_compiled():
 
     assert wide(197, 32) == wide(4096, 32) == {(256, 64, 16, 2), (256, 64, 16, 3)}
     assert wide(197, 64) == wide(197, 32, fp32=True) == wide(50, 32) == set()
+
+
+def test_split_backward_with_very_negative_scores(device, monkeypatch):
+    """Scores ~ -140 (log-sum-exp below fp32's exp range): the dQ sweep's last, partial key step
+    must mask its padding keys, whose exp2(s - lse) is inf there (masking nothing passed every
+    other test: with ordinary scores the padding's zero keys and values hide it)."""
+    monkeypatch.setenv("FASTMAE_ATTN_BWD", "split")
+    c = attention_case(1, 2, 50, 32, device=device, seed=4)
+    q, k = -5.0 + 0.1 * c["q"], 5.0 + 0.1 * c["k"]
+    _check(q, k, c["v"], _do_like(q), 32 ** -0.5)

@@ -161,3 +161,13 @@ def test_bias_gelu_low_precision(M, D, dtype, atol):
         assert_rel_close(got, e, 2 * rel_err(eg, e) + atol, name)
     dx2, db2 = bg.bias_gelu_bwd(dy, x, bias, dtype)
     assert torch.equal(dx, dx2) and torch.equal(db, db2)
+
+
+def test_half_input_with_an_fp32_bias_adds_in_fp32(device):
+    """fp16 x and an fp32 bias (autocast's fc1 output and its master bias): the sum is taken in
+    fp32 (adding the bias in fp16 first rounds 300 + x to 0.25 apart)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 40, generator=g).to(device, torch.float16)
+    bias = (torch.randn(40, generator=g) * 1e-2 + 300.0).to(device)
+    y = bg.bias_gelu_fwd(x, bias, torch.float32)
+    assert_rel_close(y, ref.bias_gelu(x.double(), bias.double()), 1e-5, "y")
