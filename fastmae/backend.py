@@ -6,7 +6,6 @@ environment variable, then the default: "triton" for CUDA tensors, "torch" for C
 on with ``TRITON_INTERPRET=1`` before fastmae's kernels are first imported.
 """
 import contextlib
-import functools
 import os
 import threading
 
@@ -59,16 +58,19 @@ def interpreter_on() -> bool:
     return on
 
 
-@functools.lru_cache(maxsize=None)
+_STDLIB_INTERPRETED = []  # its one answer, once found (a plain global: torch.compile traces it)
+
+
 def _triton_imported_for_the_interpreter():
     """Whether triton's standard library was decorated for the interpreter (Triton decides at
-    its import, by TRITON_INTERPRET then). Read once: it cannot change afterwards."""
-    import triton.language.standard as standard
-    for value in vars(standard).values():
-        kind = type(value).__name__
-        if kind in ("InterpretedFunction", "JITFunction"):
-            return kind == "InterpretedFunction"
-    return True  # no @jit function found: nothing to tell by
+    its import, by TRITON_INTERPRET then). Found once: it cannot change afterwards."""
+    if not _STDLIB_INTERPRETED:
+        import triton.language.standard as standard
+        kinds = [type(v).__name__ for v in vars(standard).values()]
+        jitted = [k for k in kinds if k in ("InterpretedFunction", "JITFunction")]
+        # no @jit function found: nothing to tell by
+        _STDLIB_INTERPRETED.append(not jitted or jitted[0] == "InterpretedFunction")
+    return _STDLIB_INTERPRETED[0]
 
 
 def backend_for(tensor: torch.Tensor) -> str:
