@@ -93,7 +93,10 @@ run() { "$@" 2>&1 | tee -a "$LOG"; return "${PIPESTATUS[0]}"; }
 BUDGET="${SUITE_BUDGET:-560}"
 limit_now() {  # requested limit (s) -> the limit a stage gets now; 0: no time left for it
     local left=$((BUDGET - (SECONDS - T0) - 25))
-    if [ "$left" -lt 20 ]; then echo 0; elif [ "$1" -lt "$left" ]; then echo "$1"; else echo "$left"; fi
+    if [ "$left" -lt 20 ]; then echo 0
+    elif [ "$1" -lt "$left" ]; then echo "$1"
+    else echo "$left"
+    fi
 }
 out_of_budget() {  # stage name: say it is skipped for want of time
     say "$1 skipped: under 20 s of SUITE_BUDGET=$BUDGET s left"

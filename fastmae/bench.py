@@ -38,8 +38,9 @@ After the timing, on a GPU, what was timed is checked, at the timed batch so tha
 paths fastmae chose by timing and the autotuned configurations are the timed ones: parity, one
 shared step of fastmae against the reference (same weights, images and noise; retried at batch
 32 if the timed batch runs out of memory, and said so), and each timed CUDA graph's check
-(``graph_check``): 3 replays against 3 eager steps of the same step from the same weights, images and mask
-noise, each loss and every parameter after them compared. A failed check makes the exit status 1.
+(``graph_check``): 3 replays against 3 eager steps of the same step from the same weights,
+images and mask noise, each loss and every parameter after them compared. A failed check makes
+the exit status 1.
 
 Without a GPU nothing about fastmae's speed can be measured: the command times the reference on
 the CPU on a tiny configuration, and checks the triton path's parity through Triton's

@@ -337,7 +337,8 @@ class MaskedAutoencoderViT(nn.Module):
         len_keep = ops.keep_count(L, mask_ratio)
         if noise is not None:
             if not isinstance(noise, torch.Tensor) or tuple(noise.shape) != (N, L):
-                got = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
+                got = (tuple(noise.shape) if isinstance(noise, torch.Tensor)
+                       else type(noise).__name__)
                 raise ValueError(f"noise must be a tensor of shape (N, L) = ({N}, {L}), got {got}")
             if noise.device != imgs.device:
                 raise ValueError(f"noise is on {noise.device} but imgs are on {imgs.device}")
