@@ -248,6 +248,19 @@ def test_patch_embed_ids_outside_range_give_nan_rows(device, monkeypatch):
     assert torch.equal(patches[~flat], _patches_by_torch(case["imgs"], twin, p).cpu()[~flat])
 
 
+def _pixels_named(ids, shape, p, L):
+    """(N, C, H, W) bool: the pixels of the patches the ids in [0, L) name."""
+    N, C, H, W = shape
+    named = torch.zeros(N, C, H, W, dtype=torch.bool)
+    grid_w = W // p
+    for n in range(N):
+        for l in ids[n].tolist():
+            if 0 <= l < L:
+                r, c = l // grid_w, l % grid_w
+                named[n, :, r * p:(r + 1) * p, c * p:(c + 1) * p] = True
+    return named
+
+
 def test_patch_embed_bwd_ids_outside_range_write_nothing_and_give_nan(device, monkeypatch):
     """In the backward an id outside [0, L) writes no image gradient (the old kernel wrote past
     the buffer) and adds nothing to the weight gradient (nothing is read through it): the
@@ -281,13 +294,7 @@ def test_patch_embed_bwd_ids_outside_range_write_nothing_and_give_nan(device, mo
     gw_nan, _, _ = pe.patch_embed_visible_bwd(nan_rows, case["imgs"], case["weight"], ids,
                                               need_imgs_grad=False)
     assert gw_nan.isnan().all()
-    named = torch.zeros(N, C, H, W, dtype=torch.bool)  # pixels of the patches valid ids name
-    grid_w = W // p
-    for n in range(N):
-        for l in ids[n].tolist():
-            if 0 <= l < L:
-                r, c = l // grid_w, l % grid_w
-                named[n, :, r * p:(r + 1) * p, c * p:(c + 1) * p] = True
+    named = _pixels_named(ids, case["imgs"].shape, p, L)
     T.assert_rel_close(gi.cpu()[named], r_gi.cpu()[named], TOL, "grad_imgs (named patches)")
 
 
@@ -310,11 +317,5 @@ def test_patch_embed_bwd_invalid_ids_with_removed_patches_stop_nothing(device, m
                                           need_imgs_grad=True)
     T.assert_guards_intact(buffers)
     _, _, _, r_gi = _reference(dict(case, ids_keep=twin), grad_out)
-    kept = torch.zeros(N, C, H, W, dtype=torch.bool)
-    grid_w = W // p
-    for n in range(N):
-        for l in ids[n].tolist():
-            if 0 <= l < L:
-                r, c = l // grid_w, l % grid_w
-                kept[n, :, r * p:(r + 1) * p, c * p:(c + 1) * p] = True
+    kept = _pixels_named(ids, case["imgs"].shape, p, L)
     T.assert_rel_close(gi.cpu()[kept], r_gi.cpu()[kept], TOL, "grad_imgs (kept patches)")
