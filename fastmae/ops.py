@@ -561,29 +561,39 @@ def unshuffle(x, mask_token, ids_restore, pos_embed):
 
 # ============================================================================ loss
 
+def _loss_grad_dtype(pred_dtype):
+    """The dtype the loss keeps d loss / d pred in until its backward scales it. fp16 cannot
+    hold it: 2 (pred - target) / (p*p*C * removed patches) is ~1e-7 at ViT-B/16 batch 64, below
+    fp16's smallest normal (6e-5), where the reference multiplies by the incoming gradient (a
+    GradScaler's 2**16) in fp32 and rounds once; bf16 has fp32's exponent range."""
+    return torch.float32 if pred_dtype == torch.float16 else pred_dtype
+
+
 @_op("fastmae::masked_mse")
 def _masked_mse_op(imgs: Tensor, pred: Tensor, mask: Tensor, patch_size: int, norm_pix: bool,
                    need_grad: bool) -> tuple[Tensor, Tensor]:
     launch = _kernel("mse_loss").masked_mse_fwd
-    loss, grad_pred = launch(imgs, pred, mask, patch_size, norm_pix, need_grad)
+    loss, grad_pred = launch(imgs, pred, mask, patch_size, norm_pix, need_grad,
+                             _loss_grad_dtype(pred.dtype))
     return loss, (grad_pred if grad_pred is not None else pred.new_empty(0))
 
 
 @_masked_mse_op.register_fake
 def _(imgs, pred, mask, patch_size, norm_pix, need_grad):
-    g = pred.new_empty(pred.shape) if need_grad else pred.new_empty(0)
+    g = (pred.new_empty(pred.shape, dtype=_loss_grad_dtype(pred.dtype)) if need_grad
+         else pred.new_empty(0))
     return pred.new_empty((), dtype=torch.float32), g
 
 
 @_op("fastmae::scale")
-def _scale_op(x: Tensor, alpha: Tensor) -> Tensor:
+def _scale_op(x: Tensor, alpha: Tensor, out_dtype: torch.dtype) -> Tensor:
     launch = _kernel("scale").scale
-    return launch(x, alpha)
+    return launch(x, alpha, out_dtype)
 
 
 @_scale_op.register_fake
-def _(x, alpha):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+def _(x, alpha, out_dtype):
+    return torch.empty_like(x, dtype=out_dtype, memory_format=torch.contiguous_format)
 
 
 # _NO_ZERO_GRADS: an op output that gets no gradient (a saved buffer marked non-differentiable,
@@ -595,11 +605,12 @@ def _masked_mse_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)  # see _NO_ZERO_GRADS
     ctx.save_for_backward(output[1])
+    ctx.pred_dtype = inputs[1].dtype
 
 
 def _masked_mse_backward(ctx, grad_loss, _unused):
     (grad_pred,) = ctx.saved_tensors
-    return None, _scale_op(grad_pred, grad_loss), None, None, None, None
+    return None, _scale_op(grad_pred, grad_loss, ctx.pred_dtype), None, None, None, None
 
 
 _masked_mse_op.register_autograd(_masked_mse_backward, setup_context=_masked_mse_setup)

@@ -28,7 +28,7 @@ def _masked_mse_fwd(
     pred_ptr,  # (N, L, K) any float dtype, strides (s_pn, s_pl, s_pk)
     mask_ptr,  # (N, L) any float dtype, strides (s_mn, s_ml)
     mask_sum_ptr,  # (1,) fp32: sum(mask), computed beforehand on the device (no host sync)
-    grad_ptr,  # (N, L, K) contiguous, pred's dtype: d loss / d pred; unused unless NEED_GRAD
+    grad_ptr,  # (N, L, K) contiguous, any float dtype: d loss / d pred; unused unless NEED_GRAD
     part_ptr,  # (num_programs,) fp32: each program's share of the loss, already divided by S
     NL, L, grid_w,
     s_in, s_ic, s_ih, s_iw, s_pn, s_pl, s_pk, s_mn, s_ml,
@@ -92,10 +92,10 @@ def _masked_mse_fwd(
                  mask=ok2)
 
 
-def masked_mse_fwd(imgs, pred, mask, patch_size, norm_pix, need_grad):
+def masked_mse_fwd(imgs, pred, mask, patch_size, norm_pix, need_grad, grad_dtype=None):
     """imgs (N, C, H, W), pred (N, L, K = p*p*C), mask (N, L) float ->
-    (loss: 0-d fp32 tensor, grad_pred: (N, L, K) contiguous in pred's dtype, or None unless
-    need_grad). grad_pred is d loss / d pred for a unit incoming gradient."""
+    (loss: 0-d fp32 tensor, grad_pred: (N, L, K) contiguous in grad_dtype (pred's unless given),
+    or None unless need_grad). grad_pred is d loss / d pred for a unit incoming gradient."""
     N, C, H, W = imgs.shape
     p = int(patch_size)
     grid_w = W // p
@@ -110,7 +110,7 @@ def masked_mse_fwd(imgs, pred, mask, patch_size, norm_pix, need_grad):
     else:  # about 4096 elements of each operand per program: 4 patches at p = 16, C = 3
         block_p, num_warps = max(1, 4096 // (c_block * pp_block)), 8
     mask_sum = mask.sum(dtype=torch.float32).reshape(1)
-    grad = _empty((N, L, K), pred.dtype, device) if need_grad else None
+    grad = _empty((N, L, K), grad_dtype or pred.dtype, device) if need_grad else None
     if NL == 0:
         return (torch.zeros((), dtype=torch.float32, device=device) / mask_sum[0]), grad
     programs = cdiv(NL, block_p)

@@ -10,7 +10,7 @@ from ._common import cdiv, launch
 @triton.jit
 def _scale_kernel(
     x_ptr,  # (numel,) any float dtype, contiguous
-    y_ptr,  # (numel,) same dtype as x
+    y_ptr,  # (numel,) any float dtype (the caller's out_dtype)
     alpha_ptr,  # (1,) fp32: a tensor, so a gradient scale needs no host sync
     numel,
     BLOCK: tl.constexpr,
@@ -22,10 +22,11 @@ def _scale_kernel(
     tl.store(y_ptr + offs, (x * alpha).to(y_ptr.dtype.element_ty), mask=in_bounds)
 
 
-def scale(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """x * alpha for a 1-element fp32 tensor alpha, computed in fp32, stored in x's dtype."""
+def scale(x: torch.Tensor, alpha: torch.Tensor, out_dtype=None) -> torch.Tensor:
+    """x * alpha for a 1-element fp32 tensor alpha, computed in fp32, stored in out_dtype (x's
+    dtype unless given): one rounding, after the product."""
     x = x.contiguous()
-    y = torch.empty_like(x)
+    y = torch.empty_like(x, dtype=out_dtype or x.dtype)
     alpha = alpha.reshape(1).to(device=x.device, dtype=torch.float32)
     numel = x.numel()
     if numel:

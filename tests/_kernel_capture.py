@@ -153,10 +153,12 @@ def _scenarios(name):
 
     if name == "scale":
         from fastmae.kernels.scale import scale
-        for dt in (f32,) + low:
+        # (x, out): as x; and the loss's fp32 gradient of an fp16 pred (ops._loss_grad_dtype)
+        for dt, out_dt in ((f32, f32), (bf16, bf16), (f16, f16), (f32, f16)):
             for n in (B * 196 * 768, 1000):
-                yield f"scale {dt} numel={n}", lambda dt=dt, n=n: scale(empty(n, dtype=dt),
-                                                                       torch.ones(()))
+                yield (f"scale {dt} -> {out_dt} numel={n}",
+                       lambda dt=dt, out_dt=out_dt, n=n: scale(empty(n, dtype=dt), torch.ones(()),
+                                                               out_dt))
 
     elif name == "masking":
         from fastmae.kernels import masking as m
@@ -217,6 +219,7 @@ def _scenarios(name):
 
     elif name == "mse_loss":
         from fastmae.kernels import mse_loss as ml
+        from fastmae.ops import _loss_grad_dtype
         for (p, L, _, _, _, _) in vits[::2]:
             side = p * int(L ** 0.5)
             for pred_dt in (f32,) + low:
@@ -227,7 +230,7 @@ def _scenarios(name):
                                lambda p=p, L=L, side=side, dt=pred_dt, np_=norm_pix, g=need_grad:
                                ml.masked_mse_fwd(empty(B, 3, side, side),
                                                  empty(B, L, p * p * 3, dtype=dt), empty(B, L),
-                                                 p, np_, g))
+                                                 p, np_, g, _loss_grad_dtype(dt)))
 
     elif name == "attention":
         from fastmae.kernels import attention as at

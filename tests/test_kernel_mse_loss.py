@@ -90,14 +90,22 @@ def test_masked_mse(N, C, H, W, p, layout, norm_pix, device, monkeypatch):
     assert none is None and torch.equal(loss3, loss)
 
 
-def test_masked_mse_backward_scaled(device, monkeypatch):
-    """The op's backward: grad_pred (for a unit gradient) scaled by the incoming 0-d gradient."""
+@pytest.mark.parametrize("pred_dtype,grad_dtype,tol", [
+    (torch.float32, None, TOL),
+    (torch.float16, torch.float32, 1e-3),  # as the op runs fp16: kept in fp32, rounded once
+])
+def test_masked_mse_backward_scaled(pred_dtype, grad_dtype, tol, device, monkeypatch):
+    """The op's backward: grad_pred (for a unit gradient) scaled by the incoming 0-d gradient,
+    stored in pred's dtype."""
     _poison_allocations(monkeypatch)
-    case = T.loss_case(3, 3, 12, 20, 4, device=device, seed=4)
+    case = T.loss_case(3, 3, 12, 20, 4, pred_dtype=pred_dtype, device=device, seed=4)
     grad_loss = torch.tensor(-2.75, device=device)
     _, r_grad = _reference(case, grad_loss.item())
-    _, grad = ml.masked_mse_fwd(**case, need_grad=True)
-    T.assert_rel_close(scale(grad, grad_loss), r_grad, TOL, "scaled grad_pred")
+    _, grad = ml.masked_mse_fwd(**case, need_grad=True, grad_dtype=grad_dtype)
+    assert grad.dtype == (grad_dtype or pred_dtype)
+    scaled = scale(grad, grad_loss, pred_dtype)
+    assert scaled.dtype == pred_dtype
+    T.assert_rel_close(scaled, r_grad, tol, "scaled grad_pred")
 
 
 def test_masked_mse_all_masked_rows(device, monkeypatch):

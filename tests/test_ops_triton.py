@@ -6,7 +6,7 @@ import torch
 import fastmae
 from fastmae import ops, reference
 from fastmae.testing import (assert_rel_close, attention_case, bias_gelu_case, layer_norm_case,
-                             loss_case, masking_case, patch_embed_case, unshuffle_case)
+                             loss_case, masking_case, patch_embed_case, rel_err, unshuffle_case)
 
 pytestmark = pytest.mark.interpreter(
     covered_by="fastmae check, every op and gradient against the reference on the GPU "
@@ -131,6 +131,27 @@ def test_masked_mse_loss(N, C, H, W, p, norm_pix):
     assert loss.shape == () and loss.dtype == torch.float32
     assert_rel_close(loss, ref_loss, 1e-5, "loss")
     check_grads(loss, ref_loss, ours, ref, ["pred"], 1e-5)
+
+
+def test_masked_mse_loss_fp16_gradient_is_scaled_before_it_is_rounded():
+    """fp16 pred (as under autocast) and a GradScaler's 2**16 on the loss: d loss / d pred, here
+    below fp16's smallest normal (6e-5) before the scale, reaches pred's fp16 gradient with the
+    reference's error against float64 (it was rounded to fp16 unscaled: ~3e-2, 2% of it zeros)."""
+    case = loss_case(256, 3, 32, 32, 16, pred_dtype=torch.float16, seed=5)  # K = 768, S = 768
+    ours, ref = leaves(case, ["pred"])
+    torch_side = dict(case, pred=case["pred"].detach().clone().requires_grad_(True))
+    grad_scale = 2.0 ** 16
+    (ops.masked_mse_loss(**ours) * grad_scale).backward()
+    (reference.masked_mse_loss(**ref) * grad_scale).backward()
+    with fastmae.use_backend("torch"):
+        (ops.masked_mse_loss(**torch_side) * grad_scale).backward()
+    exact = ref["pred"].grad
+    assert exact.abs().max() < 6e-5 * grad_scale  # the unscaled gradient is subnormal in fp16
+    assert ours["pred"].grad.dtype == torch.float16
+    ours_err = rel_err(ours["pred"].grad, exact)
+    assert ours_err <= 2 * rel_err(torch_side["pred"].grad, exact) + 1e-4, ours_err
+    removed = case["mask"].bool()
+    assert (ours["pred"].grad[removed] != 0).all()
 
 
 def test_masked_mse_loss_with_image_gradient_goes_through_the_reference():
@@ -291,6 +312,10 @@ OPCHECKS = {
         for n, t in unshuffle_case(2, 9, 8, 0.5).items())),
     "masked_mse": lambda: (ops._masked_mse_op, (
         loss_case(2, 3, 8, 8, 4)["imgs"], loss_case(2, 3, 8, 8, 4)["pred"].requires_grad_(True),
+        loss_case(2, 3, 8, 8, 4)["mask"], 4, True, True)),
+    "masked_mse_fp16": lambda: (ops._masked_mse_op, (
+        loss_case(2, 3, 8, 8, 4)["imgs"],
+        loss_case(2, 3, 8, 8, 4, pred_dtype=torch.float16)["pred"].requires_grad_(True),
         loss_case(2, 3, 8, 8, 4)["mask"], 4, True, True)),
     "attention": lambda: (ops._attention_op, tuple(
         t.detach().requires_grad_(True) for t in attention_case(1, 2, 5, 32).values()) + (0.3,)),
