@@ -40,6 +40,8 @@ def _masking_indices(
     # but the sign; padding gets the largest key (and an index >= L) so it sorts last
     bits = noise.to(tl.int32, bitcast=True)
     key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    # every NaN (either sign: x86's 0/0 has the sign bit) after +inf, NaNs tied, as torch sorts
+    key = tl.where(noise != noise, 0x7FFFFFFF, key)
     key = tl.where(in_row, key, 0x7FFFFFFF)
     packed = (key.to(tl.int64) << 32) | j.to(tl.int64)
     packed = tl.sort(packed, dim=0)

@@ -88,6 +88,25 @@ def test_masking_indices_signed_zeros_tie_as_torch_sorts_them(kmask, device, L):
             _assert_indices_equal(got, ref.masking_indices(noise, keep))
 
 
+@pytest.mark.parametrize("L", [3, 13, 37])
+def test_masking_indices_nans_sort_last_as_torch_sorts_them(kmask, device, L):
+    """NaN noise of either sign (x86's 0/0 has the sign bit set) sorts after +inf, the NaNs tied
+    (broken by index), as torch's sort orders them: a sign-set NaN was kept, ahead of -inf."""
+    g = _gen(L + 100, device)
+    nan = torch.tensor(float("nan"), device=device)
+    pool = torch.stack([nan, -nan, torch.tensor(float("inf"), device=device),
+                        torch.tensor(-float("inf"), device=device)])
+    N = 3
+    noise = torch.rand(N, L, generator=g, device=device)
+    pick = torch.randint(0, 6, (N, L), generator=g, device=device)  # 4, 5: a random value
+    noise = torch.where(pick < 4, pool[pick.clamp(max=3)], noise)
+    noise[0, 0], noise[0, -1] = -nan, nan
+    assert (noise.isnan() & noise.signbit()).any() and (noise.isnan() & ~noise.signbit()).any()
+    for keep in sorted({1, L // 2, L - 1, L}):
+        got = kmask.masking_indices(noise, keep)
+        _assert_indices_equal(got, _stable_masking_indices(noise, keep))
+
+
 @pytest.mark.parametrize("N, L, D, ratio", [
     (1, 1, 8, 0.0),
     (2, 7, 40, 0.75),
