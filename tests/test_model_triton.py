@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 import fastmae
+import official_mae
 from fastmae.testing import rel_err
 
 pytestmark = pytest.mark.interpreter(
@@ -564,3 +565,52 @@ def test_mask_ratio_of_numpy_or_tensor_type(ratio):
     want = run(m, "triton", imgs, noise, ratio=0.75)
     got = run(m, "triton", imgs, noise, ratio=ratio)
     assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])
+
+
+# ------------------------------------------------- found by a mutation audit of model.py
+
+def test_fused_block_uses_each_norms_own_eps():
+    """norm1 and norm2 with different eps (a model built with one norm_layer has them equal):
+    the fused block must give what calling the modules gives."""
+    blk = tiny().blocks[0]
+    blk.norm2.eps = 0.5  # large enough that the wrong eps shows in the output
+    x = torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(0))
+    with fastmae.use_backend("triton"):
+        a = blk(x)
+    with fastmae.use_backend("torch"):
+        b = blk(x)
+    assert rel_err(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_cls_token_gets_position_row_zero(backend):
+    """Official adds pos_embed[:, :1] to the cls token; the sincos table's row 0 is zeros, so
+    only a non-zero row 0 (a loaded or learned table) shows whether it is added."""
+    m = tiny(seed=1)
+    m.pos_embed.data[:, 0] = torch.randn(64, generator=torch.Generator().manual_seed(2))
+    g = torch.Generator().manual_seed(3)
+    imgs, noise = torch.randn(2, 3, 16, 24, generator=g), torch.rand(2, 24, generator=g)
+    with fastmae.use_backend(backend):
+        loss, pred, _ = m(imgs, noise=noise)
+    with torch.no_grad():
+        ref_loss, ref_pred, _ = official_mae.forward(m, imgs, 0.75, noise)
+    assert rel_err(pred, ref_pred) < 1e-5 and rel_err(loss, ref_loss) < 1e-5
+
+
+def test_instance_random_masking_override_is_called_under_triton():
+    """model.random_masking set on the instance (as on a subclass) must be called: the fused
+    embed path, which never calls it, may not run."""
+    m = tiny(seed=2)
+    calls = []
+    plain = m.random_masking
+
+    def masking(x, mask_ratio, noise=None):
+        calls.append(mask_ratio)
+        return plain(x, mask_ratio, noise)
+
+    m.random_masking = masking
+    g = torch.Generator().manual_seed(3)
+    imgs, noise = torch.randn(2, 3, 16, 24, generator=g), torch.rand(2, 24, generator=g)
+    with fastmae.use_backend("triton"):
+        m(imgs, noise=noise)
+    assert calls == [0.75]

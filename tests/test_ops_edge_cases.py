@@ -9,7 +9,7 @@ import torch
 import fastmae
 from fastmae import ops, reference
 from fastmae.testing import (assert_rel_close, attention_case, bias_gelu_case, layer_norm_case,
-                             loss_case, patch_embed_case, unshuffle_case)
+                             loss_case, patch_embed_case, rel_err, unshuffle_case)
 
 pytestmark = pytest.mark.interpreter(
     covered_by="the kernel tests' cuda cases and fastmae check on the GPU")
@@ -404,3 +404,106 @@ def test_patch_embed_index_outside_range_raises_on_cpu(bad):
     ids[0, -1] = bad
     with pytest.raises(ValueError, match=r"ids_keep must hold indices in \[0, 4\)"):
         ops.patch_embed_visible(**dict(case, ids_keep=ids))
+
+
+# --------------------------------------------------- found by a mutation audit of ops.py
+
+def test_packed_attention_default_scale_is_head_dim():
+    B, N, H, d = 1, 9, 2, 32
+    qkv = torch.randn(B, N, 3 * H * d, generator=torch.Generator().manual_seed(4))
+    out = ops.packed_attention(qkv, H)  # scale defaulted
+    q, k, v = qkv.reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)
+    want = reference.attention(q, k, v, scale=d ** -0.5).transpose(1, 2).reshape(B, N, H * d)
+    assert rel_err(out, want) < 1e-4
+
+
+def test_add_layer_norm_s_only_gradient_of_branch_bias_for_3d_input():
+    g = torch.Generator().manual_seed(5)
+    x, r = torch.randn(2, 5, 40, generator=g), torch.randn(2, 5, 40, generator=g)
+    w, b = torch.randn(40, generator=g), torch.randn(40, generator=g)
+    bb = torch.randn(40, generator=g).requires_grad_(True)
+    s, _ = ops.add_layer_norm(x, r, w, b, 1e-6, bb)
+    gs = torch.randn(s.shape, generator=g)
+    s.backward(gs)
+    assert bb.grad.shape == (40,)
+    assert rel_err(bb.grad, gs.sum((0, 1))) < 1e-6
+
+
+def test_add_layer_norm_mixed_dtypes_residual_gradient_is_fp32_exact():
+    """x fp16, residual fp32 (autocast's branch and residual stream): the residual's gradient is
+    the fp32 one -- the same as with x given in fp32 -- not rounded through fp16."""
+    case = layer_norm_case(7, 40, residual=True, seed=5)
+    x16 = case["x"].half()
+    dy = torch.randn(7, 40, generator=torch.Generator().manual_seed(6)).half()
+    ds = torch.randn(7, 40, generator=torch.Generator().manual_seed(7))
+    grads = []
+    for x in (x16, x16.float()):
+        r = case["residual"].clone().requires_grad_(True)
+        s, y = ops.add_layer_norm(x.clone().requires_grad_(True), r, case["weight"], case["bias"],
+                                  case["eps"])
+        torch.autograd.backward((s, y), (ds, dy.to(y.dtype)))
+        grads.append(r.grad)
+    assert grads[0].dtype == torch.float32
+    assert rel_err(grads[0], grads[1]) < 1e-6
+
+
+def test_block_node_passes_the_residual_gradient_through_in_fp32_under_autocast():
+    """With the attention output projection zero and no gradient into the MLP branch, the block's
+    branches contribute nothing: x's gradient is the incoming residual gradient, bit for bit,
+    under fp16 autocast too (the fp32 residual stream's gradient is never rounded to fp16)."""
+    g = torch.Generator().manual_seed(8)
+    C, hidden = 64, 64
+    shapes = ((C,), (C,), (3 * C, C), (3 * C,), (C, C), (C,), (C,), (C,), (hidden, C), (hidden,),
+              (C, hidden), (C,))
+    params = [torch.randn(s, generator=g).requires_grad_(True) for s in shapes]
+    params[4] = torch.zeros(C, C, requires_grad=True)  # proj.weight
+    x = torch.randn(2, 5, C, generator=g).requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.float16):
+        s, (m, _) = ops.transformer_block(x, None, tuple(params), 2, 32 ** -0.5, (1e-6, 1e-6))
+    assert type(s.grad_fn).__name__ == "_BlockBackward"
+    gs = torch.randn(s.shape, generator=g)
+    torch.autograd.backward((s, m), (gs, torch.zeros_like(m)))
+    assert x.grad.dtype == torch.float32 and torch.equal(x.grad, gs)
+
+
+def test_unshuffle_mask_token_gradient_in_its_own_dtype():
+    case = unshuffle_case(2, 16, 32, 0.75, seed=9)
+    x = case["x"].half().requires_grad_(True)
+    mt = case["mask_token"].clone().requires_grad_(True)
+    out = ops.unshuffle(x, mt, case["ids_restore"], case["pos_embed"])
+    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(10))
+    out.backward(go)
+    ref_mt = case["mask_token"].double().requires_grad_(True)
+    reference.unshuffle(x.detach().double(), ref_mt, case["ids_restore"],
+                        case["pos_embed"].double()).backward(go.double())
+    assert mt.grad.dtype == torch.float32
+    assert rel_err(mt.grad, ref_mt.grad) < 1e-5
+
+
+def test_patch_embed_visible_under_autocast_returns_the_references_dtype():
+    case = patch_embed_case(2, 3, 8, 8, 4, 16, seed=11)
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = ops.patch_embed_visible(**case)
+        ref = reference.patch_embed_visible(**case)
+    assert out.dtype == ref.dtype == torch.float32
+    assert rel_err(out, ref) < 2e-3
+
+
+def test_mlp_forced_fused_runs_the_non_tma_kernels(monkeypatch):
+    from fastmae.kernels import gelu_matmul
+    monkeypatch.setenv("FASTMAE_MLP", "fused")
+    calls = []
+    for name in ("matmul_bias_gelu", "matmul_gelu_bwd"):
+        real = getattr(gelu_matmul, name)
+        monkeypatch.setattr(gelu_matmul, name,
+                            lambda *a, _real=real, _name=name, **k: calls.append((_name, k["tma"]))
+                            or _real(*a, **k))
+    g = torch.Generator().manual_seed(12)
+    C = 64
+    shapes = ((C,), (C,), (3 * C, C), (3 * C,), (C, C), (C,), (C,), (C,), (C, C), (C,), (C, C),
+              (C,))
+    params = tuple(torch.randn(s, generator=g).requires_grad_(True) for s in shapes)
+    x = torch.randn(1, 5, C, generator=g, requires_grad=True)
+    s, (m, _) = ops.transformer_block(x, None, params, 2, 32 ** -0.5, (1e-6, 1e-6))
+    (s.sum() + m.sum()).backward()
+    assert calls == [("matmul_bias_gelu", False), ("matmul_gelu_bwd", False)]
