@@ -487,23 +487,3 @@ def test_patch_embed_visible_under_autocast_returns_the_references_dtype():
         ref = reference.patch_embed_visible(**case)
     assert out.dtype == ref.dtype == torch.float32
     assert rel_err(out, ref) < 2e-3
-
-
-def test_mlp_forced_fused_runs_the_non_tma_kernels(monkeypatch):
-    from fastmae.kernels import gelu_matmul
-    monkeypatch.setenv("FASTMAE_MLP", "fused")
-    calls = []
-    for name in ("matmul_bias_gelu", "matmul_gelu_bwd"):
-        real = getattr(gelu_matmul, name)
-        monkeypatch.setattr(gelu_matmul, name,
-                            lambda *a, _real=real, _name=name, **k: calls.append((_name, k["tma"]))
-                            or _real(*a, **k))
-    g = torch.Generator().manual_seed(12)
-    C = 64
-    shapes = ((C,), (C,), (3 * C, C), (3 * C,), (C, C), (C,), (C,), (C,), (C, C), (C,), (C, C),
-              (C,))
-    params = tuple(torch.randn(s, generator=g).requires_grad_(True) for s in shapes)
-    x = torch.randn(1, 5, C, generator=g, requires_grad=True)
-    s, (m, _) = ops.transformer_block(x, None, params, 2, 32 ** -0.5, (1e-6, 1e-6))
-    (s.sum() + m.sum()).backward()
-    assert calls == [("matmul_bias_gelu", False), ("matmul_gelu_bwd", False)]

@@ -147,17 +147,32 @@ def test_mlp_path_forced_by_an_unknown_name_raises(monkeypatch):
         run_block(case, 2, True)
 
 
-def test_mlp_path_fused_tma_runs_the_tma_kernels_or_says_why_not(monkeypatch):
-    """FASTMAE_MLP=fused_tma takes the TMA kernels; where the hidden width's rows are not whole
-    16-byte units (66 fp32) it raises naming the variable instead of running another way."""
+def _record_mlp_kernels(monkeypatch):
+    """[(fused MLP launcher, whether it was asked for TMA), ...] as the block calls them."""
     from fastmae.kernels import gelu_matmul
-    monkeypatch.setenv("FASTMAE_MLP", "fused_tma")
     calls = []
     for name in ("matmul_bias_gelu", "matmul_gelu_bwd"):
         real = getattr(gelu_matmul, name)
         monkeypatch.setattr(gelu_matmul, name,
                             lambda *a, _real=real, _name=name, **k: calls.append((_name, k["tma"]))
                             or _real(*a, **k))
+    return calls
+
+
+def test_mlp_path_fused_runs_the_kernels_without_tma(monkeypatch):
+    """FASTMAE_MLP=fused takes the fused kernels whose tiles threads move, also where the TMA
+    ones could run (a mutation audit found nothing checked which)."""
+    monkeypatch.setenv("FASTMAE_MLP", "fused")
+    calls = _record_mlp_kernels(monkeypatch)
+    run_block(block_case(1, 5, 64, 64, branch=False), 2, True)
+    assert calls == [("matmul_bias_gelu", False), ("matmul_gelu_bwd", False)]
+
+
+def test_mlp_path_fused_tma_runs_the_tma_kernels_or_says_why_not(monkeypatch):
+    """FASTMAE_MLP=fused_tma takes the TMA kernels; where the hidden width's rows are not whole
+    16-byte units (66 fp32) it raises naming the variable instead of running another way."""
+    monkeypatch.setenv("FASTMAE_MLP", "fused_tma")
+    calls = _record_mlp_kernels(monkeypatch)
     run_block(block_case(1, 5, 64, 64, branch=False), 2, True)
     assert calls == [("matmul_bias_gelu", True), ("matmul_gelu_bwd", True)]
     with pytest.raises(ValueError, match="FASTMAE_MLP=fused_tma: the TMA kernels need"):
