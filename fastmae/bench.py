@@ -575,19 +575,24 @@ def fastmae_kernel_names():
 
 
 _CATEGORIES = [
-    # (category, name fragments, lower-case); the first match wins
+    # (category, name fragments, lower-case); the first match wins. The full name is matched,
+    # template arguments included (an elementwise kernel's functor says what it does), so
+    # attention comes before matmul (flash kernels' templates name cutlass types), and no bare
+    # "cast" (an add of mixed dtypes loads through LoadWithCast)
+    ("attention (SDPA)", ("flash", "fmha", "sdpa", "attention")),
     ("matmul (cuBLAS)", ("gemm", "nvjet", "cutlass", "xmma", "gemv", "cublas", "splitk")),
-    ("attention (SDPA)", ("flash", "fmha", "cudnn", "attention")),
     ("optimizer", ("adam", "multi_tensor", "foreach")),
-    ("torch.compile (inductor)", ("triton_",)),
     ("reduction (torch)", ("reduce", "sum")),
-    ("copy / cast (torch)", ("memcpy", "memset", "copy", "cast", "cat", "index", "scatter", "gather", "fill", "transpose")),
+    ("copy / cast (torch)", ("memcpy", "memset", "copy", "cat", "index", "scatter", "gather",
+                             "fill", "transpose")),
 ]
 
 
 def kernel_category(name, fastmae_names):
     if name in fastmae_names:
         return "fastmae kernels"
+    if name.startswith("triton_"):  # inductor's kernels, whatever they fused
+        return "torch.compile (inductor)"
     low = name.lower()
     for category, fragments in _CATEGORIES:
         if any(f in low for f in fragments):
@@ -687,10 +692,16 @@ def launch_shape(args):
     return f"grid {' x '.join(str(int(g)) for g in grid)}, block {threads}"
 
 
+# a trace's GPU work: kernels, and the copies and fills the copy engines or driver run (a
+# same-dtype contiguous copy_ or clone is a cudaMemcpyAsync, not a kernel)
+GPU_EVENT_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
 def _trace_kernels(prof):
-    """(name, us, launch shape) of every CUDA kernel in a finished torch.profiler profile, in the
-    order they ran, read from its Chrome trace, where the profiler keeps each kernel's grid and
-    block; None if the trace cannot be read."""
+    """(name, us, launch shape) of every CUDA kernel, memcpy and memset in a finished
+    torch.profiler profile, in the order they ran, read from its Chrome trace, where the
+    profiler keeps each kernel's grid and block (None for a copy); None if the trace cannot be
+    read."""
     fd, path = tempfile.mkstemp(suffix=".json")
     os.close(fd)
     try:
@@ -698,7 +709,8 @@ def _trace_kernels(prof):
         with open(path, encoding="utf-8") as f:
             trace = json.load(f)
         events = trace["traceEvents"] if isinstance(trace, dict) else trace
-        kernels = sorted((e for e in events if e.get("cat") == "kernel" and e.get("ph") == "X"),
+        kernels = sorted((e for e in events if e.get("cat") in GPU_EVENT_CATEGORIES
+                          and e.get("ph") == "X"),
                          key=lambda e: float(e.get("ts", 0)))  # launch order (one stream)
         return [(e["name"], float(e["dur"]), launch_shape(e.get("args") or {})) for e in kernels]
     except (OSError, ValueError, KeyError, TypeError):

@@ -174,6 +174,46 @@ def test_kernel_breakdown_sums_and_categories():
     assert "fastmae_launches" not in b  # no launch shapes given
 
 
+@pytest.mark.parametrize("name, category", [
+    # names as the profiler gives them (torch 2.11 on an H200, and SDPA's other kernels)
+    ("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT", "matmul (cuBLAS)"),
+    ("cudnn_generated_fort_native_sdpa_sm90_knob_7_64x128x64_4x1x1_kernel0_0",
+     "attention (SDPA)"),
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 64, 4, false, "
+     "false, cutlass::bfloat16_t, Flash_kernel_traits<64, 128, 64, 4, cutlass::bfloat16_t> >, "
+     "false, true, false, false, false, true, false, false>(pytorch_flash::Flash_fwd_params)",
+     "attention (SDPA)"),
+    ("fmha_cutlassF_bf16_aligned_64x64_rf_sm80(PyTorchMemEffAttention::AttentionKernel<"
+     "cutlass::bfloat16_t, cutlass::arch::Sm80, true, 64, 64, 64, true, true>::Params)",
+     "attention (SDPA)"),
+    ("void at::native::unrolled_elementwise_kernel<at::native::CUDAFunctor_add<float>, "
+     "std::array<char*, 3ul>, 4, TrivialOffsetCalculator<2, unsigned int>, "
+     "TrivialOffsetCalculator<1, unsigned int>, at::native::memory::LoadWithCast<2>, "
+     "at::native::memory::StoreWithCast<1> >(int, at::native::CUDAFunctor_add<float>, "
+     "std::array<char*, 3ul>, TrivialOffsetCalculator<2, unsigned int>, "
+     "TrivialOffsetCalculator<1, unsigned int>, at::native::memory::LoadWithCast<2>, "
+     "at::native::memory::StoreWithCast<1>)", "other (torch elementwise)"),
+    ("void at::native::vectorized_elementwise_kernel<8, at::native::bfloat16_copy_kernel_cuda("
+     "at::TensorIteratorBase&)::{lambda(float)#1}, std::array<char*, 2ul> >(int, "
+     "at::native::bfloat16_copy_kernel_cuda(at::TensorIteratorBase&)::{lambda(float)#1}, "
+     "std::array<char*, 2ul>)", "copy / cast (torch)"),
+    ("triton_per_fused__scaled_dot_product_flash_attention_0", "torch.compile (inductor)"),
+    ("triton_red_fused_native_layer_norm_backward_3", "torch.compile (inductor)"),
+    ("Memcpy DtoD (Device -> Device)", "copy / cast (torch)"),
+    ("Memset (Device)", "copy / cast (torch)"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous "
+     "namespace)::TensorListMetadata<4>, at::native::(anonymous namespace)::FusedAdamMathFunctor"
+     "<float, 4, (at::native::ADAM_MODE)1, false>, float*, double, double, double, double, "
+     "double, double, bool, float*, float*>(...)", "optimizer"),
+    ("_attn_fwd", "fastmae kernels"),
+])
+def test_kernel_category_of_real_kernel_names(name, category):
+    """Each kernel in its category: attention before matmul (flash kernels' templates name
+    cutlass types), inductor's by their own name, an add that loads through LoadWithCast not a
+    cast, the trace's memcpy and memset as copies."""
+    assert bench.kernel_category(name, {"_attn_fwd"}) == category
+
+
 def test_kernel_breakdown_by_launch_shape():
     """Launches that carry their grid and block: every fastmae kernel per launch shape (e.g. the
     encoder's and the decoder's calls apart), the totals as without them."""
@@ -322,13 +362,19 @@ def test_launch_shapes_come_from_the_profilers_trace(tmp_path):
         {"ph": "X", "cat": "kernel", "name": "nvjet_tst_fixture", "dur": 30.0, "args": {}},
         {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "dur": 3.0, "args": {}},
         {"ph": "i", "cat": "kernel", "name": "marker", "args": {}},
+        # a same-dtype copy_ and a zero fill: the GPU busy with them too
+        {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy DtoD (Device -> Device)", "dur": 4.0,
+         "args": {"bytes": 1024}},
+        {"ph": "X", "cat": "gpu_memset", "name": "Memset (Device)", "dur": 2.0, "args": {}},
     ]}
     assert bench._trace_kernels(FakeProfile(json.dumps(trace))) == [
-        ("_attn_fwd", 12.5, "grid 4096 x 4 x 1, block 128"), ("nvjet_tst_fixture", 30.0, None)]
+        ("_attn_fwd", 12.5, "grid 4096 x 4 x 1, block 128"), ("nvjet_tst_fixture", 30.0, None),
+        ("Memcpy DtoD (Device -> Device)", 4.0, None), ("Memset (Device)", 2.0, None)]
     # in the order they ran, whatever the trace's order
-    trace["traceEvents"][0]["ts"], trace["traceEvents"][1]["ts"] = 20.0, 10.0
+    for event, ts in zip(trace["traceEvents"], (20.0, 10.0, 0.0, 0.0, 30.0, 5.0)):
+        event["ts"] = ts
     assert [k[0] for k in bench._trace_kernels(FakeProfile(json.dumps(trace)))] == [
-        "nvjet_tst_fixture", "_attn_fwd"]
+        "Memset (Device)", "nvjet_tst_fixture", "_attn_fwd", "Memcpy DtoD (Device -> Device)"]
     assert bench._trace_kernels(FakeProfile("{not json")) is None
 
 
