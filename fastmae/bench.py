@@ -836,7 +836,8 @@ def step_parity(model_name, batch, amp_dtype, device, seed=0, model_kwargs=None)
     out = dict(vars(par))
     out.update({"batch": batch, "dtype": _dtype_name(amp_dtype),
                 "rule": "each error vs the exact reference <= max(1e-4, 2 x the eager reference's "
-                        "error on the same quantity + one rounding of the dtype)"})
+                        "error on the same quantity + one rounding of the dtype; for the loss, "
+                        "an fp32 mean, that rounding over the square root of its terms)"})
     return out
 
 
