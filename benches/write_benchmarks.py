@@ -18,6 +18,7 @@ Needs only the standard library, and matplotlib for the chart (the ``bench`` ext
 """
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -75,7 +76,27 @@ def _gpu_records(data):
     return out
 
 
+def _sustained(data):
+    """A fastmae-bench file's rows with ms/step as the timed steps' total time over their
+    number. Files written before fastmae bench recorded ms_median took the median step for
+    ms/step: their rows are rederived from their own step times (images/s, MFU and the
+    profile's step time with it), the median kept beside them."""
+    batch = data["config"]["batch"]
+    for r in data["results"]:
+        times = r.get("ms_steps")
+        if not times or "ms_median" in r or r.get("ms_per_step") is None:
+            continue
+        median, ms = r["ms_per_step"], r.get("ms_mean") or math.fsum(times) / len(times)
+        r.update(ms_median=median, ms_per_step=ms, ms_mean=ms, images_per_s=batch * 1e3 / ms)
+        if r.get("mfu") is not None:
+            r["mfu"] *= median / ms
+        if r.get("profile") and r["profile"].get("step_ms") == median:
+            r["profile"]["step_ms"] = ms
+    return data
+
+
 def _add_step(res, name, data):
+    _sustained(data)
     card, env = _card(data["env"]), data["env"]
     res.steps[card].append(data)
     res.envs[card].append((name, env))
@@ -330,23 +351,27 @@ def model_section(card, res, chart_link):
                 continue
             name = f"{MODEL_TITLES.get(m, m)}, {cfg.get('batch', '?')}, {cfg.get('dtype', '?')}"
             if r.get("error"):
-                rows.append([name, SYSTEM_LABELS.get(s, s), "failed", "", "", ""]
+                rows.append([name, SYSTEM_LABELS.get(s, s), "failed", "", "", "", ""]
                             + [""] * len(bases))
                 continue
             failed = failed_checks(s, r, parity.get(m))
+            median = r.get("ms_median")
             rows.append([
-                name, SYSTEM_LABELS.get(s, s), f"{r['ms_per_step']:.1f}", f"{r['images_per_s']:.0f}",
+                name, SYSTEM_LABELS.get(s, s), f"{r['ms_per_step']:.1f}",
+                "-" if median is None else f"{median:.1f}", f"{r['images_per_s']:.0f}",
                 _pct(r.get("mfu")),
                 f"{r['peak_mem_gib']:.1f}" if r.get("peak_mem_gib") is not None else "-",
             ] + [_speedup(base, r, failed) for base in bases])
-    head = ["model, batch, dtype", "system", "ms/step", "images/s", "MFU", "peak GiB",
+    head = ["model, batch, dtype", "system", "ms/step", "median ms", "images/s", "MFU", "peak GiB",
             "vs eager", "vs torch.compile"] + (["vs reference + CUDA graph"] if with_graph_ref
                                                else [])
     out = ["### Training step", "",
            "Forward + backward + fused AdamW, autocast, norm_pix_loss, mask ratio 0.75, random "
-           "224 px images. Median step time over the timed steps (CUDA events), after warm-up. "
-           "MFU = training FLOPs per image (3 x forward matmul + attention FLOPs) x images/s / the "
-           "measured bf16 matmul rate. Speed-ups are this row's images/s over that system's. "
+           "224 px images. ms/step: the timed steps' total time (CUDA events, after warm-up) "
+           "over their number, so images/s is what the run sustained; the median step beside it. "
+           "MFU = training FLOPs per image (3 x forward matmul + attention FLOPs, as "
+           "the baselines count them) x images/s / the measured bf16 matmul rate (none for "
+           "fp32). Speed-ups are this row's images/s over that system's. "
            "\"+ CUDA graph\": the same step captured once into a CUDA graph and replayed "
            "(`fastmae.bench.make_train_step(..., cuda_graph=True)`), which takes the host's "
            "per-launch cost out of the step."
@@ -428,7 +453,9 @@ WORK_NOTE = ("GB and GFLOP: what each launch had to move and compute, as fastmae
              "read; the FLOPs of matmul work: attention's products, patch embedding, the fused "
              "MLP matmuls). Floor: those bytes at the copy rate or those FLOPs at the bf16 "
              "matmul rate measured in the same run, whichever takes longer; \"of floor\" is "
-             "the floor's time over the kernel's.")
+             "the floor's time over the kernel's. The copy rate is what a 1 GiB device copy "
+             "reached, not the memory's peak: a kernel whose data partly stays in L2 can pass "
+             "it (over 100%).")
 
 
 def _work_head(rows):

@@ -21,15 +21,16 @@ On a GPU, fastmae's Triton kernels for the steps to come are first compiled in p
 processes into Triton's cache (``fastmae.precompile``; ``--no-precompile`` leaves it to the
 steps, one kernel after another). Timing: warm-up steps first (what compiling and autotuning is
 left happens there and is reported as the first step's wall time), then ``--steps`` steps
-timed with CUDA events between consecutive steps; the median step time gives ms/step and
-images/s. Peak memory ("peak GiB", defined here only) is ``torch.cuda.max_memory_allocated``
+timed with CUDA events between consecutive steps; their total time over their number gives
+ms/step and images/s (what the run sustained: a median would drop a slow step; it is kept beside
+it). Peak memory ("peak GiB", defined here only) is ``torch.cuda.max_memory_allocated``
 from the end of the eager warm-up on: for an eager system over its timed steps, for a CUDA graph
 over its capture (which allocates the graph's memory pool) and its timed replays (its eager
 warm-up steps, which ``fastmae.cuda_graph_step`` undoes, come before the reset), so that both
 count what a step holds once warm, not what the warm-up's compiling and autotuning held. MFU is
 the model's training FLOPs per image (3 x the forward matmul and attention FLOPs, counted from
 the model as the official code computes it) times images/s over the bf16 matmul rate measured
-on this GPU. The kernel time of the eager systems and of fastmae's CUDA-graph step is then
+on this GPU (for a bf16 or fp16 run; none for fp32, whose matmuls that rate does not bound). The kernel time of the eager systems and of fastmae's CUDA-graph step is then
 broken down with the profiler (fastmae kernels, cuBLAS matmuls, optimizer, other torch
 kernels); for the graphed step, its GPU busy time against its step time is what the gaps
 between its kernels cost.
@@ -39,8 +40,9 @@ paths fastmae chose by timing and the autotuned configurations are the timed one
 shared step of fastmae against the reference (same weights, images and noise; retried at batch
 32 if the timed batch runs out of memory, and said so), and each timed CUDA graph's check
 (``graph_check``): 3 replays against 3 eager steps of the same step from the same weights,
-images and mask noise, each loss and every parameter after them compared. A failed check makes
-the exit status 1.
+images and mask noise, each loss and every parameter after them compared (the timed graph
+draws its mask noise inside the graph, a fresh mask each replay: tests/test_graphs.py checks
+that way against eager steps on a GPU). A failed check makes the exit status 1.
 
 Without a GPU nothing about fastmae's speed can be measured: the command times the reference on
 the CPU on a tiny configuration, and checks the triton path's parity through Triton's
@@ -503,6 +505,13 @@ def time_train_step(step, device, steps, warmup, progress=None, reset_peak=True)
     return {"times_ms": times, "first_step_s": first_s, "peak_mem_gib": peak}
 
 
+def sustained_ms(times_ms):
+    """ms/step of timed steps: their total time over their number (the mean). Consecutive
+    events' intervals add up to the run's time, so this is what the run sustained; the median
+    would hide a slow step (a host stall, a collection) that the run paid for."""
+    return math.fsum(times_ms) / len(times_ms)
+
+
 def bench_system(key, model_name, batch, amp_dtype, steps, warmup, device, seed=0,
                  progress=True, model_kwargs=None, profile=False, floors=None):
     """Build a fresh model (same seed, so same weights for every system), time it, free it.
@@ -530,7 +539,7 @@ def bench_system(key, model_name, batch, amp_dtype, steps, warmup, device, seed=
             breakdown = profile_error = None
             if profile and torch.device(device).type == "cuda":
                 try:  # a failed profile costs the breakdown, not the system's timing
-                    breakdown = profile_train_step(step, step_ms=statistics.median(t["times_ms"]),
+                    breakdown = profile_train_step(step, step_ms=sustained_ms(t["times_ms"]),
                                                    floors=floors)
                 except Exception as exc:  # noqa: BLE001
                     profile_error = _error_text(exc)
@@ -542,10 +551,10 @@ def bench_system(key, model_name, batch, amp_dtype, steps, warmup, device, seed=
             torch.cuda.empty_cache()
         if compiled:
             torch._dynamo.reset()
-    ms = statistics.median(t["times_ms"])
+    ms = sustained_ms(t["times_ms"])
     return {
         "system": key, "label": label, "backend": backend, "compiled": compiled,
-        "ms_per_step": ms, "ms_mean": statistics.fmean(t["times_ms"]),
+        "ms_per_step": ms, "ms_mean": ms, "ms_median": statistics.median(t["times_ms"]),
         "ms_min": min(t["times_ms"]), "ms_max": max(t["times_ms"]),
         # each timed step, in order (ViT-L/16 at db16320 ranged 77-94 ms a step: kept to see how)
         "ms_steps": [round(x, 3) for x in t["times_ms"]],
@@ -1048,7 +1057,8 @@ def _add_ratios(results, flops_per_image, floors):
         r["speedup_vs_eager"] = eager["ms_per_step"] / r["ms_per_step"] if eager else None
         r["speedup_vs_compile"] = comp["ms_per_step"] / r["ms_per_step"] if comp else None
         r["achieved_flops_per_s"] = flops_per_image * r["images_per_s"]
-        r["mfu"] = (r["achieved_flops_per_s"] / floors["matmul_flops_per_s"]) if floors else None
+        rate = floors.get("matmul_flops_per_s") if floors else None
+        r["mfu"] = r["achieved_flops_per_s"] / rate if rate else None
 
 
 # ============================================================================ the command
@@ -1206,7 +1216,7 @@ def _main_gpu(args):
     profile_floors = dict(floors, matmul_flops_per_s=floors["matmul_flops_per_s"]
                           if amp_dtype in (torch.bfloat16, torch.float16) else None)
     print(f"timing: {warmup} warm-up steps (compiling/autotuning included, not timed), then "
-          f"{steps} steps timed with CUDA events; median step")
+          f"{steps} steps timed with CUDA events; ms/step is their total time over {steps}")
     checks = [f"parity of fastmae against the reference on one shared step at batch {pb}"
               + (" (the timed batch)" if pb == batch else "")] if pb > 0 else []
     if any(k in GPU_ONLY_SYSTEMS for k in order):
@@ -1224,7 +1234,7 @@ def _main_gpu(args):
     def save():  # after every system, so a run stopped part-way keeps what it measured
         if not args.json:
             return
-        _add_ratios(results, train_flops, floors)
+        _add_ratios(results, train_flops, profile_floors)  # MFU: 16-bit runs only
         _write_json(args.json, {
             "schema": SCHEMA, "kind": "train_step", "tiny_cpu": False,
             "env": env, "floors": floors, "config": config,
@@ -1283,7 +1293,7 @@ def _main_gpu(args):
         torch.cuda.empty_cache()
         save()
     print()
-    _add_ratios(results, train_flops, floors)
+    _add_ratios(results, train_flops, profile_floors)
     print(format_results(results, True, "reference_compile" in order))
     for r in results:
         if r.get("profile"):

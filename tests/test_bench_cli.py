@@ -659,8 +659,9 @@ def _fixture_step(card="FIXTURE-GPU-A", ms=(111.0, 55.5, 88.8)):
     env = dict(FIXTURE_ENV, gpu=card)
 
     def row(system, label, m):
-        return {"system": system, "label": label, "ms_per_step": m, "images_per_s": 256 / (m / 1e3),
-                "peak_mem_gib": 12.5, "first_step_s": 1.0, "mfu": 0.3}
+        return {"system": system, "label": label, "ms_per_step": m, "ms_median": m - 0.5,
+                "images_per_s": 256 / (m / 1e3), "peak_mem_gib": 12.5, "first_step_s": 1.0,
+                "mfu": 0.3}
     rows = [row("reference", "reference, eager", ms[0]),
             row("fastmae", "fastmae (triton kernels)", ms[1]),
             row("reference_compile", "reference, torch.compile", ms[2])]
@@ -702,6 +703,48 @@ def _write(tmp_path, name, data):
     return str(p)
 
 
+def test_writer_rederives_a_median_runs_rows_from_their_step_times(tmp_path):
+    """A file written when ms/step was the median step (no ms_median in its rows) is shown as
+    the steps' total time over their number, from its own step times: images/s, MFU, the
+    speed-ups and the profile's step time with it, the median beside it."""
+    step = _fixture_step()
+    for r in step["results"]:
+        del r["ms_median"]
+    fastmae_row = step["results"][1]  # FIXTURE: a slow step among fast ones, median 55.5
+    fastmae_row.update(ms_steps=[55.5, 55.5, 55.5, 166.5], ms_mean=83.25)
+    md = writer.render(writer.load([_write(tmp_path, "step.json", step)]),
+                       str(tmp_path / "chart.png"), str(tmp_path))
+    # 256 images in 83.25 ms: 3075 images/s, MFU 0.3 x 55.5 / 83.25 = 20%, 111 / 83.25 = 1.33x
+    assert re.search(r"\| fastmae \(triton kernels\) \| 83\.2 \| 55\.5 \| 3075 \| 20% \| "
+                     r"12\.5 \| 1\.33x \| 1\.07x \|", md)
+    assert "GPU busy 34.3 ms per step of a 83.2 ms step" in md
+    # rows without their step times are left as they were (no median to show)
+    assert re.search(r"\| reference, eager \| 111\.0 \| - \| 2306 \| 30% \|", md)
+
+
+def test_bench_system_reports_the_steps_total_time_over_their_number(monkeypatch):
+    """ms/step, images/s (and the profile's step time) from the timed steps' total time, which
+    a slow step counts in; the median kept beside it."""
+    def timed(step, device, steps, warmup, progress=None, reset_peak=True):
+        return {"times_ms": [10.0, 10.0, 10.0, 50.0], "first_step_s": 0.0, "peak_mem_gib": 1.0}
+    monkeypatch.setattr(bench, "make_train_step", lambda model, imgs, amp, **kw: (None, None, model))
+    monkeypatch.setattr(bench, "time_train_step", timed)
+    r = bench.bench_system("reference", "micro", 2, torch.float32, 4, 1, "cpu", progress=False)
+    assert r["ms_per_step"] == r["ms_mean"] == 20.0 and r["ms_median"] == 10.0
+    assert r["images_per_s"] == pytest.approx(100.0)
+
+
+def test_mfu_only_against_a_matmul_rate_of_the_runs_precision():
+    """MFU sets the FLOPs against the bf16 matmul rate: none for an fp32 run (its floors carry
+    no matmul rate), as its kernels get no matmul floor."""
+    results = [{"system": "reference", "label": "reference, eager", "ms_per_step": 100.0,
+                "images_per_s": 2560.0}]
+    bench._add_ratios(results, 1e9, dict(FIXTURE_FLOORS, matmul_flops_per_s=None))
+    assert results[0]["mfu"] is None and results[0]["speedup_vs_eager"] == 1.0
+    bench._add_ratios(results, 1e9, FIXTURE_FLOORS)
+    assert results[0]["mfu"] == pytest.approx(2560e9 / 1e14)
+
+
 def test_writer_lists_notes_and_corrections_added_after_the_run(tmp_path):
     step = _fixture_step()
     step["notes"] = ["fastmae (triton kernels): host-bound on this machine"]
@@ -724,9 +767,10 @@ def test_writer_on_fixture(tmp_path):
         assert text in md
     assert "bash benches/gpu_suite.sh" in md
     assert "fastmae bench --model vit_b16 --compile --json fixture.json" in md
-    # model table: ms/step, images/s, MFU, peak, speed-ups over eager and over torch.compile
-    assert re.search(r"\| ViT-B/16, 256, bf16 \| fastmae \(triton kernels\) \| 55\.5 \| 4613 \| 30% \| "
-                     r"12\.5 \| 2\.00x \| 1\.60x \|", md)
+    # model table: ms/step, the median step, images/s, MFU, peak, speed-ups over eager and
+    # over torch.compile
+    assert re.search(r"\| ViT-B/16, 256, bf16 \| fastmae \(triton kernels\) \| 55\.5 \| 55\.0 \| "
+                     r"4613 \| 30% \| 12\.5 \| 2\.00x \| 1\.60x \|", md)
     assert "parity passed" in md
     assert "- ViT-B/16, mlp fc1 M=12800 N=3072 K=768 bfloat16: fused (fused 0.100 ms, split 0.200 ms)" in md
     assert ("- ViT-B/16, attention fwd N=197 d=32 bfloat16: BLOCK_M=64 BLOCK_N=64, warps=4, "
@@ -779,13 +823,13 @@ def test_writer_sets_fastmae_graphed_against_the_graphed_reference(tmp_path):
     parity step ran; a run without it keeps its columns."""
     files = [_write(tmp_path, "step.json", _graphed_fixture())]
     md = writer.render(writer.load(files), None, str(tmp_path))
-    assert ("| model, batch, dtype | system | ms/step | images/s | MFU | peak GiB | vs eager | "
-            "vs torch.compile | vs reference + CUDA graph |") in md
+    assert ("| model, batch, dtype | system | ms/step | median ms | images/s | MFU | peak GiB | "
+            "vs eager | vs torch.compile | vs reference + CUDA graph |") in md
     # 111.0 / 40.0, 88.8 / 40.0, 50.0 / 40.0
-    assert "| ViT-B/16, 256, bf16 | fastmae + CUDA graph | 40.0 | 6400 | 40% | 12.0 | 2.77x | " \
-           "2.22x | 1.25x |" in md
-    assert "| ViT-B/16, 256, bf16 | reference + CUDA graph | 50.0 | 5120 | 40% | 12.0 | 2.22x | " \
-           "1.78x | 1.00x |" in md
+    assert "| ViT-B/16, 256, bf16 | fastmae + CUDA graph | 40.0 | - | 6400 | 40% | 12.0 | " \
+           "2.77x | 2.22x | 1.25x |" in md
+    assert "| ViT-B/16, 256, bf16 | reference + CUDA graph | 50.0 | - | 5120 | 40% | 12.0 | " \
+           "2.22x | 1.78x | 1.00x |" in md
     assert "against the reference captured and replayed the same way" in md
     assert ("- ViT-B/16, fastmae + CUDA graph: graph check passed: 3 replays against 3 eager "
             "steps from the same weights (batch 256, bf16, fixed mask noise)") in md
@@ -809,11 +853,11 @@ def test_writer_marks_the_speedups_of_rows_whose_checks_failed(tmp_path):
     step["parity"]["passed"] = False
     files = [_write(tmp_path, "step.json", step)]
     md = writer.render(writer.load(files), None, str(tmp_path))
-    assert "| fastmae (triton kernels) | 55.5 | 4613 | 30% | 12.5 | 2.00x (parity FAILED) | " \
-           "1.60x (parity FAILED) | 0.90x (parity FAILED) |" in md
-    assert "| fastmae + CUDA graph | 40.0 | 6400 | 40% | 12.0 | 2.77x (parity FAILED, graph " \
+    assert "| fastmae (triton kernels) | 55.5 | 55.0 | 4613 | 30% | 12.5 | 2.00x (parity " \
+           "FAILED) | 1.60x (parity FAILED) | 0.90x (parity FAILED) |" in md
+    assert "| fastmae + CUDA graph | 40.0 | - | 6400 | 40% | 12.0 | 2.77x (parity FAILED, graph " \
            "check FAILED) |" in md
-    assert "| reference, eager | 111.0 | 2306 | 30% | 12.5 | 1.00x | 0.80x | 0.45x |" in md
+    assert "| reference, eager | 111.0 | 110.5 | 2306 | 30% | 12.5 | 1.00x | 0.80x | 0.45x |" in md
     assert "A speed-up marked FAILED is one whose run's check of that row failed" in md
     assert "- ViT-B/16, fastmae + CUDA graph: graph check FAILED:" in md
     assert "over the limit: blocks.0.norm1.weight." in md
