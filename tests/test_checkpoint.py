@@ -2,6 +2,7 @@
 ``load_into``'s strictness, position-table resizing, and files that must not load (or run code)."""
 import argparse
 import pickle
+import random
 import re
 import warnings
 from functools import partial
@@ -422,13 +423,16 @@ def test_half_precision_sincos_tables_are_recomputed_not_interpolated(dtype):
 
 
 def test_wrapped_checkpoints_and_models_load():
-    """Keys saved from a DDP or torch.compile'd model (module., _orig_mod.), a timm-style
+    """Keys saved from a DDP or torch.compile'd model (module., _orig_mod., and stacks of them in
+    either order: torch.compile(DDP(m)) saves _orig_mod.module.), a timm-style
     {'state_dict': ...} file, and a compiled or DDP-style wrapped model to load into."""
     source = tiny_mae(seed=3)
     sd = source.state_dict()
     for wrapped in ({"module." + k: v for k, v in sd.items()},
                     {"_orig_mod." + k: v for k, v in sd.items()},
                     {"module._orig_mod." + k: v for k, v in sd.items()},
+                    {"_orig_mod.module." + k: v for k, v in sd.items()},
+                    {"module.module." + k: v for k, v in sd.items()},
                     {"state_dict": sd, "epoch": 3, "arch": "mae"}):
         got = ckpt.load(wrapped)
         assert got.keys() == sd.keys() and all(torch.equal(got[k], sd[k]) for k in sd)
@@ -519,3 +523,56 @@ def test_a_pickle_that_would_run_code_does_not(tmp_path, writer):
         else:
             pickle.load(f)
     assert proof.exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_hf_qkv_without_bias_gets_a_zero_bias_of_the_weights_dtype(hf, dtype):
+    """A half-precision HF checkpoint built with qkv_bias=False: the zero qkv bias load adds is in
+    the checkpoint's dtype, like every other tensor of the state_dict."""
+    hf_model = hf_tiny(hf, seed=random.randrange(1000))
+    sd = {k: v.to(dtype) for k, v in hf_model.state_dict().items()
+          if not re.search(r"\.[qkv]_proj\.bias$", k)}
+    out = ckpt.load(sd)
+    assert {v.dtype for v in out.values()} == {dtype}
+    for key in ("blocks.0.attn.qkv.bias", "blocks.1.attn.qkv.bias",
+                "decoder_blocks.0.attn.qkv.bias"):
+        assert torch.equal(out[key], torch.zeros(96, dtype=dtype)), key
+
+
+def test_interpolate_still_recomputes_a_sincos_table_of_the_models_count_in_another_shape():
+    """pos_embed="interpolate" interpolates tables of another patch count only: a fixed table of
+    the model's count in another shape (4x16 patches for 8x8) is recomputed, as by default, not
+    loaded as it is."""
+    source, target = _small_mae((32, 128)), _small_mae(64)
+    with torch.no_grad():
+        target.pos_embed.copy_(torch.randn_like(target.pos_embed))
+        target.decoder_pos_embed.copy_(torch.randn_like(target.decoder_pos_embed))
+    with pytest.warns(UserWarning, match=r"recomputed for a 4x16 -> 8x8 patch grid"):
+        report = ckpt.load_into(target, source.state_dict(), pos_embed="interpolate")
+    assert len(report.resized) == 2
+    want = torch.from_numpy(sincos_2d(32, (8, 8), cls_token=True)).float().unsqueeze(0)
+    assert torch.equal(target.pos_embed, want)
+    assert torch.equal(target.decoder_pos_embed, want)
+
+
+def test_hf_config_takes_the_decoders_own_heads_and_width(hf):
+    """The official models' decoder has other heads than the encoder (ViT-B: 12 and 16): the
+    config carries each stack's own, and the HF model computes fastmae's loss, pred and mask."""
+    torch.manual_seed(random.randrange(1000))
+    model = fastmae.MaskedAutoencoderViT(
+        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=48,
+        decoder_depth=1, decoder_num_heads=4, norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        norm_pix_loss=True)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "pos_embed" not in name:
+                p.copy_(torch.randn_like(p) * 0.2 + (1.0 if name.endswith("norm1.weight") else 0.0))
+    config = ckpt.hf_config(model)
+    assert (config.num_attention_heads, config.decoder_num_attention_heads) == (2, 4)
+    assert (config.hidden_size, config.decoder_hidden_size) == (32, 48)
+    hf_model = hf.ViTMAEForPreTraining(config).eval()
+    hf_model.load_state_dict(ckpt.to_hf(model.state_dict()), strict=True)
+    (hl, hp, hm), (fl, fp, fm) = _forward_both(model, hf_model)
+    assert torch.equal(hm, fm)
+    torch.testing.assert_close(fp, hp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fl, hl, rtol=1e-5, atol=1e-6)

@@ -454,3 +454,58 @@ def test_filling_the_lr_reaches_the_replays_on_gpu():
     opt.param_groups[0]["lr"] = 1e-3
     with pytest.raises(ValueError, match=r"fill_\(value\)"):
         replay()
+
+
+@pytest.mark.parametrize("lr", [True, "0.1", None])
+def test_an_lr_that_is_not_a_number_is_refused(fake_cuda, lr):
+    """A bool is not a learning rate (lr=True would train at 1.0): refused, as a string or None,
+    before anything runs."""
+    opt = _adamw(_params())
+    opt.param_groups[0]["lr"] = lr
+    ran = []
+    with pytest.raises(ValueError,
+                       match=r"param group 0's lr must be a float or a 0-d tensor, got"):
+        fastmae.cuda_graph_step(lambda: ran.append(1), opt, warmup=1)
+    assert not ran
+
+
+def test_the_rng_state_saved_and_restored_is_the_parameters_devices(fake_cuda, monkeypatch):
+    """The warm-up's RNG draws are undone on the device the step runs on (the parameters'), not
+    on the current device, which may be another GPU."""
+    calls = fake_cuda
+    seen = []
+
+    def get_rng_state(device="cuda"):
+        seen.append(("get", torch.device(device)))
+        return calls.rng.clone()
+
+    def set_rng_state(state, device="cuda"):
+        seen.append(("set", torch.device(device)))
+        calls.rng = state.clone()
+    monkeypatch.setattr(torch.cuda, "get_rng_state", get_rng_state)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_rng_state)
+    params = _params(seed=torch.seed() % 1000)
+    opt = _adamw(params)
+    before = calls.rng.clone()
+    fastmae.cuda_graph_step(_training_step(calls, params, opt, [torch.randn(12)]), opt, warmup=2)
+    assert seen == [("get", params[0].device), ("set", params[0].device)]
+    assert torch.equal(calls.rng, before)
+
+
+def test_before_capture_sees_the_warm_up_undone(fake_cuda):
+    """_before_capture (fastmae bench resets the peak memory there) runs after the warm-up is
+    undone -- parameters, fresh optimizer state and RNG state back -- just before the capture."""
+    calls = fake_cuda
+    params = _params(seed=torch.seed() % 1000)
+    opt = _adamw(params)
+    before, rng = [p.detach().clone() for p in params], calls.rng.clone()
+    seen = []
+
+    def before_capture():
+        seen.append((all(torch.equal(p, q) for p, q in zip(params, before)),
+                     torch.equal(calls.rng, rng),
+                     all(not v.any() for s in opt.state.values() for v in s.values()),
+                     "capture" in calls))
+    step = _training_step(calls, params, opt, [torch.randn(12)])
+    fastmae.cuda_graph_step(step, opt, warmup=2, _before_capture=before_capture)
+    assert seen == [(True, True, True, False)]

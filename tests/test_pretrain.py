@@ -19,6 +19,7 @@ import time
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import triton
@@ -28,7 +29,8 @@ import fastmae
 from fastmae import pretrain
 from fastmae._provenance import git_commit
 from fastmae import data as fastmae_data
-from fastmae.data import ImageFolderImages, _RandomResizedCropFlip, build_dataset, synthetic_image
+from fastmae.data import (ImageFolderImages, SyntheticImages, _RandomResizedCropFlip, build_dataset,
+                          synthetic_image)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -1223,3 +1225,129 @@ def test_resume_says_what_is_wrong_with_the_checkpoint(tmp_path, capsys, finishe
     assert len(err.splitlines()) == 1 and "weights_only" not in err
     assert "StateDictOptions" not in err and "strict" not in err
     assert not out.exists()
+
+
+def test_derive_seed_neighbouring_inputs_give_unrelated_seeds():
+    """derive_seed's promise: inputs one apart in any part (the last one too) give unrelated
+    63-bit seeds, about half their bits different."""
+    rng = random.Random()
+    for _ in range(300):
+        parts = [rng.randrange(-2 ** 40, 2 ** 40) for _ in range(rng.randint(1, 4))]
+        other = list(parts)
+        other[rng.randrange(len(parts))] += 1
+        a, b = fastmae_data.derive_seed(*parts), fastmae_data.derive_seed(*other)
+        assert 0 <= a < 2 ** 63 and 0 <= b < 2 ** 63
+        assert 10 <= bin(a ^ b).count("1") <= 53, (parts, other)
+
+
+def test_image_paths_are_sorted_whatever_the_order_on_disk(tmp_path):
+    """Index i is the same file on every machine: the paths are sorted by relative path, not
+    listed in the file system's order."""
+    rng = random.Random()
+    root = tmp_path / "data"
+    rels = sorted({f"{rng.choice(['', 'n01/', 'n02/', 'zz/'])}{rng.randrange(10 ** 6):06d}.png"
+                   for _ in range(40)})
+    for rel in rng.sample(rels, len(rels)):  # written in a random order
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), tuple(rng.randrange(256) for _ in range(3))).save(root / rel)
+    ds = ImageFolderImages(str(root), 16)
+    assert [os.path.relpath(p, root) for p in ds.paths] == [r.replace("/", os.sep) for r in rels]
+
+
+def test_upper_case_extensions_are_images(tmp_path):
+    """ImageNet's training files end in .JPEG: extensions match whatever their case, as
+    torchvision's ImageFolder matches them."""
+    root = tmp_path / "data" / "n01440764"
+    root.mkdir(parents=True)
+    pixels = (torch.rand(20, 24, 3) * 255).byte().numpy()
+    for name in ("n01440764_10026.JPEG", "b.PNG", "c.Jpg", "d.jpeg"):
+        fmt = "PNG" if name.lower().endswith("png") else "JPEG"
+        Image.fromarray(pixels).save(root / name, format=fmt)
+    (root / "notes.TXT").write_text("not an image")
+    ds = build_dataset(str(tmp_path / "data"), 16)
+    assert sorted(os.path.basename(p) for p in ds.paths) == ["b.PNG", "c.Jpg", "d.jpeg",
+                                                              "n01440764_10026.JPEG"]
+    assert ds.image(0).shape == (3, 16, 16)
+
+
+def test_a_sample_is_augmented_for_the_epoch_set(tmp_path):
+    """ds[i] (what the DataLoader reads) is image(i, epoch) for the epoch set_epoch gave: a new
+    crop every epoch."""
+    data = _write_image_folder(tmp_path / "data", n=3)
+    ds = ImageFolderImages(str(data), 16, seed=random.randrange(2 ** 31))
+    firsts = []
+    for epoch in (0, 1, 5):
+        ds.set_epoch(epoch)
+        for i in range(len(ds)):
+            image, index = ds[i]
+            assert index == i and torch.equal(image, ds.image(i, epoch)), (i, epoch)
+        firsts.append(ds[0][0])
+    assert not torch.equal(firsts[0], firsts[1])
+
+
+_OFFICIAL_MEAN, _OFFICIAL_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # main_pretrain.py
+
+
+def _official_normalize(img01):
+    mean, std = torch.tensor(_OFFICIAL_MEAN), torch.tensor(_OFFICIAL_STD)
+    return (img01 - mean.view(3, 1, 1)) / std.view(3, 1, 1)
+
+
+def test_fallback_transform_is_crop_resize_flip_normalize():
+    """Without torchvision, pixel for pixel what torchvision's pipeline computes: the crop box and
+    the flip drawn from the sample's seed, Pillow's crop (left, top, right, bottom), a bicubic
+    resize, a left-right flip when torch.rand(1) < 0.5, ToTensor and the ImageNet Normalize."""
+    rng = random.Random()
+    W, H = rng.randint(20, 60), rng.randint(20, 60)
+    img = Image.fromarray((torch.rand(H, W, 3) * 255).byte().numpy())
+    transform = _RandomResizedCropFlip(16)
+    flips = set()
+    with torch.random.fork_rng(devices=[]):
+        for _ in range(40):
+            seed = rng.randrange(2 ** 63)
+            torch.manual_seed(seed)
+            i, j, h, w = _torchvision_get_params(W, H, (0.2, 1.0), (3 / 4, 4 / 3))
+            flip = bool(torch.rand(1) < 0.5)
+            torch.manual_seed(seed)
+            got = transform(img)
+            want = img.crop((j, i, j + w, i + h)).resize((16, 16), Image.BICUBIC)
+            if flip:
+                want = want.transpose(Image.FLIP_LEFT_RIGHT)
+            want = torch.from_numpy(np.array(want)).permute(2, 0, 1).float().div_(255)
+            assert torch.equal(got, _official_normalize(want)), (W, H, seed)
+            flips.add(flip)
+    assert flips == {True, False}
+
+
+def test_synthetic_images_are_normalized_with_imagenets_mean_and_std():
+    seed, size = random.randrange(2 ** 31), 16
+    ds = SyntheticImages(8, size, seed=seed)
+    for i in range(len(ds)):
+        image, index = ds[i]
+        assert index == i
+        torch.testing.assert_close(image, _official_normalize(synthetic_image(seed, i, size)),
+                                   rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode, fmt", [("L", "PNG"), ("LA", "PNG"), ("RGBA", "PNG"), ("P", "PNG"),
+                                       ("CMYK", "JPEG")])
+def test_images_of_any_mode_are_read_as_rgb(tmp_path, mode, fmt):
+    """ImageNet holds grayscale and CMYK JPEGs (and PNGs with alpha): each is read as the RGB
+    image Pillow converts it to, three channels, like torchvision's pil_loader."""
+    pixels = (torch.rand(30, 26, 4) * 255).byte().numpy()
+    src = (Image.fromarray(pixels, "RGBA") if "A" in mode
+           else Image.fromarray(pixels[..., :3], "RGB"))
+    src = src.convert(mode)
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "rgb").mkdir()
+    path = tmp_path / "odd" / f"x.{fmt.lower()}"
+    src.save(path, format=fmt)
+    with Image.open(path) as im:
+        im.convert("RGB").save(tmp_path / "rgb" / "x.png")
+    seed = random.randrange(2 ** 31)
+    odd = ImageFolderImages(str(tmp_path / "odd"), 16, seed=seed)
+    rgb = ImageFolderImages(str(tmp_path / "rgb"), 16, seed=seed)
+    for epoch in range(3):
+        image = odd.image(0, epoch)
+        assert image.shape == (3, 16, 16)
+        assert torch.equal(image, rgb.image(0, epoch))
