@@ -1,6 +1,8 @@
 """`fastmae check`: passes on the ops as they are, prints its table, and fails (non-zero exit) on a
 deliberately broken op."""
+import importlib
 import json
+import math
 import os
 import re
 import shutil
@@ -12,8 +14,9 @@ import pytest
 import torch
 import triton
 
-from fastmae import check, cli, ops
+from fastmae import check, cli, ops, reference, testing
 from fastmae._provenance import git_commit
+from fastmae.backend import use_backend
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -34,9 +37,24 @@ def _check_passes(argv, capsys, tma):
 
 
 @pytest.mark.interpreter(covered_by="test_check_passes_on_gpu")
-def test_check_passes_and_prints_the_table(capsys):
-    """The whole CPU grid (seconds), the TMA way through the interpreter too."""
-    _check_passes(["check"], capsys, tma=True)
+def test_check_passes_and_checks_every_quantity(capsys, tmp_path):
+    """The whole CPU grid (seconds), the TMA way through the interpreter too: every op at every
+    shape of its grid, and at each one every output and every gradient its OpSpec names
+    (patch_embed_visible's imgs gradient only where the case asks for it)."""
+    path = tmp_path / "check.json"
+    _check_passes(["check", "--json", str(path)], capsys, tma=True)
+    rows = json.loads(path.read_text())["rows"]
+    for name, spec in check.OPS.items():
+        cases = {spec.describe(p) for p in spec.grid_cpu}
+        seen = {}
+        for r in rows:
+            if r["op"] == name:
+                seen.setdefault((r["case"], r["dtype"]), set()).add(r["quantity"])
+        assert {case for case, _ in seen} == cases, name
+        for (case, _), quantities in seen.items():
+            grads = [g for g in spec.grads if not (g == "imgs" and "imgs_grad=False" in case)]
+            assert quantities == set(spec.outputs) | {f"grad {g}" for g in grads}, (name, case)
+    assert any(r["quantity"] == "grad imgs" for r in rows)
 
 
 @pytest.mark.cuda
@@ -166,3 +184,215 @@ def test_model_parity_holds_the_loss_to_twice_the_eager_error(monkeypatch, fastm
     assert par.loss_err == pytest.approx(fastmae_err) and par.passed is passed
     (loss_row,) = [r for r in par.rows("case", "bf16") if r.quantity == "loss"]
     assert loss_row.limit == pytest.approx(2e-3 + 2 ** -8 / 32 ** 0.5) and loss_row.ok is passed
+
+
+class _OffGrad(torch.autograd.Function):
+    """Identity forward; the backward scales the incoming gradient by 1 + 1e-3."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * (1 + 1e-3)
+
+
+def _one_ulp_up(t):
+    """t one float step up, element-wise; differentiable (the step is a constant)."""
+    d = t.detach()
+    return t + (torch.nextafter(d, torch.full_like(d, math.inf)) - d)
+
+
+def _y_grad_off(real):
+    def broken(x, residual, weight, bias, eps):
+        s, y = real(x, residual, weight, bias, eps)
+        return s, _OffGrad.apply(y)
+    return broken
+
+
+def _ids_restore_rolled(real):
+    def broken(noise, len_keep):
+        ids_keep, mask, ids_restore = real(noise, len_keep)
+        ids_restore = ids_restore.clone()
+        ids_restore[0] = ids_restore[0].roll(1)
+        return ids_keep, mask, ids_restore
+    return broken
+
+
+def _mask_flipped(real):
+    def broken(noise, len_keep):
+        ids_keep, mask, ids_restore = real(noise, len_keep)
+        mask = mask.clone()
+        mask[-1, -1] = 1 - mask[-1, -1]
+        return ids_keep, mask, ids_restore
+    return broken
+
+
+def _x_masked_one_ulp(real):
+    def broken(x, mask_ratio, noise):
+        x_masked, mask, ids_restore = real(x, mask_ratio, noise)
+        return _one_ulp_up(x_masked), mask, ids_restore
+    return broken
+
+
+@pytest.mark.parametrize("op, breaks, failing", [
+    # a gradient alone wrong (the output right): the gradient's row fails, no other
+    ("bias_gelu", lambda real: lambda x, bias: real(_OffGrad.apply(x), bias), {"grad x"}),
+    # the op's second output's gradient wrong: every gradient through it fails
+    ("add_layer_norm", _y_grad_off, {"grad x", "grad residual", "grad weight", "grad bias"}),
+    # no gradient at all for an input
+    ("bias_gelu", lambda real: lambda x, bias: real(x, bias.detach()), {"grad bias"}),
+    # exact outputs: one index, one mask entry, one float a step off
+    ("masking_indices", _ids_restore_rolled, {"ids_restore"}),
+    ("masking_indices", _mask_flipped, {"mask"}),
+    ("random_masking", _x_masked_one_ulp, {"x_masked"}),
+], ids=["grad-only", "second-output-grad", "missing-grad", "ids", "mask", "gather-one-ulp"])
+def test_check_fails_on_a_wrong_output_or_gradient(monkeypatch, capsys, tmp_path, op, breaks,
+                                                   failing):
+    monkeypatch.setattr(ops, op, breaks(getattr(ops, op)))
+    path = tmp_path / "check.json"
+    rc = cli.main(["check", "--quick", "--ops", op, "--no-model", "--json", str(path)])
+    out = capsys.readouterr().out
+    rows = json.loads(path.read_text())["rows"]
+    assert rc == 1, out
+    assert {r["quantity"] for r in rows if not r["ok"]} == failing, out
+    assert re.search(rf", {len(failing)} failed", out)
+
+
+def test_check_fails_on_a_broken_kernel(monkeypatch, capsys):
+    """A kernel wrong below the op (not the op's Python wrapper): the check runs fastmae's
+    "triton" backend, which is not the default for CPU tensors."""
+    kernels = importlib.import_module("fastmae.kernels.bias_gelu")
+    real = kernels.bias_gelu_fwd
+    monkeypatch.setattr(kernels, "bias_gelu_fwd", lambda *a, **k: real(*a, **k) + 1e-3)
+    rc = cli.main(["check", "--quick", "--ops", "bias_gelu", "--no-model"])
+    out = capsys.readouterr().out
+    assert rc == 1, out
+    assert re.search(r"^bias_gelu .* y .*FAIL", out, re.M), out
+
+
+@pytest.mark.parametrize("op, scale", [("bias_gelu", 1 + 5e-5), ("attention", 1 + 5e-4)])
+def test_check_holds_fp32_to_the_op_tolerance(monkeypatch, capsys, op, scale):
+    """fp32 outputs 5x the op's tolerance off (1e-5; 1e-4 for a matmul) fail."""
+    real = getattr(ops, op)
+    monkeypatch.setattr(ops, op, lambda *a: real(*a) * scale)
+    rc = cli.main(["check", "--quick", "--ops", op, "--no-model"])
+    assert rc == 1, capsys.readouterr().out
+
+
+def test_check_rows_measure_against_float64():
+    """A row's error is the kernel's output against the reference computed in float64 from the
+    same inputs, its eager error the fp32 reference's own (non-zero) error against it, and the
+    fp32 limit max(tolerance, 2 x eager error)."""
+    spec = check.OPS["layer_norm"]
+    p = (3, 100)
+    rows = {r.quantity: r for r in check.compare_case(spec, p, torch.float32, "cpu", seed=11)}
+    kw = spec.build(dict(zip(spec.params, p)), torch.float32, "cpu", 11)
+    x, w, b, eps = kw["x"], kw["weight"], kw["bias"], kw["eps"]
+    y64 = reference.layer_norm(x.double(), w.double(), b.double(), eps)
+    assert y64.dtype == torch.float64
+    with use_backend("triton"):
+        y = ops.layer_norm(x, w, b, eps)
+    eager = reference.layer_norm(x, w, b, eps)
+    row = rows["y"]
+    assert row.error == pytest.approx(testing.rel_err(y, y64), rel=1e-9, abs=0)
+    assert row.eager_error == pytest.approx(testing.rel_err(eager, y64), rel=1e-9, abs=0)
+    assert row.eager_error > 0
+    assert row.limit == max(check.TOL_FP32, 2 * row.eager_error) and row.ok
+
+
+def test_rel_err_is_the_largest_difference_over_the_largest_expected():
+    """The error every row reports: the largest absolute difference (one element off, either
+    way, counts whole) over the largest expected magnitude; inf for a non-finite result."""
+    gen = torch.Generator().manual_seed(5)
+    e = torch.randn(6, 9, generator=gen, dtype=torch.float64)
+    a = e.clone()
+    a[2, 7] -= 0.25  # one element off, downwards
+    assert testing.rel_err(a, e) == pytest.approx(0.25 / e.abs().max().item())
+    assert testing.rel_err(e, a) == pytest.approx(0.25 / a.abs().max().item())
+    a[0, 0] = float("nan")
+    assert testing.rel_err(a, e) == math.inf
+    assert testing.rel_err(e[:0], e[:0]) == 0.0
+    with pytest.raises(AssertionError, match="shape"):
+        testing.rel_err(e[:, :1], e)
+
+
+def _fake_step(pred, grads, mask, differs):
+    """model_step_grads' stand-in (FIXTURE: made-up step results): the exact and "torch" runs
+    agree; the "triton" run differs from them in ``differs``."""
+    def step(model, imgs, noise, backend, mask_ratio=0.75, autocast=None):
+        dtype = next(model.parameters()).dtype
+        p, g, m = pred.to(dtype), {n: t.to(dtype) for n, t in grads.items()}, mask
+        if backend == "triton" and dtype != torch.float64:
+            if differs == "pred":
+                p = p * (1 + 1e-3)
+            elif differs == "grad":
+                g["b"] = g["b"] * (1 + 1e-3)
+            elif differs == "missing grad":
+                del g["b"]
+            elif differs == "mask":
+                m = m.flip(1)
+        return torch.tensor(1.0, dtype=torch.float64), p, m, g
+    return step
+
+
+@pytest.mark.parametrize("differs, bad_row", [
+    ("pred", "pred"), ("grad", "grads"), ("missing grad", "grads"), ("mask", "mask")])
+def test_model_parity_fails_on_a_triton_step_that_differs(monkeypatch, differs, bad_row):
+    """The model row fails, on exactly its row, where fastmae's step differs from the
+    reference's in pred, in one gradient, by a missing gradient, or in the mask."""
+    gen = torch.Generator().manual_seed(4)
+    pred = torch.randn(2, 4, 8, generator=gen)
+    grads = {n: torch.randn(8, 4, generator=gen) for n in ("a", "b", "c")}
+    mask = torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 1.0, 0.0]])
+    monkeypatch.setattr(check, "model_step_grads", _fake_step(pred, grads, mask, differs))
+    par = check.model_parity(torch.nn.Linear(4, 8), torch.randn(2, 3), None)
+    assert par.passed is False
+    assert par.n_grads == 3
+    if differs == "grad":
+        assert par.grad_failed == ["b"] and par.grad_worst == "b"
+    if differs == "missing grad":
+        assert par.missing_grads == ["b"]
+    rows = par.rows("case", "fp32")
+    assert [r.quantity.split()[0] for r in rows if not r.ok] == [bad_row]
+
+
+def test_check_fails_when_the_model_row_raises(monkeypatch, capsys):
+    """A model step that raises is a failed row with its error, not a skipped one."""
+    def raises(*a, **k):
+        raise RuntimeError("no model step")
+    monkeypatch.setattr(check, "model_parity", raises)
+    rc = cli.main(["check", "--quick", "--ops", "masking_indices"])
+    out = capsys.readouterr().out
+    assert rc == 1, out
+    assert "RuntimeError: no model step" in out
+    assert re.search(r"^model .*FAIL", out, re.M)
+
+
+def test_check_fails_on_an_op_that_drops_an_output(monkeypatch, capsys):
+    """An op returning fewer outputs than the reference: the missing one is a failed row (zip
+    over the outputs had left it out: '2 checks, 2 passed')."""
+    real = ops.masking_indices
+    monkeypatch.setattr(ops, "masking_indices", lambda noise, len_keep: real(noise, len_keep)[:2])
+    rc = cli.main(["check", "--quick", "--ops", "masking_indices", "--no-model"])
+    out = capsys.readouterr().out
+    assert rc == 1, out
+    assert "ids_restore" in out
+
+
+@pytest.mark.parametrize("wrong", ["past the first patch", "for 7-pixel patches"])
+def test_check_grid_catches_a_patch_embedding_wrong_past_one_patch(monkeypatch, capsys, wrong):
+    """The CPU grid's patch embeddings keep more than one patch an image somewhere, and its
+    7-pixel-patch case keeps some (at mask ratio 0.75 a 2-patch image keeps none)."""
+    real = ops.patch_embed_visible
+
+    def broken(imgs, weight, bias, pos_embed, ids_keep):
+        out = real(imgs, weight, bias, pos_embed, ids_keep)
+        if wrong == "past the first patch":
+            return torch.cat([out[:, :1], out[:, 1:] * 1.01], 1)
+        return out * 1.01 if weight.shape[-1] == 7 else out
+
+    monkeypatch.setattr(ops, "patch_embed_visible", broken)
+    rc = cli.main(["check", "--ops", "patch_embed_visible", "--no-model"])
+    assert rc == 1, capsys.readouterr().out
