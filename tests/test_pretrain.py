@@ -1351,3 +1351,182 @@ def test_images_of_any_mode_are_read_as_rgb(tmp_path, mode, fmt):
         image = odd.image(0, epoch)
         assert image.shape == (3, 16, 16)
         assert torch.equal(image, rgb.image(0, epoch))
+
+
+def test_a_partial_accumulation_at_an_epochs_end_is_dropped(tmp_path, monkeypatch):
+    """Iterations per epoch not a multiple of --accum-iter: the epoch's last iteration takes no
+    optimizer step and its gradient does not leak into the next epoch (official train_one_epoch
+    zero_grads when an epoch starts): a straight run equals one stopped after epoch 1 and resumed,
+    whose gradients start empty."""
+    accum = random.randint(2, 3)
+    steps = accum + 1  # one full accumulation, then one iteration left over
+    run = TINY + ["--data", "synthetic", "--img-size", "16", "--epochs", "2", "--batch-size", "4",
+                  "--accum-iter", str(accum), "--steps-per-epoch", str(steps),
+                  "--blr", repr(random.uniform(5e-3, 3e-2))]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert pretrain.main(run + ["--output-dir", str(straight)]) == 0
+    with monkeypatch.context() as m:
+        _interrupt_after_checkpoints(m, 1)
+        with pytest.raises(_Interrupted):
+            pretrain.main(run + ["--output-dir", str(resumed)])
+    assert pretrain.main(run + ["--output-dir", str(resumed), "--resume", "auto"]) == 0
+    a, b = _checkpoint(straight), _checkpoint(resumed)
+    for state in a["optimizer"]["state"].values():
+        assert state["step"].item() == 2  # one step an epoch: the left-over iterations took none
+    assert _step_losses(straight) == _step_losses(resumed)  # bitwise
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+
+
+def test_each_epoch_reads_a_seeded_permutation_augmented_and_masked_for_its_epoch(
+        tmp_path, monkeypatch):
+    """Batch i of epoch e (module docstring): the samples DistributedSampler's permutation seeded
+    by seed + e puts there (a new order every epoch), each augmented for (seed, e, sample) and
+    masked with the noise of (seed, e, sample): new crops and masks every epoch."""
+    seed, batch, steps, epochs = random.randrange(1, 2 ** 31), 4, 2, 2
+    data = _write_image_folder(tmp_path / "data", n=12)
+    seen = []
+
+    def record(module, args, kwargs):
+        if module.training:
+            seen.append((args[0].clone(), kwargs["noise"].clone()))
+
+    build = pretrain.MODELS["mae_vit_tiny_patch4"]
+
+    def build_recorded(**kwargs):
+        model = build(**kwargs)
+        model.register_forward_pre_hook(record, with_kwargs=True)
+        return model
+
+    monkeypatch.setitem(pretrain.MODELS, "mae_vit_tiny_patch4", build_recorded)
+    assert pretrain.main(TINY + ["--data", str(data), "--img-size", "16", "--epochs", str(epochs),
+                                 "--batch-size", str(batch), "--steps-per-epoch", str(steps),
+                                 "--seed", str(seed), "--output-dir", str(tmp_path / "out")]) == 0
+    assert len(seen) == epochs * steps
+    ds = build_dataset(str(data), 16, seed)
+    orders = []
+    for epoch in range(epochs):
+        order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed + epoch))
+        orders.append(order.tolist())
+        for it in range(steps):
+            indices = orders[-1][it * batch:(it + 1) * batch]
+            imgs, noise = seen[epoch * steps + it]
+            want = torch.stack([ds.image(j, epoch) for j in indices])
+            assert torch.equal(imgs, want), (epoch, it)
+            want = pretrain.masking_noise(seed, epoch, indices, (16 // 4) ** 2)
+            assert torch.equal(noise, want), (epoch, it)
+    assert orders[0] != orders[1]
+    j = random.randrange(len(ds))  # a sample's crop and noise change with the epoch
+    assert not torch.equal(ds.image(j, 0), ds.image(j, 1))
+    assert not torch.equal(pretrain.masking_noise(seed, 0, [j], 16),
+                           pretrain.masking_noise(seed, 1, [j], 16))
+
+
+def test_fp16_overflow_backs_the_scale_off_and_skips_the_steps(tmp_path):
+    """fp16 with a GradScaler whose scale overflows the fp16 gradients: every step is skipped
+    (weights and AdamW state as they were) and the scale halves at each (GradScaler.update), as
+    official NativeScaler does, so a too-high scale recovers."""
+    out = tmp_path / "out"
+    steps = random.randint(2, 3)
+    run = TINY + ["--data", "synthetic", "--img-size", "16", "--batch-size", "4", "--dtype", "fp16",
+                  "--steps-per-epoch", str(steps), "--output-dir", str(out), "--resume", "auto"]
+    assert pretrain.main(run + ["--epochs", "1"]) == 0
+    before = _checkpoint(out)
+    huge = 2.0 ** random.randint(60, 90)  # any gradient times this overflows fp16
+    before["scaler"]["scale"] = huge
+    torch.save(before, out / pretrain.CHECKPOINT)
+    assert pretrain.main(run + ["--epochs", "2"]) == 0
+    after = _checkpoint(out)
+    assert after["scaler"]["scale"] == huge * 0.5 ** steps
+    for key, value in before["model"].items():
+        assert torch.equal(value, after["model"][key]), key
+    for name, state in before["optimizer"]["state"].items():
+        for k, v in state.items():
+            assert torch.equal(v, after["optimizer"]["state"][name][k]), (name, k)
+
+
+def test_logged_loss_is_the_mean_of_the_epochs_iteration_losses(tmp_path):
+    """Official train_one_epoch logs its loss meter's global_avg: the mean of the epoch's
+    iteration losses (the loss curve's points, under 100 iterations), not the last one."""
+    steps = random.randint(3, 5)
+    out = tmp_path / "out"
+    assert pretrain.main(TINY + ["--data", "synthetic", "--img-size", "16", "--epochs", "1",
+                                 "--batch-size", "4", "--steps-per-epoch", str(steps),
+                                 "--output-dir", str(out)]) == 0
+    record, = _log(out)
+    losses = [loss for _, loss in record["loss_curve"]]
+    assert len(losses) == record["iterations"] == steps
+    assert [x for x, _ in record["loss_curve"]] == pytest.approx(
+        [(it + 1) / steps for it in range(steps)], rel=1e-12)
+    assert record["train_loss"] == pytest.approx(sum(losses) / steps, rel=1e-12)
+    assert record["train_loss"] != pytest.approx(losses[-1], rel=1e-6)  # the loss moved
+
+
+@pytest.mark.parametrize("case", ["warmup longer than the run", "mask ratio 1"])
+def test_arguments_out_of_the_recipes_range_are_refused(tmp_path, capsys, case):
+    """A warm-up longer than the run (its lr would never peak) and a mask ratio of 1 are usage
+    errors (exit 2, said, nothing written), not a run or a traceback from the model."""
+    epochs = random.randint(1, 5)
+    args = TINY + ["--data", "synthetic", "--synthetic-size", "8", "--img-size", "16",
+                   "--batch-size", "4", "--steps-per-epoch", "1", "--epochs", str(epochs),
+                   "--output-dir", str(tmp_path / "out")]
+    if case == "mask ratio 1":
+        args += ["--mask-ratio", "1"]
+        expected = "--mask_ratio: must be in [0, 1), got 1"
+    else:
+        args += ["--warmup-epochs", str(epochs + random.randint(1, 3))]
+        expected = f"is more than --epochs {epochs}"
+    assert pretrain.main(args) == 2
+    assert expected in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_default_dtype_is_bf16_on_cuda_and_fp32_on_cpu(tmp_path):
+    """--help's promise: no --dtype is bf16 on CUDA and fp32 on the CPU (no GradScaler either)."""
+    parse = pretrain.build_parser().parse_args
+    for device, want in (("cuda", "bf16"), ("cpu", "fp32")):
+        rt = types.SimpleNamespace(device=torch.device(device), world_size=1, local_world_size=1)
+        args = parse(["--model", "mae_vit_tiny_patch4", "--output-dir", str(tmp_path / device)])
+        pretrain._resolve_defaults(args, rt)
+        assert args.dtype == want, device
+    dtype = random.choice(["bf16", "fp16", "fp32"])  # an explicit one is kept
+    args = parse(["--model", "mae_vit_tiny_patch4", "--dtype", dtype,
+                  "--output-dir", str(tmp_path)])
+    pretrain._resolve_defaults(args, types.SimpleNamespace(device=torch.device("cpu"),
+                                                           world_size=1, local_world_size=1))
+    assert args.dtype == dtype
+
+
+def test_kept_reconstructions_are_the_first_the_last_and_every_tenth():
+    """reconstruction-epochNNNN.png (module docstring): the first and last epochs' and about ten
+    evenly spaced in between."""
+    for epochs in (1, 2, 9, 10, random.randint(11, 400)):
+        kept = [e for e in range(epochs) if pretrain._keep_reconstruction(e, epochs)]
+        assert kept[0] == 0 and kept[-1] == epochs - 1, epochs
+        every = max(1, epochs // 10)
+        assert all(b - a <= every for a, b in zip(kept, kept[1:])), epochs
+        assert len(kept) <= min(epochs, 12), (epochs, kept)
+
+
+def test_torchrun_two_ranks_accumulating_equal_one_process(tmp_path, single_process_run):
+    """DDP with --accum-iter 2: 2 ranks x batch 2 x 2 iterations a step take the steps one process
+    with batch 8 takes (the same samples, lr and masks): the gradient all-reduce must come with
+    the iteration that steps, after the accumulation, or the ranks' weights part."""
+    out = tmp_path / "ddp-accum"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "fastmae.cli", "pretrain", *SHARED, "--batch-size", "2", "--accum-iter", "2",
+           "--steps-per-epoch", "4", "--output-dir", str(out)]
+    env = dict(os.environ, PYTHONPATH=str(REPO), FASTMAE_BACKEND="torch", OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "DDP" in proc.stdout
+    _assert_outputs(out, epochs=2)
+    ref, got = _step_losses(single_process_run), _step_losses(out)
+    assert len(got) == 2 * len(ref) == 8
+    assert [(a + b) / 2 for a, b in zip(got[::2], got[1::2])] == pytest.approx(ref, rel=1e-5)
+    a, b = _checkpoint(single_process_run), _checkpoint(out)
+    assert a["args"]["lr"] == pytest.approx(b["args"]["lr"], rel=1e-15)
+    # Adam divides a gradient by its own size: rounding noise in a near-zero gradient moves a
+    # weight by ~1% of lr a step (as in test_accum_iter_2_equals_a_batch_twice_as_large)
+    lr = b["args"]["lr"]
+    _assert_weights_close(a["model"], b["model"], lr, 4, 0.05 * lr)
