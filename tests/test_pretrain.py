@@ -78,6 +78,20 @@ def _write_image_folder(root, n=12):
     return root
 
 
+def _hook_the_runs_model(monkeypatch, hook, before=False):
+    """The tiny model a run builds gets ``hook`` (with kwargs): a forward hook, or with
+    ``before`` a forward pre-hook."""
+    build = pretrain.MODELS["mae_vit_tiny_patch4"]
+
+    def build_hooked(**kwargs):
+        model = build(**kwargs)
+        register = model.register_forward_pre_hook if before else model.register_forward_hook
+        register(hook, with_kwargs=True)
+        return model
+
+    monkeypatch.setitem(pretrain.MODELS, "mae_vit_tiny_patch4", build_hooked)
+
+
 def _assert_outputs(out, epochs):
     names = {p.name for p in Path(out).iterdir()}
     expected = {pretrain.CHECKPOINT, pretrain.LOG, pretrain.LOSS_CURVE, pretrain.RECONSTRUCTION}
@@ -573,14 +587,7 @@ def test_mask_ratio_reaches_the_models_forward(tmp_path, monkeypatch):
         if module.training:
             seen.append((kwargs.get("mask_ratio"), output[2].sum(dim=1)))
 
-    build = pretrain.MODELS["mae_vit_tiny_patch4"]
-
-    def build_recorded(**kwargs):
-        model = build(**kwargs)
-        model.register_forward_hook(record, with_kwargs=True)
-        return model
-
-    monkeypatch.setitem(pretrain.MODELS, "mae_vit_tiny_patch4", build_recorded)
+    _hook_the_runs_model(monkeypatch, record)
     assert pretrain.main(TINY + ["--data", "synthetic", "--img-size", "16", "--epochs", "1",
                                  "--batch-size", "4", "--steps-per-epoch", "2",
                                  "--mask-ratio", str(ratio), "--output-dir", str(tmp_path)]) == 0
@@ -1391,14 +1398,7 @@ def test_each_epoch_reads_a_seeded_permutation_augmented_and_masked_for_its_epoc
         if module.training:
             seen.append((args[0].clone(), kwargs["noise"].clone()))
 
-    build = pretrain.MODELS["mae_vit_tiny_patch4"]
-
-    def build_recorded(**kwargs):
-        model = build(**kwargs)
-        model.register_forward_pre_hook(record, with_kwargs=True)
-        return model
-
-    monkeypatch.setitem(pretrain.MODELS, "mae_vit_tiny_patch4", build_recorded)
+    _hook_the_runs_model(monkeypatch, record, before=True)
     assert pretrain.main(TINY + ["--data", str(data), "--img-size", "16", "--epochs", str(epochs),
                                  "--batch-size", str(batch), "--steps-per-epoch", str(steps),
                                  "--seed", str(seed), "--output-dir", str(tmp_path / "out")]) == 0
