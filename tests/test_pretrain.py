@@ -316,20 +316,25 @@ def _interrupt_after_checkpoints(monkeypatch, count):
     monkeypatch.setattr(pretrain, "_atomic_write", write)
 
 
+def _straight_and_resumed(tmp_path, monkeypatch, run, stop_after):
+    """``run`` straight through, and again stopped after its ``stop_after``-th checkpoint (epoch
+    stop_after - 1) and resumed: the two output folders."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert pretrain.main(run + ["--output-dir", str(straight)]) == 0
+    with monkeypatch.context() as m:
+        _interrupt_after_checkpoints(m, stop_after)
+        with pytest.raises(_Interrupted):
+            pretrain.main(run + ["--output-dir", str(resumed)])
+    assert _checkpoint(resumed)["epoch"] == stop_after - 1
+    assert pretrain.main(run + ["--output-dir", str(resumed), "--resume", "auto"]) == 0
+    return straight, resumed
+
+
 @pytest.mark.parametrize("fsdp", [False, True], ids=["plain", "fsdp"])
 def test_interrupted_and_resumed_run_equals_a_straight_run(tmp_path, monkeypatch, fsdp):
     run = TINY + ["--data", "synthetic", "--img-size", "16", "--epochs", "3", "--batch-size", "4",
                   "--steps-per-epoch", "2", "--warmup-epochs", "1"] + (["--fsdp"] if fsdp else [])
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert pretrain.main(run + ["--output-dir", str(straight)]) == 0
-
-    with monkeypatch.context() as m:
-        _interrupt_after_checkpoints(m, 2)
-        with pytest.raises(_Interrupted):
-            pretrain.main(run + ["--output-dir", str(resumed)])
-    assert _checkpoint(resumed)["epoch"] == 1
-    assert pretrain.main(run + ["--output-dir", str(resumed), "--resume", "auto"]) == 0
-
+    straight, resumed = _straight_and_resumed(tmp_path, monkeypatch, run, stop_after=2)
     a, b = _checkpoint(straight), _checkpoint(resumed)
     assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"] == 6
     assert _step_losses(straight) == _step_losses(resumed)          # bitwise
@@ -1370,13 +1375,7 @@ def test_a_partial_accumulation_at_an_epochs_end_is_dropped(tmp_path, monkeypatc
     run = TINY + ["--data", "synthetic", "--img-size", "16", "--epochs", "2", "--batch-size", "4",
                   "--accum-iter", str(accum), "--steps-per-epoch", str(steps),
                   "--blr", repr(random.uniform(5e-3, 3e-2))]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert pretrain.main(run + ["--output-dir", str(straight)]) == 0
-    with monkeypatch.context() as m:
-        _interrupt_after_checkpoints(m, 1)
-        with pytest.raises(_Interrupted):
-            pretrain.main(run + ["--output-dir", str(resumed)])
-    assert pretrain.main(run + ["--output-dir", str(resumed), "--resume", "auto"]) == 0
+    straight, resumed = _straight_and_resumed(tmp_path, monkeypatch, run, stop_after=1)
     a, b = _checkpoint(straight), _checkpoint(resumed)
     for state in a["optimizer"]["state"].values():
         assert state["step"].item() == 2  # one step an epoch: the left-over iterations took none
