@@ -44,10 +44,20 @@ def requested_backend():
     return None
 
 
+# the values Triton reads TRITON_INTERPRET as on (its knobs.runtime.interpret, any case, unstripped)
+_TRUE_VALUES = ("1", "true", "on", "yes", "y")
+
+
+def interpret_requested() -> bool:
+    """Whether TRITON_INTERPRET asks for Triton's interpreter, read as Triton reads it ("false"
+    or "off" is off), without importing triton: importing it fixes the mode."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in _TRUE_VALUES
+
+
 def interpreter_on() -> bool:
     """Whether TRITON_INTERPRET asks for Triton's interpreter; a RuntimeError where it was set
     after triton was imported (half the kernels' machinery would then be the compiler's)."""
-    on = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    on = interpret_requested()
     if on and not _triton_imported_for_the_interpreter():
         raise RuntimeError(
             "TRITON_INTERPRET=1 was set after triton was imported: Triton's own @triton.jit "

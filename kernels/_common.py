@@ -16,8 +16,9 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 @functools.lru_cache(maxsize=None)
 def interpreting() -> bool:
     """True when Triton's interpreter runs the kernels (CPU tensors, one program at a time).
-    Read once: Triton itself fixes the mode when the kernels are decorated, at import."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    Read once, as Triton reads it: Triton itself fixes the mode when the kernels are decorated,
+    at import."""
+    return bool(knobs.runtime.interpret)
 
 
 # Host-side integer helpers. triton.cdiv and triton.next_power_of_2 are constexpr functions in

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import fastmae
+import fastmae.backend
 from fastmae.backend import backend_for, requested_backend
 from fastmae.testing import poison_
 
@@ -46,11 +47,25 @@ def test_unknown_backend_is_named():
             pass
 
 
-def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+@pytest.mark.parametrize("off", ["0", "false", "off", "No"])
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch, off):
+    """Off in any of Triton's words: the error says to switch the interpreter on, not that it
+    was switched on too late."""
+    monkeypatch.setenv("TRITON_INTERPRET", off)
     with fastmae.use_backend("triton"):
-        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        with pytest.raises(RuntimeError, match="runs through Triton's interpreter") as caught:
             backend_for(torch.zeros(1))
+    assert "after triton was imported" not in str(caught.value)
+
+
+@pytest.mark.parametrize("value", ["1", "0", "", "true", "True", "false", "FALSE", "on", "off",
+                                   "yes", "no", "y", "Y", "2", "t", " 1", "1 ", "enabled"])
+def test_interpret_requested_reads_the_variable_as_triton_does(monkeypatch, value):
+    """fastmae's reading of TRITON_INTERPRET (without importing triton, which would fix the
+    mode) is Triton's own (knobs.runtime.interpret): "false" and "off" are off."""
+    from triton import knobs
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert fastmae.backend.interpret_requested() is bool(knobs.runtime.interpret), value
 
 
 def test_interpreter_switched_on_after_triton_was_imported_is_a_clear_error():

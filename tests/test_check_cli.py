@@ -123,11 +123,16 @@ def test_check_bad_flags(capsys, argv, message):
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the in-process switch to the interpreter (CPU only)")
-def test_check_console_script_turns_the_interpreter_on(tmp_path):
+@pytest.mark.parametrize("interpret", [None, "false"])
+def test_check_console_script_turns_the_interpreter_on(tmp_path, interpret):
+    """TRITON_INTERPRET unset, or off in one of Triton's words: the check switches the
+    interpreter on itself ("false" was read as on, set too late: a traceback)."""
     exe = shutil.which("fastmae") or str(Path(sys.executable).parent / "fastmae")
     if not os.path.exists(exe):
         pytest.skip("the fastmae console script is not installed")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret is not None:
+        env["TRITON_INTERPRET"] = interpret
     proc = subprocess.run([exe, "check", "--quick", "--ops", "layer_norm,masking_indices", "--no-model"],
                           capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
