@@ -112,3 +112,47 @@ def test_poison_fills_with_unwritten_markers():
     assert torch.isnan(t).all()
     i = poison_(torch.empty(3, dtype=torch.int64))
     assert (i == torch.iinfo(torch.int64).max).all()
+
+
+def test_use_backend_is_undone_when_its_block_raises(monkeypatch, device):
+    monkeypatch.delenv("FASTMAE_BACKEND", raising=False)
+    x = torch.zeros(1, device=device)
+    with fastmae.use_backend("triton"):
+        with pytest.raises(KeyError):
+            with fastmae.use_backend("torch"):
+                raise KeyError("an op failed")
+        assert backend_for(x) == "triton"
+    assert requested_backend() is None
+    assert backend_for(x) == ("triton" if x.is_cuda else "torch")
+
+
+def test_use_backend_holds_in_its_own_thread_only(monkeypatch):
+    """A block in one thread (a data-loading or serving thread) leaves the others' ops alone."""
+    import threading
+    monkeypatch.delenv("FASTMAE_BACKEND", raising=False)
+    inside, leave, seen = threading.Event(), threading.Event(), []
+
+    def worker():
+        with fastmae.use_backend("torch"):
+            seen.append(requested_backend())
+            inside.set()
+            leave.wait(10)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    try:
+        assert inside.wait(10)
+        assert requested_backend() is None
+        with fastmae.use_backend("triton"):
+            assert requested_backend() == "triton"
+    finally:
+        leave.set()
+        t.join(10)
+    assert seen == ["torch"]
+
+
+@pytest.mark.parametrize("value", [" torch", "Torch", "TORCH\n"])
+def test_environment_variable_ignores_case_and_spaces(monkeypatch, value):
+    monkeypatch.setenv("FASTMAE_BACKEND", value)
+    assert requested_backend() == "torch"
+    assert backend_for(torch.zeros(1)) == "torch"

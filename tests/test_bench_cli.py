@@ -107,6 +107,15 @@ def test_fastmae_version(capsys):
     assert "--version" in (cli.main([]), capsys.readouterr().out)[1]
 
 
+def test_unknown_command_is_a_usage_error(capsys):
+    """Exit status 2 (a usage error, as argparse's), the usage on stderr, nothing imported."""
+    assert cli.main(["recontsruct", "cat.jpg"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "unknown command 'recontsruct'" in captured.err
+    assert all(name in captured.err for name in cli.COMMANDS)
+
+
 def test_bench_help(capsys):
     assert cli.main(["bench", "--help"]) == 0
     out = capsys.readouterr().out

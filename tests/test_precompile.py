@@ -158,3 +158,74 @@ def test_a_precompiled_step_compiles_nothing_on_gpu(tmp_path):
     counts = json.loads(proc.stdout.strip().splitlines()[-1])
     assert counts["compiles"] >= summary["kernels"]
     assert counts["misses"] == 0, counts
+
+
+def _requests(names, target):
+    return [precompile.CompileRequest(module, name, {}, {}, {}, {}, target)
+            for module, name in names]
+
+
+def test_compile_errors_are_reported_in_order_from_spawned_workers(monkeypatch):
+    """compile_request says why a request did not compile (the step then compiles it itself and
+    raises); compile_requests runs them in a pool of spawned processes, at most one a request,
+    and gives the results in request order."""
+    import concurrent.futures as cf
+
+    from triton.backends.compiler import GPUTarget
+    bad = _requests([(f"fastmae.kernels.no_such_module_{i}", "_kernel") for i in range(3)],
+                    GPUTarget("cuda", 90, 32))
+    seconds, error = precompile.compile_request(bad[0])
+    assert seconds >= 0 and error.startswith("ModuleNotFoundError") and "no_such_module_0" in error
+
+    pools = []
+
+    class Pool(cf.ProcessPoolExecutor):
+        def __init__(self, max_workers=None, mp_context=None, **kwargs):
+            pools.append((max_workers, mp_context.get_start_method()))
+            super().__init__(max_workers, mp_context=mp_context, **kwargs)
+
+    monkeypatch.setattr(cf, "ProcessPoolExecutor", Pool)
+    results = precompile.compile_requests(bad, workers=2)
+    assert pools == [(2, "spawn")]
+    assert all(f"no_such_module_{i}" in (err or "") for i, (_, err) in enumerate(results))
+    assert len(results) == 3
+
+
+def test_main_reports_the_kernels_that_did_not_compile(monkeypatch, tmp_path, capsys):
+    """The summary (printed, and the JSON fastmae bench reads) names each request whose compile
+    failed, and counts only the others as precompiled. Recording and compiling stand in: no GPU."""
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.driver import driver
+
+    from fastmae.testing import StandInDriver
+    target = GPUTarget("cuda", 90, 32)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(driver, "_active", StandInDriver(target))
+    monkeypatch.setattr(bench, "build_model", lambda name, device: object())
+    n = int(torch.randint(3, 9, ()))
+    failed = int(torch.randint(0, n, ()))
+    requests = _requests([("fastmae.kernels.fake", f"_k{i}") for i in range(n)], target)
+    recorded = {}
+
+    def record_step(model, batches, amp_dtype, tgt, mask_ratio=0.75):
+        recorded.update(batches=batches, dtype=amp_dtype, target=tgt)
+        return requests
+
+    def compile_requests(reqs, workers):
+        assert reqs == requests and workers == 3
+        return [(0.5, "CompilationError: out of resources" if i == failed else None)
+                for i in range(len(reqs))]
+
+    monkeypatch.setattr(precompile, "record_step", record_step)
+    monkeypatch.setattr(precompile, "compile_requests", compile_requests)
+    out = tmp_path / "precompile.json"
+    assert precompile.main(["--model", "tiny", "--batch", "8", "--batch", "2", "--workers", "3",
+                            "--json", str(out)]) == 0
+    assert recorded == {"batches": [8, 2], "dtype": torch.bfloat16, "target": target}
+    summary = json.loads(out.read_text())
+    assert summary["kernels"] == n and summary["workers"] == 3
+    assert summary["errors"] == [f"_k{failed}: CompilationError: out of resources"]
+    assert summary["compile_s_summed"] == pytest.approx(0.5 * n)
+    text = capsys.readouterr().out
+    assert f"precompiled {n - 1} of {n} Triton kernels" in text
+    assert f"not compiled: _k{failed}: CompilationError" in text

@@ -116,3 +116,14 @@ def test_git_commit_refuses_an_environment_value_that_is_not_a_commit(monkeypatc
     monkeypatch.setenv("FASTMAE_COMMIT", "c79d6d3c0beeb677d3898812206417905895ba1d+dirty")
     assert git_commit().startswith("c79d6d3c")
 
+
+def test_git_commit_run_from_a_checkout_names_that_checkout(monkeypatch):
+    """Without FASTMAE_COMMIT, a fastmae imported from this checkout names this checkout's
+    commit: the folder above the fastmae package is the checkout's top."""
+    if Path(_provenance.__file__).resolve().parent.parent != REPO:
+        pytest.skip("fastmae is not imported from this checkout (an installed copy)")
+    expected = source_commit(REPO)
+    if expected is None:
+        pytest.skip("this working tree is not a git checkout (a copy without .git)")
+    monkeypatch.delenv("FASTMAE_COMMIT", raising=False)
+    assert git_commit() == expected

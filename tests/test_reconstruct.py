@@ -13,7 +13,7 @@ from PIL import Image
 import fastmae
 import fastmae.checkpoint
 from fastmae import cli
-from fastmae.visualize import GAP, IMAGENET_MEAN, load_images, reconstruction_image
+from fastmae.visualize import GAP, IMAGENET_MEAN, IMAGENET_STD, load_images, reconstruction_image
 
 SIZE, PATCH = 32, 4   # mae_vit_tiny_patch4
 L = (SIZE // PATCH) ** 2
@@ -280,3 +280,129 @@ def test_reconstruct_argument_errors_return_2_like_the_other_commands(capsys, ar
     assert cli.main(["reconstruct", *argv]) == 2
     assert expected in capsys.readouterr().err
     assert cli.main(["reconstruct", "--help"]) == 0
+
+
+# ------------------------------------------------- the views' numbers, not only their consistency
+
+def _render(x):
+    """(3, H, W) ImageNet-normalized -> (H, W, 3) uint8, as a panel shows it."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return ((x * std + mean) * 255).clamp(0, 255).round().to(torch.uint8).permute(1, 2, 0)
+
+
+def _max_diff(a, b):
+    return int((a.int() - b.int()).abs().max())
+
+
+def test_visible_mode_uses_nothing_from_the_hidden_patches():
+    """unnormalize_pix="visible" (UNNORMALIZE_PIX): a visible patch is un-normalized with its
+    own mean and std, a removed one with the mean of the visible patches' means and stds. A
+    perfect prediction then shows the visible patches as they are, and rescaling the hidden
+    patches (which leaves their normalized targets, hence the prediction, unchanged) changes
+    nothing in the view."""
+    model = _oracle().eval()
+    imgs = torch.randn(2, 3, SIZE, SIZE) * 0.6
+    noise = torch.rand(2, L)
+    _, _, mask = model(imgs, noise=noise)
+    hidden = mask.bool()                                              # (N, L)
+    removed = model.unpatchify(mask.unsqueeze(-1).expand(-1, -1, PATCH * PATCH * 3)).bool()
+    rescaled = torch.where(removed, 1.7 * imgs + 0.8, imgs)
+    views = [panels_of(reconstruction_image(model, x, noise=noise, unnormalize_pix="visible"))
+             for x in (imgs, rescaled)]
+    t = model.patchify(imgs)
+    mean = t.mean(-1, keepdim=True)
+    std = (t.var(-1, keepdim=True) + 1e-6) ** 0.5
+    for i in range(2):
+        (original, _, recon, _), (_, _, recon2, _) = views[0][i], views[1][i]
+        o, r, r2 = patches(original), patches(recon), patches(recon2)
+        h = hidden[i]
+        assert _max_diff(r[~h], o[~h]) <= 1, "visible patches: their own mean and std"
+        assert _max_diff(r[h], r2[h]) <= 1, "removed patches: nothing from the hidden ones"
+        vis_mean, vis_std = mean[i][~h].mean(), std[i][~h].mean()
+        expected = model.unpatchify(((t[i] - mean[i]) / std[i] * vis_std + vis_mean)[None])[0]
+        assert _max_diff(r[h], patches(_render(expected))[h]) <= 1
+
+
+def test_a_perfect_prediction_shows_near_flat_patches_as_they_are():
+    """norm_pix_loss divides by (var + 1e-6) ** .5 (official): un-normalizing must use the same
+    eps, or a low-contrast patch (variance near eps: sky, walls) is shown with its detail
+    amplified. Each patch here is flat but for one value, its variance a few times 1e-6."""
+    model = _oracle()
+    n, d = 2, PATCH * PATCH * 3
+    t = (torch.rand(n, L, 1) * 2 - 1).expand(n, L, d).clone()     # a flat patch: one value
+    spike = torch.randint(0, d, (n, L, 1))
+    t.scatter_add_(2, spike, (torch.randint(0, 2, (n, L, 1)) * 2 - 1) * (3e-6 * d) ** 0.5)
+    imgs = model.unpatchify(t)
+    view = panels_of(reconstruction_image(model, imgs, noise=torch.rand(n, L),
+                                          unnormalize_pix="patch"))
+    for original, _, recon, _ in view:
+        assert _max_diff(recon, original) <= 1
+
+
+def test_each_row_is_its_image_in_command_line_order(files, tmp_path):
+    ckpt, images = files
+    order = images[::-1]
+    out = tmp_path / "rows.png"
+    assert cli.main(["reconstruct", "--checkpoint", str(ckpt), *order, "--out", str(out)]) == 0
+    for path, (original, *_) in zip(order, panels(out, len(order))):
+        assert _max_diff(original, _render(load_images([path], SIZE)[0])) <= 1, path
+
+
+class _Predicts(fastmae.MaskedAutoencoderViT):
+    """Predicts one value everywhere (in the units the view shows as is: unnormalize_pix="none")."""
+    value = 0.0
+
+    def forward(self, imgs, mask_ratio=0.75, noise=None):
+        loss, pred, mask = super().forward(imgs, mask_ratio, noise)
+        return loss, torch.full_like(pred, self.value), mask
+
+
+def test_a_prediction_out_of_the_displayable_range_saturates():
+    """A prediction beyond white or black (an untrained or overshooting model) shows as white or
+    black, not wrapped around modulo 256."""
+    model = _Predicts(img_size=SIZE, patch_size=PATCH, embed_dim=32, depth=1, num_heads=2,
+                      decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
+    imgs = torch.randn(1, 3, SIZE, SIZE) * 0.5
+    for sign, shown in ((1, 255), (-1, 0)):
+        model.value = sign * float(torch.empty(()).uniform_(4, 40))
+        (original, masked, recon, pasted), = panels_of(
+            reconstruction_image(model, imgs, noise=torch.rand(1, L), unnormalize_pix="none"))
+        assert (recon == shown).all(), (model.value, recon.unique())
+
+
+@pytest.mark.parametrize("w, h", [(3 * SIZE, SIZE), (SIZE, 3 * SIZE), (6 * SIZE, 2 * SIZE)])
+def test_load_images_keeps_the_middle_of_a_long_image(tmp_path, w, h):
+    """Resized so that it covers SIZE x SIZE (its shorter side to SIZE), then center-cropped:
+    of three equal bands along the long side, only the middle one is left."""
+    first = torch.randint(0, 256, (3,))
+    colours = [(first + 85 * k) % 256 for k in range(3)]            # far apart, each channel
+    long_side, wide = max(w, h), w > h
+    img = torch.zeros(h, w, 3, dtype=torch.uint8)
+    for k, c in enumerate(colours):
+        band = slice(k * long_side // 3, (k + 1) * long_side // 3)
+        if wide:
+            img[:, band] = c.to(torch.uint8)
+        else:
+            img[band, :] = c.to(torch.uint8)
+    path = tmp_path / "long.png"
+    Image.frombytes("RGB", (w, h), img.numpy().tobytes()).save(path)
+    shown = _render(load_images([path], SIZE)[0])
+    m = 4  # bicubic smears the band edges of a downscaled image over a few pixels
+    inner = shown[:, m:-m] if wide else shown[m:-m, :]
+    assert _max_diff(inner, colours[1].to(torch.uint8).expand_as(inner)) <= 2
+
+
+def test_seed_and_mask_ratio_reach_the_mask(files, tmp_path):
+    ckpt, images = files
+    ratio = float(torch.tensor([0.25, 0.5, 0.6])[torch.randint(0, 3, ())])
+    seed = int(torch.randint(0, 10 ** 6, ()))
+    visible = []
+    for s in (seed, seed + 1):
+        out = tmp_path / f"seed{s}.png"
+        assert cli.main(["reconstruct", "--checkpoint", str(ckpt), images[0], "--out", str(out),
+                         "--seed", str(s), "--mask-ratio", str(ratio)]) == 0
+        (original, masked, _, _), = panels(out, 1)
+        visible.append((patches(masked) == patches(original)).flatten(1).all(1))
+        assert int(visible[-1].sum()) == int(L * (1 - ratio)), ratio
+    assert not torch.equal(*visible), "another seed, another mask"
