@@ -79,12 +79,12 @@ def _gpu_records(data):
 def _sustained(data):
     """A fastmae-bench file's rows with ms/step as the timed steps' total time over their
     number. Files written before fastmae bench recorded ms_median took the median step for
-    ms/step: their rows are rederived from their own step times (images/s, MFU and the
-    profile's step time with it), the median kept beside them."""
+    ms/step: their rows are rederived from their own mean step (ms_mean, or their step times),
+    images/s, MFU and the profile's step time with it, the median kept beside them."""
     batch = data["config"]["batch"]
     for r in data["results"]:
         times = r.get("ms_steps")
-        if not times or "ms_median" in r or r.get("ms_per_step") is None:
+        if "ms_median" in r or r.get("ms_per_step") is None or not (times or r.get("ms_mean")):
             continue
         median, ms = r["ms_per_step"], r.get("ms_mean") or math.fsum(times) / len(times)
         r.update(ms_median=median, ms_per_step=ms, ms_mean=ms, images_per_s=batch * 1e3 / ms)

@@ -727,8 +727,13 @@ def test_writer_rederives_a_median_runs_rows_from_their_step_times(tmp_path):
     assert re.search(r"\| fastmae \(triton kernels\) \| 83\.2 \| 55\.5 \| 3075 \| 20% \| "
                      r"12\.5 \| 1\.33x \| 1\.07x \|", md)
     assert "GPU busy 34.3 ms per step of a 83.2 ms step" in md
-    # rows without their step times are left as they were (no median to show)
+    # rows with neither their step times nor their mean are left as they were (no median)
     assert re.search(r"\| reference, eager \| 111\.0 \| - \| 2306 \| 30% \|", md)
+    # the first runs recorded the mean but not the steps: rederived from it
+    step["results"][2].update(ms_mean=96.0)  # FIXTURE: torch.compile's median 88.8
+    md = writer.render(writer.load([_write(tmp_path, "mean.json", step)]),
+                       str(tmp_path / "chart.png"), str(tmp_path))
+    assert re.search(r"\| reference, torch\.compile \| 96\.0 \| 88\.8 \| 2667 \|", md)
 
 
 def test_bench_system_reports_the_steps_total_time_over_their_number(monkeypatch):
@@ -1300,3 +1305,253 @@ def test_a_result_file_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
         bench._write_json(path, {"results": [1, 2]})
     monkeypatch.undo()
     assert json.loads(path.read_text()) == {"results": [1]}
+
+
+GRAPHED = ["--systems", "reference,fastmae,fastmae_graph,reference_graph"]
+
+
+# ----------------------------------------------------------------------------- the command
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_gpu_run_json_is_a_measurement_with_its_flops_floors_and_mfu(monkeypatch, tmp_path,
+                                                                     capsys, dtype):
+    """A GPU run's JSON (systems, parity and graph checks faked: FIXTURE numbers) is one the
+    writer takes as its card's measurement, and records the floors measured, the training FLOPs
+    per image as counted for the baselines (3 x forward), and each row's MFU = those FLOPs x
+    images/s / the bf16 matmul rate: for a 16-bit run only, none for fp32."""
+    rc, _, data = _fake_gpu_run(monkeypatch, tmp_path, GRAPHED + ["--dtype", dtype])
+    capsys.readouterr()
+    assert rc == 0
+    assert data["tiny_cpu"] is False and data["floors"] == FIXTURE_FLOORS
+    flops = bench.training_flops_per_image(bench.build_model("tiny", "meta"))
+    assert data["flops"] == {"forward_per_image": flops // 3, "training_per_image": flops}
+    for r in data["results"]:
+        assert r["images_per_s"] == 6400.0  # FIXTURE: batch 64 in 10 ms
+        assert r["achieved_flops_per_s"] == pytest.approx(flops * 6400.0)
+        assert r["mfu"] == (pytest.approx(flops * 6400.0 / FIXTURE_FLOORS["matmul_flops_per_s"])
+                            if dtype == "bf16" else None)
+    res = writer.load([str(tmp_path / "run.json")])
+    assert res.cards() == ["FIXTURE-GPU-A"] and res.ignored == []
+    assert res.floors["FIXTURE-GPU-A"] == [("run.json", FIXTURE_FLOORS)]
+
+
+def test_gpu_run_sets_kernels_against_the_matmul_rate_of_16_bit_runs_only(monkeypatch, tmp_path,
+                                                                           capsys):
+    """The floors each system's profile gets: the copy rate, and the bf16 matmul rate only in a
+    bf16 or fp16 run (an fp32 kernel's FLOPs are not bounded by it)."""
+    _fake_gpu_run(monkeypatch, tmp_path, ["--systems", "fastmae", "--parity-batch", "0"])
+    recorder, got = bench.bench_system, {}  # the fake GPU's system, as _fake_gpu_run set it
+
+    def system(key, model_name, batch, amp_dtype, *args, floors=None, **kw):
+        got[amp_dtype] = floors
+        return recorder(key, model_name, batch, amp_dtype, *args, **kw)
+    monkeypatch.setattr(bench, "bench_system", system)
+    for dtype in ("bf16", "fp16", "fp32"):
+        assert cli.main(["bench", "--model", "tiny", "--no-progress", "--systems", "fastmae",
+                         "--dtype", dtype, "--parity-batch", "0"]) == 0
+    capsys.readouterr()
+    assert got[torch.bfloat16] == got[torch.float16] == FIXTURE_FLOORS
+    assert got[torch.float32] == dict(FIXTURE_FLOORS, matmul_flops_per_s=None)
+
+
+def test_speedups_are_each_base_systems_time_over_the_rows():
+    # FIXTURE: synthetic numbers
+    results = [{"system": s, "label": s, "ms_per_step": ms, "images_per_s": 256e3 / ms,
+                "first_step_s": 1.0}
+               for s, ms in (("reference", 100.0), ("reference_compile", 80.0), ("fastmae", 50.0))]
+    bench._add_ratios(results, 1e9, FIXTURE_FLOORS)
+    by = {r["system"]: r for r in results}
+    assert by["fastmae"]["speedup_vs_eager"] == pytest.approx(2.0)
+    assert by["fastmae"]["speedup_vs_compile"] == pytest.approx(1.6)
+    assert by["reference"]["speedup_vs_compile"] == pytest.approx(0.8)
+    table = bench.format_results(results, True, True)
+    assert re.search(r"fastmae\s+50\.0\s+5120\s+\S+\s+n/a\s+\S+\s+2\.00x\s+1\.60x$", table, re.M)
+    bench._add_ratios(results[::2], 1e9, FIXTURE_FLOORS)  # no torch.compile timed
+    assert by["fastmae"]["speedup_vs_compile"] is None
+
+
+def test_profiled_step_time_is_the_steps_total_time_over_their_number(monkeypatch):
+    """On a "GPU" (the model and images on the CPU; no step runs): the step time a profile is
+    set against -- the host-bound flag's denominator -- is the sustained ms/step (20 ms),
+    not the median step (10 ms)."""
+    real_build, real_generator, real_randn = bench.build_model, torch.Generator, torch.randn
+    monkeypatch.setattr(bench, "build_model",
+                        lambda name, device, **kw: real_build(name, "cpu", **kw))
+    monkeypatch.setattr(torch, "Generator", lambda device=None: real_generator())
+    monkeypatch.setattr(torch, "randn", lambda *shape, device=None, **kw: real_randn(*shape, **kw))
+    monkeypatch.setattr(bench, "make_train_step",
+                        lambda model, imgs, amp, **kw: (None, None, model))
+    monkeypatch.setattr(bench, "time_train_step", lambda *a, **kw: {
+        "times_ms": [10.0, 10.0, 10.0, 50.0], "first_step_s": 0.0, "peak_mem_gib": 1.0})
+    seen = {}
+    monkeypatch.setattr(bench, "profile_train_step",
+                        lambda step, step_ms=None, floors=None: seen.update(step_ms=step_ms) or {})
+    r = bench.bench_system("fastmae", "micro", 2, torch.bfloat16, 4, 1, "cuda", progress=False,
+                           profile=True, floors=FIXTURE_FLOORS)
+    assert seen == {"step_ms": 20.0}
+    assert r["ms_per_step"] == 20.0 and r["ms_median"] == 10.0 and r["images_per_s"] == 100.0
+
+
+def test_gpu_steps_are_timed_between_consecutive_events(monkeypatch):
+    """time_train_step on a "GPU" (CUDA events and memory stats faked on a made-up clock): each
+    timed step is the time between its event and the one before, not since the first; the peak
+    is reset after the warm-up and read after the timed steps."""
+    clock, calls = [0.0], []
+
+    class Event:  # FIXTURE: an event that records the made-up clock
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self):
+            self.t = clock[0]
+
+        def elapsed_time(self, end):
+            return end.t - self.t
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: calls.append("reset"))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated",
+                        lambda: calls.append("peak") or 3 * 2 ** 30)
+    durations = iter([100.0, 100.0, 4.0, 5.0, 6.0])  # 2 warm-up steps, then 3 timed (ms)
+
+    def step():
+        calls.append("step")
+        clock[0] += next(durations)
+    t = bench.time_train_step(step, torch.device("cuda"), steps=3, warmup=2)
+    assert t["times_ms"] == [4.0, 5.0, 6.0] and t["peak_mem_gib"] == 3.0
+    assert bench.sustained_ms(t["times_ms"]) == 5.0
+    assert calls == ["step", "step", "reset", "step", "step", "step", "peak"]
+
+
+# ----------------------------------------------------------------------------- verdicts
+
+def test_graph_check_fails_replays_whose_loss_is_not_the_eager_steps(monkeypatch):
+    """A graph whose parameters train as the eager steps but one of whose replays returns a wrong
+    loss (FIXTURE bug: the second replay's loss read doubled) fails the check on its losses
+    alone: every replay's loss must match, not one."""
+    _fake_graph(monkeypatch)
+    real = bench.make_train_step
+
+    def make(model, imgs, amp_dtype, cuda_graph=False, **kw):
+        step, opt, fwd = real(model, imgs, amp_dtype, cuda_graph=cuda_graph, **kw)
+        if not cuda_graph:
+            return step, opt, fwd
+        n = [0]
+
+        def replay():
+            n[0] += 1
+            loss = step()
+            return loss * 2 if n[0] == 2 else loss
+        return replay, opt, fwd
+    monkeypatch.setattr(bench, "make_train_step", make)
+    c = bench.graph_check("reference_graph", "micro", 2, torch.float32, "cpu")
+    assert c["params_failed"] == [] and c["param_diff"] == 0  # the parameters are right
+    assert c["loss_err"] == pytest.approx(1.0) and not c["passed"]
+    assert bench.graph_check_line(c).startswith("graph check [FAIL]")
+    assert bench.run_failed([{"system": "reference_graph", "graph_check": c}], None)
+
+
+def test_graph_check_fails_a_graph_that_moves_the_parameters_a_fifth_short(monkeypatch):
+    """A graph whose replays train, but with the update a fifth short of the eager steps' (FIXTURE
+    bug: captured with 0.8 x the learning rate): every trained parameter is off the eager one by
+    about 20% of how far the steps moved it, over the 5% the check allows."""
+    _fake_graph(monkeypatch)
+    fake = bench.make_train_step
+
+    def make(model, imgs, amp_dtype, cuda_graph=False, **kw):
+        step, opt, fwd = fake(model, imgs, amp_dtype, cuda_graph=cuda_graph, **kw)
+        if cuda_graph:
+            for group in opt.param_groups:
+                group["lr"] *= 0.8
+        return step, opt, fwd
+    monkeypatch.setattr(bench, "make_train_step", make)
+    c = bench.graph_check("reference_graph", "micro", 2, torch.float32, "cpu")
+    assert not c["passed"] and len(c["params_failed"]) > c["n_params"] // 2
+    assert c["param_diff_of_moved"] == pytest.approx(0.2, abs=0.05)
+    assert c["param_diff"] > c["param_limit"]
+
+
+def test_run_fails_on_any_failed_system_parity_step_or_graph_check():
+    """The exit status: 1 for a system that raised, a parity step that failed (an error, or no
+    error and "passed": False) and a graph check that failed (an error, or its limits)."""
+    ok = {"system": "fastmae", "ms_per_step": 1.0}
+    graph_ok = {"system": "fastmae_graph", "ms_per_step": 1.0, "graph_check": {"passed": True}}
+    assert not bench.run_failed([ok, graph_ok], {"passed": True})
+    assert not bench.run_failed([ok], None)  # --parity-batch 0
+    assert bench.run_failed([ok, {"system": "reference", "error": "RuntimeError: boom"}], None)
+    assert bench.run_failed([ok], {"passed": False, "grad_failed": ["blocks.0.norm1.weight"]})
+    assert bench.run_failed([ok], {"passed": False, "error": "RuntimeError: boom"})
+    assert bench.run_failed([ok, dict(graph_ok, graph_check={
+        "passed": False, "params_failed": ["blocks.0.norm1.weight"]})], None)
+    assert bench.run_failed([ok, dict(graph_ok, graph_check={"passed": False, "error": "x"})], None)
+
+
+def test_gpu_run_fails_when_a_graph_check_fails_its_limits(monkeypatch, tmp_path, capsys):
+    rc, _, data = _fake_gpu_run(monkeypatch, tmp_path, GRAPHED,
+                                graph=lambda key: key != "fastmae_graph")
+    assert rc == 1 and "graph check [FAIL] fastmae + CUDA graph" in capsys.readouterr().out
+    rows = {r["system"]: r for r in data["results"]}
+    assert rows["fastmae_graph"]["graph_check"]["passed"] is False
+    assert "error" not in rows["fastmae_graph"]["graph_check"]
+
+
+# ----------------------------------------------------------------------------- BENCHMARKS.md writer
+
+def test_writer_keeps_a_sustained_runs_rows_as_recorded(tmp_path):
+    """A file written since ms/step is the steps' total time over their number (its rows have
+    ms_median beside their step times) is not rederived: its median column is the median step,
+    not its ms/step again."""
+    step = _fixture_step()
+    fastmae_row = step["results"][1]  # FIXTURE: a slow step among fast ones
+    fastmae_row.update(ms_steps=[55.5, 55.5, 55.5, 166.5], ms_per_step=83.25, ms_mean=83.25,
+                       ms_median=55.5, images_per_s=256 / 83.25e-3)
+    md = writer.render(writer.load([_write(tmp_path, "step.json", step)]), None, str(tmp_path))
+    assert re.search(r"\| fastmae \(triton kernels\) \| 83\.2 \| 55\.5 \| 3075 \| 30% \|", md)
+
+
+def test_host_bound_threshold_is_nine_tenths_of_the_step():
+    def rec(busy, step):
+        return {"profile": {"gpu_busy_ms_per_step": busy, "step_ms": step}}
+    # FIXTURE: made-up busy and step times
+    by_model = {"vit_b16": {"fastmae": rec(89.0, 100.0), "reference": rec(92.0, 100.0),
+                            "reference_compile": rec(91.0, 100.0)}}
+    assert writer._host_bound_lines(by_model) == [
+        "- ViT-B/16, fastmae (triton kernels): GPU busy 89.0 ms per step of a 100.0 ms step (89%)"]
+
+
+def test_against_ignores_a_copy_of_this_run_among_the_earlier_files(tmp_path, capsys):
+    """`--summary --against` given the earlier run and a copy of this very run (as when the
+    results folder is passed whole): compared with the earlier run, not "no earlier run"."""
+    (tmp_path / "copy").mkdir()
+    earlier = _fixture_run("FIXTURE-GPU-A", "fixture11111", "2000-01-02 00:00 UTC",
+                           (111.0, 60.0, 88.8), {"_attn_fwd": 6000.0})
+    now = _fixture_run("FIXTURE-GPU-A", "fixture33333", "2000-01-03 00:00 UTC",
+                       (111.0, 50.0, 88.8), {"_attn_fwd": 5000.0})
+    now_file = _write(tmp_path, "now.json", now)
+    files = [_write(tmp_path, "earlier.json", earlier), _write(tmp_path / "copy", "now.json", now)]
+    assert writer.main([now_file, "--summary", "--against", *files]) == 0
+    out = capsys.readouterr().out
+    assert "ViT-B/16 (earlier: fixture11111, 2000-01-02 00:00 UTC)" in out
+    assert re.search(r"fastmae \(triton kernels\)\s+60\.0 ->\s+50\.0  \(1\.20x\)", out)
+    assert "no earlier run" not in out
+
+
+def test_chart_bars_are_each_systems_images_per_s(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.axes
+    bars = {}
+    real_barh = matplotlib.axes.Axes.barh
+
+    def barh(ax, y, width, *args, label=None, **kw):
+        bars[label] = list(width)
+        return real_barh(ax, y, width, *args, label=label, **kw)
+    monkeypatch.setattr(matplotlib.axes.Axes, "barh", barh)
+    # FIXTURE: made-up step times (ms) of one run: reference, fastmae, torch.compile
+    step = _fixture_run("FIXTURE-GPU-A", "fixture00000", "2000-01-01 00:00 UTC",
+                        (100.0, 50.0, 80.0), {"_attn_fwd": 1.0})
+    res = writer.load([_write(tmp_path, "step.json", step)])
+    assert writer.write_chart("FIXTURE-GPU-A", res, str(tmp_path / "chart.png"))
+    assert bars == {"fastmae (triton kernels)": [pytest.approx(5120.0)],
+                    "reference, eager": [pytest.approx(2560.0)],
+                    "reference, torch.compile": [pytest.approx(3200.0)]}
