@@ -30,10 +30,10 @@ warm-up steps, which ``fastmae.cuda_graph_step`` undoes, come before the reset),
 count what a step holds once warm, not what the warm-up's compiling and autotuning held. MFU is
 the model's training FLOPs per image (3 x the forward matmul and attention FLOPs, counted from
 the model as the official code computes it) times images/s over the bf16 matmul rate measured
-on this GPU (for a bf16 or fp16 run; none for fp32, whose matmuls that rate does not bound). The kernel time of the eager systems and of fastmae's CUDA-graph step is then
-broken down with the profiler (fastmae kernels, cuBLAS matmuls, optimizer, other torch
-kernels); for the graphed step, its GPU busy time against its step time is what the gaps
-between its kernels cost.
+on this GPU (for a bf16 or fp16 run; none for fp32, whose matmuls that rate does not bound).
+The kernel time of the eager systems and of fastmae's CUDA-graph step is then broken down with
+the profiler (fastmae kernels, cuBLAS matmuls, optimizer, other torch kernels); for the graphed
+step, its GPU busy time against its step time is what the gaps between its kernels cost.
 
 After the timing, on a GPU, what was timed is checked, at the timed batch so that the kernel
 paths fastmae chose by timing and the autotuned configurations are the timed ones: parity, one
