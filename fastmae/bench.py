@@ -969,6 +969,10 @@ def parity_line(p):
             f"{p['grad_err_eager_max']:.1e}); mask {'identical' if p['mask_equal'] else 'DIFFERS'}"
             + (f"; over the limit: {_names(p['grad_failed'])}" if p["grad_failed"] else "")
             + (f"; missing gradients: {_names(p['missing_grads'])}" if p["missing_grads"] else "")
+            + (f"; gradients the reference lacks: {_names(p['unexpected_grads'])}"
+               if p.get("unexpected_grads") else "")
+            + (f"; dtype differs from the reference's: {_names(p['dtype_differs'])}"
+               if p.get("dtype_differs") else "")
             + _parity_batch_note(p))
 
 

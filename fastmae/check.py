@@ -460,22 +460,40 @@ class ModelParity:
     exact: str
     low: str                   # the precision the limits are for
     passed: bool
+    # gradients fastmae gives where the reference gives none (a frozen parameter trained)
+    unexpected_grads: list = field(default_factory=list)
+    # "loss", "pred" or a parameter's name where fastmae's dtype is not the reference's
+    dtype_differs: list = field(default_factory=list)
 
     def rows(self, case, dname):
         low = DTYPES[self.low]
         lim = functools.partial(parity_limit, low=low)
-        grads_ok = not self.grad_failed and not self.missing_grads
+        differs = [n for n in self.dtype_differs if n not in ("loss", "pred")]
+        grads_ok = not (self.grad_failed or self.missing_grads or self.unexpected_grads
+                        or differs)
         notes = []
         if self.missing_grads:
             notes.append(f"missing: {', '.join(self.missing_grads)}")
+        if self.unexpected_grads:
+            notes.append(f"not in the reference: {', '.join(self.unexpected_grads)}")
+        if differs:
+            notes.append(f"another dtype: {', '.join(differs[:6])}"
+                         + (" ..." if len(differs) > 6 else ""))
         if self.grad_failed:
             notes.append(f"over the limit: {', '.join(self.grad_failed[:6])}"
                          + (" ..." if len(self.grad_failed) > 6 else ""))
+
+        def dtype_note(name):
+            return "dtype differs from the reference's" if name in self.dtype_differs else ""
         return [
             Row("model", case, dname, "loss", self.loss_err, self.loss_limit,
-                self.loss_err_eager, self.loss_err <= self.loss_limit),
+                self.loss_err_eager,
+                self.loss_err <= self.loss_limit and "loss" not in self.dtype_differs,
+                dtype_note("loss")),
             Row("model", case, dname, "pred", self.pred_err, lim(self.pred_err_eager),
-                self.pred_err_eager, self.pred_err <= lim(self.pred_err_eager)),
+                self.pred_err_eager,
+                self.pred_err <= lim(self.pred_err_eager) and "pred" not in self.dtype_differs,
+                dtype_note("pred")),
             Row("model", case, dname, "mask", None, None, None, self.mask_equal,
                 "" if self.mask_equal else "masks differ"),
             Row("model", case, dname, f"grads ({self.n_grads}), worst {self.grad_worst}",
@@ -499,6 +517,11 @@ def model_parity(model, imgs, noise, autocast=None, exact_dtype=torch.float64, m
     le, pe, me, ge = model_step_grads(model, imgs, noise, "torch", mask_ratio, autocast)
     lk, pk, mk, gk = model_step_grads(model, imgs, noise, "triton", mask_ratio, autocast)
     missing = [n for n in g64 if n not in gk]
+    unexpected = [n for n in gk if n not in g64]
+    # drop-in: the loss, pred and every gradient come in the dtype the reference gives them
+    dtype_differs = [name for name, k, e in [("loss", lk, le), ("pred", pk, pe)]
+                     + [(n, gk[n], ge[n]) for n in gk if n in ge]
+                     if k.dtype != e.dtype]
     worst_ratio, worst = -1.0, ("-", 0.0, 0.0)
     failed, eager_max = [], 0.0
     for n, g in g64.items():
@@ -523,7 +546,8 @@ def model_parity(model, imgs, noise, autocast=None, exact_dtype=torch.float64, m
     loss_limit = loss_parity_limit(loss_err_eager, low, terms)
     passed = (loss_err <= loss_limit and
               pred_err <= parity_limit(pred_err_eager, low) and
-              mask_equal and not failed and not missing)
+              mask_equal and not failed and not missing and not unexpected
+              and not dtype_differs)
     return ModelParity(
         loss_fastmae=float(lk), loss_reference=float(le), loss_err=loss_err,
         loss_err_eager=loss_err_eager, loss_limit=loss_limit, pred_err=pred_err,
@@ -533,7 +557,8 @@ def model_parity(model, imgs, noise, autocast=None, exact_dtype=torch.float64, m
         mask_equal=mask_equal, missing_grads=missing,
         exact="reference in " + ("float64" if exact_dtype == torch.float64
                                  else DTYPE_NAMES.get(exact_dtype, str(exact_dtype)) + " (no TF32)"),
-        low=DTYPE_NAMES[low], passed=passed,
+        low=DTYPE_NAMES[low], passed=passed, unexpected_grads=unexpected,
+        dtype_differs=dtype_differs,
     )
 
 

@@ -503,6 +503,18 @@ FIXTURE_PARITY_KEYS = {
     "mask_equal": True, "missing_grads": [], "exact": "reference in fp32", "dtype": "bf16"}
 
 
+def test_parity_line_names_gradients_the_reference_lacks_and_dtypes_that_differ():
+    """A failed parity says why: gradients only fastmae gives and quantities in another dtype
+    are named; a run's JSON from before those checks (no such keys) reads as before."""
+    old = bench.parity_line(dict(FIXTURE_PARITY_KEYS, batch=8, passed=True))
+    assert "reference lacks" not in old and "dtype" not in old
+    line = bench.parity_line(dict(FIXTURE_PARITY_KEYS, batch=8, passed=False,
+                                  unexpected_grads=["pos_embed"], dtype_differs=["pred"]))
+    assert line.startswith("parity [FAIL]")
+    assert "gradients the reference lacks: pos_embed" in line
+    assert "dtype differs from the reference's: pred" in line
+
+
 def _fake_gpu_run(monkeypatch, tmp_path, argv, parity=None, graph=None):
     """`fastmae bench` on a "GPU" whose systems, parity step and graph checks are recorders
     (FIXTURE: made-up numbers). ``parity(batch)`` / ``graph(key)``: what they return or raise.

@@ -329,6 +329,7 @@ def _fake_step(pred, grads, mask, differs):
     def step(model, imgs, noise, backend, mask_ratio=0.75, autocast=None):
         dtype = next(model.parameters()).dtype
         p, g, m = pred.to(dtype), {n: t.to(dtype) for n, t in grads.items()}, mask
+        loss = torch.tensor(1.0, dtype=torch.float64)
         if backend == "triton" and dtype != torch.float64:
             if differs == "pred":
                 p = p * (1 + 1e-3)
@@ -336,17 +337,28 @@ def _fake_step(pred, grads, mask, differs):
                 g["b"] = g["b"] * (1 + 1e-3)
             elif differs == "missing grad":
                 del g["b"]
+            elif differs == "unexpected grad":
+                g["frozen"] = g["a"].clone()
             elif differs == "mask":
                 m = m.flip(1)
-        return torch.tensor(1.0, dtype=torch.float64), p, m, g
+            # the same values in another dtype: only the dtype check can fail them
+            elif differs == "loss dtype":
+                loss = loss.float()
+            elif differs == "pred dtype":
+                p = p.double()
+            elif differs == "grad dtype":
+                g["b"] = g["b"].double()
+        return loss, p, m, g
     return step
 
 
 @pytest.mark.parametrize("differs, bad_row", [
-    ("pred", "pred"), ("grad", "grads"), ("missing grad", "grads"), ("mask", "mask")])
+    ("pred", "pred"), ("grad", "grads"), ("missing grad", "grads"), ("unexpected grad", "grads"),
+    ("mask", "mask"), ("loss dtype", "loss"), ("pred dtype", "pred"), ("grad dtype", "grads")])
 def test_model_parity_fails_on_a_triton_step_that_differs(monkeypatch, differs, bad_row):
     """The model row fails, on exactly its row, where fastmae's step differs from the
-    reference's in pred, in one gradient, by a missing gradient, or in the mask."""
+    reference's in pred, in one gradient, by a missing gradient or one the reference lacks, in
+    the mask, or in the dtype of the loss, pred or a gradient (same values)."""
     gen = torch.Generator().manual_seed(4)
     pred = torch.randn(2, 4, 8, generator=gen)
     grads = {n: torch.randn(8, 4, generator=gen) for n in ("a", "b", "c")}
@@ -359,6 +371,12 @@ def test_model_parity_fails_on_a_triton_step_that_differs(monkeypatch, differs, 
         assert par.grad_failed == ["b"] and par.grad_worst == "b"
     if differs == "missing grad":
         assert par.missing_grads == ["b"]
+    if differs == "unexpected grad":
+        assert par.unexpected_grads == ["frozen"] and par.missing_grads == []
+    if differs.endswith("dtype"):
+        assert par.dtype_differs == [differs.split()[0].replace("grad", "b")]
+    else:
+        assert par.dtype_differs == []
     rows = par.rows("case", "fp32")
     assert [r.quantity.split()[0] for r in rows if not r.ok] == [bad_row]
 
