@@ -171,3 +171,29 @@ def test_half_input_with_an_fp32_bias_adds_in_fp32(device):
     bias = (torch.randn(40, generator=g) * 1e-2 + 300.0).to(device)
     y = bg.bias_gelu_fwd(x, bias, torch.float32)
     assert_rel_close(y, ref.bias_gelu(x.double(), bias.double()), 1e-5, "y")
+
+
+def test_half_input_with_an_fp32_bias_backward_adds_in_fp32(device):
+    """The backward recomputes z = x + bias in fp32 as the forward does: fp16 x and an fp32 bias
+    near 1 (where gelu' has slope ~0.3), whose fp16 rounding would move dx by ~1e-4."""
+    g = torch.Generator().manual_seed(1)
+    M, D = 7, 40
+    x = torch.randn(M, D, generator=g).to(device, torch.float16)
+    bias = (torch.randn(D, generator=g) * 1e-2 + 1.0).to(device)
+    dy = _grad((M, D), "contiguous", device, seed=6)
+    dx, db = bg.bias_gelu_bwd(dy, x, bias, torch.float32)
+    _, exp_dx, exp_db = _reference(x, bias, dy)
+    assert_rel_close(dx, exp_dx, TOL, "dx")
+    assert_rel_close(db, exp_db, TOL, "dbias")
+
+
+def test_bias_gelu_backward_dx_dtype_defaults_to_x(device):
+    """Without dx_dtype, dx is in x's dtype (dbias fp32 always)."""
+    case = bias_gelu_case(7, 40, device=device, seed=10)
+    x16 = case["x"].half()
+    dy = _grad((7, 40), "contiguous", device, seed=7)
+    dx, db = bg.bias_gelu_bwd(dy, x16, case["bias"])
+    assert dx.dtype == torch.float16 and db.dtype == torch.float32
+    _, exp_dx, exp_db = _reference(x16, case["bias"], dy)
+    assert_rel_close(dx, exp_dx, 1e-3, "dx")
+    assert_rel_close(db, exp_db, TOL, "dbias")

@@ -477,3 +477,60 @@ def test_the_environment_leaves_out_the_tma_kernels_or_their_warp_specialization
     monkeypatch.setattr(triton, "__version__", "3.6.0")
     assert gm.tma_applies(torch.device("cuda", 0), torch.bfloat16) == tma_on
     assert any(ws for *_, ws in gm._tma_gpu_shapes(backward=False)) == ws_on
+
+
+def _half_case_near(M, N, K, center, device, seed):
+    """fp16 a (M, K) and w1 (N, K) whose products are center (from column 0) plus terms ~1, and
+    an fp32 bias of about -center: z = f + bias is ~1 where fp16's f is center's ulp apart."""
+    a, w1, _, _, _ = _case(M, N, K, device, seed=seed)
+    a, w1 = a.clone(), w1.clone()
+    a[:, 0], w1[:, 0] = center ** 0.5, center ** 0.5
+    g = torch.Generator().manual_seed(seed + 1)
+    bias = (torch.randn(N, generator=g) * 0.5 - center).to(device)
+    return a.half(), w1.half(), bias
+
+
+@pytest.mark.parametrize("way", ["pointer", "tma", "tma_warp_specialized"])
+def test_gelu_of_the_rounded_f(way, device, monkeypatch):
+    """g = gelu(f + bias) of the f stored in fp16 (what the backward recomputes), not of the fp32
+    accumulator: f ~ 100 (0.0625 apart in fp16) and bias ~ -100, so the two differ by ~1e-2 in
+    g where gelu(f + bias) in fp16 is within 1e-3."""
+    if way != "pointer":
+        _tma_config(monkeypatch, 1, way == "tma_warp_specialized", device)
+    M, N, K = 37, 40, 24
+    a, w1, bias = _half_case_near(M, N, K, 100.0, device, seed=14)
+    f, g = gm.matmul_bias_gelu(a, w1, bias, torch.float16, tma=way != "pointer")
+    assert_rel_close(f, a.double() @ w1.double().t(), 2e-3, "f")
+    assert_rel_close(g, torch.nn.functional.gelu(f.double() + bias.double()), 2e-3, "g")
+
+
+def test_products_accumulate_in_fp32(device):
+    """fp16 operands whose products cancel across K steps (+256 in the first, -256 in the
+    second): an fp16 accumulator loses the other terms' digits (256 is 0.25 apart in fp16), the
+    fp32 one keeps them, for f and for the backward's dg alike."""
+    M, N, K = 37, 40, 40
+    a, w1, bias, dm, w2 = _case(M, N, K, device, seed=15)
+    a, w1, dm, w2 = (t.clone() for t in (a, w1, dm, w2))
+    a[:, 0], w1[:, 0], a[:, 20], w1[:, 20] = 16.0, 16.0, 16.0, -16.0
+    dm[:, 0], w2[0], dm[:, 20], w2[20] = 16.0, 16.0, 16.0, -16.0
+    a, w1, dm, w2 = (t.half() for t in (a, w1, dm, w2))
+    f, _ = _check_fwd(a, w1, bias, tol=2e-3)
+    _check_bwd(dm, w2, f, bias, tol=2e-3)
+
+
+def test_output_dtypes_are_the_requested_ones(device):
+    """f and g in out_dtype (fp32 here, from fp16 operands) and df in dx_dtype (fp32 here, from an
+    fp16 f), each to its dtype's accuracy."""
+    M, N, K = 37, 40, 24
+    a, w1, bias, dm, w2 = _case(M, N, K, device, seed=16)
+    a16, w16 = a.half(), w1.half()
+    f, g = gm.matmul_bias_gelu(a16, w16, bias, torch.float32)
+    assert f.dtype == g.dtype == torch.float32
+    assert_rel_close(f, a16.double() @ w16.double().t(), TOL, "f")
+    assert_rel_close(g, torch.nn.functional.gelu(f.double() + bias.double()), TOL, "g")
+    f16 = f.half()
+    df, db = gm.matmul_gelu_bwd(dm, w2, f16, bias, torch.float32)
+    assert df.dtype == db.dtype == torch.float32
+    exp = _gelu_grad64(f16, bias, dm.double() @ w2.double())
+    assert_rel_close(df, exp, TOL, "df")
+    assert_rel_close(db, exp.sum(0), TOL, "dbias")

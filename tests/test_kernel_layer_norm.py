@@ -5,7 +5,8 @@ import torch
 
 from fastmae import reference as ref
 from fastmae.kernels import layer_norm as ln
-from fastmae.testing import assert_rel_close, grad_with_layout, layer_norm_case, poisoned_empty, rel_err
+from fastmae.testing import (assert_guards_intact, assert_rel_close, grad_with_layout,
+                             guarded_empty, layer_norm_case, poisoned_empty, rel_err)
 
 TOL = 1e-5
 WIDTHS = [8, 40, 100, 1280]
@@ -279,3 +280,74 @@ def test_rows_whose_variance_is_near_eps(device):
     case["x"][3] = 0.25
     dy = grad_with_layout((M, D), "contiguous", device, seed=1)
     _check(_run(case, dy, None), _reference(case, dy, None))
+
+
+def test_layer_norm_writes_nothing_outside_its_buffers(monkeypatch, device):
+    """Every launcher buffer (y, s, mean, rstd, dx, its second dtype, the partial sums) inside
+    sentinels: the row tail of the last tile (33 rows in tiles of 4) stores nothing past M."""
+    buffers = []
+    monkeypatch.setattr(ln, "_empty", guarded_empty(buffers))
+    M, D = 33, 40
+    case = layer_norm_case(M, D, residual=True, device=device, seed=19)
+    g = torch.Generator(device).manual_seed(5)
+    case["branch_bias"] = torch.randn(D, device=device, generator=g)
+    dy = _grad((M, D), "contiguous", device, seed=9)
+    ds = _grad((M, D), "contiguous", device, seed=10)
+    out = _run(case, dy, ds)
+    assert len(buffers) == 6
+    ln.layer_norm_bwd(dy, out["s"], case["weight"], out["mean"], out["rstd"], ds=ds,
+                      dx_dtype=torch.float32, dx2_dtype=torch.float16, branch_bias_grad=True)
+    assert len(buffers) == 9
+    assert_guards_intact(buffers)
+    _check(out, _reference(case, dy, ds))
+
+
+def test_layer_norm_second_dx_dtype_is_the_same_gradient(device):
+    """dx2_dtype: the fused backward also writes dx (residual path included) in a second dtype,
+    from the same fp32 values (the branch gradient beside the residual stream's)."""
+    M, D = 7, 40
+    case = layer_norm_case(M, D, residual=True, device=device, seed=21)
+    y, s, mean, rstd = ln.layer_norm_fwd(case["x"], case["weight"], case["bias"], case["eps"],
+                                         torch.float32, residual=case["residual"])
+    dy = _grad((M, D), "contiguous", device, seed=11)
+    ds = _grad((M, D), "contiguous", device, seed=12)
+    dx, dwb, dx2 = ln.layer_norm_bwd(dy, s, case["weight"], mean, rstd, ds=ds,
+                                     dx_dtype=torch.float32, dx2_dtype=torch.float16)
+    assert dx.dtype == torch.float32 and dx2.dtype == torch.float16
+    assert_rel_close(dx, _reference(case, dy, ds)["dx"], TOL, "dx")
+    assert_rel_close(dx2, dx, 1e-3, "dx2")  # dx rounded to fp16
+
+
+def test_layer_norm_output_dtypes(device):
+    """The launchers' dtypes: y in out_dtype (not x's), s in the promoted dtype of x and residual
+    when residual_dtype is not given, and dx by default in the saved input's dtype."""
+    M, D = 7, 40
+    case = layer_norm_case(M, D, residual=True, device=device, seed=23)
+    x16 = case["x"].half()
+    y, s, mean, rstd = ln.layer_norm_fwd(x16, case["weight"], case["bias"], case["eps"],
+                                         torch.float32, residual=case["residual"])
+    assert y.dtype == torch.float32 and s.dtype == torch.float32
+    s64 = x16.double() + case["residual"].double()
+    assert_rel_close(s, s64, TOL, "s")
+    exp_y = ref.layer_norm(s64, case["weight"].double(), case["bias"].double(), case["eps"])
+    assert_rel_close(y, exp_y, TOL, "y")
+    dy = _grad((M, D), "contiguous", device, seed=13)
+    dx, _ = ln.layer_norm_bwd(dy, x16, case["weight"], mean, rstd)
+    assert dx.dtype == torch.float16
+
+
+def test_layer_norm_normalizes_the_stored_half_precision_sum(device):
+    """s stored in fp16 (x and residual fp16): y, mean and rstd are those of the stored s, which
+    the backward recomputes x_hat from, not of the unrounded fp32 sum."""
+    M, D = 7, 40
+    case = layer_norm_case(M, D, residual=True, device=device, seed=25)
+    x16, r16 = case["x"].half(), case["residual"].half()
+    y, s, mean, rstd = ln.layer_norm_fwd(x16, case["weight"], case["bias"], case["eps"],
+                                         torch.float32, residual=r16)
+    assert s.dtype == torch.float16
+    s64 = s.double()
+    assert_rel_close(s64, x16.double() + r16.double(), 1e-3, "s")
+    exp_y = ref.layer_norm(s64, case["weight"].double(), case["bias"].double(), case["eps"])
+    assert_rel_close(y, exp_y, TOL, "y")
+    assert_rel_close(mean, s64.mean(-1), TOL, "mean")
+    assert_rel_close(rstd, (s64.var(-1, unbiased=False) + case["eps"]).rsqrt(), TOL, "rstd")
