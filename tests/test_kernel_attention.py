@@ -1,6 +1,7 @@
 """kernels/attention.py against the float64 reference (interpreter, fp32) and, on a GPU, bf16/fp16
 against SDPA's own low-precision error."""
 import contextlib
+import math
 import os
 
 import pytest
@@ -603,11 +604,119 @@ def test_forward_pool_takes_256_row_tiles_at_16_warps_only_where_compiled():
     assert wide(197, 64) == wide(197, 32, fp32=True) == wide(50, 32) == set()
 
 
-def test_split_backward_with_very_negative_scores(device, monkeypatch):
-    """Scores ~ -140 (log-sum-exp below fp32's exp range): the dQ sweep's last, partial key step
-    must mask its padding keys, whose exp2(s - lse) is inf there (masking nothing passed every
-    other test: with ordinary scores the padding's zero keys and values hide it)."""
-    monkeypatch.setenv("FASTMAE_ATTN_BWD", "split")
-    c = attention_case(1, 2, 50, 32, device=device, seed=4)
+@pytest.mark.parametrize("strategy", ["fused", "fused_q", "split"])
+@pytest.mark.parametrize("N", [50, 97])  # one key tile; key loops with a partial last step
+def test_backward_with_very_negative_scores(strategy, N, device, monkeypatch):
+    """Scores ~ -140 (log-sum-exp below fp32's exp range), each way of the backward: wherever
+    a padding key's exp2(s - lse) is formed (the dQ sweep's last, partial key step, the fused
+    ways' padded key tiles) it is inf there and must be masked, and a padding query row must
+    read lse = 0, not the next head's (masking nothing passed every other test: with ordinary
+    scores the padding's zero keys and values hide it); the forward's online softmax (N = 97)
+    must keep the max of the scaled scores, not of the unscaled ones."""
+    monkeypatch.setenv("FASTMAE_ATTN_BWD", strategy)
+    c = attention_case(1, 2, N, 32, device=device, seed=4)
     q, k = -5.0 + 0.1 * c["q"], 5.0 + 0.1 * c["k"]
     _check(q, k, c["v"], _do_like(q), 32 ** -0.5)
+
+
+# ----------------------------------------------------------------------------- stores, copies, ways
+
+_GUARD = 1234.5  # what the memory past each buffer of test_stores_stay_inside_their_buffers holds
+
+
+def _guarded(shape, dtype, device, guards):
+    """A NaN-filled contiguous tensor of ``shape`` at the start of a larger buffer whose rest
+    (as many elements again, and 64) holds _GUARD; that rest is appended to ``guards``."""
+    n = math.prod(shape)
+    buf = torch.full((2 * n + 64,), _GUARD, dtype=dtype, device=device)
+    guards.append(buf[n:])
+    return poison_(buf[:n]).view(shape)
+
+
+@pytest.mark.parametrize("strategy", ["fused", "fused_q", "split"])
+def test_stores_stay_inside_their_buffers(strategy, device, monkeypatch):
+    """Every buffer the kernels write -- o, the packed gradients, the column sums (partial rows
+    of 16: a program stores zeros in those it owns, up to the last), the launchers' own lse and
+    the split way's statistics -- is followed by more memory, as a view of a larger tensor is:
+    nothing past it may change. (Within a buffer a row mask off by one writes into the next
+    head's or batch's rows, which their own programs then rewrite: only the end shows it, and
+    without the guard the stray write lands outside the allocation.)"""
+    attn = _kernels()
+    monkeypatch.setenv("FASTMAE_ATTN_BWD", strategy)
+    monkeypatch.setattr(attn, "_sum_rows", lambda: 16)
+    B, H, N, d = 2, 2, 97, 32
+    case = attention_case(B, H, N, d, "qkv", device=device, seed=43)
+    q, k, v = case["q"], case["k"], case["v"]
+    do, scale = _do_like(q), d ** -0.5
+    guards = []
+    monkeypatch.setattr(attn, "empty", lambda shape, dt, dev: _guarded(shape, dt, dev, guards))
+    out = _guarded((B, N, H, d), q.dtype, device, guards).transpose(1, 2)
+    packed = _guarded((B, N, 3, H, d), q.dtype, device, guards)
+    dq, dk, dv = packed.permute(2, 0, 3, 1, 4).unbind(0)
+    dsum = _guarded(attn.grad_sum_shape(B, H, N, d), torch.float32, device, guards)
+    o, lse = attn.attention_fwd(q, k, v, scale, out=out)
+    attn.attention_bwd(do, q, k, v, o, lse, scale, dq=dq, dk=dk, dv=dv, dsum=dsum)
+    assert len(guards) == (5 if strategy == "split" else 4)  # o, grads, dsum, lse (, stats)
+    changed = [i for i, g in enumerate(guards) if not torch.all(g == _GUARD)]
+    assert not changed, f"written past buffers {changed}"
+    o64, _, grads64 = _reference64(q, k, v, do, scale)
+    floor = 1e-2 * max(g.abs().max().item() for g in grads64)
+    assert rel_err(o, o64) <= TOL
+    assert all(rel_err(g, g64, floor) <= TOL for g, g64 in zip((dq, dk, dv), grads64))
+    assert rel_err(dsum.sum((0, 1)), _column_sums(grads64), floor) <= TOL
+
+
+def test_operands_copied_for_int32_tile_offsets(device, monkeypatch):
+    """A tensor whose in-tile offsets could overflow int32 is run on a contiguous copy (_fit;
+    never MAE's layouts, whose strides are small): with the limit lowered so that every
+    operand and output is copied, o and the gradients must still land in the caller's buffers."""
+    monkeypatch.setattr(_kernels(), "_MAX_TILE_ROWS", 2 ** 31)
+    case = attention_case(2, 3, 50, 32, "qkv", device=device, seed=47)
+    _check(case["q"], case["k"], case["v"], _do_like(case["q"]), 32 ** -0.5)
+
+
+def test_split_sums_with_unequal_dq_and_dkdv_blocks(device, monkeypatch):
+    """The column sums' partial rows are as short as the smallest block of the two split
+    kernels' tilings (here dQ's 16 query rows, not dK-dV's 32 keys), so that each program of
+    either owns whole partial rows."""
+    attn = _kernels()
+    monkeypatch.setenv("FASTMAE_ATTN_BWD", "split")
+    case = attention_case(1, 2, 50, 32, "qkv", device=device, seed=53)
+    with _only_config(attn._attn_bwd_dq_tuned, triton.Config({"BLOCK_M": 16, "BLOCK_N": 16},
+                                                             num_warps=4, num_stages=2)), \
+            _only_config(attn._attn_bwd_dkdv_tuned, triton.Config({"BLOCK_M": 16, "BLOCK_N": 32},
+                                                                  num_warps=4, num_stages=2)):
+        _check(case["q"], case["k"], case["v"], _do_like(case["q"]), 32 ** -0.5)
+
+
+@pytest.mark.parametrize("dtype,N,d,fits", [
+    (torch.float32, 50, 64, True), (torch.float32, 97, 32, True), (torch.float32, 197, 32, False),
+    (torch.float32, 65, 80, False), (torch.float16, 197, 32, True), (torch.float16, 65, 80, False),
+    (torch.float16, 257, 16, False)])
+def test_fused_ways_only_within_the_tile_limit(dtype, N, d, fits, device, monkeypatch):
+    """A fused way runs only where a head's next_pow2(N) x next_pow2(d) tile holds at most
+    _FUSED_BWD_MAX_TILE elements (half that in fp32, whose dots run on CUDA cores) and N <= 256
+    (the examples of the module's docstring; bigger tiles spill on the GPU): elsewhere a forced
+    fused way runs the two-kernel one. The launches are recorded, not run."""
+    attn = _kernels()
+    launched = []
+    monkeypatch.setattr(attn, "launch_tuned", lambda tuned, *args, **kwargs: launched.append(tuned))
+    q = torch.randn(1, 1, N, d, device=device).to(dtype)
+    lse = torch.randn(1, 1, N, device=device)
+    for way in ("fused", "fused_q"):
+        monkeypatch.setenv("FASTMAE_ATTN_BWD", way)
+        launched.clear()
+        attn.attention_bwd(q, q, q, q, q, lse, d ** -0.5)
+        assert launched == [getattr(attn, name) for name in _WAY_KERNELS[way if fits else "split"]]
+
+
+def test_grad_output_of_another_dtype(device):
+    """An fp32 incoming gradient for fp16 q, k, v (as an fp32 loss hands it over) is cast to
+    their dtype: the gradients as with an fp16 one, in fp16."""
+    case = attention_case(1, 2, 50, 32, "qkv", device=device, seed=59)
+    q, k, v = (case[n].to(torch.float16) for n in ("q", "k", "v"))
+    do = _do_like(q, seed=3).float()
+    _, _, grads, _ = _run(q, k, v, do, 32 ** -0.5)
+    _, _, same, _ = _run(q, k, v, do.half(), 32 ** -0.5)
+    for g, s in zip(grads, same):
+        assert g.dtype == torch.float16 and torch.equal(g, s)
