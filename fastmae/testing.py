@@ -55,14 +55,15 @@ SENTINEL = 12345.0
 
 
 def guarded_empty(buffers):
-    """An ``_empty`` drop-in whose buffers start poisoned (NaN) and sit inside larger ones filled
-    with a sentinel on both sides, each appended to ``buffers``: a store out of the buffer's
-    bounds changes the sentinel (``assert_guards_intact``)."""
+    """An ``_empty`` drop-in whose buffers start poisoned (``poison_``: NaN, or a huge index for
+    integer ones) and sit inside larger ones filled with a sentinel on both sides, each appended
+    to ``buffers``: a store out of the buffer's bounds changes the sentinel
+    (``assert_guards_intact``)."""
     def alloc(shape, dtype, device):
         n = math.prod(shape)
         big = torch.full((n + 2 * GUARD,), SENTINEL, dtype=dtype, device=device)
         buffers.append((big, n))
-        return big[GUARD:GUARD + n].view(*shape).fill_(float("nan"))
+        return poison_(big[GUARD:GUARD + n].view(*shape))
     return alloc
 
 

@@ -135,9 +135,11 @@ def _toy_cases():
     base = torch.randn(64)
     halves = torch.randn(64, dtype=torch.bfloat16)
     out = torch.empty(64)
+    shifted, shifted_out = torch.randn(65)[1:], torch.empty(65)[1:]  # 64 each, 4-byte aligned
     cases = [
         ((base, out, 64, 0.5), dict(BLOCK=64, SQUARE=False)),
         ((base[1:], out[1:], 63, 0.5), dict(BLOCK=64, SQUARE=False)),  # 4-byte aligned, n odd
+        ((shifted, shifted_out, 64, 0.5), dict(BLOCK=64, SQUARE=False)),  # only the alignment
         ((base, out, 1, 0.5), dict(BLOCK=64, SQUARE=False)),  # n == 1: Triton's constexpr
         ((base, out, 48, 2), dict(BLOCK=64, SQUARE=False)),  # an int in the float's place
         ((base, out, 48, 1), dict(BLOCK=64, SQUARE=False)),  # ... equal to 1: a constexpr

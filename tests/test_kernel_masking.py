@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from fastmae import reference as ref
-from fastmae.testing import distinct_noise, masking_case, poisoned_empty
+from fastmae.testing import (assert_guards_intact, distinct_noise, guarded_empty, masking_case,
+                             poisoned_empty)
 
 
 @pytest.fixture
@@ -112,6 +113,7 @@ def test_masking_indices_nans_sort_last_as_torch_sorts_them(kmask, device, L):
     (2, 7, 40, 0.75),
     (3, 49, 100, 0.75),
     (2, 16, 1280, 0.5),
+    (3, 47, 8, 0.25),  # 105 kept rows: two row tiles of 64, the second partial
 ])
 def test_gather_tokens_exact(kmask, device, N, L, D, ratio):
     case = masking_case(N, L, D, ratio, device=device, seed=L + D)
@@ -125,7 +127,8 @@ def test_gather_tokens_exact(kmask, device, N, L, D, ratio):
 
 
 def test_gather_tokens_strided_inputs(kmask, device):
-    """x a transposed view and a column slice, ids_keep a slice of ids_shuffle (as official)."""
+    """x a transposed view and a column slice, ids_keep a slice of ids_shuffle (as official) and
+    a transposed copy (stride N along keep: a kernel stepping 1 along it read other images')."""
     N, L, D, keep = 3, 13, 24, 5
     g = _gen(3, device)
     x_t = torch.randn(N, D, L, generator=g, device=device).transpose(1, 2)  # stride 1 along L
@@ -133,8 +136,34 @@ def test_gather_tokens_strided_inputs(kmask, device):
     ids_shuffle = torch.argsort(distinct_noise(N, L, g, device), dim=1)
     ids_keep = ids_shuffle[:, :keep]
     assert not ids_keep.is_contiguous()
+    ids_t = ids_keep.t().contiguous().t()
+    assert ids_t.stride() == (1, N)
     for x in (x_t, x_s):
-        assert torch.equal(kmask.gather_tokens(x, ids_keep), ref.gather_tokens(x, ids_keep))
+        for ids in (ids_keep, ids_t):
+            assert torch.equal(kmask.gather_tokens(x, ids), ref.gather_tokens(x, ids_keep))
+
+
+def test_masking_and_gather_store_nothing_outside_their_buffers(device, monkeypatch):
+    """ids_keep, mask, ids_restore and the gathered and scattered tokens inside sentinels: the
+    row tails (keep = 9 of L = 37 in a block of 64 lanes; 3 x 9 = 27 token rows in tiles) store
+    nothing past their ends (an off-by-one there crashed the interpreter at best)."""
+    from fastmae.kernels import masking
+
+    buffers = []
+    monkeypatch.setattr(masking, "_empty", guarded_empty(buffers))
+    N, L, D, keep = 3, 37, 24, 9
+    g = _gen(29, device)
+    noise = distinct_noise(N, L, g, device)
+    x = torch.randn(N, L, D, generator=g, device=device)
+    got = masking.masking_indices(noise, keep)
+    _assert_indices_equal(got, ref.masking_indices(noise, keep))
+    ids_keep, _, ids_restore = got
+    assert torch.equal(masking.gather_tokens(x, ids_keep), ref.gather_tokens(x, ids_keep))
+    grad = torch.randn(N, keep, D, generator=g, device=device)
+    back = masking.scatter_tokens(grad, ids_restore, keep)
+    assert torch.equal(back.double(), _gather_grad_float64(N, L, D, ids_keep, grad))
+    assert len(buffers) == 5
+    assert_guards_intact(buffers)
 
 
 def _gather_grad_float64(N, L, D, ids_keep, grad):
@@ -161,15 +190,19 @@ def test_scatter_tokens_is_gather_backward(kmask, device, N, L, D, ratio):
 
 
 def test_scatter_tokens_strided_grad(kmask, device):
-    """An expanded (stride-0) and a sliced incoming gradient."""
+    """An expanded (stride-0) and a sliced incoming gradient; ids_restore contiguous and a
+    transposed copy (stride N along L)."""
     N, L, D, keep = 2, 11, 40, 4
     g = _gen(11, device)
     ids_keep, _, ids_restore = kmask.masking_indices(distinct_noise(N, L, g, device), keep)
+    ids_t = ids_restore.t().contiguous().t()
+    assert ids_t.stride() == (1, N)
     expanded = torch.randn(N, 1, D, generator=g, device=device).expand(N, keep, D)
     sliced = torch.randn(N, keep + 3, D, generator=g, device=device)[:, 1:1 + keep]
     for grad in (expanded, sliced):
-        out = kmask.scatter_tokens(grad, ids_restore, keep)
-        assert torch.equal(out.double(), _gather_grad_float64(N, L, D, ids_keep, grad))
+        for ids in (ids_restore, ids_t):
+            out = kmask.scatter_tokens(grad, ids, keep)
+            assert torch.equal(out.double(), _gather_grad_float64(N, L, D, ids_keep, grad))
 
 
 # ----------------------------------------------------------------------------- GPU only

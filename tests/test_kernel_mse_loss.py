@@ -121,6 +121,22 @@ def test_masked_mse_all_masked_rows(device, monkeypatch):
     T.assert_rel_close(grad, r_grad, TOL, "grad_pred")
 
 
+def test_masked_mse_weighted_mask(device, monkeypatch):
+    """A mask of weights in (0, 2), not 0 / 1: the loss is sum(mask * patch MSE) / sum(mask) as
+    the reference has it (a count of the nonzero entries in place of sum(mask) passed the
+    binary masks)."""
+    _poison_allocations(monkeypatch)
+    case = T.loss_case(2, 3, 12, 20, 4, device=device, seed=10)
+    g = T._gen(11, "cpu")
+    case["mask"] = (case["mask"].cpu() * (0.1 + 1.8 * torch.rand(2, 15, generator=g))).to(device)
+    for norm_pix in (True, False):
+        case["norm_pix"] = norm_pix
+        r_loss, r_grad = _reference(case)
+        loss, grad = ml.masked_mse_fwd(**case, need_grad=True)
+        T.assert_rel_close(loss, r_loss, TOL, "loss")
+        T.assert_rel_close(grad, r_grad, TOL, "grad_pred")
+
+
 def test_masked_mse_single_value_patches(device):
     """K = 1 (p = 1, C = 1): without norm_pix the loss is exact; with it the unbiased variance is
     0 / 0 = nan, as in torch, and nothing crashes."""

@@ -104,6 +104,68 @@ def test_patch_embed_bwd_strided_grad_out(device, monkeypatch):
     T.assert_rel_close(gi, r_gi, TOL, "grad_imgs")
 
 
+def test_patch_embed_bwd_reads_only_its_rows_of_windows(device, monkeypatch):
+    """M = 50 visible patches: 3 weight-gradient splits of 17 rows, each more than one BLOCK_M
+    under the interpreter, the last one short. grad_out (every other column: stride 2 along D),
+    ids_keep and imgs are the first N images of tensors holding one more valid image: a kernel
+    that reads past row M (or past a split's first block, or steps 1 along D) gets wrong values
+    instead of masked zeros."""
+    _poison_allocations(monkeypatch)
+    N, C, H, W, p, D, keep = 2, 3, 10, 14, 2, 20, 25  # a 5x7 grid, L = 35
+    case = _case(N + 1, C, H, W, p, D, keep, "contiguous", device, seed=12)
+    grad_big = torch.randn(N + 1, keep, 2 * D, generator=T._gen(13, "cpu")).to(device)
+    grad_out = grad_big[:, :, ::2][:N]
+    case = dict(case, imgs=case["imgs"][:N], ids_keep=case["ids_keep"][:N])
+    assert grad_out.reshape(N * keep, D).stride() == (2 * D, 2)
+    _, r_gw, r_gb, r_gi = _reference(case, grad_out)
+    gw, gb, gi = pe.patch_embed_visible_bwd(grad_out, case["imgs"], case["weight"],
+                                            case["ids_keep"], need_imgs_grad=True)
+    T.assert_rel_close(gw, r_gw, TOL, "grad_weight")
+    T.assert_rel_close(gb, r_gb, TOL, "grad_bias")
+    T.assert_rel_close(gi, r_gi, TOL, "grad_imgs")
+
+
+def test_patch_embed_strided_parameters(device, monkeypatch):
+    """weight, bias and pos_embed as views with strides other than 1 along their last dim
+    (every other / third element of larger tensors): forward and every gradient."""
+    _poison_allocations(monkeypatch)
+    N, C, H, W, p, D, keep = 2, 3, 12, 20, 4, 40, 7
+    case = _case(N, C, H, W, p, D, keep, "contiguous", device, seed=15)
+    g = T._gen(16, "cpu")
+    w_big = torch.randn(D, C, p, 2 * p, generator=g).to(device)
+    w_big[..., ::2] = case["weight"]
+    b_big = torch.randn(3 * D, generator=g).to(device)
+    b_big[::3] = case["bias"]
+    pos_big = torch.randn(1, case["pos_embed"].shape[1], 2 * D, generator=g).to(device)
+    pos_big[..., ::2] = case["pos_embed"]
+    strided = dict(case, weight=w_big[..., ::2], bias=b_big[::3], pos_embed=pos_big[..., ::2])
+    assert strided["weight"].reshape(D, -1).stride() == (2 * C * p * p, 2)
+    grad_out = torch.randn(N, keep, D, generator=T._gen(17, "cpu")).to(device)
+    r_out, r_gw, r_gb, r_gi = _reference(case, grad_out)
+    out = pe.patch_embed_visible_fwd(**strided, out_dtype=torch.float32)
+    T.assert_rel_close(out, r_out, TOL, "out")
+    gw, gb, gi = pe.patch_embed_visible_bwd(grad_out, strided["imgs"], strided["weight"],
+                                            strided["ids_keep"], need_imgs_grad=True)
+    T.assert_rel_close(gw, r_gw, TOL, "grad_weight")
+    T.assert_rel_close(gb, r_gb, TOL, "grad_bias")
+    T.assert_rel_close(gi, r_gi, TOL, "grad_imgs")
+
+
+def test_fwd_compute_dtype_reads_the_operands_in_it(device, monkeypatch):
+    """An fp32 output with compute_dtype fp16 (autocast) multiplies the fp16-rounded image and
+    weight, accumulating in fp32: the float64 reference of those rounded operands within 1e-5
+    (the fp32 operands' product is ~3e-4 from it)."""
+    _poison_allocations(monkeypatch)
+    N, C, H, W, p, D, keep = 2, 3, 12, 20, 4, 40, 7
+    case = _case(N, C, H, W, p, D, keep, "contiguous", device, seed=14)
+    mixed = pe.patch_embed_visible_fwd(**case, out_dtype=torch.float32,
+                                       compute_dtype=torch.float16)
+    assert mixed.dtype == torch.float32
+    rounded = {k: (v.double() if v.is_floating_point() else v) for k, v in case.items()}
+    rounded.update(imgs=case["imgs"].half().double(), weight=case["weight"].half().double())
+    T.assert_rel_close(mixed, ref.patch_embed_visible(**rounded), 1e-5, "out (fp16 operands)")
+
+
 def _patches_by_torch(imgs, ids_keep, p):
     """The kept patches (N * keep, C * p * p) in the conv weight's (c, i, j) order, by views."""
     N, C, H, W = imgs.shape

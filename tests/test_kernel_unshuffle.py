@@ -86,7 +86,8 @@ def test_unshuffle_deterministic_multi_tile(kun, device, monkeypatch):
 
 def test_unshuffle_strided_inputs(kun, device):
     """x a slice of a bigger tensor and a transposed view, pos_embed and mask_token views,
-    grad_out expanded (stride 0) and sliced."""
+    grad_out expanded (stride 0) and sliced; ids_restore contiguous, then a transposed copy
+    (stride N along L)."""
     N, L, D, ratio = 2, 11, 40, 0.75
     case = unshuffle_case(N, L, D, ratio, device=device, seed=9)
     keep1 = case["x"].shape[1]
@@ -100,8 +101,11 @@ def test_unshuffle_strided_inputs(kun, device):
     grads = (torch.randn(N, 1, D, device=device).expand(N, 1 + L, D),
              torch.randn(N, 2 + L, D + 5, device=device)[:, 1:, 2:2 + D],
              torch.randn(1, 1, 1, device=device).expand(N, 1 + L, D))
-    for x in (big[:, 1:1 + keep1, 3:3 + D], transposed):
-        strided = dict(case, x=x, pos_embed=pos_big[:, :, ::2], mask_token=mt_big[:, :, ::3])
+    ids_t = case["ids_restore"].t().contiguous().t()
+    assert ids_t.stride() == (1, N)
+    for x, ids in ((big[:, 1:1 + keep1, 3:3 + D], case["ids_restore"]), (transposed, ids_t)):
+        strided = dict(case, x=x, pos_embed=pos_big[:, :, ::2], mask_token=mt_big[:, :, ::3],
+                       ids_restore=ids)
         for grad_out in grads:
             _check(kun, strided, grad_out)
 
@@ -204,3 +208,25 @@ def test_unshuffle_bwd_ids_outside_range_write_nothing_and_give_nan(kun, device,
     _, want_gx, _ = _reference_float64(case, grad_out)
     assert_rel_close(gx, want_gx, TOL, "grad_x")  # cls rows included
     assert gmt.isnan().all(), "the mask token's gradient is not NaN"
+
+
+def test_unshuffle_bwd_mask_token_grad_rounded_once(kun, device):
+    """A 16-bit mask token's gradient is the fp32 sum of every program's partial, rounded to its
+    dtype once: rounding each partial first lost the small total of partials that cancel (the
+    rows of image 0 near +100, of image 1 near -100; four programs of 64 rows)."""
+    N, L, D, ratio = 2, 127, 8, 0.75
+    case = unshuffle_case(N, L, D, ratio, device=device, seed=23)
+    keep = case["x"].shape[1] - 1
+    g = torch.Generator(device=device)
+    g.manual_seed(24)
+    grad_out = torch.randn(N, 1 + L, D, generator=g, device=device)
+    grad_out[0] += 100.0
+    grad_out[1] -= 100.0
+    _, want_gx, want_gmt = _reference_float64(case, grad_out)
+    for mt_dtype in (torch.float16, torch.bfloat16):
+        gx, gmt = kun.unshuffle_bwd(grad_out, case["ids_restore"], keep, torch.float32, mt_dtype)
+        assert gmt.dtype == mt_dtype
+        assert_rel_close(gx, want_gx, TOL, "grad_x")
+        # one rounding of a value within fp32 error of the float64 sum: within one step
+        assert_rel_close(gmt.double(), want_gmt, 2 * torch.finfo(mt_dtype).eps,
+                         f"grad_mask_token ({mt_dtype})")
