@@ -127,7 +127,7 @@ _empty = empty  # every output is allocated here (tests patch it to poison them)
 def _row_tiling(D: int, elem_size: int):
     """(ROWS, BLOCK_D, num_warps) for the row-copy kernels: a program moves a [ROWS, BLOCK_D]
     tile of about 16 KB. BLOCK_D is the power of two (<= 1024) that wastes the fewest masked
-    lanes over D (768 and 1280 -> 256, 512 -> 512, 100 -> 128), ROWS fills the tile."""
+    lanes over D (768 and 1280 -> 256, 512 -> 512, 100 -> 16: 112 lanes), ROWS fills the tile."""
     best = None
     for b in (16, 32, 64, 128, 256, 512, 1024):
         b = min(b, next_pow2(D))
