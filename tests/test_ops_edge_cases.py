@@ -487,3 +487,91 @@ def test_patch_embed_visible_under_autocast_returns_the_references_dtype():
         ref = reference.patch_embed_visible(**case)
     assert out.dtype == ref.dtype == torch.float32
     assert rel_err(out, ref) < 2e-3
+
+
+# --------------------------------------------------- found by a mutation audit of ops.py (2)
+
+def _grads_vs_float64(op, args, diff, tol, seed=0):
+    """op on args (the ``diff`` positions as fresh fp32 leaves) and on float64 twins of them
+    (the "torch" backend): outputs and those gradients within tol of the float64 ones."""
+    def run(dtype, backend):
+        a = [t.detach().to(dtype).clone().requires_grad_(i in diff)
+             if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+             for i, t in enumerate(args)]
+        with fastmae.use_backend(backend):
+            out = op(*a)
+        _backward(out, seed=seed)
+        return out, [a[i].grad for i in diff]
+
+    out, grads = run(torch.float32, "triton")
+    ref_out, ref_grads = run(torch.float64, "torch")
+    assert_rel_close(out, ref_out, tol, "output")
+    for i, g, r in zip(diff, grads, ref_grads):
+        assert g is not None, f"no gradient reached argument {i}"
+        assert_rel_close(g, r, tol, f"gradient of argument {i}")
+
+
+def test_trainable_position_tables_get_their_gradient():
+    """A position table that requires grad (a learned one, where official's is frozen) gets its
+    gradient, as the reference gives it: patch_embed_visible and unshuffle, whose kernels
+    have no position-table gradient, run the reference for it."""
+    pe = patch_embed_case(2, 3, 12, 8, 4, 24, seed=12)  # L = 6, keep = 1
+    _grads_vs_float64(ops.patch_embed_visible, [pe[n] for n in
+                      ("imgs", "weight", "bias", "pos_embed", "ids_keep")], (1, 2, 3), 1e-5)
+    un = unshuffle_case(3, 7, 40, 0.6, seed=13)
+    _grads_vs_float64(ops.unshuffle, [un[n] for n in ("x", "mask_token", "ids_restore",
+                                                       "pos_embed")], (0, 1, 3), 1e-5)
+
+
+def test_loss_gradient_reaches_a_mask_that_requires_it():
+    """A float mask that requires grad (a soft mask) gets d loss / d mask, as the reference
+    gives it (the fused loss kernel has none: the reference runs)."""
+    case = loss_case(2, 3, 12, 8, 4, seed=14)
+    mask = case["mask"] * 0.5 + 0.25  # soft weights, never 0
+    _grads_vs_float64(lambda i, p, m: ops.masked_mse_loss(i, p, m, 4),
+                      [case["imgs"], case["pred"], mask], (1, 2), 1e-5)
+
+
+def test_add_layer_norm_promotes_a_lower_precision_residual():
+    """s = residual + x keeps the promoted dtype, as the reference's add: an fp16 residual
+    beside an fp32 x gives an fp32 s (not an fp16 one rounded from it) and fp32 gradients."""
+    case = layer_norm_case(7, 40, residual=True, seed=15)
+    r16 = case["residual"].half()
+    x = case["x"].clone().requires_grad_(True)
+    r = r16.clone().requires_grad_(True)
+    s, y = ops.add_layer_norm(x, r, case["weight"], case["bias"], case["eps"])
+    xd = case["x"].double().requires_grad_(True)
+    rd = r16.double().requires_grad_(True)
+    rs, ry = reference.add_layer_norm(xd, rd, case["weight"].double(), case["bias"].double(),
+                                      case["eps"])
+    assert s.dtype == y.dtype == torch.float32
+    assert_rel_close(s, rs, 1e-6, "residual sum")
+    assert_rel_close(y, ry, 1e-5, "normalized")
+    _backward((s, y), seed=3)
+    _backward((rs, ry), seed=3)
+    assert r.grad.dtype == torch.float16
+    assert_rel_close(x.grad, xd.grad, 1e-5, "grad of x")
+    assert_rel_close(r.grad, rd.grad, 1e-3, "grad of residual")
+
+
+def test_attention_scale_zero_is_a_scale():
+    """scale=0.0 is a scale (every key weighted equally: the mean of v), not "use the default"."""
+    case = attention_case(1, 2, 7, 32, seed=16)
+    out = ops.attention(case["q"], case["k"], case["v"], scale=0.0)
+    want = case["v"].double().mean(-2, keepdim=True).expand_as(out)
+    assert_rel_close(out, want, 1e-5, "attention with scale 0")
+    out = ops.packed_attention(torch.randn(1, 7, 3 * 64, generator=_gen(17)), 2, 0.0)
+    assert out.shape == (1, 7, 64)
+
+
+@pytest.mark.parametrize("d", [16, 40])
+def test_packed_attention_other_head_dims_run_the_reference(d):
+    """packed_attention and attention with a head dim the kernel does not serve run the
+    reference (SDPA's autograd node, not the kernel's; the interpreter's kernel would compute
+    these too, a GPU's is not built for them): its outputs and gradients."""
+    qkv = torch.randn(2, 7, 3 * 3 * d, generator=_gen(d))
+    _grads_vs_float64(lambda t: ops.packed_attention(t, 3, 0.3), [qkv], (0,), 1e-5)
+    t = qkv.clone().requires_grad_(True)
+    q = torch.randn(1, 2, 5, d, generator=_gen(d + 1), requires_grad=True)
+    for out in (ops.packed_attention(t, 3), ops.attention(q, q, q)):
+        assert not type(out.grad_fn).__name__.endswith("_functionBackward"), out.grad_fn

@@ -413,3 +413,59 @@ def test_ops_trace_on_the_meta_device():
     s, y2 = ops.add_layer_norm(x.half(), x, w, b, 1e-6)
     assert y.device.type == "meta" and y.shape == x.shape and y.dtype == torch.float32
     assert s.dtype == torch.float32 and y2.dtype == torch.float16
+
+
+# --------------------------------------------------- found by a mutation audit of ops.py (2)
+
+def _ln_stats(x, w, b):
+    """(mean, rstd) of layer_norm's forward on x (fp32 row statistics)."""
+    _, mean, rstd = ops._layer_norm_op.impl(x, w, b, 1e-6, x.dtype)
+    return mean, rstd
+
+
+def _half_and_backward_opchecks():
+    """Custom ops in the dtypes their fake implementations get wrong unless they follow the
+    kernels (outputs in another dtype than the inputs: fp32 row statistics and parameter
+    gradients from fp16 operands, the two gradients of a mixed-dtype add), and the backward ops
+    autograd calls (their fakes are what torch.compile traces a backward with)."""
+    g = torch.Generator().manual_seed(31)
+    h = torch.float16
+    M, D = 5, 24
+    x16 = torch.randn(M, D, generator=g).to(h)
+    w, b = torch.randn(D, generator=g), torch.randn(D, generator=g)
+    s = torch.randn(M, D, generator=g)
+    mean, rstd = _ln_stats(s, w, b)
+    dy16, ds = torch.randn(M, D, generator=g).to(h), torch.randn(M, D, generator=g)
+    un = unshuffle_case(2, 9, 8, 0.5, seed=4)
+    pe = patch_embed_case(2, 3, 8, 8, 4, 16, seed=6)
+    grad_pe = torch.randn(2, pe["ids_keep"].shape[1], 16, generator=g)
+    return {
+        "layer_norm_fp16": (ops._layer_norm_op, (x16, w, b, 1e-6, h)),
+        "add_layer_norm_fp16_x": (ops._add_layer_norm_op, (x16, s, w, b, 1e-6, h, None)),
+        "layer_norm_bwd_branch_bias": (ops._layer_norm_bwd_op,
+                                       (ds, s, w, mean, rstd, ds, torch.float32, True)),
+        "add_layer_norm_bwd_mixed": (ops._add_layer_norm_bwd_op,
+                                     (dy16, s, w, mean, rstd, ds, torch.float32, h, True)),
+        "bias_gelu_bwd_fp16": (ops._bias_gelu_bwd_op, (dy16, x16, b.to(h), h)),
+        "unshuffle_bwd_mixed": (ops._unshuffle_bwd_op, (
+            torch.randn(2, 10, 8, generator=g), un["ids_restore"], un["x"].shape[1] - 1, h,
+            torch.float32)),
+        "patch_embed_visible_fp16": (ops._patch_embed_visible_op, (
+            pe["imgs"].to(h), pe["weight"].to(h), pe["bias"].to(h), pe["pos_embed"],
+            pe["ids_keep"], torch.float32, h)),
+        "patch_embed_visible_bwd_fp16": (ops._patch_embed_visible_bwd_op, (
+            grad_pe, pe["imgs"].to(h), pe["weight"].to(h), pe["ids_keep"], True, h)),
+        "masking_indices_fp16": (ops._masking_indices_op,
+                                 (masking_case(2, 9, 4)["noise"].to(h), 3)),
+        "scale_to_fp16": (ops._scale_op, (ds, torch.tensor(1.5), h)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_half_and_backward_opchecks()))
+def test_half_precision_and_backward_ops_pass_opcheck(name):
+    """The fake (meta) implementations give the kernels' dtypes, shapes and strides where they
+    differ from the inputs' -- what torch.compile plans a graph's buffers by -- and the backward
+    ops pass opcheck too (each fake mutated to the input dtype passed the fp32 checks above)."""
+    op, args = _half_and_backward_opchecks()[name]
+    result = torch.library.opcheck(op.custom, args)
+    assert all(v == "SUCCESS" for v in result.values()), result

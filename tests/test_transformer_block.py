@@ -409,3 +409,120 @@ def test_cast_block_weights_on_cuda_gives_tensor_to_bits():
             expected = src.detach().to(dtype=torch.bfloat16)
             assert out.dtype == torch.bfloat16 and out.shape == src.shape
             assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
+
+
+# --------------------------------------------------- found by a mutation audit of ops.py (2)
+
+def _official_block_fp64(x, branch, params, num_heads, scale, eps):
+    """timm's Block written out in float64 with torch's functions alone (no fastmae op): the
+    hand-off form's (s, m) of transformer_block, m without fc2's bias."""
+    import torch.nn.functional as F
+    n1w, n1b, qkv_w, qkv_b, proj_w, proj_b, n2w, n2b, fc1_w, fc1_b, fc2_w, _ = params
+    B, N, C = x.shape
+    d = C // num_heads
+    s1 = x if branch is None else x + branch[0] + branch[1]
+    h = F.layer_norm(s1, (C,), n1w, n1b, eps[0])
+    q, k, v = F.linear(h, qkv_w, qkv_b).view(B, N, 3, num_heads, d).permute(2, 0, 3, 1, 4)
+    a = torch.softmax(q @ k.transpose(-1, -2) * scale, -1) @ v
+    s2 = s1 + F.linear(a.transpose(1, 2).reshape(B, N, C), proj_w, proj_b)
+    h2 = F.layer_norm(s2, (C,), n2w, n2b, eps[1])
+    return s2, F.linear(F.gelu(F.linear(h2, fc1_w, fc1_b)), fc2_w)
+
+
+@pytest.mark.parametrize("node", [True, False])
+@pytest.mark.parametrize("branch, qkv_bias", [(True, True), (False, False)])
+def test_block_with_its_own_scale_matches_an_independent_float64_block(node, branch, qkv_bias):
+    """The one-node block and the op-by-op one against timm's Block in float64 (torch's own
+    functions, not fastmae's reference path, which the op-by-op block shares), with a softmax
+    scale that is not the head dim's default: both outputs and every gradient. A block that
+    dropped its ``scale`` for d ** -0.5, in the forward or only in the backward, matched the
+    composition it was compared with, which used the default scale too."""
+    B, N, C, H, hidden = 2, 7, 64, 2, 40
+    case = block_case(B, N, C, hidden, qkv_bias=qkv_bias, branch=branch, seed=17)
+    x, br, params, (gs, gm) = case
+    scale, eps = 0.31, (1e-6, 1e-5)
+    outs, grads = run_block_with(case, H, node, scale, eps)
+    xd = x.double().requires_grad_(True)
+    pd = [None if p is None else p.double().requires_grad_(True) for p in params]
+    leaves = [xd] + [p for p in pd if p is not None]
+    bd = None
+    if br is not None:
+        bd = tuple(t.double().requires_grad_(True) for t in br)
+        leaves += list(bd)
+    s, m = _official_block_fp64(xd, bd, pd, H, scale, eps)
+    torch.autograd.backward((s, m), (gs.double(), gm.double()))
+    assert_rel_close(outs[0], s, 1e-5, "x")
+    assert_rel_close(outs[1], m, 1e-5, "branch")
+    names = ["x"] + [n for n, p in zip(PARAM_NAMES, params) if p is not None] + (
+        ["branch", "branch bias"] if branch else [])
+    for name, a, r in zip(names, grads, [t.grad for t in leaves]):
+        if name == "fc2.bias":
+            assert a is None
+            continue
+        assert_rel_close(a, r, 1e-4, f"grad of {name}")
+
+
+def run_block_with(case, num_heads, node, scale, eps):
+    """run_block's outputs and gradients (fp32, no autocast) with the given scale and eps."""
+    x, br, params, (gs, gm) = case
+    x = x.clone().requires_grad_(True)
+    params = [None if p is None else p.clone().requires_grad_(True) for p in params]
+    leaves = [x] + [p for p in params if p is not None]
+    branch = None
+    if br is not None:
+        branch = tuple(t.clone().requires_grad_(True) for t in br)
+        leaves += list(branch)
+    call = ops.transformer_block if node else ops._block_by_op
+    s, (m_out, _) = call(x, branch, tuple(params), num_heads, scale, eps)
+    assert (type(s.grad_fn).__name__ == "_BlockBackward") == node
+    torch.autograd.backward((s, m_out), (gs, gm))
+    return [s.detach(), m_out.detach()], [t.grad for t in leaves]
+
+
+def test_block_node_double_backward_raises():
+    """The one-node block's backward is not itself differentiable: create_graph=True through it
+    raises instead of handing back gradients without a graph (which a gradient penalty would
+    silently take as constants)."""
+    x, br, params, _ = block_case(1, 5, 64, 48, branch=False, seed=2)
+    x = x.clone().requires_grad_(True)
+    params = [p.clone().requires_grad_(True) for p in params]
+    s, (m, _) = ops.transformer_block(x, None, tuple(params), 2, 32 ** -0.5, (1e-6, 1e-6))
+    assert type(s.grad_fn).__name__ == "_BlockBackward"
+    (gx,) = torch.autograd.grad((s.square().sum() + m.square().sum()), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|marked with @once_differentiable"):
+        gx.sum().backward()
+
+
+def test_block_with_half_weights_beside_fp32_x_raises_as_torch_does():
+    """Without autocast the matmuls take the weights as they are: fp16 weights beside an fp32
+    residual stream are the dtype mismatch torch's linear refuses ("torch" backend), and the
+    one-node block does not cast them to fp32 silently instead (a mutation audit found it
+    unchecked)."""
+    x, br, params, _ = block_case(1, 5, 64, 48, branch=False, seed=4)
+    params = [p.half() if p.dim() == 2 else p for p in params]
+    params = tuple(p.requires_grad_(True) for p in params)
+    x = x.requires_grad_(True)
+    for backend in ("torch", "triton"):
+        with fastmae.use_backend(backend), pytest.raises(RuntimeError, match="dtype"):
+            ops.transformer_block(x, None, params, 2, 32 ** -0.5, (1e-6, 1e-6))
+    # fp16 x and weights, an fp32 incoming branch: the residual sum promotes to fp32 (as the
+    # reference's add), which fp16 weights refuse; not an fp16 sum in the one-node block
+    params = tuple(p.detach().half().requires_grad_(True) for p in params)
+    x16 = x.detach().half().requires_grad_(True)
+    branch = (torch.randn(1, 5, 64, generator=torch.Generator().manual_seed(5)), params[11])
+    for backend in ("torch", "triton"):
+        with fastmae.use_backend(backend), pytest.raises(RuntimeError, match="dtype"):
+            ops.transformer_block(x16, branch, params, 2, 32 ** -0.5, (1e-6, 1e-6))
+
+
+def test_cast_block_weights_casts_frozen_weights_on_a_stream_that_needs_gradients():
+    """Frozen blocks on a residual stream that needs gradients (a trainable layer before them)
+    still run as one-node blocks that cast their weights: cast_block_weights casts them all at
+    once for them, rather than leaving each block its own cast."""
+    case = block_case(1, 3, 64, 32, seed=6)
+    x = case[0].clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.float16):
+        (cast,) = ops.cast_block_weights(x, [tuple(case[2])])
+    assert cast is not None and len(cast) == 5
+    for src, out in zip((case[2][2], case[2][4], case[2][8], case[2][10], case[2][3]), cast):
+        assert out.dtype == torch.float16 and torch.equal(out, src.to(torch.float16))
