@@ -217,17 +217,25 @@ def run_cases(names, smoke=False):
 
 # ----------------------------------------------------------------------------- ncu and its output
 
+def _version_key(path):
+    """A path's numbers as a tuple, so that versions compare as numbers (2023.10 after 2023.9)."""
+    return tuple(int(n) for n in re.findall(r"\d+", path))
+
+
 def find_ncu(given=None):
-    """The ncu executable: ``given`` (None if it is none), else on PATH, else the newest under
-    the usual folders."""
+    """The ncu executable: ``given`` (None if it is none), else on PATH, else the newest
+    standalone Nsight Compute (/opt/nvidia/nsight-compute/<version>), else the one of the
+    newest CUDA toolkit (/usr/local/cuda-<version>, then /usr/local/cuda)."""
     if given:
         return shutil.which(given)
     found = shutil.which("ncu")
     if found:
         return found
-    candidates = sorted(glob.glob("/opt/nvidia/nsight-compute/*/ncu")) + \
-        sorted(glob.glob("/usr/local/cuda*/bin/ncu"))
-    return candidates[-1] if candidates else None
+    for pattern in ("/opt/nvidia/nsight-compute/*/ncu", "/usr/local/cuda*/bin/ncu"):
+        candidates = sorted(glob.glob(pattern), key=_version_key)
+        if candidates:
+            return candidates[-1]
+    return None
 
 
 # what is collected where ncu's "full" set fails (it holds sections that some machines refuse):

@@ -441,3 +441,56 @@ def test_the_profiled_region_on_gpu():
     launches = kernel_profile.run_cases(["encoder"])
     assert [x["kernel"] for x in launches] == ["_attn_fwd"] + [
         kernel for way in kernel_profile.bwd_ways() for kernel in kernels[way]]
+
+
+def test_results_are_matched_to_launches_in_numeric_id_order():
+    """ncu's result IDs run 0, 1, ..., 10, 11: matched to the launches as numbers, not as
+    strings (where "10" comes before "2"); a profile of all three cases has 16 launches."""
+    # FIXTURE: 12 results of one kernel, each lasting its ID in microseconds
+    details = {str(i): {"kernel": "_attn_fwd", "Duration": float(i)} for i in range(12)}
+    launches = [{"label": f"l{i}", "kernel": "_attn_fwd"} for i in range(12)]
+    rows = kernel_profile.summarize(launches, details, {}, {})
+    assert [r["ncu_id"] for r in rows] == [str(i) for i in range(12)]
+    assert [r["metrics"]["Duration"] for r in rows] == [float(i) for i in range(12)]
+
+
+def test_stall_columns_named_per_warp_or_per_warps():
+    """The raw page's stall metric is read in both spellings _STALL allows (warp, warps)."""
+    raw = "\n".join(['"ID","Kernel Name",'
+                     '"smsp__average_warp_issue_stalled_barrier_per_issue_active.ratio",'
+                     '"smsp__average_warps_issue_stalled_wait_per_issue_active.ratio"',
+                     '"0","_attn_fwd","1.5","0.75"']) + "\n"
+    assert kernel_profile.parse_stalls(raw) == {"0": {"barrier": 1.5, "wait": 0.75}}
+
+
+def test_the_top_instructions_leave_out_those_without_samples():
+    """SASS_CSV's FADD has no stall sample: of its four instructions three are listed."""
+    assert [text for _, text in kernel_profile.parse_sass(SASS_CSV)["top"]] == [
+        "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ", "@P0 MUFU.EX2 R4, R4", "MUFU.EX2 R5, R5"]
+
+
+def test_the_newest_ncu_of_a_folder_is_found(monkeypatch):
+    """Without ncu on PATH: the newest version folder under /opt/nvidia/nsight-compute."""
+    monkeypatch.setattr(kernel_profile.shutil, "which", lambda name: None)
+    found = {"/opt/nvidia/nsight-compute/*/ncu": ["/opt/nvidia/nsight-compute/2025.1.0/ncu",
+                                                  "/opt/nvidia/nsight-compute/2023.3.1/ncu"]}
+    monkeypatch.setattr(kernel_profile.glob, "glob", lambda pattern: found.get(pattern, []))
+    assert kernel_profile.find_ncu() == "/opt/nvidia/nsight-compute/2025.1.0/ncu"
+
+
+@pytest.mark.parametrize("found, newest", [
+    # versions compare as numbers: 2023.10 is newer than 2023.9 (a string sort took 2023.9)
+    ({"/opt/nvidia/nsight-compute/*/ncu": ["/opt/nvidia/nsight-compute/2023.9.0/ncu",
+                                           "/opt/nvidia/nsight-compute/2023.10.0/ncu"],
+      "/usr/local/cuda*/bin/ncu": ["/usr/local/cuda-12.4/bin/ncu"]},
+     "/opt/nvidia/nsight-compute/2023.10.0/ncu"),
+    # no standalone install: the newest toolkit's, a versioned folder before the bare link
+    ({"/usr/local/cuda*/bin/ncu": ["/usr/local/cuda-12.10/bin/ncu", "/usr/local/cuda/bin/ncu",
+                                   "/usr/local/cuda-12.9/bin/ncu"]},
+     "/usr/local/cuda-12.10/bin/ncu"),
+    ({}, None)])
+def test_versions_compare_as_numbers_and_a_standalone_ncu_comes_first(monkeypatch, found,
+                                                                        newest):
+    monkeypatch.setattr(kernel_profile.shutil, "which", lambda name: None)
+    monkeypatch.setattr(kernel_profile.glob, "glob", lambda pattern: found.get(pattern, []))
+    assert kernel_profile.find_ncu() == newest
