@@ -15,6 +15,11 @@ def _launches(*extra):
     assert out.returncode == 0, out.stderr[-3000:]
     found = re.search(r"fastmae \(triton\)\s+[\d.]+ ms/step host, (\d+) Triton launches", out.stdout)
     assert found, out.stdout
+    # the ratio printed is fastmae's host time over the reference's (each printed to 0.01 ms)
+    ms = dict(re.findall(r"^  (reference|fastmae) \(\w+\)\s+([\d.]+) ms/step", out.stdout, re.M))
+    ratio = re.search(r"fastmae / reference: ([\d.]+)x", out.stdout)
+    assert ratio and abs(float(ratio.group(1)) - float(ms["fastmae"]) / float(ms["reference"])) \
+        < 0.02, out.stdout
     return int(found.group(1))
 
 
@@ -52,3 +57,41 @@ def test_each_mlp_way_launches_its_own_kernels():
                                         "_matmul_gelu_bwd_tma": blocks}
     assert mlp_kernels("fused") == {"_matmul_bias_gelu": blocks, "_matmul_gelu_bwd": blocks}
     assert mlp_kernels("split") == {"_bias_gelu_fwd": blocks, "_bias_gelu_bwd": blocks}
+
+
+# host_cost.py replaces Triton's launchers on import: run in a process of its own
+ARITHMETIC = r"""
+import sys, timeit
+sys.path.insert(0, {benches!r})
+import host_cost
+from fastmae.kernels import _common
+now = [0.0]
+host_cost.time.perf_counter = lambda: now[0]
+
+def step(ticks):  # FIXTURE: a step that takes the next of ``ticks`` (2 ** -10 s each)
+    it = iter(ticks)
+    def run():
+        now[0] += next(it) / 1024
+    return run
+# two systems, one round of 10 steps each: the 10th percentile is the second fastest
+ms = host_cost.host_ms({{"a": step([5, 1, 9, 2, 8, 3, 7, 4, 6, 10]),
+                        "b": step([30] * 9 + [1])}}, steps=10, warmup=0, repeats=1)
+assert ms == {{"a": 2 / 1024 * 1e3, "b": 30 / 1024 * 1e3}}, ms
+# call_costs: the best (least) of each form's rounds, per call in ns; FIXTURE: made-up timings
+seconds = iter([3e-6, 1e-6, 2e-6, 4e-6, 1.5e-6, 5e-6] + [1e-6] * 24)
+timeit.timeit = lambda fn, number: next(seconds)
+first = host_cost.call_costs(number=10, repeat=3)[0]
+assert first[1:] == (1.5e-6 / 10 * 1e9, 1e-6 / 10 * 1e9), first  # 150 and 100 ns
+for path, direct in (("stub", False), ("triton", False), ("direct", True)):
+    host_cost.use_launch_path(path)
+    assert _common.DIRECT_LAUNCH is direct, path
+print("ok")
+"""
+
+
+def test_host_time_and_call_cost_arithmetic():
+    """host_ms (the 10th percentile of each system's step times, in ms), call_costs (the least
+    of the rounds, ns a call) on a made-up clock, and each launch path's direct-launch switch."""
+    out = subprocess.run([sys.executable, "-c", ARITHMETIC.format(benches=str(SCRIPT.parent))],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
