@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 import fastmae
+from fastmae import reference
 from fastmae.pos_embed import sincos_2d
 from fastmae.testing import rel_err
 
@@ -284,3 +285,199 @@ def test_bad_constructor_arguments():
     for bad in (0, -8, 8.0):
         with pytest.raises(ValueError, match="patch_size"):
             tiny(patch_size=bad)
+
+
+# ------------------------------------------- found by a mutation audit of reference.py / model.py
+
+def randomized(m, seed):
+    """Every parameter random, the position tables (their row 0 too), LayerNorms, biases and
+    tokens included: at initialization the biases and row 0 are zeros and the LayerNorms are
+    identities, which hides a dropped, swapped or misplaced tensor."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            one = 1.0 if "norm" in name and name.endswith("weight") else 0.0
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2 + one)
+    return m
+
+
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_reference_model_with_every_parameter_random_matches_official(norm_pix):
+    """Forward and every gradient against the transcription, the LayerNorms' eps other than
+    each other's (norm1, norm2 and the final norms each read their own)."""
+    m = randomized(tiny(img_size=(24, 40), in_chans=2, norm_pix_loss=norm_pix), seed=5)
+    for i, norm in enumerate(n for n in m.modules() if isinstance(n, nn.LayerNorm)):
+        norm.eps = 0.05 * (i + 1)
+    g = torch.Generator().manual_seed(6)
+    imgs, noise = torch.randn(3, 2, 24, 40, generator=g), torch.rand(3, 15, generator=g)
+    params = [p for p in m.parameters() if p.requires_grad]
+    with fastmae.use_backend("torch"):
+        loss, pred, mask = m(imgs, mask_ratio=0.6, noise=noise)
+    grads = torch.autograd.grad(loss, params)
+    ref_loss, ref_pred, ref_mask = official_mae.forward(m, imgs, 0.6, noise)
+    ref_grads = torch.autograd.grad(ref_loss, params)
+    assert torch.equal(mask, ref_mask) and mask.sum() == 3 * (15 - 6)
+    assert rel_err(loss, ref_loss) < 1e-5
+    assert rel_err(pred, ref_pred) < 1e-5
+    for (name, _), got, want in zip(
+            [(n, p) for n, p in m.named_parameters() if p.requires_grad], grads, ref_grads):
+        assert rel_err(got, want) < 1e-4, name
+
+
+def loss_by_hand(imgs, pred, mask, p, norm_pix):
+    """Official forward_loss written out patch by patch in float64: a patch's values in (row,
+    column, channel) order, normalized by its mean and unbiased variance + 1e-6; the per-patch
+    mean squared error averaged over the removed patches (mask 1)."""
+    imgs, pred, mask = imgs.double(), pred.double(), mask.double()
+    N, C, H, W = imgs.shape
+    w = W // p
+    num = torch.zeros((), dtype=torch.float64)
+    for n in range(N):
+        for l in range(pred.shape[1]):
+            r, c = divmod(l, w)
+            t = imgs[n, :, r * p:(r + 1) * p, c * p:(c + 1) * p].permute(1, 2, 0).reshape(-1)
+            if norm_pix:
+                mu = t.mean()
+                var = ((t - mu) ** 2).sum() / (t.numel() - 1)
+                t = (t - mu) / torch.sqrt(var + 1e-6)
+            num += ((pred[n, l] - t) ** 2).mean() * mask[n, l]
+    return num / mask.sum()
+
+
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_loss_matches_the_formula_by_hand_on_low_contrast_patches(norm_pix):
+    """Flat and nearly flat patches, where the 1e-6 and the unbiased variance decide the target,
+    a rectangular grid, 2 channels: the reference's loss and the model's (torch backend)."""
+    g = torch.Generator().manual_seed(7)
+    imgs = torch.randn(2, 2, 12, 20, generator=g)
+    imgs[0, :, :4, :4] = 0.3  # a constant patch: zero variance
+    imgs[1, :, 4:8, 8:12] = 0.1 + 1e-3 * torch.randn(2, 4, 4, generator=g)  # variance ~ 1e-6
+    imgs[1, :, 8:, :4] *= 2e-3
+    pred = torch.randn(2, 15, 32, generator=g)
+    mask = (torch.rand(2, 15, generator=g) < 0.6).float()
+    mask[0, 0] = mask[1, 7] = mask[1, 10] = 1.0  # the low-contrast patches are scored
+    want = loss_by_hand(imgs, pred, mask, 4, norm_pix)
+    got = reference.masked_mse_loss(imgs.double(), pred.double(), mask.double(), 4, norm_pix)
+    assert rel_err(got, want) < 1e-12
+    m = tiny(img_size=(12, 20), patch_size=4, in_chans=2, norm_pix_loss=norm_pix)
+    with fastmae.use_backend("torch"):
+        assert rel_err(m.forward_loss(imgs, pred, mask), want) < 1e-5
+
+
+def test_initialize_weights_is_official():
+    """xavier_uniform on every Linear weight and on patch_embed.proj.weight viewed (D, C*p*p),
+    zero biases, LayerNorms weight 1 bias 0, cls and mask tokens normal with std .02, the
+    position tables the fixed sin-cos ones (no gradient)."""
+    torch.manual_seed(8)
+    m = tiny(img_size=(24, 40), embed_dim=128, num_heads=4, decoder_embed_dim=96,
+             decoder_num_heads=4)
+
+    def xavier_uniform(w, fan_in, fan_out):
+        bound = math.sqrt(6.0 / (fan_in + fan_out))
+        a = w.detach().abs().max().item()
+        assert 0.97 * bound < a <= bound, (a, bound)  # uniform: fills [-bound, bound], no further
+
+    pw = m.patch_embed.proj.weight
+    xavier_uniform(pw, pw[0].numel(), pw.shape[0])
+    for name, mod in m.named_modules():
+        if isinstance(mod, nn.Linear):
+            xavier_uniform(mod.weight, mod.in_features, mod.out_features)
+        if isinstance(mod, nn.LayerNorm):
+            assert torch.equal(mod.weight, torch.ones_like(mod.weight)), name
+        if isinstance(mod, (nn.Linear, nn.LayerNorm, nn.Conv2d)) and mod is not m.patch_embed.proj:
+            assert torch.equal(mod.bias, torch.zeros_like(mod.bias)), name
+    for tok in (m.cls_token, m.mask_token):
+        assert 0.014 < tok.std().item() < 0.026 and abs(tok.mean().item()) < 0.008
+    assert torch.equal(m.pos_embed[0], torch.from_numpy(sincos_2d(128, (3, 5), cls_token=True)))
+    assert torch.equal(m.decoder_pos_embed[0],
+                       torch.from_numpy(sincos_2d(96, (3, 5), cls_token=True)))
+    assert not m.pos_embed.requires_grad and not m.decoder_pos_embed.requires_grad
+
+
+@pytest.mark.parametrize("factory, dims", [
+    # patch, embed_dim, depth, heads, decoder dim, depth, heads
+    (fastmae.mae_vit_base_patch16_dec512d8b, (16, 768, 12, 12, 512, 8, 16)),
+    (fastmae.mae_vit_large_patch16_dec512d8b, (16, 1024, 24, 16, 512, 8, 16)),
+    (fastmae.mae_vit_huge_patch14_dec512d8b, (14, 1280, 32, 16, 512, 8, 16)),
+])
+def test_factory_hyperparameters_are_official(factory, dims):
+    """What the state_dict's shapes do not show: the heads of each stack, mlp_ratio 4,
+    norm_pix_loss False unless passed, 224 x 224 RGB images."""
+    p, dim, depth, heads, ddim, ddepth, dheads = dims
+    with torch.device("meta"):
+        m = factory()
+        m_pix = factory(norm_pix_loss=True)
+    assert m.patch_embed.patch_size == (p, p) and m.patch_embed.img_size == (224, 224)
+    assert m.patch_embed.proj.in_channels == 3
+    assert m.norm_pix_loss is False and m_pix.norm_pix_loss is True
+    for blocks, d, n, h in ((m.blocks, dim, depth, heads),
+                            (m.decoder_blocks, ddim, ddepth, dheads)):
+        assert len(blocks) == n
+        for blk in blocks:
+            assert blk.attn.num_heads == h
+            assert blk.attn.scale == (d // h) ** -0.5
+            assert blk.mlp.fc1.out_features == 4 * d
+            assert isinstance(blk.mlp.act, nn.GELU) and blk.mlp.act.approximate == "none"
+
+
+def test_constructor_plumbs_norm_layer_and_mlp_ratio_into_every_stack():
+    """Official builds every LayerNorm with norm_layer (the constructor's default: eps 1e-5) and
+    both stacks' MLPs with mlp_ratio."""
+    with torch.device("meta"):
+        plain = fastmae.MaskedAutoencoderViT()
+        m = tiny(mlp_ratio=2.0, norm_layer=partial(nn.LayerNorm, eps=1e-3))
+    for model, eps in ((plain, 1e-5), (m, 1e-3)):
+        norms = [n for n in model.modules() if isinstance(n, nn.LayerNorm)]
+        assert len(norms) == 2 * (len(model.blocks) + len(model.decoder_blocks)) + 2
+        assert all(n.eps == eps for n in norms)
+    for blk in list(m.blocks) + list(m.decoder_blocks):
+        assert blk.mlp.fc1.out_features == 2 * blk.mlp.fc1.in_features
+
+
+def test_forward_masks_three_quarters_by_default():
+    """Official forward(imgs, mask_ratio=0.75)."""
+    import inspect
+    m = tiny(img_size=(24, 40))
+    assert inspect.signature(m.forward).parameters["mask_ratio"].default == 0.75
+    g = torch.Generator().manual_seed(9)
+    with fastmae.use_backend("torch"):
+        _, _, mask = m(torch.randn(2, 3, 24, 40, generator=g))
+    assert torch.equal(mask.sum(1), torch.full((2,), 15.0 - int(15 * 0.25)))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_layer_norm_ops_use_their_eps(backend):
+    """LayerNorm and the residual add + LayerNorm (with and without the branch bias) against the
+    formula in float64, with an eps large enough to show: a fixed or default eps does not pass."""
+    g = torch.Generator().manual_seed(11)
+    x, r = torch.randn(2, 5, 32, generator=g), torch.randn(2, 5, 32, generator=g)
+    w, b, bb = (torch.randn(32, generator=g) for _ in range(3))
+    eps = 0.3
+
+    def ln(s):
+        s = s.double()
+        mu = s.mean(-1, keepdim=True)
+        var = ((s - mu) ** 2).mean(-1, keepdim=True)
+        return (s - mu) / torch.sqrt(var + eps) * w.double() + b.double()
+
+    with fastmae.use_backend(backend):
+        assert rel_err(fastmae.ops.layer_norm(x, w, b, eps), ln(x)) < 1e-5
+        for branch_bias, s_want in ((None, r + x), (bb, r + x + bb)):
+            s, y = fastmae.ops.add_layer_norm(x, r, w, b, eps, branch_bias)
+            assert rel_err(s, s_want) < 1e-6 and rel_err(y, ln(s_want)) < 1e-5
+    x, r, w, b, bb = (t.double() for t in (x, r, w, b, bb))
+    assert rel_err(reference.add_layer_norm(x, r, w, b, eps, bb)[1], ln(r + x + bb)) < 1e-12
+
+
+def test_mask_is_float32_whatever_the_noise_dtype():
+    """Official builds the mask with torch.ones (the default dtype), not in the noise's dtype."""
+    m = tiny(img_size=(24, 40))
+    g = torch.Generator().manual_seed(12)
+    imgs, noise = torch.randn(2, 3, 24, 40, generator=g), torch.rand(2, 15, generator=g)
+    with fastmae.use_backend("torch"):
+        want = m(imgs, noise=noise)[2]
+        assert want.dtype == torch.float32
+        assert torch.equal(m(imgs, noise=noise.double())[2], want)
+        x = torch.randn(2, 15, 8, dtype=torch.float64, generator=g)
+        assert fastmae.ops.random_masking(x, 0.6, noise.double())[1].dtype == torch.float32
+    assert reference.masking_indices(noise.double(), 6)[1].dtype == torch.float32
