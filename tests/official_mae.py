@@ -47,6 +47,15 @@ def block(x, blk):
     return x + (h @ blk.mlp.fc2.weight.t() + blk.mlp.fc2.bias)
 
 
+def unshuffle(x, mask_token, ids_restore, decoder_pos_embed):
+    # forward_decoder's lines between decoder_embed and the blocks
+    mask_tokens = mask_token.repeat(x.shape[0], ids_restore.shape[1] + 1 - x.shape[1], 1)
+    x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
+    x_ = torch.gather(x_, dim=1, index=ids_restore.unsqueeze(-1).repeat(1, 1, x.shape[2]))
+    x = torch.cat([x[:, :1, :], x_], dim=1)
+    return x + decoder_pos_embed
+
+
 def forward(m, imgs, mask_ratio, noise):
     p = m.patch_embed.proj.kernel_size[0]
     c = m.patch_embed.proj.in_channels
@@ -62,11 +71,7 @@ def forward(m, imgs, mask_ratio, noise):
     x = layer_norm(x, m.norm)
     # decoder
     x = x @ m.decoder_embed.weight.t() + m.decoder_embed.bias
-    mask_tokens = m.mask_token.repeat(x.shape[0], ids_restore.shape[1] + 1 - x.shape[1], 1)
-    x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
-    x_ = torch.gather(x_, dim=1, index=ids_restore.unsqueeze(-1).repeat(1, 1, x.shape[2]))
-    x = torch.cat([x[:, :1, :], x_], dim=1)
-    x = x + m.decoder_pos_embed
+    x = unshuffle(x, m.mask_token, ids_restore, m.decoder_pos_embed)
     for blk in m.decoder_blocks:
         x = block(x, blk)
     x = layer_norm(x, m.decoder_norm)

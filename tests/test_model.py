@@ -481,3 +481,28 @@ def test_mask_is_float32_whatever_the_noise_dtype():
         x = torch.randn(2, 15, 8, dtype=torch.float64, generator=g)
         assert fastmae.ops.random_masking(x, 0.6, noise.double())[1].dtype == torch.float32
     assert reference.masking_indices(noise.double(), 6)[1].dtype == torch.float32
+
+
+def test_reference_token_ops_are_the_official_lines():
+    """The reference's visible-patch embedding and unshuffle, which the kernels are held to,
+    against the official forward's own lines (tests/official_mae.py) on one random step: the
+    conv patch embedding + pos_embed[:, 1:] gathered by random_masking, and forward_decoder's
+    mask tokens, unshuffle, cls and positions. Before, they were tied to official only through
+    the kernels agreeing with them."""
+    g = torch.Generator().manual_seed(13)
+    N, C, H, W, p, D = 3, 2, 12, 20, 4, 24  # a 3 x 5 grid
+    L = (H // p) * (W // p)
+    imgs = torch.randn(N, C, H, W, generator=g, dtype=torch.float64)
+    weight = torch.randn(D, C, p, p, generator=g, dtype=torch.float64)
+    bias, pos = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((D,), (1, 1 + L, D)))
+    noise = torch.rand(N, L, generator=g, dtype=torch.float64)
+    x = torch.nn.functional.conv2d(imgs, weight, bias, stride=p).flatten(2).transpose(1, 2)
+    want, mask, ids_restore = official_mae.random_masking(x + pos[:, 1:, :], 0.6, noise)
+    ids_keep = torch.argsort(noise, dim=1)[:, :L - int(mask[0].sum())]
+    assert torch.equal(reference.patch_embed_visible(imgs, weight, bias, pos, ids_keep), want)
+
+    tokens = torch.randn(N, 1 + ids_keep.shape[1], D, generator=g, dtype=torch.float64)
+    mask_token = torch.randn(1, 1, D, generator=g, dtype=torch.float64)
+    dec_pos = torch.randn(1, 1 + L, D, generator=g, dtype=torch.float64)
+    assert torch.equal(reference.unshuffle(tokens, mask_token, ids_restore, dec_pos),
+                       official_mae.unshuffle(tokens, mask_token, ids_restore, dec_pos))
