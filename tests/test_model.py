@@ -446,12 +446,13 @@ def test_forward_masks_three_quarters_by_default():
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_layer_norm_ops_use_their_eps(backend):
+def test_layer_norm_ops_use_their_eps(backend, device):
     """LayerNorm and the residual add + LayerNorm (with and without the branch bias) against the
-    formula in float64, with an eps large enough to show: a fixed or default eps does not pass."""
+    formula in float64, with an eps large enough to show: a fixed or default eps does not pass.
+    (On the kernels' device: "triton" on CPU tensors needs the interpreter, off on a GPU.)"""
     g = torch.Generator().manual_seed(11)
-    x, r = torch.randn(2, 5, 32, generator=g), torch.randn(2, 5, 32, generator=g)
-    w, b, bb = (torch.randn(32, generator=g) for _ in range(3))
+    x, r = (torch.randn(2, 5, 32, generator=g).to(device) for _ in range(2))
+    w, b, bb = (torch.randn(32, generator=g).to(device) for _ in range(3))
     eps = 0.3
 
     def ln(s):
