@@ -439,16 +439,10 @@ def test_block_with_its_own_scale_matches_an_independent_float64_block(node, bra
     composition it was compared with, which used the default scale too."""
     B, N, C, H, hidden = 2, 7, 64, 2, 40
     case = block_case(B, N, C, hidden, qkv_bias=qkv_bias, branch=branch, seed=17)
-    x, br, params, (gs, gm) = case
+    _, _, params, (gs, gm) = case
     scale, eps = 0.31, (1e-6, 1e-5)
     outs, grads = run_block_with(case, H, node, scale, eps)
-    xd = x.double().requires_grad_(True)
-    pd = [None if p is None else p.double().requires_grad_(True) for p in params]
-    leaves = [xd] + [p for p in pd if p is not None]
-    bd = None
-    if br is not None:
-        bd = tuple(t.double().requires_grad_(True) for t in br)
-        leaves += list(bd)
+    xd, bd, pd, leaves = _block_leaves(case, torch.Tensor.double)
     s, m = _official_block_fp64(xd, bd, pd, H, scale, eps)
     torch.autograd.backward((s, m), (gs.double(), gm.double()))
     assert_rel_close(outs[0], s, 1e-5, "x")
@@ -462,16 +456,24 @@ def test_block_with_its_own_scale_matches_an_independent_float64_block(node, bra
         assert_rel_close(a, r, 1e-4, f"grad of {name}")
 
 
-def run_block_with(case, num_heads, node, scale, eps):
-    """run_block's outputs and gradients (fp32, no autocast) with the given scale and eps."""
-    x, br, params, (gs, gm) = case
-    x = x.clone().requires_grad_(True)
-    params = [None if p is None else p.clone().requires_grad_(True) for p in params]
+def _block_leaves(case, convert):
+    """A block case's x, branch and parameters as leaves (``convert`` of each, requiring grad),
+    and the list of them in the order the gradients are compared."""
+    x, br, params, _ = case
+    x = convert(x).requires_grad_(True)
+    params = [None if p is None else convert(p).requires_grad_(True) for p in params]
     leaves = [x] + [p for p in params if p is not None]
     branch = None
     if br is not None:
-        branch = tuple(t.clone().requires_grad_(True) for t in br)
+        branch = tuple(convert(t).requires_grad_(True) for t in br)
         leaves += list(branch)
+    return x, branch, params, leaves
+
+
+def run_block_with(case, num_heads, node, scale, eps):
+    """run_block's outputs and gradients (fp32, no autocast) with the given scale and eps."""
+    gs, gm = case[3]
+    x, branch, params, leaves = _block_leaves(case, torch.Tensor.clone)
     call = ops.transformer_block if node else ops._block_by_op
     s, (m_out, _) = call(x, branch, tuple(params), num_heads, scale, eps)
     assert (type(s.grad_fn).__name__ == "_BlockBackward") == node
