@@ -1,7 +1,6 @@
 """kernels/attention.py against the float64 reference (interpreter, fp32) and, on a GPU, bf16/fp16
 against SDPA's own low-precision error."""
 import contextlib
-import math
 import os
 
 import pytest
@@ -10,7 +9,8 @@ import torch.nn.functional as F
 import triton
 
 from fastmae import reference
-from fastmae.testing import attention_case, poison_, rel_err
+from fastmae.testing import (assert_guards_intact, attention_case, guarded_empty, poison_,
+                             rel_err)
 
 TOL = 1e-4  # attention, fp32 against float64
 
@@ -621,18 +621,6 @@ def test_backward_with_very_negative_scores(strategy, N, device, monkeypatch):
 
 # ----------------------------------------------------------------------------- stores, copies, ways
 
-_GUARD = 1234.5  # what the memory past each buffer of test_stores_stay_inside_their_buffers holds
-
-
-def _guarded(shape, dtype, device, guards):
-    """A NaN-filled contiguous tensor of ``shape`` at the start of a larger buffer whose rest
-    (as many elements again, and 64) holds _GUARD; that rest is appended to ``guards``."""
-    n = math.prod(shape)
-    buf = torch.full((2 * n + 64,), _GUARD, dtype=dtype, device=device)
-    guards.append(buf[n:])
-    return poison_(buf[:n]).view(shape)
-
-
 @pytest.mark.parametrize("strategy", ["fused", "fused_q", "split"])
 def test_stores_stay_inside_their_buffers(strategy, device, monkeypatch):
     """Every buffer the kernels write -- o, the packed gradients, the column sums (partial rows
@@ -649,16 +637,16 @@ def test_stores_stay_inside_their_buffers(strategy, device, monkeypatch):
     q, k, v = case["q"], case["k"], case["v"]
     do, scale = _do_like(q), d ** -0.5
     guards = []
-    monkeypatch.setattr(attn, "empty", lambda shape, dt, dev: _guarded(shape, dt, dev, guards))
-    out = _guarded((B, N, H, d), q.dtype, device, guards).transpose(1, 2)
-    packed = _guarded((B, N, 3, H, d), q.dtype, device, guards)
+    alloc = guarded_empty(guards)
+    monkeypatch.setattr(attn, "empty", alloc)
+    out = alloc((B, N, H, d), q.dtype, device).transpose(1, 2)
+    packed = alloc((B, N, 3, H, d), q.dtype, device)
     dq, dk, dv = packed.permute(2, 0, 3, 1, 4).unbind(0)
-    dsum = _guarded(attn.grad_sum_shape(B, H, N, d), torch.float32, device, guards)
+    dsum = alloc(attn.grad_sum_shape(B, H, N, d), torch.float32, device)
     o, lse = attn.attention_fwd(q, k, v, scale, out=out)
     attn.attention_bwd(do, q, k, v, o, lse, scale, dq=dq, dk=dk, dv=dv, dsum=dsum)
     assert len(guards) == (5 if strategy == "split" else 4)  # o, grads, dsum, lse (, stats)
-    changed = [i for i, g in enumerate(guards) if not torch.all(g == _GUARD)]
-    assert not changed, f"written past buffers {changed}"
+    assert_guards_intact(guards)
     o64, _, grads64 = _reference64(q, k, v, do, scale)
     floor = 1e-2 * max(g.abs().max().item() for g in grads64)
     assert rel_err(o, o64) <= TOL

@@ -10,6 +10,7 @@ import torch.nn as nn
 import fastmae
 import fastmae.model
 from fastmae.testing import rel_err
+from test_model import randomized
 from test_model_triton import _inputs, block_backend_gap, run, tiny
 
 pytestmark = pytest.mark.interpreter(
@@ -22,14 +23,7 @@ def _randomized(seed, **kw):
     """tiny() with every LayerNorm weight and bias, linear and conv bias, position table and
     token random (defaults of 1 and 0 hide a swapped or dropped argument), each norm with its
     own large eps and two attentions with their own scale."""
-    m = tiny(seed=seed, **kw)
-    g = torch.Generator().manual_seed(seed + 100)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.5 * torch.randn(p.shape, generator=g))
-            elif p.dim() == 1 or "pos_embed" in name or "token" in name:
-                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+    m = randomized(tiny(seed=seed, **kw), seed + 100)
     for i, blk in enumerate(list(m.blocks) + list(m.decoder_blocks)):
         blk.norm1.eps, blk.norm2.eps = 0.05 + 0.1 * i, 0.3 + 0.1 * i
     m.norm.eps, m.decoder_norm.eps = 0.25, 0.4
