@@ -533,18 +533,27 @@ def test_fsdp2_sharded_blocks_run_under_triton(monkeypatch):
 
 
 def test_float64_noise_sorts_as_torch_does_under_triton():
-    """fp64 noise that fp32 would tie (two values 1e-12 apart, the larger first): the "triton"
-    masking orders them as torch's fp64 argsort does, in the model and in random_masking."""
+    """fp64 noise that fp32 would tie (two values 1e-12 apart, the larger first), the pair
+    straddling the keep boundary (ranks 12 and 13 of 24, ratio 0.5: an fp32 sort keeps the
+    other one): the "triton" masking orders them as torch's fp64 argsort does, in the model and
+    in random_masking."""
     import fastmae.ops as ops
 
     g = torch.Generator().manual_seed(14)
-    noise = torch.rand(2, 24, generator=g, dtype=torch.float64)
-    noise[0, 3], noise[0, 7] = 0.5 + 1e-12, 0.5
-    noise[1, 0], noise[1, 23] = 0.25 + 1e-12, 0.25
-    assert noise.float()[0, 3] == noise.float()[0, 7]
+    noise = torch.empty(2, 24, dtype=torch.float64)
+    for row, (tie, pair) in enumerate(((0.5, (3, 7)), (0.25, (23, 0)))):
+        # 11 values below the tie, 11 above, and the pair (the larger first) in their places
+        others = torch.cat([tie * torch.rand(11, generator=g, dtype=torch.float64) * 0.9,
+                            tie + 0.1 + 0.3 * torch.rand(11, generator=g, dtype=torch.float64)])
+        rest = [j for j in range(24) if j not in pair]
+        noise[row, rest] = others[torch.randperm(22, generator=g)]
+        first, second = sorted(pair)
+        noise[row, first], noise[row, second] = tie + 1e-12, tie
+        assert noise.float()[row, first] == noise.float()[row, second]
     x = torch.randn(2, 24, 8)
     with fastmae.use_backend("torch"):
         want = ops.random_masking(x, 0.5, noise)
+    assert want[1][0, 7] == 0 and want[1][0, 3] == 1  # fp64: the smaller (later) one kept
     with fastmae.use_backend("triton"):
         got = ops.random_masking(x, 0.5, noise)
         ids = ops.masking_indices(noise, 12)
@@ -554,7 +563,7 @@ def test_float64_noise_sorts_as_torch_does_under_triton():
     imgs = torch.randn(2, 3, 16, 24, generator=g)
     a = run(tiny(seed=14), "triton", imgs, noise, ratio=0.5)
     b = run(tiny(seed=14), "torch", imgs, noise, ratio=0.5)
-    assert torch.equal(a[2], b[2]) and rel_err(a[0], b[0]) < 1e-5
+    assert torch.equal(a[2], b[2]) and torch.equal(a[2], want[1]) and rel_err(a[0], b[0]) < 1e-5
 
 
 @pytest.mark.parametrize("ratio", [np.float32(0.75), np.float64(0.75), torch.tensor(0.75)],
