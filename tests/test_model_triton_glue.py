@@ -166,3 +166,37 @@ def test_forward_loss_takes_its_target_from_an_instance_patchify():
         loss, pred, mask = m(imgs, noise=noise)
     assert rel_err(loss, fastmae.ops.patch_mse_loss(m.patchify(imgs), pred, mask, True)) < 1e-6
     assert rel_err(loss, plain) > 1e-3
+
+
+# The model's fused-path ops: under "torch" none may run (each would dispatch to the reference's
+# composition, which agrees with the modules to rounding, so only the calls show it)
+_FUSED_PATH_OPS = ("masking_indices", "patch_embed_visible", "cast_block_weights",
+                   "transformer_block", "layer_norm", "add_layer_norm", "bias_gelu")
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "fp16_autocast"])
+def test_torch_backend_runs_the_modules_not_the_fused_path(autocast, monkeypatch):
+    """Under "torch" the model runs the official algorithm module by module: no fused-path op
+    is called, by the model or by a block or an MLP called on its own. Under "triton" each is
+    (so the count sees the model's calls)."""
+    import fastmae.ops as ops
+
+    calls = []
+    for name in _FUSED_PATH_OPS:
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _real=real, _name=name, **k:
+                            calls.append(_name) or _real(*a, **k))
+    m = tiny(seed=31)
+    imgs, noise = _inputs(31)
+    x = torch.randn(2, 5, 64)
+    for backend in ("torch", "triton"):
+        calls.clear()
+        with torch.autocast("cpu", dtype=torch.float16, enabled=autocast):
+            run(m, backend, imgs, noise)
+            with fastmae.use_backend(backend):
+                m.blocks[0](x).sum().backward()
+                m.blocks[0].mlp(x).sum().backward()
+        if backend == "torch":
+            assert calls == [], calls
+        else:
+            assert set(calls) == set(_FUSED_PATH_OPS) - {"layer_norm"}, calls
