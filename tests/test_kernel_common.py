@@ -112,3 +112,93 @@ def test_keep_faster_keeps_the_way_that_runs(on_a_gpu):
     with pytest.raises(RuntimeError, match="out of resources"):
         _common.keep_faster({}, CUDA_KEY, "FASTMAE_TEST_PATH", {"fused": broken, "split": broken},
                             "fused")
+
+
+# ------------------------------------------------------------------------- tl.dot precision
+# Triton's tl.dot takes fp32 operands as TF32 by default on a GPU, which the float64-checked
+# results cannot meet; the interpreter ignores input_precision, so no CPU result shows it. These
+# check what the GPU will be asked for: every dot of fp32 operands says IEEE.
+
+def _dot_calls():
+    """(file:line, call) for every tl.dot(...) call in kernels/."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(_common.__file__).parent
+    for path in sorted(root.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "dot" and isinstance(node.func.value, ast.Name)
+                    and node.func.value.id == "tl"):
+                yield f"{path.name}:{node.lineno}", node
+
+
+def _cast_to_16_bits(operand):
+    """Whether an operand expression is x.to(tl.bfloat16) or x.to(tl.float16)."""
+    import ast
+
+    return (isinstance(operand, ast.Call) and isinstance(operand.func, ast.Attribute)
+            and operand.func.attr == "to" and len(operand.args) == 1
+            and ast.unparse(operand.args[0]) in ("tl.bfloat16", "tl.float16"))
+
+
+def test_every_dot_names_its_precision():
+    """Each tl.dot passes input_precision -- the launcher's DOT_PRECISION or "ieee" -- unless
+    both operands are cast to 16 bits there (TF32 does not apply to them)."""
+    import ast
+
+    calls = list(_dot_calls())
+    assert len(calls) >= 20  # the attention, gelu_matmul and patch_embed dots were found
+    bad = []
+    for where, call in calls:
+        precision = {k.arg: k.value for k in call.keywords}.get("input_precision")
+        if precision is None:
+            if not all(_cast_to_16_bits(a) for a in call.args[:2]):
+                bad.append(where)
+        elif not (isinstance(precision, ast.Name) and precision.id == "DOT_PRECISION"
+                  or isinstance(precision, ast.Constant) and precision.value == "ieee"):
+            bad.append(f"{where}: input_precision={ast.unparse(precision)}")
+    assert not bad, f"tl.dot calls that fp32 operands would run as TF32: {bad}"
+
+
+def test_dot_precision_is_ieee_for_fp32_only():
+    assert _common.dot_precision(torch.float32) == "ieee"
+    for dtype in (torch.bfloat16, torch.float16):
+        assert _common.dot_precision(dtype) == "tf32"  # ignored by 16-bit dots
+
+
+def test_fp32_launches_ask_for_ieee_dots(device, monkeypatch):
+    """Every launch that takes DOT_PRECISION -- attention forward and each backward way, the
+    fused MLP matmuls (pointer and TMA tiles where they apply) -- is given "ieee" for fp32
+    operands."""
+    from fastmae.kernels import attention as attn
+    from fastmae.kernels import gelu_matmul as gm
+
+    asked = []
+    real_work = _common.launch_work
+
+    def launch_work(fn, args, kwargs):
+        if "DOT_PRECISION" in kwargs:
+            asked.append((_common.kernel_function(fn).__name__, kwargs["DOT_PRECISION"]))
+        return real_work(fn, args, kwargs)
+
+    monkeypatch.setattr(_common, "launch_work", launch_work)
+    monkeypatch.setattr(_common, "OBSERVER", lambda *work: None)
+    g = torch.Generator().manual_seed(3)
+    q, k, v, do = (torch.randn(1, 2, 50, 32, generator=g).to(device) for _ in range(4))
+    o, lse = attn.attention_fwd(q, k, v, 32 ** -0.5)
+    for way in ("fused", "fused_q", "split"):
+        monkeypatch.setenv("FASTMAE_ATTN_BWD", way)
+        attn.attention_bwd(do, q, k, v, o, lse, 32 ** -0.5)
+    a, w1, bias, dm, w2 = (torch.randn(*s, generator=g).to(device)
+                           for s in ((7, 16), (40, 16), (40,), (7, 16), (16, 40)))
+    ways = (False, True) if gm.tma_applies(a.device, a.dtype) else (False,)
+    for tma in ways:
+        f, _ = gm.matmul_bias_gelu(a, w1, bias, torch.float32, tma=tma)
+        gm.matmul_gelu_bwd(dm, w2, f, bias, torch.float32, tma=tma)
+    want = {"_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_fused_q", "_attn_bwd_dq",
+            "_matmul_bias_gelu", "_matmul_gelu_bwd"}
+    if True in ways:
+        want |= {"_matmul_bias_gelu_tma", "_matmul_gelu_bwd_tma"}
+    assert {name for name, _ in asked} == want
+    assert {precision for _, precision in asked} == {"ieee"}, asked
