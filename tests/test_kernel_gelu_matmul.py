@@ -255,6 +255,59 @@ def _gpu_configuration_pairs(kind):
     return list(zip(fwd, bwd))
 
 
+def _gpu_pairs_any_triton(kind):
+    """_gpu_configuration_pairs as a GPU under Triton 3.6 builds them (the warp-specialized
+    ones included), from here."""
+    if kind == "threads":
+        return list(zip(gm._gpu_configs(), gm._gpu_configs()))
+    ws = kind == "tma_warp_specialized"
+    configs = []
+    for backward in (False, True):
+        hook = gm._tma_blocks("mk", "kn" if backward else "nk")
+        configs.append([triton.Config(
+            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "PROGRAMS_PER_SM": p, "SUBTILE": sub,
+             "WARP_SPECIALIZE": w_s}, num_warps=w, num_stages=s, pre_hook=hook)
+            for bm, bn, bk, w, s, p, sub, w_s in gm._tma_gpu_shapes(backward) if w_s == ws])
+    assert len(configs[0]) == len(configs[1]) > 0
+    return list(zip(*configs))
+
+
+@pytest.mark.interpreter(covered_by="test_every_gpu_configuration_at_a_decoder_shape")
+@pytest.mark.parametrize("kind", ["threads", "tma", "tma_warp_specialized"])
+def test_every_gpu_configuration_through_the_interpreter(kind, monkeypatch):
+    """The GPU's own tilings (128 x 256 to 64 x 128, one a tile and persistent, flattened or
+    not, epilogues in one or two pieces, the backward's warp-specialized transposed tiles),
+    with the GPU's bias-gradient partial rows (64: a 128-row tile writes two), forced in turn
+    at a shape with partial tiles in M, N and K: fp16 within rounding of float64. Their
+    indexing is checked here, where a GPU is not needed; the interpreter's own configuration
+    (16 x 32 tiles, one partial row a tile) shows none of it."""
+    monkeypatch.setattr(triton, "__version__", "3.6.0")  # the warp-specialized ones offered
+    pairs = _gpu_pairs_any_triton(kind)
+    monkeypatch.setattr(gm, "_SUM_ROWS", min(c.kwargs["BLOCK_M"] for pair in
+                                             _gpu_pairs_any_triton("threads") + pairs
+                                             for c in pair))
+    assert gm._SUM_ROWS == 64
+    tma = kind != "threads"
+    tuned = ((gm._matmul_bias_gelu_tma_tuned, gm._matmul_gelu_bwd_tma_tuned) if tma
+             else (gm._matmul_bias_gelu_tuned, gm._matmul_gelu_bwd_tuned))
+    M, N, K = 200, 296, 72
+    a, w1, bias, dm, w2 = _case(M, N, K, "cpu", dtype=torch.float16, seed=13)
+    for configs in pairs:
+        for t, config in zip(tuned, configs):
+            monkeypatch.setattr(t, "configs", [config])
+            monkeypatch.setattr(t, "cache", {})
+        name = f"{kind} {configs[0]} / {configs[1]}"
+        f, g = gm.matmul_bias_gelu(a, w1, bias, a.dtype, tma=tma)
+        assert_rel_close(f, a.double() @ w1.double().t(), 2e-3, f"f {name}")
+        assert_rel_close(g, torch.nn.functional.gelu(f.double() + bias.double()), 2e-3,
+                         f"g {name}")
+        df, db = gm.matmul_gelu_bwd(dm, w2, f, bias, f.dtype, reduce=False, tma=tma)
+        assert db.shape == (-(-M // 64), N), name
+        exp = _gelu_grad64(f, bias, dm.double() @ w2.double())
+        assert_rel_close(df, exp, 2e-3, f"df {name}")
+        assert_rel_close(db.sum(0), exp.sum(0), 2e-3, f"dbias {name}")
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("kind", ["threads", "tma", "tma_warp_specialized"])
 def test_every_gpu_configuration_at_a_decoder_shape(kind, monkeypatch):
