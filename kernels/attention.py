@@ -1084,6 +1084,23 @@ def _pool(blocks_m, blocks_n, warps, stages):
             for bm in blocks_m for bn in blocks_n for w in warps for s in stages]
 
 
+def _gpu_pools():
+    """Each kernel's configurations on a GPU, before the pruning per shape (the tests run them
+    through the interpreter too): fwd, fused, fused_q, dq, dkdv."""
+    return {
+        "fwd": (_pool((16, 32, 64, 128), (16, 32, 64, 128, 256), (4, 8), (1, 2, 3))
+                + _pool((256,), (64,), (16,), (2, 3))),
+        "fused": [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
+                  for bm in (16, 32, 64) for w in (4, 8) for s in (1, 2)],
+        "fused_q": [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
+                    for bn in (16, 32, 64) for w in (4, 8, 16) for s in (1, 2, 3)],
+        "dq": _pool((32, 64, 128), (16, 32, 64), (4, 8), (2, 3)),
+        "dkdv": _pool((16, 32, 64), (32, 64, 128), (4, 8), (2, 3)) + [
+            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=s, maxnreg=cap)
+            for bm, bn, s, cap in _CAPPED_DKDV],
+    }
+
+
 if interpreting():
     _FWD_CONFIGS = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
     _BWD_FUSED_CONFIGS = [triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=1)]
@@ -1091,16 +1108,8 @@ if interpreting():
     _BWD_DQ_CONFIGS = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
     _BWD_DKDV_CONFIGS = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
 else:
-    _FWD_CONFIGS = (_pool((16, 32, 64, 128), (16, 32, 64, 128, 256), (4, 8), (1, 2, 3))
-                    + _pool((256,), (64,), (16,), (2, 3)))
-    _BWD_FUSED_CONFIGS = [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
-                          for bm in (16, 32, 64) for w in (4, 8) for s in (1, 2)]
-    _BWD_FUSED_Q_CONFIGS = [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-                            for bn in (16, 32, 64) for w in (4, 8, 16) for s in (1, 2, 3)]
-    _BWD_DQ_CONFIGS = _pool((32, 64, 128), (16, 32, 64), (4, 8), (2, 3))
-    _BWD_DKDV_CONFIGS = _pool((16, 32, 64), (32, 64, 128), (4, 8), (2, 3)) + [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=s, maxnreg=cap)
-        for bm, bn, s, cap in _CAPPED_DKDV]
+    (_FWD_CONFIGS, _BWD_FUSED_CONFIGS, _BWD_FUSED_Q_CONFIGS, _BWD_DQ_CONFIGS,
+     _BWD_DKDV_CONFIGS) = (_gpu_pools()[kind] for kind in ("fwd", "fused", "fused_q", "dq", "dkdv"))
 
 
 def _tail(n_ctx, block):

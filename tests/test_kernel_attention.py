@@ -412,19 +412,26 @@ def test_low_precision_vs_sdpa(dtype, N, d, layout, no_tf32, monkeypatch):
     _assert_within_sdpa_error(dtype, case["q"], case["k"], case["v"], _do_like(case["q"]), d ** -0.5)
 
 
-def _kept_configs(attn, kind, N, d, dtype):
+def _kept_configs(attn, kind, N, d, dtype, gpu_pools=False):
+    """(the kernel of ``kind``, its configurations its pruning keeps at N, d, dtype): from this
+    process's pools, or with ``gpu_pools`` from a GPU's (attn._gpu_pools)."""
     q = torch.empty(0, dtype=dtype)
     named, bd = {"Q": q, "N_CTX": N}, max(16, triton.next_power_of_2(d))
     n_all = max(16, triton.next_power_of_2(N))
+    gpu = attn._gpu_pools() if gpu_pools else None
+    fwd, fused, fused_q, dq, dkdv = (
+        (gpu[k] for k in ("fwd", "fused", "fused_q", "dq", "dkdv")) if gpu_pools else
+        (attn._FWD_CONFIGS, attn._BWD_FUSED_CONFIGS, attn._BWD_FUSED_Q_CONFIGS,
+         attn._BWD_DQ_CONFIGS, attn._BWD_DKDV_CONFIGS))
     pools = {
-        "fwd": (attn._attn_fwd_tuned, attn._FWD_CONFIGS, attn._prune_fwd, {}),
-        "fwd_head": (attn._attn_fwd_tuned, [c for c in attn._FWD_CONFIGS if c.kwargs["BLOCK_M"] == 256],
+        "fwd": (attn._attn_fwd_tuned, fwd, attn._prune_fwd, {}),
+        "fwd_head": (attn._attn_fwd_tuned, [c for c in fwd if c.kwargs["BLOCK_M"] == 256],
                      attn._prune_fwd, {}),
-        "fused": (attn._attn_bwd_fused_tuned, attn._BWD_FUSED_CONFIGS, attn._prune_bwd_fused, {"BLOCK_N": n_all}),
-        "fused_q": (attn._attn_bwd_fused_q_tuned, attn._BWD_FUSED_Q_CONFIGS, attn._prune_bwd_fused_q,
+        "fused": (attn._attn_bwd_fused_tuned, fused, attn._prune_bwd_fused, {"BLOCK_N": n_all}),
+        "fused_q": (attn._attn_bwd_fused_q_tuned, fused_q, attn._prune_bwd_fused_q,
                     {"BLOCK_M": n_all, "HAS_SUMS": True}),  # _run passes the column sums
-        "dq": (attn._attn_bwd_dq_tuned, attn._BWD_DQ_CONFIGS, attn._prune_bwd_dq, {}),
-        "dkdv": (attn._attn_bwd_dkdv_tuned, attn._BWD_DKDV_CONFIGS, attn._prune_bwd_dkdv, {}),
+        "dq": (attn._attn_bwd_dq_tuned, dq, attn._prune_bwd_dq, {}),
+        "dkdv": (attn._attn_bwd_dkdv_tuned, dkdv, attn._prune_bwd_dkdv, {}),
     }
     tuned, pool, prune, extra = pools[kind]
     return tuned, prune(pool, named, BLOCK_D=bd, **extra)
@@ -468,6 +475,41 @@ def test_every_autotune_config_mae_shapes(N, d, kinds, no_tf32, monkeypatch):
                     _assert_within_sdpa_error(torch.bfloat16, q, k, v, do, d ** -0.5)
                 except AssertionError as e:
                     raise AssertionError(f"{kind} {config}: {e}") from e
+
+
+# the backward way that runs each kind's kernel
+_WAY_OF_KIND = {"fwd": "split", "fwd_head": "split", "fused": "fused", "fused_q": "fused_q",
+                "dq": "split", "dkdv": "split"}
+
+
+@pytest.mark.interpreter(covered_by="test_every_autotune_config_mae_shapes")
+@pytest.mark.parametrize("N,d", [(50, 64), (197, 32)])
+@pytest.mark.parametrize("kind", ["fwd", "fused", "fused_q", "dq", "dkdv"])
+def test_every_gpu_tiling_through_the_interpreter(N, d, kind, monkeypatch):
+    """Each configuration a GPU's autotuner may pick at MAE's encoder and decoder shapes (the
+    pools of attn._gpu_pools, pruned as on a GPU for 16-bit inputs: 256-row tiles, 128-key
+    steps, their tails at N = 197), run one at a time in fp16, the other kernels on the
+    interpreter's configuration: o, lse, each gradient and the column sums within fp16's
+    rounding of float64 (1e-3, as test_half_precision_ways_within_rounding). Their indexing is
+    checked here, where a GPU is not needed; only the CUDA test ran these tilings before."""
+    attn = _kernels()
+    tuned, kept = _kept_configs(attn, kind, N, d, torch.float16, gpu_pools=True)
+    assert kept
+    monkeypatch.setenv("FASTMAE_ATTN_BWD", _WAY_OF_KIND[kind])
+    case = attention_case(1, 2, N, d, "qkv", device="cpu", seed=N + d + 5)
+    q, k, v = (case[n].to(torch.float16) for n in ("q", "k", "v"))
+    do = _do_like(q)
+    o64, lse64, grads64 = _reference64(q, k, v, do, d ** -0.5)
+    tilings = {tuple(sorted(c.kwargs.items())): c for c in kept}  # warps, stages: one run
+    for config in tilings.values():
+        with _only_config(tuned, config):
+            o, lse, grads, sums = _run(q, k, v, do, d ** -0.5)
+        errors = {"o": rel_err(o, o64), "lse": rel_err(lse, lse64),
+                  "sums": rel_err(sums, _column_sums(grads64))}
+        errors.update({name: rel_err(g, g64) for name, g, g64 in zip(("dq", "dk", "dv"), grads,
+                                                                      grads64)})
+        bad = {name: err for name, err in errors.items() if not err <= 1e-3}
+        assert not bad, f"{kind} {config}: {bad}"
 
 
 @pytest.mark.cuda
