@@ -752,7 +752,6 @@ def test_grad_output_of_another_dtype(device):
         assert g.dtype == torch.float16 and torch.equal(g, s)
 
 
-
 def _grads64_given_o(q, k, v, do, o, scale):
     """dq, dk and dP - delta in float64, with delta = rowsum(dO * o) of the ``o`` the backward
     was handed (its 16-bit rounding of the true output included), so that only the kernel's own
