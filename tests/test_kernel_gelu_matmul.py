@@ -280,7 +280,7 @@ def test_every_gpu_configuration_through_the_interpreter(kind, monkeypatch):
     with the GPU's bias-gradient partial rows (64: a 128-row tile writes two), forced in turn
     at a shape with partial tiles in M, N and K: fp16 within rounding of float64. Their
     indexing is checked here, where a GPU is not needed; the interpreter's own configuration
-    (16 x 32 tiles, one partial row a tile) shows none of it."""
+    (16 x 32 tiles) reaches none of these tile shapes."""
     monkeypatch.setattr(triton, "__version__", "3.6.0")  # the warp-specialized ones offered
     pairs = _gpu_pairs_any_triton(kind)
     monkeypatch.setattr(gm, "_SUM_ROWS", min(c.kwargs["BLOCK_M"] for pair in
