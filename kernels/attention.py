@@ -1108,8 +1108,9 @@ if interpreting():
     _BWD_DQ_CONFIGS = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
     _BWD_DKDV_CONFIGS = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
 else:
+    _GPU_POOLS = _gpu_pools()
     (_FWD_CONFIGS, _BWD_FUSED_CONFIGS, _BWD_FUSED_Q_CONFIGS, _BWD_DQ_CONFIGS,
-     _BWD_DKDV_CONFIGS) = (_gpu_pools()[kind] for kind in ("fwd", "fused", "fused_q", "dq", "dkdv"))
+     _BWD_DKDV_CONFIGS) = (_GPU_POOLS[kind] for kind in ("fwd", "fused", "fused_q", "dq", "dkdv"))
 
 
 def _tail(n_ctx, block):

@@ -50,3 +50,21 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def device():
     return DEVICE
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Every kernel launch made through fastmae.kernels._common, recorded as (kernel name,
+    {meta-parameter: value}: its upper-case constexprs and num_warps)."""
+    from fastmae.kernels import _common
+
+    seen, real_work = [], _common.launch_work
+
+    def launch_work(fn, args, kwargs):
+        seen.append((_common.kernel_function(fn).__name__,
+                     {k: v for k, v in kwargs.items() if k.isupper() or k == "num_warps"}))
+        return real_work(fn, args, kwargs)
+
+    monkeypatch.setattr(_common, "launch_work", launch_work)
+    monkeypatch.setattr(_common, "OBSERVER", lambda *work: None)  # launch_work runs for it
+    return seen

@@ -167,23 +167,13 @@ def test_dot_precision_is_ieee_for_fp32_only():
         assert _common.dot_precision(dtype) == "tf32"  # ignored by 16-bit dots
 
 
-def test_fp32_launches_ask_for_ieee_dots(device, monkeypatch):
+def test_fp32_launches_ask_for_ieee_dots(device, monkeypatch, launches):
     """Every launch that takes DOT_PRECISION -- attention forward and each backward way, the
     fused MLP matmuls (pointer and TMA tiles where they apply) -- is given "ieee" for fp32
     operands."""
     from fastmae.kernels import attention as attn
     from fastmae.kernels import gelu_matmul as gm
 
-    asked = []
-    real_work = _common.launch_work
-
-    def launch_work(fn, args, kwargs):
-        if "DOT_PRECISION" in kwargs:
-            asked.append((_common.kernel_function(fn).__name__, kwargs["DOT_PRECISION"]))
-        return real_work(fn, args, kwargs)
-
-    monkeypatch.setattr(_common, "launch_work", launch_work)
-    monkeypatch.setattr(_common, "OBSERVER", lambda *work: None)
     g = torch.Generator().manual_seed(3)
     q, k, v, do = (torch.randn(1, 2, 50, 32, generator=g).to(device) for _ in range(4))
     o, lse = attn.attention_fwd(q, k, v, 32 ** -0.5)
@@ -196,6 +186,8 @@ def test_fp32_launches_ask_for_ieee_dots(device, monkeypatch):
     for tma in ways:
         f, _ = gm.matmul_bias_gelu(a, w1, bias, torch.float32, tma=tma)
         gm.matmul_gelu_bwd(dm, w2, f, bias, torch.float32, tma=tma)
+    asked = [(name, meta["DOT_PRECISION"]) for name, meta in launches
+             if "DOT_PRECISION" in meta]
     want = {"_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_fused_q", "_attn_bwd_dq",
             "_matmul_bias_gelu", "_matmul_gelu_bwd"}
     if True in ways:

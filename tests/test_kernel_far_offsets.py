@@ -14,6 +14,8 @@ takes contiguous tensors only, so no view reaches its far offsets."""
 import pytest
 import torch
 
+from fastmae.kernels import (attention, bias_gelu, gelu_matmul, layer_norm, masking, mse_loss,
+                             patch_embed, unshuffle)
 from fastmae.testing import poison_
 
 pytestmark = pytest.mark.interpreter(
@@ -70,8 +72,6 @@ def _randn(g, *shape, dtype=torch.float16, scale=1.0):
 
 
 def _masking(far, out, g):
-    from fastmae.kernels import masking
-
     x = far(_randn(g, 3, 5, 24))
     ids_keep = torch.tensor([[4, 0], [2, 3], [1, 4]])
     gathered = masking.gather_tokens(x, ids_keep)
@@ -81,8 +81,6 @@ def _masking(far, out, g):
 
 
 def _unshuffle(far, out, g):
-    from fastmae.kernels import unshuffle
-
     ids_restore = torch.tensor([[1, 4, 2, 3, 0], [3, 2, 0, 1, 4], [4, 0, 2, 1, 3]])
     x, mask_token, pos = _randn(g, 3, 3, 24), _randn(g, 1, 1, 24), _randn(g, 1, 6, 24)
     y = unshuffle.unshuffle_fwd(far(x), mask_token, ids_restore, pos)
@@ -92,8 +90,6 @@ def _unshuffle(far, out, g):
 
 
 def _layer_norm(far, out, g):
-    from fastmae.kernels import layer_norm
-
     x, residual = _randn(g, 3, 40, scale=2.0), _randn(g, 3, 40)
     weight, bias, branch_bias = (_randn(g, 40, dtype=torch.float32) for _ in range(3))
     y, s, mean, rstd = layer_norm.layer_norm_fwd(far(x), weight, bias, 1e-5, torch.float16,
@@ -105,41 +101,34 @@ def _layer_norm(far, out, g):
 
 
 def _bias_gelu(far, out, g):
-    from fastmae.kernels import bias_gelu
-
     x, bias = _randn(g, 3, 40), _randn(g, 40, dtype=torch.float32)
-    y = bias_gelu.bias_gelu_fwd(far(x), bias, torch.float16)
-    dx, dbias = bias_gelu.bias_gelu_bwd(far(_randn(g, 3, 40)), far(x), bias)
+    x = far(x)
+    y = bias_gelu.bias_gelu_fwd(x, bias, torch.float16)
+    dx, dbias = bias_gelu.bias_gelu_bwd(far(_randn(g, 3, 40)), x, bias)
     return y, dx, dbias
 
 
 def _mse_loss(far, out, g):
-    from fastmae.kernels import mse_loss
-
     imgs, pred = _randn(g, 3, 2, 8, 12), _randn(g, 3, 6, 32)
     mask = torch.tensor([[0, 1, 1, 0, 1, 1], [1, 1, 0, 0, 1, 0], [1, 0, 1, 1, 1, 0]]).float()
     return mse_loss.masked_mse_fwd(far(imgs), far(pred), mask, 4, True, True)
 
 
 def _patch_embed(far, out, g):
-    from fastmae.kernels import patch_embed
-
-    imgs = _randn(g, 3, 2, 8, 12)
+    imgs = far(_randn(g, 3, 2, 8, 12))
     weight, bias = _randn(g, 24, 2, 4, 4, scale=0.3), _randn(g, 24, dtype=torch.float32)
     pos = _randn(g, 1, 7, 24, dtype=torch.float32)
     ids_keep = torch.tensor([[4], [0], [5]])
-    y = patch_embed.patch_embed_visible_fwd(far(imgs), weight, bias, pos, ids_keep,
+    y = patch_embed.patch_embed_visible_fwd(imgs, weight, bias, pos, ids_keep,
                                             torch.float32, torch.float16)
-    patches = patch_embed.gather_visible_patches(far(imgs), ids_keep, 4, torch.float16)
-    grads = patch_embed.patch_embed_visible_bwd(far(_randn(g, 3, 1, 24)), far(imgs), weight,
+    patches = patch_embed.gather_visible_patches(imgs, ids_keep, 4, torch.float16)
+    grads = patch_embed.patch_embed_visible_bwd(far(_randn(g, 3, 1, 24)), imgs, weight,
                                                 ids_keep, need_imgs_grad=True)
     return (y, patches) + grads
 
 
 def _gelu_matmul(far, out, g, ways=None):
     """The pointer kernels, and the TMA ones where they apply (or the ``ways`` given)."""
-    from fastmae.kernels import gelu_matmul
-
     a, w1 = _randn(g, 3, 16), _randn(g, 40, 16, scale=0.25)
     bias = _randn(g, 40, dtype=torch.float32)
     dm, w2 = _randn(g, 3, 16), _randn(g, 16, 40, scale=0.25)
@@ -155,8 +144,6 @@ def _gelu_matmul(far, out, g, ways=None):
 
 def _attention(far, out, g):
     """The forward and the backward way FASTMAE_ATTN_BWD names."""
-    from fastmae.kernels import attention
-
     B, N, H, d = 3, 50, 2, 32
     qkv = far(_randn(g, B, N, 3, H, d))
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
@@ -164,7 +151,7 @@ def _attention(far, out, g):
     o, lse = attention.attention_fwd(q, k, v, d ** -0.5, out=o)
     do = far(_randn(g, B, N, H, d)).transpose(1, 2)
     grads = out(_randn(g, B, N, 3, H, d)).permute(2, 0, 3, 1, 4).unbind(0)
-    dsum = torch.empty(attention.grad_sum_shape(B, H, N, d))
+    dsum = poison_(torch.empty(attention.grad_sum_shape(B, H, N, d)))
     attention.attention_bwd(do, q, k, v, o, lse, d ** -0.5, *grads, dsum=dsum)
     return (o, lse) + tuple(grads) + (dsum.sum((0, 1)),)
 

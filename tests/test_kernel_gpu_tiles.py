@@ -7,12 +7,12 @@ sums run over rows (the weight and bias gradients, the loss). The interpreter's 
 what the other kernel tests run; the GPU's were run only by the CUDA tests before.
 (attention and the fused MLP matmuls: test_every_gpu_tiling_through_the_interpreter and
 test_every_gpu_configuration_through_the_interpreter in their own files.)"""
+import contextlib
+
 import pytest
 import torch
-import triton
 
 from fastmae import testing as T
-from fastmae.kernels import _common
 from fastmae.kernels import bias_gelu as bg
 from fastmae.kernels import layer_norm as ln
 from fastmae.kernels import mse_loss
@@ -25,18 +25,13 @@ pytestmark = pytest.mark.interpreter(
 ROWS = 19  # a prime: a partial last row tile under any tiling
 
 
-@pytest.fixture
-def launches(monkeypatch):
-    """The constexpr meta-parameters of every launch, recorded ({name: value} per launch)."""
-    seen, real_work = [], _common.launch_work
-
-    def launch_work(fn, args, kwargs):
-        seen.append({k: v for k, v in kwargs.items() if k.isupper() or k == "num_warps"})
-        return real_work(fn, args, kwargs)
-
-    monkeypatch.setattr(_common, "launch_work", launch_work)
-    monkeypatch.setattr(_common, "OBSERVER", lambda *work: None)
-    return seen
+@contextlib.contextmanager
+def _choosing_as_on_a_gpu(module):
+    """Within it, ``module``'s launchers choose their tiles as on a GPU (its interpreting()
+    answers False); the kernels still run through the interpreter."""
+    with pytest.MonkeyPatch.context() as gpu_choices:
+        gpu_choices.setattr(module, "interpreting", lambda: False)
+        yield
 
 
 def _both_tilings(monkeypatch, launches, module, run):
@@ -47,8 +42,7 @@ def _both_tilings(monkeypatch, launches, module, run):
     interpreter = run()
     interpreter_meta = list(launches)
     launches.clear()
-    with pytest.MonkeyPatch.context() as gpu_choices:
-        gpu_choices.setattr(module, "interpreting", lambda: False)
+    with _choosing_as_on_a_gpu(module):
         gpu = run()
     assert launches != interpreter_meta, "the GPU's tiling was not taken"
     return gpu, interpreter
@@ -133,8 +127,7 @@ def test_partial_sums(monkeypatch, launches):
 
 def _pe_gpu_configs():
     """The patch embedding's three autotuned kernels' GPU configurations, by kernel."""
-    with pytest.MonkeyPatch.context() as gpu_choices:
-        gpu_choices.setattr(pe, "interpreting", lambda: False)
+    with _choosing_as_on_a_gpu(pe):
         return {pe._patch_embed_fwd: pe._fwd_configs(),
                 pe._patch_embed_bwd_weight: pe._bwd_w_configs(),
                 pe._patch_embed_bwd_imgs: pe._bwd_x_configs()}
@@ -169,11 +162,10 @@ def test_patch_embed(kernel, monkeypatch, launches):
         monkeypatch.setattr(tuned, "configs", [config])
         monkeypatch.setattr(tuned, "cache", {})
         launches.clear()
-        with pytest.MonkeyPatch.context() as gpu_choices:
-            gpu_choices.setattr(pe, "interpreting", lambda: False)
+        with _choosing_as_on_a_gpu(pe):
             gpu = run()
         name = f"{kernel} {config}"
-        assert config.kwargs.items() <= launches[0].items(), name
+        assert config.kwargs.items() <= launches[0][1].items(), name
         for i, (a, b) in enumerate(zip(gpu, interpreter)):
             assert not b.isnan().any() and a.shape == b.shape, (name, i)
             bound = 0 if kernel == "_patch_embed_fwd" and i == 1 else 1e-5
