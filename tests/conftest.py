@@ -68,3 +68,22 @@ def launches(monkeypatch):
     monkeypatch.setattr(_common, "launch_work", launch_work)
     monkeypatch.setattr(_common, "OBSERVER", lambda *work: None)  # launch_work runs for it
     return seen
+
+
+@pytest.fixture
+def interpreter_bf16(monkeypatch):
+    """bf16 through fastmae's kernels under Triton's interpreter: its bf16 dots and casts to
+    bf16 mended, its other bf16 arithmetic an error (tests/_interpreter_bf16.py), and the ops
+    no longer sending bf16 matmul operands to the reference there (ops._interpreted_bf16_dot).
+    Nothing where the kernels are compiled (a GPU), nor for other dtypes."""
+    from fastmae import ops
+    from fastmae.kernels._common import interpreting
+
+    if not interpreting():
+        yield
+        return
+    from _interpreter_bf16 import bf16_mended
+
+    monkeypatch.setattr(ops, "_interpreted_bf16_dot", lambda *tensors, compute_dtype=None: False)
+    with bf16_mended():
+        yield
