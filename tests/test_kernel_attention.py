@@ -166,7 +166,7 @@ def test_backward_strategies_all_correct(strategy, N, d, device, monkeypatch):
 @pytest.mark.parametrize("strategy", ["fused", "fused_q", "split"])
 @pytest.mark.parametrize("N,d", [(50, 64), (197, 32)])
 def test_half_precision_ways_within_rounding(strategy, N, d, device, monkeypatch):
-    """fp16 inputs (the interpreter's 16-bit dots; bf16 it does not emulate): each way's
+    """fp16 inputs (bf16: test_low_precision_vs_sdpa_interpreted, against SDPA): each way's
     gradients and column sums within 1e-3 of float64's, relative to their size: fp16's rounding
     of P, dS and the outputs (3.5e-4 to 5.7e-4 here), not a cast in the wrong place (fused_q's
     scores rounded to fp16 before their exp gave 0.9e-3 to 1.3e-3 at N = 50)."""
@@ -410,6 +410,20 @@ def test_low_precision_vs_sdpa(dtype, N, d, layout, no_tf32, monkeypatch):
     B, H = (4, 6) if N <= 300 else (1, 2)
     case = attention_case(B, H, N, d, layout, dtype=dtype, device="cuda", seed=N + d)
     _assert_within_sdpa_error(dtype, case["q"], case["k"], case["v"], _do_like(case["q"]), d ** -0.5)
+
+
+@pytest.mark.interpreter(covered_by="test_low_precision_vs_sdpa")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("strategy", ["fused", "fused_q", "split"])
+@pytest.mark.parametrize("N,d,layout", [(1, 64, "qkv"), (50, 64, "qkv"), (197, 32, "transposed")])
+def test_low_precision_vs_sdpa_interpreted(dtype, strategy, N, d, layout, interpreter_bf16,
+                                           monkeypatch):
+    """The GPU test's rule with each way of the backward, at the MAE encoder's and decoder's head
+    shapes for one (batch, head) pair; bf16 with the interpreter's bf16 mended."""
+    monkeypatch.setenv("FASTMAE_ATTN_BWD", strategy)
+    case = attention_case(1, 2, N, d, layout, dtype=dtype, seed=N + d + 3)
+    _assert_within_sdpa_error(dtype, case["q"], case["k"], case["v"], _do_like(case["q"]),
+                              d ** -0.5)
 
 
 def _kept_configs(attn, kind, N, d, dtype, gpu_pools=False):

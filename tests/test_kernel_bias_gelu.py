@@ -131,7 +131,7 @@ def test_bias_gelu_empty(device):
     assert dx.shape == (0, 40) and torch.equal(db, torch.zeros(40, device=device))
 
 
-# ----------------------------------------------------------------------------- GPU, low precision
+# ----------------------------------------------------------------------------- low precision
 
 LOW = [(torch.bfloat16, 4e-3), (torch.float16, 5e-4)]
 
@@ -140,12 +140,24 @@ LOW = [(torch.bfloat16, 4e-3), (torch.float16, 5e-4)]
 @pytest.mark.parametrize("dtype,atol", LOW)
 @pytest.mark.parametrize("M,D", [(256 * 50, 3072), (256 * 197, 2048), (1000, 100), (33, 8)])
 def test_bias_gelu_low_precision(M, D, dtype, atol):
+    _check_low_precision(M, D, dtype, atol, "cuda")
+
+
+@pytest.mark.interpreter(covered_by="test_bias_gelu_low_precision")
+@pytest.mark.parametrize("dtype,atol", LOW)
+@pytest.mark.parametrize("M,D", [(97, 100), (33, 8)])
+def test_bias_gelu_low_precision_interpreted(M, D, dtype, atol, interpreter_bf16):
+    """The GPU test's rule at small shapes, bf16 with the interpreter's bf16 mended."""
+    _check_low_precision(M, D, dtype, atol, "cpu")
+
+
+def _check_low_precision(M, D, dtype, atol, device):
     """x (the fc1 output) in dtype, bias fp32. The kernel's error against an fp32 reference is at
     most 2x the eager op's error in that dtype (bias cast to it, as under autocast), + atol."""
-    case = bias_gelu_case(M, D, dtype=dtype, device="cuda", seed=D)
+    case = bias_gelu_case(M, D, dtype=dtype, device=device, seed=D)
     x, bias = case["x"], case["bias"]
-    dy = torch.randn(M, D, generator=torch.Generator(device="cuda").manual_seed(0),
-                     device="cuda").to(dtype)
+    dy = torch.randn(M, D, generator=torch.Generator(device=device).manual_seed(0),
+                     device=device).to(dtype)
 
     def ref_fwd_bwd(x, bias, dy):
         x, bias = x.detach().requires_grad_(), bias.detach().requires_grad_()

@@ -207,17 +207,13 @@ def test_empty_rows(device):
     assert df.shape == (0, 8) and torch.equal(db, torch.zeros(8, device=device))
 
 
-# ----------------------------------------------------------------------------- GPU, low precision
+# ----------------------------------------------------------------------------- low precision
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype,atol", [(torch.bfloat16, 4e-3), (torch.float16, 5e-4)])
 @pytest.mark.parametrize("M,N,K", [(256 * 50, 3072, 768), (256 * 197, 2048, 512),
                                    (1000, 100, 40), (33, 8, 8)])
 def test_low_precision_against_cublas_and_the_bias_gelu_kernel(M, N, K, dtype, atol, monkeypatch):
-    """At MAE's shapes, in dtype: f, g, df and dbias against fp32 math on the same inputs, with
-    at most 2x the error of the unfused path (cuBLAS in dtype, then kernels/bias_gelu.py) + atol;
-    two runs bit-identical."""
-    from fastmae.kernels import bias_gelu as bg
     # two configurations (an 8-warp and a 4-warp tile): fewer compiles in the GPU test run; the
     # CPU check compiles every one for sm_90 (tests/test_gpu_compile.py)
     for tuned in (gm._matmul_bias_gelu_tuned, gm._matmul_gelu_bwd_tuned):
@@ -225,7 +221,23 @@ def test_low_precision_against_cublas_and_the_bias_gelu_kernel(M, N, K, dtype, a
                                                (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps)
                                                in ((128, 128, 8), (64, 128, 4))])
         monkeypatch.setattr(tuned, "cache", {})
-    a, w1, bias, dm, w2 = _case(M, N, K, "cuda", dtype=dtype, seed=N)
+    _check_low_precision(M, N, K, dtype, atol, "cuda")
+
+
+@pytest.mark.interpreter(covered_by="test_low_precision_against_cublas_and_the_bias_gelu_kernel")
+@pytest.mark.parametrize("dtype,atol", [(torch.bfloat16, 4e-3), (torch.float16, 5e-4)])
+@pytest.mark.parametrize("M,N,K", [(100, 96, 40), (33, 8, 8)])
+def test_low_precision_interpreted(M, N, K, dtype, atol, interpreter_bf16):
+    """The GPU test's rule at small shapes, bf16 with the interpreter's bf16 mended."""
+    _check_low_precision(M, N, K, dtype, atol, "cpu")
+
+
+def _check_low_precision(M, N, K, dtype, atol, device):
+    """In dtype: f, g, df and dbias against fp32 math on the same inputs, with
+    at most 2x the error of the unfused path (cuBLAS in dtype, then kernels/bias_gelu.py) + atol;
+    two runs bit-identical."""
+    from fastmae.kernels import bias_gelu as bg
+    a, w1, bias, dm, w2 = _case(M, N, K, device, dtype=dtype, seed=N)
     f, g = gm.matmul_bias_gelu(a, w1, bias, dtype)
     f_split = a @ w1.t()
     g_split = bg.bias_gelu_fwd(f_split, bias, dtype)

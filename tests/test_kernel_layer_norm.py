@@ -173,7 +173,7 @@ def test_layer_norm_empty(device):
     assert torch.equal(db, torch.zeros(40, device=device))
 
 
-# ----------------------------------------------------------------------------- GPU, low precision
+# ----------------------------------------------------------------------------- low precision
 
 LOW = [(torch.bfloat16, 4e-3), (torch.float16, 5e-4)]
 
@@ -183,13 +183,26 @@ LOW = [(torch.bfloat16, 4e-3), (torch.float16, 5e-4)]
 @pytest.mark.parametrize("M,D", [(256 * 50, 768), (1000, 1280), (77, 100), (33, 8)])
 @pytest.mark.parametrize("residual", [False, True])
 def test_layer_norm_low_precision(M, D, residual, dtype, atol):
+    _check_low_precision(M, D, residual, dtype, atol, "cuda")
+
+
+@pytest.mark.interpreter(covered_by="test_layer_norm_low_precision")
+@pytest.mark.parametrize("dtype,atol", LOW)
+@pytest.mark.parametrize("M,D", [(77, 100), (33, 8)])
+@pytest.mark.parametrize("residual", [False, True])
+def test_layer_norm_low_precision_interpreted(M, D, residual, dtype, atol, interpreter_bf16):
+    """The GPU test's rule at its small shapes, bf16 with the interpreter's bf16 mended."""
+    _check_low_precision(M, D, residual, dtype, atol, "cpu")
+
+
+def _check_low_precision(M, D, residual, dtype, atol, device):
     """Autocast setting: x (the branch) in dtype, residual fp32, y in dtype. The kernel's error
     against an fp32 reference is at most 2x the eager op's error in that dtype, + atol."""
-    case = layer_norm_case(M, D, residual=residual, dtype=dtype, device="cuda", seed=D)
+    case = layer_norm_case(M, D, residual=residual, dtype=dtype, device=device, seed=D)
     x, w, b, eps = case["x"], case["weight"], case["bias"], case["eps"]
-    g = torch.Generator(device="cuda").manual_seed(0)
-    dy = torch.randn(M, D, generator=g, device="cuda").to(dtype)
-    ds = torch.randn(M, D, generator=g, device="cuda") if residual else None
+    g = torch.Generator(device=device).manual_seed(0)
+    dy = torch.randn(M, D, generator=g, device=device).to(dtype)
+    ds = torch.randn(M, D, generator=g, device=device) if residual else None
 
     def ref_fwd_bwd(x, r, w, b, dy, ds):
         x, w, b = (t.detach().requires_grad_() for t in (x, w, b))
@@ -239,17 +252,27 @@ def test_layer_norm_low_precision(M, D, residual, dtype, atol):
 @pytest.mark.cuda
 @pytest.mark.parametrize("M,D", [(256 * 197, 512), (256 * 50, 768)])
 def test_fused_block_backward_at_mae_shapes(M, D):
-    """The transformer block's hand-off under bf16 autocast, at ViT-B/16's decoder and encoder
-    shapes (many row tiles a program: the backward's prefetching loop runs): s = residual +
-    x + branch bias in fp32, y in bf16; the backward's fp32 residual gradient, its bf16 copy
-    (the branch gradient) and the weight, bias and branch-bias column sums, against float64."""
-    g = torch.Generator(device="cuda").manual_seed(D)
-    x = torch.randn(M, D, generator=g, device="cuda").to(torch.bfloat16)
-    r = torch.randn(M, D, generator=g, device="cuda")
-    w = 1 + 0.1 * torch.randn(D, generator=g, device="cuda")
-    b, bb = (0.1 * torch.randn(D, generator=g, device="cuda") for _ in range(2))
-    dy = torch.randn(M, D, generator=g, device="cuda").to(torch.bfloat16)
-    ds = torch.randn(M, D, generator=g, device="cuda")
+    """At ViT-B/16's decoder and encoder shapes (many row tiles a program: the backward's
+    prefetching loop runs)."""
+    _check_fused_block_backward(M, D, "cuda")
+
+
+@pytest.mark.interpreter(covered_by="test_fused_block_backward_at_mae_shapes")
+def test_fused_block_backward_bf16_interpreted(interpreter_bf16):
+    _check_fused_block_backward(131, 40, "cpu")
+
+
+def _check_fused_block_backward(M, D, device):
+    """The transformer block's hand-off under bf16 autocast: s = residual + x + branch bias in
+    fp32, y in bf16; the backward's fp32 residual gradient, its bf16 copy (the branch gradient)
+    and the weight, bias and branch-bias column sums, against float64."""
+    g = torch.Generator(device=device).manual_seed(D)
+    x = torch.randn(M, D, generator=g, device=device).to(torch.bfloat16)
+    r = torch.randn(M, D, generator=g, device=device)
+    w = 1 + 0.1 * torch.randn(D, generator=g, device=device)
+    b, bb = (0.1 * torch.randn(D, generator=g, device=device) for _ in range(2))
+    dy = torch.randn(M, D, generator=g, device=device).to(torch.bfloat16)
+    ds = torch.randn(M, D, generator=g, device=device)
     y, s, mean, rstd = ln.layer_norm_fwd(x, w, b, 1e-6, torch.bfloat16, residual=r,
                                          residual_dtype=torch.float32, branch_bias=bb)
     dsum, dwb, dbranch = ln.layer_norm_bwd(dy, s, w, mean, rstd, ds=ds, dx_dtype=torch.float32,
@@ -263,7 +286,7 @@ def test_fused_block_backward_at_mae_shapes(M, D):
     assert_rel_close(s, s64, 1e-6, "s")
     assert_rel_close(y.float(), y64, 8e-3, "y")
     assert_rel_close(dsum, ds64, 1e-5, "dresidual")
-    # rounded to nearest even on a GPU, as torch casts (Triton's interpreter truncates instead)
+    # rounded to nearest even, as torch casts (the interpreter too, mended)
     assert torch.equal(dbranch, dsum.to(torch.bfloat16)), "the branch gradient is dx in bf16"
     assert_rel_close(dwb[0], dw64, 1e-4, "dweight")  # fp32 sums over M rows
     assert_rel_close(dwb[1], db64, 1e-4, "dbias")

@@ -205,14 +205,27 @@ def test_scatter_tokens_strided_grad(kmask, device):
             assert torch.equal(out.double(), _gather_grad_float64(N, L, D, ids_keep, grad))
 
 
-# ----------------------------------------------------------------------------- GPU only
+# ----------------------------------------------------------------------------- every dtype
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("N, L, D", [(256, 196, 768), (5, 257, 1280), (3, 1024, 100)])
 def test_masking_gather_scatter_cuda(kmask, dtype, N, L, D):
-    """Bit-exact in every dtype at the model's shapes."""
-    case = masking_case(N, L, D, 0.75, dtype=dtype, device="cuda", seed=N + L)
+    """At the model's shapes."""
+    _check_gather_scatter(kmask, dtype, N, L, D, "cuda")
+
+
+@pytest.mark.interpreter(covered_by="test_masking_gather_scatter_cuda")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("N, L, D", [(3, 49, 100), (1, 13, 40)])
+def test_masking_gather_scatter_half_interpreted(kmask, dtype, N, L, D, interpreter_bf16):
+    """fp16 and bf16 (the interpreter's bf16 mended) at small shapes."""
+    _check_gather_scatter(kmask, dtype, N, L, D, "cpu")
+
+
+def _check_gather_scatter(kmask, dtype, N, L, D, device):
+    """The mask's indices, the kept tokens and their gradient's scatter: bit-exact in dtype."""
+    case = masking_case(N, L, D, 0.75, dtype=dtype, device=device, seed=N + L)
     x, noise = case["x"], case["noise"]
     keep = ref.keep_count(L, 0.75)
     got = kmask.masking_indices(noise, keep)
@@ -220,8 +233,8 @@ def test_masking_gather_scatter_cuda(kmask, dtype, N, L, D):
     ids_keep, _, ids_restore = got
     out = kmask.gather_tokens(x, ids_keep)
     assert out.dtype == dtype and torch.equal(out, ref.gather_tokens(x, ids_keep))
-    grad = torch.randn(N, keep, D, device="cuda").to(dtype)
-    x_ = torch.zeros(N, L, D, device="cuda", dtype=dtype, requires_grad=True)
+    grad = torch.randn(N, keep, D, generator=torch.Generator().manual_seed(L)).to(device, dtype)
+    x_ = torch.zeros(N, L, D, device=device, dtype=dtype, requires_grad=True)
     ref.gather_tokens(x_, ids_keep).backward(grad)
     back = kmask.scatter_tokens(grad, ids_restore, keep)
     assert back.dtype == dtype and torch.equal(back, x_.grad)

@@ -155,17 +155,34 @@ def test_masked_mse_single_value_patches(device):
     assert math.isnan(loss.item())
 
 
-# ----------------------------------------------------------------------------- GPU, low precision
+# ----------------------------------------------------------------------------- low precision
+
+LOW = [(torch.bfloat16, 1e-2), (torch.float16, 2e-3)]
+
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype,atol", [(torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("dtype,atol", LOW)
 @pytest.mark.parametrize("N,C,H,W,p", [(16, 3, 224, 224, 16), (4, 3, 224, 224, 14),
                                        (5, 1, 96, 80, 8), (3, 4, 64, 48, 16)])
 @pytest.mark.parametrize("norm_pix", [True, False])
 def test_masked_mse_low_precision_cuda(N, C, H, W, p, norm_pix, dtype, atol):
+    _check_low_precision(N, C, H, W, p, norm_pix, dtype, atol, "cuda")
+
+
+@pytest.mark.interpreter(covered_by="test_masked_mse_low_precision_cuda")
+@pytest.mark.parametrize("dtype,atol", LOW)
+@pytest.mark.parametrize("N,C,H,W,p", [(3, 4, 64, 48, 16), (2, 3, 20, 12, 4)])
+@pytest.mark.parametrize("norm_pix", [True, False])
+def test_masked_mse_low_precision_interpreted(N, C, H, W, p, norm_pix, dtype, atol,
+                                              interpreter_bf16):
+    """The GPU test's rule at small shapes, bf16 with the interpreter's bf16 mended."""
+    _check_low_precision(N, C, H, W, p, norm_pix, dtype, atol, "cpu")
+
+
+def _check_low_precision(N, C, H, W, p, norm_pix, dtype, atol, device):
     """pred in dtype, imgs fp32 (as under autocast): the kernel's loss and gradient vs the
     float64 reference, at most 2x the error of the eager reference run in dtype, plus atol."""
-    case = T.loss_case(N, C, H, W, p, norm_pix=norm_pix, pred_dtype=dtype, device="cuda", seed=1)
+    case = T.loss_case(N, C, H, W, p, norm_pix=norm_pix, pred_dtype=dtype, device=device, seed=1)
     r_loss, r_grad = _reference(case)
     low = dict(case, imgs=case["imgs"].to(dtype),
                pred=case["pred"].detach().clone().requires_grad_(), mask=case["mask"].to(dtype))
