@@ -419,3 +419,52 @@ def test_check_grid_catches_a_patch_embedding_wrong_past_one_patch(monkeypatch, 
     monkeypatch.setattr(ops, "patch_embed_visible", broken)
     rc = cli.main(["check", "--ops", "patch_embed_visible", "--no-model"])
     assert rc == 1, capsys.readouterr().out
+
+
+@pytest.mark.interpreter(covered_by="test_check_passes_on_gpu")
+@pytest.mark.parametrize("name, p, seed, dtype, autocast", [
+    ("bias_gelu", (7, 16), 24, torch.float16, None),
+    ("bias_gelu", (3, 100), 30, torch.bfloat16, None),
+    ("layer_norm", (7, 16), 14, torch.float32, torch.bfloat16),
+    ("layer_norm", (3, 100), 30, torch.float32, torch.float16),
+    ("add_layer_norm", (7, 16), 31, torch.bfloat16, None),
+    ("add_layer_norm", (7, 16), 29, torch.float32, torch.bfloat16),
+])
+def test_check_gives_each_run_the_same_cotangents(name, p, seed, dtype, autocast,
+                                                  interpreter_bf16):
+    """fastmae writes a LayerNorm's and a bias + GELU's output in the low precision where the
+    reference's is fp32 (under autocast, or from a low-precision x beside fp32 parameters). The
+    cotangent, cast to each output's dtype, was then rounded for fastmae's run alone, and its
+    parameter gradients (sums over a few rows) failed the rule on these inputs: errors of
+    4.1e-3 to 4.8e-3 where bf16's limit is 3.9e-3, 5.0e-4 to 5.1e-4 where fp16's is 4.9e-4,
+    the eager reference's own ~1e-7. Drawn in the low precision, the cotangent is the same for
+    every run, and every row passes."""
+    rows = check.compare_case(check.OPS[name], p, dtype, "cpu", seed=seed, autocast=autocast)
+    assert rows and all(r.ok for r in rows), [r for r in rows if not r.ok]
+
+
+@pytest.mark.interpreter(covered_by="test_check_passes_on_gpu")
+def test_check_rows_in_bf16_and_fp16_pass_through_the_interpreter(interpreter_bf16):
+    """Every op over its CPU grid in the settings a GPU check runs for bf16 and fp16: inputs in
+    that dtype, and fp32 inputs under autocast to it (the CLI checks fp32 only on a CPU: the
+    interpreter does not support bf16; these tests mend it). Every row passes."""
+    rows = check.run_checks("cpu", list(check.OPS), ["bf16", "fp16"], model=False)
+    assert {r.dtype for r in rows} == {"fp32", "bf16", "fp16", "fp32+amp-bf16", "fp32+amp-fp16"}
+    assert all(r.ok for r in rows), [r for r in rows if not r.ok]
+
+
+@pytest.mark.interpreter(covered_by="test_check_passes_on_gpu")
+@pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16])
+def test_check_model_rows_under_autocast_pass_through_the_interpreter(amp, interpreter_bf16):
+    """The model rows a GPU check adds (fp32 under autocast, every way of the kernel paths), on
+    the CPU check's micro MAE: each within the check's model rule."""
+    torch.manual_seed(0)
+    model = check.micro_mae()
+    gen = testing._gen(1234, "cpu")
+    H, W = model.patch_embed.img_size
+    imgs = torch.randn(2, model.in_chans, H, W, generator=gen)
+    noise = testing.distinct_noise(2, model.patch_embed.num_patches, gen, "cpu")
+    for paths in check.KERNEL_PATHS:
+        with check._forced_paths(paths):
+            rows = check.model_parity(model, imgs, noise, autocast=amp).rows(paths, str(amp))
+        assert rows and all(r.ok for r in rows), [r for r in rows if not r.ok]
