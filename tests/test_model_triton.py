@@ -152,10 +152,14 @@ def test_fused_block_reads_parametrized_and_swapped_weights():
     assert rel_err(a, plain) > 1e-2  # the swapped weights were used
 
 
-def test_compiled_model_has_no_graph_break():
+@pytest.mark.parametrize("amp", [None, torch.bfloat16])
+def test_compiled_model_has_no_graph_break(amp, interpreter_bf16):
     """torch.compile traces the fastmae ops as custom ops: fullgraph=True must succeed, and the
     traced graph holds the fused path's ops (the checks of which modules may run fused are
-    read at trace time, not turned into a fallback)."""
+    read at trace time, not turned into a fallback); in fp32 and under bf16 autocast, the
+    benchmark's dtype (the interpreter's bf16 mended). The fakes' dtypes are opcheck's to check
+    (test_ops_triton.py): aot_eager runs the real kernels, and a fake giving the wrong dtype
+    here went unseen."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
     m = tiny()
@@ -163,10 +167,12 @@ def test_compiled_model_has_no_graph_break():
     noise = torch.rand(2, 24)
     counter = CompileCounterWithBackend("aot_eager")
     with fastmae.use_backend("triton"):
-        eager = m(imgs, noise=noise)[0]
-        compiled = torch.compile(m, fullgraph=True, backend=counter)
-        loss = compiled(imgs, noise=noise)[0]
+        with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
+            eager, eager_pred, _ = m(imgs, noise=noise)
+            compiled = torch.compile(m, fullgraph=True, backend=counter)
+            loss, pred, _ = compiled(imgs, noise=noise)
         loss.backward()
+    assert pred.dtype == eager_pred.dtype == (amp or torch.float32)
     assert rel_err(loss, eager) < 1e-5
     text = "\n".join(g.print_readable(print_output=False) for g in counter.graphs)
     for op in ("patch_embed_visible", "add_layer_norm", "packed_attention", "unshuffle",
