@@ -73,17 +73,19 @@ def test_mended_dot_is_fp32_math_on_the_bf16_values(interpreter_bf16):
 def test_mended_cast_rounds_to_nearest_even_as_torch_does(interpreter_bf16):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(256, generator=g) * torch.logspace(-40, 38, 256).clamp(max=3e38)
-    x[:10] = torch.tensor([1.00390625, 1.01171875, -1.00390625,  # ties: to even, both ways
-                           3.3961e38, -3.3961e38,  # round past bf16's largest: to infinity
+    x[:11] = torch.tensor([1.00390625, 1.01171875, -1.00390625,  # ties: to even, both ways
+                           3.3961e38, 3.3963e38, -3.3963e38,  # below and past the halfway point
+                           # from bf16's largest finite value to infinity
                            float("inf"), -float("inf"), 0.0, -0.0, 1e-40])  # 1e-40: subnormal
-    x[10] = float("nan")
+    x[11] = float("nan")
+    want = x.bfloat16()
+    assert want[3].isfinite() and want[4:6].isinf().all()
     for cast_in_kernel in (True, False):
         y = torch.full((256,), 7.0, dtype=torch.bfloat16)
         z = torch.full((256,), 7.0, dtype=torch.bfloat16)
         _cast_kernel[(1,)](x, y, z, 256)
         got = y if cast_in_kernel else z
-        want = x.bfloat16()
-        assert torch.isnan(got[10]) and not torch.isnan(got[:10]).any()
+        assert torch.isnan(got[11]) and not torch.isnan(got[:11]).any()
         finite = ~torch.isnan(want)
         assert torch.equal(got[finite].view(torch.int16), want[finite].view(torch.int16))
 
