@@ -38,20 +38,15 @@ def block_case(B, N, C, hidden, qkv_bias=True, branch=True, seed=0):
     return x, br, params, out_grads
 
 
-def run_block(case, num_heads, node, autocast_dtype=None):
+def run_block(case, num_heads, node, autocast_dtype=None, scale=None, eps=(1e-6, 1e-5)):
     """Outputs and every gradient of one block call on fresh leaves; ``node`` picks the one-node
-    path (asserted taken) or the op-by-op composition."""
-    x, br, params, (gs, gm) = case
-    x = x.clone().requires_grad_(True)
-    params = [None if p is None else p.clone().requires_grad_(True) for p in params]
-    leaves = [x] + [p for p in params if p is not None]
-    branch = None
-    if br is not None:
-        m, bias = br[0].clone().requires_grad_(True), br[1].clone().requires_grad_(True)
-        leaves += [m, bias]
-        branch = (m.to(autocast_dtype) if autocast_dtype else m, bias)
-    C = x.shape[-1]
-    scale, eps = (C // num_heads) ** -0.5, (1e-6, 1e-5)
+    path (asserted taken) or the op-by-op composition; ``scale`` defaults to the head dim's."""
+    gs, gm = case[3]
+    x, branch, params, leaves = _block_leaves(case, torch.Tensor.clone)
+    if branch is not None and autocast_dtype:
+        branch = (branch[0].to(autocast_dtype), branch[1])
+    if scale is None:
+        scale = (x.shape[-1] // num_heads) ** -0.5
     with torch.autocast("cpu", dtype=autocast_dtype or torch.float16,
                         enabled=autocast_dtype is not None):
         if node:
@@ -445,7 +440,7 @@ def test_block_with_its_own_scale_matches_an_independent_float64_block(node, bra
     case = block_case(B, N, C, hidden, qkv_bias=qkv_bias, branch=branch, seed=17)
     _, _, params, (gs, gm) = case
     scale, eps = 0.31, (1e-6, 1e-5)
-    outs, grads = run_block_with(case, H, node, scale, eps)
+    outs, grads = run_block(case, H, node, scale=scale, eps=eps)
     xd, bd, pd, leaves = _block_leaves(case, torch.Tensor.double)
     s, m = _official_block_fp64(xd, bd, pd, H, scale, eps)
     torch.autograd.backward((s, m), (gs.double(), gm.double()))
@@ -472,17 +467,6 @@ def _block_leaves(case, convert):
         branch = tuple(convert(t).requires_grad_(True) for t in br)
         leaves += list(branch)
     return x, branch, params, leaves
-
-
-def run_block_with(case, num_heads, node, scale, eps):
-    """run_block's outputs and gradients (fp32, no autocast) with the given scale and eps."""
-    gs, gm = case[3]
-    x, branch, params, leaves = _block_leaves(case, torch.Tensor.clone)
-    call = ops.transformer_block if node else ops._block_by_op
-    s, (m_out, _) = call(x, branch, tuple(params), num_heads, scale, eps)
-    assert (type(s.grad_fn).__name__ == "_BlockBackward") == node
-    torch.autograd.backward((s, m_out), (gs, gm))
-    return [s.detach(), m_out.detach()], [t.grad for t in leaves]
 
 
 def test_block_node_double_backward_raises():
